@@ -1,0 +1,34 @@
+# One Makefile, also used by CI (.ci/run calls `make test`).
+.PHONY: help demo install build-dev test test-rust test-python bench lint
+
+help:
+	@echo "make demo        install and start the guarded example server (SQLite keys + JSONL audit)"
+	@echo "make test        every test: cargo test, then pytest (installs what it needs)"
+	@echo "make bench       the benchmarks in benches/ (release build), with baselines side by side"
+	@echo "make build-dev   rebuild the extension into .venv"
+	@echo "make lint        cargo fmt --check, clippy -D warnings"
+
+demo:
+	scripts/demo.sh
+
+install build-dev:
+	scripts/bootstrap.sh
+
+test:
+	scripts/test.sh
+
+test-rust:
+	cargo test --locked
+
+test-python: build-dev
+	.venv/bin/python -m pytest -q
+
+bench:
+	PROFILE=release scripts/bootstrap.sh
+	@echo "(Rust micro-benchmarks land with benches/core.rs)"
+	.venv/bin/python benches/bench_guard.py
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets --features python -- -D warnings

@@ -1,0 +1,243 @@
+"""Type stubs for the Rust core, ``fastmcp_guard._core``.
+
+Everything here is implemented in ``src/python.rs``; the domain logic lives in the
+plain-Rust modules beside it (``tokens``, ``hashing``, ``keystore``, ``limiter``,
+``ipmatch``, ``audit``).
+"""
+
+from collections.abc import Sequence
+from typing import Any, final
+
+__version__: str
+
+# --- exceptions -----------------------------------------------------------------
+
+class GuardError(Exception):
+    """Root of every error fastmcp-guard raises."""
+
+class InvalidRateError(GuardError, ValueError):
+    """A rate string such as ``"10/minute"`` could not be parsed."""
+
+class InvalidIPError(GuardError, ValueError):
+    """An allow / deny / trusted-proxy entry is not an address or CIDR."""
+
+class InvalidKeyInputError(GuardError, ValueError):
+    """A key name, scope, expiry or metadata value was refused."""
+
+class KeyNotFoundError(GuardError, KeyError):
+    """No key has that id."""
+
+class KeyRevokedError(GuardError, ValueError):
+    """The operation needs a key that is not revoked."""
+
+class StoreError(GuardError, OSError):
+    """The key store could not be opened, read or written."""
+
+class AuditWriteError(GuardError, OSError):
+    """The audit sink could not be opened or written."""
+
+class VerifyError(GuardError):
+    """A token was refused. ``reason`` is one of ``malformed``, ``unknown_key``,
+    ``bad_secret``, ``revoked``, ``expired``, ``throttled``, ``busy``, ``store``."""
+
+    reason: str
+
+# --- tokens -----------------------------------------------------------------------
+
+def token_key_id(token_or_id: str) -> str | None:
+    """The key id (``fmg_key_...``) named by a key id, a bare public id or a token."""
+
+def looks_like_guard_token(token: str) -> bool:
+    """True when ``token`` starts with the ``fmg_sk_`` prefix (no other check)."""
+
+# --- rates ------------------------------------------------------------------------
+
+@final
+class Rate:
+    """A parsed rate such as ``10/minute``: ``count`` calls per ``period_seconds``."""
+
+    def __new__(cls, spec: str) -> Rate: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def period_seconds(self) -> float: ...
+
+def parse_rate(spec: str) -> Rate:
+    """Parse a rate string; raises :class:`InvalidRateError` naming the bad value."""
+
+@final
+class Refusal:
+    """Why the limiter refused a call (returned, never raised)."""
+
+    @property
+    def scope(self) -> str: ...
+    @property
+    def limit(self) -> str: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def window_seconds(self) -> float: ...
+    @property
+    def retry_after(self) -> float: ...
+    @property
+    def reset_after(self) -> float: ...
+
+@final
+class Limiter:
+    """GCRA token buckets: per key, global, and per (key, tool)."""
+
+    def __new__(cls, *, per_key: str | None = None, global_limit: str | None = None) -> Limiter: ...
+    def set_tool_rate(self, tool: str, rate: str | None) -> None: ...
+    def tool_rate(self, tool: str) -> str | None: ...
+    def check(self, key: str, tool: str | None = None) -> Refusal | None:
+        """Admit (``None``) or refuse (a :class:`Refusal`) one call; a refused call consumes nothing."""
+    def status(self, key: str) -> dict[str, Any]: ...
+    def reset(self, key: str) -> None: ...
+    def reset_all(self) -> None: ...
+    def bucket_count(self) -> int: ...
+
+# --- IP policy --------------------------------------------------------------------
+
+@final
+class IPMatcher:
+    """Allow / deny lists of addresses and CIDRs (deny wins) and trusted proxies."""
+
+    def __new__(
+        cls,
+        *,
+        allow: Sequence[str] = (),
+        deny: Sequence[str] = (),
+        trusted_proxies: Sequence[str] = (),
+    ) -> IPMatcher: ...
+    def is_allowed(self, ip: str) -> bool: ...
+    def check(self, ip: str) -> str | None:
+        """``None`` if allowed, else ``"deny_listed"``, ``"not_allow_listed"`` or ``"unparsable"``."""
+    def client_ip(self, peer: str, x_forwarded_for: str | None = None) -> str | None: ...
+
+# --- keys -------------------------------------------------------------------------
+
+@final
+class Identity:
+    """A verified key, as the request path sees it."""
+
+    @property
+    def key_id(self) -> str: ...
+    @property
+    def key_name(self) -> str: ...
+    @property
+    def scopes(self) -> list[str]: ...
+    @property
+    def metadata(self) -> dict[str, Any]: ...
+    @property
+    def expires_at(self) -> float | None: ...
+
+@final
+class KeyInfo:
+    """A stored key record (never the token or its hash). Times are Unix seconds."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def scopes(self) -> list[str]: ...
+    @property
+    def metadata(self) -> dict[str, Any]: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def created_at(self) -> float: ...
+    @property
+    def expires_at(self) -> float | None: ...
+    @property
+    def last_used_at(self) -> float | None: ...
+    @property
+    def last_used_ip(self) -> str | None: ...
+    @property
+    def grace_until(self) -> float | None: ...
+    @property
+    def rotated_from(self) -> str | None: ...
+    @property
+    def rotated_to(self) -> str | None: ...
+    @property
+    def revoked_at(self) -> float | None: ...
+
+@final
+class KeyManager:
+    """Key store + argon2id + verified-token cache. Blocking methods release the GIL."""
+
+    @staticmethod
+    def memory(
+        *,
+        cache_ttl_seconds: float = 60.0,
+        cache_capacity: int = 10000,
+        touch_interval_seconds: float = 5.0,
+        watch_interval_seconds: float = 0.25,
+        max_concurrent_verifications: int | None = None,
+    ) -> KeyManager: ...
+    @staticmethod
+    def sqlite(
+        path: str,
+        *,
+        cache_ttl_seconds: float = 60.0,
+        cache_capacity: int = 10000,
+        touch_interval_seconds: float = 5.0,
+        watch_interval_seconds: float = 0.25,
+        max_concurrent_verifications: int | None = None,
+    ) -> KeyManager: ...
+    def create(
+        self,
+        name: str,
+        *,
+        scopes: Sequence[str] = (),
+        expires_at: float | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> tuple[KeyInfo, str]: ...
+    def get(self, key_id: str) -> KeyInfo | None: ...
+    def list(self, *, include_revoked: bool = False) -> list[KeyInfo]: ...
+    def rotate(self, key_id: str, *, grace_seconds: float) -> tuple[KeyInfo, str]: ...
+    def revoke(self, key_id: str) -> KeyInfo: ...
+    def verify_cached(self, token: str) -> Identity | None:
+        """Microsecond path: the cached identity, or ``None`` (not cached or malformed)."""
+    def verify(self, token: str, client: str | None = None) -> Identity:
+        """Full path (may run argon2id; releases the GIL). Raises :class:`VerifyError`."""
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+    def stats(self) -> dict[str, int]: ...
+
+# --- audit ------------------------------------------------------------------------
+
+@final
+class AuditWriter:
+    """Bounded queue + background thread appending JSONL in batches."""
+
+    def __new__(
+        cls,
+        path: str,
+        *,
+        queue_capacity: int = 65536,
+        batch_max: int = 4096,
+        flush_interval_ms: int = 100,
+    ) -> AuditWriter: ...
+    @property
+    def path(self) -> str: ...
+    def log(
+        self,
+        status: str,
+        key_id: str,
+        key_name: str,
+        tool: str,
+        scopes: Sequence[str],
+        duration_ms: float,
+        error: str | None = None,
+        input_args: Any = None,
+        output_preview: str | None = None,
+        client_ip: str | None = None,
+        metadata: Any = None,
+        extra: dict[str, Any] | None = None,
+    ) -> bool:
+        """Enqueue one event; ``False`` if it was dropped (queue full or closed)."""
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+    def stats(self) -> dict[str, int]: ...
+    def last_error(self) -> str | None: ...

@@ -1,0 +1,41 @@
+"""The exceptions fastmcp-guard raises. All derive from :class:`GuardError`.
+
+They are defined in the Rust core (one conversion point, ``src/errors.rs``) and
+re-exported here. Each also extends the built-in that fits, so existing code that
+catches ``ValueError`` / ``KeyError`` / ``OSError`` keeps working.
+"""
+
+from fastmcp_guard._core import (
+    AuditWriteError,
+    GuardError,
+    InvalidIPError,
+    InvalidKeyInputError,
+    InvalidRateError,
+    KeyNotFoundError,
+    KeyRevokedError,
+    StoreError,
+    VerifyError,
+)
+
+
+class ConfigError(GuardError, ValueError):
+    """A Guard / backend option was refused (unknown backend name, missing path...)."""
+
+
+class MissingExtraError(GuardError, ImportError):
+    """A backend needs an optional extra (``pip install fastmcp-guard[...]``)."""
+
+
+__all__ = [
+    "AuditWriteError",
+    "ConfigError",
+    "GuardError",
+    "InvalidIPError",
+    "InvalidKeyInputError",
+    "InvalidRateError",
+    "KeyNotFoundError",
+    "KeyRevokedError",
+    "MissingExtraError",
+    "StoreError",
+    "VerifyError",
+]

@@ -1,0 +1,143 @@
+"""``Guard(mcp, ...)``: wires keys, limits, IP policy and the audit log into FastMCP."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+
+from fastmcp_guard._core import Identity, VerifyError
+from fastmcp_guard._util import os_user
+from fastmcp_guard.audit import AuditLog
+from fastmcp_guard.errors import ConfigError, GuardError
+from fastmcp_guard.ip import IPPolicy
+from fastmcp_guard.keys import KeyStore
+from fastmcp_guard.keys.verifier import GuardTokenVerifier, access_token_for
+from fastmcp_guard.middleware import Caller, GuardMiddleware
+from fastmcp_guard.rate import RateLimit
+
+if TYPE_CHECKING:
+    from fastmcp import FastMCP
+
+__all__ = ["ENV_KEY", "Guard"]
+
+#: Environment variable holding the key that identifies stdio / in-process callers.
+ENV_KEY = "FASTMCP_GUARD_KEY"
+
+
+class Guard:
+    """The production operations layer for one FastMCP server.
+
+    Installs, through FastMCP's own hooks:
+
+    - a ``TokenVerifier`` as ``mcp.auth`` (Bearer ``fmg_sk_...`` keys, or
+      ``X-API-Key``), whose ASGI layer applies the IP policy before any token work;
+    - a ``Middleware`` that applies rate limits and writes one audit event per call.
+
+    Key scopes become ``AccessToken.scopes``, so FastMCP's
+    ``require_scopes("...")`` works on tools unchanged.
+
+    Args:
+        mcp: the server to protect.
+        keys: key store (default: in memory; use ``KeyStore("sqlite", path=...)``).
+        rate_limit: per-key and global limits (default: none; ``@rate_limit`` on a
+            tool still applies).
+        audit: audit log (default: none).
+        ip: IP allow / deny policy (default: everyone).
+        manage_auth: ``None`` (default): install the key verifier; if the server
+            already has an auth provider, ``fmg_sk_`` tokens go to the guard and
+            all other tokens to that provider. ``True``: the guard's verifier
+            only, replacing any provider. ``False``: leave ``mcp.auth`` alone;
+            limits and audit apply to whatever identity the existing auth gives.
+
+    On stdio there are no headers: the key in ``FASTMCP_GUARD_KEY`` (if set) is
+    verified here, at start-up, and every call is attributed to it (and limited
+    and audited as it). Without it, stdio calls are attributed to
+    ``local:<os user>`` with no scopes. FastMCP itself does not apply
+    ``require_scopes`` on stdio.
+    """
+
+    def __init__(
+        self,
+        mcp: FastMCP[Any],
+        keys: KeyStore | None = None,
+        rate_limit: RateLimit | None = None,
+        audit: AuditLog | None = None,
+        ip: IPPolicy | None = None,
+        manage_auth: bool | None = None,
+    ) -> None:
+        for name, value, cls in (
+            ("keys", keys, KeyStore),
+            ("rate_limit", rate_limit, RateLimit),
+            ("audit", audit, AuditLog),
+            ("ip", ip, IPPolicy),
+        ):
+            if value is not None and not isinstance(value, cls):
+                raise ConfigError(f"Guard({name}=...) takes a {cls.__name__}, got {type(value).__name__}")
+        self.mcp = mcp
+        self.keys = keys if keys is not None else KeyStore(backend="memory")
+        self.rate_limit = rate_limit if rate_limit is not None else RateLimit()
+        self.audit = audit
+        self.ip = ip
+        self.keys.audit = audit
+        self.verifier: GuardTokenVerifier | None = None
+
+        self._local_token = os.environ.get(ENV_KEY) or None
+        self._local_name = f"local:{os_user()}"
+        if self._local_token is not None:
+            try:
+                self.keys.core.verify(self._local_token, None)
+            except VerifyError as exc:
+                raise GuardError(
+                    f"the key in {ENV_KEY} was refused ({exc.reason}); issue a valid key "
+                    f"or unset {ENV_KEY}"
+                ) from None
+
+        if manage_auth is not False:
+            fallback = None if manage_auth else mcp.auth
+            self.verifier = GuardTokenVerifier(self, fallback=fallback)
+            mcp.auth = self.verifier
+        self.middleware = GuardMiddleware(self)
+        mcp.add_middleware(self.middleware)
+
+    # -- used by the middleware and the ASGI layer ------------------------------------
+
+    async def _local_caller(self) -> Caller:
+        """The caller on a transport without HTTP (stdio, in-process)."""
+        token = self._local_token
+        if token is None:
+            return Caller(rate_key=self._local_name, key_name=self._local_name)
+        core = self.keys.core
+        ident: Identity | None = core.verify_cached(token)
+        if ident is None:
+            try:
+                ident = await anyio.to_thread.run_sync(core.verify, token, None)
+            except VerifyError as exc:
+                from fastmcp.exceptions import ToolError
+
+                self._audit_event("unauthorized", error=f"{ENV_KEY} refused ({exc.reason})")
+                raise ToolError(f"the key in {ENV_KEY} is no longer valid ({exc.reason})") from None
+        user = AuthenticatedUser(access_token_for(token, ident))
+        return Caller(ident.key_id, ident.key_id, ident.key_name, ident.scopes,
+                      ident.metadata, None, user)  # fmt: skip
+
+    def _audit_event(self, status: str, **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit.log(status, **fields)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush the audit log and pending key updates; stop background threads."""
+        if self.audit is not None:
+            self.audit.close()
+        self.keys.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Guard({self.mcp.name!r}, keys={self.keys!r}, rate_limit={self.rate_limit!r}, "
+            f"audit={self.audit!r}, ip={self.ip!r})"
+        )
+

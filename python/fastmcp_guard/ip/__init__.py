@@ -1,0 +1,67 @@
+"""IP policy: allow and deny lists of addresses and CIDRs, IPv4 and IPv6.
+
+Deny wins over allow; an empty allow list admits every address not denied;
+IPv4-mapped IPv6 addresses (``::ffff:10.0.0.1``) count as their IPv4 address.
+Over HTTP the check runs before any token work, so a denied address costs nothing.
+
+Behind a reverse proxy, list the proxy in ``trusted_proxies``: its
+``X-Forwarded-For`` header is then honoured (read right to left, skipping trusted
+hops). Nobody else's ``X-Forwarded-For`` is believed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fastmcp_guard._core import IPMatcher
+
+__all__ = ["IPPolicy"]
+
+
+class IPPolicy:
+    """Which client addresses may call the server.
+
+    Args:
+        allow: addresses / CIDRs admitted (empty: everyone not denied).
+        deny: addresses / CIDRs refused, even if also allowed.
+        trusted_proxies: proxies whose ``X-Forwarded-For`` is honoured.
+
+    A bad entry raises :class:`~fastmcp_guard.errors.InvalidIPError` (a
+    ``ValueError``) naming it.
+
+    ```python
+    policy = IPPolicy(allow=["10.0.0.0/8", "192.168.1.100"], deny=["10.99.0.0/16"])
+    assert policy.is_allowed("10.0.1.5")
+    assert not policy.is_allowed("10.99.0.1")
+    ```
+    """
+
+    def __init__(
+        self,
+        allow: Sequence[str] | None = None,
+        deny: Sequence[str] | None = None,
+        trusted_proxies: Sequence[str] | None = None,
+    ) -> None:
+        for name, value in (("allow", allow), ("deny", deny), ("trusted_proxies", trusted_proxies)):
+            if isinstance(value, str):
+                raise TypeError(f"IPPolicy({name}=...) takes a list of strings, not one string")
+        self.allow = list(allow or [])
+        self.deny = list(deny or [])
+        self.trusted_proxies = list(trusted_proxies or [])
+        self._core = IPMatcher(allow=self.allow, deny=self.deny, trusted_proxies=self.trusted_proxies)
+
+    @property
+    def core(self) -> IPMatcher:
+        """The Rust matcher."""
+        return self._core
+
+    def is_allowed(self, ip: str) -> bool:
+        """True if ``ip`` may call; ``False`` for an unparsable address."""
+        return self._core.is_allowed(ip)
+
+    def client_ip(self, peer: str, x_forwarded_for: str | None = None) -> str | None:
+        """The caller's address given the TCP peer and the ``X-Forwarded-For`` header."""
+        return self._core.client_ip(peer, x_forwarded_for)
+
+    def __repr__(self) -> str:
+        return f"IPPolicy(allow={self.allow!r}, deny={self.deny!r})"

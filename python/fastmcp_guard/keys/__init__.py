@@ -1,0 +1,283 @@
+"""API keys: the :class:`KeyStore` facade and the :class:`ApiKey` record.
+
+Tokens look like ``fmg_sk_<public id>_<secret><checksum>``. They are shown once (on
+``create`` and ``rotate``), stored only as argon2id hashes, and never logged. The
+public id part names the key (``fmg_key_<public id>``) in logs and the CLI.
+
+The work happens in the Rust core (:class:`fastmcp_guard._core.KeyManager`): the
+store (memory or SQLite), argon2id, and the verified-token cache that makes a
+repeated verification cost about a microsecond.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastmcp_guard._core import Identity, KeyInfo, KeyManager
+from fastmcp_guard._util import os_user
+from fastmcp_guard.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fastmcp_guard.audit import AuditLog
+
+__all__ = ["APIKey", "ApiKey", "KeyStatus", "KeyStore"]
+
+BackendName = Literal["memory", "sqlite", "postgres", "redis"]
+_FLEET_BACKENDS = {"postgres": "postgres", "postgresql": "postgres", "redis": "redis"}
+
+
+class KeyStatus(str, Enum):
+    """Lifecycle of a key: ``active`` -> ``rotating`` (grace period) -> ``revoked``."""
+
+    ACTIVE = "active"
+    ROTATING = "rotating"
+    REVOKED = "revoked"
+
+
+def _dt(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One API key as the store reports it.
+
+    ``token`` is set only on the object returned by :meth:`KeyStore.create` and
+    :meth:`KeyStore.rotate`; it cannot be recovered afterwards.
+    """
+
+    id: str
+    name: str
+    scopes: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    status: str = KeyStatus.ACTIVE.value
+    created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    expires_at: datetime | None = None
+    last_used_at: datetime | None = None
+    last_used_ip: str | None = None
+    grace_until: datetime | None = None
+    rotated_from: str | None = None
+    rotated_to: str | None = None
+    revoked_at: datetime | None = None
+    token: str | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def _from_info(cls, info: KeyInfo, token: str | None = None) -> ApiKey:
+        return cls(
+            id=info.id,
+            name=info.name,
+            scopes=info.scopes,
+            metadata=info.metadata,
+            status=info.status,
+            created_at=_dt(info.created_at) or datetime.now(timezone.utc),
+            expires_at=_dt(info.expires_at),
+            last_used_at=_dt(info.last_used_at),
+            last_used_ip=info.last_used_ip,
+            grace_until=_dt(info.grace_until),
+            rotated_from=info.rotated_from,
+            rotated_to=info.rotated_to,
+            revoked_at=_dt(info.revoked_at),
+            token=token,
+        )
+
+    @property
+    def is_expired(self) -> bool:
+        """True once ``expires_at`` has passed."""
+        return self.expires_at is not None and datetime.now(timezone.utc) >= self.expires_at
+
+    @property
+    def is_valid(self) -> bool:
+        """True if the key would be accepted now (status and expiry; not the grace end)."""
+        usable = self.status in (KeyStatus.ACTIVE.value, KeyStatus.ROTATING.value)
+        if self.status == KeyStatus.ROTATING.value and self.grace_until is not None:
+            usable = datetime.now(timezone.utc) < self.grace_until
+        return usable and not self.is_expired
+
+
+#: The name fastmcp-guard 0.2 used.
+APIKey = ApiKey
+
+
+class KeyStore:
+    """Issue, rotate, revoke, expire and inspect API keys.
+
+    Args:
+        backend: ``"memory"`` (dev/tests; lost on restart) or ``"sqlite"`` (one
+            server, persistent). ``"postgres"`` and ``"redis"`` are fleet backends
+            (extras ``[postgres]`` / ``[redis]``), not available in this release.
+        path: SQLite file (default ``fastmcp-guard-keys.db``). Its directory must exist.
+        dsn: connection string of a fleet backend.
+        cache_ttl_seconds: how long a verified token is trusted without looking at
+            the store again. Revocations made in this process apply at once; a
+            revocation made by another process sharing the SQLite file is seen
+            within ``watch_interval_seconds``.
+
+    Example:
+        ```python
+        store = KeyStore(backend="sqlite", path="keys.db")
+        key = store.create(name="alice", scopes=["read:data"])
+        print(key.token)  # shown once
+        ```
+    """
+
+    def __init__(
+        self,
+        backend: BackendName | str = "memory",
+        path: str | os.PathLike[str] | None = None,
+        dsn: str | None = None,
+        *,
+        cache_ttl_seconds: float = 60.0,
+        watch_interval_seconds: float = 0.25,
+        touch_interval_seconds: float = 5.0,
+    ) -> None:
+        self.backend = backend
+        self._dsn = dsn
+        #: Where lifecycle events (created / rotated / revoked) go; set by ``Guard``.
+        self.audit: AuditLog | None = None
+        opts: dict[str, Any] = {
+            "cache_ttl_seconds": cache_ttl_seconds,
+            "watch_interval_seconds": watch_interval_seconds,
+            "touch_interval_seconds": touch_interval_seconds,
+        }
+        if backend == "memory":
+            self.path: str | None = None
+            self._core = KeyManager.memory(**opts)
+        elif backend == "sqlite":
+            self.path = os.fspath(path or "fastmcp-guard-keys.db")
+            self._core = KeyManager.sqlite(self.path, **opts)
+        elif backend in _FLEET_BACKENDS:
+            raise ConfigError(
+                f"key store backend {backend!r} is not available in this release of "
+                "fastmcp-guard; use backend='sqlite' (one server) or 'memory' (tests)."
+            )
+        else:
+            raise ConfigError(
+                f"unknown key store backend {backend!r}; expected one of "
+                "'memory', 'sqlite', 'postgres', 'redis'"
+            )
+
+    @property
+    def core(self) -> KeyManager:
+        """The Rust key manager (used by the verifier and middleware)."""
+        return self._core
+
+    def create(
+        self,
+        name: str,
+        scopes: Sequence[str] | None = None,
+        expires_in_days: float | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        expires_at: datetime | None = None,
+        actor: str | None = None,
+    ) -> ApiKey:
+        """Create a key. The returned object's ``token`` is the only copy of the secret.
+
+        Args:
+            name: a label such as ``"alice"`` or ``"ci-bot"``.
+            scopes: scopes granted (they become ``AccessToken.scopes``).
+            expires_in_days: expire this many days from now.
+            metadata: JSON-serialisable key/value pairs, shown in audit records.
+            expires_at: an absolute expiry (timezone-aware); exclusive with ``expires_in_days``.
+            actor: who did it, for the lifecycle audit event (default: the OS user).
+        """
+        if expires_in_days is not None and expires_at is not None:
+            raise ConfigError("give expires_in_days or expires_at, not both")
+        exp: float | None = None
+        if expires_in_days is not None:
+            exp = (datetime.now(timezone.utc) + timedelta(days=expires_in_days)).timestamp()
+        elif expires_at is not None:
+            if expires_at.tzinfo is None:
+                raise ConfigError("expires_at must be timezone-aware (e.g. tzinfo=timezone.utc)")
+            exp = expires_at.timestamp()
+        info, token = self._core.create(
+            name, scopes=list(scopes or []), expires_at=exp, metadata=metadata
+        )
+        self._lifecycle("created", info, actor)
+        return ApiKey._from_info(info, token)
+
+    def get(self, key_id: str) -> ApiKey | None:
+        """The key with this id (or token public id), without its token; ``None`` if unknown."""
+        info = self._core.get(key_id)
+        return None if info is None else ApiKey._from_info(info)
+
+    def inspect(self, key_id: str) -> ApiKey:
+        """Like :meth:`get` but raises :class:`~fastmcp_guard.errors.KeyNotFoundError`."""
+        from fastmcp_guard.errors import KeyNotFoundError
+
+        key = self.get(key_id)
+        if key is None:
+            raise KeyNotFoundError(f"no key with id {key_id!r}")
+        return key
+
+    def list(self, include_revoked: bool = False) -> list[ApiKey]:
+        """All keys, oldest first; revoked ones only with ``include_revoked=True``."""
+        return [ApiKey._from_info(i) for i in self._core.list(include_revoked=include_revoked)]
+
+    def rotate(
+        self, key_id: str, grace_period_hours: float = 24, *, actor: str | None = None
+    ) -> ApiKey:
+        """Issue a replacement key; the old token keeps working for the grace period.
+
+        ``grace_period_hours=0`` revokes the old token at once. Raises ``KeyError``
+        (:class:`KeyNotFoundError`) for an unknown id and ``ValueError``
+        (:class:`KeyRevokedError`) for a revoked key.
+        """
+        if grace_period_hours < 0:
+            raise ConfigError(f"grace_period_hours must be >= 0, got {grace_period_hours!r}")
+        info, token = self._core.rotate(key_id, grace_seconds=float(grace_period_hours) * 3600.0)
+        self._lifecycle("rotated", info, actor, {"grace_period_hours": grace_period_hours})
+        return ApiKey._from_info(info, token)
+
+    def revoke(self, key_id: str, *, actor: str | None = None) -> ApiKey:
+        """Revoke now: the token is refused from the next request on, in every process."""
+        info = self._core.revoke(key_id)
+        self._lifecycle("revoked", info, actor)
+        return ApiKey._from_info(info)
+
+    def _lifecycle(
+        self, status: str, info: KeyInfo, actor: str | None, extra: dict[str, Any] | None = None
+    ) -> None:
+        if self.audit is None:
+            return
+        fields: dict[str, Any] = {"actor": actor or os_user()}
+        if info.rotated_from:
+            fields["rotated_from"] = info.rotated_from
+        fields.update(extra or {})
+        self.audit.log(status, key_id=info.id, key_name=info.name, scopes=info.scopes,
+                       metadata=info.metadata, extra=fields)  # fmt: skip
+
+    def verify(self, token: str, client_ip: str | None = None) -> ApiKey | None:
+        """Check a token; the key (without token) or ``None``. Blocking: may run argon2id.
+
+        Records ``last_used_at`` (written to the store in batches).
+        """
+        from fastmcp_guard.errors import VerifyError
+
+        try:
+            ident = self._core.verify(token, client_ip)
+        except VerifyError:
+            return None
+        return self.get(ident.key_id)
+
+    def verify_identity(self, token: str, client_ip: str | None = None) -> Identity:
+        """Full verification returning the core identity; raises ``VerifyError``."""
+        return self._core.verify(token, client_ip)
+
+    def flush(self) -> None:
+        """Write pending ``last_used_at`` updates now."""
+        self._core.flush()
+
+    def close(self) -> None:
+        """Flush and stop the background thread. Idempotent."""
+        self._core.close()
+
+    def __repr__(self) -> str:
+        where = f", path={self.path!r}" if self.path else ""
+        return f"KeyStore(backend={self.backend!r}{where})"
+

@@ -1,0 +1,115 @@
+"""FastMCP ``TokenVerifier`` for guard keys (``Authorization: Bearer fmg_sk_...``).
+
+A token the verified-token cache knows costs about a microsecond, inline. Anything
+else (first sight of a key, or a token that will be refused) goes to a worker
+thread: argon2id and SQLite never run on the event loop.
+
+If the server already had an auth provider, tokens without the ``fmg_sk_`` prefix
+are passed to it unchanged, so both kinds of identity reach the guard middleware.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+from fastmcp.server.auth import AccessToken, AuthProvider, TokenVerifier
+
+from fastmcp_guard._core import Identity, VerifyError
+from fastmcp_guard.http import GuardASGIMiddleware, current_request_state
+
+if TYPE_CHECKING:
+    from starlette.middleware import Middleware as ASGIMiddleware
+    from starlette.routing import BaseRoute
+
+    from fastmcp_guard.guard import Guard
+
+__all__ = ["GuardTokenVerifier", "access_token_for"]
+
+_PREFIX = "fmg_sk_"
+
+
+def access_token_for(token: str, ident: Identity) -> AccessToken:
+    """The FastMCP ``AccessToken`` of a verified guard key (scopes feed ``require_scopes``)."""
+    claims: dict[str, Any] = dict(ident.metadata)
+    claims["key_id"] = ident.key_id
+    claims["key_name"] = ident.key_name
+    exp = ident.expires_at
+    return AccessToken.model_construct(
+        token=token,
+        client_id=ident.key_id,
+        scopes=ident.scopes,
+        expires_at=None if exp is None else int(exp),
+        resource=None,
+        subject=None,
+        claims=claims,
+        original_client_id=None,
+    )
+
+
+class GuardTokenVerifier(TokenVerifier):
+    """Verifies guard keys; delegates other tokens to the server's previous provider.
+
+    Installed by :class:`~fastmcp_guard.Guard` as ``mcp.auth``. Its
+    :meth:`get_middleware` puts the guard's ASGI layer (IP policy before any token
+    work, ``X-API-Key`` mapping, audit of 401s) in front of FastMCP's own.
+    """
+
+    def __init__(self, guard: Guard, fallback: AuthProvider | None = None) -> None:
+        super().__init__(
+            base_url=getattr(fallback, "base_url", None),
+            required_scopes=list(getattr(fallback, "required_scopes", None) or []),
+            resource_base_url=getattr(fallback, "resource_base_url", None),
+        )
+        self._guard = guard
+        self._core = guard.keys.core
+        self.fallback = fallback
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        """An ``AccessToken`` for a valid key; ``None`` otherwise (never raises for bad input)."""
+        if not token.startswith(_PREFIX):
+            if self.fallback is not None:
+                return await self.fallback.verify_token(token)
+            state = current_request_state()
+            if state is not None:
+                state.refusal = "malformed"
+            return None
+        ident = self._core.verify_cached(token)
+        if ident is None:
+            state = current_request_state()
+            client = state.client_ip if state is not None else None
+            try:
+                ident = await anyio.to_thread.run_sync(self._core.verify, token, client)
+            except VerifyError as exc:
+                if state is not None:
+                    state.refusal = str(exc)
+                return None
+        return access_token_for(token, ident)
+
+    # -- delegate what a previous provider contributes over HTTP ------------------------
+
+    def get_middleware(self) -> list[ASGIMiddleware]:
+        from starlette.middleware import Middleware
+
+        # FastMCP's own bearer middleware, with this verifier (which delegates) as backend.
+        inner = super().get_middleware()
+        return [Middleware(GuardASGIMiddleware, guard=self._guard), *inner]  # type: ignore[arg-type]
+
+    def get_routes(self, mcp_path: str | None = None) -> list[BaseRoute]:
+        if self.fallback is not None:
+            return self.fallback.get_routes(mcp_path)
+        return super().get_routes(mcp_path)
+
+    def set_mcp_path(self, mcp_path: str | None) -> None:
+        super().set_mcp_path(mcp_path)
+        if self.fallback is not None:
+            self.fallback.set_mcp_path(mcp_path)
+
+    @property
+    def scopes_supported(self) -> list[str]:
+        return self.fallback.scopes_supported if self.fallback is not None else self.required_scopes
+
+    def get_challenge_scopes(self, required_scopes: list[str] | None = None) -> list[str]:
+        if self.fallback is not None:
+            return self.fallback.get_challenge_scopes(required_scopes)
+        return super().get_challenge_scopes(required_scopes)

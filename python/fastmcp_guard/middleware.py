@@ -1,0 +1,197 @@
+"""The guard's FastMCP middleware: rate limits and the audit event of every call.
+
+It handles the three kinds of call a client makes (``tools/call``,
+``resources/read``, ``prompts/get``). The handshake and the listings never
+consume a caller's budget. One class covers limits and audit because both need
+the caller's identity and the outcome of the same call, and every extra
+middleware layer costs FastMCP a dispatch per call: the decisions themselves live
+in separate places (the Rust limiter, ``RateLimit``, ``AuditLog``).
+
+Callers are identified by, in order: the access token FastMCP verified (a guard
+key, or another verifier's client id), then the client address; on transports
+without HTTP (stdio, in-process) by the key in ``FASTMCP_GUARD_KEY`` if one was
+given, else as the local user.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fastmcp.exceptions import AuthorizationError
+from fastmcp.server.dependencies import get_http_request
+from fastmcp.server.middleware import Middleware
+from fastmcp.tools.base import ToolResult
+from mcp.server.auth.middleware.auth_context import auth_context_var
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp_types import TextContent
+
+from fastmcp_guard.http import CLIENT_IP_STATE
+from fastmcp_guard.rate import RateLimitExceeded, tool_rate_of
+
+if TYPE_CHECKING:
+    from fastmcp.server.middleware import CallNext, MiddlewareContext
+
+    from fastmcp_guard.guard import Guard
+
+__all__ = ["Caller", "GuardMiddleware"]
+
+
+@dataclass(slots=True)
+class Caller:
+    """Who is calling, as the audit log and the limiter see it."""
+
+    rate_key: str
+    key_id: str = ""
+    key_name: str = ""
+    scopes: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] | None = None
+    client_ip: str | None = None
+    #: stdio / in-process only: the FASTMCP_GUARD_KEY identity, exposed to tools
+    #: through the SDK's auth context so ``get_access_token()`` sees it.
+    sdk_user: AuthenticatedUser | None = None
+
+
+class GuardMiddleware(Middleware):
+    """Per-key / global / per-tool limits and one audit event per call."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+        self._tools_seen: set[str] = set()
+
+    # -- identity ----------------------------------------------------------------------
+
+    async def _caller(self) -> Caller:
+        try:
+            request = get_http_request()
+        except RuntimeError:
+            return await self.guard._local_caller()
+        scope = request.scope
+        client_ip = (scope.get("state") or {}).get(CLIENT_IP_STATE)
+        if client_ip is None:
+            client = scope.get("client")
+            client_ip = client[0] if client else None
+        user = scope.get("user")
+        token = user.access_token if isinstance(user, AuthenticatedUser) else None
+        if token is None:
+            return Caller(rate_key=f"ip:{client_ip}", client_ip=client_ip)
+        claims = getattr(token, "claims", None) or {}
+        key_id = token.client_id
+        if claims.get("key_id") == key_id:  # a guard key
+            meta = {k: v for k, v in claims.items() if k not in ("key_id", "key_name")}
+            return Caller(key_id, key_id, claims.get("key_name", ""), token.scopes, meta, client_ip)
+        # Another verifier's identity: limited and audited under its client id.
+        return Caller(key_id, key_id, "", token.scopes, {"auth": "external"}, client_ip)
+
+    # -- the three guarded calls -------------------------------------------------------
+
+    async def on_call_tool(self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]) -> Any:
+        msg = context.message
+        name = msg.name
+        if name not in self._tools_seen:
+            await self._register_tool(context, name)
+        return await self._guarded(context, call_next, name, name, msg.arguments)
+
+    async def on_read_resource(
+        self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]
+    ) -> Any:
+        return await self._guarded(context, call_next, str(context.message.uri), None, None)
+
+    async def on_get_prompt(self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]) -> Any:
+        msg = context.message
+        return await self._guarded(context, call_next, msg.name, None, msg.arguments)
+
+    async def _register_tool(self, context: MiddlewareContext[Any], name: str) -> None:
+        """Read a tool's ``@rate_limit`` once and hand it to the limiter."""
+        rate = self.guard.rate_limit
+        fctx = context.fastmcp_context
+        if rate is not None and fctx is not None:
+            try:
+                tool = await fctx.fastmcp.get_tool(name)
+            except Exception:  # noqa: BLE001 - unknown/hidden tool: FastMCP reports it
+                return
+            if tool is None:
+                return  # not visible to this caller; try again on a later call
+            rate.core.set_tool_rate(name, tool_rate_of(tool))
+        self._tools_seen.add(name)
+
+    async def _guarded(
+        self,
+        context: MiddlewareContext[Any],
+        call_next: CallNext[Any, Any],
+        target: str,
+        tool: str | None,
+        arguments: Any,
+    ) -> Any:
+        guard = self.guard
+        caller = await self._caller()
+        audit = guard.audit
+        rate = guard.rate_limit
+        if rate is not None:
+            refusal = rate.core.check(caller.rate_key, tool)
+            if refusal is not None:
+                exc = RateLimitExceeded(refusal, tool)
+                if audit is not None:
+                    audit.log(
+                        "rate_limited", key_id=caller.key_id, key_name=caller.key_name,
+                        tool=target, scopes=caller.scopes, error=str(exc), input_args=arguments,
+                        client_ip=caller.client_ip, metadata=caller.metadata,
+                        extra={"retry_after": exc.data["retry_after"], "limit": exc.limit},
+                    )  # fmt: skip
+                if tool is not None and rate.refusal == "tool":
+                    return ToolResult(
+                        content=[TextContent(type="text", text=str(exc))],
+                        structured_content=exc.data,
+                        is_error=True,
+                    )
+                raise exc.as_mcp_error()
+        sdk_token = None if caller.sdk_user is None else auth_context_var.set(caller.sdk_user)
+        if audit is None:
+            try:
+                return await call_next(context)
+            finally:
+                if sdk_token is not None:
+                    auth_context_var.reset(sdk_token)
+
+        start = time.perf_counter()
+        status = "ok"
+        error: str | None = None
+        result: Any = None
+        try:
+            result = await call_next(context)
+            if getattr(result, "is_error", False):
+                status, error = "error", _preview(result, 1000)
+            return result
+        except AuthorizationError as exc:
+            status, error = "forbidden", str(exc)
+            raise
+        except Exception as exc:
+            status, error = "error", str(exc) or type(exc).__name__
+            raise
+        finally:
+            if sdk_token is not None:
+                auth_context_var.reset(sdk_token)
+            audit.log(
+                status, key_id=caller.key_id, key_name=caller.key_name, tool=target,
+                scopes=caller.scopes, duration_ms=(time.perf_counter() - start) * 1000.0,
+                error=error, input_args=arguments,
+                output_preview=_preview(result, audit.output_preview_chars)
+                if audit.log_outputs and status == "ok" else None,
+                client_ip=caller.client_ip, metadata=caller.metadata,
+            )  # fmt: skip
+
+
+def _preview(result: Any, limit: int) -> str | None:
+    """The text of a result's content blocks, cut to ``limit`` characters."""
+    content = getattr(result, "content", None)
+    if content is None:
+        content = getattr(result, "contents", None)
+    if content is None:
+        return None
+    if isinstance(content, (list, tuple)):
+        parts = [t for b in content if (t := getattr(b, "text", None) or getattr(b, "content", None))]
+        text = " ".join(p if isinstance(p, str) else str(p) for p in parts)
+    else:
+        text = str(content)
+    return text[:limit]

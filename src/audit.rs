@@ -1,0 +1,1995 @@
+//! Audit log: one event type for every decision, written as JSON Lines by a
+//! background thread.
+//!
+//! The request path only calls [`AuditWriter::enqueue`], which moves the event
+//! into a bounded queue and returns at once. One named thread (`fmg-audit`)
+//! takes every event already queued (up to [`WriterOptions::batch_max`]),
+//! serialises them with [`write_line`] into one reused buffer, and hands the
+//! buffer to a [`Sink`] in a single write; the sink is flushed to the OS after
+//! every batch and synced to disk on [`AuditWriter::close`].
+//!
+//! Policies (documented here because callers depend on them):
+//! - **Queue full:** the event is dropped and counted in
+//!   [`WriterStats::dropped`]; `enqueue` returns `false`. It never blocks.
+//! - **Write errors** (disk full, file made unwritable): the batch is lost and
+//!   counted in [`WriterStats::write_errors`] / [`WriterStats::failed`], the
+//!   message is kept for [`AuditWriter::last_error`], and the thread goes on.
+//!   A torn line left by a failed write is ended with a newline before the
+//!   next batch, so one failure never glues two lines together.
+//! - **Flush:** a flush request travels on a separate, unbounded control
+//!   channel, so it gets through even when the event queue is full. The
+//!   thread then writes exactly the events that were in the queue when it
+//!   picked up the request (crossbeam's `len()` counts every slot already
+//!   claimed), which covers everything enqueued before `flush` was called and
+//!   cannot be starved by producers that keep the queue full.
+//! - **Close:** producers are fenced out first (an in-flight counter shares
+//!   one atomic with the closed flag), then the thread drains the queue,
+//!   writes, syncs and exits. Nothing accepted by `enqueue` is lost silently:
+//!   after `close`, `enqueued == written + failed`.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+use serde_json::{Map, Value};
+
+/// Errors of the audit module.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// A status name that is not one of [`Status::ALL`].
+    #[error("unknown audit status {value:?}: expected one of {}", status_names())]
+    InvalidStatus {
+        /// The rejected name.
+        value: String,
+    },
+    /// A [`WriterOptions`] field out of range.
+    #[error("invalid audit writer option {name} = {value}: {fix}")]
+    InvalidOption {
+        /// The option's field name.
+        name: &'static str,
+        /// The rejected value, formatted.
+        value: String,
+        /// What to use instead.
+        fix: &'static str,
+    },
+    /// The log file could not be opened (at construction).
+    #[error("cannot open audit log {}: {source}; {}", .path.display(), open_hint(.source, .path))]
+    Open {
+        /// The path given to [`AuditWriter::open_jsonl`].
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The background thread could not be started.
+    #[error(
+        "cannot start the audit writer thread: {source}; the process is out of threads or memory"
+    )]
+    Spawn {
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Writing or flushing a batch failed; its events were dropped.
+    #[error(
+        "audit log write failed, events were dropped: {source}; check free disk space and that \
+         the log file is still writable (see WriterStats.write_errors)"
+    )]
+    Write {
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Syncing the log to disk on close failed.
+    #[error("audit log sync to disk failed: {source}; check the disk holding the audit log")]
+    Sync {
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The writer thread died (a bug); events are being dropped.
+    #[error(
+        "the audit writer thread stopped unexpectedly and events are being dropped; \
+         create a new writer and report this as a bug"
+    )]
+    WriterStopped,
+}
+
+fn status_names() -> String {
+    Status::ALL.map(Status::as_str).join(", ")
+}
+
+fn open_hint(err: &io::Error, path: &Path) -> String {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.display().to_string(),
+        _ => ".".to_owned(),
+    };
+    match err.kind() {
+        io::ErrorKind::NotFound => format!("create the directory {dir} first, or choose another path"),
+        io::ErrorKind::PermissionDenied => format!(
+            "check permissions: the process needs write access to the file and to the directory {dir}"
+        ),
+        io::ErrorKind::NotADirectory => format!(
+            "a component of {dir} is a regular file, not a directory; choose a path inside a directory"
+        ),
+        io::ErrorKind::IsADirectory => {
+            "the path is a directory; give a file path inside it, such as <dir>/audit.jsonl".to_owned()
+        }
+        io::ErrorKind::ReadOnlyFilesystem => {
+            "the filesystem is read-only; choose a path on a writable filesystem".to_owned()
+        }
+        _ => format!("check that {dir} exists and is writable"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Event
+// ---------------------------------------------------------------------------
+
+/// Outcome recorded by an audit event: request decisions and key lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// The call was allowed and succeeded.
+    Ok,
+    /// The call was allowed and the tool failed.
+    Error,
+    /// Refused by a rate limit.
+    RateLimited,
+    /// No valid credentials.
+    Unauthorized,
+    /// Valid credentials without the needed scope.
+    Forbidden,
+    /// Refused by the IP policy.
+    IpDenied,
+    /// Key lifecycle: a key was created.
+    Created,
+    /// Key lifecycle: a key was rotated.
+    Rotated,
+    /// Key lifecycle: a key was revoked.
+    Revoked,
+}
+
+impl Status {
+    /// Every status, in declaration order.
+    pub const ALL: [Status; 9] = [
+        Status::Ok,
+        Status::Error,
+        Status::RateLimited,
+        Status::Unauthorized,
+        Status::Forbidden,
+        Status::IpDenied,
+        Status::Created,
+        Status::Rotated,
+        Status::Revoked,
+    ];
+
+    /// The wire name (`"ok"`, `"rate_limited"`, ...).
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Error => "error",
+            Status::RateLimited => "rate_limited",
+            Status::Unauthorized => "unauthorized",
+            Status::Forbidden => "forbidden",
+            Status::IpDenied => "ip_denied",
+            Status::Created => "created",
+            Status::Rotated => "rotated",
+            Status::Revoked => "revoked",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Status {
+    type Err = AuditError;
+
+    /// Parses a wire name exactly (case-sensitive).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Status::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| AuditError::InvalidStatus {
+                value: s.to_owned(),
+            })
+    }
+}
+
+/// One audit record. Serialised by [`write_line`] as one JSON object per line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEvent {
+    /// When the decision was made (UTC; written with millisecond precision).
+    pub ts: DateTime<Utc>,
+    /// Public key id (`fmg_key_...`) or other client id; empty if unknown.
+    pub key_id: String,
+    /// Human name of the key.
+    pub key_name: String,
+    /// Tool, resource or prompt name (or the lifecycle operation).
+    pub tool: String,
+    /// Scopes of the caller.
+    pub scopes: Vec<String>,
+    /// Time spent, in milliseconds (written rounded to 3 decimals).
+    pub duration_ms: f64,
+    /// Outcome.
+    pub status: Status,
+    /// Error message, if any.
+    pub error: Option<String>,
+    /// Tool arguments (only when input logging is on; already redacted).
+    pub input_args: Option<Value>,
+    /// Start of the output (only when output logging is on).
+    pub output_preview: Option<String>,
+    /// Client address.
+    pub client_ip: Option<String>,
+    /// Free-form metadata; written as `{}` when `None`.
+    pub metadata: Option<Value>,
+    /// Extra top-level fields (e.g. `actor`, `method`, `retry_after`), written
+    /// after the fixed ones in key order. A key equal to a fixed field name is
+    /// skipped: extras can never shadow or duplicate a fixed field.
+    pub extra: Option<Map<String, Value>>,
+}
+
+impl AuditEvent {
+    /// An event stamped now, with empty scopes, zero duration and no optional fields.
+    #[must_use]
+    pub fn new(
+        key_id: impl Into<String>,
+        key_name: impl Into<String>,
+        tool: impl Into<String>,
+        status: Status,
+    ) -> Self {
+        AuditEvent {
+            ts: Utc::now(),
+            key_id: key_id.into(),
+            key_name: key_name.into(),
+            tool: tool.into(),
+            scopes: Vec::new(),
+            duration_ms: 0.0,
+            status,
+            error: None,
+            input_args: None,
+            output_preview: None,
+            client_ip: None,
+            metadata: None,
+            extra: None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Serialiser (hot loop)
+// ---------------------------------------------------------------------------
+
+/// Names of the fixed fields, in output order.
+pub const FIXED_FIELDS: [&str; 12] = [
+    "ts",
+    "key_id",
+    "key_name",
+    "tool",
+    "scopes",
+    "duration_ms",
+    "status",
+    "error",
+    "input_args",
+    "output_preview",
+    "client_ip",
+    "metadata",
+];
+
+/// Appends `ev` to `buf` as one JSON object followed by `\n`.
+///
+/// Fields come in [`FIXED_FIELDS`] order, then the extras. Every string is
+/// escaped (quotes, backslashes, all control characters), so the only raw
+/// newline is the terminating one. Never fails: a value that cannot be
+/// represented (a non-finite `duration_ms`) is written as `null`.
+pub fn write_line(buf: &mut Vec<u8>, ev: &AuditEvent) {
+    buf.reserve(200 + ev.key_id.len() + ev.key_name.len() + ev.tool.len());
+    buf.extend_from_slice(b"{\"ts\":\"");
+    write_ts(buf, &ev.ts);
+    buf.extend_from_slice(b"\",\"key_id\":");
+    write_str(buf, &ev.key_id);
+    buf.extend_from_slice(b",\"key_name\":");
+    write_str(buf, &ev.key_name);
+    buf.extend_from_slice(b",\"tool\":");
+    write_str(buf, &ev.tool);
+    buf.extend_from_slice(b",\"scopes\":[");
+    for (i, scope) in ev.scopes.iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        write_str(buf, scope);
+    }
+    buf.extend_from_slice(b"],\"duration_ms\":");
+    write_duration(buf, ev.duration_ms);
+    buf.extend_from_slice(b",\"status\":\"");
+    buf.extend_from_slice(ev.status.as_str().as_bytes());
+    buf.extend_from_slice(b"\",\"error\":");
+    write_opt_str(buf, ev.error.as_deref());
+    buf.extend_from_slice(b",\"input_args\":");
+    match &ev.input_args {
+        Some(v) => write_value(buf, v),
+        None => buf.extend_from_slice(b"null"),
+    }
+    buf.extend_from_slice(b",\"output_preview\":");
+    write_opt_str(buf, ev.output_preview.as_deref());
+    buf.extend_from_slice(b",\"client_ip\":");
+    write_opt_str(buf, ev.client_ip.as_deref());
+    buf.extend_from_slice(b",\"metadata\":");
+    match &ev.metadata {
+        Some(v) => write_value(buf, v),
+        None => buf.extend_from_slice(b"{}"),
+    }
+    if let Some(extra) = &ev.extra {
+        for (k, v) in extra {
+            if FIXED_FIELDS.contains(&k.as_str()) {
+                continue;
+            }
+            buf.push(b',');
+            write_str(buf, k);
+            buf.push(b':');
+            write_value(buf, v);
+        }
+    }
+    buf.extend_from_slice(b"}\n");
+}
+
+/// Formats `ts` as RFC 3339 UTC with milliseconds and `Z`
+/// (`2026-03-09T14:00:00.123Z`), truncating sub-millisecond digits, exactly as
+/// chrono's `to_rfc3339_opts(SecondsFormat::Millis, true)`.
+#[must_use]
+pub fn format_ts(ts: &DateTime<Utc>) -> String {
+    let mut buf = Vec::with_capacity(24);
+    write_ts(&mut buf, ts);
+    // write_ts emits ASCII only.
+    String::from_utf8(buf).unwrap_or_else(|_| ts.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "every value is < 10 before the cast"
+)]
+fn write_ts(buf: &mut Vec<u8>, ts: &DateTime<Utc>) {
+    let naive = ts.naive_utc();
+    let Ok(year) = u32::try_from(naive.year()) else {
+        buf.extend_from_slice(ts.to_rfc3339_opts(SecondsFormat::Millis, true).as_bytes());
+        return;
+    };
+    if year > 9999 {
+        buf.extend_from_slice(ts.to_rfc3339_opts(SecondsFormat::Millis, true).as_bytes());
+        return;
+    }
+    let secs = naive.num_seconds_from_midnight();
+    let (hour, minute, mut second) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let mut millis = naive.nanosecond() / 1_000_000;
+    if millis >= 1000 {
+        // A leap second: chrono keeps it as nanoseconds >= 1e9 and prints `:60`.
+        second += 1;
+        millis -= 1000;
+    }
+    let d = |n: u32| b'0' + (n % 10) as u8;
+    let (month, day) = (naive.month(), naive.day());
+    buf.extend_from_slice(&[
+        d(year / 1000),
+        d(year / 100),
+        d(year / 10),
+        d(year),
+        b'-',
+        d(month / 10),
+        d(month),
+        b'-',
+        d(day / 10),
+        d(day),
+        b'T',
+        d(hour / 10),
+        d(hour),
+        b':',
+        d(minute / 10),
+        d(minute),
+        b':',
+        d(second / 10),
+        d(second),
+        b'.',
+        d(millis / 100),
+        d(millis / 10),
+        d(millis),
+        b'Z',
+    ]);
+}
+
+#[allow(clippy::cast_possible_truncation, reason = "n % 10 < 10")]
+fn write_u64(buf: &mut Vec<u8>, mut n: u64) {
+    let mut tmp = [0u8; 20];
+    let mut i = tmp.len();
+    loop {
+        i -= 1;
+        tmp[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&tmp[i..]);
+}
+
+/// Writes `d` rounded to 3 decimals as a JSON number with a fraction
+/// (`12.5`, `3.0`, `0.001`); `null` if not finite.
+fn write_duration(buf: &mut Vec<u8>, d: f64) {
+    /// Below 2^53, so the rounded value is an exact integer in f64 and i64.
+    const EXACT: f64 = 9.0e15;
+    if !d.is_finite() {
+        buf.extend_from_slice(b"null");
+        return;
+    }
+    let scaled = (d * 1000.0).round();
+    if scaled.abs() < EXACT {
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "|scaled| < 2^53 and integral"
+        )]
+        let m = scaled as i64;
+        if m < 0 {
+            buf.push(b'-');
+        }
+        let a = m.unsigned_abs();
+        write_u64(buf, a / 1000);
+        let frac = a % 1000;
+        let digits = [
+            b"0123456789"[usize::from(frac >= 100) * (frac / 100 % 10) as usize],
+            b"0123456789"[(frac / 10 % 10) as usize],
+            b"0123456789"[(frac % 10) as usize],
+        ];
+        let len = if frac % 100 == 0 {
+            1
+        } else if frac % 10 == 0 {
+            2
+        } else {
+            3
+        };
+        buf.push(b'.');
+        buf.extend_from_slice(&digits[..len]);
+    } else {
+        // Huge values: rare, so the standard (shortest round-trip) formatter is fine.
+        let r = scaled / 1000.0;
+        let v = if r.is_finite() { r } else { d };
+        buf.extend_from_slice(v.to_string().as_bytes());
+    }
+}
+
+/// JSON escape per byte: 0 = copy, `u` = `\u00XX`, else the char after `\`.
+const ESCAPE: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        t[i] = b'u';
+        i += 1;
+    }
+    t[0x08] = b'b';
+    t[0x09] = b't';
+    t[0x0a] = b'n';
+    t[0x0c] = b'f';
+    t[0x0d] = b'r';
+    t[b'"' as usize] = b'"';
+    t[b'\\' as usize] = b'\\';
+    t
+};
+
+/// Writes `s` as a JSON string. Non-ASCII passes through as UTF-8 (valid JSON);
+/// only ASCII bytes are escaped, so slicing never splits a character.
+fn write_str(buf: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = s.as_bytes();
+    buf.reserve(bytes.len() + 2);
+    buf.push(b'"');
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc = ESCAPE[usize::from(b)];
+        if esc == 0 {
+            continue;
+        }
+        buf.extend_from_slice(&bytes[start..i]);
+        if esc == b'u' {
+            buf.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ]);
+        } else {
+            buf.extend_from_slice(&[b'\\', esc]);
+        }
+        start = i + 1;
+    }
+    buf.extend_from_slice(&bytes[start..]);
+    buf.push(b'"');
+}
+
+fn write_opt_str(buf: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => write_str(buf, s),
+        None => buf.extend_from_slice(b"null"),
+    }
+}
+
+fn write_value(buf: &mut Vec<u8>, v: &Value) {
+    let mark = buf.len();
+    // Serialising a `Value` into a Vec cannot fail; keep the line valid regardless.
+    if serde_json::to_writer(&mut *buf, v).is_err() {
+        buf.truncate(mark);
+        buf.extend_from_slice(b"null");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Sinks
+// ---------------------------------------------------------------------------
+
+/// Where batches go. The writer thread calls these in order
+/// `write_batch` → `flush` for every batch, and `sync` once on close.
+/// Implement it to add a backend (rotation, `SQLite`, HTTP) without touching
+/// the queue logic; see [`AuditWriter::with_sink`].
+pub trait Sink: Send {
+    /// Writes `buf`, which holds `n` complete JSONL lines.
+    ///
+    /// # Errors
+    /// The I/O error; the batch counts as lost.
+    fn write_batch(&mut self, buf: &[u8], n: usize) -> io::Result<()>;
+    /// Pushes buffered data to the OS (not necessarily to disk).
+    ///
+    /// # Errors
+    /// The I/O error.
+    fn flush(&mut self) -> io::Result<()>;
+    /// Makes written data durable (called on close).
+    ///
+    /// # Errors
+    /// The I/O error.
+    fn sync(&mut self) -> io::Result<()>;
+}
+
+/// Appends JSONL to one file (opened create + append; new files mode 0600 on unix).
+#[derive(Debug)]
+pub struct JsonlFileSink {
+    file: File,
+    path: PathBuf,
+    /// The file ends in the middle of a line (a torn write, ours or a crashed
+    /// previous process's): end it before writing the next batch.
+    partial_line: bool,
+}
+
+impl JsonlFileSink {
+    /// Opens `path` for appending, creating it (mode 0600 on unix) if missing.
+    ///
+    /// # Errors
+    /// [`AuditError::Open`] naming the path and what to fix (missing directory,
+    /// permissions, a parent that is a file, a directory given as the path).
+    pub fn open(path: &Path) -> Result<Self, AuditError> {
+        let mut opts = OpenOptions::new();
+        opts.create(true).append(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let file = opts.open(path).map_err(|source| AuditError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let partial_line = ends_mid_line(&file, path);
+        Ok(JsonlFileSink {
+            file,
+            path: path.to_path_buf(),
+            partial_line,
+        })
+    }
+
+    /// The path the sink appends to.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Whether an existing regular file's last byte is not `\n`. Best effort:
+/// any error (no read permission, special file) answers `false`.
+fn ends_mid_line(file: &File, path: &Path) -> bool {
+    let Ok(meta) = file.metadata() else {
+        return false;
+    };
+    if !meta.is_file() || meta.len() == 0 {
+        return false;
+    }
+    let Ok(mut reader) = File::open(path) else {
+        return false;
+    };
+    let mut last = [0u8; 1];
+    reader.seek(SeekFrom::End(-1)).is_ok()
+        && reader.read_exact(&mut last).is_ok()
+        && last[0] != b'\n'
+}
+
+/// Writes `buf` (complete lines) to `w`, first ending a torn line if
+/// `partial_line` says the output ends mid-line; on failure, records whether
+/// this write left a torn line behind.
+fn append_lines<W: Write>(w: &mut W, buf: &[u8], partial_line: &mut bool) -> io::Result<()> {
+    if *partial_line {
+        w.write_all(b"\n")?;
+        *partial_line = false;
+    }
+    let mut off = 0;
+    while off < buf.len() {
+        let err = match w.write(&buf[off..]) {
+            Ok(0) => io::Error::from(io::ErrorKind::WriteZero),
+            Ok(k) => {
+                off += k;
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => e,
+        };
+        *partial_line = off > 0 && buf[off - 1] != b'\n';
+        return Err(err);
+    }
+    Ok(())
+}
+
+impl Sink for JsonlFileSink {
+    fn write_batch(&mut self, buf: &[u8], _n: usize) -> io::Result<()> {
+        append_lines(&mut self.file, buf, &mut self.partial_line)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        // `File` has no user-space buffer: `write` already handed the data to the OS.
+        self.file.flush()
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        match self.file.sync_data() {
+            // EINVAL: a pipe or character device (e.g. /dev/stdout) cannot be synced.
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => Ok(()),
+            other => other,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Writer
+// ---------------------------------------------------------------------------
+
+/// Tuning of an [`AuditWriter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriterOptions {
+    /// Events the queue holds before new ones are dropped (default 65 536; >= 1).
+    pub queue_capacity: usize,
+    /// Most events serialised into one write (default 4096; >= 1).
+    pub batch_max: usize,
+    /// Longest the thread sleeps with nothing to do (default 100 ms; > 0).
+    /// Events are written as soon as the thread sees them, so under trickle
+    /// load each reaches the OS well within this interval.
+    pub flush_interval: Duration,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            queue_capacity: 65_536,
+            batch_max: 4096,
+            flush_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+impl WriterOptions {
+    fn validate(&self) -> Result<(), AuditError> {
+        if self.queue_capacity == 0 {
+            return Err(AuditError::InvalidOption {
+                name: "queue_capacity",
+                value: "0".to_owned(),
+                fix: "use at least 1 (default 65536)",
+            });
+        }
+        if self.batch_max == 0 {
+            return Err(AuditError::InvalidOption {
+                name: "batch_max",
+                value: "0".to_owned(),
+                fix: "use at least 1 (default 4096)",
+            });
+        }
+        if self.flush_interval.is_zero() {
+            return Err(AuditError::InvalidOption {
+                name: "flush_interval",
+                value: "0s".to_owned(),
+                fix: "use a positive duration (default 100 ms)",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Counters of an [`AuditWriter`] (a consistent snapshot per field, not across fields).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Events accepted into the queue.
+    pub enqueued: u64,
+    /// Events written to the sink.
+    pub written: u64,
+    /// Events refused by `enqueue` (queue full, or writer closed).
+    pub dropped: u64,
+    /// Failed sink operations (writes, flushes, the final sync).
+    pub write_errors: u64,
+    /// Accepted events lost because their batch failed to write.
+    /// After close, `enqueued == written + failed`.
+    pub failed: u64,
+    /// Events waiting in the queue now.
+    pub queue_depth: usize,
+}
+
+/// Keeps a hot atomic on its own cache line.
+#[repr(align(64))]
+#[derive(Default)]
+struct Padded<T>(T);
+
+/// High bit of `Shared::state`: the writer is closed. The low bits count
+/// `enqueue` calls in flight, so `close` can wait them out.
+const CLOSED: usize = 1 << (usize::BITS - 1);
+
+#[derive(Default)]
+struct Shared {
+    state: Padded<AtomicUsize>,
+    enqueued: Padded<AtomicU64>,
+    dropped: Padded<AtomicU64>,
+    written: Padded<AtomicU64>,
+    failed: AtomicU64,
+    write_errors: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn record_error(&self, err: &AuditError) {
+        self.write_errors.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock() = Some(err.to_string());
+    }
+}
+
+enum Control {
+    /// Write everything queued now, flush, reply.
+    Flush(Sender<Result<(), AuditError>>),
+    /// Drain, write, sync, exit.
+    Close,
+}
+
+/// Bytes after which a batch is cut even below `batch_max`.
+const BATCH_BYTES: usize = 1 << 20;
+/// A buffer grown past this by a huge event is released after its batch.
+const BUF_RETAIN: usize = 4 << 20;
+/// Events per chunk handed back to the producers to free.
+const RECYCLE_CHUNK: usize = 64;
+/// Chunks waiting for the producers; beyond this the writer frees them itself.
+const RECYCLE_SLOTS: usize = 16;
+/// Pause after a partial batch of more than one event (see `Worker::run`).
+/// At 1 M events/s this gathers ~1000 events, far below the queue capacity.
+const LINGER: Duration = Duration::from_millis(1);
+
+/// The asynchronous audit writer. `Send + Sync`: share it (e.g. in an `Arc`)
+/// and call [`enqueue`](Self::enqueue) from any thread.
+pub struct AuditWriter {
+    events: Sender<AuditEvent>,
+    control: Sender<Control>,
+    /// Serialised events handed back for the producers to free (see `enqueue`).
+    recycled: Receiver<Vec<AuditEvent>>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<Result<(), AuditError>>>>,
+}
+
+impl fmt::Debug for AuditWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditWriter")
+            .field("closed", &self.is_closed())
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditWriter {
+    /// Opens `path` (create + append, mode 0600 for a new file) and starts the
+    /// writer thread. The file is opened here, so a bad path fails now, not
+    /// at the first event.
+    ///
+    /// # Errors
+    /// [`AuditError::Open`] (the message names the path and what to fix),
+    /// [`AuditError::InvalidOption`], [`AuditError::Spawn`].
+    pub fn open_jsonl(path: &Path, opts: WriterOptions) -> Result<AuditWriter, AuditError> {
+        opts.validate()?;
+        let sink = JsonlFileSink::open(path)?;
+        AuditWriter::with_sink(sink, opts)
+    }
+
+    /// Starts the writer thread (`fmg-audit`) over any [`Sink`].
+    ///
+    /// # Errors
+    /// [`AuditError::InvalidOption`], [`AuditError::Spawn`].
+    pub fn with_sink<S: Sink + 'static>(
+        sink: S,
+        opts: WriterOptions,
+    ) -> Result<AuditWriter, AuditError> {
+        opts.validate()?;
+        let (events_tx, events_rx) = crossbeam_channel::bounded(opts.queue_capacity);
+        let (control_tx, control_rx) = crossbeam_channel::unbounded();
+        let (recycle_tx, recycle_rx) = crossbeam_channel::bounded(RECYCLE_SLOTS);
+        let shared = Arc::new(Shared::default());
+        let worker = Worker {
+            sink,
+            shared: Arc::clone(&shared),
+            buf: Vec::with_capacity(64 * 1024),
+            batch_max: opts.batch_max,
+            unreported: None,
+            done: Vec::new(),
+            recycle: recycle_tx,
+        };
+        let interval = opts.flush_interval;
+        let handle = std::thread::Builder::new()
+            .name("fmg-audit".to_owned())
+            .spawn(move || worker.run(&events_rx, &control_rx, interval))
+            .map_err(|source| AuditError::Spawn { source })?;
+        Ok(AuditWriter {
+            events: events_tx,
+            control: control_tx,
+            recycled: recycle_rx,
+            shared,
+            thread: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// Queues `ev` without blocking. Returns `false`, and counts the event in
+    /// [`WriterStats::dropped`], when the queue is full or the writer is closed.
+    pub fn enqueue(&self, ev: AuditEvent) -> bool {
+        let sh = &*self.shared;
+        let prev = sh.state.0.fetch_add(1, Ordering::AcqRel);
+        let accepted = prev & CLOSED == 0 && self.events.try_send(ev).is_ok();
+        if accepted {
+            sh.enqueued.0.fetch_add(1, Ordering::Relaxed);
+        } else {
+            sh.dropped.0.fetch_add(1, Ordering::Relaxed);
+        }
+        sh.state.0.fetch_sub(1, Ordering::Release);
+        // Free a chunk of already-written events here, on the thread that
+        // allocated them: glibc malloc is slow when one thread allocates and
+        // another frees (arena contention), and this keeps the allocator's
+        // per-thread caches warm. At most RECYCLE_CHUNK events, a few µs.
+        if let Ok(chunk) = self.recycled.try_recv() {
+            drop(chunk);
+        }
+        accepted
+    }
+
+    /// Blocks until every event enqueued before this call is written and
+    /// flushed to the OS (not fsynced). Works with a full queue: the request
+    /// goes through a separate control channel. After close, returns `Ok`
+    /// (close already wrote everything).
+    ///
+    /// # Errors
+    /// [`AuditError::Write`] if a batch failed since the previous `flush`
+    /// (those events are lost; see [`stats`](Self::stats)), or
+    /// [`AuditError::WriterStopped`].
+    pub fn flush(&self) -> Result<(), AuditError> {
+        if self.is_closed() {
+            return Ok(());
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if self.control.send(Control::Flush(tx)).is_err() {
+            return self.thread_gone();
+        }
+        rx.recv().unwrap_or_else(|_| self.thread_gone())
+    }
+
+    /// Stops accepting events, writes everything already queued, syncs the
+    /// sink and joins the thread. Idempotent: later calls return `Ok`.
+    ///
+    /// # Errors
+    /// [`AuditError::Write`] if a batch failed since the last `flush`,
+    /// [`AuditError::Sync`], or [`AuditError::WriterStopped`].
+    pub fn close(&self) -> Result<(), AuditError> {
+        let mut thread = self.thread.lock();
+        let Some(handle) = thread.take() else {
+            return Ok(());
+        };
+        self.shared.state.0.fetch_or(CLOSED, Ordering::AcqRel);
+        // Wait out enqueue calls that passed the closed check: after this no
+        // event can enter the queue, so the thread's final drain is complete.
+        while self.shared.state.0.load(Ordering::Acquire) & !CLOSED != 0 {
+            std::thread::yield_now();
+        }
+        // If the thread is gone the send fails; join reports why.
+        self.control.send(Control::Close).ok();
+        handle.join().unwrap_or(Err(AuditError::WriterStopped))
+    }
+
+    /// Whether [`close`](Self::close) has started.
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.shared.state.0.load(Ordering::Acquire) & CLOSED != 0
+    }
+
+    /// Current counters.
+    #[must_use]
+    pub fn stats(&self) -> WriterStats {
+        let sh = &*self.shared;
+        WriterStats {
+            enqueued: sh.enqueued.0.load(Ordering::Relaxed),
+            written: sh.written.0.load(Ordering::Relaxed),
+            dropped: sh.dropped.0.load(Ordering::Relaxed),
+            write_errors: sh.write_errors.load(Ordering::Relaxed),
+            failed: sh.failed.load(Ordering::Relaxed),
+            queue_depth: self.events.len(),
+        }
+    }
+
+    /// Message of the most recent sink error, if any ever happened.
+    #[must_use]
+    pub fn last_error(&self) -> Option<String> {
+        self.shared.last_error.lock().clone()
+    }
+
+    fn thread_gone(&self) -> Result<(), AuditError> {
+        if self.is_closed() {
+            Ok(())
+        } else {
+            Err(AuditError::WriterStopped)
+        }
+    }
+}
+
+impl Drop for AuditWriter {
+    /// Closes the writer; an error is kept in `last_error` (nobody can be told).
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            *self.shared.last_error.lock() = Some(e.to_string());
+        }
+    }
+}
+
+/// State owned by the writer thread.
+struct Worker<S> {
+    sink: S,
+    shared: Arc<Shared>,
+    buf: Vec<u8>,
+    batch_max: usize,
+    /// A failure not yet returned by `flush`/`close`.
+    unreported: Option<AuditError>,
+    /// Serialised events waiting to go back to the producers.
+    done: Vec<AuditEvent>,
+    recycle: Sender<Vec<AuditEvent>>,
+}
+
+impl<S: Sink> Worker<S> {
+    fn run(
+        mut self,
+        events: &Receiver<AuditEvent>,
+        control: &Receiver<Control>,
+        interval: Duration,
+    ) -> Result<(), AuditError> {
+        let linger = interval.min(LINGER);
+        loop {
+            crossbeam_channel::select! {
+                recv(events) -> msg => match msg {
+                    Ok(first) => {
+                        let n = self.batch(events, first, usize::MAX);
+                        if n > 1 && n < self.batch_max {
+                            // Under load, blocking on an empty queue would make
+                            // producers pay a futex wake per event. Sleep
+                            // instead (producers see no waiter) and let a
+                            // batch gather; a full batch means more is waiting.
+                            std::thread::sleep(linger);
+                        }
+                    }
+                    Err(_) => return self.finish(events),
+                },
+                recv(control) -> msg => match msg {
+                    Ok(Control::Flush(reply)) => {
+                        let res = self.flush_pending(events);
+                        // The caller may have given up waiting; nothing to do then.
+                        reply.send(res).ok();
+                    }
+                    Ok(Control::Close) | Err(_) => return self.finish(events),
+                },
+                // Idle tick: nothing is buffered here (each batch is written
+                // at once); time-based work such as rotation hooks in here.
+                default(interval) => {}
+            }
+        }
+    }
+
+    /// Serialises `first` and up to `min(batch_max, limit) - 1` already-queued
+    /// events, writes them as one batch, and returns how many it took.
+    fn batch(
+        &mut self,
+        events: &Receiver<AuditEvent>,
+        first: AuditEvent,
+        limit: usize,
+    ) -> usize {
+        let max = self.batch_max.min(limit);
+        write_line(&mut self.buf, &first);
+        self.retire(first);
+        let mut n = 1;
+        while n < max && self.buf.len() < BATCH_BYTES {
+            match events.try_recv() {
+                Ok(ev) => {
+                    write_line(&mut self.buf, &ev);
+                    self.retire(ev);
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        self.write_buf(n);
+        self.hand_back();
+        n
+    }
+
+    /// Collects a serialised event to be freed by a producer.
+    fn retire(&mut self, ev: AuditEvent) {
+        if self.done.capacity() == 0 {
+            self.done.reserve_exact(RECYCLE_CHUNK);
+        }
+        self.done.push(ev);
+        if self.done.len() >= RECYCLE_CHUNK {
+            self.hand_back();
+        }
+    }
+
+    /// Sends the collected events back to the producers; if they are not
+    /// collecting (the return channel is full), frees them here.
+    fn hand_back(&mut self) {
+        if self.done.is_empty() {
+            return;
+        }
+        let chunk = std::mem::take(&mut self.done);
+        if let Err(full) = self.recycle.try_send(chunk) {
+            let mut chunk = full.into_inner();
+            chunk.clear();
+            self.done = chunk;
+        }
+    }
+
+    fn write_buf(&mut self, n: usize) {
+        let n64 = n as u64;
+        match self.sink.write_batch(&self.buf, n) {
+            Ok(()) => {
+                self.shared.written.0.fetch_add(n64, Ordering::Relaxed);
+                self.sink_flush();
+            }
+            Err(source) => {
+                self.shared.failed.fetch_add(n64, Ordering::Relaxed);
+                self.fail(AuditError::Write { source });
+            }
+        }
+        if self.buf.capacity() > BUF_RETAIN {
+            self.buf = Vec::with_capacity(64 * 1024);
+        } else {
+            self.buf.clear();
+        }
+    }
+
+    fn sink_flush(&mut self) {
+        if let Err(source) = self.sink.flush() {
+            self.fail(AuditError::Write { source });
+        }
+    }
+
+    fn fail(&mut self, err: AuditError) {
+        self.shared.record_error(&err);
+        self.unreported = Some(err);
+    }
+
+    /// Writes exactly the events queued now (`len()` counts every claimed
+    /// slot, so this covers all `enqueue` calls that returned before the
+    /// flush request was sent), then flushes the sink.
+    fn flush_pending(&mut self, events: &Receiver<AuditEvent>) -> Result<(), AuditError> {
+        let mut remaining = events.len();
+        while remaining > 0 {
+            // A claimed slot is always filled, so this returns promptly.
+            let Ok(first) = events.recv() else { break };
+            remaining = remaining.saturating_sub(self.batch(events, first, remaining));
+        }
+        self.sink_flush();
+        self.unreported.take().map_or(Ok(()), Err)
+    }
+
+    /// Drains the queue (producers are fenced out by now), writes, syncs.
+    fn finish(mut self, events: &Receiver<AuditEvent>) -> Result<(), AuditError> {
+        while let Ok(first) = events.try_recv() {
+            self.batch(events, first, usize::MAX);
+        }
+        self.sink_flush();
+        if let Err(source) = self.sink.sync() {
+            let err = AuditError::Sync { source };
+            self.shared.record_error(&err);
+            self.unreported.get_or_insert(err);
+        }
+        self.unreported.take().map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a failing unwrap is a failing test")]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+    use std::io::BufRead;
+    use std::sync::mpsc;
+
+    fn ts(ms: i64) -> DateTime<Utc> {
+        Utc.timestamp_millis_opt(ms).single().unwrap()
+    }
+
+    fn sample() -> AuditEvent {
+        AuditEvent {
+            ts: Utc.with_ymd_and_hms(2026, 3, 9, 14, 0, 0).unwrap()
+                + chrono::Duration::milliseconds(123),
+            key_id: "fmg_key_abc".into(),
+            key_name: "ci bot".into(),
+            tool: "search".into(),
+            scopes: vec!["read".into(), "write".into()],
+            duration_ms: 12.345_67,
+            status: Status::Ok,
+            error: None,
+            input_args: Some(serde_json::json!({"q": "x", "limit": 10})),
+            output_preview: Some("result".into()),
+            client_ip: Some("10.0.0.1".into()),
+            metadata: None,
+            extra: None,
+        }
+    }
+
+    fn line_of(ev: &AuditEvent) -> String {
+        let mut buf = Vec::new();
+        write_line(&mut buf, ev);
+        String::from_utf8(buf).unwrap()
+    }
+
+    fn read_lines(path: &Path) -> Vec<String> {
+        let f = File::open(path).unwrap();
+        io::BufReader::new(f).lines().map(Result::unwrap).collect()
+    }
+
+    fn numbered(i: usize) -> AuditEvent {
+        let mut ev = sample();
+        ev.key_id = format!("k{i}");
+        ev
+    }
+
+    // ---- status ----
+
+    #[test]
+    fn status_names_round_trip() {
+        let names: Vec<_> = Status::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "ok",
+                "error",
+                "rate_limited",
+                "unauthorized",
+                "forbidden",
+                "ip_denied",
+                "created",
+                "rotated",
+                "revoked"
+            ]
+        );
+        for st in Status::ALL {
+            assert_eq!(st.as_str().parse::<Status>().unwrap(), st);
+            assert_eq!(st.to_string(), st.as_str());
+            assert_eq!(
+                serde_json::to_string(&st).unwrap(),
+                format!("\"{}\"", st.as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn status_parse_error_names_valid_values() {
+        let err = "OK".parse::<Status>().unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("\"OK\""), "{msg}");
+        assert!(
+            msg.contains("ok, error, rate_limited, unauthorized, forbidden, ip_denied"),
+            "{msg}"
+        );
+        assert!(msg.contains("revoked"), "{msg}");
+    }
+
+    // ---- serialiser ----
+
+    #[test]
+    fn line_matches_golden_with_fixed_field_order() {
+        let line = line_of(&sample());
+        assert_eq!(
+            line,
+            "{\"ts\":\"2026-03-09T14:00:00.123Z\",\"key_id\":\"fmg_key_abc\",\"key_name\":\"ci bot\",\
+             \"tool\":\"search\",\"scopes\":[\"read\",\"write\"],\"duration_ms\":12.346,\"status\":\"ok\",\
+             \"error\":null,\"input_args\":{\"limit\":10,\"q\":\"x\"},\"output_preview\":\"result\",\
+             \"client_ip\":\"10.0.0.1\",\"metadata\":{}}\n"
+        );
+    }
+
+    #[test]
+    fn absent_fields_are_null_and_metadata_empty_object() {
+        let ev = AuditEvent::new("", "", "t", Status::Unauthorized);
+        let v: Value = serde_json::from_str(&line_of(&ev)).unwrap();
+        for f in ["error", "input_args", "output_preview", "client_ip"] {
+            assert_eq!(v[f], Value::Null, "{f}");
+        }
+        assert_eq!(v["metadata"], serde_json::json!({}));
+        assert_eq!(v["scopes"], serde_json::json!([]));
+        assert_eq!(v["status"], "unauthorized");
+        assert_eq!(v["duration_ms"].as_f64(), Some(0.0));
+    }
+
+    #[test]
+    fn extra_fields_follow_fixed_ones_and_cannot_shadow_them() {
+        let mut ev = sample();
+        ev.status = Status::RateLimited;
+        ev.metadata = Some(serde_json::json!({"k": [1, 2]}));
+        let mut extra = Map::new();
+        extra.insert("retry_after".into(), serde_json::json!(1.5));
+        extra.insert("actor".into(), serde_json::json!("admin"));
+        extra.insert("status".into(), serde_json::json!("ok"));
+        extra.insert("ts".into(), serde_json::json!(0));
+        ev.extra = Some(extra);
+        let line = line_of(&ev);
+        let tail = line.split("\"metadata\":{\"k\":[1,2]}").nth(1).unwrap();
+        assert_eq!(tail, ",\"actor\":\"admin\",\"retry_after\":1.5}\n");
+        assert_eq!(line.matches("\"status\":").count(), 1);
+        assert_eq!(line.matches("\"ts\":").count(), 1);
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["status"], "rate_limited");
+    }
+
+    #[test]
+    fn keys_appear_in_the_documented_order() {
+        let mut ev = sample();
+        ev.extra = Some(Map::from_iter([(
+            "method".to_owned(),
+            Value::from("tools/call"),
+        )]));
+        let line = line_of(&ev);
+        let mut last = 0;
+        for key in FIXED_FIELDS.iter().chain(&["method"]) {
+            let pos = line.find(&format!("\"{key}\":")).unwrap();
+            assert!(pos >= last, "{key} out of order in {line}");
+            last = pos;
+        }
+    }
+
+    #[test]
+    fn ts_format_examples() {
+        assert_eq!(format_ts(&ts(0)), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            format_ts(&ts(1_773_064_800_123)),
+            "2026-03-09T14:00:00.123Z"
+        );
+        // Sub-millisecond digits are truncated, not rounded.
+        let t = Utc
+            .timestamp_opt(1_773_064_800, 123_999_999)
+            .single()
+            .unwrap();
+        assert_eq!(format_ts(&t), "2026-03-09T14:00:00.123Z");
+        let early = Utc.with_ymd_and_hms(5, 1, 2, 3, 4, 5).unwrap();
+        assert_eq!(format_ts(&early), "0005-01-02T03:04:05.000Z");
+        let far = Utc.with_ymd_and_hms(12_000, 1, 1, 0, 0, 0).unwrap();
+        assert_eq!(
+            format_ts(&far),
+            far.to_rfc3339_opts(SecondsFormat::Millis, true)
+        );
+        let neg = Utc.with_ymd_and_hms(-3, 1, 1, 0, 0, 0).unwrap();
+        assert_eq!(
+            format_ts(&neg),
+            neg.to_rfc3339_opts(SecondsFormat::Millis, true)
+        );
+    }
+
+    #[test]
+    fn ts_leap_second_matches_chrono() {
+        let t = chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+            .unwrap()
+            .and_hms_milli_opt(23, 59, 59, 1_250)
+            .unwrap()
+            .and_utc();
+        assert_eq!(format_ts(&t), "2016-12-31T23:59:60.250Z");
+        assert_eq!(
+            format_ts(&t),
+            t.to_rfc3339_opts(SecondsFormat::Millis, true)
+        );
+    }
+
+    #[test]
+    fn duration_rounding_and_shape() {
+        let cases: &[(f64, &str)] = &[
+            (0.0, "0.0"),
+            (-0.0, "0.0"),
+            (2.0, "2.0"),
+            (1.5, "1.5"),
+            (0.001, "0.001"),
+            (0.0004, "0.0"),
+            (0.0006, "0.001"),
+            (12.345_67, "12.346"),
+            (3.05, "3.05"),
+            (100.100, "100.1"),
+            (-1.25, "-1.25"),
+            (-0.0004, "0.0"),
+            (f64::NAN, "null"),
+            (f64::INFINITY, "null"),
+        ];
+        for &(d, want) in cases {
+            let mut buf = Vec::new();
+            write_duration(&mut buf, d);
+            assert_eq!(std::str::from_utf8(&buf).unwrap(), want, "{d}");
+        }
+        let mut buf = Vec::new();
+        write_duration(&mut buf, 1e300);
+        let back: f64 = serde_json::from_slice(&buf).unwrap();
+        assert!((back - 1e300).abs() / 1e300 < 1e-12);
+    }
+
+    #[test]
+    fn nasty_strings_are_escaped_on_one_line() {
+        let nasty = "q\"uo\\te\n\r\t\u{0}\u{1f}\u{7f} é 日本 🦀 \u{2028}</script>";
+        let mut ev = sample();
+        ev.key_id = nasty.into();
+        ev.key_name = nasty.into();
+        ev.tool = nasty.into();
+        ev.scopes = vec![nasty.into(), String::new()];
+        ev.error = Some(nasty.into());
+        ev.output_preview = Some(nasty.into());
+        ev.client_ip = Some(nasty.into());
+        ev.input_args = Some(serde_json::json!({ nasty: nasty }));
+        ev.extra = Some(Map::from_iter([(nasty.to_owned(), Value::from(nasty))]));
+        let line = line_of(&ev);
+        assert_eq!(line.matches('\n').count(), 1);
+        assert!(line.ends_with('\n'));
+        let v: Value = serde_json::from_str(&line).unwrap();
+        for f in [
+            "key_id",
+            "key_name",
+            "tool",
+            "error",
+            "output_preview",
+            "client_ip",
+        ] {
+            assert_eq!(v[f], nasty, "{f}");
+        }
+        assert_eq!(v["scopes"][0], nasty);
+        assert_eq!(v["input_args"][nasty], nasty);
+        assert_eq!(v[nasty], nasty);
+    }
+
+    fn arb_status() -> impl Strategy<Value = Status> {
+        (0..Status::ALL.len()).prop_map(|i| Status::ALL[i])
+    }
+
+    proptest! {
+        #[test]
+        fn every_line_parses_and_round_trips(
+            key_id in any::<String>(),
+            key_name in any::<String>(),
+            tool in "(\\PC|[\\x00-\\x1f\"\\\\])*",
+            scopes in proptest::collection::vec(any::<String>(), 0..4),
+            error in proptest::option::of(any::<String>()),
+            preview in proptest::option::of(any::<String>()),
+            ip in proptest::option::of(any::<String>()),
+            extra_key in "[a-z_]{1,8}",
+            extra_val in any::<String>(),
+            ms in -1_000_000_000_000i64..300_000_000_000_000,
+            duration in -1e9f64..1e9,
+            status in arb_status(),
+        ) {
+            let ev = AuditEvent {
+                ts: ts(ms),
+                key_id, key_name, tool, scopes,
+                duration_ms: duration,
+                status,
+                error,
+                input_args: Some(serde_json::json!({"s": extra_val.clone()})),
+                output_preview: preview,
+                client_ip: ip,
+                metadata: Some(serde_json::json!([extra_val.clone()])),
+                extra: Some(Map::from_iter([(extra_key.clone(), Value::from(extra_val.clone()))])),
+            };
+            let line = line_of(&ev);
+            prop_assert_eq!(line.find('\n'), Some(line.len() - 1));
+            let v: Map<String, Value> = serde_json::from_str(&line).unwrap();
+            let keys: Vec<&str> = v.keys().map(String::as_str).collect();
+            for f in FIXED_FIELDS { prop_assert!(keys.contains(&f)); }
+            prop_assert_eq!(&v["ts"], &Value::from(ev.ts.to_rfc3339_opts(SecondsFormat::Millis, true)));
+            prop_assert_eq!(&v["key_id"], &Value::from(ev.key_id.clone()));
+            prop_assert_eq!(&v["key_name"], &Value::from(ev.key_name.clone()));
+            prop_assert_eq!(&v["tool"], &Value::from(ev.tool.clone()));
+            prop_assert_eq!(&v["scopes"], &Value::from(ev.scopes.clone()));
+            let d = v["duration_ms"].as_f64().unwrap();
+            prop_assert!((d - duration).abs() <= 0.000_500_1 + duration.abs() * 1e-15);
+            // Exactly the nearest f64 to the 3-decimal rounding (sign of zero aside).
+            prop_assert!((d - (duration * 1000.0).round() / 1000.0).abs() <= 0.0);
+            prop_assert_eq!(v["status"].as_str().unwrap().parse::<Status>().unwrap(), status);
+            prop_assert_eq!(&v["error"], &ev.error.clone().map_or(Value::Null, Value::from));
+            prop_assert_eq!(&v["output_preview"], &ev.output_preview.clone().map_or(Value::Null, Value::from));
+            prop_assert_eq!(&v["client_ip"], &ev.client_ip.clone().map_or(Value::Null, Value::from));
+            prop_assert_eq!(Some(&v["input_args"]), ev.input_args.as_ref());
+            prop_assert_eq!(Some(&v["metadata"]), ev.metadata.as_ref());
+            if !FIXED_FIELDS.contains(&extra_key.as_str()) {
+                prop_assert_eq!(&v[&extra_key], &Value::from(extra_val));
+            }
+        }
+
+        #[test]
+        fn ts_matches_chrono(secs in -62_167_219_200i64..253_402_300_799, nanos in 0u32..2_000_000_000) {
+            if let Some(t) = DateTime::<Utc>::from_timestamp(secs, nanos) {
+                prop_assert_eq!(format_ts(&t), t.to_rfc3339_opts(SecondsFormat::Millis, true));
+            }
+        }
+    }
+
+    // ---- open errors ----
+
+    #[test]
+    fn open_fails_at_construction_for_missing_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("no_such_dir").join("audit.jsonl");
+        let err = AuditWriter::open_jsonl(&path, WriterOptions::default()).unwrap_err();
+        assert!(matches!(&err, AuditError::Open { path: p, .. } if p == &path));
+        let msg = err.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("create the directory"), "{msg}");
+    }
+
+    #[test]
+    fn open_fails_at_construction_when_parent_is_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain");
+        std::fs::write(&file, b"x").unwrap();
+        let path = file.join("audit.jsonl");
+        let err = AuditWriter::open_jsonl(&path, WriterOptions::default()).unwrap_err();
+        let AuditError::Open { source, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(source.kind(), io::ErrorKind::NotADirectory);
+        let msg = err.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("not a directory"), "{msg}");
+    }
+
+    #[test]
+    fn open_fails_when_path_is_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = AuditWriter::open_jsonl(dir.path(), WriterOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("give a file path"), "{err}");
+    }
+
+    #[test]
+    fn invalid_options_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        for (opts, name) in [
+            (
+                WriterOptions {
+                    queue_capacity: 0,
+                    ..WriterOptions::default()
+                },
+                "queue_capacity",
+            ),
+            (
+                WriterOptions {
+                    batch_max: 0,
+                    ..WriterOptions::default()
+                },
+                "batch_max",
+            ),
+            (
+                WriterOptions {
+                    flush_interval: Duration::ZERO,
+                    ..WriterOptions::default()
+                },
+                "flush_interval",
+            ),
+        ] {
+            let err = AuditWriter::open_jsonl(&path, opts).unwrap_err();
+            assert!(matches!(err, AuditError::InvalidOption { name: n, .. } if n == name));
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn new_file_gets_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let w = AuditWriter::open_jsonl(&path, WriterOptions::default()).unwrap();
+        w.close().unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    // ---- writer ----
+
+    #[test]
+    fn writer_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<AuditWriter>();
+    }
+
+    #[test]
+    fn flush_makes_lines_visible_before_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let w = AuditWriter::open_jsonl(&path, WriterOptions::default()).unwrap();
+        for i in 0..1000 {
+            assert!(w.enqueue(numbered(i)));
+        }
+        w.flush().unwrap();
+        let lines = read_lines(&path);
+        assert_eq!(lines.len(), 1000);
+        for (i, l) in lines.iter().enumerate() {
+            let v: Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["key_id"], format!("k{i}"));
+        }
+        assert_eq!(w.stats().written, 1000);
+        w.close().unwrap();
+    }
+
+    #[test]
+    fn close_drains_everything_and_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let n = 100_000;
+        let opts = WriterOptions {
+            queue_capacity: n,
+            ..WriterOptions::default()
+        };
+        let w = AuditWriter::open_jsonl(&path, opts).unwrap();
+        let ev = sample();
+        for _ in 0..n {
+            assert!(w.enqueue(ev.clone()));
+        }
+        w.close().unwrap();
+        w.close().unwrap();
+        assert_eq!(read_lines(&path).len(), n);
+        let s = w.stats();
+        assert_eq!(
+            (s.enqueued, s.written, s.dropped, s.failed),
+            (n as u64, n as u64, 0, 0)
+        );
+        // After close: refused, counted, flush is a no-op.
+        assert!(!w.enqueue(sample()));
+        assert_eq!(w.stats().dropped, 1);
+        w.flush().unwrap();
+        assert!(w.is_closed());
+    }
+
+    #[test]
+    fn drop_closes_and_appends_to_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        for _ in 0..2 {
+            let w = AuditWriter::open_jsonl(&path, WriterOptions::default()).unwrap();
+            for i in 0..10 {
+                w.enqueue(numbered(i));
+            }
+        }
+        assert_eq!(read_lines(&path).len(), 20);
+    }
+
+    #[test]
+    fn torn_last_line_of_previous_run_is_ended_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        std::fs::write(&path, b"{\"ts\":\"2026-01-01T00:00:00.000Z\"}\n{\"torn").unwrap();
+        let w = AuditWriter::open_jsonl(&path, WriterOptions::default()).unwrap();
+        w.enqueue(sample());
+        w.close().unwrap();
+        let lines = read_lines(&path);
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[1], "{\"torn");
+        serde_json::from_str::<Value>(&lines[2]).unwrap();
+    }
+
+    /// Signals "inside `write_batch`", then waits for a release token.
+    type Gate = (mpsc::SyncSender<()>, Arc<Mutex<mpsc::Receiver<()>>>);
+
+    /// Collects batches in memory; optionally blocks in `write_batch` until released.
+    #[derive(Clone, Default)]
+    struct MemSink {
+        data: Arc<Mutex<Vec<u8>>>,
+        batches: Arc<Mutex<Vec<usize>>>,
+        thread_names: Arc<Mutex<Vec<String>>>,
+        gate: Option<Gate>,
+        synced: Arc<AtomicUsize>,
+    }
+
+    impl Sink for MemSink {
+        fn write_batch(&mut self, buf: &[u8], n: usize) -> io::Result<()> {
+            if let Some((entered, release)) = &self.gate {
+                entered.send(()).unwrap();
+                release.lock().recv().unwrap();
+            }
+            let name = std::thread::current().name().unwrap_or("").to_owned();
+            self.thread_names.lock().push(name);
+            self.batches.lock().push(n);
+            self.data.lock().extend_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            self.synced.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// A sink whose first `write_batch` blocks: returns it plus the handles
+    /// to wait for the thread to be inside the write and to let it go on.
+    fn gated_sink() -> (MemSink, mpsc::Receiver<()>, mpsc::SyncSender<()>) {
+        let (entered_tx, entered_rx) = mpsc::sync_channel(1000);
+        let (release_tx, release_rx) = mpsc::sync_channel(1000);
+        let sink = MemSink {
+            gate: Some((entered_tx, Arc::new(Mutex::new(release_rx)))),
+            ..MemSink::default()
+        };
+        (sink, entered_rx, release_tx)
+    }
+
+    #[test]
+    fn runs_on_named_thread_and_syncs_once_on_close() {
+        let sink = MemSink::default();
+        let w = AuditWriter::with_sink(sink.clone(), WriterOptions::default()).unwrap();
+        w.enqueue(sample());
+        w.flush().unwrap();
+        w.close().unwrap();
+        assert_eq!(*sink.thread_names.lock(), ["fmg-audit"]);
+        assert_eq!(sink.synced.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn batches_respect_batch_max() {
+        let (sink, entered, release) = gated_sink();
+        let opts = WriterOptions {
+            batch_max: 10,
+            ..WriterOptions::default()
+        };
+        let w = AuditWriter::with_sink(sink.clone(), opts).unwrap();
+        w.enqueue(numbered(0));
+        entered.recv().unwrap(); // thread is stuck writing event 0
+        for i in 1..=25 {
+            assert!(w.enqueue(numbered(i)));
+        }
+        for _ in 0..10 {
+            release.send(()).unwrap();
+        }
+        w.close().unwrap();
+        assert_eq!(*sink.batches.lock(), [1, 10, 10, 5]);
+        let data = sink.data.lock();
+        let ids: Vec<String> = data
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                serde_json::from_slice::<Value>(l).unwrap()["key_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(ids, (0..=25).map(|i| format!("k{i}")).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn full_queue_drops_and_counts_exactly() {
+        let (sink, entered, release) = gated_sink();
+        let opts = WriterOptions {
+            queue_capacity: 4,
+            ..WriterOptions::default()
+        };
+        let w = AuditWriter::with_sink(sink.clone(), opts).unwrap();
+        assert!(w.enqueue(numbered(0)));
+        entered.recv().unwrap(); // event 0 left the queue; the thread is blocked
+        let accepted = (1..=100).filter(|&i| w.enqueue(numbered(i))).count();
+        assert_eq!(accepted, 4);
+        let s = w.stats();
+        assert_eq!((s.enqueued, s.dropped, s.queue_depth), (5, 96, 4));
+        for _ in 0..10 {
+            release.send(()).unwrap();
+        }
+        w.close().unwrap();
+        let s = w.stats();
+        assert_eq!(s.written, 5);
+        assert_eq!(s.written + s.dropped, 101);
+    }
+
+    #[test]
+    fn flush_gets_through_a_full_queue() {
+        let (sink, entered, release) = gated_sink();
+        let opts = WriterOptions {
+            queue_capacity: 8,
+            ..WriterOptions::default()
+        };
+        let w = Arc::new(AuditWriter::with_sink(sink.clone(), opts).unwrap());
+        w.enqueue(numbered(0));
+        entered.recv().unwrap();
+        while w.enqueue(numbered(1)) {}
+        let flusher = {
+            let w = Arc::clone(&w);
+            std::thread::spawn(move || w.flush())
+        };
+        for _ in 0..100 {
+            release.send(()).unwrap();
+        }
+        flusher.join().unwrap().unwrap();
+        // Everything enqueued before the flush is in the sink, before close.
+        assert_eq!(w.stats().written, 9);
+        assert_eq!(
+            sink.data
+                .lock()
+                .split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .count(),
+            9
+        );
+        w.close().unwrap();
+    }
+
+    #[test]
+    fn full_queue_with_real_file_keeps_the_books_balanced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let opts = WriterOptions {
+            queue_capacity: 16,
+            batch_max: 4,
+            ..WriterOptions::default()
+        };
+        let w = AuditWriter::open_jsonl(&path, opts).unwrap();
+        let attempts = 50_000u64;
+        let ev = sample();
+        let accepted = (0..attempts).filter(|_| w.enqueue(ev.clone())).count() as u64;
+        w.close().unwrap();
+        let s = w.stats();
+        assert_eq!(s.enqueued, accepted);
+        assert_eq!(s.written + s.dropped, attempts);
+        assert_eq!(read_lines(&path).len() as u64, s.written);
+    }
+
+    #[test]
+    fn concurrent_enqueue_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let (threads, per) = (8usize, 10_000usize);
+        let opts = WriterOptions {
+            queue_capacity: threads * per,
+            ..WriterOptions::default()
+        };
+        let w = Arc::new(AuditWriter::open_jsonl(&path, opts).unwrap());
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let w = Arc::clone(&w);
+                std::thread::spawn(move || {
+                    for i in 0..per {
+                        let mut ev = sample();
+                        ev.key_id = format!("{t}:{i}");
+                        assert!(w.enqueue(ev));
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        w.close().unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for l in read_lines(&path) {
+            let v: Value = serde_json::from_str(&l).unwrap();
+            assert!(seen.insert(v["key_id"].as_str().unwrap().to_owned()));
+        }
+        assert_eq!(seen.len(), threads * per);
+        let s = w.stats();
+        assert_eq!((s.written, s.dropped), ((threads * per) as u64, 0));
+    }
+
+    #[test]
+    fn close_races_with_enqueuers_without_losing_accepted_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let w = Arc::new(AuditWriter::open_jsonl(&path, WriterOptions::default()).unwrap());
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let w = Arc::clone(&w);
+                std::thread::spawn(move || {
+                    let mut attempts = 0u64;
+                    while attempts < 200_000 {
+                        w.enqueue(sample());
+                        attempts += 1;
+                        if w.is_closed() {
+                            break;
+                        }
+                    }
+                    attempts
+                })
+            })
+            .collect();
+        while w.stats().enqueued < 1000 {
+            std::thread::yield_now();
+        }
+        w.close().unwrap();
+        let attempts: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        let s = w.stats();
+        assert_eq!(s.enqueued, s.written);
+        assert_eq!(s.written + s.dropped, attempts);
+        assert_eq!(read_lines(&path).len() as u64, s.written);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn runtime_write_errors_are_counted_not_fatal() {
+        let w = AuditWriter::open_jsonl(Path::new("/dev/full"), WriterOptions::default()).unwrap();
+        for i in 0..10 {
+            assert!(w.enqueue(numbered(i)));
+        }
+        let err = w.flush().unwrap_err();
+        assert!(matches!(err, AuditError::Write { .. }), "{err:?}");
+        assert!(err.to_string().contains("disk space"), "{err}");
+        let s = w.stats();
+        assert!(s.write_errors >= 1);
+        assert_eq!((s.written, s.failed), (0, 10));
+        assert!(
+            w.last_error().unwrap().contains("No space left"),
+            "{:?}",
+            w.last_error()
+        );
+        // The thread is still alive and keeps counting.
+        assert!(w.enqueue(numbered(10)));
+        assert!(w.flush().is_err());
+        assert_eq!(w.stats().failed, 11);
+        // Errors were reported by flush; sync on a device is a no-op: close is clean.
+        w.close().unwrap();
+    }
+
+    /// Accepts `limit` bytes, then fails.
+    struct Flaky {
+        out: Vec<u8>,
+        limit: usize,
+    }
+
+    impl Write for Flaky {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let room = self.limit.saturating_sub(self.out.len());
+            if room == 0 {
+                return Err(io::Error::other("disk full"));
+            }
+            let k = room.min(buf.len()).min(7);
+            self.out.extend_from_slice(&buf[..k]);
+            Ok(k)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn torn_write_is_terminated_before_the_next_batch() {
+        let mut w = Flaky {
+            out: Vec::new(),
+            limit: 20,
+        };
+        let mut partial = false;
+        append_lines(&mut w, b"{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n", &mut partial).unwrap_err();
+        assert!(partial);
+        w.limit = usize::MAX;
+        append_lines(&mut w, b"{\"d\":4}\n", &mut partial).unwrap();
+        assert!(!partial);
+        let text = String::from_utf8(w.out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines, ["{\"a\":1}", "{\"b\":2}", "{\"c\"", "{\"d\":4}"]);
+        // A failure exactly at a line boundary leaves nothing to repair.
+        let mut w = Flaky {
+            out: Vec::new(),
+            limit: 8,
+        };
+        let mut partial = false;
+        append_lines(&mut w, b"{\"a\":1}\n{\"b\":2}\n", &mut partial).unwrap_err();
+        assert!(!partial);
+    }
+
+    // ---- measurement ----
+
+    fn realistic() -> AuditEvent {
+        let mut ev = sample();
+        ev.key_id = "fmg_key_01HZX4B7Q2W9".into();
+        ev.key_name = "production-agent".into();
+        ev.tool = "search_documents".into();
+        ev.output_preview = None;
+        ev.input_args = None;
+        ev
+    }
+
+    #[test]
+    #[ignore = "measurement: cargo test --release -- --ignored --nocapture"]
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::many_single_char_names,
+        reason = "printing rates"
+    )]
+    fn measure_throughput() {
+        use std::time::Instant;
+        let n = 200_000usize;
+        let ev = realistic();
+        let mut buf = Vec::with_capacity(1 << 20);
+        let t = Instant::now();
+        for _ in 0..n {
+            write_line(&mut buf, &ev);
+            if buf.len() > 1 << 20 {
+                buf.clear();
+            }
+        }
+        let per = t.elapsed().as_nanos() as f64 / n as f64;
+        println!(
+            "write_line alone: {per:.0} ns/event ({:.2} M/s), {} bytes/line",
+            1e3 / per,
+            line_of(&ev).len()
+        );
+
+        for (label, with_args) in [("no input_args", false), ("with input_args", true)] {
+            let mut ev = realistic();
+            if with_args {
+                ev.input_args = Some(serde_json::json!({"query": "quarterly report", "limit": 10}));
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("a.jsonl");
+            let opts = WriterOptions::default();
+            let cap = opts.queue_capacity;
+            let w = AuditWriter::open_jsonl(&path, opts).unwrap();
+            let n = 3_000_000u64;
+            let t = Instant::now();
+            for _ in 0..n {
+                // Sustained: pace the producer instead of dropping.
+                while w.stats().queue_depth >= cap {
+                    std::thread::yield_now();
+                }
+                let mut e = ev.clone();
+                e.ts = Utc::now();
+                w.enqueue(e);
+            }
+            w.close().unwrap();
+            let secs = t.elapsed().as_secs_f64();
+            let s = w.stats();
+            println!(
+                "sustained ({label}): {} events in {secs:.2}s = {:.2} M events/s (dropped {}, file {} MB)",
+                s.written,
+                s.written as f64 / secs / 1e6,
+                s.dropped,
+                std::fs::metadata(&path).unwrap().len() / 1_000_000
+            );
+
+            let w = AuditWriter::open_jsonl(&path, WriterOptions::default()).unwrap();
+            let t = Instant::now();
+            for _ in 0..n {
+                let mut e = ev.clone();
+                e.ts = Utc::now();
+                w.enqueue(e);
+            }
+            let enq = t.elapsed().as_secs_f64();
+            w.close().unwrap();
+            let s = w.stats();
+            println!(
+                "unpaced ({label}): enqueue {:.0} ns/call; written {} dropped {}",
+                enq * 1e9 / n as f64,
+                s.written,
+                s.dropped
+            );
+        }
+    }
+}

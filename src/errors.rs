@@ -1,0 +1,177 @@
+//! The one conversion point from the core's typed errors to Python exceptions.
+//!
+//! Every exception derives from `GuardError`; most also extend the built-in that fits
+//! (`ValueError` for bad input, `KeyError` for an unknown key, `OSError` for I/O), so
+//! code written for fastmcp-guard 0.2 that caught those keeps working. The classes are
+//! made once at import with `type(name, bases, ns)`, since PyO3's `create_exception!`
+//! cannot express two bases.
+
+use pyo3::exceptions::{PyException, PyKeyError, PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple, PyType};
+
+use crate::audit::AuditError;
+use crate::ipmatch::IpError;
+use crate::keystore::{KeyError, VerifyError};
+use crate::limiter::RateError;
+use crate::tokens::TokenError;
+
+/// The exception classes, in the order `register` creates them.
+#[derive(Clone, Copy)]
+pub enum Exc {
+    Guard,
+    InvalidRate,
+    InvalidIp,
+    InvalidKeyInput,
+    KeyNotFound,
+    KeyRevoked,
+    Store,
+    AuditWrite,
+    Verify,
+}
+
+const ALL: [(Exc, &str, &str); 9] = [
+    (Exc::Guard, "GuardError", "Root of every error fastmcp-guard raises."),
+    (Exc::InvalidRate, "InvalidRateError", "A rate string such as '10/minute' could not be parsed."),
+    (Exc::InvalidIp, "InvalidIPError", "An allow / deny / trusted-proxy entry is not an address or CIDR."),
+    (Exc::InvalidKeyInput, "InvalidKeyInputError", "A key name, scope, expiry or metadata value was refused."),
+    (Exc::KeyNotFound, "KeyNotFoundError", "No key has that id."),
+    (Exc::KeyRevoked, "KeyRevokedError", "The operation needs a key that is not revoked."),
+    (Exc::Store, "StoreError", "The key store could not be opened, read or written."),
+    (Exc::AuditWrite, "AuditWriteError", "The audit sink could not be opened or written."),
+    (Exc::Verify, "VerifyError", "A token was refused; `reason` says why."),
+];
+
+static CLASSES: PyOnceLock<Vec<Py<PyType>>> = PyOnceLock::new();
+
+fn build(py: Python<'_>) -> PyResult<Vec<Py<PyType>>> {
+    fn make<'py>(
+        py: Python<'py>,
+        name: &str,
+        doc: &str,
+        bases: Bound<'py, PyTuple>,
+        plain_str: bool,
+    ) -> PyResult<Bound<'py, PyType>> {
+        let ns = PyDict::new(py);
+        ns.set_item("__module__", "fastmcp_guard._core")?;
+        ns.set_item("__doc__", doc)?;
+        if plain_str {
+            // KeyError's str() is the repr of its argument; keep the plain message.
+            ns.set_item("__str__", py.get_type::<PyException>().getattr("__str__")?)?;
+        }
+        Ok(py.get_type::<PyType>().call1((name, bases, ns))?.cast_into::<PyType>()?)
+    }
+    let (_, root_name, root_doc) = ALL[0];
+    let root = make(py, root_name, root_doc, PyTuple::new(py, [py.get_type::<PyException>()])?, false)?;
+    let mut out: Vec<Py<PyType>> = vec![root.clone().unbind()];
+    for (exc, name, doc) in &ALL[1..] {
+        let builtin = match exc {
+            Exc::InvalidRate | Exc::InvalidIp | Exc::InvalidKeyInput | Exc::KeyRevoked => {
+                Some(py.get_type::<PyValueError>())
+            }
+            Exc::KeyNotFound => Some(py.get_type::<PyKeyError>()),
+            Exc::Store | Exc::AuditWrite => Some(py.get_type::<PyOSError>()),
+            Exc::Guard | Exc::Verify => None,
+        };
+        let bases = match builtin {
+            Some(b) => PyTuple::new(py, [root.clone(), b])?,
+            None => PyTuple::new(py, [root.clone()])?,
+        };
+        out.push(make(py, name, doc, bases, matches!(exc, Exc::KeyNotFound))?.unbind());
+    }
+    Ok(out)
+}
+
+/// Add every exception class to the module.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    let classes = CLASSES.get_or_try_init(py, || build(py))?;
+    for ((_, name, _), cls) in ALL.iter().zip(classes) {
+        m.add(*name, cls.bind(py))?;
+    }
+    Ok(())
+}
+
+fn class(py: Python<'_>, exc: Exc) -> PyResult<Bound<'_, PyType>> {
+    let classes = CLASSES.get_or_try_init(py, || build(py))?;
+    let idx = exc as usize;
+    classes
+        .get(idx)
+        .map(|c| c.bind(py).clone())
+        .ok_or_else(|| PyException::new_err("internal error: exception class missing"))
+}
+
+/// A Python exception of class `exc` carrying `msg`.
+pub fn new_err(exc: Exc, msg: impl Into<String>) -> PyErr {
+    let msg: String = msg.into();
+    Python::attach(|py| match class(py, exc) {
+        Ok(cls) => PyErr::from_type(cls, msg),
+        Err(e) => e,
+    })
+}
+
+/// `VerifyError(msg)` with a `reason` attribute.
+pub fn verify_err(reason: &str, msg: impl Into<String>) -> PyErr {
+    let msg: String = msg.into();
+    Python::attach(|py| {
+        let make = || -> PyResult<PyErr> {
+            let inst = class(py, Exc::Verify)?.call1((msg.as_str(),))?;
+            inst.setattr("reason", reason)?;
+            Ok(PyErr::from_value(inst))
+        };
+        make().unwrap_or_else(|e| e)
+    })
+}
+
+impl From<RateError> for PyErr {
+    fn from(e: RateError) -> PyErr {
+        new_err(Exc::InvalidRate, e.to_string())
+    }
+}
+
+impl From<IpError> for PyErr {
+    fn from(e: IpError) -> PyErr {
+        new_err(Exc::InvalidIp, e.to_string())
+    }
+}
+
+impl From<TokenError> for PyErr {
+    fn from(e: TokenError) -> PyErr {
+        verify_err("malformed", e.to_string())
+    }
+}
+
+impl From<AuditError> for PyErr {
+    fn from(e: AuditError) -> PyErr {
+        new_err(Exc::AuditWrite, e.to_string())
+    }
+}
+
+impl From<KeyError> for PyErr {
+    fn from(e: KeyError) -> PyErr {
+        let exc = match &e {
+            KeyError::NotFound { .. } => Exc::KeyNotFound,
+            KeyError::Revoked { .. } => Exc::KeyRevoked,
+            KeyError::InvalidInput { .. } | KeyError::AlreadyRotated { .. } => Exc::InvalidKeyInput,
+            _ => Exc::Store,
+        };
+        new_err(exc, e.to_string())
+    }
+}
+
+impl From<VerifyError> for PyErr {
+    fn from(e: VerifyError) -> PyErr {
+        let reason = match &e {
+            VerifyError::Malformed(_) => "malformed",
+            VerifyError::UnknownKey { .. } => "unknown_key",
+            VerifyError::BadSecret { .. } => "bad_secret",
+            VerifyError::Revoked { .. } => "revoked",
+            VerifyError::Expired { .. } => "expired",
+            VerifyError::Throttled { .. } => "throttled",
+            VerifyError::Busy => "busy",
+            VerifyError::Store(_) => "store",
+        };
+        verify_err(reason, e.to_string())
+    }
+}

@@ -1,0 +1,714 @@
+//! Secret hashing (argon2id, PHC strings), the keyed token digest, and the cache of verified
+//! tokens that makes a valid key cost microseconds.
+//!
+//! * At rest, only `hash_secret(secret)` is stored: argon2id with a random salt, as a PHC string.
+//! * In memory, verified tokens are cached under a [`TokenDigest`]: a blake3 keyed hash of the
+//!   whole token with a key drawn from the OS RNG once per process. The cache never holds the
+//!   token or the secret, and a digest is useless outside the process that made it.
+
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use dashmap::DashMap;
+
+/// Errors from hashing and verifying secrets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HashError {
+    /// Argon2 parameters out of range.
+    #[error(
+        "invalid argon2id parameters (m_cost={m_cost} KiB, t_cost={t_cost}, p_cost={p_cost}): \
+         {reason}"
+    )]
+    Params {
+        /// Memory cost in KiB.
+        m_cost: u32,
+        /// Iterations.
+        t_cost: u32,
+        /// Parallelism.
+        p_cost: u32,
+        /// What argon2 objected to.
+        reason: String,
+    },
+    /// A stored hash is not a valid argon2id PHC string.
+    #[error("stored key hash is not a valid argon2id PHC string: {reason}; re-create the key")]
+    Malformed {
+        /// What is wrong with it (never includes the hash itself).
+        reason: String,
+    },
+    /// Hashing failed.
+    #[error("argon2id hashing failed: {reason}")]
+    Hashing {
+        /// The argon2 error.
+        reason: String,
+    },
+    /// The OS random number generator failed.
+    #[error("the OS random number generator failed: {reason}")]
+    Random {
+        /// The OS error.
+        reason: String,
+    },
+}
+
+/// Argon2id cost parameters.
+///
+/// Production uses [`HashParams::default`] (the OWASP recommendation: m=19456 KiB, t=2, p=1).
+/// [`HashParams::insecure_fast`] exists for tests only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(
+    clippy::struct_field_names,
+    reason = "argon2's own names for its three costs"
+)]
+pub struct HashParams {
+    m_cost: u32,
+    t_cost: u32,
+    p_cost: u32,
+}
+
+impl Default for HashParams {
+    /// OWASP argon2id: 19 MiB, 2 iterations, 1 lane.
+    fn default() -> Self {
+        Self {
+            m_cost: 19_456,
+            t_cost: 2,
+            p_cost: 1,
+        }
+    }
+}
+
+impl HashParams {
+    /// Custom parameters (memory in KiB, iterations, lanes), validated by argon2.
+    ///
+    /// # Errors
+    /// [`HashError::Params`] if argon2 refuses them (e.g. `m_cost < 8 * p_cost`).
+    pub fn new(m_cost: u32, t_cost: u32, p_cost: u32) -> Result<Self, HashError> {
+        let p = Self {
+            m_cost,
+            t_cost,
+            p_cost,
+        };
+        p.argon2()?;
+        Ok(p)
+    }
+
+    /// Very cheap parameters (64 KiB, 1 iteration) — **for tests only**: hashes made with them
+    /// can be brute-forced. Production uses [`HashParams::default`].
+    #[must_use]
+    pub fn insecure_fast() -> Self {
+        Self {
+            m_cost: 64,
+            t_cost: 1,
+            p_cost: 1,
+        }
+    }
+
+    /// Memory cost in KiB.
+    #[must_use]
+    pub fn m_cost(&self) -> u32 {
+        self.m_cost
+    }
+
+    /// Number of iterations.
+    #[must_use]
+    pub fn t_cost(&self) -> u32 {
+        self.t_cost
+    }
+
+    /// Degree of parallelism.
+    #[must_use]
+    pub fn p_cost(&self) -> u32 {
+        self.p_cost
+    }
+
+    fn argon2(&self) -> Result<Argon2<'static>, HashError> {
+        let params = Params::new(self.m_cost, self.t_cost, self.p_cost, None).map_err(|e| {
+            HashError::Params {
+                m_cost: self.m_cost,
+                t_cost: self.t_cost,
+                p_cost: self.p_cost,
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
+    }
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], HashError> {
+    let mut buf = [0u8; N];
+    getrandom::fill(&mut buf).map_err(|e| HashError::Random {
+        reason: e.to_string(),
+    })?;
+    Ok(buf)
+}
+
+/// Hashes a token's secret part with argon2id and a 16-byte salt from the OS RNG.
+///
+/// Returns the PHC string (`$argon2id$v=19$m=...,t=...,p=...$salt$hash`).
+///
+/// # Errors
+/// [`HashError::Params`], [`HashError::Random`] or [`HashError::Hashing`].
+pub fn hash_secret(secret: &str, params: &HashParams) -> Result<String, HashError> {
+    let argon2 = params.argon2()?;
+    let salt_bytes = random_bytes::<16>()?;
+    let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| HashError::Hashing {
+        reason: e.to_string(),
+    })?;
+    let hash = argon2
+        .hash_password(secret.as_bytes(), &salt)
+        .map_err(|e| HashError::Hashing {
+            reason: e.to_string(),
+        })?;
+    Ok(hash.to_string())
+}
+
+/// Checks a secret against a stored argon2id PHC string (its own parameters are used).
+///
+/// Returns `Ok(false)` for a wrong secret.
+///
+/// # Errors
+/// [`HashError::Malformed`] if `phc` is not an argon2id PHC string with a salt and a hash.
+pub fn verify_secret(secret: &str, phc: &str) -> Result<bool, HashError> {
+    let parsed = PasswordHash::new(phc).map_err(|e| HashError::Malformed {
+        reason: e.to_string(),
+    })?;
+    if parsed.algorithm != argon2::ARGON2ID_IDENT {
+        return Err(HashError::Malformed {
+            reason: format!("algorithm is `{}`, expected `argon2id`", parsed.algorithm),
+        });
+    }
+    if parsed.salt.is_none() || parsed.hash.is_none() {
+        return Err(HashError::Malformed {
+            reason: "the salt or the hash output is missing".to_owned(),
+        });
+    }
+    match Argon2::default().verify_password(secret.as_bytes(), &parsed) {
+        Ok(()) => Ok(true),
+        Err(argon2::password_hash::Error::Password) => Ok(false),
+        Err(e) => Err(HashError::Malformed {
+            reason: e.to_string(),
+        }),
+    }
+}
+
+static DIGEST_KEY: OnceLock<[u8; 32]> = OnceLock::new();
+
+fn digest_key() -> Result<&'static [u8; 32], HashError> {
+    if let Some(key) = DIGEST_KEY.get() {
+        return Ok(key);
+    }
+    let fresh = random_bytes::<32>()?;
+    // If another thread won the race, its key is kept and ours is dropped.
+    Ok(DIGEST_KEY.get_or_init(|| fresh))
+}
+
+/// A keyed blake3 digest of a whole token; the verified-token cache is keyed by it.
+///
+/// The key is random per process, so digests cannot be precomputed or compared across
+/// processes. `Debug` does not print the bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TokenDigest([u8; 32]);
+
+impl TokenDigest {
+    /// The digest of `token` under this process's key.
+    ///
+    /// # Errors
+    /// [`HashError::Random`] if the process key cannot be drawn (first call only).
+    pub fn of(token: &[u8]) -> Result<Self, HashError> {
+        Ok(Self(*blake3::keyed_hash(digest_key()?, token).as_bytes()))
+    }
+
+    /// The raw digest bytes.
+    #[must_use]
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for TokenDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenDigest(..)")
+    }
+}
+
+impl Hash for TokenDigest {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // The digest is already a uniform keyed hash: 8 of its bytes are a fine hash value.
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(head));
+    }
+}
+
+/// A pass-through hasher for [`TokenDigest`] keys (they are already random; no `SipHash` needed,
+/// and an attacker cannot aim at buckets without the process key).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type DigestBuildHasher = BuildHasherDefault<DigestHasher>;
+
+/// A reading of both clocks: monotonic for cache TTLs and throttle windows, wall clock
+/// (unix milliseconds) for key expiry and grace periods. Injectable for tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic time.
+    pub instant: Instant,
+    /// Wall-clock time, milliseconds since the Unix epoch.
+    pub unix_ms: i64,
+}
+
+impl Now {
+    /// The current time from the system clocks.
+    #[must_use]
+    pub fn system() -> Self {
+        Self {
+            instant: Instant::now(),
+            unix_ms: chrono::Utc::now().timestamp_millis(),
+        }
+    }
+
+    /// This reading moved `d` into the future on both clocks (saturating).
+    #[must_use]
+    pub fn after(self, d: Duration) -> Self {
+        Self {
+            instant: self.instant.checked_add(d).unwrap_or(self.instant),
+            unix_ms: self
+                .unix_ms
+                .saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        }
+    }
+}
+
+/// What the cache knows about a verified token: everything an access decision needs.
+#[derive(Debug)]
+pub struct CachedKey {
+    /// The key id (`fmg_key_...`).
+    pub key_id: String,
+    /// The key's human name.
+    pub name: String,
+    /// Granted scopes.
+    pub scopes: Arc<[String]>,
+    /// Free-form metadata stored with the key.
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// The token stops being valid at this unix time in ms: `min(expires_at, grace_until)`.
+    pub valid_until: Option<i64>,
+    /// When the entry was cached (monotonic), for the TTL.
+    pub inserted: Instant,
+    /// When use of this token was last recorded (unix ms); lets the hot path record
+    /// `last_used_at` at most once per second per token.
+    pub last_touch_ms: AtomicI64,
+}
+
+impl CachedKey {
+    /// A fresh entry, cached at `inserted`.
+    #[must_use]
+    pub fn new(
+        key_id: String,
+        name: String,
+        scopes: Arc<[String]>,
+        metadata: serde_json::Map<String, serde_json::Value>,
+        valid_until: Option<i64>,
+        inserted: Instant,
+    ) -> Self {
+        Self {
+            key_id,
+            name,
+            scopes,
+            metadata,
+            valid_until,
+            inserted,
+            last_touch_ms: AtomicI64::new(i64::MIN),
+        }
+    }
+
+    /// Whether the entry may still be served at `now` under `ttl`.
+    #[must_use]
+    pub fn is_fresh(&self, now: Now, ttl: Duration) -> bool {
+        now.instant.saturating_duration_since(self.inserted) < ttl
+            && self.valid_until.is_none_or(|v| now.unix_ms < v)
+    }
+}
+
+/// Default number of cached tokens.
+pub const DEFAULT_CACHE_CAPACITY: usize = 10_000;
+/// Default time an entry is served before the key is re-read from the store.
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
+
+/// A bounded TTL cache `TokenDigest -> Arc<CachedKey>` with a key-id index for invalidation.
+///
+/// * Reads (`get`) take one shard read lock of a [`DashMap`]; there is no global lock.
+/// * Every mutation for a key id happens under that key id's slot in the index (lock order:
+///   index, then map), so `invalidate_key` never misses an entry.
+/// * An epoch counter bumped by every invalidation lets a verifier that read the store before
+///   a revoke refuse to cache its (now stale) result: see [`VerifiedCache::insert_if_epoch`].
+/// * Eviction when full: first drop entries past their TTL, then drop arbitrary entries.
+///   Because entries are placed by a keyed random digest, "arbitrary" is effectively random
+///   (random eviction; no LRU bookkeeping on the read path).
+/// * Capacity 0 disables caching.
+#[derive(Debug)]
+pub struct VerifiedCache {
+    map: DashMap<TokenDigest, Arc<CachedKey>, DigestBuildHasher>,
+    index: DashMap<String, Vec<TokenDigest>>,
+    capacity: usize,
+    ttl: Duration,
+    epoch: AtomicU64,
+}
+
+impl Default for VerifiedCache {
+    fn default() -> Self {
+        Self::new(DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL)
+    }
+}
+
+impl VerifiedCache {
+    /// A cache holding at most `capacity` tokens for at most `ttl` each.
+    #[must_use]
+    pub fn new(capacity: usize, ttl: Duration) -> Self {
+        Self {
+            map: DashMap::with_hasher(DigestBuildHasher::default()),
+            index: DashMap::new(),
+            capacity,
+            ttl,
+            epoch: AtomicU64::new(0),
+        }
+    }
+
+    /// Maximum number of entries.
+    #[must_use]
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Time-to-live of an entry.
+    #[must_use]
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The entry for `digest` if present, within its TTL and before its `valid_until`.
+    #[must_use]
+    pub fn get(&self, digest: &TokenDigest, now: Now) -> Option<Arc<CachedKey>> {
+        let entry = self.map.get(digest)?;
+        if entry.is_fresh(now, self.ttl) {
+            Some(Arc::clone(entry.value()))
+        } else {
+            None
+        }
+    }
+
+    /// The current invalidation epoch; read it before reading the store.
+    #[must_use]
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Caches `entry` unconditionally (see [`VerifiedCache::insert_if_epoch`] for the
+    /// race-free variant). Returns whether it was stored.
+    pub fn insert(&self, digest: TokenDigest, entry: Arc<CachedKey>) -> bool {
+        self.insert_if_epoch(digest, entry, self.epoch())
+    }
+
+    /// Caches `entry` unless an invalidation happened since `epoch` was read.
+    ///
+    /// Returns whether it was stored.
+    pub fn insert_if_epoch(&self, digest: TokenDigest, entry: Arc<CachedKey>, epoch: u64) -> bool {
+        if self.capacity == 0 {
+            return false;
+        }
+        if self.map.len() >= self.capacity && !self.map.contains_key(&digest) {
+            self.make_room(entry.inserted);
+        }
+        let mut slot = self.index.entry(entry.key_id.clone()).or_default();
+        // Checked under the slot lock: an invalidation either bumped the epoch before this
+        // check (we refuse), or waits for the slot and then removes what we insert.
+        if self.epoch.load(Ordering::SeqCst) != epoch {
+            let empty = slot.is_empty();
+            drop(slot);
+            if empty {
+                self.index.remove_if(&entry.key_id, |_, v| v.is_empty());
+            }
+            return false;
+        }
+        self.map.insert(digest, entry);
+        if !slot.contains(&digest) {
+            slot.push(digest);
+        }
+        true
+    }
+
+    /// Removes every entry of `key_id`. Returns how many were removed.
+    pub fn invalidate_key(&self, key_id: &str) -> usize {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let mut removed = 0;
+        if let Some(mut slot) = self.index.get_mut(key_id) {
+            for digest in slot.drain(..) {
+                if self.map.remove(&digest).is_some() {
+                    removed += 1;
+                }
+            }
+        }
+        self.index.remove_if(key_id, |_, v| v.is_empty());
+        removed
+    }
+
+    /// Removes everything.
+    pub fn clear(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        // Inserts hold an index shard lock while touching the map, so clearing the index
+        // first waits for them; the map is cleared after.
+        self.index.clear();
+        self.map.clear();
+    }
+
+    /// Number of cached entries (including expired ones not yet evicted).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the cache is empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Removes one entry, keeping the index consistent (index slot locked first).
+    fn remove_digest(&self, digest: &TokenDigest, key_id: &str) {
+        if let Some(mut slot) = self.index.get_mut(key_id) {
+            self.map.remove(digest);
+            slot.retain(|d| d != digest);
+        } else {
+            self.map.remove(digest);
+        }
+        self.index.remove_if(key_id, |_, v| v.is_empty());
+    }
+
+    fn make_room(&self, now: Instant) {
+        let ttl = self.ttl;
+        let expired: Vec<(TokenDigest, String)> = self
+            .map
+            .iter()
+            .filter(|e| now.saturating_duration_since(e.inserted) >= ttl)
+            .map(|e| (*e.key(), e.key_id.clone()))
+            .collect();
+        for (digest, key_id) in &expired {
+            self.remove_digest(digest, key_id);
+        }
+        while self.map.len() >= self.capacity {
+            // The iterator (and its shard lock) is dropped at the end of this statement.
+            let victim = self.map.iter().next().map(|e| (*e.key(), e.key_id.clone()));
+            match victim {
+                Some((digest, key_id)) => self.remove_digest(&digest, &key_id),
+                None => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    #[test]
+    fn hash_then_verify() {
+        let p = HashParams::insecure_fast();
+        let phc = hash_secret("s3cret", &p).unwrap();
+        assert!(phc.starts_with("$argon2id$v=19$m=64,t=1,p=1$"), "{phc}");
+        assert!(verify_secret("s3cret", &phc).unwrap());
+        assert!(!verify_secret("s3creT", &phc).unwrap());
+        assert!(!phc.contains("s3cret"));
+        // Salted: the same secret hashes differently.
+        assert_ne!(phc, hash_secret("s3cret", &p).unwrap());
+    }
+
+    #[test]
+    fn default_params_are_owasp() {
+        let p = HashParams::default();
+        assert_eq!((p.m_cost(), p.t_cost(), p.p_cost()), (19_456, 2, 1));
+        let phc = hash_secret("x", &p).unwrap();
+        assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
+        assert!(verify_secret("x", &phc).unwrap());
+    }
+
+    #[test]
+    fn bad_params_are_refused() {
+        let err = HashParams::new(1, 1, 1).unwrap_err();
+        assert!(matches!(err, HashError::Params { m_cost: 1, .. }), "{err}");
+        assert!(HashParams::new(4096, 3, 1).is_ok());
+    }
+
+    #[test]
+    fn malformed_hashes_are_errors_not_panics() {
+        for phc in [
+            "",
+            "plain",
+            "$argon2id$",
+            "$argon2id$v=19$m=64,t=1,p=1$",
+            "$argon2id$v=19$m=64,t=1,p=1$c2FsdHNhbHQ",
+            "$argon2id$v=19$m=1,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo",
+            "$2b$12$abcdefghijklmnopqrstuuABCDEFGHIJKLMNOPQRSTUVWXYZ01234",
+            "$argon2i$v=19$m=64,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo",
+        ] {
+            assert!(
+                matches!(verify_secret("x", phc), Err(HashError::Malformed { .. })),
+                "{phc:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn digest_is_keyed_and_stable_in_process() {
+        let a = TokenDigest::of(b"fmg_sk_a").unwrap();
+        assert_eq!(a, TokenDigest::of(b"fmg_sk_a").unwrap());
+        assert_ne!(a, TokenDigest::of(b"fmg_sk_b").unwrap());
+        // Not the unkeyed hash.
+        assert_ne!(a.as_bytes(), blake3::hash(b"fmg_sk_a").as_bytes());
+        assert_eq!(format!("{a:?}"), "TokenDigest(..)");
+    }
+
+    fn entry(key_id: &str, now: Now, valid_until: Option<i64>) -> Arc<CachedKey> {
+        Arc::new(CachedKey::new(
+            key_id.to_owned(),
+            "name".to_owned(),
+            Arc::from(vec!["read".to_owned()]),
+            serde_json::Map::new(),
+            valid_until,
+            now.instant,
+        ))
+    }
+
+    fn digest(n: u32) -> TokenDigest {
+        TokenDigest::of(&n.to_le_bytes()).unwrap()
+    }
+
+    #[test]
+    fn get_respects_ttl_and_valid_until() {
+        let cache = VerifiedCache::new(10, Duration::from_secs(60));
+        let now = Now::system();
+        assert!(cache.insert(digest(1), entry("k1", now, None)));
+        assert!(cache.insert(digest(2), entry("k2", now, Some(now.unix_ms + 5_000))));
+        assert_eq!(cache.get(&digest(1), now).unwrap().key_id, "k1");
+        assert!(cache
+            .get(&digest(1), now.after(Duration::from_secs(59)))
+            .is_some());
+        assert!(cache
+            .get(&digest(1), now.after(Duration::from_secs(60)))
+            .is_none());
+        assert!(cache
+            .get(&digest(2), now.after(Duration::from_secs(4)))
+            .is_some());
+        assert!(cache
+            .get(&digest(2), now.after(Duration::from_secs(5)))
+            .is_none());
+        assert!(cache.get(&digest(3), now).is_none());
+    }
+
+    #[test]
+    fn invalidate_key_removes_all_entries_of_that_key() {
+        let cache = VerifiedCache::default();
+        let now = Now::system();
+        cache.insert(digest(1), entry("k1", now, None));
+        cache.insert(digest(2), entry("k1", now, None));
+        cache.insert(digest(3), entry("k2", now, None));
+        assert_eq!(cache.invalidate_key("k1"), 2);
+        assert!(cache.get(&digest(1), now).is_none());
+        assert!(cache.get(&digest(2), now).is_none());
+        assert!(cache.get(&digest(3), now).is_some());
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.invalidate_key("k1"), 0);
+        assert_eq!(cache.invalidate_key("nope"), 0);
+        cache.clear();
+        assert!(cache.is_empty());
+        assert!(cache.index.is_empty());
+    }
+
+    #[test]
+    fn insert_after_invalidation_with_stale_epoch_is_refused() {
+        let cache = VerifiedCache::default();
+        let now = Now::system();
+        let epoch = cache.epoch();
+        cache.invalidate_key("k1");
+        assert!(!cache.insert_if_epoch(digest(1), entry("k1", now, None), epoch));
+        assert!(cache.get(&digest(1), now).is_none());
+        assert!(cache.index.is_empty());
+        assert!(cache.insert_if_epoch(digest(1), entry("k1", now, None), cache.epoch()));
+    }
+
+    #[test]
+    fn cache_is_bounded_and_index_stays_consistent() {
+        let cache = VerifiedCache::new(8, Duration::from_secs(60));
+        let now = Now::system();
+        for i in 0..100 {
+            cache.insert(digest(i), entry(&format!("k{}", i % 13), now, None));
+            assert!(cache.len() <= 8);
+        }
+        let indexed: usize = cache.index.iter().map(|e| e.value().len()).sum();
+        assert_eq!(indexed, cache.len());
+        for e in &cache.index {
+            for d in e.value() {
+                assert_eq!(cache.map.get(d).unwrap().key_id, *e.key());
+            }
+        }
+        // The most recent insert always survives.
+        assert!(cache.get(&digest(99), now).is_some());
+    }
+
+    #[test]
+    fn full_cache_evicts_expired_entries_first() {
+        let cache = VerifiedCache::new(4, Duration::from_secs(10));
+        let now = Now::system();
+        for i in 0..3 {
+            cache.insert(digest(i), entry("old", now, None));
+        }
+        let later = now.after(Duration::from_secs(11));
+        cache.insert(digest(10), entry("new", later, None));
+        cache.insert(digest(11), entry("new", later, None));
+        assert_eq!(cache.len(), 2);
+        assert!(cache.get(&digest(10), later).is_some());
+        assert!(cache.get(&digest(11), later).is_some());
+    }
+
+    #[test]
+    fn zero_capacity_disables_caching() {
+        let cache = VerifiedCache::new(0, Duration::from_secs(10));
+        assert!(!cache.insert(digest(1), entry("k", Now::system(), None)));
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn concurrent_insert_and_invalidate_leave_no_stale_entry() {
+        // A verifier that read the epoch before the invalidation must never leave an entry.
+        for round in 0..200u32 {
+            let cache = Arc::new(VerifiedCache::new(100, Duration::from_secs(60)));
+            let now = Now::system();
+            let epoch = cache.epoch();
+            let c2 = Arc::clone(&cache);
+            let t = thread::spawn(move || {
+                c2.insert_if_epoch(digest(round), entry("k", now, None), epoch);
+            });
+            cache.invalidate_key("k");
+            t.join().unwrap();
+            assert!(cache.get(&digest(round), now).is_none(), "round {round}");
+        }
+    }
+}

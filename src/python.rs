@@ -1,0 +1,747 @@
+//! Python bindings (`fastmcp_guard._core`). Only this file and `errors.rs` touch PyO3.
+//!
+//! Microsecond paths (cache hit, bucket check, IP check, audit enqueue) stay attached
+//! to the interpreter; anything that can wait (argon2id, SQLite, flushes) runs inside
+//! `py.detach` with no Python object in hand.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use serde_json::{Map, Value};
+
+use crate::audit::{AuditEvent, AuditWriter, Status, WriterOptions};
+use crate::errors::{self, Exc};
+use crate::hashing::CachedKey;
+use crate::ipmatch::{IpDecision, IpMatcher};
+use crate::hashing::Now;
+use crate::keystore::{CacheLookup, KeyError, KeyManager, KeyRecord, ManagerOptions};
+use crate::limiter::{parse_rate, BucketStatus, Decision, Limiter, Rate};
+use crate::tokens;
+
+// --------------------------------------------------------------------------------------
+// JSON <-> Python
+// --------------------------------------------------------------------------------------
+
+fn json_to_py(py: Python<'_>, v: &Value) -> PyResult<Py<PyAny>> {
+    Ok(match v {
+        Value::Null => py.None(),
+        Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any().unbind(),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                i.into_pyobject(py)?.into_any().unbind()
+            } else if let Some(u) = n.as_u64() {
+                u.into_pyobject(py)?.into_any().unbind()
+            } else {
+                n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any().unbind()
+            }
+        }
+        Value::String(s) => PyString::new(py, s).into_any().unbind(),
+        Value::Array(a) => {
+            let items = a.iter().map(|x| json_to_py(py, x)).collect::<PyResult<Vec<_>>>()?;
+            PyList::new(py, items)?.into_any().unbind()
+        }
+        Value::Object(o) => map_to_py(py, o)?.into_any().unbind(),
+    })
+}
+
+fn map_to_py<'py>(py: Python<'py>, m: &Map<String, Value>) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (k, v) in m {
+        d.set_item(k, json_to_py(py, v)?)?;
+    }
+    Ok(d)
+}
+
+/// How to treat a Python value JSON cannot hold.
+#[derive(Clone, Copy)]
+enum Lossy {
+    /// Refuse it (key metadata: stored and compared later).
+    Strict,
+    /// Record `repr(value)` (audit arguments: the event must never be lost).
+    Repr,
+}
+
+fn py_to_json(obj: &Bound<'_, PyAny>, mode: Lossy, depth: u32) -> PyResult<Value> {
+    if depth > 64 {
+        return match mode {
+            Lossy::Strict => Err(PyValueError::new_err("value nested deeper than 64 levels")),
+            Lossy::Repr => Ok(Value::String("<nested too deep>".to_owned())),
+        };
+    }
+    if obj.is_none() {
+        return Ok(Value::Null);
+    }
+    if let Ok(b) = obj.cast::<PyBool>() {
+        return Ok(Value::Bool(b.is_true()));
+    }
+    if let Ok(s) = obj.cast::<PyString>() {
+        return Ok(Value::String(s.to_str()?.to_owned()));
+    }
+    if obj.cast::<PyInt>().is_ok() {
+        if let Ok(i) = obj.extract::<i64>() {
+            return Ok(Value::from(i));
+        }
+        if let Ok(u) = obj.extract::<u64>() {
+            return Ok(Value::from(u));
+        }
+        return Ok(Value::String(obj.str()?.to_str()?.to_owned()));
+    }
+    if let Ok(f) = obj.cast::<PyFloat>() {
+        let x = f.value();
+        return Ok(serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number));
+    }
+    if let Ok(d) = obj.cast::<PyDict>() {
+        let mut m = Map::with_capacity(d.len());
+        for (k, v) in d.iter() {
+            let key = match k.cast::<PyString>() {
+                Ok(s) => s.to_str()?.to_owned(),
+                Err(_) => match mode {
+                    Lossy::Strict => {
+                        return Err(PyTypeError::new_err(format!(
+                            "dictionary keys must be strings, got {}",
+                            k.get_type().name()?
+                        )))
+                    }
+                    Lossy::Repr => k.str()?.to_str()?.to_owned(),
+                },
+            };
+            m.insert(key, py_to_json(&v, mode, depth + 1)?);
+        }
+        return Ok(Value::Object(m));
+    }
+    if let Ok(l) = obj.cast::<PyList>() {
+        return l.iter().map(|x| py_to_json(&x, mode, depth + 1)).collect::<PyResult<Vec<_>>>().map(Value::Array);
+    }
+    if let Ok(t) = obj.cast::<PyTuple>() {
+        return t.iter().map(|x| py_to_json(&x, mode, depth + 1)).collect::<PyResult<Vec<_>>>().map(Value::Array);
+    }
+    match mode {
+        Lossy::Strict => Err(PyTypeError::new_err(format!(
+            "value of type {} is not JSON-serialisable (use str, int, float, bool, None, list, dict)",
+            obj.get_type().name()?
+        ))),
+        Lossy::Repr => Ok(Value::String(obj.repr()?.to_str()?.to_owned())),
+    }
+}
+
+fn ts_to_f64(ts: DateTime<Utc>) -> f64 {
+    #[allow(clippy::cast_precision_loss, reason = "Unix seconds as a Python float")]
+    let ms = ts.timestamp_millis() as f64;
+    ms / 1000.0
+}
+
+fn f64_to_ts(secs: f64, what: &str) -> PyResult<DateTime<Utc>> {
+    if !secs.is_finite() {
+        return Err(errors::new_err(Exc::InvalidKeyInput, format!("{what} must be a finite Unix time")));
+    }
+    #[allow(clippy::cast_possible_truncation, reason = "range-checked by chrono below")]
+    let ms = (secs * 1000.0).round() as i64;
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .ok_or_else(|| errors::new_err(Exc::InvalidKeyInput, format!("{what} is out of range: {secs}")))
+}
+
+fn secs(d: f64, what: &str) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(d).map_err(|_| PyValueError::new_err(format!("{what} must be a non-negative number of seconds, got {d}")))
+}
+
+// --------------------------------------------------------------------------------------
+// Tokens
+// --------------------------------------------------------------------------------------
+
+/// The key id named by a key id, a bare public id or a token; `None` if none.
+#[pyfunction]
+fn token_key_id(token_or_id: &str) -> Option<String> {
+    tokens::key_id_from_public_part(token_or_id)
+}
+
+/// True when `token` starts with `fmg_sk_`.
+#[pyfunction]
+fn looks_like_guard_token(token: &str) -> bool {
+    tokens::looks_like_guard_token(token)
+}
+
+// --------------------------------------------------------------------------------------
+// Rates and the limiter
+// --------------------------------------------------------------------------------------
+
+/// A parsed rate such as `10/minute`.
+#[pyclass(frozen, module = "fastmcp_guard._core", name = "Rate")]
+struct PyRate(Rate);
+
+#[pymethods]
+impl PyRate {
+    #[new]
+    fn new(spec: &str) -> PyResult<Self> {
+        Ok(PyRate(parse_rate(spec)?))
+    }
+    #[getter]
+    fn count(&self) -> u64 {
+        self.0.count
+    }
+    #[getter]
+    fn period_seconds(&self) -> f64 {
+        self.0.window_seconds()
+    }
+    fn __str__(&self) -> String {
+        self.0.to_string()
+    }
+    fn __repr__(&self) -> String {
+        format!("Rate('{}')", self.0)
+    }
+}
+
+/// Parse a rate string; raises `InvalidRateError` naming the bad value.
+#[pyfunction(name = "parse_rate")]
+fn py_parse_rate(spec: &str) -> PyResult<PyRate> {
+    PyRate::new(spec)
+}
+
+/// Why the limiter refused a call.
+#[pyclass(frozen, module = "fastmcp_guard._core", name = "Refusal")]
+struct PyRefusal {
+    scope: &'static str,
+    rate: Rate,
+    retry_after: f64,
+    reset_after: f64,
+}
+
+#[pymethods]
+impl PyRefusal {
+    #[getter]
+    fn scope(&self) -> &'static str {
+        self.scope
+    }
+    #[getter]
+    fn limit(&self) -> String {
+        self.rate.to_string()
+    }
+    #[getter]
+    fn count(&self) -> u64 {
+        self.rate.count
+    }
+    #[getter]
+    fn window_seconds(&self) -> f64 {
+        self.rate.window_seconds()
+    }
+    #[getter]
+    fn retry_after(&self) -> f64 {
+        self.retry_after
+    }
+    #[getter]
+    fn reset_after(&self) -> f64 {
+        self.reset_after
+    }
+    fn __repr__(&self) -> String {
+        format!("Refusal(scope='{}', limit='{}', retry_after={:.3})", self.scope, self.rate, self.retry_after)
+    }
+}
+
+/// GCRA token buckets: per key, global, and per (key, tool).
+#[pyclass(frozen, module = "fastmcp_guard._core", name = "Limiter")]
+struct PyLimiter(Limiter);
+
+fn bucket_dict<'py>(py: Python<'py>, b: &BucketStatus) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("limit", b.limit)?;
+    d.set_item("used", b.used)?;
+    d.set_item("remaining", b.remaining)?;
+    d.set_item("window_seconds", b.window_seconds)?;
+    d.set_item("reset_after", b.reset_after)?;
+    Ok(d)
+}
+
+#[pymethods]
+impl PyLimiter {
+    #[new]
+    #[pyo3(signature = (*, per_key=None, global_limit=None))]
+    fn new(per_key: Option<&str>, global_limit: Option<&str>) -> PyResult<Self> {
+        let pk = per_key.map(parse_rate).transpose()?;
+        let gl = global_limit.map(parse_rate).transpose()?;
+        Ok(PyLimiter(Limiter::new(pk, gl)))
+    }
+
+    fn set_tool_rate(&self, tool: &str, rate: Option<&str>) -> PyResult<()> {
+        let r = rate.map(parse_rate).transpose()?;
+        self.0.set_tool_rate(tool, r);
+        Ok(())
+    }
+
+    fn tool_rate(&self, tool: &str) -> Option<String> {
+        self.0.tool_rate(tool).map(|r| r.to_string())
+    }
+
+    #[pyo3(signature = (key, tool=None))]
+    fn check(&self, key: &str, tool: Option<&str>) -> Option<PyRefusal> {
+        match self.0.check(key, tool) {
+            Decision::Allowed { .. } => None,
+            Decision::Limited { scope, rate, retry_after, reset_after } => {
+                Some(PyRefusal { scope: scope.as_str(), rate, retry_after, reset_after })
+            }
+        }
+    }
+
+    fn status<'py>(&self, py: Python<'py>, key: &str) -> PyResult<Bound<'py, PyDict>> {
+        let st = self.0.status(key);
+        let d = PyDict::new(py);
+        if let Some(b) = &st.per_key {
+            d.set_item("per_key", bucket_dict(py, b)?)?;
+        }
+        if let Some(b) = &st.global {
+            d.set_item("global", bucket_dict(py, b)?)?;
+        }
+        if !st.tools.is_empty() {
+            let t = PyDict::new(py);
+            for (name, b) in &st.tools {
+                t.set_item(name, bucket_dict(py, b)?)?;
+            }
+            d.set_item("tools", t)?;
+        }
+        Ok(d)
+    }
+
+    fn reset(&self, key: &str) {
+        self.0.reset(key);
+    }
+
+    fn reset_all(&self) {
+        self.0.reset_all();
+    }
+
+    fn bucket_count(&self) -> usize {
+        self.0.bucket_count()
+    }
+}
+
+// --------------------------------------------------------------------------------------
+// IP policy
+// --------------------------------------------------------------------------------------
+
+/// Allow / deny lists (deny wins) and trusted proxies.
+#[pyclass(frozen, module = "fastmcp_guard._core", name = "IPMatcher")]
+struct PyIpMatcher(IpMatcher);
+
+#[pymethods]
+impl PyIpMatcher {
+    #[new]
+    #[pyo3(signature = (*, allow=Vec::new(), deny=Vec::new(), trusted_proxies=Vec::new()))]
+    fn new(allow: Vec<String>, deny: Vec<String>, trusted_proxies: Vec<String>) -> PyResult<Self> {
+        Ok(PyIpMatcher(IpMatcher::new(&allow, &deny, &trusted_proxies)?))
+    }
+
+    fn is_allowed(&self, ip: &str) -> bool {
+        self.0.is_allowed_str(ip)
+    }
+
+    fn check(&self, ip: &str) -> Option<&'static str> {
+        match crate::ipmatch::parse_addr(ip) {
+            None => Some("unparsable"),
+            Some(addr) => match self.0.check(addr) {
+                IpDecision::Allowed => None,
+                IpDecision::Denied(reason) => Some(reason.as_str()),
+            },
+        }
+    }
+
+    #[pyo3(signature = (peer, x_forwarded_for=None))]
+    fn client_ip(&self, peer: &str, x_forwarded_for: Option<&str>) -> Option<String> {
+        self.0.client_ip(peer, x_forwarded_for).map(|a| a.to_string())
+    }
+}
+
+// --------------------------------------------------------------------------------------
+// Keys
+// --------------------------------------------------------------------------------------
+
+/// A verified key, as the request path sees it.
+#[pyclass(frozen, module = "fastmcp_guard._core", name = "Identity")]
+struct PyIdentity(Arc<CachedKey>);
+
+#[pymethods]
+impl PyIdentity {
+    #[getter]
+    fn key_id(&self) -> &str {
+        &self.0.key_id
+    }
+    #[getter]
+    fn key_name(&self) -> &str {
+        &self.0.name
+    }
+    #[getter]
+    fn scopes(&self) -> Vec<String> {
+        self.0.scopes.to_vec()
+    }
+    #[getter]
+    fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        map_to_py(py, &self.0.metadata)
+    }
+    /// When the token stops being valid (expiry, or the end of a rotation grace period).
+    #[getter]
+    fn expires_at(&self) -> Option<f64> {
+        #[allow(clippy::cast_precision_loss, reason = "Unix seconds as a Python float")]
+        self.0.valid_until.map(|ms| ms as f64 / 1000.0)
+    }
+    fn __repr__(&self) -> String {
+        format!("Identity(key_id='{}', key_name={:?})", self.0.key_id, self.0.name)
+    }
+}
+
+/// A stored key record: never the token or its hash.
+#[pyclass(frozen, module = "fastmcp_guard._core", name = "KeyInfo")]
+struct PyKeyInfo(KeyRecord);
+
+#[pymethods]
+impl PyKeyInfo {
+    #[getter]
+    fn id(&self) -> &str {
+        &self.0.id
+    }
+    #[getter]
+    fn name(&self) -> &str {
+        &self.0.name
+    }
+    #[getter]
+    fn scopes(&self) -> Vec<String> {
+        self.0.scopes.clone()
+    }
+    #[getter]
+    fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        map_to_py(py, &self.0.metadata)
+    }
+    #[getter]
+    fn status(&self) -> &'static str {
+        self.0.status.as_str()
+    }
+    #[getter]
+    fn created_at(&self) -> f64 {
+        ts_to_f64(self.0.created_at)
+    }
+    #[getter]
+    fn expires_at(&self) -> Option<f64> {
+        self.0.expires_at.map(ts_to_f64)
+    }
+    #[getter]
+    fn last_used_at(&self) -> Option<f64> {
+        self.0.last_used_at.map(ts_to_f64)
+    }
+    #[getter]
+    fn last_used_ip(&self) -> Option<&str> {
+        self.0.last_used_ip.as_deref()
+    }
+    #[getter]
+    fn grace_until(&self) -> Option<f64> {
+        self.0.grace_until.map(ts_to_f64)
+    }
+    #[getter]
+    fn rotated_from(&self) -> Option<&str> {
+        self.0.rotated_from.as_deref()
+    }
+    #[getter]
+    fn rotated_to(&self) -> Option<&str> {
+        self.0.rotated_to.as_deref()
+    }
+    #[getter]
+    fn revoked_at(&self) -> Option<f64> {
+        self.0.revoked_at.map(ts_to_f64)
+    }
+    fn __repr__(&self) -> String {
+        format!("KeyInfo(id='{}', name={:?}, status='{}')", self.0.id, self.0.name, self.0.status.as_str())
+    }
+}
+
+/// Key store + argon2id + verified-token cache.
+#[pyclass(frozen, module = "fastmcp_guard._core", name = "KeyManager")]
+struct PyKeyManager(Arc<KeyManager>);
+
+fn manager_options(
+    cache_ttl_seconds: f64,
+    cache_capacity: usize,
+    touch_interval_seconds: f64,
+    watch_interval_seconds: f64,
+    max_concurrent_verifications: Option<usize>,
+) -> PyResult<ManagerOptions> {
+    let mut o = ManagerOptions::default();
+    o.cache_ttl = secs(cache_ttl_seconds, "cache_ttl_seconds")?;
+    o.cache_capacity = cache_capacity;
+    o.touch_interval = secs(touch_interval_seconds, "touch_interval_seconds")?;
+    o.watch_interval = secs(watch_interval_seconds, "watch_interval_seconds")?;
+    if let Some(n) = max_concurrent_verifications {
+        o.max_concurrent_verifications = n;
+    }
+    Ok(o)
+}
+
+#[pymethods]
+impl PyKeyManager {
+    #[staticmethod]
+    #[pyo3(signature = (*, cache_ttl_seconds=60.0, cache_capacity=10_000, touch_interval_seconds=5.0,
+                        watch_interval_seconds=0.25, max_concurrent_verifications=None))]
+    fn memory(
+        cache_ttl_seconds: f64,
+        cache_capacity: usize,
+        touch_interval_seconds: f64,
+        watch_interval_seconds: f64,
+        max_concurrent_verifications: Option<usize>,
+    ) -> PyResult<Self> {
+        let o = manager_options(cache_ttl_seconds, cache_capacity, touch_interval_seconds,
+                                watch_interval_seconds, max_concurrent_verifications)?;
+        Ok(PyKeyManager(Arc::new(KeyManager::memory(o)?)))
+    }
+
+    #[staticmethod]
+    #[pyo3(signature = (path, *, cache_ttl_seconds=60.0, cache_capacity=10_000, touch_interval_seconds=5.0,
+                        watch_interval_seconds=0.25, max_concurrent_verifications=None))]
+    fn sqlite(
+        py: Python<'_>,
+        path: PathBuf,
+        cache_ttl_seconds: f64,
+        cache_capacity: usize,
+        touch_interval_seconds: f64,
+        watch_interval_seconds: f64,
+        max_concurrent_verifications: Option<usize>,
+    ) -> PyResult<Self> {
+        let o = manager_options(cache_ttl_seconds, cache_capacity, touch_interval_seconds,
+                                watch_interval_seconds, max_concurrent_verifications)?;
+        let m = py.detach(|| KeyManager::sqlite(&path, o))?;
+        Ok(PyKeyManager(Arc::new(m)))
+    }
+
+    #[pyo3(signature = (name, *, scopes=Vec::new(), expires_at=None, metadata=None))]
+    fn create(
+        &self,
+        py: Python<'_>,
+        name: String,
+        scopes: Vec<String>,
+        expires_at: Option<f64>,
+        metadata: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<(PyKeyInfo, String)> {
+        let exp = expires_at.map(|s| f64_to_ts(s, "expires_at")).transpose()?;
+        let meta = match metadata {
+            None => Map::new(),
+            Some(d) => match py_to_json(d.as_any(), Lossy::Strict, 0) {
+                Ok(Value::Object(m)) => m,
+                Ok(_) => Map::new(),
+                Err(e) => {
+                    return Err(errors::new_err(Exc::InvalidKeyInput, format!("metadata: {e}")));
+                }
+            },
+        };
+        let m = Arc::clone(&self.0);
+        let (rec, token) = py.detach(move || m.create(&name, &scopes, exp, meta))?;
+        Ok((PyKeyInfo(rec), token))
+    }
+
+    fn get(&self, py: Python<'_>, key_id: &str) -> PyResult<Option<PyKeyInfo>> {
+        let m = Arc::clone(&self.0);
+        let id = key_id.to_owned();
+        match py.detach(move || m.get(&id)) {
+            Ok(rec) => Ok(Some(PyKeyInfo(rec))),
+            Err(KeyError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    #[pyo3(signature = (*, include_revoked=false))]
+    fn list(&self, py: Python<'_>, include_revoked: bool) -> PyResult<Vec<PyKeyInfo>> {
+        let m = Arc::clone(&self.0);
+        Ok(py.detach(move || m.list(include_revoked))?.into_iter().map(PyKeyInfo).collect())
+    }
+
+    #[pyo3(signature = (key_id, *, grace_seconds))]
+    fn rotate(&self, py: Python<'_>, key_id: &str, grace_seconds: f64) -> PyResult<(PyKeyInfo, String)> {
+        if !grace_seconds.is_finite() || grace_seconds < 0.0 {
+            return Err(errors::new_err(Exc::InvalidKeyInput, format!("grace period must be >= 0, got {grace_seconds}")));
+        }
+        #[allow(clippy::cast_possible_truncation, reason = "grace periods are far below i64 ms")]
+        let grace = chrono::Duration::milliseconds((grace_seconds * 1000.0).round() as i64);
+        let m = Arc::clone(&self.0);
+        let id = key_id.to_owned();
+        let (rec, token) = py.detach(move || m.rotate(&id, grace))?;
+        Ok((PyKeyInfo(rec), token))
+    }
+
+    fn revoke(&self, py: Python<'_>, key_id: &str) -> PyResult<PyKeyInfo> {
+        let m = Arc::clone(&self.0);
+        let id = key_id.to_owned();
+        Ok(PyKeyInfo(py.detach(move || m.revoke(&id))?))
+    }
+
+    fn verify_cached(&self, token: &str) -> Option<PyIdentity> {
+        match self.0.verify_cached(token, Now::system()) {
+            CacheLookup::Hit(k) => Some(PyIdentity(k)),
+            _ => None,
+        }
+    }
+
+    #[pyo3(signature = (token, client=None))]
+    fn verify(&self, py: Python<'_>, token: &str, client: Option<&str>) -> PyResult<PyIdentity> {
+        let m = Arc::clone(&self.0);
+        let token = token.to_owned();
+        let client = client.map(str::to_owned);
+        Ok(PyIdentity(py.detach(move || m.verify(&token, client.as_deref()))?))
+    }
+
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        let m = Arc::clone(&self.0);
+        py.detach(move || m.flush())?;
+        Ok(())
+    }
+
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let m = Arc::clone(&self.0);
+        py.detach(move || m.close())?;
+        Ok(())
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.0.stats();
+        let d = PyDict::new(py);
+        d.set_item("argon2_runs", s.argon2_runs)?;
+        d.set_item("store_reads", s.store_reads)?;
+        d.set_item("touch_batches", s.touch_batches)?;
+        d.set_item("touches_written", s.touches_written)?;
+        d.set_item("invalidations", s.invalidations)?;
+        d.set_item("throttled", s.throttled)?;
+        d.set_item("busy", s.busy)?;
+        d.set_item("background_errors", s.background_errors)?;
+        d.set_item("cache_len", s.cache_len)?;
+        d.set_item("pending_touches", s.pending_touches)?;
+        Ok(d)
+    }
+}
+
+// --------------------------------------------------------------------------------------
+// Audit
+// --------------------------------------------------------------------------------------
+
+/// Bounded queue + background thread appending JSONL in batches.
+#[pyclass(frozen, weakref, module = "fastmcp_guard._core", name = "AuditWriter")]
+struct PyAuditWriter {
+    inner: AuditWriter,
+    path: String,
+}
+
+#[pymethods]
+impl PyAuditWriter {
+    #[new]
+    #[pyo3(signature = (path, *, queue_capacity=65_536, batch_max=4096, flush_interval_ms=100))]
+    fn new(py: Python<'_>, path: PathBuf, queue_capacity: usize, batch_max: usize, flush_interval_ms: u64) -> PyResult<Self> {
+        let opts = WriterOptions {
+            queue_capacity,
+            batch_max,
+            flush_interval: Duration::from_millis(flush_interval_ms),
+        };
+        let shown = path.display().to_string();
+        let inner = py.detach(|| AuditWriter::open_jsonl(&path, opts))?;
+        Ok(PyAuditWriter { inner, path: shown })
+    }
+
+    #[getter]
+    fn path(&self) -> &str {
+        &self.path
+    }
+
+    #[pyo3(signature = (status, key_id, key_name, tool, scopes, duration_ms, error=None, input_args=None,
+                        output_preview=None, client_ip=None, metadata=None, extra=None))]
+    #[allow(clippy::too_many_arguments, reason = "mirrors the audit record's fields, positional for speed")]
+    fn log(
+        &self,
+        status: &str,
+        key_id: String,
+        key_name: String,
+        tool: String,
+        scopes: Vec<String>,
+        duration_ms: f64,
+        error: Option<String>,
+        input_args: Option<&Bound<'_, PyAny>>,
+        output_preview: Option<String>,
+        client_ip: Option<String>,
+        metadata: Option<&Bound<'_, PyAny>>,
+        extra: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<bool> {
+        let status: Status = status.parse().map_err(|e: crate::audit::AuditError| PyValueError::new_err(e.to_string()))?;
+        let json = |o: Option<&Bound<'_, PyAny>>| -> PyResult<Option<Value>> {
+            match o {
+                None => Ok(None),
+                Some(v) if v.is_none() => Ok(None),
+                Some(v) => py_to_json(v, Lossy::Repr, 0).map(Some),
+            }
+        };
+        let extra = match extra {
+            None => None,
+            Some(d) => match py_to_json(d.as_any(), Lossy::Repr, 0)? {
+                Value::Object(m) => Some(m),
+                _ => None,
+            },
+        };
+        let ev = AuditEvent {
+            ts: Utc::now(),
+            key_id,
+            key_name,
+            tool,
+            scopes,
+            duration_ms,
+            status,
+            error,
+            input_args: json(input_args)?,
+            output_preview,
+            client_ip,
+            metadata: json(metadata)?,
+            extra,
+        };
+        Ok(self.inner.enqueue(ev))
+    }
+
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.inner.flush())?;
+        Ok(())
+    }
+
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.inner.close())?;
+        Ok(())
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("enqueued", s.enqueued)?;
+        d.set_item("written", s.written)?;
+        d.set_item("dropped", s.dropped)?;
+        d.set_item("write_errors", s.write_errors)?;
+        d.set_item("failed", s.failed)?;
+        d.set_item("queue_depth", s.queue_depth)?;
+        Ok(d)
+    }
+
+    fn last_error(&self) -> Option<String> {
+        self.inner.last_error()
+    }
+}
+
+// --------------------------------------------------------------------------------------
+// Module
+// --------------------------------------------------------------------------------------
+
+#[pymodule(gil_used = false)]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    errors::register(m)?;
+    m.add_function(wrap_pyfunction!(token_key_id, m)?)?;
+    m.add_function(wrap_pyfunction!(looks_like_guard_token, m)?)?;
+    m.add_function(wrap_pyfunction!(py_parse_rate, m)?)?;
+    m.add_class::<PyRate>()?;
+    m.add_class::<PyRefusal>()?;
+    m.add_class::<PyLimiter>()?;
+    m.add_class::<PyIpMatcher>()?;
+    m.add_class::<PyIdentity>()?;
+    m.add_class::<PyKeyInfo>()?;
+    m.add_class::<PyKeyManager>()?;
+    m.add_class::<PyAuditWriter>()?;
+    Ok(())
+}
