@@ -20,7 +20,7 @@ fi
 export VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH"
 python -m pip install -q --disable-pip-version-check "maturin>=1.8,<2" \
   "fastmcp>=4.2.3,<5" "anyio>=4" "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.3" \
-  "hypothesis>=6.100" "bcrypt>=4"
+  "hypothesis>=6.100" "bcrypt>=4" "mypy>=1.10"
 
 # Build the extension into the venv (the stale .so goes first).
 rm -f python/fastmcp_guard/_core*.so

@@ -329,9 +329,10 @@ struct PyIpMatcher(IpMatcher);
 #[pymethods]
 impl PyIpMatcher {
     #[new]
-    #[pyo3(signature = (*, allow=Vec::new(), deny=Vec::new(), trusted_proxies=Vec::new()))]
-    fn new(allow: Vec<String>, deny: Vec<String>, trusted_proxies: Vec<String>) -> PyResult<Self> {
-        Ok(PyIpMatcher(IpMatcher::new(&allow, &deny, &trusted_proxies)?))
+    #[pyo3(signature = (*, allow=None, deny=None, trusted_proxies=None))]
+    fn new(allow: Option<Vec<String>>, deny: Option<Vec<String>>, trusted_proxies: Option<Vec<String>>) -> PyResult<Self> {
+        let (a, d, t) = (allow.unwrap_or_default(), deny.unwrap_or_default(), trusted_proxies.unwrap_or_default());
+        Ok(PyIpMatcher(IpMatcher::new(&a, &d, &t)?))
     }
 
     fn is_allowed(&self, ip: &str) -> bool {
@@ -465,15 +466,16 @@ fn manager_options(
     watch_interval_seconds: f64,
     max_concurrent_verifications: Option<usize>,
 ) -> PyResult<ManagerOptions> {
-    let mut o = ManagerOptions::default();
-    o.cache_ttl = secs(cache_ttl_seconds, "cache_ttl_seconds")?;
-    o.cache_capacity = cache_capacity;
-    o.touch_interval = secs(touch_interval_seconds, "touch_interval_seconds")?;
-    o.watch_interval = secs(watch_interval_seconds, "watch_interval_seconds")?;
-    if let Some(n) = max_concurrent_verifications {
-        o.max_concurrent_verifications = n;
-    }
-    Ok(o)
+    let defaults = ManagerOptions::default();
+    Ok(ManagerOptions {
+        cache_ttl: secs(cache_ttl_seconds, "cache_ttl_seconds")?,
+        cache_capacity,
+        touch_interval: secs(touch_interval_seconds, "touch_interval_seconds")?,
+        watch_interval: secs(watch_interval_seconds, "watch_interval_seconds")?,
+        max_concurrent_verifications: max_concurrent_verifications
+            .unwrap_or(defaults.max_concurrent_verifications),
+        ..defaults
+    })
 }
 
 #[pymethods]
@@ -511,12 +513,12 @@ impl PyKeyManager {
         Ok(PyKeyManager(Arc::new(m)))
     }
 
-    #[pyo3(signature = (name, *, scopes=Vec::new(), expires_at=None, metadata=None))]
+    #[pyo3(signature = (name, *, scopes=None, expires_at=None, metadata=None))]
     fn create(
         &self,
         py: Python<'_>,
         name: String,
-        scopes: Vec<String>,
+        scopes: Option<Vec<String>>,
         expires_at: Option<f64>,
         metadata: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<(PyKeyInfo, String)> {
@@ -531,6 +533,7 @@ impl PyKeyManager {
                 }
             },
         };
+        let scopes = scopes.unwrap_or_default();
         let m = Arc::clone(&self.0);
         let (rec, token) = py.detach(move || m.create(&name, &scopes, exp, meta))?;
         Ok((PyKeyInfo(rec), token))
@@ -571,8 +574,9 @@ impl PyKeyManager {
         Ok(PyKeyInfo(py.detach(move || m.revoke(&id))?))
     }
 
-    fn verify_cached(&self, token: &str) -> Option<PyIdentity> {
-        match self.0.verify_cached(token, Now::system()) {
+    #[pyo3(signature = (token, client=None))]
+    fn verify_cached(&self, token: &str, client: Option<&str>) -> Option<PyIdentity> {
+        match self.0.verify_cached_from(token, client, Now::system()) {
             CacheLookup::Hit(k) => Some(PyIdentity(k)),
             _ => None,
         }

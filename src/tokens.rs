@@ -19,6 +19,20 @@
 //! first (both O(1)), so a megabyte of garbage is refused without being scanned.
 //!
 //! No error message or `Debug` output in this module ever contains a token or a secret.
+//!
+//! # Tokens of fastmcp-guard 0.2
+//!
+//! Keys issued by fastmcp-guard 0.2 (and imported from its `SQLite` files) keep working. Their
+//! tokens look like
+//!
+//! ```text
+//! fmg_sk_<selector: 16 lowercase hex>.<secret: 43 of [A-Za-z0-9_-]>
+//! ```
+//!
+//! (Python's `secrets.token_hex(8)` and `secrets.token_urlsafe(32)`), 67 bytes, with no
+//! checksum. [`parse_legacy`] reads exactly that shape; [`parse`] refuses it (`.` and `-` are
+//! not in the current alphabet), and [`parse_any`] picks the format by the byte after the
+//! selector (`_` or `.`), so both are routed in O(1).
 
 use std::fmt;
 
@@ -36,6 +50,15 @@ pub const CHECKSUM_LEN: usize = 6;
 pub const TOKEN_LEN: usize = TOKEN_PREFIX.len() + KID_LEN + 1 + SECRET_LEN + CHECKSUM_LEN;
 /// Length of a key id (`fmg_key_` + kid) in bytes.
 pub const KEY_ID_LEN: usize = KEY_ID_PREFIX.len() + KID_LEN;
+
+/// Length of a 0.2 token's selector (lowercase hex).
+pub const LEGACY_SELECTOR_LEN: usize = 16;
+/// Length of a 0.2 token's secret (`token_urlsafe(32)`: unpadded URL-safe base64).
+pub const LEGACY_SECRET_LEN: usize = 43;
+/// Total length of a 0.2 token in bytes.
+pub const LEGACY_TOKEN_LEN: usize =
+    TOKEN_PREFIX.len() + LEGACY_SELECTOR_LEN + 1 + LEGACY_SECRET_LEN;
+const LEGACY_SEP_POS: usize = KID_START + LEGACY_SELECTOR_LEN;
 
 const KID_START: usize = TOKEN_PREFIX.len();
 const SEP_POS: usize = KID_START + KID_LEN;
@@ -183,6 +206,155 @@ pub(crate) fn from_parts(kid: &str, secret: &str) -> Option<String> {
     let sum = checksum_of(token.as_bytes());
     token.extend(sum.iter().map(|&b| char::from(b)));
     Some(token)
+}
+
+/// A syntactically valid fastmcp-guard 0.2 token (`fmg_sk_<selector>.<secret>`), borrowed from
+/// the input. 0.2 stored a bcrypt hash of the whole token, so there is no separate secret here.
+///
+/// `Debug` prints the selector (public, as in 0.2) but never the token.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct LegacyToken<'a> {
+    /// The whole token (bcrypt input and cache digest input).
+    pub token: &'a str,
+    /// The public selector: 16 lowercase hex characters.
+    pub selector: &'a str,
+}
+
+impl fmt::Debug for LegacyToken<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LegacyToken")
+            .field("selector", &self.selector)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+impl LegacyToken<'_> {
+    /// The token's public part, `fmg_sk_<selector>`: how a 0.2 key is named before its
+    /// record (and so its key id) is known.
+    #[must_use]
+    pub fn public_part(&self) -> String {
+        format!("{TOKEN_PREFIX}{}", self.selector)
+    }
+}
+
+fn is_lower_hex(b: u8) -> bool {
+    b.is_ascii_digit() || (b'a'..=b'f').contains(&b)
+}
+
+fn is_urlsafe_b64(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
+
+/// Parses a fastmcp-guard 0.2 token: `fmg_sk_` + 16 lowercase hex + `.` + 43 characters of
+/// `[A-Za-z0-9_-]` (67 bytes).
+///
+/// Checks, in order: prefix and length (O(1), before looking at the rest), then the selector,
+/// the `.` separator and the secret's alphabet. There is no checksum in this format. Never
+/// panics.
+///
+/// # Errors
+/// [`TokenError::Prefix`], [`TokenError::Length`] (expected [`LEGACY_TOKEN_LEN`]) or
+/// [`TokenError::Charset`].
+pub fn parse_legacy(token: &str) -> Result<LegacyToken<'_>, TokenError> {
+    let bytes = token.as_bytes();
+    if !bytes.starts_with(TOKEN_PREFIX.as_bytes()) {
+        return Err(TokenError::Prefix);
+    }
+    if bytes.len() != LEGACY_TOKEN_LEN {
+        return Err(TokenError::Length {
+            expected: LEGACY_TOKEN_LEN,
+            actual: bytes.len(),
+        });
+    }
+    for (position, &b) in bytes.iter().enumerate().skip(KID_START) {
+        let ok = match position.cmp(&LEGACY_SEP_POS) {
+            std::cmp::Ordering::Less => is_lower_hex(b),
+            std::cmp::Ordering::Equal => b == b'.',
+            std::cmp::Ordering::Greater => is_urlsafe_b64(b),
+        };
+        if !ok {
+            return Err(TokenError::Charset { position });
+        }
+    }
+    // Every byte is ASCII now, so both slices fall on character boundaries; `get` anyway.
+    let selector = token
+        .get(KID_START..LEGACY_SEP_POS)
+        .ok_or(TokenError::Charset {
+            position: KID_START,
+        })?;
+    Ok(LegacyToken { token, selector })
+}
+
+/// A token of either format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnyToken<'a> {
+    /// The current `fmg_sk_<kid>_<secret><checksum>` format.
+    Current(ParsedToken<'a>),
+    /// A fastmcp-guard 0.2 token, `fmg_sk_<selector>.<secret>`.
+    Legacy(LegacyToken<'a>),
+}
+
+impl<'a> AnyToken<'a> {
+    /// The whole token (the input of the cache digest).
+    #[must_use]
+    pub fn token(&self) -> &'a str {
+        match self {
+            Self::Current(p) => p.token,
+            Self::Legacy(l) => l.token,
+        }
+    }
+}
+
+/// Parses a token of either format, choosing by the byte after the 16-character public part
+/// (`.`: 0.2, anything else: current), so the error describes the format the input was
+/// meant to be in. O(1) before the character scan, like [`parse`]; never panics.
+///
+/// # Errors
+/// As [`parse`] or [`parse_legacy`].
+pub fn parse_any(token: &str) -> Result<AnyToken<'_>, TokenError> {
+    if token.as_bytes().get(LEGACY_SEP_POS) == Some(&b'.') {
+        parse_legacy(token).map(AnyToken::Legacy)
+    } else {
+        parse(token).map(AnyToken::Current)
+    }
+}
+
+/// The 0.2 selector named by a 0.2 token or its public part (`fmg_sk_<16 hex>`, optionally
+/// followed by `.` and anything: only the public part is read). Surrounding whitespace is
+/// ignored. `None` for anything else.
+#[must_use]
+pub fn legacy_selector_from_public_part(s: &str) -> Option<&str> {
+    let rest = s.trim().strip_prefix(TOKEN_PREFIX)?;
+    let selector = rest.get(..LEGACY_SELECTOR_LEN)?;
+    if !selector.bytes().all(is_lower_hex) {
+        return None;
+    }
+    match rest.as_bytes().get(LEGACY_SELECTOR_LEN) {
+        None | Some(b'.') => Some(selector),
+        Some(_) => None,
+    }
+}
+
+/// A random 0.2-shaped token and its selector, made the way 0.2 made them; for tests.
+///
+/// # Errors
+/// [`TokenError::Random`] if the OS RNG fails.
+#[cfg(test)]
+pub(crate) fn generate_legacy() -> Result<(String, String), TokenError> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut raw = [0u8; LEGACY_SELECTOR_LEN + LEGACY_SECRET_LEN];
+    fill_random(&mut raw)?;
+    let selector: String = raw[..LEGACY_SELECTOR_LEN]
+        .iter()
+        .map(|&b| char::from(HEX[usize::from(b & 15)]))
+        .collect();
+    let secret: String = raw[LEGACY_SELECTOR_LEN..]
+        .iter()
+        .map(|&b| char::from(B64[usize::from(b & 63)]))
+        .collect();
+    Ok((format!("{TOKEN_PREFIX}{selector}.{secret}"), selector))
 }
 
 /// Parses a token given as text. See [`parse_bytes`].
@@ -411,7 +583,188 @@ mod tests {
         assert!(!looks_like_guard_token("fmg_key_abc"));
     }
 
+    #[test]
+    fn legacy_token_of_0_2_parses() {
+        // A token as fastmcp-guard 0.2 printed it (selector: token_hex(8); secret:
+        // token_urlsafe(32)).
+        let t = "fmg_sk_3f9a0c1d2e4b5a69.YAjNHrl6-yQ65F2NTlnLQO-xuYLqE2diutM6MBFJGUs";
+        assert_eq!(t.len(), LEGACY_TOKEN_LEN);
+        assert_eq!(LEGACY_TOKEN_LEN, 67);
+        let l = parse_legacy(t).unwrap();
+        assert_eq!(l.selector, "3f9a0c1d2e4b5a69");
+        assert_eq!(l.token, t);
+        assert_eq!(l.public_part(), "fmg_sk_3f9a0c1d2e4b5a69");
+        assert_eq!(parse_any(t), Ok(AnyToken::Legacy(l)));
+        assert_eq!(parse_any(t).unwrap().token(), t);
+        // The current parser keeps refusing it, and routing still sees a guard token.
+        assert!(parse(t).is_err());
+        assert!(looks_like_guard_token(t));
+        let dbg = format!("{l:?}");
+        assert!(dbg.contains("3f9a0c1d2e4b5a69") && !dbg.contains("YAjNHrl6"), "{dbg}");
+    }
+
+    #[test]
+    fn legacy_refusals_name_the_problem() {
+        let (t, _) = generate_legacy().unwrap();
+        assert_eq!(parse_legacy("Bearer x"), Err(TokenError::Prefix));
+        assert_eq!(
+            parse_legacy(&t[..66]),
+            Err(TokenError::Length {
+                expected: 67,
+                actual: 66
+            })
+        );
+        assert!(matches!(
+            parse_legacy(&format!("{t}A")),
+            Err(TokenError::Length { actual: 68, .. })
+        ));
+        let at = |pos: usize, c: char| {
+            let mut b = t.clone().into_bytes();
+            let mut buf = [0u8; 4];
+            b.splice(pos..=pos, c.encode_utf8(&mut buf).bytes());
+            String::from_utf8(b).unwrap()
+        };
+        // Upper-case hex, a missing separator, `+`, `/` and `=` (standard base64) are refused.
+        assert_eq!(
+            parse_legacy(&at(7, 'A')),
+            Err(TokenError::Charset { position: 7 })
+        );
+        assert_eq!(
+            parse_legacy(&at(22, 'g')),
+            Err(TokenError::Charset { position: 22 })
+        );
+        assert_eq!(
+            parse_legacy(&at(LEGACY_SEP_POS, '_')),
+            Err(TokenError::Charset {
+                position: LEGACY_SEP_POS
+            })
+        );
+        for c in ['+', '/', '=', ' ', '.'] {
+            assert_eq!(
+                parse_legacy(&at(40, c)),
+                Err(TokenError::Charset { position: 40 }),
+                "{c:?}"
+            );
+        }
+        // A multi-byte character changes the length first.
+        assert!(matches!(
+            parse_legacy(&at(40, 'é')),
+            Err(TokenError::Length { actual: 68, .. })
+        ));
+        // A current token is not a legacy one, and vice versa through `parse_any`.
+        let (current, _) = generate().unwrap();
+        assert!(matches!(
+            parse_legacy(&current),
+            Err(TokenError::Length { expected: 67, .. })
+        ));
+        assert!(matches!(parse_any(&current), Ok(AnyToken::Current(_))));
+        // `parse_any` reports the error of the format the input was meant to be in.
+        assert!(matches!(
+            parse_any(&t[..60]),
+            Err(TokenError::Length { expected: 67, .. })
+        ));
+        assert!(matches!(
+            parse_any(&current[..60]),
+            Err(TokenError::Length { expected: 73, .. })
+        ));
+    }
+
+    #[test]
+    fn legacy_huge_input_is_refused_by_length() {
+        let mut huge = format!("{TOKEN_PREFIX}0123456789abcdef.");
+        huge.push_str(&"a".repeat(1 << 20));
+        assert!(matches!(
+            parse_legacy(&huge),
+            Err(TokenError::Length { .. })
+        ));
+        assert!(matches!(parse_any(&huge), Err(TokenError::Length { .. })));
+    }
+
+    #[test]
+    fn legacy_selector_forms() {
+        let (t, sel) = generate_legacy().unwrap();
+        assert_eq!(legacy_selector_from_public_part(&t), Some(sel.as_str()));
+        assert_eq!(
+            legacy_selector_from_public_part(&t[..24]),
+            Some(sel.as_str())
+        );
+        assert_eq!(
+            legacy_selector_from_public_part(&format!(" fmg_sk_{sel}\n")),
+            Some(sel.as_str())
+        );
+        assert_eq!(legacy_selector_from_public_part(&t[..22]), None);
+        assert_eq!(legacy_selector_from_public_part(&sel), None);
+        assert_eq!(
+            legacy_selector_from_public_part("fmg_sk_0123456789ABCDEF"),
+            None
+        );
+        assert_eq!(
+            legacy_selector_from_public_part("fmg_sk_0123456789abcdef_x"),
+            None
+        );
+        assert_eq!(legacy_selector_from_public_part("fmg_sk_éééééééé"), None);
+    }
+
+    /// The 0.2 shape, written out plainly, as the reference for the property tests.
+    fn is_legacy_shape(s: &str) -> bool {
+        let b = s.as_bytes();
+        b.len() == 67
+            && s.starts_with("fmg_sk_")
+            && b[7..23].iter().all(|c| b"0123456789abcdef".contains(c))
+            && b[23] == b'.'
+            && b[24..]
+                .iter()
+                .all(|&c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    }
+
     proptest! {
+        #[test]
+        fn legacy_tokens_parse_and_current_parse_refuses_them(_seed in 0u8..16) {
+            let (t, sel) = generate_legacy().unwrap();
+            let l = parse_legacy(&t).unwrap();
+            prop_assert_eq!(l.selector, sel.as_str());
+            prop_assert!(parse(&t).is_err());
+            prop_assert!(parse_bytes(t.as_bytes()).is_err());
+            prop_assert!(matches!(parse_any(&t), Ok(AnyToken::Legacy(_))));
+            prop_assert_eq!(key_id_from_public_part(&t), None);
+        }
+
+        #[test]
+        fn legacy_parse_matches_the_reference_shape(
+            pos in 0usize..LEGACY_TOKEN_LEN,
+            c in prop_oneof![
+                any::<char>(),
+                "[0-9a-fA-F._+/=-]".prop_map(|s| s.chars().next().unwrap_or('a')),
+            ],
+            cut in 0usize..3,
+        ) {
+            let (t, _) = generate_legacy().unwrap();
+            let mut chars: Vec<char> = t.chars().collect();
+            chars[pos] = c;
+            let mutated: String = chars.into_iter().collect();
+            let mutated = match cut {
+                1 => mutated.chars().skip(1).collect(),
+                2 => format!("{mutated}a"),
+                _ => mutated,
+            };
+            prop_assert_eq!(parse_legacy(&mutated).is_ok(), is_legacy_shape(&mutated));
+            prop_assert!(parse(&mutated).is_err() || !is_legacy_shape(&mutated));
+            if let Ok(AnyToken::Legacy(l)) = parse_any(&mutated) {
+                prop_assert!(is_legacy_shape(l.token));
+            }
+        }
+
+        #[test]
+        fn legacy_arbitrary_input_never_panics(s in ".*", tail in "\\PC{0,70}") {
+            let _ = parse_legacy(&s);
+            let _ = parse_any(&s);
+            let _ = legacy_selector_from_public_part(&s);
+            let t = format!("{TOKEN_PREFIX}{tail}");
+            prop_assert_eq!(parse_legacy(&t).is_ok(), is_legacy_shape(&t));
+            let _ = parse_any(&t);
+            let _ = legacy_selector_from_public_part(&t);
+        }
+
         #[test]
         fn round_trip_keeps_the_key_id(_seed in 0u8..8) {
             let (token, key_id) = generate().unwrap();

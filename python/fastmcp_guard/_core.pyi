@@ -105,9 +105,9 @@ class IPMatcher:
     def __new__(
         cls,
         *,
-        allow: Sequence[str] = (),
-        deny: Sequence[str] = (),
-        trusted_proxies: Sequence[str] = (),
+        allow: Sequence[str] | None = None,
+        deny: Sequence[str] | None = None,
+        trusted_proxies: Sequence[str] | None = None,
     ) -> IPMatcher: ...
     def is_allowed(self, ip: str) -> bool: ...
     def check(self, ip: str) -> str | None:
@@ -189,7 +189,7 @@ class KeyManager:
         self,
         name: str,
         *,
-        scopes: Sequence[str] = (),
+        scopes: Sequence[str] | None = None,
         expires_at: float | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> tuple[KeyInfo, str]: ...
@@ -197,8 +197,10 @@ class KeyManager:
     def list(self, *, include_revoked: bool = False) -> list[KeyInfo]: ...
     def rotate(self, key_id: str, *, grace_seconds: float) -> tuple[KeyInfo, str]: ...
     def revoke(self, key_id: str) -> KeyInfo: ...
-    def verify_cached(self, token: str) -> Identity | None:
-        """Microsecond path: the cached identity, or ``None`` (not cached or malformed)."""
+    def verify_cached(self, token: str, client: str | None = None) -> Identity | None:
+        """Microsecond path: the cached identity, or ``None`` (not cached or malformed).
+
+        ``client`` (the caller's address) is recorded as ``last_used_ip``."""
     def verify(self, token: str, client: str | None = None) -> Identity:
         """Full path (may run argon2id; releases the GIL). Raises :class:`VerifyError`."""
     def flush(self) -> None: ...

@@ -7,7 +7,9 @@ For every HTTP request it:
    token work*, so a denied address costs no hashing;
 2. maps ``X-API-Key: <token>`` to ``Authorization: Bearer <token>`` when no
    ``Authorization`` header is present (for clients that cannot set it);
-3. records one audit event for each refusal FastMCP answers with 401 / 403.
+3. records one audit event for each refusal FastMCP answers with 401 / 403;
+4. answers 503 with ``Retry-After`` when the key store cannot be read (a token not
+   yet in the verified cache cannot be judged; cached ones keep working).
 
 It is pure ASGI (no Starlette request objects) to keep the per-request cost low.
 """
@@ -18,6 +20,8 @@ import json
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from fastmcp.server.auth import TokenVerificationError
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -95,25 +99,41 @@ class GuardASGIMiddleware:
         req = RequestState(client_ip)
         token = _request_state.set(req)
         try:
-            if guard.audit is None:
-                await self.app(scope, receive, send)
-                return
+            started = False
 
             async def send_and_audit(message: Message) -> None:
-                if message["type"] == "http.response.start" and message["status"] in (401, 403):
-                    status = "unauthorized" if message["status"] == 401 else "forbidden"
-                    guard._audit_event(
-                        status, client_ip=client_ip, error=req.refusal or "missing or invalid token",
-                        extra={"path": scope.get("path")},
-                    )  # fmt: skip
+                nonlocal started
+                if message["type"] == "http.response.start":
+                    started = True
+                    if message["status"] in (401, 403):
+                        status = "unauthorized" if message["status"] == 401 else "forbidden"
+                        guard._audit_event(
+                            status, client_ip=client_ip,
+                            error=req.refusal or "missing or invalid token",
+                            extra={"path": scope.get("path")},
+                        )  # fmt: skip
                 await send(message)
 
-            await self.app(scope, receive, send_and_audit)
+            try:
+                await self.app(scope, receive, send_and_audit)
+            except TokenVerificationError as exc:
+                # The key store is down (or every hashing slot busy): a documented 503,
+                # not a crash and not a 401 (the token may be valid).
+                guard._audit_event("unauthorized", client_ip=client_ip,
+                                   error=f"key store unavailable: {exc}",
+                                   extra={"path": scope.get("path")})  # fmt: skip
+                if started:
+                    raise
+                await _send_json(send, 503, {"error": "temporarily_unavailable",
+                                             "error_description": "key store unavailable; retry"},
+                                 headers=[(b"retry-after", b"1")])  # fmt: skip
         finally:
             _request_state.reset(token)
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+async def _send_json(
+    send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     payload = json.dumps(body).encode()
     await send(
         {
@@ -122,6 +142,7 @@ async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),
+                *(headers or []),
             ],
         }
     )

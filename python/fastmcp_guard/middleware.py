@@ -19,8 +19,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fastmcp.exceptions import AuthorizationError
-from fastmcp.server.dependencies import get_http_request
+from fastmcp.exceptions import AuthorizationError, NotFoundError
+from fastmcp.server.auth import AuthContext, run_auth_checks
+from fastmcp.server.dependencies import get_access_token, get_http_request
 from fastmcp.server.middleware import Middleware
 from fastmcp.tools.base import ToolResult
 from mcp.server.auth.middleware.auth_context import auth_context_var
@@ -166,6 +167,12 @@ class GuardMiddleware(Middleware):
         except AuthorizationError as exc:
             status, error = "forbidden", str(exc)
             raise
+        except NotFoundError as exc:
+            # FastMCP answers "Unknown tool" for a tool the caller's scopes hide, so as
+            # not to reveal it; the audit log says what really happened.
+            hidden = tool is not None and await _hidden_by_auth(context, tool)
+            status, error = ("forbidden" if hidden else "error"), str(exc)
+            raise
         except Exception as exc:
             status, error = "error", str(exc) or type(exc).__name__
             raise
@@ -180,6 +187,26 @@ class GuardMiddleware(Middleware):
                 if audit.log_outputs and status == "ok" else None,
                 client_ip=caller.client_ip, metadata=caller.metadata,
             )  # fmt: skip
+
+
+async def _hidden_by_auth(context: MiddlewareContext[Any], name: str) -> bool:
+    """True if tool ``name`` exists but its ``auth`` checks refuse the caller (error path only)."""
+    fctx = context.fastmcp_context
+    if fctx is None:
+        return False
+    try:
+        # Ask the server's providers directly: FastMCP's own lookup filters by caller.
+        for provider in fctx.fastmcp.providers:
+            tool = await provider.get_tool(name)
+            if tool is not None:
+                break
+        else:
+            return False
+        if tool.auth is None:
+            return False
+        return not await run_auth_checks(tool.auth, AuthContext(token=get_access_token(), component=tool))
+    except Exception:  # noqa: BLE001 - classification only; the call already failed
+        return False
 
 
 def _preview(result: Any, limit: int) -> str | None:

@@ -911,8 +911,8 @@ impl KeyManager {
             });
         }
         let id = resolve_id(id)?;
-        let (token, new_id) = tokens::generate()?;
-        let phc_hash = self.hash_token_secret(&token)?;
+        // The new token is made (and hashed) once, after the first checks pass.
+        let mut fresh: Option<(String, String, String)> = None;
         for _ in 0..3 {
             let old = self
                 .inner
@@ -939,6 +939,14 @@ impl KeyManager {
                     ),
                 });
             }
+            if fresh.is_none() {
+                let (token, new_id) = tokens::generate()?;
+                let phc_hash = self.hash_token_secret(&token)?;
+                fresh = Some((token, new_id, phc_hash));
+            }
+            let Some((token, new_id, phc_hash)) = &fresh else {
+                continue;
+            };
             let mut new = KeyRecord {
                 id: new_id.clone(),
                 name: old.name.clone(),
@@ -976,9 +984,9 @@ impl KeyManager {
                 Ok((old_rev, new_rev)) => {
                     self.inner.invalidate(&id);
                     self.inner.note_own_write(&id, old_rev);
-                    self.inner.note_own_write(&new_id, new_rev);
+                    self.inner.note_own_write(new_id, new_rev);
                     new.revision = new_rev;
-                    return Ok((new, token));
+                    return Ok((new, token.clone()));
                 }
                 Err(KeyError::Conflict { .. }) => {}
                 Err(e) => return Err(e),

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
-from fastmcp.server.auth import AccessToken, AuthProvider, TokenVerifier
+from fastmcp.server.auth import AccessToken, AuthProvider, TokenVerificationError, TokenVerifier
 
 from fastmcp_guard._core import Identity, VerifyError
 from fastmcp_guard.http import GuardASGIMiddleware, current_request_state
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 __all__ = ["GuardTokenVerifier", "access_token_for"]
 
 _PREFIX = "fmg_sk_"
+#: Refusal reasons that mean "cannot decide now", not "invalid token".
+_UNAVAILABLE = frozenset({"store", "busy"})
 
 
 def access_token_for(token: str, ident: Identity) -> AccessToken:
@@ -66,7 +68,11 @@ class GuardTokenVerifier(TokenVerifier):
         self.fallback = fallback
 
     async def verify_token(self, token: str) -> AccessToken | None:
-        """An ``AccessToken`` for a valid key; ``None`` otherwise (never raises for bad input)."""
+        """An ``AccessToken`` for a valid key; ``None`` otherwise (never raises for bad input).
+
+        Raises ``TokenVerificationError`` only when the key store or the hashing pool
+        cannot answer (keys already in the verified cache keep working).
+        """
         if not token.startswith(_PREFIX):
             if self.fallback is not None:
                 return await self.fallback.verify_token(token)
@@ -74,15 +80,20 @@ class GuardTokenVerifier(TokenVerifier):
             if state is not None:
                 state.refusal = "malformed"
             return None
-        ident = self._core.verify_cached(token)
+        state = current_request_state()
+        client = state.client_ip if state is not None else None
+        ident = self._core.verify_cached(token, client)
         if ident is None:
-            state = current_request_state()
-            client = state.client_ip if state is not None else None
             try:
                 ident = await anyio.to_thread.run_sync(self._core.verify, token, client)
             except VerifyError as exc:
                 if state is not None:
                     state.refusal = str(exc)
+                if exc.reason in _UNAVAILABLE:
+                    # Not a verdict on the token: the store or the hashing pool is
+                    # unavailable. FastMCP's contract for this is TokenVerificationError;
+                    # the guard's ASGI layer answers 503 with Retry-After.
+                    raise TokenVerificationError(str(exc)) from None
                 return None
         return access_token_for(token, ident)
 

@@ -1,0 +1,18 @@
+"""The stubs are code: `_core.pyi` must match the compiled module (mypy.stubtest)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_core_stubs_match_the_extension() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "fastmcp_guard._core",
+         "--allowlist", str(ROOT / ".mypy-stubtest-allowlist")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
