@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -206,7 +207,10 @@ async def test_existing_verifier_keeps_working_beside_guard_keys(serve, tmp_path
     ]  # fmt: skip
 
 
-async def test_token_never_stored_or_logged(make_server, serve, audit, audit_path, key_db, store):
+async def test_token_never_stored_or_logged(
+    make_server, serve, audit, audit_path, key_db, store, caplog
+):
+    caplog.set_level(logging.DEBUG)  # every logger, FastMCP's and uvicorn's included
     mcp, guard = make_server(keys=store, audit=audit)
     key = guard.keys.create(name="secret-holder")
     secret = key.token.split("_", 3)[-1]
@@ -224,3 +228,5 @@ async def test_token_never_stored_or_logged(make_server, serve, audit, audit_pat
         assert key.token.encode() not in blob, p
         assert secret.encode() not in blob, p
         assert key.token[:-1].encode() not in blob, p
+    assert caplog.records, "nothing was logged: the check below would be vacuous"
+    assert secret not in caplog.text and key.token[:-1] not in caplog.text
