@@ -22,6 +22,11 @@ python -m pip install -q --disable-pip-version-check "maturin>=1.8,<2" \
   "fastmcp>=4.2.3,<5" "anyio>=4" "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.3" \
   "hypothesis>=6.100" "bcrypt>=4" "mypy>=1.10"
 
+# The released fastmcp-guard 0.2.2 wheel: tests import its key files (drop-in check).
+if ! ls .cache/legacy/fastmcp_guard-0.2.2-*.whl >/dev/null 2>&1; then
+  python -m pip download -q --disable-pip-version-check --no-deps "fastmcp-guard==0.2.2" -d .cache/legacy
+fi
+
 # Build the extension into the venv (the stale .so goes first).
 rm -f python/fastmcp_guard/_core*.so
 if [ "${PROFILE:-dev}" = "release" ]; then

@@ -600,7 +600,10 @@ mod tests {
         assert!(parse(t).is_err());
         assert!(looks_like_guard_token(t));
         let dbg = format!("{l:?}");
-        assert!(dbg.contains("3f9a0c1d2e4b5a69") && !dbg.contains("YAjNHrl6"), "{dbg}");
+        assert!(
+            dbg.contains("3f9a0c1d2e4b5a69") && !dbg.contains("YAjNHrl6"),
+            "{dbg}"
+        );
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //!
 //! One `RwLock` over a `HashMap`: this backend is only read on the slow path
 //! (cache misses and management calls), never on a cache hit.
+//!
+//! There is nothing to import from fastmcp-guard 0.2 here, but records inserted with a
+//! `legacy_selector` are indexed by it, so the 0.2 verification path works (and is tested)
+//! on both backends.
 
 use std::collections::HashMap;
 
@@ -12,6 +16,8 @@ use super::{Change, KeyBackend, KeyError, KeyRecord, Touch};
 #[derive(Debug, Default)]
 struct State {
     records: HashMap<String, KeyRecord>,
+    /// 0.2 selector -> key id.
+    legacy: HashMap<String, String>,
     revision: u64,
 }
 
@@ -55,12 +61,23 @@ impl State {
                 reason: format!("a key with id `{}` already exists", record.id),
             });
         }
+        if let Some(sel) = &record.legacy_selector {
+            if self.legacy.contains_key(sel) {
+                return Err(KeyError::InvalidInput {
+                    field: "legacy_selector",
+                    reason: format!("a key with 0.2 selector `{sel}` already exists"),
+                });
+            }
+        }
         Ok(())
     }
 
     fn apply_insert(&mut self, record: &KeyRecord, revision: u64) {
         let mut stored = record.clone();
         stored.revision = revision;
+        if let Some(sel) = &stored.legacy_selector {
+            self.legacy.insert(sel.clone(), stored.id.clone());
+        }
         self.records.insert(stored.id.clone(), stored);
     }
 }
@@ -90,6 +107,15 @@ impl KeyBackend for MemoryBackend {
 
     fn get(&self, id: &str) -> Result<Option<KeyRecord>, KeyError> {
         Ok(self.state.read().records.get(id).cloned())
+    }
+
+    fn get_by_legacy_selector(&self, selector: &str) -> Result<Option<KeyRecord>, KeyError> {
+        let state = self.state.read();
+        Ok(state
+            .legacy
+            .get(selector)
+            .and_then(|id| state.records.get(id))
+            .cloned())
     }
 
     fn list(&self, include_revoked: bool) -> Result<Vec<KeyRecord>, KeyError> {

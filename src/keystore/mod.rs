@@ -10,10 +10,18 @@
 //!
 //! Lifecycle: `active` → `rotating` (the old token stays valid until `grace_until`) →
 //! `revoked`. Expiry (`expires_at`) is independent of the status.
+//!
+//! Keys imported from fastmcp-guard 0.2 ([`legacy`]) are ordinary records with a bcrypt hash
+//! of their whole token and a [`KeyRecord::legacy_selector`]; their 0.2 tokens are verified
+//! with bcrypt (once per process, then cached like any token). Everything else — status,
+//! expiry, grace periods, the throttle, revoke and rotate — is the same. Rotating one issues
+//! a current-format token.
 
+pub mod legacy;
 pub mod memory;
 pub mod sqlite;
 
+pub use legacy::LegacyImport;
 pub use memory::MemoryBackend;
 pub use sqlite::SqliteBackend;
 
@@ -29,8 +37,10 @@ use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::hashing::{self, CachedKey, HashError, HashParams, Now, TokenDigest, VerifiedCache};
-use crate::tokens::{self, TokenError};
+use crate::hashing::{
+    self, CachedKey, HashError, HashParams, HashScheme, Now, TokenDigest, VerifiedCache,
+};
+use crate::tokens::{self, AnyToken, TokenError};
 
 /// Lifecycle status of a key, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -75,14 +85,16 @@ impl std::fmt::Display for KeyStatus {
 
 /// One API key as stored. Timestamps have millisecond precision.
 ///
-/// `Debug` and `Serialize` leave out `phc_hash`.
+/// `Debug` and `Serialize` leave out `phc_hash`. Records imported from fastmcp-guard 0.2
+/// carry a bcrypt hash of the whole 0.2 token in `phc_hash` and set `legacy_selector`.
 #[derive(Clone, PartialEq, Serialize)]
 pub struct KeyRecord {
     /// Public key id, `fmg_key_<kid>`.
     pub id: String,
     /// Human name.
     pub name: String,
-    /// argon2id PHC string of the token's secret part.
+    /// argon2id PHC string of the token's secret part; for a key imported from 0.2, the
+    /// bcrypt hash (`$2b$...`) of its whole token.
     #[serde(skip_serializing)]
     pub phc_hash: String,
     /// Granted scopes.
@@ -110,6 +122,11 @@ pub struct KeyRecord {
     /// Store revision of the last change (managed by the backend; used for optimistic
     /// concurrency and cross-process invalidation).
     pub revision: u64,
+    /// For a key imported from fastmcp-guard 0.2: the public selector of its token
+    /// (`fmg_sk_<selector>.<secret>`), by which that token is looked up. Set only on insert
+    /// (never changed by `update`); `None` for keys made by this version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub legacy_selector: Option<String>,
 }
 
 impl std::fmt::Debug for KeyRecord {
@@ -129,6 +146,7 @@ impl std::fmt::Debug for KeyRecord {
             .field("rotated_to", &self.rotated_to)
             .field("revoked_at", &self.revoked_at)
             .field("revision", &self.revision)
+            .field("legacy_selector", &self.legacy_selector)
             .finish_non_exhaustive()
     }
 }
@@ -269,6 +287,19 @@ pub enum KeyError {
         /// Newest version this build knows.
         supported: i64,
     },
+    /// The file has an `api_keys` table that is not fastmcp-guard 0.2's, so its keys cannot
+    /// be imported.
+    #[error(
+        "key store {path}: table `api_keys` is not the key table of fastmcp-guard 0.2 \
+         ({reason}), so its keys cannot be imported; use a separate file for the key store, \
+         or rename that table if it holds nothing to keep"
+    )]
+    LegacyTable {
+        /// Database path.
+        path: String,
+        /// What does not match.
+        reason: String,
+    },
     /// A stored row cannot be decoded.
     #[error("key store {path}: record `{id}` is corrupt: {reason}")]
     Corrupt {
@@ -319,6 +350,26 @@ pub trait KeyBackend: Send + Sync {
     /// Store errors.
     fn get(&self, id: &str) -> Result<Option<KeyRecord>, KeyError>;
 
+    /// The record imported from fastmcp-guard 0.2 whose token has this selector, if any
+    /// (an indexed lookup). The default, for backends that never hold 0.2 keys, is `None`.
+    ///
+    /// # Errors
+    /// Store errors.
+    fn get_by_legacy_selector(&self, selector: &str) -> Result<Option<KeyRecord>, KeyError> {
+        let _ = selector;
+        Ok(None)
+    }
+
+    /// Imports fastmcp-guard 0.2 keys from the store that were not imported yet (see
+    /// [`SqliteBackend::import_legacy`]). The default, for backends that cannot hold 0.2
+    /// keys, imports nothing.
+    ///
+    /// # Errors
+    /// Store errors; a 0.2 row that cannot be read.
+    fn import_legacy(&self) -> Result<LegacyImport, KeyError> {
+        Ok(LegacyImport::default())
+    }
+
     /// All records, optionally without those stored as revoked.
     ///
     /// # Errors
@@ -328,7 +379,8 @@ pub trait KeyBackend: Send + Sync {
     /// Writes `record`'s management fields (`name`, `scopes`, `metadata`, `status`,
     /// `expires_at`, `grace_until`, `rotated_from`, `rotated_to`, `revoked_at`) if the stored
     /// revision still equals `record.revision`; returns the new revision.
-    /// `phc_hash`, `created_at` and `last_used_*` are never written by `update`.
+    /// `phc_hash`, `legacy_selector`, `created_at` and `last_used_*` are never written by
+    /// `update`.
     ///
     /// # Errors
     /// [`KeyError::NotFound`], [`KeyError::Conflict`], store errors.
@@ -395,9 +447,10 @@ pub struct ManagerOptions {
     pub touch_interval: Duration,
     /// How often the store is polled for changes by other processes (default 250 ms).
     pub watch_interval: Duration,
-    /// Maximum argon2 verifications running at once (default: available parallelism).
+    /// Maximum hash verifications (argon2, and bcrypt for 0.2 keys) running at once
+    /// (default: available parallelism).
     pub max_concurrent_verifications: usize,
-    /// How long a verification waits for an argon2 slot before [`VerifyError::Busy`]
+    /// How long a verification waits for a hashing slot before [`VerifyError::Busy`]
     /// (default 2 s).
     pub verify_wait: Duration,
     /// Failure throttle per (client, key id).
@@ -465,7 +518,7 @@ pub enum VerifyError {
     /// Well-formed, but no key has this id.
     #[error("unknown key `{key_id}`")]
     UnknownKey {
-        /// The key id in the token.
+        /// The key id in the token (for a 0.2 token, its public part `fmg_sk_<selector>`).
         key_id: String,
     },
     /// The secret does not match.
@@ -492,12 +545,12 @@ pub enum VerifyError {
         retry_after.as_secs().max(1)
     )]
     Throttled {
-        /// The key id.
+        /// The key id (for a 0.2 token, its public part `fmg_sk_<selector>`).
         key_id: String,
         /// Time until the throttle window ends.
         retry_after: Duration,
     },
-    /// All argon2 slots stayed busy for `verify_wait`.
+    /// All hashing slots stayed busy for `verify_wait`.
     #[error("too many key verifications in progress; retry shortly")]
     Busy,
     /// The store failed (or holds a malformed hash).
@@ -510,6 +563,8 @@ pub enum VerifyError {
 pub struct ManagerStats {
     /// argon2 verifications run.
     pub argon2_runs: u64,
+    /// bcrypt verifications run (0.2 tokens of imported keys; not counted in `argon2_runs`).
+    pub bcrypt_runs: u64,
     /// Records read from the store by `verify`.
     pub store_reads: u64,
     /// `last_used_at` transactions written.
@@ -533,6 +588,7 @@ pub struct ManagerStats {
 #[derive(Debug, Default)]
 struct Counters {
     argon2_runs: AtomicU64,
+    bcrypt_runs: AtomicU64,
     store_reads: AtomicU64,
     touch_batches: AtomicU64,
     touches_written: AtomicU64,
@@ -546,7 +602,8 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// A counting semaphore (`parking_lot` mutex + condvar) bounding argon2 concurrency.
+/// A counting semaphore (`parking_lot` mutex + condvar) bounding argon2 and bcrypt
+/// concurrency (one pool for both).
 #[derive(Debug)]
 struct Semaphore {
     permits: Mutex<usize>,
@@ -587,6 +644,46 @@ fn later(now: Instant, d: Duration) -> Instant {
     now.checked_add(d)
         .or_else(|| now.checked_add(Duration::from_secs(86_400 * 365)))
         .unwrap_or(now)
+}
+
+/// What a well-formed token names, before the store is read.
+enum Claim<'a> {
+    /// A current token: its key id and secret part (argon2id).
+    Current { key_id: String, secret: &'a str },
+    /// A 0.2 token: its selector and the whole token (bcrypt), and its public part
+    /// `fmg_sk_<selector>` as the label.
+    Legacy {
+        selector: &'a str,
+        token: &'a str,
+        label: String,
+    },
+}
+
+impl<'a> From<AnyToken<'a>> for Claim<'a> {
+    fn from(t: AnyToken<'a>) -> Self {
+        match t {
+            AnyToken::Current(p) => Self::Current {
+                key_id: p.key_id(),
+                secret: p.secret,
+            },
+            AnyToken::Legacy(l) => Self::Legacy {
+                selector: l.selector,
+                token: l.token,
+                label: l.public_part(),
+            },
+        }
+    }
+}
+
+impl Claim<'_> {
+    /// The public name of the key the token claims: the key id, or for a 0.2 token its
+    /// public part. The failure throttle is keyed by it (one per key either way).
+    fn label(&self) -> &str {
+        match self {
+            Self::Current { key_id, .. } => key_id,
+            Self::Legacy { label, .. } => label,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -692,7 +789,8 @@ struct Inner {
     touches: DashMap<String, PendingTouch>,
     throttle: DashMap<(String, String), ThrottleSlot>,
     inflight: DashMap<TokenDigest, Arc<Mutex<()>>>,
-    argon2_slots: Semaphore,
+    /// Bounds argon2 and bcrypt runs together.
+    hash_slots: Semaphore,
     /// Last store revision seen by the watcher; the lock also serialises polls.
     revision: Mutex<u64>,
     /// Revisions this manager wrote itself (key id -> revision), so the watcher does not
@@ -767,7 +865,7 @@ impl KeyManager {
             touches: DashMap::new(),
             throttle: DashMap::new(),
             inflight: DashMap::new(),
-            argon2_slots: Semaphore::new(opts.max_concurrent_verifications),
+            hash_slots: Semaphore::new(opts.max_concurrent_verifications),
             revision: Mutex::new(revision),
             own_writes: Mutex::new(std::collections::HashMap::new()),
             flush_lock: Mutex::new(()),
@@ -845,6 +943,7 @@ impl KeyManager {
             rotated_to: None,
             revoked_at: None,
             revision: 0,
+            legacy_selector: None,
         };
         record.revision = self.inner.backend.insert(&record)?;
         self.inner.note_own_write(&record.id, record.revision);
@@ -859,16 +958,43 @@ impl KeyManager {
         )?)
     }
 
-    /// The key named by an id, a bare kid, or a token's public part.
+    /// The key named by an id, a bare kid, or a token's public part — including a
+    /// fastmcp-guard 0.2 token or its public part `fmg_sk_<selector>` (looked up by selector;
+    /// where `fmg_sk_<16 hex>` is also a current key's public part, the key id wins).
     ///
     /// # Errors
     /// [`KeyError::NotFound`]; store errors.
     pub fn get(&self, id_or_public_part: &str) -> Result<KeyRecord, KeyError> {
-        let id = resolve_id(id_or_public_part)?;
-        self.inner
-            .backend
-            .get(&id)?
-            .ok_or(KeyError::NotFound { id })
+        let by_id = tokens::key_id_from_public_part(id_or_public_part);
+        if let Some(id) = &by_id {
+            if let Some(record) = self.inner.backend.get(id)? {
+                return Ok(record);
+            }
+        }
+        if let Some(selector) = tokens::legacy_selector_from_public_part(id_or_public_part) {
+            if let Some(record) = self.inner.backend.get_by_legacy_selector(selector)? {
+                return Ok(record);
+            }
+        }
+        Err(KeyError::NotFound {
+            id: by_id.unwrap_or_else(|| echo_id(id_or_public_part)),
+        })
+    }
+
+    /// The key id named by `input` for `rotate` and `revoke`: as [`resolve_id`], plus 0.2
+    /// tokens and their public parts (one extra indexed read, only for those forms).
+    fn resolve_key_id(&self, input: &str) -> Result<String, KeyError> {
+        if let Some(selector) = tokens::legacy_selector_from_public_part(input) {
+            if let Some(id) = tokens::key_id_from_public_part(input) {
+                if self.inner.backend.get(&id)?.is_some() {
+                    return Ok(id);
+                }
+            }
+            if let Some(record) = self.inner.backend.get_by_legacy_selector(selector)? {
+                return Ok(record.id);
+            }
+        }
+        resolve_id(input)
     }
 
     /// All keys, oldest first. Without `include_revoked`, keys that are revoked (including
@@ -891,6 +1017,7 @@ impl KeyManager {
     }
 
     /// Replaces a key by a new one with the same name, scopes, metadata and expiry.
+    /// The new key always has a current-format token (also when the old one came from 0.2).
     ///
     /// With `grace` > 0 the old key becomes `rotating` and keeps working until
     /// `now + grace`; with `grace` = 0 it is revoked at once. Returns the new record and token.
@@ -910,7 +1037,7 @@ impl KeyManager {
                 reason: "is negative; use 0 to revoke the old key at once".to_owned(),
             });
         }
-        let id = resolve_id(id)?;
+        let id = self.resolve_key_id(id)?;
         // The new token is made (and hashed) once, after the first checks pass.
         let mut fresh: Option<(String, String, String)> = None;
         for _ in 0..3 {
@@ -963,6 +1090,7 @@ impl KeyManager {
                 rotated_to: None,
                 revoked_at: None,
                 revision: 0,
+                legacy_selector: None,
             };
             let mut updated = old;
             updated.rotated_to = Some(new_id.clone());
@@ -1002,7 +1130,7 @@ impl KeyManager {
     /// # Errors
     /// [`KeyError::NotFound`]; store errors.
     pub fn revoke(&self, id: &str) -> Result<KeyRecord, KeyError> {
-        let id = resolve_id(id)?;
+        let id = self.resolve_key_id(id)?;
         for _ in 0..5 {
             let mut record = self
                 .inner
@@ -1037,13 +1165,14 @@ impl KeyManager {
     }
 
     /// Like [`KeyManager::verify_cached`], recording `client` as the last-used address.
+    /// Accepts current and fastmcp-guard 0.2 tokens alike.
     #[must_use]
     pub fn verify_cached_from(&self, token: &str, client: Option<&str>, now: Now) -> CacheLookup {
-        let parsed = match tokens::parse(token) {
+        let parsed = match tokens::parse_any(token) {
             Ok(p) => p,
             Err(e) => return CacheLookup::Malformed(e),
         };
-        let Ok(digest) = TokenDigest::of(parsed.token.as_bytes()) else {
+        let Ok(digest) = TokenDigest::of(parsed.token().as_bytes()) else {
             return CacheLookup::Miss;
         };
         match self.inner.cache.get(&digest, now) {
@@ -1056,7 +1185,8 @@ impl KeyManager {
     }
 
     /// Full verification now, from `client` (its address, for the throttle and
-    /// `last_used_ip`). Blocking: may read the store and run argon2.
+    /// `last_used_ip`). Blocking: may read the store and run argon2 (or, for the token of a
+    /// key imported from fastmcp-guard 0.2, bcrypt).
     ///
     /// # Errors
     /// See [`VerifyError`].
@@ -1075,16 +1205,16 @@ impl KeyManager {
         now: Now,
     ) -> Result<Arc<CachedKey>, VerifyError> {
         let inner = &*self.inner;
-        let parsed = tokens::parse(token).map_err(VerifyError::Malformed)?;
-        let digest = TokenDigest::of(parsed.token.as_bytes())
+        let parsed = tokens::parse_any(token).map_err(VerifyError::Malformed)?;
+        let digest = TokenDigest::of(parsed.token().as_bytes())
             .map_err(|e| VerifyError::Store(KeyError::Hash(e)))?;
         if let Some(hit) = inner.cache.get(&digest, now) {
             inner.record_use(&hit, client, now);
             return Ok(hit);
         }
-        let key_id = parsed.key_id();
+        let claim = Claim::from(parsed);
         let client_key = client.unwrap_or("");
-        inner.check_throttle(client_key, &key_id, now)?;
+        inner.check_throttle(client_key, claim.label(), now)?;
 
         // Single flight: concurrent first uses of one token run argon2 once.
         let flight = Arc::clone(
@@ -1105,10 +1235,8 @@ impl KeyManager {
                     Ok(hit)
                 } else {
                     inner
-                        .check_throttle(client_key, &key_id, now)
-                        .and_then(|()| {
-                            inner.verify_uncached(parsed.secret, key_id, digest, client, now)
-                        })
+                        .check_throttle(client_key, claim.label(), now)
+                        .and_then(|()| inner.verify_uncached(&claim, digest, client, now))
                 }
             }
         };
@@ -1116,6 +1244,16 @@ impl KeyManager {
             .inflight
             .remove_if(&digest, |_, f| Arc::ptr_eq(f, &flight));
         result
+    }
+
+    /// Imports fastmcp-guard 0.2 keys that a 0.2 process added to the store's file after it
+    /// was taken over (opening the file imports everything once; see
+    /// [`SqliteBackend::import_legacy`]). Nothing for a memory store.
+    ///
+    /// # Errors
+    /// Store errors; [`KeyError::Corrupt`] naming a 0.2 row that cannot be read.
+    pub fn import_legacy(&self) -> Result<LegacyImport, KeyError> {
+        self.inner.backend.import_legacy()
     }
 
     /// Writes pending `last_used_at` updates now (one transaction). Returns how many.
@@ -1166,6 +1304,7 @@ impl KeyManager {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         ManagerStats {
             argon2_runs: get(&c.argon2_runs),
+            bcrypt_runs: get(&c.bcrypt_runs),
             store_reads: get(&c.store_reads),
             touch_batches: get(&c.touch_batches),
             touches_written: get(&c.touches_written),
@@ -1200,8 +1339,7 @@ impl Inner {
 
     fn verify_uncached(
         &self,
-        secret: &str,
-        key_id: String,
+        claim: &Claim<'_>,
         digest: TokenDigest,
         client: Option<&str>,
         now: Now,
@@ -1209,9 +1347,17 @@ impl Inner {
         // Read before the store: an invalidation after this point stops us caching.
         let epoch = self.cache.epoch();
         bump(&self.counters.store_reads);
-        let Some(record) = self.backend.get(&key_id).map_err(VerifyError::Store)? else {
-            return Err(VerifyError::UnknownKey { key_id });
+        let found = match claim {
+            Claim::Current { key_id, .. } => self.backend.get(key_id),
+            Claim::Legacy { selector, .. } => self.backend.get_by_legacy_selector(selector),
+        }
+        .map_err(VerifyError::Store)?;
+        let Some(record) = found else {
+            return Err(VerifyError::UnknownKey {
+                key_id: claim.label().to_owned(),
+            });
         };
+        let key_id = record.id.clone();
         let now_dt = utc_from_ms(now.unix_ms);
         if record.effective_status_at(now_dt) == KeyStatus::Revoked {
             return Err(VerifyError::Revoked { key_id });
@@ -1219,22 +1365,35 @@ impl Inner {
         if record.is_expired_at(now_dt) {
             return Err(VerifyError::Expired { key_id });
         }
-        let matches = {
-            let Some(_permit) = self.argon2_slots.acquire(self.opts.verify_wait) else {
+        let (input, scheme) = match claim {
+            Claim::Current { secret, .. } => (*secret, HashScheme::Argon2id),
+            Claim::Legacy { token, .. } => (*token, HashScheme::Bcrypt),
+        };
+        // A token of one format never matches a hash of the other (a current-format token
+        // naming an imported 0.2 key's id, say): refused without hashing. An unrecognised
+        // hash still goes to `verify_secret`, which reports it as malformed.
+        let stored = HashScheme::of(&record.phc_hash);
+        let matches = if stored.is_some_and(|s| s != scheme) {
+            false
+        } else {
+            let Some(_permit) = self.hash_slots.acquire(self.opts.verify_wait) else {
                 bump(&self.counters.busy);
                 return Err(VerifyError::Busy);
             };
-            bump(&self.counters.argon2_runs);
-            hashing::verify_secret(secret, &record.phc_hash)
+            bump(match scheme {
+                HashScheme::Argon2id => &self.counters.argon2_runs,
+                HashScheme::Bcrypt => &self.counters.bcrypt_runs,
+            });
+            hashing::verify_secret(input, &record.phc_hash)
                 .map_err(|e| VerifyError::Store(KeyError::Hash(e)))?
         };
         let client_key = client.unwrap_or("");
         if !matches {
-            self.record_failure(client_key, &key_id, now);
+            self.record_failure(client_key, claim.label(), now);
             return Err(VerifyError::BadSecret { key_id });
         }
         self.throttle
-            .remove(&(client_key.to_owned(), key_id.clone()));
+            .remove(&(client_key.to_owned(), claim.label().to_owned()));
         let valid_until = record.valid_until().map(|t| t.timestamp_millis());
         let entry = Arc::new(CachedKey::new(
             record.id,
@@ -2120,6 +2279,7 @@ mod tests {
                 rotated_to: None,
                 revoked_at: None,
                 revision: 0,
+                legacy_selector: None,
             };
             rec.revision = w.insert(&rec).unwrap();
             let (rev1, changes) = r.changed_since(rev0).unwrap();
@@ -2224,7 +2384,7 @@ mod tests {
                 err,
                 KeyError::SchemaTooNew {
                     found: 99,
-                    supported: 1,
+                    supported: 2,
                     ..
                 }
             ),
@@ -2248,7 +2408,8 @@ mod tests {
         let version: i64 = conn
             .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 1);
+        assert_eq!(version, sqlite::schema_version());
+        assert_eq!(version, 2);
         let mode: String = conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
@@ -2306,7 +2467,7 @@ mod tests {
         let (_, token) = m.create("a", &[], None, Map::new()).unwrap();
         let held = m
             .inner
-            .argon2_slots
+            .hash_slots
             .acquire(Duration::from_millis(1))
             .unwrap();
         assert!(matches!(m.verify(&token, None), Err(VerifyError::Busy)));
@@ -2355,6 +2516,340 @@ mod tests {
             assert_eq!(KeyStatus::parse(s.as_str()), Some(s));
         }
         assert_eq!(KeyStatus::parse("expired"), None);
+    }
+
+    // -- keys imported from fastmcp-guard 0.2 ------------------------------------------
+
+    use legacy::testing::{iso, write_file, Key02};
+
+    /// A manager over a 0.2 file holding `keys` (imported on open).
+    fn manager_02(keys: &[&Key02]) -> (KeyManager, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        write_file(&path, keys);
+        (KeyManager::sqlite(&path, opts()).unwrap(), dir)
+    }
+
+    /// The same keys in a memory backend (the verification path is backend-agnostic).
+    fn memory_02(keys: &[&Key02]) -> KeyManager {
+        let backend = Arc::new(MemoryBackend::new());
+        for k in keys {
+            backend.insert(&k.to_row_record()).unwrap();
+        }
+        KeyManager::with_backend(backend, opts()).unwrap()
+    }
+
+    fn both_02(keys: &[&Key02]) -> Vec<(&'static str, KeyManager, Option<tempfile::TempDir>)> {
+        let (sqlite, dir) = manager_02(keys);
+        vec![
+            ("memory", memory_02(keys), None),
+            ("sqlite", sqlite, Some(dir)),
+        ]
+    }
+
+    #[test]
+    fn legacy_token_verifies_once_with_bcrypt_then_from_the_cache() {
+        let k = Key02::new("alice");
+        for (backend, m, _dir) in both_02(&[&k]) {
+            let now = Now::system();
+            assert!(
+                matches!(m.verify_cached(&k.token, now), CacheLookup::Miss),
+                "{backend}"
+            );
+            let key = m.verify_at(&k.token, Some("10.0.0.9"), now).unwrap();
+            assert_eq!(key.key_id, k.id, "{backend}");
+            assert_eq!(key.name, "alice");
+            assert_eq!(&*key.scopes, ["read:data"]);
+            assert_eq!(key.metadata["team"], "ops");
+            assert_eq!(key.valid_until, None);
+            match m.verify_cached(&k.token, now) {
+                CacheLookup::Hit(hit) => assert!(Arc::ptr_eq(&hit, &key)),
+                other => panic!("{backend}: {other:?}"),
+            }
+            m.verify_at(&k.token, None, now).unwrap();
+            let stats = m.stats();
+            assert_eq!((stats.bcrypt_runs, stats.argon2_runs), (1, 0), "{backend}");
+            assert_eq!(stats.store_reads, 1);
+            // The use is recorded like any other.
+            m.flush().unwrap();
+            let rec = m.get(&k.id).unwrap();
+            assert_eq!(rec.last_used_ip.as_deref(), Some("10.0.0.9"), "{backend}");
+        }
+    }
+
+    #[test]
+    fn legacy_wrong_or_unknown_tokens_are_refused() {
+        let k = Key02::new("alice");
+        for (backend, m, _dir) in both_02(&[&k]) {
+            // Same selector, another secret: bcrypt says no.
+            let mut forged = k.token.clone();
+            let last = if forged.ends_with('A') { "B" } else { "A" };
+            forged.replace_range(66.., last);
+            let err = m.verify(&forged, Some("1.2.3.4")).unwrap_err();
+            assert!(
+                matches!(err, VerifyError::BadSecret { ref key_id } if *key_id == k.id),
+                "{backend}: {err}"
+            );
+            // Unknown selector: named by the token's public part, not the token.
+            let (other, sel) = tokens::generate_legacy().unwrap();
+            let err = m.verify(&other, None).unwrap_err();
+            assert!(
+                matches!(err, VerifyError::UnknownKey { ref key_id }
+                    if *key_id == format!("fmg_sk_{sel}")),
+                "{backend}: {err}"
+            );
+            assert!(!err.to_string().contains(&other[24..]), "{err}");
+            // Malformed 0.2-looking tokens are refused before any lookup.
+            assert!(matches!(
+                m.verify(&k.token[..60], None),
+                Err(VerifyError::Malformed(TokenError::Length {
+                    expected: 67,
+                    ..
+                }))
+            ));
+            assert!(matches!(
+                m.verify_cached(&k.token.replace('.', "_"), Now::system()),
+                CacheLookup::Malformed(_)
+            ));
+            // A current-format token naming the imported key's id is refused without hashing.
+            let kid = &k.id[tokens::KEY_ID_PREFIX.len()..];
+            let current = tokens::from_parts(kid, &"q".repeat(tokens::SECRET_LEN)).unwrap();
+            let err = m.verify(&current, None).unwrap_err();
+            assert!(matches!(err, VerifyError::BadSecret { .. }), "{err}");
+            let stats = m.stats();
+            assert_eq!((stats.bcrypt_runs, stats.argon2_runs), (1, 0), "{backend}");
+            assert_eq!(stats.store_reads, 3);
+        }
+    }
+
+    #[test]
+    fn legacy_lifecycle_rules_apply() {
+        let now = Utc::now();
+        let mut revoked = Key02::new("revoked");
+        revoked.status = "revoked";
+        let mut expired = Key02::new("expired");
+        expired.expires_at = Some(iso(now - chrono::Duration::minutes(1)));
+        let mut grace_over = Key02::new("grace over");
+        grace_over.status = "rotating";
+        grace_over.grace_until = Some(iso(now - chrono::Duration::seconds(1)));
+        let mut in_grace = Key02::new("in grace");
+        in_grace.status = "rotating";
+        in_grace.grace_until = Some(iso(now + chrono::Duration::hours(1)));
+        let keys = [&revoked, &expired, &grace_over, &in_grace];
+        for (backend, m, _dir) in both_02(&keys) {
+            assert!(
+                matches!(
+                    m.verify(&revoked.token, None),
+                    Err(VerifyError::Revoked { .. })
+                ),
+                "{backend}"
+            );
+            assert!(matches!(
+                m.verify(&expired.token, None),
+                Err(VerifyError::Expired { .. })
+            ));
+            assert!(matches!(
+                m.verify(&grace_over.token, None),
+                Err(VerifyError::Revoked { .. })
+            ));
+            // Refused on status alone: bcrypt never ran for those three.
+            assert_eq!(m.stats().bcrypt_runs, 0, "{backend}");
+            let t = Now::system();
+            let key = m.verify_at(&in_grace.token, None, t).unwrap();
+            let grace_ms = legacy::parse_time(in_grace.grace_until.as_deref().unwrap())
+                .unwrap()
+                .timestamp_millis();
+            assert_eq!(key.valid_until, Some(grace_ms));
+            let after = t.after(hours(2));
+            assert!(matches!(
+                m.verify_cached(&in_grace.token, after),
+                CacheLookup::Miss
+            ));
+            assert!(matches!(
+                m.verify_at(&in_grace.token, None, after),
+                Err(VerifyError::Revoked { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn legacy_failures_are_throttled_per_client_and_key() {
+        let k = Key02::new("alice");
+        let backend = Arc::new(MemoryBackend::new());
+        backend.insert(&k.to_row_record()).unwrap();
+        let m = KeyManager::with_backend(
+            backend,
+            ManagerOptions {
+                fail_throttle: FailThrottle {
+                    max_failures: 2,
+                    window: Duration::from_secs(60),
+                },
+                ..opts()
+            },
+        )
+        .unwrap();
+        let mut forged = k.token.clone();
+        forged.replace_range(30..31, if &forged[30..31] == "x" { "y" } else { "x" });
+        let now = Now::system();
+        for _ in 0..2 {
+            assert!(matches!(
+                m.verify_at(&forged, Some("6.6.6.6"), now),
+                Err(VerifyError::BadSecret { .. })
+            ));
+        }
+        let runs = m.stats().bcrypt_runs;
+        let err = m.verify_at(&k.token, Some("6.6.6.6"), now).unwrap_err();
+        assert!(
+            matches!(err, VerifyError::Throttled { ref key_id, .. }
+                if key_id.starts_with("fmg_sk_")),
+            "{err}"
+        );
+        assert_eq!(m.stats().bcrypt_runs, runs);
+        m.verify_at(&k.token, Some("7.7.7.7"), now).unwrap();
+    }
+
+    #[test]
+    fn legacy_keys_can_be_found_revoked_and_rotated() {
+        let a = Key02::new("a");
+        let b = Key02::new("b");
+        for (backend, m, _dir) in both_02(&[&a, &b]) {
+            // Found by id, by the 0.2 token, and by its public part.
+            for name in [a.id.as_str(), &a.token, &a.token[..23], &a.token[..24]] {
+                assert_eq!(m.get(name).unwrap().id, a.id, "{backend} {name}");
+            }
+            let unknown = m.get(&tokens::generate_legacy().unwrap().0).unwrap_err();
+            assert!(matches!(unknown, KeyError::NotFound { .. }), "{unknown}");
+            assert!(!unknown.to_string().contains("fmg_sk_"), "{unknown}");
+
+            // Revoke by token: refused at once, even cached.
+            m.verify(&a.token, None).unwrap();
+            let rec = m.revoke(&a.token).unwrap();
+            assert_eq!(
+                (rec.id.as_str(), rec.status),
+                (a.id.as_str(), KeyStatus::Revoked)
+            );
+            assert!(matches!(
+                m.verify_cached(&a.token, Now::system()),
+                CacheLookup::Miss
+            ));
+            assert!(matches!(
+                m.verify(&a.token, None),
+                Err(VerifyError::Revoked { .. })
+            ));
+
+            // Rotate: the new key is ours (current token, argon2id); the old token works
+            // through the grace period.
+            let (new, new_token) = m.rotate(&b.id, chrono::Duration::hours(1)).unwrap();
+            assert!(tokens::parse(&new_token).is_ok(), "{backend}");
+            assert!(new.phc_hash.starts_with("$argon2id$"));
+            assert_eq!(new.legacy_selector, None);
+            assert_eq!(new.rotated_from.as_deref(), Some(b.id.as_str()));
+            assert_eq!(
+                (&new.name, &new.scopes),
+                (&"b".to_owned(), &scopes(&["read:data"]))
+            );
+            let old = m.get(&b.id).unwrap();
+            assert_eq!(old.status, KeyStatus::Rotating);
+            assert_eq!(old.phc_hash, b.hash);
+            assert_eq!(old.legacy_selector.as_deref(), Some(b.selector.as_str()));
+            assert_eq!(m.verify(&b.token, None).unwrap().key_id, b.id);
+            assert_eq!(m.verify(&new_token, None).unwrap().key_id, new.id);
+            let stats = m.stats();
+            assert_eq!((stats.bcrypt_runs, stats.argon2_runs), (2, 1), "{backend}");
+        }
+    }
+
+    /// Every byte the store wrote: the database and its WAL.
+    fn store_bytes(dir: &Path) -> Vec<u8> {
+        let mut all = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            all.extend(std::fs::read(entry.unwrap().path()).unwrap());
+        }
+        all
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn legacy_tokens_are_never_stored() {
+        let k = Key02::new("alice");
+        let (m, dir) = manager_02(&[&k]);
+        m.verify(&k.token, Some("10.1.1.1")).unwrap();
+        let (_, new_token) = m.rotate(&k.id, chrono::Duration::hours(1)).unwrap();
+        m.verify(&k.token, None).unwrap();
+        m.flush().unwrap();
+        m.close().unwrap();
+        drop(m);
+        let bytes = store_bytes(dir.path());
+        // The 0.2 file itself held only the bcrypt hash; neither we nor the import add
+        // the token or its secret anywhere.
+        assert!(
+            contains(&bytes, k.hash.as_bytes()),
+            "the bcrypt hash is kept"
+        );
+        assert!(contains(&bytes, k.selector.as_bytes()));
+        for secret in [&k.token[24..], &k.token[30..50], &new_token[23..66]] {
+            assert!(!contains(&bytes, secret.as_bytes()), "a secret was stored");
+        }
+    }
+
+    #[test]
+    fn keys_added_by_0_2_after_the_switch_need_an_explicit_import() {
+        let k = Key02::new("early");
+        let (m, dir) = manager_02(&[&k]);
+        let late = Key02::new("late");
+        late.insert(&rusqlite::Connection::open(dir.path().join("keys.db")).unwrap());
+        assert!(matches!(
+            m.verify(&late.token, None),
+            Err(VerifyError::UnknownKey { .. })
+        ));
+        let report = m.import_legacy().unwrap();
+        assert_eq!(
+            (report.found, report.imported, report.already_imported),
+            (2, 1, 1)
+        );
+        assert_eq!(m.verify(&late.token, None).unwrap().key_id, late.id);
+        assert_eq!(
+            KeyManager::memory(opts()).unwrap().import_legacy().unwrap(),
+            LegacyImport::default()
+        );
+    }
+
+    #[test]
+    fn a_legacy_key_revoked_by_another_process_is_refused_here() {
+        let k = Key02::new("shared");
+        let (a, dir) = manager_02(&[&k]);
+        let b = KeyManager::sqlite(dir.path().join("keys.db"), opts()).unwrap();
+        b.verify(&k.token, None).unwrap();
+        a.revoke(&k.id).unwrap();
+        assert_eq!(b.sync_changes().unwrap(), 1);
+        assert!(matches!(
+            b.verify(&k.token, None),
+            Err(VerifyError::Revoked { .. })
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn legacy_shaped_garbage_never_panics(
+            sel in "[0-9a-fA-F.]{0,20}",
+            secret in "[A-Za-z0-9_+/=.é-]{0,50}",
+        ) {
+            thread_local! {
+                static M: KeyManager = memory_02(&[&Key02::new("p")]);
+            }
+            M.with(|m| {
+                let t = format!("fmg_sk_{sel}.{secret}");
+                let _ = m.verify(&t, Some("fuzz"));
+                let _ = m.verify_cached(&t, Now::system());
+                let _ = m.get(&t);
+                let _ = m.revoke(&format!("fmg_sk_{sel}"));
+            });
+        }
     }
 
     proptest! {

@@ -13,6 +13,9 @@
 //!
 //! Timestamps are stored as integer milliseconds since the Unix epoch (UTC); scopes and
 //! metadata as JSON text.
+//!
+//! A file written by fastmcp-guard 0.2 (its `api_keys` table) is taken over when it is first
+//! opened: schema version 2 imports its keys (see [`super::legacy`]). The switch is one way.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,18 +24,41 @@ use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
+use super::legacy::{self, LegacyImport, LegacyRow};
 use super::{Change, KeyBackend, KeyError, KeyRecord, KeyStatus, Touch};
 
-/// Schema migrations; entry `i` brings the file from version `i` to version `i + 1`.
+/// A data step of a migration, run after its SQL in the same transaction.
+pub type DataStep = fn(&SqliteBackend, &Connection) -> Result<(), KeyError>;
+
+/// One schema migration.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// DDL (and SQL-only data changes), run first.
+    pub sql: &'static str,
+    /// Data work that needs Rust, run next in the same transaction.
+    pub data: Option<DataStep>,
+}
+
+/// Schema migrations; entry `i` brings the file from version `i` to version `i + 1`. All
+/// pending steps and the new `schema_version` commit in one transaction, so a failed step
+/// leaves the file as it was.
 ///
-/// TODO(0.2 import): a later migration may take over fastmcp-guard 0.2 files, whose
-/// `api_keys` table holds bcrypt hashes of tokens shaped `fmg_sk_<hex16>.<secret>` with a
-/// `selector` column. Their rows would need a `hash_scheme` column (bcrypt vs argon2id) and
-/// a 0.2-shaped token parser; the table names are kept distinct (`fmg_keys` vs `api_keys`)
-/// so both can live in one file during the import.
-pub const MIGRATIONS: &[&str] = &[
-    // Version 1.
-    "
+/// * 1: `fmg_meta` (the revision counter) and `fmg_keys`.
+/// * 2: `fmg_keys.legacy_selector` (unique where set), `fmg_legacy_imports`, and the import
+///   of a fastmcp-guard 0.2 `api_keys` table if the file has one (the tables have distinct
+///   names, so both live in one file; `api_keys` is left as it was).
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        sql: MIGRATION_1,
+        data: None,
+    },
+    Migration {
+        sql: MIGRATION_2,
+        data: Some(import_legacy_step),
+    },
+];
+
+const MIGRATION_1: &str = "
     CREATE TABLE fmg_meta (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         revision INTEGER NOT NULL
@@ -56,8 +82,22 @@ pub const MIGRATIONS: &[&str] = &[
         revision INTEGER NOT NULL
     );
     CREATE INDEX fmg_keys_revision ON fmg_keys (revision);
-    ",
-];
+";
+
+const MIGRATION_2: &str = "
+    ALTER TABLE fmg_keys ADD COLUMN legacy_selector TEXT;
+    CREATE UNIQUE INDEX fmg_keys_legacy_selector ON fmg_keys (legacy_selector)
+        WHERE legacy_selector IS NOT NULL;
+    CREATE TABLE fmg_legacy_imports (
+        id TEXT PRIMARY KEY NOT NULL,
+        selector TEXT NOT NULL,
+        imported_at INTEGER NOT NULL
+    );
+";
+
+fn import_legacy_step(backend: &SqliteBackend, tx: &Connection) -> Result<(), KeyError> {
+    backend.import_legacy_in(tx).map(|_| ())
+}
 
 /// The schema version this build writes.
 #[must_use]
@@ -67,7 +107,7 @@ pub fn schema_version() -> i64 {
 
 const COLUMNS: &str = "id, name, phc_hash, scopes, metadata, status, created_at, expires_at, \
                        last_used_at, last_used_ip, grace_until, rotated_from, rotated_to, \
-                       revoked_at, revision";
+                       revoked_at, revision, legacy_selector";
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -109,6 +149,7 @@ struct RawRow {
     rotated_to: Option<String>,
     revoked_at: Option<i64>,
     revision: i64,
+    legacy_selector: Option<String>,
 }
 
 impl RawRow {
@@ -129,6 +170,7 @@ impl RawRow {
             rotated_to: row.get(12)?,
             revoked_at: row.get(13)?,
             revision: row.get(14)?,
+            legacy_selector: row.get(15)?,
         })
     }
 }
@@ -176,7 +218,7 @@ impl SqliteBackend {
             path: display.clone(),
             source,
         };
-        let mut conn = Connection::open(&path).map_err(store_err)?;
+        let conn = Connection::open(&path).map_err(store_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(store_err)?;
         // The first statement that reads the file: detects files that are not databases.
         conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0))
@@ -192,11 +234,17 @@ impl SqliteBackend {
             })?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(store_err)?;
-        migrate(&mut conn, &display)?;
+        let backend = Self {
+            path,
+            display,
+            state: Mutex::new(State { conn, seen: None }),
+        };
+        backend.migrate()?;
+        let (path, display) = (&backend.path, &backend.display);
         #[cfg(unix)]
         if !existed {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
                 |source| KeyError::Io {
                     path: display.clone(),
                     source,
@@ -204,12 +252,153 @@ impl SqliteBackend {
             )?;
         }
         #[cfg(not(unix))]
-        let _ = existed;
-        Ok(Self {
-            path,
-            display,
-            state: Mutex::new(State { conn, seen: None }),
-        })
+        let _ = (existed, path, display);
+        Ok(backend)
+    }
+
+    /// Imports the keys of a fastmcp-guard 0.2 `api_keys` table in this file that were not
+    /// imported yet, in one transaction (also reachable as [`KeyBackend::import_legacy`] and
+    /// [`super::KeyManager::import_legacy`]). Opening the file does this once (schema
+    /// version 2); call this again only if a 0.2 process kept adding keys to the file after
+    /// the switch (changes it made to keys already imported are not carried over: the switch
+    /// is one way).
+    ///
+    /// # Errors
+    /// [`KeyError::Corrupt`] naming a row that cannot be read (nothing is imported then);
+    /// [`KeyError::LegacyTable`] if `api_keys` is not 0.2's; store errors.
+    pub fn import_legacy(&self) -> Result<LegacyImport, KeyError> {
+        let mut state = self.state.lock();
+        let tx = state
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let report = self.import_legacy_in(&tx)?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(report)
+    }
+
+    /// Whether the file has a 0.2 `api_keys` table (checked for 0.2's columns).
+    fn legacy_table(&self, tx: &Connection) -> Result<bool, KeyError> {
+        let mut stmt = tx
+            .prepare("SELECT name FROM pragma_table_info(?1)")
+            .map_err(|e| self.err(e))?;
+        let columns = stmt
+            .query_map([legacy::TABLE], |r| r.get::<_, String>(0))
+            .map_err(|e| self.err(e))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))?;
+        if columns.is_empty() {
+            return Ok(false);
+        }
+        let missing: Vec<&str> = legacy::COLUMNS
+            .iter()
+            .copied()
+            .filter(|c| !columns.iter().any(|have| have == c))
+            .collect();
+        if missing.is_empty() {
+            Ok(true)
+        } else {
+            Err(KeyError::LegacyTable {
+                path: self.display.clone(),
+                reason: format!("it has no column {}", missing.join(", ")),
+            })
+        }
+    }
+
+    fn import_legacy_in(&self, tx: &Connection) -> Result<LegacyImport, KeyError> {
+        if !self.legacy_table(tx)? {
+            return Ok(LegacyImport::default());
+        }
+        let rows = {
+            // Every value as text: 0.2 wrote text, and a stray number must not fail the read.
+            let mut stmt = tx
+                .prepare(&format!(
+                    "SELECT {} FROM {} ORDER BY rowid",
+                    legacy::COLUMNS
+                        .iter()
+                        .map(|c| format!("CAST({c} AS TEXT)"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    legacy::TABLE
+                ))
+                .map_err(|e| self.err(e))?;
+            let rows = stmt
+                .query_map([], |r| {
+                    let text = |i: usize| r.get::<_, Option<String>>(i);
+                    let req = |i: usize| text(i).map(Option::unwrap_or_default);
+                    Ok(LegacyRow {
+                        id: req(0)?,
+                        token_hash: req(1)?,
+                        selector: req(2)?,
+                        name: req(3)?,
+                        scopes: req(4)?,
+                        status: req(5)?,
+                        metadata: req(6)?,
+                        created_at: req(7)?,
+                        expires_at: text(8)?,
+                        last_used_at: text(9)?,
+                        rotated_from: text(10)?,
+                        grace_until: text(11)?,
+                    })
+                })
+                .map_err(|e| self.err(e))?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(|e| self.err(e))?
+        };
+        let successors = legacy::successors(&rows);
+        let now = Utc::now().timestamp_millis();
+        let mut report = LegacyImport {
+            found: rows.len(),
+            ..LegacyImport::default()
+        };
+        for row in &rows {
+            let seen = tx
+                .query_row(
+                    "SELECT 1 FROM fmg_legacy_imports WHERE id = ?1",
+                    [&row.id],
+                    |_| Ok(()),
+                )
+                .optional()
+                .map_err(|e| self.err(e))?
+                .is_some();
+            if seen {
+                report.already_imported += 1;
+                continue;
+            }
+            let clash = tx
+                .query_row(
+                    "SELECT 1 FROM fmg_keys WHERE id = ?1 OR legacy_selector = ?2",
+                    [&row.id, &row.selector],
+                    |_| Ok(()),
+                )
+                .optional()
+                .map_err(|e| self.err(e))?
+                .is_some();
+            if clash {
+                report.conflicts += 1;
+                continue;
+            }
+            let record = row
+                .to_record(successors.get(&row.id).cloned())
+                .map_err(|reason| {
+                    self.corrupt(
+                        &row.id,
+                        format!(
+                            "{reason} (a row of the fastmcp-guard 0.2 table `{}`; fix or \
+                             delete that row, then open the key store again)",
+                            legacy::TABLE
+                        ),
+                    )
+                })?;
+            self.insert_in(tx, &record)?;
+            tx.execute(
+                "INSERT INTO fmg_legacy_imports (id, selector, imported_at) VALUES (?1, ?2, ?3)",
+                params![row.id, row.selector, now],
+            )
+            .map_err(|e| self.err(e))?;
+            report.imported += 1;
+        }
+        Ok(report)
     }
 
     /// The database path.
@@ -264,6 +453,7 @@ impl SqliteBackend {
             rotated_from: raw.rotated_from,
             rotated_to: raw.rotated_to,
             revision,
+            legacy_selector: raw.legacy_selector,
             id,
         })
     }
@@ -282,7 +472,7 @@ impl SqliteBackend {
         tx.execute(
             &format!(
                 "INSERT INTO fmg_keys ({COLUMNS}) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
             ),
             params![
                 record.id,
@@ -300,16 +490,28 @@ impl SqliteBackend {
                 record.rotated_to,
                 opt_ms(record.revoked_at),
                 to_i64(rev),
+                record.legacy_selector,
             ],
         )
         .map_err(|e| {
-            if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) {
-                KeyError::InvalidInput {
+            if e.sqlite_error_code() != Some(ErrorCode::ConstraintViolation) {
+                return self.err(e);
+            }
+            let id_taken = tx
+                .query_row("SELECT 1 FROM fmg_keys WHERE id = ?1", [&record.id], |_| {
+                    Ok(())
+                })
+                .optional()
+                .map_or(true, |found| found.is_some());
+            match (&record.legacy_selector, id_taken) {
+                (Some(sel), false) => KeyError::InvalidInput {
+                    field: "legacy_selector",
+                    reason: format!("a key with 0.2 selector `{sel}` already exists"),
+                },
+                _ => KeyError::InvalidInput {
                     field: "id",
                     reason: format!("a key with id `{}` already exists", record.id),
-                }
-            } else {
-                self.err(e)
+                },
             }
         })?;
         Ok(rev)
@@ -367,7 +569,15 @@ fn bump_revision(conn: &Connection) -> rusqlite::Result<u64> {
     Ok(u64::try_from(rev).unwrap_or(0))
 }
 
-fn migrate(conn: &mut Connection, display: &str) -> Result<(), KeyError> {
+impl SqliteBackend {
+    fn migrate(&self) -> Result<(), KeyError> {
+        let display = self.display.as_str();
+        let mut state = self.state.lock();
+        migrate(self, &mut state.conn, display)
+    }
+}
+
+fn migrate(backend: &SqliteBackend, conn: &mut Connection, display: &str) -> Result<(), KeyError> {
     let store_err = |source| KeyError::Store {
         path: display.to_owned(),
         source,
@@ -397,7 +607,10 @@ fn migrate(conn: &mut Connection, display: &str) -> Result<(), KeyError> {
     }
     let done = usize::try_from(found).unwrap_or(0);
     for step in MIGRATIONS.iter().skip(done) {
-        tx.execute_batch(step).map_err(store_err)?;
+        tx.execute_batch(step.sql).map_err(store_err)?;
+        if let Some(data) = step.data {
+            data(backend, &tx)?;
+        }
     }
     tx.execute("DELETE FROM schema_version", [])
         .map_err(store_err)?;
@@ -429,6 +642,26 @@ impl KeyBackend for SqliteBackend {
                 .prepare_cached(&format!("SELECT {COLUMNS} FROM fmg_keys WHERE id = ?1"))
                 .map_err(|e| self.err(e))?;
             stmt.query_row([id], RawRow::read)
+                .optional()
+                .map_err(|e| self.err(e))?
+        };
+        raw.map(|r| self.decode(r)).transpose()
+    }
+
+    fn import_legacy(&self) -> Result<LegacyImport, KeyError> {
+        SqliteBackend::import_legacy(self)
+    }
+
+    fn get_by_legacy_selector(&self, selector: &str) -> Result<Option<KeyRecord>, KeyError> {
+        let raw = {
+            let state = self.state.lock();
+            let mut stmt = state
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM fmg_keys WHERE legacy_selector = ?1"
+                ))
+                .map_err(|e| self.err(e))?;
+            stmt.query_row([selector], RawRow::read)
                 .optional()
                 .map_err(|e| self.err(e))?
         };
@@ -549,5 +782,306 @@ impl KeyBackend for SqliteBackend {
         let next = rows.iter().map(|c| c.revision).fold(revision, u64::max);
         state.seen = Some((data_version, next));
         Ok((next, rows))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use super::super::legacy::testing::{iso, write_file, Key02};
+    use super::*;
+
+    fn api_keys_dump(path: &Path) -> Vec<Vec<Option<String>>> {
+        let conn = Connection::open(path).unwrap();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {} FROM api_keys ORDER BY id",
+                legacy::COLUMNS.join(", ")
+            ))
+            .unwrap();
+        stmt.query_map([], |r| {
+            (0..legacy::COLUMNS.len())
+                .map(|i| r.get::<_, Option<String>>(i))
+                .collect()
+        })
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+    }
+
+    fn count(path: &Path, table: &str) -> i64 {
+        Connection::open(path)
+            .unwrap()
+            .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// Three keys as 0.2 leaves them after `create`, `rotate(grace)` and `revoke`.
+    fn three_keys() -> (Key02, Key02, Key02, Key02) {
+        let now = Utc::now();
+        let mut active = Key02::new("alice");
+        active.scopes = r#"["read:data", "tools:write"]"#.to_owned();
+        active.metadata = r#"{"team": "ops", "tier": 2}"#.to_owned();
+        active.expires_at = Some(iso(now + chrono::Duration::days(30)));
+        active.last_used_at = Some(iso(now - chrono::Duration::seconds(5)));
+        let mut rotating = Key02::new("bob");
+        rotating.status = "rotating";
+        rotating.grace_until = Some(iso(now + chrono::Duration::hours(24)));
+        let mut successor = Key02::new("bob");
+        successor.rotated_from = Some(rotating.id.clone());
+        successor.created_at = iso(now);
+        let mut revoked = Key02::new("carol");
+        revoked.status = "revoked";
+        (active, rotating, successor, revoked)
+    }
+
+    #[test]
+    fn a_0_2_file_is_imported_on_first_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let (active, rotating, successor, revoked) = three_keys();
+        write_file(&path, &[&active, &rotating, &successor, &revoked]);
+        let before = api_keys_dump(&path);
+
+        let b = SqliteBackend::open(&path).unwrap();
+        let rec = b.get(&active.id).unwrap().unwrap();
+        assert_eq!(rec.name, "alice");
+        assert_eq!(rec.scopes, ["read:data", "tools:write"]);
+        assert_eq!(rec.metadata["team"], "ops");
+        assert_eq!(rec.metadata["tier"], 2);
+        assert_eq!(rec.status, KeyStatus::Active);
+        assert_eq!(rec.phc_hash, active.hash);
+        assert_eq!(
+            rec.legacy_selector.as_deref(),
+            Some(active.selector.as_str())
+        );
+        let ms_of = |s: &Option<String>| {
+            legacy::parse_time(s.as_deref().unwrap())
+                .unwrap()
+                .timestamp_millis()
+        };
+        assert_eq!(
+            rec.created_at.timestamp_millis(),
+            ms_of(&Some(active.created_at.clone()))
+        );
+        assert_eq!(
+            rec.expires_at.map(|t| t.timestamp_millis()),
+            Some(ms_of(&active.expires_at))
+        );
+        assert_eq!(
+            rec.last_used_at.map(|t| t.timestamp_millis()),
+            Some(ms_of(&active.last_used_at))
+        );
+        assert!(rec.revision > 0);
+
+        let rot = b.get(&rotating.id).unwrap().unwrap();
+        assert_eq!(rot.status, KeyStatus::Rotating);
+        assert_eq!(
+            rot.grace_until.map(|t| t.timestamp_millis()),
+            Some(ms_of(&rotating.grace_until))
+        );
+        assert_eq!(rot.rotated_to.as_deref(), Some(successor.id.as_str()));
+        let succ = b.get(&successor.id).unwrap().unwrap();
+        assert_eq!(succ.rotated_from.as_deref(), Some(rotating.id.as_str()));
+        assert_eq!(
+            b.get(&revoked.id).unwrap().unwrap().status,
+            KeyStatus::Revoked
+        );
+
+        // Found by selector; the 0.2 table is untouched; the file is at the new version.
+        let by_sel = b.get_by_legacy_selector(&active.selector).unwrap().unwrap();
+        assert_eq!(by_sel, rec);
+        assert!(b
+            .get_by_legacy_selector("0000000000000000")
+            .unwrap()
+            .is_none());
+        assert_eq!(b.list(true).unwrap().len(), 4);
+        assert_eq!(api_keys_dump(&path), before);
+        assert_eq!(count(&path, "fmg_legacy_imports"), 4);
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 2);
+    }
+
+    #[test]
+    fn importing_is_idempotent_and_never_resurrects() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let (active, rotating, successor, revoked) = three_keys();
+        write_file(&path, &[&active, &rotating, &successor, &revoked]);
+        let first: Vec<KeyRecord> = {
+            let b = SqliteBackend::open(&path).unwrap();
+            let mut rec = b.get(&active.id).unwrap().unwrap();
+            // Revoked here after the switch: no later import may bring it back as active.
+            rec.status = KeyStatus::Revoked;
+            b.update(&rec).unwrap();
+            b.list(true).unwrap()
+        };
+        let b = SqliteBackend::open(&path).unwrap();
+        assert_eq!(b.list(true).unwrap(), first);
+        assert_eq!(
+            b.import_legacy().unwrap(),
+            LegacyImport {
+                found: 4,
+                imported: 0,
+                already_imported: 4,
+                conflicts: 0
+            }
+        );
+        assert_eq!(b.list(true).unwrap(), first);
+        assert_eq!(
+            b.get(&active.id).unwrap().unwrap().status,
+            KeyStatus::Revoked
+        );
+
+        // A key a 0.2 process added after the switch is only taken by an explicit import.
+        let late = Key02::new("late");
+        late.insert(&Connection::open(&path).unwrap());
+        drop(b);
+        let b = SqliteBackend::open(&path).unwrap();
+        assert!(b.get(&late.id).unwrap().is_none());
+        let report = b.import_legacy().unwrap();
+        assert_eq!((report.found, report.imported), (5, 1));
+        assert!(b.get(&late.id).unwrap().is_some());
+        assert_eq!(count(&path, "fmg_keys"), 5);
+    }
+
+    #[test]
+    fn a_row_whose_id_is_taken_is_a_conflict_not_an_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let b = SqliteBackend::open(&path).unwrap();
+        let mut clash = Key02::new("clash");
+        let mut mine = clash.to_row_record();
+        mine.legacy_selector = None;
+        mine.phc_hash = "$argon2id$mine".to_owned();
+        b.insert(&mine).unwrap();
+        clash.name = "theirs".to_owned();
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(legacy::testing::DDL).unwrap();
+        clash.insert(&conn);
+        let report = b.import_legacy().unwrap();
+        assert_eq!((report.imported, report.conflicts), (0, 1));
+        assert_eq!(
+            b.get(&clash.id).unwrap().unwrap().phc_hash,
+            "$argon2id$mine"
+        );
+    }
+
+    #[test]
+    fn a_version_1_file_gains_the_column_and_keeps_its_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATION_1).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL);
+                 INSERT INTO schema_version VALUES (1);
+                 UPDATE fmg_meta SET revision = 1;
+                 INSERT INTO fmg_keys (id, name, phc_hash, scopes, metadata, status, created_at,
+                     revision) VALUES ('fmg_key_AAAAAAAAAAAAAAAA', 'old', '$argon2id$x', '[]',
+                     '{}', 'active', 1700000000000, 1);",
+            )
+            .unwrap();
+        }
+        let b = SqliteBackend::open(&path).unwrap();
+        let rec = b.get("fmg_key_AAAAAAAAAAAAAAAA").unwrap().unwrap();
+        assert_eq!((rec.name.as_str(), rec.legacy_selector), ("old", None));
+        assert_eq!(rec.created_at.timestamp_millis(), 1_700_000_000_000);
+        assert_eq!(b.import_legacy().unwrap(), LegacyImport::default());
+    }
+
+    #[test]
+    fn a_bad_row_fails_the_open_naming_it_and_imports_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let good = Key02::new("good");
+        let mut bad = Key02::new("bad");
+        bad.expires_at = Some("next tuesday".to_owned());
+        write_file(&path, &[&good, &bad]);
+        let err = SqliteBackend::open(&path).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, KeyError::Corrupt { .. }), "{msg}");
+        assert!(
+            msg.contains(&bad.id) && msg.contains("expires_at") && msg.contains("next tuesday"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("api_keys") && !msg.contains(&bad.hash),
+            "{msg}"
+        );
+        // Nothing was written: not even our tables.
+        let conn = Connection::open(&path).unwrap();
+        let ours: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name LIKE 'fmg_%' \
+                 OR name = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(ours, 0);
+        // Fixed, it opens.
+        conn.execute(
+            "UPDATE api_keys SET expires_at = NULL WHERE id = ?1",
+            [&bad.id],
+        )
+        .unwrap();
+        drop(conn);
+        let b = SqliteBackend::open(&path).unwrap();
+        assert_eq!(b.list(true).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_foreign_api_keys_table_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE api_keys (id TEXT PRIMARY KEY, secret TEXT)")
+            .unwrap();
+        let err = SqliteBackend::open(&path).unwrap_err();
+        assert!(matches!(err, KeyError::LegacyTable { .. }), "{err}");
+        assert!(err.to_string().contains("token_hash"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_0_2_file_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        write_file(&path, &[]);
+        let b = SqliteBackend::open(&path).unwrap();
+        assert!(b.list(true).unwrap().is_empty());
+        assert_eq!(
+            b.import_legacy().unwrap(),
+            LegacyImport {
+                found: 0,
+                ..LegacyImport::default()
+            }
+        );
+    }
+
+    #[test]
+    fn selectors_are_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = SqliteBackend::open(dir.path().join("keys.db")).unwrap();
+        let k = Key02::new("a");
+        b.insert(&k.to_row_record()).unwrap();
+        let mut twin = Key02::new("b").to_row_record();
+        twin.legacy_selector = Some(k.selector.clone());
+        let err = b.insert(&twin).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KeyError::InvalidInput {
+                    field: "legacy_selector",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }
