@@ -1,12 +1,15 @@
-//! Audit log: one event type for every decision, written as JSON Lines by a
-//! background thread.
+//! Audit log: one event type for every decision, written by a background
+//! thread as JSON Lines ([`JsonlFileSink`]) or as rows of an `SQLite` table
+//! ([`SqliteSink`], queried with [`query`]).
 //!
 //! The request path only calls [`AuditWriter::enqueue`], which moves the event
 //! into a bounded queue and returns at once. One named thread (`fmg-audit`)
-//! takes every event already queued (up to [`WriterOptions::batch_max`]),
-//! serialises them with [`write_line`] into one reused buffer, and hands the
-//! buffer to a [`Sink`] in a single write; the sink is flushed to the OS after
-//! every batch and synced to disk on [`AuditWriter::close`].
+//! takes every event already queued (up to [`WriterOptions::batch_max`]) and
+//! hands them to a [`Sink`] as one [`Batch`]: for a JSONL sink the thread
+//! serialises them with [`write_line`] into one reused buffer (one write per
+//! batch); the `SQLite` sink inserts the events themselves in one transaction.
+//! The sink is flushed to the OS after every batch and synced to disk on
+//! [`AuditWriter::close`].
 //!
 //! Policies (documented here because callers depend on them):
 //! - **Queue full:** the event is dropped and counted in
@@ -29,9 +32,9 @@
 //!
 //! Throughput notes (the thread must sustain > 1 M events/s on two cores):
 //! the queue carries boxes that the writer hands back for reuse, so event
-//! memory is freed by producer threads (see [`AuditWriter::enqueue`]); after a
-//! partial batch under load the thread sleeps 1 ms instead of blocking, so
-//! producers do not pay a futex wake-up per event.
+//! memory is freed by producer threads (see [`AuditWriter::enqueue`]). The thread
+//! never blocks on the event queue (only on its control channel, with a timeout of
+//! 1 ms under load and 10 ms idle), so producers never pay a futex wake-up.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -44,9 +47,13 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
+
+mod sqlite;
+
+pub use sqlite::{query, AuditQuery, AuditRecord, SqliteSink, SQLITE_SCHEMA_VERSION};
 
 /// Errors of the audit module.
 #[derive(Debug, thiserror::Error)]
@@ -67,13 +74,74 @@ pub enum AuditError {
         /// What to use instead.
         fix: &'static str,
     },
-    /// The log file could not be opened (at construction).
+    /// The log file or database could not be opened (at construction).
     #[error("cannot open audit log {}: {source}; {}", .path.display(), open_hint(.source, .path))]
     Open {
-        /// The path given to [`AuditWriter::open_jsonl`].
+        /// The path given to [`AuditWriter::open_jsonl`] / [`AuditWriter::open_sqlite`].
         path: PathBuf,
         /// The OS error.
         source: io::Error,
+    },
+    /// The path holds a file that is not an `SQLite` database.
+    #[error(
+        "cannot use {} as the SQLite audit database: {reason}; give the path of an audit \
+         database or of a new file (a JSONL log needs the file backend)",
+        .path.display()
+    )]
+    NotADatabase {
+        /// The path given.
+        path: PathBuf,
+        /// What `SQLite` said.
+        reason: String,
+    },
+    /// There is no audit database at the path (querying never creates one).
+    #[error(
+        "no SQLite audit database at {}: the sqlite audit backend creates it when the \
+         server starts; check the path",
+        .path.display()
+    )]
+    NoDatabase {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// An `SQLite` operation on the audit database failed (opening, migrating,
+    /// querying).
+    #[error(
+        "SQLite audit database {}: {source}; check that the file and its directory are \
+         readable and writable and that no other process holds a write lock for long",
+        .path.display()
+    )]
+    Database {
+        /// The database path.
+        path: PathBuf,
+        /// The `SQLite` error.
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer fastmcp-guard.
+    #[error(
+        "audit database {} has schema version {found}, newer than this build supports \
+         ({supported}); upgrade fastmcp-guard or use another file",
+        .path.display()
+    )]
+    SchemaTooNew {
+        /// The database path.
+        path: PathBuf,
+        /// The version found in the file.
+        found: i64,
+        /// The newest version this build knows.
+        supported: i64,
+    },
+    /// The database has no usable `audit_log` table.
+    #[error(
+        "audit database {} {problem}; point the sqlite audit backend at a file it created \
+         (or at a fastmcp-guard 0.2 audit database)",
+        .path.display()
+    )]
+    Schema {
+        /// The database path.
+        path: PathBuf,
+        /// What is wrong, e.g. `lacks the columns tool, status in table audit_log`.
+        problem: String,
     },
     /// The background thread could not be started.
     #[error(
@@ -539,16 +607,91 @@ fn write_value(buf: &mut Vec<u8>, v: &Value) {
 // Sinks
 // ---------------------------------------------------------------------------
 
+/// What a [`Sink`] reads from each [`Batch`] (see [`Sink::format`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchFormat {
+    /// The events serialised by [`write_line`], one line each ([`Batch::jsonl`]).
+    /// The thread recycles each event as soon as it is serialised.
+    Jsonl,
+    /// The events themselves ([`Batch::events`]); nothing is serialised.
+    Events,
+}
+
+/// One batch as the writer thread hands it to a [`Sink`]: `len` events in enqueue
+/// order, as JSONL bytes or as events, depending on the sink's [`Sink::format`].
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    events: &'a [Box<AuditEvent>],
+    jsonl: &'a [u8],
+    len: usize,
+}
+
+impl<'a> Batch<'a> {
+    /// A [`BatchFormat::Jsonl`] batch: `jsonl` holds `len` complete lines.
+    #[must_use]
+    pub fn of_jsonl(jsonl: &'a [u8], len: usize) -> Self {
+        Batch {
+            events: &[],
+            jsonl,
+            len,
+        }
+    }
+
+    /// A [`BatchFormat::Events`] batch.
+    #[must_use]
+    pub fn of_events(events: &'a [Box<AuditEvent>]) -> Self {
+        Batch {
+            events,
+            jsonl: &[],
+            len: events.len(),
+        }
+    }
+
+    /// The events, in enqueue order (none in a [`BatchFormat::Jsonl`] batch).
+    #[must_use]
+    pub fn events(&self) -> impl ExactSizeIterator<Item = &'a AuditEvent> + 'a {
+        self.events.iter().map(|b| &**b)
+    }
+
+    /// The events as complete JSONL lines (empty in a [`BatchFormat::Events`] batch).
+    #[must_use]
+    pub fn jsonl(&self) -> &'a [u8] {
+        self.jsonl
+    }
+
+    /// Number of events in the batch, in either format.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the batch holds no event (the writer never sends one).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// Where batches go. The writer thread calls these in order
 /// `write_batch` → `flush` for every batch, and `sync` once on close.
 /// Implement it to add a backend (rotation, `SQLite`, HTTP) without touching
 /// the queue logic; see [`AuditWriter::with_sink`].
+///
+/// A byte-oriented sink (a file, a socket) keeps the default
+/// [`BatchFormat::Jsonl`] and reads [`Batch::jsonl`]; a sink that stores the
+/// fields itself (such as [`SqliteSink`]) asks for [`BatchFormat::Events`]
+/// and reads [`Batch::events`], and the thread serialises nothing.
 pub trait Sink: Send {
-    /// Writes `buf`, which holds `n` complete JSONL lines.
+    /// What [`write_batch`](Self::write_batch) reads (default
+    /// [`BatchFormat::Jsonl`]). Asked once, when the writer starts.
+    fn format(&self) -> BatchFormat {
+        BatchFormat::Jsonl
+    }
+    /// Writes one batch (never empty).
     ///
     /// # Errors
-    /// The I/O error; the batch counts as lost.
-    fn write_batch(&mut self, buf: &[u8], n: usize) -> io::Result<()>;
+    /// The I/O error; the whole batch counts as lost.
+    fn write_batch(&mut self, batch: &Batch<'_>) -> io::Result<()>;
     /// Pushes buffered data to the OS (not necessarily to disk).
     ///
     /// # Errors
@@ -645,8 +788,8 @@ fn append_lines<W: Write>(w: &mut W, buf: &[u8], partial_line: &mut bool) -> io:
 }
 
 impl Sink for JsonlFileSink {
-    fn write_batch(&mut self, buf: &[u8], _n: usize) -> io::Result<()> {
-        append_lines(&mut self.file, buf, &mut self.partial_line)
+    fn write_batch(&mut self, batch: &Batch<'_>) -> io::Result<()> {
+        append_lines(&mut self.file, batch.jsonl(), &mut self.partial_line)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -779,6 +922,10 @@ const POOL_MAX: usize = 1024;
 /// Pause after a partial batch of more than one event (see `Worker::run`).
 /// At 1 M events/s this gathers ~1000 events, far below the queue capacity.
 const LINGER: Duration = Duration::from_millis(1);
+/// Longest an event waits in the queue when the thread is idle (or the flush
+/// interval, if shorter). Short enough that a burst after an idle spell cannot fill
+/// the default queue (65,536 events) before the thread looks.
+const IDLE_TICK: Duration = Duration::from_millis(10);
 
 /// The asynchronous audit writer. `Send + Sync`: share it (e.g. in an `Arc`)
 /// and call [`enqueue`](Self::enqueue) from any thread.
@@ -814,6 +961,22 @@ impl AuditWriter {
         AuditWriter::with_sink(sink, opts)
     }
 
+    /// Opens (creating it, mode 0600 on unix, if missing) the `SQLite` audit
+    /// database at `path`, migrates its schema (a fastmcp-guard 0.2 file is
+    /// taken over in place), and starts the writer thread. Each batch is one
+    /// transaction; see [`SqliteSink`].
+    ///
+    /// # Errors
+    /// [`AuditError::Open`] (missing directory, permissions; names the path),
+    /// [`AuditError::NotADatabase`], [`AuditError::SchemaTooNew`],
+    /// [`AuditError::Schema`], [`AuditError::Database`],
+    /// [`AuditError::InvalidOption`], [`AuditError::Spawn`].
+    pub fn open_sqlite(path: &Path, opts: WriterOptions) -> Result<AuditWriter, AuditError> {
+        opts.validate()?;
+        let sink = SqliteSink::open(path)?;
+        AuditWriter::with_sink(sink, opts)
+    }
+
     /// Starts the writer thread (`fmg-audit`) over any [`Sink`].
     ///
     /// # Errors
@@ -827,10 +990,18 @@ impl AuditWriter {
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let (pool_tx, pool_rx) = crossbeam_channel::bounded(opts.queue_capacity.min(POOL_MAX));
         let shared = Arc::new(Shared::default());
+        let format = sink.format();
+        let jsonl = format == BatchFormat::Jsonl;
         let worker = Worker {
             sink,
             shared: Arc::clone(&shared),
-            buf: Vec::with_capacity(64 * 1024),
+            format,
+            pending: Vec::with_capacity(if jsonl {
+                0
+            } else {
+                opts.batch_max.min(POOL_MAX)
+            }),
+            buf: Vec::with_capacity(if jsonl { 64 * 1024 } else { 0 }),
             batch_max: opts.batch_max,
             unreported: None,
             pool: pool_tx,
@@ -972,6 +1143,13 @@ impl Drop for AuditWriter {
 struct Worker<S> {
     sink: S,
     shared: Arc<Shared>,
+    format: BatchFormat,
+    /// `Events` format: the batch being gathered (boxes retired after the write).
+    #[allow(
+        clippy::vec_box,
+        reason = "the boxes go back to the producers through the pool"
+    )]
+    pending: Vec<Box<AuditEvent>>,
     buf: Vec<u8>,
     batch_max: usize,
     /// A failure not yet returned by `flush`/`close`.
@@ -988,37 +1166,43 @@ impl<S: Sink> Worker<S> {
         interval: Duration,
     ) -> Result<(), AuditError> {
         let linger = interval.min(LINGER);
+        let idle = interval.min(IDLE_TICK);
+        let mut wait = idle;
         loop {
-            crossbeam_channel::select! {
-                recv(events) -> msg => match msg {
+            // The thread blocks on the control channel only, never on the event
+            // queue: producers find no waiter to wake, so `enqueue` makes no system
+            // call. Flush and close requests wake it at once.
+            match control.recv_timeout(wait) {
+                Ok(Control::Flush(reply)) => {
+                    let res = self.flush_pending(events);
+                    // The caller may have given up waiting; nothing to do then.
+                    reply.send(res).ok();
+                }
+                Ok(Control::Close) | Err(RecvTimeoutError::Disconnected) => {
+                    return self.finish(events);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            let mut drained = 0;
+            loop {
+                match events.try_recv() {
                     Ok(first) => {
                         let n = self.batch(events, first, usize::MAX);
-                        if n > 1 && n < self.batch_max {
-                            // Under load, blocking on an empty queue would make
-                            // producers pay a futex wake per event. Sleep
-                            // instead (producers see no waiter) and let a
-                            // batch gather; a full batch means more is waiting.
-                            std::thread::sleep(linger);
+                        drained += n;
+                        if n < self.batch_max {
+                            break; // the queue is (nearly) empty: let a batch gather
                         }
                     }
-                    Err(_) => return self.finish(events),
-                },
-                recv(control) -> msg => match msg {
-                    Ok(Control::Flush(reply)) => {
-                        let res = self.flush_pending(events);
-                        // The caller may have given up waiting; nothing to do then.
-                        reply.send(res).ok();
-                    }
-                    Ok(Control::Close) | Err(_) => return self.finish(events),
-                },
-                // Idle tick: nothing is buffered here (each batch is written
-                // at once); time-based work such as rotation hooks in here.
-                default(interval) => {}
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return self.finish(events),
+                }
             }
+            // Under load, come back after a short linger; idle, after the tick.
+            wait = if drained > 0 { linger } else { idle };
         }
     }
 
-    /// Serialises `first` and up to `min(batch_max, limit) - 1` already-queued
+    /// Takes `first` and up to `min(batch_max, limit) - 1` already-queued
     /// events, writes them as one batch, and returns how many it took.
     fn batch(
         &mut self,
@@ -1027,32 +1211,48 @@ impl<S: Sink> Worker<S> {
         limit: usize,
     ) -> usize {
         let max = self.batch_max.min(limit);
-        write_line(&mut self.buf, &first);
-        self.retire(first);
+        self.push(first);
         let mut n = 1;
         while n < max && self.buf.len() < BATCH_BYTES {
             match events.try_recv() {
                 Ok(ev) => {
-                    write_line(&mut self.buf, &ev);
-                    self.retire(ev);
+                    self.push(ev);
                     n += 1;
                 }
                 Err(_) => break,
             }
         }
-        self.write_buf(n);
+        self.write_pending(n);
         n
     }
 
-    /// Offers a serialised event's box to the producers for reuse; if the
-    /// pool is full, `try_send` hands it back and it is freed here.
+    /// Adds one event to the batch: serialised and recycled at once in the
+    /// `Jsonl` format (the event is hot in cache and the pool refills
+    /// while the batch gathers), kept until the write in the `Events` format.
+    fn push(&mut self, ev: Box<AuditEvent>) {
+        match self.format {
+            BatchFormat::Jsonl => {
+                write_line(&mut self.buf, &ev);
+                self.retire(ev);
+            }
+            BatchFormat::Events => self.pending.push(ev),
+        }
+    }
+
+    /// Offers a written or serialised event's box to the producers for reuse;
+    /// if the pool is full, `try_send` hands it back and it is freed here.
     fn retire(&self, ev: Box<AuditEvent>) {
         self.pool.try_send(ev).ok();
     }
 
-    fn write_buf(&mut self, n: usize) {
+    /// Writes the gathered batch of `n` events, then retires kept events.
+    fn write_pending(&mut self, n: usize) {
         let n64 = n as u64;
-        match self.sink.write_batch(&self.buf, n) {
+        let batch = match self.format {
+            BatchFormat::Jsonl => Batch::of_jsonl(&self.buf, n),
+            BatchFormat::Events => Batch::of_events(&self.pending),
+        };
+        match self.sink.write_batch(&batch) {
             Ok(()) => {
                 self.shared.written.0.fetch_add(n64, Ordering::Relaxed);
                 self.sink_flush();
@@ -1062,6 +1262,11 @@ impl<S: Sink> Worker<S> {
                 self.fail(AuditError::Write { source });
             }
         }
+        let mut pending = std::mem::take(&mut self.pending);
+        for ev in pending.drain(..) {
+            self.retire(ev);
+        }
+        self.pending = pending;
         if self.buf.capacity() > BUF_RETAIN {
             self.buf = Vec::with_capacity(64 * 1024);
         } else {
@@ -1606,7 +1811,9 @@ mod tests {
     }
 
     impl Sink for MemSink {
-        fn write_batch(&mut self, buf: &[u8], n: usize) -> io::Result<()> {
+        fn write_batch(&mut self, batch: &Batch<'_>) -> io::Result<()> {
+            let (buf, n) = (batch.jsonl(), batch.len());
+            assert_eq!(batch.events().len(), 0, "a Jsonl batch carries no events");
             if let Some((entered, release)) = &self.gate {
                 entered.send(()).unwrap();
                 release.lock().recv().unwrap();
@@ -1636,6 +1843,55 @@ mod tests {
             ..MemSink::default()
         };
         (sink, entered_rx, release_tx)
+    }
+
+    /// (len, JSONL bytes, key ids) of one batch.
+    type Seen = (usize, usize, Vec<String>);
+
+    /// Asks for events; records every batch.
+    #[derive(Clone, Default)]
+    struct EventSink {
+        seen: Arc<Mutex<Vec<Seen>>>,
+    }
+
+    impl Sink for EventSink {
+        fn format(&self) -> BatchFormat {
+            BatchFormat::Events
+        }
+        fn write_batch(&mut self, batch: &Batch<'_>) -> io::Result<()> {
+            let ids = batch.events().map(|e| e.key_id.clone()).collect();
+            self.seen
+                .lock()
+                .push((batch.len(), batch.jsonl().len(), ids));
+            Ok(())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn events_format_sink_gets_the_events_in_order_and_no_bytes() {
+        let sink = EventSink::default();
+        let opts = WriterOptions {
+            batch_max: 7,
+            ..WriterOptions::default()
+        };
+        let w = AuditWriter::with_sink(sink.clone(), opts).unwrap();
+        for i in 0..50 {
+            assert!(w.enqueue(numbered(i)));
+        }
+        w.close().unwrap();
+        let seen = sink.seen.lock();
+        assert!(seen
+            .iter()
+            .all(|(n, bytes, ids)| *n == ids.len() && *n <= 7 && *bytes == 0));
+        let ids: Vec<String> = seen.iter().flat_map(|(_, _, ids)| ids.clone()).collect();
+        assert_eq!(ids, (0..50).map(|i| format!("k{i}")).collect::<Vec<_>>());
+        assert_eq!(w.stats().written, 50);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use serde_json::{Map, Value};
 
-use crate::audit::{AuditEvent, AuditWriter, Status, WriterOptions};
+use crate::audit::{AuditEvent, AuditQuery, AuditRecord, AuditWriter, Status, WriterOptions};
 use crate::errors::{self, Exc};
 use crate::hashing::CachedKey;
 use crate::ipmatch::{IpDecision, IpMatcher};
@@ -606,6 +606,7 @@ impl PyKeyManager {
         let s = self.0.stats();
         let d = PyDict::new(py);
         d.set_item("argon2_runs", s.argon2_runs)?;
+        d.set_item("bcrypt_runs", s.bcrypt_runs)?;
         d.set_item("store_reads", s.store_reads)?;
         d.set_item("touch_batches", s.touch_batches)?;
         d.set_item("touches_written", s.touches_written)?;
@@ -623,11 +624,17 @@ impl PyKeyManager {
 // Audit
 // --------------------------------------------------------------------------------------
 
-/// Bounded queue + background thread appending JSONL in batches.
+/// Bounded queue + background thread writing batches: JSONL lines (`AuditWriter(path)`)
+/// or `SQLite` rows, one transaction per batch (`AuditWriter.sqlite(path)`).
 #[pyclass(frozen, weakref, module = "fastmcp_guard._core", name = "AuditWriter")]
 struct PyAuditWriter {
     inner: AuditWriter,
     path: String,
+    kind: &'static str,
+}
+
+fn writer_options(queue_capacity: usize, batch_max: usize, flush_interval_ms: u64) -> WriterOptions {
+    WriterOptions { queue_capacity, batch_max, flush_interval: Duration::from_millis(flush_interval_ms) }
 }
 
 #[pymethods]
@@ -635,19 +642,31 @@ impl PyAuditWriter {
     #[new]
     #[pyo3(signature = (path, *, queue_capacity=65_536, batch_max=4096, flush_interval_ms=100))]
     fn new(py: Python<'_>, path: PathBuf, queue_capacity: usize, batch_max: usize, flush_interval_ms: u64) -> PyResult<Self> {
-        let opts = WriterOptions {
-            queue_capacity,
-            batch_max,
-            flush_interval: Duration::from_millis(flush_interval_ms),
-        };
+        let opts = writer_options(queue_capacity, batch_max, flush_interval_ms);
         let shown = path.display().to_string();
-        let inner = py.detach(|| AuditWriter::open_jsonl(&path, opts))?;
-        Ok(PyAuditWriter { inner, path: shown })
+        let inner = py.detach(move || AuditWriter::open_jsonl(&path, opts))?;
+        Ok(PyAuditWriter { inner, path: shown, kind: "jsonl" })
+    }
+
+    /// Opens (creating, migrating) the `SQLite` audit database at `path`.
+    #[staticmethod]
+    #[pyo3(signature = (path, *, queue_capacity=65_536, batch_max=4096, flush_interval_ms=100))]
+    fn sqlite(py: Python<'_>, path: PathBuf, queue_capacity: usize, batch_max: usize, flush_interval_ms: u64) -> PyResult<Self> {
+        let opts = writer_options(queue_capacity, batch_max, flush_interval_ms);
+        let shown = path.display().to_string();
+        let inner = py.detach(move || AuditWriter::open_sqlite(&path, opts))?;
+        Ok(PyAuditWriter { inner, path: shown, kind: "sqlite" })
     }
 
     #[getter]
     fn path(&self) -> &str {
         &self.path
+    }
+
+    /// `"jsonl"` or `"sqlite"`.
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.kind
     }
 
     #[pyo3(signature = (status, key_id, key_name, tool, scopes, duration_ms, error=None, input_args=None,
@@ -728,6 +747,71 @@ impl PyAuditWriter {
     }
 }
 
+/// Unix seconds to an instant truncated to the millisecond (as stored timestamps are).
+fn query_instant(secs: f64, what: &str) -> PyResult<DateTime<Utc>> {
+    let bad = || PyValueError::new_err(format!("{what} must be a Unix time in seconds within years 1..9999, got {secs}"));
+    if !secs.is_finite() || secs.abs() > 3.0e11 {
+        return Err(bad());
+    }
+    // Whole microseconds first: `secs * 1000` floored directly would turn .042 into .041.
+    #[allow(clippy::cast_possible_truncation, reason = "|secs| <= 3e11, so |micros| < 2^53")]
+    let micros = (secs * 1e6).round() as i64;
+    Utc.timestamp_millis_opt(micros.div_euclid(1000)).single().ok_or_else(bad)
+}
+
+fn record_to_py<'py>(py: Python<'py>, r: &AuditRecord) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("ts", &r.ts)?;
+    d.set_item("key_id", &r.key_id)?;
+    d.set_item("key_name", &r.key_name)?;
+    d.set_item("tool", &r.tool)?;
+    d.set_item("scopes", &r.scopes)?;
+    d.set_item("duration_ms", r.duration_ms)?;
+    d.set_item("status", &r.status)?;
+    d.set_item("error", &r.error)?;
+    d.set_item("input_args", r.input_args.as_ref().map(|v| json_to_py(py, v)).transpose()?)?;
+    d.set_item("output_preview", &r.output_preview)?;
+    d.set_item("client_ip", &r.client_ip)?;
+    d.set_item("metadata", json_to_py(py, &r.metadata)?)?;
+    for (k, v) in &r.extra {
+        d.set_item(k, json_to_py(py, v)?)?;
+    }
+    Ok(d)
+}
+
+/// Records of the `SQLite` audit database at `path`, newest first (releases the GIL).
+#[pyfunction]
+#[pyo3(signature = (path, *, key_id=None, key_name=None, tool=None, status=None, since=None, until=None, limit=100))]
+#[allow(clippy::too_many_arguments, reason = "one keyword argument per filter")]
+fn audit_query<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    key_id: Option<String>,
+    key_name: Option<String>,
+    tool: Option<String>,
+    status: Option<&str>,
+    since: Option<f64>,
+    until: Option<f64>,
+    limit: i64,
+) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    let status = status
+        .map(str::parse::<Status>)
+        .transpose()
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let limit = usize::try_from(limit).map_err(|_| PyValueError::new_err(format!("limit must be >= 0, got {limit}")))?;
+    let q = AuditQuery {
+        key_id,
+        key_name,
+        tool,
+        status,
+        since: since.map(|s| query_instant(s, "since")).transpose()?,
+        until: until.map(|s| query_instant(s, "until")).transpose()?,
+        limit,
+    };
+    let records = py.detach(move || crate::audit::query(&path, &q))?;
+    records.iter().map(|r| record_to_py(py, r)).collect()
+}
+
 // --------------------------------------------------------------------------------------
 // Module
 // --------------------------------------------------------------------------------------
@@ -747,5 +831,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyKeyInfo>()?;
     m.add_class::<PyKeyManager>()?;
     m.add_class::<PyAuditWriter>()?;
+    m.add_function(wrap_pyfunction!(audit_query, m)?)?;
     Ok(())
 }

@@ -16,7 +16,7 @@ print(key.token)  # fmg_sk_... (shown once)
 """
 
 from fastmcp_guard._core import __version__
-from fastmcp_guard.audit import AuditLog, FileBackend
+from fastmcp_guard.audit import AuditLog, FileBackend, SQLiteBackend
 from fastmcp_guard.errors import (
     ConfigError,
     GuardError,
@@ -47,6 +47,7 @@ __all__ = [
     "KeyStore",
     "RateLimit",
     "RateLimitExceeded",
+    "SQLiteBackend",
     "__version__",
     "rate_limit",
 ]

@@ -211,7 +211,8 @@ class KeyManager:
 
 @final
 class AuditWriter:
-    """Bounded queue + background thread appending JSONL in batches."""
+    """Bounded queue + background thread writing batches: JSONL lines (``AuditWriter(path)``)
+    or SQLite rows, one transaction per batch (``AuditWriter.sqlite(path)``)."""
 
     def __new__(
         cls,
@@ -221,8 +222,21 @@ class AuditWriter:
         batch_max: int = 4096,
         flush_interval_ms: int = 100,
     ) -> AuditWriter: ...
+    @staticmethod
+    def sqlite(
+        path: str,
+        *,
+        queue_capacity: int = 65536,
+        batch_max: int = 4096,
+        flush_interval_ms: int = 100,
+    ) -> AuditWriter:
+        """Open (create, migrate; a fastmcp-guard 0.2 file is taken over) the SQLite
+        audit database at ``path``. Raises :class:`AuditWriteError` naming the path."""
     @property
     def path(self) -> str: ...
+    @property
+    def kind(self) -> str:
+        """``"jsonl"`` or ``"sqlite"``."""
     def log(
         self,
         status: str,
@@ -243,3 +257,18 @@ class AuditWriter:
     def close(self) -> None: ...
     def stats(self) -> dict[str, int]: ...
     def last_error(self) -> str | None: ...
+
+def audit_query(
+    path: str,
+    *,
+    key_id: str | None = None,
+    key_name: str | None = None,
+    tool: str | None = None,
+    status: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """Records of the SQLite audit database at ``path``, newest first (blocking; releases
+    the GIL). ``since`` (inclusive) and ``until`` (exclusive) are Unix seconds, compared at
+    millisecond precision. Never creates or migrates the file."""

@@ -1,4 +1,4 @@
-"""Audit log: one JSON line per decision, written off the request path.
+"""Audit log: one record per decision, written off the request path.
 
 Every call the guard sees ends in exactly one event whose ``status`` is one of
 ``ok``, ``error``, ``rate_limited``, ``unauthorized``, ``forbidden`` or ``ip_denied``.
@@ -11,6 +11,11 @@ The request path only enqueues (about a microsecond); a Rust thread batches the
 events into the file and flushes at most ``flush_interval_ms`` later, on
 :meth:`AuditLog.close`, and at interpreter exit. When the queue is full, events
 are dropped and counted (``stats()["dropped"]``), never blocking a call.
+
+Two backends: :class:`FileBackend` appends JSON lines; :class:`SQLiteBackend`
+inserts rows into table ``audit_log`` (one transaction per batch), which
+:meth:`AuditLog.query` searches. A fastmcp-guard 0.2 SQLite audit database is
+taken over in place, and its rows stay queryable.
 """
 
 from __future__ import annotations
@@ -20,14 +25,18 @@ import os
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
-from fastmcp_guard._core import AuditWriter
-from fastmcp_guard.errors import ConfigError
+import anyio.to_thread
 
-__all__ = ["AuditLog", "FileBackend"]
+from fastmcp_guard._core import AuditWriter, audit_query
+from fastmcp_guard.errors import ConfigError, GuardError
+
+__all__ = ["AuditLog", "FileBackend", "SQLiteBackend"]
 
 _DEFAULT_PATH = "fastmcp-guard-audit.jsonl"
+_DEFAULT_DB_PATH = "fastmcp-guard-audit.db"
 
 
 @dataclass(frozen=True)
@@ -39,23 +48,36 @@ class FileBackend:
     flush_interval_ms: int = 100
 
 
+@dataclass(frozen=True)
+class SQLiteBackend:
+    """Insert rows into table ``audit_log`` of the SQLite file ``path`` (created with
+    mode 0600; its directory must exist), one transaction per batch; queryable with
+    :meth:`AuditLog.query`. A fastmcp-guard 0.2 audit database is reused in place."""
+
+    path: str | os.PathLike[str] = _DEFAULT_DB_PATH
+    queue_capacity: int = 65536
+    flush_interval_ms: int = 100
+
+
 class AuditLog:
     """Where and what to record.
 
     Args:
-        backend: a :class:`FileBackend`, or ``"file"`` with ``path=``.
-        path: the JSONL file for ``backend="file"``.
+        backend: a :class:`FileBackend` or :class:`SQLiteBackend`, or ``"file"`` /
+            ``"sqlite"`` with ``path=``.
+        path: the JSONL file for ``backend="file"``, the database for ``backend="sqlite"``.
         log_inputs: record tool arguments (turn off when they may hold PII).
         log_outputs: record the first ``output_preview_chars`` characters of results.
         output_preview_chars: length of ``output_preview``.
 
-    The file is opened here, so a missing directory or an unwritable path fails at
-    construction with :class:`~fastmcp_guard.errors.AuditWriteError` naming the path.
+    The file is opened here, so a missing directory, an unwritable path or (for SQLite)
+    a file that is not an audit database fails at construction with
+    :class:`~fastmcp_guard.errors.AuditWriteError` naming the path.
     """
 
     def __init__(
         self,
-        backend: FileBackend | str | None = None,
+        backend: FileBackend | SQLiteBackend | str | None = None,
         path: str | os.PathLike[str] | None = None,
         url: str | None = None,
         log_inputs: bool = True,
@@ -65,25 +87,31 @@ class AuditLog:
     ) -> None:
         if backend is None or backend == "file":
             backend = FileBackend(path or _DEFAULT_PATH)
+        elif backend == "sqlite":
+            backend = SQLiteBackend(path or _DEFAULT_DB_PATH)
         elif isinstance(backend, str):
-            if backend in ("sqlite", "http", "otel"):
+            if backend in ("http", "otel"):
                 raise ConfigError(
                     f"audit backend {backend!r} is not available in this release; "
-                    "use FileBackend(path) / backend='file'"
+                    "use FileBackend(path) / backend='file' or SQLiteBackend(path) / "
+                    "backend='sqlite'"
                 )
             raise ConfigError(
-                f"unknown audit backend {backend!r}; expected a FileBackend or one of "
-                "'file', 'sqlite', 'http', 'otel'"
+                f"unknown audit backend {backend!r}; expected a FileBackend, an "
+                "SQLiteBackend or one of 'file', 'sqlite', 'http', 'otel'"
             )
-        if not isinstance(backend, FileBackend):
-            raise ConfigError(f"audit backend must be a FileBackend or a name, got {backend!r}")
+        if not isinstance(backend, (FileBackend, SQLiteBackend)):
+            raise ConfigError(
+                f"audit backend must be a FileBackend, an SQLiteBackend or a name, got {backend!r}"
+            )
         if output_preview_chars < 0:
             raise ConfigError("output_preview_chars must be >= 0")
-        self.backend = backend
+        self.backend: FileBackend | SQLiteBackend = backend
         self.log_inputs = log_inputs
         self.log_outputs = log_outputs
         self.output_preview_chars = output_preview_chars
-        self._writer = AuditWriter(
+        open_writer = AuditWriter.sqlite if isinstance(backend, SQLiteBackend) else AuditWriter
+        self._writer = open_writer(
             os.fspath(backend.path),
             queue_capacity=backend.queue_capacity,
             flush_interval_ms=backend.flush_interval_ms,
@@ -98,7 +126,7 @@ class AuditLog:
 
     @property
     def path(self) -> str:
-        """The JSONL file."""
+        """The JSONL file or the SQLite database."""
         return self._writer.path
 
     def log(
@@ -142,8 +170,61 @@ class AuditLog:
         }  # fmt: skip
         self.log(status, extra=data or None, **known)
 
+    async def query(
+        self,
+        key_id: str | None = None,
+        key_name: str | None = None,
+        tool: str | None = None,
+        since: datetime | float | None = None,
+        limit: int = 100,
+        *,
+        status: str | None = None,
+        until: datetime | float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Search the SQLite audit log: records (dicts with the audit fields, as in the
+        JSONL log) matching every given filter, newest first, at most ``limit``.
+
+        The positional order is 0.2's (``key_id, key_name, tool, since, limit``);
+        ``status`` and ``until`` are keyword-only.
+
+        ``since`` is inclusive and ``until`` exclusive, compared at millisecond precision;
+        each is a ``datetime`` (a naive one is taken as UTC, as 0.2 did) or Unix seconds.
+        Everything logged before the call is included (the log is flushed first). Runs in
+        a worker thread, never on the event loop. ``status`` must be a known status name.
+
+        Raises :class:`~fastmcp_guard.errors.ConfigError` for a :class:`FileBackend` log
+        (querying needs the SQLite backend), and
+        :class:`~fastmcp_guard.errors.AuditWriteError` if the database cannot be read or
+        a batch failed to be written since the last flush (as :meth:`flush` does).
+        """
+        if not isinstance(self.backend, SQLiteBackend):
+            raise ConfigError(
+                f"querying the audit log needs the sqlite backend; this log writes JSON lines "
+                f"to {self.path} (use AuditLog(backend='sqlite', path=...) or "
+                "SQLiteBackend(path) to make it queryable)"
+            )
+        args = {
+            "key_id": key_id,
+            "key_name": key_name,
+            "tool": tool,
+            "status": status,
+            "since": _unix_seconds(since, "since"),
+            "until": _unix_seconds(until, "until"),
+            "limit": limit,
+        }
+        return await anyio.to_thread.run_sync(self._query_now, args)
+
+    def _query_now(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        self._writer.flush()
+        try:
+            return audit_query(self.path, **args)
+        except ValueError as exc:  # a bad status name or limit
+            if isinstance(exc, GuardError):
+                raise
+            raise ConfigError(str(exc)) from None
+
     def flush(self) -> None:
-        """Block until everything enqueued so far is in the file."""
+        """Block until everything enqueued so far is written."""
         self._writer.flush()
 
     def close(self) -> None:
@@ -155,7 +236,23 @@ class AuditLog:
         return self._writer.stats()
 
     def __repr__(self) -> str:
-        return f"AuditLog(path={self.path!r}, log_inputs={self.log_inputs}, log_outputs={self.log_outputs})"
+        return (
+            f"AuditLog(backend={self._writer.kind!r}, path={self.path!r}, "
+            f"log_inputs={self.log_inputs}, log_outputs={self.log_outputs})"
+        )
+
+
+def _unix_seconds(when: datetime | float | None, what: str) -> float | None:
+    """``when`` as Unix seconds; a naive ``datetime`` is UTC."""
+    if when is None:
+        return None
+    if isinstance(when, datetime):
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        return when.timestamp()
+    if isinstance(when, (int, float)) and not isinstance(when, bool):
+        return float(when)
+    raise ConfigError(f"{what} must be a datetime or Unix seconds, got {when!r}")
 
 
 def _close_quietly(ref: weakref.ReferenceType[AuditWriter]) -> None:
