@@ -32,15 +32,47 @@ pub enum Exc {
 }
 
 const ALL: [(Exc, &str, &str); 9] = [
-    (Exc::Guard, "GuardError", "Root of every error fastmcp-guard raises."),
-    (Exc::InvalidRate, "InvalidRateError", "A rate string such as '10/minute' could not be parsed."),
-    (Exc::InvalidIp, "InvalidIPError", "An allow / deny / trusted-proxy entry is not an address or CIDR."),
-    (Exc::InvalidKeyInput, "InvalidKeyInputError", "A key name, scope, expiry or metadata value was refused."),
+    (
+        Exc::Guard,
+        "GuardError",
+        "Root of every error fastmcp-guard raises.",
+    ),
+    (
+        Exc::InvalidRate,
+        "InvalidRateError",
+        "A rate string such as '10/minute' could not be parsed.",
+    ),
+    (
+        Exc::InvalidIp,
+        "InvalidIPError",
+        "An allow / deny / trusted-proxy entry is not an address or CIDR.",
+    ),
+    (
+        Exc::InvalidKeyInput,
+        "InvalidKeyInputError",
+        "A key name, scope, expiry or metadata value was refused.",
+    ),
     (Exc::KeyNotFound, "KeyNotFoundError", "No key has that id."),
-    (Exc::KeyRevoked, "KeyRevokedError", "The operation needs a key that is not revoked."),
-    (Exc::Store, "StoreError", "The key store could not be opened, read or written."),
-    (Exc::AuditWrite, "AuditWriteError", "The audit sink could not be opened or written."),
-    (Exc::Verify, "VerifyError", "A token was refused; `reason` says why."),
+    (
+        Exc::KeyRevoked,
+        "KeyRevokedError",
+        "The operation needs a key that is not revoked.",
+    ),
+    (
+        Exc::Store,
+        "StoreError",
+        "The key store could not be opened, read or written.",
+    ),
+    (
+        Exc::AuditWrite,
+        "AuditWriteError",
+        "The audit sink could not be opened or written.",
+    ),
+    (
+        Exc::Verify,
+        "VerifyError",
+        "A token was refused; `reason` says why.",
+    ),
 ];
 
 static CLASSES: PyOnceLock<Vec<Py<PyType>>> = PyOnceLock::new();
@@ -60,10 +92,19 @@ fn build(py: Python<'_>) -> PyResult<Vec<Py<PyType>>> {
             // KeyError's str() is the repr of its argument; keep the plain message.
             ns.set_item("__str__", py.get_type::<PyException>().getattr("__str__")?)?;
         }
-        Ok(py.get_type::<PyType>().call1((name, bases, ns))?.cast_into::<PyType>()?)
+        Ok(py
+            .get_type::<PyType>()
+            .call1((name, bases, ns))?
+            .cast_into::<PyType>()?)
     }
     let (_, root_name, root_doc) = ALL[0];
-    let root = make(py, root_name, root_doc, PyTuple::new(py, [py.get_type::<PyException>()])?, false)?;
+    let root = make(
+        py,
+        root_name,
+        root_doc,
+        PyTuple::new(py, [py.get_type::<PyException>()])?,
+        false,
+    )?;
     let mut out: Vec<Py<PyType>> = vec![root.clone().unbind()];
     for (exc, name, doc) in &ALL[1..] {
         let builtin = match exc {

@@ -17,8 +17,8 @@ use serde_json::{Map, Value};
 use crate::audit::{AuditEvent, AuditQuery, AuditRecord, AuditWriter, Status, WriterOptions};
 use crate::errors::{self, Exc};
 use crate::hashing::CachedKey;
-use crate::ipmatch::{IpDecision, IpMatcher};
 use crate::hashing::Now;
+use crate::ipmatch::{IpDecision, IpMatcher};
 use crate::keystore::{CacheLookup, KeyError, KeyManager, KeyRecord, ManagerOptions};
 use crate::limiter::{parse_rate, BucketStatus, Decision, Limiter, Rate};
 use crate::tokens;
@@ -37,12 +37,19 @@ fn json_to_py(py: Python<'_>, v: &Value) -> PyResult<Py<PyAny>> {
             } else if let Some(u) = n.as_u64() {
                 u.into_pyobject(py)?.into_any().unbind()
             } else {
-                n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any().unbind()
+                n.as_f64()
+                    .unwrap_or(f64::NAN)
+                    .into_pyobject(py)?
+                    .into_any()
+                    .unbind()
             }
         }
         Value::String(s) => PyString::new(py, s).into_any().unbind(),
         Value::Array(a) => {
-            let items = a.iter().map(|x| json_to_py(py, x)).collect::<PyResult<Vec<_>>>()?;
+            let items = a
+                .iter()
+                .map(|x| json_to_py(py, x))
+                .collect::<PyResult<Vec<_>>>()?;
             PyList::new(py, items)?.into_any().unbind()
         }
         Value::Object(o) => map_to_py(py, o)?.into_any().unbind(),
@@ -115,10 +122,18 @@ fn py_to_json(obj: &Bound<'_, PyAny>, mode: Lossy, depth: u32) -> PyResult<Value
         return Ok(Value::Object(m));
     }
     if let Ok(l) = obj.cast::<PyList>() {
-        return l.iter().map(|x| py_to_json(&x, mode, depth + 1)).collect::<PyResult<Vec<_>>>().map(Value::Array);
+        return l
+            .iter()
+            .map(|x| py_to_json(&x, mode, depth + 1))
+            .collect::<PyResult<Vec<_>>>()
+            .map(Value::Array);
     }
     if let Ok(t) = obj.cast::<PyTuple>() {
-        return t.iter().map(|x| py_to_json(&x, mode, depth + 1)).collect::<PyResult<Vec<_>>>().map(Value::Array);
+        return t
+            .iter()
+            .map(|x| py_to_json(&x, mode, depth + 1))
+            .collect::<PyResult<Vec<_>>>()
+            .map(Value::Array);
     }
     match mode {
         Lossy::Strict => Err(PyTypeError::new_err(format!(
@@ -137,17 +152,30 @@ fn ts_to_f64(ts: DateTime<Utc>) -> f64 {
 
 fn f64_to_ts(secs: f64, what: &str) -> PyResult<DateTime<Utc>> {
     if !secs.is_finite() {
-        return Err(errors::new_err(Exc::InvalidKeyInput, format!("{what} must be a finite Unix time")));
+        return Err(errors::new_err(
+            Exc::InvalidKeyInput,
+            format!("{what} must be a finite Unix time"),
+        ));
     }
-    #[allow(clippy::cast_possible_truncation, reason = "range-checked by chrono below")]
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "range-checked by chrono below"
+    )]
     let ms = (secs * 1000.0).round() as i64;
-    Utc.timestamp_millis_opt(ms)
-        .single()
-        .ok_or_else(|| errors::new_err(Exc::InvalidKeyInput, format!("{what} is out of range: {secs}")))
+    Utc.timestamp_millis_opt(ms).single().ok_or_else(|| {
+        errors::new_err(
+            Exc::InvalidKeyInput,
+            format!("{what} is out of range: {secs}"),
+        )
+    })
 }
 
 fn secs(d: f64, what: &str) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(d).map_err(|_| PyValueError::new_err(format!("{what} must be a non-negative number of seconds, got {d}")))
+    Duration::try_from_secs_f64(d).map_err(|_| {
+        PyValueError::new_err(format!(
+            "{what} must be a non-negative number of seconds, got {d}"
+        ))
+    })
 }
 
 // --------------------------------------------------------------------------------------
@@ -238,7 +266,10 @@ impl PyRefusal {
         self.reset_after
     }
     fn __repr__(&self) -> String {
-        format!("Refusal(scope='{}', limit='{}', retry_after={:.3})", self.scope, self.rate, self.retry_after)
+        format!(
+            "Refusal(scope='{}', limit='{}', retry_after={:.3})",
+            self.scope, self.rate, self.retry_after
+        )
     }
 }
 
@@ -280,9 +311,17 @@ impl PyLimiter {
     fn check(&self, key: &str, tool: Option<&str>) -> Option<PyRefusal> {
         match self.0.check(key, tool) {
             Decision::Allowed { .. } => None,
-            Decision::Limited { scope, rate, retry_after, reset_after } => {
-                Some(PyRefusal { scope: scope.as_str(), rate, retry_after, reset_after })
-            }
+            Decision::Limited {
+                scope,
+                rate,
+                retry_after,
+                reset_after,
+            } => Some(PyRefusal {
+                scope: scope.as_str(),
+                rate,
+                retry_after,
+                reset_after,
+            }),
         }
     }
 
@@ -330,8 +369,16 @@ struct PyIpMatcher(IpMatcher);
 impl PyIpMatcher {
     #[new]
     #[pyo3(signature = (*, allow=None, deny=None, trusted_proxies=None))]
-    fn new(allow: Option<Vec<String>>, deny: Option<Vec<String>>, trusted_proxies: Option<Vec<String>>) -> PyResult<Self> {
-        let (a, d, t) = (allow.unwrap_or_default(), deny.unwrap_or_default(), trusted_proxies.unwrap_or_default());
+    fn new(
+        allow: Option<Vec<String>>,
+        deny: Option<Vec<String>>,
+        trusted_proxies: Option<Vec<String>>,
+    ) -> PyResult<Self> {
+        let (a, d, t) = (
+            allow.unwrap_or_default(),
+            deny.unwrap_or_default(),
+            trusted_proxies.unwrap_or_default(),
+        );
         Ok(PyIpMatcher(IpMatcher::new(&a, &d, &t)?))
     }
 
@@ -351,7 +398,9 @@ impl PyIpMatcher {
 
     #[pyo3(signature = (peer, x_forwarded_for=None))]
     fn client_ip(&self, peer: &str, x_forwarded_for: Option<&str>) -> Option<String> {
-        self.0.client_ip(peer, x_forwarded_for).map(|a| a.to_string())
+        self.0
+            .client_ip(peer, x_forwarded_for)
+            .map(|a| a.to_string())
     }
 }
 
@@ -388,7 +437,10 @@ impl PyIdentity {
         self.0.valid_until.map(|ms| ms as f64 / 1000.0)
     }
     fn __repr__(&self) -> String {
-        format!("Identity(key_id='{}', key_name={:?})", self.0.key_id, self.0.name)
+        format!(
+            "Identity(key_id='{}', key_name={:?})",
+            self.0.key_id, self.0.name
+        )
     }
 }
 
@@ -451,7 +503,12 @@ impl PyKeyInfo {
         self.0.revoked_at.map(ts_to_f64)
     }
     fn __repr__(&self) -> String {
-        format!("KeyInfo(id='{}', name={:?}, status='{}')", self.0.id, self.0.name, self.0.status.as_str())
+        format!(
+            "KeyInfo(id='{}', name={:?}, status='{}')",
+            self.0.id,
+            self.0.name,
+            self.0.status.as_str()
+        )
     }
 }
 
@@ -490,8 +547,13 @@ impl PyKeyManager {
         watch_interval_seconds: f64,
         max_concurrent_verifications: Option<usize>,
     ) -> PyResult<Self> {
-        let o = manager_options(cache_ttl_seconds, cache_capacity, touch_interval_seconds,
-                                watch_interval_seconds, max_concurrent_verifications)?;
+        let o = manager_options(
+            cache_ttl_seconds,
+            cache_capacity,
+            touch_interval_seconds,
+            watch_interval_seconds,
+            max_concurrent_verifications,
+        )?;
         Ok(PyKeyManager(Arc::new(KeyManager::memory(o)?)))
     }
 
@@ -507,8 +569,13 @@ impl PyKeyManager {
         watch_interval_seconds: f64,
         max_concurrent_verifications: Option<usize>,
     ) -> PyResult<Self> {
-        let o = manager_options(cache_ttl_seconds, cache_capacity, touch_interval_seconds,
-                                watch_interval_seconds, max_concurrent_verifications)?;
+        let o = manager_options(
+            cache_ttl_seconds,
+            cache_capacity,
+            touch_interval_seconds,
+            watch_interval_seconds,
+            max_concurrent_verifications,
+        )?;
         let m = py.detach(|| KeyManager::sqlite(&path, o))?;
         Ok(PyKeyManager(Arc::new(m)))
     }
@@ -529,7 +596,10 @@ impl PyKeyManager {
                 Ok(Value::Object(m)) => m,
                 Ok(_) => Map::new(),
                 Err(e) => {
-                    return Err(errors::new_err(Exc::InvalidKeyInput, format!("metadata: {e}")));
+                    return Err(errors::new_err(
+                        Exc::InvalidKeyInput,
+                        format!("metadata: {e}"),
+                    ));
                 }
             },
         };
@@ -552,15 +622,30 @@ impl PyKeyManager {
     #[pyo3(signature = (*, include_revoked=false))]
     fn list(&self, py: Python<'_>, include_revoked: bool) -> PyResult<Vec<PyKeyInfo>> {
         let m = Arc::clone(&self.0);
-        Ok(py.detach(move || m.list(include_revoked))?.into_iter().map(PyKeyInfo).collect())
+        Ok(py
+            .detach(move || m.list(include_revoked))?
+            .into_iter()
+            .map(PyKeyInfo)
+            .collect())
     }
 
     #[pyo3(signature = (key_id, *, grace_seconds))]
-    fn rotate(&self, py: Python<'_>, key_id: &str, grace_seconds: f64) -> PyResult<(PyKeyInfo, String)> {
+    fn rotate(
+        &self,
+        py: Python<'_>,
+        key_id: &str,
+        grace_seconds: f64,
+    ) -> PyResult<(PyKeyInfo, String)> {
         if !grace_seconds.is_finite() || grace_seconds < 0.0 {
-            return Err(errors::new_err(Exc::InvalidKeyInput, format!("grace period must be >= 0, got {grace_seconds}")));
+            return Err(errors::new_err(
+                Exc::InvalidKeyInput,
+                format!("grace period must be >= 0, got {grace_seconds}"),
+            ));
         }
-        #[allow(clippy::cast_possible_truncation, reason = "grace periods are far below i64 ms")]
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "grace periods are far below i64 ms"
+        )]
         let grace = chrono::Duration::milliseconds((grace_seconds * 1000.0).round() as i64);
         let m = Arc::clone(&self.0);
         let id = key_id.to_owned();
@@ -587,7 +672,9 @@ impl PyKeyManager {
         let m = Arc::clone(&self.0);
         let token = token.to_owned();
         let client = client.map(str::to_owned);
-        Ok(PyIdentity(py.detach(move || m.verify(&token, client.as_deref()))?))
+        Ok(PyIdentity(
+            py.detach(move || m.verify(&token, client.as_deref()))?,
+        ))
     }
 
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
@@ -633,29 +720,57 @@ struct PyAuditWriter {
     kind: &'static str,
 }
 
-fn writer_options(queue_capacity: usize, batch_max: usize, flush_interval_ms: u64) -> WriterOptions {
-    WriterOptions { queue_capacity, batch_max, flush_interval: Duration::from_millis(flush_interval_ms) }
+fn writer_options(
+    queue_capacity: usize,
+    batch_max: usize,
+    flush_interval_ms: u64,
+) -> WriterOptions {
+    WriterOptions {
+        queue_capacity,
+        batch_max,
+        flush_interval: Duration::from_millis(flush_interval_ms),
+    }
 }
 
 #[pymethods]
 impl PyAuditWriter {
     #[new]
     #[pyo3(signature = (path, *, queue_capacity=65_536, batch_max=4096, flush_interval_ms=100))]
-    fn new(py: Python<'_>, path: PathBuf, queue_capacity: usize, batch_max: usize, flush_interval_ms: u64) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        queue_capacity: usize,
+        batch_max: usize,
+        flush_interval_ms: u64,
+    ) -> PyResult<Self> {
         let opts = writer_options(queue_capacity, batch_max, flush_interval_ms);
         let shown = path.display().to_string();
         let inner = py.detach(move || AuditWriter::open_jsonl(&path, opts))?;
-        Ok(PyAuditWriter { inner, path: shown, kind: "jsonl" })
+        Ok(PyAuditWriter {
+            inner,
+            path: shown,
+            kind: "jsonl",
+        })
     }
 
     /// Opens (creating, migrating) the `SQLite` audit database at `path`.
     #[staticmethod]
     #[pyo3(signature = (path, *, queue_capacity=65_536, batch_max=4096, flush_interval_ms=100))]
-    fn sqlite(py: Python<'_>, path: PathBuf, queue_capacity: usize, batch_max: usize, flush_interval_ms: u64) -> PyResult<Self> {
+    fn sqlite(
+        py: Python<'_>,
+        path: PathBuf,
+        queue_capacity: usize,
+        batch_max: usize,
+        flush_interval_ms: u64,
+    ) -> PyResult<Self> {
         let opts = writer_options(queue_capacity, batch_max, flush_interval_ms);
         let shown = path.display().to_string();
         let inner = py.detach(move || AuditWriter::open_sqlite(&path, opts))?;
-        Ok(PyAuditWriter { inner, path: shown, kind: "sqlite" })
+        Ok(PyAuditWriter {
+            inner,
+            path: shown,
+            kind: "sqlite",
+        })
     }
 
     #[getter]
@@ -671,7 +786,10 @@ impl PyAuditWriter {
 
     #[pyo3(signature = (status, key_id, key_name, tool, scopes, duration_ms, error=None, input_args=None,
                         output_preview=None, client_ip=None, metadata=None, extra=None))]
-    #[allow(clippy::too_many_arguments, reason = "mirrors the audit record's fields, positional for speed")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "mirrors the audit record's fields, positional for speed"
+    )]
     fn log(
         &self,
         status: &str,
@@ -687,7 +805,9 @@ impl PyAuditWriter {
         metadata: Option<&Bound<'_, PyAny>>,
         extra: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<bool> {
-        let status: Status = status.parse().map_err(|e: crate::audit::AuditError| PyValueError::new_err(e.to_string()))?;
+        let status: Status = status
+            .parse()
+            .map_err(|e: crate::audit::AuditError| PyValueError::new_err(e.to_string()))?;
         let json = |o: Option<&Bound<'_, PyAny>>| -> PyResult<Option<Value>> {
             match o {
                 None => Ok(None),
@@ -749,14 +869,23 @@ impl PyAuditWriter {
 
 /// Unix seconds to an instant truncated to the millisecond (as stored timestamps are).
 fn query_instant(secs: f64, what: &str) -> PyResult<DateTime<Utc>> {
-    let bad = || PyValueError::new_err(format!("{what} must be a Unix time in seconds within years 1..9999, got {secs}"));
+    let bad = || {
+        PyValueError::new_err(format!(
+            "{what} must be a Unix time in seconds within years 1..9999, got {secs}"
+        ))
+    };
     if !secs.is_finite() || secs.abs() > 3.0e11 {
         return Err(bad());
     }
     // Whole microseconds first: `secs * 1000` floored directly would turn .042 into .041.
-    #[allow(clippy::cast_possible_truncation, reason = "|secs| <= 3e11, so |micros| < 2^53")]
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "|secs| <= 3e11, so |micros| < 2^53"
+    )]
     let micros = (secs * 1e6).round() as i64;
-    Utc.timestamp_millis_opt(micros.div_euclid(1000)).single().ok_or_else(bad)
+    Utc.timestamp_millis_opt(micros.div_euclid(1000))
+        .single()
+        .ok_or_else(bad)
 }
 
 fn record_to_py<'py>(py: Python<'py>, r: &AuditRecord) -> PyResult<Bound<'py, PyDict>> {
@@ -769,7 +898,13 @@ fn record_to_py<'py>(py: Python<'py>, r: &AuditRecord) -> PyResult<Bound<'py, Py
     d.set_item("duration_ms", r.duration_ms)?;
     d.set_item("status", &r.status)?;
     d.set_item("error", &r.error)?;
-    d.set_item("input_args", r.input_args.as_ref().map(|v| json_to_py(py, v)).transpose()?)?;
+    d.set_item(
+        "input_args",
+        r.input_args
+            .as_ref()
+            .map(|v| json_to_py(py, v))
+            .transpose()?,
+    )?;
     d.set_item("output_preview", &r.output_preview)?;
     d.set_item("client_ip", &r.client_ip)?;
     d.set_item("metadata", json_to_py(py, &r.metadata)?)?;
@@ -798,7 +933,8 @@ fn audit_query<'py>(
         .map(str::parse::<Status>)
         .transpose()
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
-    let limit = usize::try_from(limit).map_err(|_| PyValueError::new_err(format!("limit must be >= 0, got {limit}")))?;
+    let limit = usize::try_from(limit)
+        .map_err(|_| PyValueError::new_err(format!("limit must be >= 0, got {limit}")))?;
     let q = AuditQuery {
         key_id,
         key_name,

@@ -2404,6 +2404,14 @@ mod tests {
         let m = KeyManager::sqlite(&path, opts()).unwrap();
         assert_eq!(m.get(&rec.id).unwrap(), rec);
         m.verify(&token, None).unwrap();
+        #[cfg(unix)]
+        for suffix in ["", "-wal", "-shm"] {
+            // The database and the files SQLite derives from it are private.
+            use std::os::unix::fs::PermissionsExt;
+            let file = format!("{}{suffix}", path.display());
+            let perms = std::fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(perms & 0o777, 0o600, "{file}");
+        }
         let conn = rusqlite::Connection::open(&path).unwrap();
         let version: i64 = conn
             .query_row("SELECT version FROM schema_version", [], |r| r.get(0))

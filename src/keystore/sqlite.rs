@@ -213,7 +213,18 @@ impl SqliteBackend {
                 reason: "it is a directory".to_owned(),
             });
         }
-        let existed = path.exists();
+        if !path.exists() {
+            // Create the file private (0600) before SQLite opens it: the -wal and -shm
+            // files SQLite derives from it then get the same mode.
+            let mut opts = std::fs::OpenOptions::new();
+            opts.read(true).write(true).create(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            opts.open(&path).map_err(|source| KeyError::Io {
+                path: display.clone(),
+                source,
+            })?;
+        }
         let store_err = |source| KeyError::Store {
             path: display.clone(),
             source,
@@ -240,19 +251,6 @@ impl SqliteBackend {
             state: Mutex::new(State { conn, seen: None }),
         };
         backend.migrate()?;
-        let (path, display) = (&backend.path, &backend.display);
-        #[cfg(unix)]
-        if !existed {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
-                |source| KeyError::Io {
-                    path: display.clone(),
-                    source,
-                },
-            )?;
-        }
-        #[cfg(not(unix))]
-        let _ = (existed, path, display);
         Ok(backend)
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,20 @@ from fastmcp_guard._util import os_user
 from tests.conftest import read_audit
 
 SERVER = Path(__file__).with_name("stdio_server.py")
+
+
+def _events_when_written(path: Path, count: int) -> list[dict]:
+    """The audit events once ``count`` are in the file.
+
+    The client does not wait for the stdio server to exit, and the server writes its
+    events within the writer's tick (10 ms) and at exit: poll with a deadline.
+    """
+    deadline = time.monotonic() + 10
+    while True:
+        events = read_audit(path) if path.exists() else []
+        if len(events) >= count or time.monotonic() > deadline:
+            return events
+        time.sleep(0.02)
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -52,7 +67,7 @@ async def test_stdio_calls_are_attributed_to_the_env_key(tmp_path):
         await client.call_tool("whoami", {})
         with pytest.raises(ToolError, match="Rate limit exceeded"):
             await client.call_tool("whoami", {})
-    events = read_audit(tmp_path / "audit.jsonl")
+    events = _events_when_written(tmp_path / "audit.jsonl", 3)
     calls = [e for e in events if e["tool"] == "whoami"]
     assert [(e["key_id"], e["key_name"], e["status"]) for e in calls] == [
         (key.id, "stdio-bot", "ok"), (key.id, "stdio-bot", "ok"), (key.id, "stdio-bot", "rate_limited"),
@@ -64,7 +79,8 @@ async def test_stdio_without_key_is_the_local_user(tmp_path):
     transport = PythonStdioTransport(SERVER, env=_env(tmp_path), python_cmd=sys.executable)
     async with Client(transport) as client:
         assert (await client.call_tool("whoami", {})).content[0].text == "nobody"
-    events = read_audit(tmp_path / "audit.jsonl")
+    events = _events_when_written(tmp_path / "audit.jsonl", 1)
+    assert len(events) == 1
     assert events[0]["key_id"] == "" and events[0]["key_name"] == f"local:{os_user()}"
 
 
