@@ -25,7 +25,7 @@ test-python: build-dev
 
 bench:
 	PROFILE=release scripts/bootstrap.sh
-	@echo "(Rust micro-benchmarks land with benches/core.rs)"
+	cargo bench --bench core
 	.venv/bin/python benches/bench_guard.py
 
 lint:

@@ -85,6 +85,7 @@ class Guard:
         self.verifier: GuardTokenVerifier | None = None
 
         self._local_token = os.environ.get(ENV_KEY) or None
+        self._local_cached: tuple[str, float | None, Caller] | None = None
         self._local_name = f"local:{os_user()}"
         if self._local_token is not None:
             try:
@@ -119,9 +120,14 @@ class Guard:
 
                 self._audit_event("unauthorized", error=f"{ENV_KEY} refused ({exc.reason})")
                 raise ToolError(f"the key in {ENV_KEY} is no longer valid ({exc.reason})") from None
+        cached = self._local_cached
+        if cached is not None and cached[0] == ident.key_id and cached[1] == ident.expires_at:
+            return cached[2]  # same key, same validity: reuse (callers never mutate it)
         user = AuthenticatedUser(access_token_for(token, ident))
-        return Caller(ident.key_id, ident.key_id, ident.key_name, ident.scopes,
-                      ident.metadata, None, user)  # fmt: skip
+        caller = Caller(ident.key_id, ident.key_id, ident.key_name, ident.scopes,
+                        ident.metadata, None, user)  # fmt: skip
+        self._local_cached = (ident.key_id, ident.expires_at, caller)
+        return caller
 
     def _audit_event(self, status: str, **fields: Any) -> None:
         if self.audit is not None:

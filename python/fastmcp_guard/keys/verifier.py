@@ -27,25 +27,24 @@ if TYPE_CHECKING:
 __all__ = ["GuardTokenVerifier", "access_token_for"]
 
 _PREFIX = "fmg_sk_"
+#: Bound of the AccessToken reuse table (cleared when full).
+_MAX_TOKENS = 4096
 #: Refusal reasons that mean "cannot decide now", not "invalid token".
 _UNAVAILABLE = frozenset({"store", "busy"})
 
 
 def access_token_for(token: str, ident: Identity) -> AccessToken:
     """The FastMCP ``AccessToken`` of a verified guard key (scopes feed ``require_scopes``)."""
-    claims: dict[str, Any] = dict(ident.metadata)
+    claims: dict[str, Any] = ident.metadata
     claims["key_id"] = ident.key_id
     claims["key_name"] = ident.key_name
     exp = ident.expires_at
-    return AccessToken.model_construct(
+    return AccessToken(
         token=token,
         client_id=ident.key_id,
         scopes=ident.scopes,
         expires_at=None if exp is None else int(exp),
-        resource=None,
-        subject=None,
         claims=claims,
-        original_client_id=None,
     )
 
 
@@ -66,6 +65,10 @@ class GuardTokenVerifier(TokenVerifier):
         self._guard = guard
         self._core = guard.keys.core
         self.fallback = fallback
+        # AccessToken objects by token, so a cached key costs no model construction.
+        # Validity is still decided by the core on every request (verify_cached); an
+        # entry is reused only for the same key id and expiry.
+        self._tokens: dict[str, tuple[str, float | None, AccessToken]] = {}
 
     async def verify_token(self, token: str) -> AccessToken | None:
         """An ``AccessToken`` for a valid key; ``None`` otherwise (never raises for bad input).
@@ -83,10 +86,15 @@ class GuardTokenVerifier(TokenVerifier):
         state = current_request_state()
         client = state.client_ip if state is not None else None
         ident = self._core.verify_cached(token, client)
-        if ident is None:
+        if ident is not None:
+            hit = self._tokens.get(token)
+            if hit is not None and hit[0] == ident.key_id and hit[1] == ident.expires_at:
+                return hit[2]
+        else:
             try:
                 ident = await anyio.to_thread.run_sync(self._core.verify, token, client)
             except VerifyError as exc:
+                self._tokens.pop(token, None)
                 if state is not None:
                     state.refusal = str(exc)
                 if exc.reason in _UNAVAILABLE:
@@ -95,7 +103,11 @@ class GuardTokenVerifier(TokenVerifier):
                     # the guard's ASGI layer answers 503 with Retry-After.
                     raise TokenVerificationError(str(exc)) from None
                 return None
-        return access_token_for(token, ident)
+        access = access_token_for(token, ident)
+        if len(self._tokens) >= _MAX_TOKENS:
+            self._tokens.clear()
+        self._tokens[token] = (ident.key_id, ident.expires_at, access)
+        return access
 
     # -- delegate what a previous provider contributes over HTTP ------------------------
 
