@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ class AuditLog:
             flush_interval_ms=backend.flush_interval_ms,
         )
         # Flush at interpreter exit without keeping the log alive.
-        atexit.register(_close_quietly, weakref.ref(self._writer))
+        atexit.register(_close_at_exit, weakref.ref(self._writer))
 
     @property
     def writer(self) -> AuditWriter:
@@ -255,10 +256,10 @@ def _unix_seconds(when: datetime | float | None, what: str) -> float | None:
     raise ConfigError(f"{what} must be a datetime or Unix seconds, got {when!r}")
 
 
-def _close_quietly(ref: weakref.ReferenceType[AuditWriter]) -> None:
+def _close_at_exit(ref: weakref.ReferenceType[AuditWriter]) -> None:
     writer = ref()
     if writer is not None:
         try:
             writer.close()
-        except Exception:  # noqa: BLE001 - best effort at exit; errors are counted in stats
-            pass
+        except Exception as exc:  # noqa: BLE001 - at exit, say it: nobody can catch it
+            sys.stderr.write(f"fastmcp-guard: audit log {writer.path} not closed cleanly: {exc}\n")
