@@ -156,3 +156,29 @@ async def test_rate_limit_0_2_surface() -> None:
     assert rl.status("k1")["per_key"]["used"] == 0
     assert await rl.check(key_id="k1")
     assert not await rl.check(key_id="k2")  # the global bucket (3/minute) is spent
+
+
+async def test_async_twins_run_off_the_event_loop(tmp_path: Path) -> None:
+    import asyncio
+
+    store = KeyStore(backend="sqlite", path=tmp_path / "k.db")
+    ticks = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    key = await store.create_async("async", ["read"])  # argon2id in a worker thread
+    done = True
+    await task
+    assert ticks > 0, "the event loop was blocked while the key was hashed"
+    assert key.token is not None
+    assert (await store.verify_async(key.token)).id == key.id
+    new = await store.rotate_async(key.id, grace_period_hours=0)
+    assert await store.verify_async(key.token) is None
+    assert (await store.revoke_async(new.id)).status == "revoked"
+    store.close()

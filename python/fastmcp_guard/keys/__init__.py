@@ -11,12 +11,15 @@ repeated verification cost about a microsecond.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
+
+import anyio.to_thread
 
 from fastmcp_guard._core import Identity, KeyInfo, KeyManager
 from fastmcp_guard._util import os_user
@@ -268,6 +271,34 @@ class KeyStore:
     def verify_identity(self, token: str, client_ip: str | None = None) -> Identity:
         """Full verification returning the core identity; raises ``VerifyError``."""
         return self._core.verify(token, client_ip)
+
+    # -- async twins: the same operations from async code, off the event loop -----------
+    # (create / rotate hash with argon2id, tens of milliseconds; all touch the store)
+
+    async def create_async(self, name: str, scopes: Sequence[str] | None = None,
+                           expires_in_days: float | None = None,
+                           metadata: dict[str, Any] | None = None, *,
+                           expires_at: datetime | None = None,
+                           actor: str | None = None) -> ApiKey:  # fmt: skip
+        """:meth:`create`, run in a worker thread."""
+        call = functools.partial(self.create, name, scopes, expires_in_days, metadata,
+                                 expires_at=expires_at, actor=actor)  # fmt: skip
+        return await anyio.to_thread.run_sync(call)
+
+    async def rotate_async(
+        self, key_id: str, grace_period_hours: float = 24, *, actor: str | None = None
+    ) -> ApiKey:
+        """:meth:`rotate`, run in a worker thread."""
+        call = functools.partial(self.rotate, key_id, grace_period_hours, actor=actor)
+        return await anyio.to_thread.run_sync(call)
+
+    async def revoke_async(self, key_id: str, *, actor: str | None = None) -> ApiKey:
+        """:meth:`revoke`, run in a worker thread."""
+        return await anyio.to_thread.run_sync(functools.partial(self.revoke, key_id, actor=actor))
+
+    async def verify_async(self, token: str, client_ip: str | None = None) -> ApiKey | None:
+        """:meth:`verify`, run in a worker thread."""
+        return await anyio.to_thread.run_sync(self.verify, token, client_ip)
 
     def flush(self) -> None:
         """Write pending ``last_used_at`` updates now."""
