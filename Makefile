@@ -6,7 +6,7 @@ help:
 	@echo "make test        every test: cargo test, then pytest (installs what it needs)"
 	@echo "make bench       the benchmarks in benches/ (release build), with baselines side by side"
 	@echo "make build-dev   rebuild the extension into .venv"
-	@echo "make lint        cargo fmt --check, clippy -D warnings"
+	@echo "make lint        ruff, cargo fmt --check, clippy -D warnings"
 
 demo:
 	scripts/demo.sh
@@ -29,6 +29,7 @@ bench:
 	.venv/bin/python benches/bench_guard.py
 
 lint:
+	.venv/bin/python -m ruff check python tests benches
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from fastmcp import Client, FastMCP
 from fastmcp.utilities.tests import find_available_port
-
 from fastmcp_guard import AuditLog, FileBackend, Guard, KeyStore
 
 

@@ -4,7 +4,6 @@ import os
 
 from fastmcp import FastMCP
 from fastmcp.server.dependencies import get_access_token
-
 from fastmcp_guard import AuditLog, FileBackend, Guard, KeyStore, RateLimit
 
 mcp = FastMCP("stdio-guarded")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import httpx2
 import pytest
-
 from fastmcp_guard import AuditLog, SQLiteBackend
+
 from tests.conftest import http_client
 
 pytestmark = pytest.mark.http

@@ -15,8 +15,8 @@ from fastmcp.client.transports import StreamableHttpTransport
 from fastmcp.exceptions import ToolError
 from fastmcp.server.auth import require_scopes
 from fastmcp.server.auth.providers.jwt import StaticTokenVerifier
+from fastmcp_guard import AuditLog, FileBackend, Guard, RateLimit
 
-from fastmcp_guard import AuditLog, FileBackend, Guard, KeyStore, RateLimit
 from tests.conftest import http_client, read_audit
 
 pytestmark = pytest.mark.http
@@ -93,9 +93,11 @@ async def test_valid_key_calls_tool_and_is_audited(make_server, serve, audit, au
 async def test_x_api_key_header_is_accepted(make_server, serve):
     mcp, guard = make_server()
     key = guard.keys.create(name="desktop")
-    async with serve(mcp) as url:
-        async with Client(StreamableHttpTransport(url, headers={"X-API-Key": key.token})) as client:
-            result = await client.call_tool("echo", {"text": "k"})
+    async with (
+        serve(mcp) as url,
+        Client(StreamableHttpTransport(url, headers={"X-API-Key": key.token})) as client,
+    ):
+        result = await client.call_tool("echo", {"text": "k"})
     assert result.content[0].text == "echo: k"
 
 

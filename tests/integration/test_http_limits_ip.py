@@ -8,8 +8,8 @@ import httpx2
 import pytest
 from fastmcp import FastMCP
 from fastmcp.exceptions import ToolError
-
 from fastmcp_guard import AuditLog, FileBackend, Guard, IPPolicy, RateLimit, rate_limit
+
 from tests.conftest import http_client, read_audit
 from tests.integration.test_http_auth import HEADERS, INIT, raw_post
 
@@ -181,7 +181,7 @@ async def test_log_inputs_and_outputs_off(make_server, serve, tmp_path):
     audit.close()
     raw = path.read_text()
     assert "my-ssn-123" not in raw
-    ev = [e for e in read_audit(path) if e["tool"] == "echo"][0]
+    ev = next(e for e in read_audit(path) if e["tool"] == "echo")
     assert ev["input_args"] is None and ev["output_preview"] is None and ev["status"] == "ok"
 
 
@@ -192,7 +192,7 @@ async def test_tool_error_is_audited_as_error(make_server, serve, audit, audit_p
         with pytest.raises(ToolError):
             await client.call_tool("boom", {})
     audit.flush()
-    ev = [e for e in read_audit(audit_path) if e["tool"] == "boom"][0]
+    ev = next(e for e in read_audit(audit_path) if e["tool"] == "boom")
     assert ev["status"] == "error" and "tool failed on purpose" in ev["error"]
     assert ev["duration_ms"] >= 0
 

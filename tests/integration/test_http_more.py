@@ -15,8 +15,8 @@ import pytest
 from fastmcp import FastMCP
 from fastmcp.exceptions import ToolError
 from fastmcp.server.auth import require_scopes
+from fastmcp_guard import Guard, KeyStore, RateLimit
 
-from fastmcp_guard import AuditLog, FileBackend, Guard, KeyStore, RateLimit
 from tests.conftest import http_client, read_audit
 from tests.integration.test_http_auth import raw_post
 

@@ -27,26 +27,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import pytest
-
 from fastmcp_guard import KeyStore
+
 from tests.conftest import http_client, read_audit
+from tests.integration.test_http_auth import raw_post
 
 pytestmark = pytest.mark.http
-
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "raw", "version": "0"},
-    },
-}
-HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
-
 
 def _find_wheel() -> str | None:
     env = os.environ.get("FMG_LEGACY_WHEEL")
@@ -176,9 +163,7 @@ def legacy_store(legacy_file: tuple[Path, dict[str, list[str]]]) -> KeyStore:
 
 
 async def status_of(url: str, token: str) -> int:
-    async with httpx2.AsyncClient() as c:
-        resp = await c.post(url, json=INIT, headers={**HEADERS, "authorization": f"Bearer {token}"})
-    return resp.status_code
+    return (await raw_post(url, authorization=f"Bearer {token}")).status_code
 
 
 async def test_0_2_token_calls_a_tool(

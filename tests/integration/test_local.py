@@ -12,9 +12,9 @@ import pytest
 from fastmcp import Client
 from fastmcp.client.transports import PythonStdioTransport
 from fastmcp.exceptions import ToolError
-
 from fastmcp_guard import AuditLog, FileBackend, KeyStore, RateLimit
 from fastmcp_guard._util import os_user
+
 from tests.conftest import read_audit
 
 SERVER = Path(__file__).with_name("stdio_server.py")
@@ -92,7 +92,7 @@ def test_stdio_refuses_to_start_with_a_revoked_key(tmp_path):
     env = _env(tmp_path, FASTMCP_GUARD_KEY=key.token)
     proc = subprocess.run(
         [sys.executable, str(SERVER)], env=env, capture_output=True, text=True, timeout=30,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL, check=False,
     )  # fmt: skip
     assert proc.returncode != 0
     assert "FASTMCP_GUARD_KEY was refused (revoked)" in proc.stderr

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from fastmcp_guard._core import KeyManager, Limiter, parse_rate, token_key_id
 from fastmcp_guard.errors import InvalidRateError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 UNITS = ["second", "seconds", "sec", "s", "minute", "minutes", "min", "m",
          "hour", "hours", "hr", "h", "day", "days", "d"]  # fmt: skip

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from fastmcp_guard import AuditLog, ConfigError, FileBackend, KeyStore, SQLiteBackend
 from fastmcp_guard.errors import AuditWriteError
 
