@@ -732,6 +732,25 @@ fn writer_options(
     }
 }
 
+impl PyAuditWriter {
+    /// Opens a writer off the GIL with `open` (the JSONL or the `SQLite` sink).
+    fn open(
+        py: Python<'_>,
+        path: PathBuf,
+        opts: WriterOptions,
+        kind: &'static str,
+        open: fn(&std::path::Path, WriterOptions) -> Result<AuditWriter, crate::audit::AuditError>,
+    ) -> PyResult<Self> {
+        let shown = path.display().to_string();
+        let inner = py.detach(move || open(&path, opts))?;
+        Ok(PyAuditWriter {
+            inner,
+            path: shown,
+            kind,
+        })
+    }
+}
+
 #[pymethods]
 impl PyAuditWriter {
     #[new]
@@ -744,13 +763,7 @@ impl PyAuditWriter {
         flush_interval_ms: u64,
     ) -> PyResult<Self> {
         let opts = writer_options(queue_capacity, batch_max, flush_interval_ms);
-        let shown = path.display().to_string();
-        let inner = py.detach(move || AuditWriter::open_jsonl(&path, opts))?;
-        Ok(PyAuditWriter {
-            inner,
-            path: shown,
-            kind: "jsonl",
-        })
+        Self::open(py, path, opts, "jsonl", AuditWriter::open_jsonl)
     }
 
     /// Opens (creating, migrating) the `SQLite` audit database at `path`.
@@ -764,13 +777,7 @@ impl PyAuditWriter {
         flush_interval_ms: u64,
     ) -> PyResult<Self> {
         let opts = writer_options(queue_capacity, batch_max, flush_interval_ms);
-        let shown = path.display().to_string();
-        let inner = py.detach(move || AuditWriter::open_sqlite(&path, opts))?;
-        Ok(PyAuditWriter {
-            inner,
-            path: shown,
-            kind: "sqlite",
-        })
+        Self::open(py, path, opts, "sqlite", AuditWriter::open_sqlite)
     }
 
     #[getter]
