@@ -929,6 +929,8 @@ const LINGER: Duration = Duration::from_millis(1);
 const IDLE_TICK: Duration = Duration::from_millis(25);
 /// A drain at least this large means the queue is busy: look again after `LINGER`.
 const BUSY_BATCH: usize = 1024;
+/// Most batches written between two looks at the control channel (flush, close).
+const DRAIN_BATCHES: usize = 16;
 
 /// The asynchronous audit writer. `Send + Sync`: share it (e.g. in an `Arc`)
 /// and call [`enqueue`](Self::enqueue) from any thread.
@@ -1187,23 +1189,33 @@ impl<S: Sink> Worker<S> {
                 Err(RecvTimeoutError::Timeout) => {}
             }
             let mut drained = 0;
-            loop {
+            let mut backlog = false;
+            for _ in 0..DRAIN_BATCHES {
                 match events.try_recv() {
                     Ok(first) => {
-                        let n = self.batch(events, first, usize::MAX);
-                        drained += n;
-                        if n < self.batch_max {
-                            break; // the queue is (nearly) empty: let a batch gather
+                        drained += self.batch(events, first, usize::MAX);
+                        // A batch ends at `batch_max` events or `BATCH_BYTES`: go on
+                        // while more are waiting, not just when the count was full.
+                        backlog = !events.is_empty();
+                        if !backlog {
+                            break;
                         }
                     }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => return self.finish(events),
                 }
             }
-            // Under load (a big batch), come back after a short linger so the queue
-            // never fills; at request rates, after the tick, so that a thousand
-            // events a second cost a few dozen wake-ups, not a thousand.
-            wait = if drained >= BUSY_BATCH { linger } else { idle };
+            // A backlog: only glance at the control channel, then drain again. Under
+            // load, come back after a short linger so the queue never fills; at
+            // request rates, after the tick, so that a thousand events a second cost
+            // a few dozen wake-ups, not a thousand.
+            wait = if backlog {
+                Duration::ZERO
+            } else if drained >= BUSY_BATCH {
+                linger
+            } else {
+                idle
+            };
         }
     }
 
