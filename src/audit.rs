@@ -1172,6 +1172,7 @@ impl<S: Sink> Worker<S> {
     ) -> Result<(), AuditError> {
         let linger = interval.min(LINGER);
         let idle = interval.min(IDLE_TICK);
+        let filling = events.capacity().map_or(BUSY_BATCH, |c| (c / 4).max(1));
         let mut wait = idle;
         loop {
             // The thread blocks on the control channel only, never on the event
@@ -1195,8 +1196,10 @@ impl<S: Sink> Worker<S> {
                     Ok(first) => {
                         drained += self.batch(events, first, usize::MAX);
                         // A batch ends at `batch_max` events or `BATCH_BYTES`: go on
-                        // while more are waiting, not just when the count was full.
-                        backlog = !events.is_empty();
+                        // while the queue is filling up (a quarter full). Short of
+                        // that, linger and let a batch gather: draining nonstop
+                        // beside a fast producer only costs it cache and CPU.
+                        backlog = events.len() >= filling;
                         if !backlog {
                             break;
                         }
