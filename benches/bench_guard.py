@@ -76,6 +76,13 @@ TYPICAL: dict[str, Any] = {
     "metadata": {"team": "data"},
 }
 
+#: TYPICAL as the positional arguments of ``AuditWriter.log`` (error=None).
+TYPICAL_LOG_ARGS = (
+    TYPICAL["status"], TYPICAL["key_id"], TYPICAL["key_name"], TYPICAL["tool"],
+    TYPICAL["scopes"], TYPICAL["duration_ms"], None, TYPICAL["input_args"],
+    TYPICAL["output_preview"], TYPICAL["client_ip"], TYPICAL["metadata"],
+)  # fmt: skip
+
 
 def typical_record() -> AuditRecord:
     """A fresh 0.2 audit record with the TYPICAL fields (0.2 builds one per call)."""
@@ -289,19 +296,7 @@ def bench_core_ops(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
         writer = core.AuditWriter(str(tmp / "audit-ops.jsonl"))
         alog = AuditLog(backend=FileBackend(str(tmp / "auditlog-ops.jsonl")))
         T = TYPICAL
-        wargs = (
-            T["status"],
-            T["key_id"],
-            T["key_name"],
-            T["tool"],
-            T["scopes"],
-            T["duration_ms"],
-            None,
-            T["input_args"],
-            T["output_preview"],
-            T["client_ip"],
-            T["metadata"],
-        )
+        wargs = TYPICAL_LOG_ARGS
 
         def alog_case() -> float:
             log = alog.log
@@ -542,22 +537,9 @@ def trickle_audit(args: argparse.Namespace, tmp: Path) -> None:
     wake-up, write and flush included), net of the same loop with the logging left out.
     """
     gap, n, rounds = args.trickle_gap, args.trickle_events, args.rounds_trickle
-    T = TYPICAL
     w = core.AuditWriter(str(tmp / "audit-trickle.jsonl"))
     f = open(tmp / "audit02-trickle.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-    wargs = (
-        T["status"],
-        T["key_id"],
-        T["key_name"],
-        T["tool"],
-        T["scopes"],
-        T["duration_ms"],
-        None,
-        T["input_args"],
-        T["output_preview"],
-        T["client_ip"],
-        T["metadata"],
-    )
+    wargs = TYPICAL_LOG_ARGS
 
     def ours() -> None:
         w.log(*wargs)
@@ -664,20 +646,7 @@ def bench_audit(args: argparse.Namespace, tmp: Path, cargo: dict[str, Any] | Non
         path = tmp / "audit-bulk.jsonl"
         path.unlink(missing_ok=True)
         w = core.AuditWriter(str(path))
-        T = TYPICAL
-        a = (
-            T["status"],
-            T["key_id"],
-            T["key_name"],
-            T["tool"],
-            T["scopes"],
-            T["duration_ms"],
-            None,
-            T["input_args"],
-            T["output_preview"],
-            T["client_ip"],
-            T["metadata"],
-        )
+        a = TYPICAL_LOG_ARGS
         log = w.log
         t = time.perf_counter()
         for _ in repeat(None, n):

@@ -105,16 +105,15 @@ class GuardMiddleware(Middleware):
 
     async def _register_tool(self, context: MiddlewareContext[Any], name: str) -> None:
         """Read a tool's ``@rate_limit`` once and hand it to the limiter."""
-        rate = self.guard.rate_limit
         fctx = context.fastmcp_context
-        if rate is not None and fctx is not None:
+        if fctx is not None:
             try:
                 tool = await fctx.fastmcp.get_tool(name)
             except Exception:  # noqa: BLE001 - unknown/hidden tool: FastMCP reports it
                 return
             if tool is None:
                 return  # not visible to this caller; try again on a later call
-            rate.core.set_tool_rate(name, tool_rate_of(tool))
+            self.guard.rate_limit.core.set_tool_rate(name, tool_rate_of(tool))
         self._tools_seen.add(name)
 
     async def _guarded(
@@ -128,25 +127,24 @@ class GuardMiddleware(Middleware):
         guard = self.guard
         caller = await self._caller()
         audit = guard.audit
-        rate = guard.rate_limit
-        if rate is not None:
-            refusal = rate.core.check(caller.rate_key, tool)
-            if refusal is not None:
-                exc = RateLimitExceeded(refusal, tool)
-                if audit is not None:
-                    audit.log(
-                        "rate_limited", key_id=caller.key_id, key_name=caller.key_name,
-                        tool=target, scopes=caller.scopes, error=str(exc), input_args=arguments,
-                        client_ip=caller.client_ip, metadata=caller.metadata,
-                        extra={"retry_after": exc.data["retry_after"], "limit": exc.limit},
-                    )  # fmt: skip
-                if tool is not None and rate.refusal == "tool":
-                    return ToolResult(
-                        content=[TextContent(type="text", text=str(exc))],
-                        structured_content=exc.data,
-                        is_error=True,
-                    )
-                raise exc.as_mcp_error()
+        rate = guard.rate_limit  # always set: Guard supplies RateLimit() when none is given
+        refusal = rate.core.check(caller.rate_key, tool)
+        if refusal is not None:
+            exc = RateLimitExceeded(refusal, tool)
+            if audit is not None:
+                audit.log(
+                    "rate_limited", key_id=caller.key_id, key_name=caller.key_name,
+                    tool=target, scopes=caller.scopes, error=str(exc), input_args=arguments,
+                    client_ip=caller.client_ip, metadata=caller.metadata,
+                    extra={"retry_after": exc.data["retry_after"], "limit": exc.limit},
+                )  # fmt: skip
+            if tool is not None and rate.refusal == "tool":
+                return ToolResult(
+                    content=[TextContent(type="text", text=str(exc))],
+                    structured_content=exc.data,
+                    is_error=True,
+                )
+            raise exc.as_mcp_error()
         sdk_token = None if caller.sdk_user is None else auth_context_var.set(caller.sdk_user)
         if audit is None:
             try:

@@ -48,11 +48,9 @@ const MIGRATIONS: [Step; 2] = [migrate_v1, migrate_v2];
 #[allow(clippy::cast_possible_wrap, reason = "two entries")]
 const _: () = assert!(MIGRATIONS.len() as i64 == SQLITE_SCHEMA_VERSION);
 
-/// Version 1: fastmcp-guard 0.2's table and indexes, exactly (`IF NOT EXISTS`: a 0.2 file
-/// has them already, without a version table).
-fn migrate_v1(tx: &Transaction<'_>) -> rusqlite::Result<()> {
-    tx.execute_batch(
-        "
+/// fastmcp-guard 0.2's audit table and indexes, verbatim (`SQLiteAuditBackend._init_db`;
+/// `IF NOT EXISTS`: a 0.2 file has them already, without a version table).
+pub(crate) const DDL_0_2: &str = "
         CREATE TABLE IF NOT EXISTS audit_log (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             ts TEXT NOT NULL,
@@ -71,8 +69,12 @@ fn migrate_v1(tx: &Transaction<'_>) -> rusqlite::Result<()> {
         CREATE INDEX IF NOT EXISTS idx_ts ON audit_log(ts);
         CREATE INDEX IF NOT EXISTS idx_key_id ON audit_log(key_id);
         CREATE INDEX IF NOT EXISTS idx_tool ON audit_log(tool);
-        ",
-    )
+        ";
+
+/// Version 1: fastmcp-guard 0.2's table and indexes, exactly (`IF NOT EXISTS`: a 0.2 file
+/// has them already, without a version table).
+fn migrate_v1(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(DDL_0_2)
 }
 
 /// Version 2: the `extra` column (added only if absent), and indexes that also serve the
@@ -674,27 +676,6 @@ mod tests {
     use chrono::TimeZone;
     use serde_json::json;
 
-    /// fastmcp-guard 0.2's DDL, verbatim (`SQLiteAuditBackend._init_db`).
-    const DDL_0_2: &str = "
-        CREATE TABLE IF NOT EXISTS audit_log (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            ts TEXT NOT NULL,
-            key_id TEXT,
-            key_name TEXT,
-            tool TEXT,
-            scopes TEXT,
-            duration_ms REAL,
-            status TEXT,
-            error TEXT,
-            input_args TEXT,
-            output_preview TEXT,
-            client_ip TEXT,
-            metadata TEXT
-        );
-        CREATE INDEX IF NOT EXISTS idx_ts ON audit_log(ts);
-        CREATE INDEX IF NOT EXISTS idx_key_id ON audit_log(key_id);
-        CREATE INDEX IF NOT EXISTS idx_tool ON audit_log(tool);
-    ";
 
     fn at(ms: i64) -> DateTime<Utc> {
         Utc.timestamp_millis_opt(ms).single().unwrap()
