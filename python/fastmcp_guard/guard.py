@@ -75,7 +75,9 @@ class Guard:
             ("ip", ip, IPPolicy),
         ):
             if value is not None and not isinstance(value, cls):
-                raise ConfigError(f"Guard({name}=...) takes a {cls.__name__}, got {type(value).__name__}")
+                raise ConfigError(
+                    f"Guard({name}=...) takes a {cls.__name__}, got {type(value).__name__}"
+                )
         self.mcp = mcp
         self.keys = keys if keys is not None else KeyStore(backend="memory")
         self.rate_limit = rate_limit if rate_limit is not None else RateLimit()
@@ -146,4 +148,3 @@ class Guard:
             f"Guard({self.mcp.name!r}, keys={self.keys!r}, rate_limit={self.rate_limit!r}, "
             f"audit={self.audit!r}, ip={self.ip!r})"
         )
-

@@ -94,7 +94,10 @@ class GuardASGIMiddleware:
         if _header(scope, b"authorization") is None:
             api_key = _header(scope, b"x-api-key")
             if api_key is not None:
-                scope["headers"] = [*scope["headers"], (b"authorization", b"Bearer " + api_key.strip())]
+                scope["headers"] = [
+                    *scope["headers"],
+                    (b"authorization", b"Bearer " + api_key.strip()),
+                ]
 
         req = RequestState(client_ip)
         token = _request_state.set(req)

@@ -87,7 +87,9 @@ class GuardMiddleware(Middleware):
 
     # -- the three guarded calls -------------------------------------------------------
 
-    async def on_call_tool(self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]) -> Any:
+    async def on_call_tool(
+        self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]
+    ) -> Any:
         msg = context.message
         name = msg.name
         if name not in self._tools_seen:
@@ -99,7 +101,9 @@ class GuardMiddleware(Middleware):
     ) -> Any:
         return await self._guarded(context, call_next, str(context.message.uri), None, None)
 
-    async def on_get_prompt(self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]) -> Any:
+    async def on_get_prompt(
+        self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]
+    ) -> Any:
         msg = context.message
         return await self._guarded(context, call_next, msg.name, None, msg.arguments)
 
@@ -202,7 +206,9 @@ async def _hidden_by_auth(context: MiddlewareContext[Any], name: str) -> bool:
             return False
         if tool.auth is None:
             return False
-        return not await run_auth_checks(tool.auth, AuthContext(token=get_access_token(), component=tool))
+        return not await run_auth_checks(
+            tool.auth, AuthContext(token=get_access_token(), component=tool)
+        )
     except Exception:  # noqa: BLE001 - classification only; the call already failed
         return False
 
@@ -215,7 +221,9 @@ def _preview(result: Any, limit: int) -> str | None:
     if content is None:
         return None
     if isinstance(content, (list, tuple)):
-        parts = [t for b in content if (t := getattr(b, "text", None) or getattr(b, "content", None))]
+        parts = [
+            t for b in content if (t := getattr(b, "text", None) or getattr(b, "content", None))
+        ]
         text = " ".join(p if isinstance(p, str) else str(p) for p in parts)
     else:
         text = str(content)

@@ -145,7 +145,9 @@ async def test_rotate_with_zero_grace_kills_old_token_at_once(make_server, serve
 
 async def test_expired_key_is_refused(make_server, serve):
     mcp, guard = make_server()
-    key = guard.keys.create(name="temp", expires_at=datetime.now(timezone.utc) + timedelta(seconds=1.5))
+    key = guard.keys.create(
+        name="temp", expires_at=datetime.now(timezone.utc) + timedelta(seconds=1.5)
+    )
     async with serve(mcp) as url:
         assert (await raw_post(url, authorization=f"Bearer {key.token}")).status_code == 200
         deadline = time.monotonic() + 10

@@ -164,8 +164,12 @@ async def test_forwarded_for_only_from_trusted_proxy(make_server, serve):
     key2 = guard2.keys.create(name="direct")
     async with serve(mcp) as url, serve(mcp2) as url2:
         auth = {"authorization": f"Bearer {key.token}"}
-        assert (await raw_post(url, **auth, **{"x-forwarded-for": "203.0.113.9"})).status_code == 403
-        assert (await raw_post(url, **auth, **{"x-forwarded-for": "198.51.100.1"})).status_code == 200
+        assert (
+            await raw_post(url, **auth, **{"x-forwarded-for": "203.0.113.9"})
+        ).status_code == 403
+        assert (
+            await raw_post(url, **auth, **{"x-forwarded-for": "198.51.100.1"})
+        ).status_code == 200
         # The peer of the second server is not trusted: its X-Forwarded-For is ignored.
         auth2 = {"authorization": f"Bearer {key2.token}", "x-forwarded-for": "203.0.113.9"}
         assert (await raw_post(url2, **auth2)).status_code == 200
@@ -202,6 +206,7 @@ async def test_raw_http_client_sees_json_rpc(make_server, serve):
     mcp, guard = make_server()
     key = guard.keys.create(name="raw")
     async with serve(mcp) as url, httpx2.AsyncClient() as c:
-        r = await c.post(url, json=INIT, headers={**HEADERS, "authorization": f"Bearer {key.token}"})
+        r = await c.post(
+            url, json=INIT, headers={**HEADERS, "authorization": f"Bearer {key.token}"}
+        )
     assert r.status_code == 200
-

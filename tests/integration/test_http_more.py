@@ -83,7 +83,7 @@ async def test_failed_verifications_are_throttled_per_client_and_key(make_server
     good = guard.keys.create(name="good")
     other = guard.keys.create(name="other")
     # Same key id, wrong secret, valid checksum: it reaches the store and argon2.
-    forged = with_checksum(good.token[:-6 - 43] + "A" * 43)
+    forged = with_checksum(good.token[: -6 - 43] + "A" * 43)
     statuses = []
     async with serve(mcp) as url:
         async with http_client(url, good.token) as client:  # the real owner, cached
@@ -114,7 +114,9 @@ async def test_revoke_from_another_process_is_seen_within_a_second(make_server, 
             s.revoke({key.id!r})
             s.close()
         """)
-        await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code], check=True, timeout=60)
+        await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-c", code], check=True, timeout=60
+        )
         revoked_at = time.monotonic()
         while True:
             status = (await raw_post(url, authorization=f"Bearer {key.token}")).status_code

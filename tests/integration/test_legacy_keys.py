@@ -35,6 +35,7 @@ from tests.integration.test_http_auth import raw_post
 
 pytestmark = pytest.mark.http
 
+
 def _find_wheel() -> str | None:
     env = os.environ.get("FMG_LEGACY_WHEEL")
     if env:
@@ -138,7 +139,9 @@ def _handmade_02(path: Path) -> dict[str, list[str]]:
 
 
 @pytest.fixture(params=["wheel", "handmade"])
-def legacy_file(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, dict[str, list[str]]]:
+def legacy_file(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> tuple[Path, dict[str, list[str]]]:
     """A 0.2 key file and its keys: ``{label: [key id, 0.2 token]}``."""
     path = tmp_path / "keys.db"
     if request.param == "handmade":
@@ -255,9 +258,7 @@ async def test_0_2_tokens_are_never_stored(make_server, serve, legacy_file, lega
         )
     ]
     assert {"fmg_keys", "fmg_legacy_imports"} <= set(ours)
-    dump = "\n".join(
-        repr(row) for table in ours for row in conn.execute(f"SELECT * FROM {table}")
-    )
+    dump = "\n".join(repr(row) for table in ours for row in conn.execute(f"SELECT * FROM {table}"))
     stored_hash = conn.execute(
         "SELECT phc_hash FROM fmg_keys WHERE id = ?", (keys["alice"][0],)
     ).fetchone()[0]

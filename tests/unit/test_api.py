@@ -129,7 +129,9 @@ def test_key_lifecycle_0_2_surface(tmp_path: Path) -> None:
     with pytest.raises(KeyRevokedError):
         store.rotate(b.id)
     assert store.verify(b.token) is None
-    assert store.get(a.token) is not None and store.get(a.token).id == a.id  # named by token public id
+    assert (
+        store.get(a.token) is not None and store.get(a.token).id == a.id
+    )  # named by token public id
     store.close()
 
 

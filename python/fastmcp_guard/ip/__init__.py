@@ -48,7 +48,9 @@ class IPPolicy:
         self.allow = list(allow or [])
         self.deny = list(deny or [])
         self.trusted_proxies = list(trusted_proxies or [])
-        self._core = IPMatcher(allow=self.allow, deny=self.deny, trusted_proxies=self.trusted_proxies)
+        self._core = IPMatcher(
+            allow=self.allow, deny=self.deny, trusted_proxies=self.trusted_proxies
+        )
 
     @property
     def core(self) -> IPMatcher:

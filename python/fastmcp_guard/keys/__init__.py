@@ -311,4 +311,3 @@ class KeyStore:
     def __repr__(self) -> str:
         where = f", path={self.path!r}" if self.path else ""
         return f"KeyStore(backend={self.backend!r}{where})"
-

@@ -112,7 +112,9 @@ class RateLimit:
                 "use backend='memory' (limits are then per process)"
             )
         if backend != "memory":
-            raise ConfigError(f"unknown rate limit backend {backend!r}; expected 'memory' or 'redis'")
+            raise ConfigError(
+                f"unknown rate limit backend {backend!r}; expected 'memory' or 'redis'"
+            )
         self.per_key = per_key
         self.global_limit = global_limit
         self.backend = backend
