@@ -7,7 +7,10 @@
 //! takes every event already queued (up to [`WriterOptions::batch_max`]) and
 //! hands them to a [`Sink`] as one [`Batch`]: for a JSONL sink the thread
 //! serialises them with [`write_line`] into one reused buffer (one write per
-//! batch); the `SQLite` sink inserts the events themselves in one transaction.
+//! batch), or only copies lines the producer already rendered
+//! ([`AuditWriter::enqueue_line`], which the Python binding uses: it writes the
+//! line straight from the Python objects); the `SQLite` sink inserts the events
+//! themselves in one transaction.
 //! The sink is flushed to the OS after every batch and synced to disk on
 //! [`AuditWriter::close`].
 //!
@@ -75,6 +78,9 @@ pub enum AuditError {
         /// What to use instead.
         fix: &'static str,
     },
+    /// [`AuditWriter::enqueue_line`] on a writer whose sink stores events.
+    #[error("this audit sink stores events, not JSON lines: use enqueue, not enqueue_line")]
+    NotALineSink,
     /// The log file or database could not be opened (at construction).
     #[error("cannot open audit log {}: {source}; {}", .path.display(), open_hint(.source, .path))]
     Open {
@@ -368,53 +374,123 @@ pub const FIXED_FIELDS: [&str; 12] = [
 /// newline is the terminating one. Never fails: a value that cannot be
 /// represented (a non-finite `duration_ms`) is written as `null`.
 pub fn write_line(buf: &mut Vec<u8>, ev: &AuditEvent) {
-    buf.reserve(200 + ev.key_id.len() + ev.key_name.len() + ev.tool.len());
-    buf.extend_from_slice(b"{\"ts\":\"");
-    write_ts(buf, &ev.ts);
-    buf.extend_from_slice(b"\",\"key_id\":");
-    write_str(buf, &ev.key_id);
-    buf.extend_from_slice(b",\"key_name\":");
-    write_str(buf, &ev.key_name);
-    buf.extend_from_slice(b",\"tool\":");
-    write_str(buf, &ev.tool);
-    buf.extend_from_slice(b",\"scopes\":[");
-    for (i, scope) in ev.scopes.iter().enumerate() {
-        if i > 0 {
-            buf.push(b',');
-        }
-        write_str(buf, scope);
-    }
-    buf.extend_from_slice(b"],\"duration_ms\":");
-    write_duration(buf, ev.duration_ms);
-    buf.extend_from_slice(b",\"status\":\"");
-    buf.extend_from_slice(ev.status.as_str().as_bytes());
-    buf.extend_from_slice(b"\",\"error\":");
-    write_opt_str(buf, ev.error.as_deref());
-    buf.extend_from_slice(b",\"input_args\":");
-    match &ev.input_args {
-        Some(v) => write_value(buf, v),
-        None => buf.extend_from_slice(b"null"),
-    }
-    buf.extend_from_slice(b",\"output_preview\":");
-    write_opt_str(buf, ev.output_preview.as_deref());
-    buf.extend_from_slice(b",\"client_ip\":");
-    write_opt_str(buf, ev.client_ip.as_deref());
-    buf.extend_from_slice(b",\"metadata\":");
-    match &ev.metadata {
-        Some(v) => write_value(buf, v),
-        None => buf.extend_from_slice(b"{}"),
-    }
-    if let Some(extra) = &ev.extra {
-        for (k, v) in extra {
-            if FIXED_FIELDS.contains(&k.as_str()) {
-                continue;
+    let head = LineHead {
+        ts: ev.ts,
+        key_id: &ev.key_id,
+        key_name: &ev.key_name,
+        tool: &ev.tool,
+        duration_ms: ev.duration_ms,
+        status: ev.status,
+        error: ev.error.as_deref(),
+        output_preview: ev.output_preview.as_deref(),
+        client_ip: ev.client_ip.as_deref(),
+    };
+    write_line_parts(
+        buf,
+        &head,
+        |buf| {
+            for (i, scope) in ev.scopes.iter().enumerate() {
+                if i > 0 {
+                    buf.push(b',');
+                }
+                write_json_str(buf, scope);
             }
-            buf.push(b',');
-            write_str(buf, k);
-            buf.push(b':');
-            write_value(buf, v);
-        }
-    }
+        },
+        |buf| match &ev.input_args {
+            Some(v) => write_value(buf, v),
+            None => buf.extend_from_slice(b"null"),
+        },
+        |buf| match &ev.metadata {
+            Some(v) => write_value(buf, v),
+            None => buf.extend_from_slice(b"{}"),
+        },
+        |buf| {
+            if let Some(extra) = &ev.extra {
+                for (k, v) in extra {
+                    if is_fixed_field(k) {
+                        continue;
+                    }
+                    buf.push(b',');
+                    write_json_str(buf, k);
+                    buf.push(b':');
+                    write_value(buf, v);
+                }
+            }
+        },
+    );
+}
+
+/// The plain fields of one audit line, borrowed (see [`write_line_parts`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LineHead<'a> {
+    /// When the decision was made.
+    pub ts: DateTime<Utc>,
+    /// Key id.
+    pub key_id: &'a str,
+    /// Key name.
+    pub key_name: &'a str,
+    /// Tool, resource or prompt name.
+    pub tool: &'a str,
+    /// Time spent, in milliseconds.
+    pub duration_ms: f64,
+    /// Outcome.
+    pub status: Status,
+    /// Error message.
+    pub error: Option<&'a str>,
+    /// Start of the output.
+    pub output_preview: Option<&'a str>,
+    /// Client address.
+    pub client_ip: Option<&'a str>,
+}
+
+/// Whether `name` is one of [`FIXED_FIELDS`] (an extra field of that name is skipped).
+#[must_use]
+pub fn is_fixed_field(name: &str) -> bool {
+    FIXED_FIELDS.contains(&name)
+}
+
+/// The one place that lays out an audit line: [`write_line`] calls it for an
+/// [`AuditEvent`], the Python binding with the caller's objects (no
+/// intermediate event). The callbacks write, in this order: the scopes as
+/// comma-separated JSON strings (without brackets); `input_args` as one JSON
+/// value (`null` if absent); `metadata` as one JSON value (`{}` if absent);
+/// and zero or more extra fields, each as `,"key":value`, skipping names for
+/// which [`is_fixed_field`] holds. Each must write valid JSON with no raw
+/// newline ([`write_json_str`] escapes strings).
+pub fn write_line_parts(
+    buf: &mut Vec<u8>,
+    head: &LineHead<'_>,
+    scopes: impl FnOnce(&mut Vec<u8>),
+    input_args: impl FnOnce(&mut Vec<u8>),
+    metadata: impl FnOnce(&mut Vec<u8>),
+    extra: impl FnOnce(&mut Vec<u8>),
+) {
+    buf.reserve(320 + head.key_id.len() + head.key_name.len() + head.tool.len());
+    buf.extend_from_slice(b"{\"ts\":\"");
+    write_ts(buf, &head.ts);
+    buf.extend_from_slice(b"\",\"key_id\":");
+    write_json_str(buf, head.key_id);
+    buf.extend_from_slice(b",\"key_name\":");
+    write_json_str(buf, head.key_name);
+    buf.extend_from_slice(b",\"tool\":");
+    write_json_str(buf, head.tool);
+    buf.extend_from_slice(b",\"scopes\":[");
+    scopes(buf);
+    buf.extend_from_slice(b"],\"duration_ms\":");
+    write_duration(buf, head.duration_ms);
+    buf.extend_from_slice(b",\"status\":\"");
+    buf.extend_from_slice(head.status.as_str().as_bytes());
+    buf.extend_from_slice(b"\",\"error\":");
+    write_opt_str(buf, head.error);
+    buf.extend_from_slice(b",\"input_args\":");
+    input_args(buf);
+    buf.extend_from_slice(b",\"output_preview\":");
+    write_opt_str(buf, head.output_preview);
+    buf.extend_from_slice(b",\"client_ip\":");
+    write_opt_str(buf, head.client_ip);
+    buf.extend_from_slice(b",\"metadata\":");
+    metadata(buf);
+    extra(buf);
     buf.extend_from_slice(b"}\n");
 }
 
@@ -556,13 +632,52 @@ const ESCAPE: [u8; 256] = {
     t
 };
 
-/// Writes `s` as a JSON string. Non-ASCII passes through as UTF-8 (valid JSON);
+/// Appends `s` as a JSON string. Non-ASCII passes through as UTF-8 (valid JSON);
 /// only ASCII bytes are escaped, so slicing never splits a character.
-fn write_str(buf: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+pub fn write_json_str(buf: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     buf.reserve(bytes.len() + 2);
     buf.push(b'"');
+    // Most strings need no escape: find the first byte that does, 8 at a time.
+    let clean = clean_prefix(bytes);
+    buf.extend_from_slice(&bytes[..clean]);
+    if clean < bytes.len() {
+        write_escaped(buf, &bytes[clean..]);
+    }
+    buf.push(b'"');
+}
+
+/// Length of the longest prefix of `bytes` with no byte JSON must escape
+/// (a control character, `"` or `\\`), checked a word at a time.
+fn clean_prefix(bytes: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    // High bit set in each byte of `x` that is zero (exact for the first such byte).
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
+    let mut i = 0;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        // A byte < 0x20: (b - 0x20) borrows into its high bit while b's own is clear.
+        let control = w.wrapping_sub(ONES * 0x20) & !w & HIGHS;
+        let quote = zero(w ^ (ONES * u64::from(b'"')));
+        let backslash = zero(w ^ (ONES * u64::from(b'\\')));
+        if control | quote | backslash != 0 {
+            break;
+        }
+        i += 8;
+    }
+    while i < bytes.len() && ESCAPE[usize::from(bytes[i])] == 0 {
+        i += 1;
+    }
+    i
+}
+
+/// Writes `bytes` escaped (the body of a JSON string, without quotes).
+fn write_escaped(buf: &mut Vec<u8>, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let esc = ESCAPE[usize::from(b)];
@@ -585,12 +700,11 @@ fn write_str(buf: &mut Vec<u8>, s: &str) {
         start = i + 1;
     }
     buf.extend_from_slice(&bytes[start..]);
-    buf.push(b'"');
 }
 
 fn write_opt_str(buf: &mut Vec<u8>, s: Option<&str>) {
     match s {
-        Some(s) => write_str(buf, s),
+        Some(s) => write_json_str(buf, s),
         None => buf.extend_from_slice(b"null"),
     }
 }
@@ -601,6 +715,38 @@ fn write_value(buf: &mut Vec<u8>, v: &Value) {
     if serde_json::to_writer(&mut *buf, v).is_err() {
         buf.truncate(mark);
         buf.extend_from_slice(b"null");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Queue entries
+// ---------------------------------------------------------------------------
+
+/// One slot of the writer's queue: an [`AuditEvent`], or that event's JSONL line
+/// already rendered by the producer ([`AuditWriter::enqueue_line`]). Entries are
+/// boxed and go back to the producers for reuse once written, so a steady stream
+/// of lines allocates nothing: the line buffer keeps its capacity.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    event: AuditEvent,
+    /// Non-empty: the complete line, ending with `\n` (`event` is then stale).
+    line: Vec<u8>,
+}
+
+impl Entry {
+    /// The event (stale when the entry holds a rendered line).
+    #[must_use]
+    pub fn event(&self) -> &AuditEvent {
+        &self.event
+    }
+}
+
+impl From<AuditEvent> for Entry {
+    fn from(event: AuditEvent) -> Self {
+        Entry {
+            event,
+            line: Vec::new(),
+        }
     }
 }
 
@@ -622,7 +768,7 @@ pub enum BatchFormat {
 /// order, as JSONL bytes or as events, depending on the sink's [`Sink::format`].
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
-    events: &'a [Box<AuditEvent>],
+    events: &'a [Box<Entry>],
     jsonl: &'a [u8],
     len: usize,
 }
@@ -640,7 +786,7 @@ impl<'a> Batch<'a> {
 
     /// A [`BatchFormat::Events`] batch.
     #[must_use]
-    pub fn of_events(events: &'a [Box<AuditEvent>]) -> Self {
+    pub fn of_events(events: &'a [Box<Entry>]) -> Self {
         Batch {
             events,
             jsonl: &[],
@@ -651,7 +797,7 @@ impl<'a> Batch<'a> {
     /// The events, in enqueue order (none in a [`BatchFormat::Jsonl`] batch).
     #[must_use]
     pub fn events(&self) -> impl ExactSizeIterator<Item = &'a AuditEvent> + 'a {
-        self.events.iter().map(|b| &**b)
+        self.events.iter().map(|b| &b.event)
     }
 
     /// The events as complete JSONL lines (empty in a [`BatchFormat::Events`] batch).
@@ -935,10 +1081,12 @@ const DRAIN_BATCHES: usize = 16;
 /// The asynchronous audit writer. `Send + Sync`: share it (e.g. in an `Arc`)
 /// and call [`enqueue`](Self::enqueue) from any thread.
 pub struct AuditWriter {
-    events: Sender<Box<AuditEvent>>,
+    events: Sender<Box<Entry>>,
     control: Sender<Control>,
-    /// Boxes of written events, for `enqueue` to reuse (see there).
-    pool: Receiver<Box<AuditEvent>>,
+    /// Boxes of written entries, for `enqueue` to reuse (see there).
+    pool: Receiver<Box<Entry>>,
+    /// The sink's format: whether `enqueue_line` may be used.
+    format: BatchFormat,
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<Result<(), AuditError>>>>,
 }
@@ -1017,6 +1165,7 @@ impl AuditWriter {
             .spawn(move || worker.run(&events_rx, &control_rx, interval))
             .map_err(|source| AuditError::Spawn { source })?;
         Ok(AuditWriter {
+            format,
             events: events_tx,
             control: control_tx,
             pool: pool_rx,
@@ -1034,15 +1183,59 @@ impl AuditWriter {
     /// producer thread. glibc malloc is several times slower when one thread
     /// allocates and another frees; this keeps both threads off that path.
     pub fn enqueue(&self, ev: AuditEvent) -> bool {
+        self.push(|entry| {
+            entry.event = ev;
+            entry.line.clear();
+        })
+    }
+
+    /// Whether the sink takes JSONL lines, so that
+    /// [`enqueue_line`](Self::enqueue_line) may be used.
+    #[must_use]
+    pub fn takes_lines(&self) -> bool {
+        self.format == BatchFormat::Jsonl
+    }
+
+    /// Queues one event rendered by `render` straight into a reused line buffer
+    /// (cleared first): the producer pays for one serialisation and no
+    /// allocation in the steady state, and the writer thread only copies bytes.
+    /// `render` must append exactly one complete line ending with `\n`, laid out
+    /// by [`write_line_parts`]. Same return value and policies as
+    /// [`enqueue`](Self::enqueue); `render` is not called if the writer is closed.
+    ///
+    /// # Errors
+    /// [`AuditError::NotALineSink`] (nothing queued) if the sink stores events
+    /// rather than lines ([`takes_lines`](Self::takes_lines) is false).
+    pub fn enqueue_line(&self, render: impl FnOnce(&mut Vec<u8>)) -> Result<bool, AuditError> {
+        if !self.takes_lines() {
+            return Err(AuditError::NotALineSink);
+        }
+        Ok(self.push(|entry| {
+            entry.line.clear();
+            render(&mut entry.line);
+        }))
+    }
+
+    /// Fills a (reused) entry and queues it; see [`enqueue`](Self::enqueue).
+    fn push(&self, fill: impl FnOnce(&mut Entry)) -> bool {
         let sh = &*self.shared;
         let prev = sh.state.0.fetch_add(1, Ordering::AcqRel);
         let accepted = prev & CLOSED == 0 && {
             let boxed = match self.pool.try_recv() {
                 Ok(mut reused) => {
-                    *reused = ev;
+                    fill(&mut reused);
                     reused
                 }
-                Err(_) => Box::new(ev),
+                Err(_) => {
+                    let mut fresh = Box::new(Entry::from(AuditEvent::new(
+                        String::new(),
+                        String::new(),
+                        String::new(),
+                        Status::Ok,
+                    )));
+                    fill(&mut fresh);
+                    fresh
+                }
             };
             self.events.try_send(boxed).is_ok()
         };
@@ -1154,19 +1347,19 @@ struct Worker<S> {
         clippy::vec_box,
         reason = "the boxes go back to the producers through the pool"
     )]
-    pending: Vec<Box<AuditEvent>>,
+    pending: Vec<Box<Entry>>,
     buf: Vec<u8>,
     batch_max: usize,
     /// A failure not yet returned by `flush`/`close`.
     unreported: Option<AuditError>,
     /// Written boxes go back to the producers through here.
-    pool: Sender<Box<AuditEvent>>,
+    pool: Sender<Box<Entry>>,
 }
 
 impl<S: Sink> Worker<S> {
     fn run(
         mut self,
-        events: &Receiver<Box<AuditEvent>>,
+        events: &Receiver<Box<Entry>>,
         control: &Receiver<Control>,
         interval: Duration,
     ) -> Result<(), AuditError> {
@@ -1224,12 +1417,7 @@ impl<S: Sink> Worker<S> {
 
     /// Takes `first` and up to `min(batch_max, limit) - 1` already-queued
     /// events, writes them as one batch, and returns how many it took.
-    fn batch(
-        &mut self,
-        events: &Receiver<Box<AuditEvent>>,
-        first: Box<AuditEvent>,
-        limit: usize,
-    ) -> usize {
+    fn batch(&mut self, events: &Receiver<Box<Entry>>, first: Box<Entry>, limit: usize) -> usize {
         let max = self.batch_max.min(limit);
         self.push(first);
         let mut n = 1;
@@ -1249,19 +1437,24 @@ impl<S: Sink> Worker<S> {
     /// Adds one event to the batch: serialised and recycled at once in the
     /// `Jsonl` format (the event is hot in cache and the pool refills
     /// while the batch gathers), kept until the write in the `Events` format.
-    fn push(&mut self, ev: Box<AuditEvent>) {
+    fn push(&mut self, ev: Box<Entry>) {
         match self.format {
             BatchFormat::Jsonl => {
-                write_line(&mut self.buf, &ev);
+                if ev.line.is_empty() {
+                    write_line(&mut self.buf, &ev.event);
+                } else {
+                    self.buf.extend_from_slice(&ev.line);
+                }
                 self.retire(ev);
             }
+            // `enqueue_line` refuses an events sink, so every entry here is an event.
             BatchFormat::Events => self.pending.push(ev),
         }
     }
 
     /// Offers a written or serialised event's box to the producers for reuse;
     /// if the pool is full, `try_send` hands it back and it is freed here.
-    fn retire(&self, ev: Box<AuditEvent>) {
+    fn retire(&self, ev: Box<Entry>) {
         self.pool.try_send(ev).ok();
     }
 
@@ -1308,7 +1501,7 @@ impl<S: Sink> Worker<S> {
     /// Writes exactly the events queued now (`len()` counts every claimed
     /// slot, so this covers all `enqueue` calls that returned before the
     /// flush request was sent), then flushes the sink.
-    fn flush_pending(&mut self, events: &Receiver<Box<AuditEvent>>) -> Result<(), AuditError> {
+    fn flush_pending(&mut self, events: &Receiver<Box<Entry>>) -> Result<(), AuditError> {
         let mut remaining = events.len();
         while remaining > 0 {
             // A claimed slot is always filled, so this returns promptly.
@@ -1320,7 +1513,7 @@ impl<S: Sink> Worker<S> {
     }
 
     /// Drains the queue (producers are fenced out by now), writes, syncs.
-    fn finish(mut self, events: &Receiver<Box<AuditEvent>>) -> Result<(), AuditError> {
+    fn finish(mut self, events: &Receiver<Box<Entry>>) -> Result<(), AuditError> {
         while let Ok(first) = events.try_recv() {
             self.batch(events, first, usize::MAX);
         }
@@ -1384,6 +1577,56 @@ mod tests {
     }
 
     // ---- status ----
+
+    #[test]
+    fn rendered_lines_and_events_share_one_queue_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mixed.jsonl");
+        // A small pool and queue: entries are recycled between the two kinds.
+        let opts = WriterOptions {
+            queue_capacity: 64,
+            ..WriterOptions::default()
+        };
+        let w = AuditWriter::open_jsonl(&path, opts).unwrap();
+        assert!(w.takes_lines());
+        let mut sent = 0;
+        for i in 0..2000 {
+            let ok = if i % 3 == 0 {
+                w.enqueue(numbered(i))
+            } else {
+                w.enqueue_line(|buf| write_line(buf, &numbered(i))).unwrap()
+            };
+            if ok {
+                sent += 1;
+            } else {
+                w.flush().unwrap();
+                // Retry once after the queue drained.
+                let again = w.enqueue_line(|buf| write_line(buf, &numbered(i))).unwrap();
+                assert!(again);
+                sent += 1;
+            }
+        }
+        w.close().unwrap();
+        let lines = read_lines(&path);
+        assert_eq!(lines.len(), sent);
+        for (i, line) in lines.iter().enumerate() {
+            assert_eq!(format!("{line}\n"), line_of(&numbered(i)), "line {i}");
+        }
+    }
+
+    #[test]
+    fn enqueue_line_is_refused_by_an_events_sink_without_rendering() {
+        let dir = tempfile::tempdir().unwrap();
+        let w =
+            AuditWriter::open_sqlite(&dir.path().join("a.db"), WriterOptions::default()).unwrap();
+        assert!(!w.takes_lines());
+        let mut called = false;
+        let err = w.enqueue_line(|_| called = true).unwrap_err();
+        assert!(matches!(err, AuditError::NotALineSink), "{err}");
+        assert!(!called);
+        assert_eq!(w.stats().enqueued, 0);
+        w.close().unwrap();
+    }
 
     #[test]
     fn status_names_round_trip() {
@@ -1591,6 +1834,19 @@ mod tests {
 
     fn arb_status() -> impl Strategy<Value = Status> {
         (0..Status::ALL.len()).prop_map(|i| Status::ALL[i])
+    }
+
+    proptest! {
+        /// The word-at-a-time scan finds every byte to escape wherever it sits
+        /// (strings of mostly plain text with a few specials, at any offset).
+        #[test]
+        fn json_str_matches_serde(
+            s in "([a-z0-9 é日]{0,20}[\x00-\x1f\"\\\x7f]?){0,4}[a-z]{0,9}",
+        ) {
+            let mut buf = Vec::new();
+            write_json_str(&mut buf, &s);
+            prop_assert_eq!(String::from_utf8(buf).unwrap(), serde_json::to_string(&s).unwrap());
+        }
     }
 
     proptest! {

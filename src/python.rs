@@ -14,7 +14,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use serde_json::{Map, Value};
 
-use crate::audit::{AuditEvent, AuditQuery, AuditRecord, AuditWriter, Status, WriterOptions};
+use crate::audit::{
+    is_fixed_field, write_json_str, write_line_parts, AuditEvent, AuditQuery, AuditRecord,
+    AuditWriter, LineHead, Status, WriterOptions,
+};
 use crate::errors::{self, Exc};
 use crate::hashing::CachedKey;
 use crate::hashing::Now;
@@ -62,6 +65,111 @@ fn map_to_py<'py>(py: Python<'py>, m: &Map<String, Value>) -> PyResult<Bound<'py
         d.set_item(k, json_to_py(py, v)?)?;
     }
     Ok(d)
+}
+
+/// Appends `s` as a JSON string; a `str` that is not valid UTF-8 (lone surrogates)
+/// is written with replacement characters rather than failing.
+fn write_py_str(buf: &mut Vec<u8>, s: &Bound<'_, PyString>) {
+    match s.to_str() {
+        Ok(text) => write_json_str(buf, text),
+        Err(_) => write_json_str(buf, &s.to_string_lossy()),
+    }
+}
+
+/// Appends `repr(obj)` (or a placeholder if `repr` raises) as a JSON string.
+fn write_py_repr(buf: &mut Vec<u8>, obj: &Bound<'_, PyAny>) {
+    match obj.repr() {
+        Ok(r) => write_py_str(buf, &r),
+        Err(_) => write_json_str(buf, "<unrepresentable>"),
+    }
+}
+
+/// Appends `obj` as JSON text straight from the Python objects: the audit hot path
+/// (no intermediate `Value`, no allocation but the line buffer's growth). The same
+/// mapping as [`py_to_json`] in `Lossy::Repr` mode: what JSON cannot hold becomes
+/// its `repr`, so this never fails. Dict keys keep their insertion order.
+fn write_py_json(buf: &mut Vec<u8>, obj: &Bound<'_, PyAny>, depth: u32) {
+    use std::io::Write as _;
+    if depth > 64 {
+        write_json_str(buf, "<nested too deep>");
+        return;
+    }
+    // Cheapest checks first: str, dict and int are flag tests; `bool` cannot be
+    // subclassed, so an exact check (a pointer compare) settles it.
+    if obj.is_none() {
+        buf.extend_from_slice(b"null");
+    } else if let Ok(s) = obj.cast::<PyString>() {
+        write_py_str(buf, s);
+    } else if let Ok(d) = obj.cast::<PyDict>() {
+        buf.push(b'{');
+        for (i, (k, v)) in d.iter().enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            write_py_key(buf, &k);
+            buf.push(b':');
+            write_py_json(buf, &v, depth + 1);
+        }
+        buf.push(b'}');
+    } else if obj.cast::<PyInt>().is_ok() {
+        // Writing into a Vec cannot fail.
+        if obj.is_exact_instance_of::<PyBool>() {
+            buf.extend_from_slice(if obj.is_truthy().unwrap_or(false) {
+                b"true"
+            } else {
+                b"false"
+            });
+        } else if let Ok(i) = obj.extract::<i64>() {
+            write!(buf, "{i}").ok();
+        } else if let Ok(u) = obj.extract::<u64>() {
+            write!(buf, "{u}").ok();
+        } else {
+            match obj.str() {
+                Ok(text) => write_py_str(buf, &text),
+                Err(_) => write_py_repr(buf, obj),
+            }
+        }
+    } else if let Ok(f) = obj.cast::<PyFloat>() {
+        let x = f.value();
+        if x.is_finite() {
+            serde_json::to_writer(&mut *buf, &x).ok();
+        } else {
+            buf.extend_from_slice(b"null");
+        }
+    } else if let Ok(l) = obj.cast::<PyList>() {
+        write_py_array(buf, l.iter(), depth);
+    } else if let Ok(t) = obj.cast::<PyTuple>() {
+        write_py_array(buf, t.iter(), depth);
+    } else {
+        write_py_repr(buf, obj);
+    }
+}
+
+fn write_py_array<'py>(
+    buf: &mut Vec<u8>,
+    items: impl Iterator<Item = Bound<'py, PyAny>>,
+    depth: u32,
+) {
+    buf.push(b'[');
+    for (i, x) in items.enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        write_py_json(buf, &x, depth + 1);
+    }
+    buf.push(b']');
+}
+
+/// A dict key as a JSON string: a `str` as is, anything else as its `str()`.
+fn write_py_key(buf: &mut Vec<u8>, k: &Bound<'_, PyAny>) {
+    if let Ok(s) = k.cast::<PyString>() {
+        write_py_str(buf, s);
+    } else {
+        match k.str() {
+            Ok(text) => write_py_str(buf, &text),
+            Err(_) => write_py_repr(buf, k),
+        }
+    }
 }
 
 /// How to treat a Python value JSON cannot hold.
@@ -733,6 +841,43 @@ fn writer_options(
 }
 
 impl PyAuditWriter {
+    /// `log` for a sink that stores events (`SQLite`): build the event itself.
+    fn log_event(
+        &self,
+        head: &LineHead<'_>,
+        scopes: Vec<String>,
+        input_args: Option<&Bound<'_, PyAny>>,
+        metadata: Option<&Bound<'_, PyAny>>,
+        extra: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<bool> {
+        let json = |o: Option<&Bound<'_, PyAny>>| -> PyResult<Option<Value>> {
+            o.map(|v| py_to_json(v, Lossy::Repr, 0)).transpose()
+        };
+        let extra = match extra {
+            None => None,
+            Some(d) => match py_to_json(d.as_any(), Lossy::Repr, 0)? {
+                Value::Object(m) => Some(m),
+                _ => None,
+            },
+        };
+        let ev = AuditEvent {
+            ts: head.ts,
+            key_id: head.key_id.to_owned(),
+            key_name: head.key_name.to_owned(),
+            tool: head.tool.to_owned(),
+            scopes,
+            duration_ms: head.duration_ms,
+            status: head.status,
+            error: head.error.map(str::to_owned),
+            input_args: json(input_args)?,
+            output_preview: head.output_preview.map(str::to_owned),
+            client_ip: head.client_ip.map(str::to_owned),
+            metadata: json(metadata)?,
+            extra,
+        };
+        Ok(self.inner.enqueue(ev))
+    }
+
     /// Opens a writer off the GIL with `open` (the JSONL or the `SQLite` sink).
     fn open(
         py: Python<'_>,
@@ -800,51 +945,103 @@ impl PyAuditWriter {
     fn log(
         &self,
         status: &str,
-        key_id: String,
-        key_name: String,
-        tool: String,
-        scopes: Vec<String>,
+        key_id: &str,
+        key_name: &str,
+        tool: &str,
+        scopes: &Bound<'_, PyAny>,
         duration_ms: f64,
-        error: Option<String>,
+        error: Option<&str>,
         input_args: Option<&Bound<'_, PyAny>>,
-        output_preview: Option<String>,
-        client_ip: Option<String>,
+        output_preview: Option<&str>,
+        client_ip: Option<&str>,
         metadata: Option<&Bound<'_, PyAny>>,
         extra: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<bool> {
         let status: Status = status
             .parse()
             .map_err(|e: crate::audit::AuditError| PyValueError::new_err(e.to_string()))?;
-        let json = |o: Option<&Bound<'_, PyAny>>| -> PyResult<Option<Value>> {
-            match o {
-                None => Ok(None),
-                Some(v) if v.is_none() => Ok(None),
-                Some(v) => py_to_json(v, Lossy::Repr, 0).map(Some),
-            }
-        };
-        let extra = match extra {
-            None => None,
-            Some(d) => match py_to_json(d.as_any(), Lossy::Repr, 0)? {
-                Value::Object(m) => Some(m),
-                _ => None,
-            },
-        };
-        let ev = AuditEvent {
+        let head = LineHead {
             ts: Utc::now(),
             key_id,
             key_name,
             tool,
-            scopes,
             duration_ms,
             status,
             error,
-            input_args: json(input_args)?,
             output_preview,
             client_ip,
-            metadata: json(metadata)?,
-            extra,
         };
-        Ok(self.inner.enqueue(ev))
+        if !self.inner.takes_lines() {
+            return self.log_event(
+                &head,
+                scopes.extract()?,
+                input_args.filter(|v| !v.is_none()),
+                metadata.filter(|v| !v.is_none()),
+                extra,
+            );
+        }
+        // JSONL: render the line here, straight from the Python objects, into a
+        // reused buffer; the writer thread only copies it.
+        let scopes: Bound<'_, PyAny> = if let Ok(l) = scopes.cast::<PyList>() {
+            l.to_tuple().into_any()
+        } else if scopes.cast::<PyTuple>().is_ok() {
+            scopes.clone()
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "scopes must be a list or tuple of str, got {}",
+                scopes.get_type().name()?
+            )));
+        };
+        let scopes = scopes.cast::<PyTuple>()?;
+        for s in scopes.iter() {
+            if s.cast::<PyString>().is_err() {
+                return Err(PyTypeError::new_err(format!(
+                    "scopes must be str, got {}",
+                    s.get_type().name()?
+                )));
+            }
+        }
+        let queued = self.inner.enqueue_line(|buf| {
+            write_line_parts(
+                buf,
+                &head,
+                |buf| {
+                    for (i, s) in scopes.iter().enumerate() {
+                        if i > 0 {
+                            buf.push(b',');
+                        }
+                        if let Ok(s) = s.cast::<PyString>() {
+                            write_py_str(buf, s);
+                        }
+                    }
+                },
+                |buf| match input_args {
+                    Some(v) if !v.is_none() => write_py_json(buf, v, 0),
+                    _ => buf.extend_from_slice(b"null"),
+                },
+                |buf| match metadata {
+                    Some(v) if !v.is_none() => write_py_json(buf, v, 0),
+                    _ => buf.extend_from_slice(b"{}"),
+                },
+                |buf| {
+                    let Some(extra) = extra else { return };
+                    for (k, v) in extra.iter() {
+                        if k.cast::<PyString>()
+                            .ok()
+                            .and_then(|k| k.to_str().ok().map(is_fixed_field))
+                            .unwrap_or(false)
+                        {
+                            continue;
+                        }
+                        buf.push(b',');
+                        write_py_key(buf, &k);
+                        buf.push(b':');
+                        write_py_json(buf, &v, 0);
+                    }
+                },
+            );
+        })?;
+        Ok(queued)
     }
 
     fn flush(&self, py: Python<'_>) -> PyResult<()> {

@@ -243,7 +243,7 @@ class AuditWriter:
         key_id: str,
         key_name: str,
         tool: str,
-        scopes: Sequence[str],
+        scopes: list[str] | tuple[str, ...],
         duration_ms: float,
         error: str | None = None,
         input_args: Any = None,
@@ -252,7 +252,13 @@ class AuditWriter:
         metadata: Any = None,
         extra: dict[str, Any] | None = None,
     ) -> bool:
-        """Enqueue one event; ``False`` if it was dropped (queue full or closed)."""
+        """Enqueue one event; ``False`` if it was dropped (queue full or closed).
+
+        On a JSONL writer the line is rendered here, straight from the objects, into
+        a reused buffer (dict keys in insertion order); values JSON cannot hold are
+        recorded as their ``repr``. Raises ``TypeError`` for scopes that are not a
+        list or tuple of ``str``, ``ValueError`` for an unknown status.
+        """
     def flush(self) -> None: ...
     def close(self) -> None: ...
     def stats(self) -> dict[str, int]: ...

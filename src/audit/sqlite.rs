@@ -33,8 +33,8 @@ use rusqlite::{
 use serde_json::{Map, Value};
 
 use super::{
-    format_ts, write_str, write_ts, write_value, AuditError, AuditEvent, Batch, BatchFormat, Sink,
-    Status, FIXED_FIELDS,
+    format_ts, write_json_str, write_ts, write_value, AuditError, AuditEvent, Batch, BatchFormat,
+    Sink, Status, FIXED_FIELDS,
 };
 
 /// The schema version this build writes (`audit_schema_version`).
@@ -313,7 +313,7 @@ fn insert_row(
         if i > 0 {
             buf.push(b',');
         }
-        write_str(buf, scope);
+        write_json_str(buf, scope);
     }
     buf.push(b']');
     let scopes_end = buf.len();
@@ -381,7 +381,7 @@ fn write_extra(buf: &mut Vec<u8>, extra: Option<&Map<String, Value>>) {
         }
         buf.push(if first { b'{' } else { b',' });
         first = false;
-        write_str(buf, k);
+        write_json_str(buf, k);
         buf.push(b':');
         write_value(buf, v);
     }
@@ -672,10 +672,9 @@ fn decode(row: &Row<'_>) -> rusqlite::Result<AuditRecord> {
 #[allow(clippy::unwrap_used, reason = "a failing unwrap is a failing test")]
 mod tests {
     use super::*;
-    use crate::audit::{AuditWriter, WriterOptions};
+    use crate::audit::{AuditWriter, Entry, WriterOptions};
     use chrono::TimeZone;
     use serde_json::json;
-
 
     fn at(ms: i64) -> DateTime<Utc> {
         Utc.timestamp_millis_opt(ms).single().unwrap()
@@ -844,12 +843,15 @@ mod tests {
                  BEGIN SELECT RAISE(ABORT, 'poisoned row'); END",
             )
             .unwrap();
-        let good: Vec<Box<AuditEvent>> = (0..3)
-            .map(|i| Box::new(event(i, "k", "ok", Status::Ok)))
+        let good: Vec<Box<Entry>> = (0..3)
+            .map(|i| Box::new(Entry::from(event(i, "k", "ok", Status::Ok))))
             .collect();
         sink.write_batch(&Batch::of_events(&good)).unwrap();
         let mut bad = good.clone();
-        bad.insert(2, Box::new(event(9, "k", "poison", Status::Ok)));
+        bad.insert(
+            2,
+            Box::new(Entry::from(event(9, "k", "poison", Status::Ok))),
+        );
         let err = sink.write_batch(&Batch::of_events(&bad)).unwrap_err();
         assert!(err.to_string().contains("poisoned row"), "{err}");
         // The rows before the failing one were rolled back with it.
