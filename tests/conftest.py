@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -19,6 +20,16 @@ def read_audit(path: Path | str) -> list[dict[str, Any]]:
     """Every event in a JSONL audit file (each line must parse)."""
     text = Path(path).read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No stray ``FASTMCP_GUARD_*`` variable or config file in the repo changes a test:
+    clear the environment's settings and run each test in its own empty directory."""
+    for name in list(os.environ):
+        if name.startswith("FASTMCP_GUARD_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from fastmcp_guard._core import Identity, VerifyError
 from fastmcp_guard._util import os_user
 from fastmcp_guard.audit import AuditLog
+from fastmcp_guard.config import GuardConfig
 from fastmcp_guard.errors import ConfigError, GuardError
 from fastmcp_guard.ip import IPPolicy
 from fastmcp_guard.keys import KeyStore
@@ -39,6 +40,11 @@ class Guard:
     Key scopes become ``AccessToken.scopes``, so FastMCP's
     ``require_scopes("...")`` works on tools unchanged.
 
+    Each of ``keys``, ``rate_limit``, ``audit`` and ``ip`` given here is used as is;
+    the others come from the configuration (:mod:`fastmcp_guard.config`): the
+    ``FASTMCP_GUARD_*`` environment, then ``fastmcp-guard.toml`` or ``[tool.fastmcp-guard]``
+    in ``./pyproject.toml``, then the library defaults below.
+
     Args:
         mcp: the server to protect.
         keys: key store (default: in memory; use ``KeyStore("sqlite", path=...)``).
@@ -51,6 +57,8 @@ class Guard:
             all other tokens to that provider. ``True``: the guard's verifier
             only, replacing any provider. ``False``: leave ``mcp.auth`` alone;
             limits and audit apply to whatever identity the existing auth gives.
+        config: the configuration the missing objects are built from (default:
+            ``GuardConfig.load(profile="library")``, read only if something is missing).
 
     On stdio there are no headers: the key in ``FASTMCP_GUARD_KEY`` (if set) is
     verified here, at start-up, and every call is attributed to it (and limited
@@ -67,6 +75,8 @@ class Guard:
         audit: AuditLog | None = None,
         ip: IPPolicy | None = None,
         manage_auth: bool | None = None,
+        *,
+        config: GuardConfig | None = None,
     ) -> None:
         for name, value, cls in (
             ("keys", keys, KeyStore),
@@ -78,6 +88,25 @@ class Guard:
                 raise ConfigError(
                     f"Guard({name}=...) takes a {cls.__name__}, got {type(value).__name__}"
                 )
+        if config is not None and not isinstance(config, GuardConfig):
+            raise ConfigError(f"Guard(config=...) takes a GuardConfig, got {type(config).__name__}")
+        if config is None and any(v is None for v in (keys, rate_limit, audit, ip)):
+            config = GuardConfig.load(profile="library")
+        #: The configuration missing objects were built from (``None`` if all were given).
+        self.config = config
+        if config is not None:
+            rate_limit = rate_limit if rate_limit is not None else config.rate_limit()
+            ip = ip if ip is not None else config.ip_policy()
+            built_audit = audit is None
+            if built_audit:
+                audit = config.audit_log()
+            if keys is None:
+                try:
+                    keys = config.key_store()
+                except BaseException:
+                    if built_audit and audit is not None:
+                        audit.close()  # built here: do not leave its writer running
+                    raise
         self.mcp = mcp
         self.keys = keys if keys is not None else KeyStore(backend="memory")
         self.rate_limit = rate_limit if rate_limit is not None else RateLimit()

@@ -1,0 +1,184 @@
+"""What every command shares: the parser class, global options, configuration, durations.
+
+User errors raise :class:`UsageError` (exit 2) or one of the package's errors, which
+:func:`fastmcp_guard.cli.main` turns into one line on stderr and an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fastmcp_guard.config import GuardConfig
+
+__all__ = [
+    "COMMON",
+    "GuardArgumentParser",
+    "Handler",
+    "UsageError",
+    "add_command",
+    "add_group",
+    "cli_config",
+    "parse_duration",
+    "want_json",
+]
+
+#: A command: takes the parsed arguments, returns the exit code.
+Handler = Callable[[argparse.Namespace], int]
+
+PROG = "fastmcp-guard"
+
+
+class UsageError(Exception):
+    """Bad command line or bad input: exit code 2. ``prog`` names the command for the hint."""
+
+    def __init__(self, message: str, prog: str | None = None) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class GuardArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors raise :class:`UsageError` instead of exiting,
+    so that ``main`` prints one line and returns 2 (and tests can call it in-process)."""
+
+    def error(self, message: str) -> Any:  # argparse declares NoReturn
+        raise UsageError(message, self.prog)
+
+
+def _global_options() -> argparse.ArgumentParser:
+    """Options accepted before the command and after it (``--db`` as in fastmcp-guard 0.2).
+
+    Their defaults are ``SUPPRESS``, so a value given before the command is not reset
+    by the command's parser; read them with ``getattr(args, name, None)``.
+    """
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("global options")
+    group.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                       help="read this config file (default: ./fastmcp-guard.toml, else "
+                       "[tool.fastmcp-guard] in ./pyproject.toml)")  # fmt: skip
+    group.add_argument("--keys", metavar="URL", default=argparse.SUPPRESS,
+                       help="key store: memory://, sqlite:///rel.db, sqlite:////abs.db or a path "
+                       "(env FASTMCP_GUARD_KEYS)")  # fmt: skip
+    group.add_argument(
+        "--db",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="SQLite key store file (fastmcp-guard 0.2's flag; = --keys sqlite:///PATH)",
+    )
+    group.add_argument("--audit", metavar="PATH|URL", default=argparse.SUPPRESS,
+                       help="audit log: a .jsonl / .db path, jsonl:///path, sqlite:///path or off "
+                       "(env FASTMCP_GUARD_AUDIT)")  # fmt: skip
+    group.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print JSON for scripts instead of text")  # fmt: skip
+    return parent
+
+
+#: The parent parser of every command (and of the top-level parser).
+COMMON = _global_options()
+
+
+def add_command(
+    subparsers: Any,
+    name: str,
+    *,
+    help: str,
+    description: str | None = None,
+    epilog: str | None = None,
+    parents: list[argparse.ArgumentParser] | None = None,
+) -> GuardArgumentParser:
+    """Add a command (or a command group) that accepts the global options."""
+    parser: GuardArgumentParser = subparsers.add_parser(
+        name,
+        help=help,
+        description=description or help,
+        epilog=epilog,
+        parents=[COMMON, *(parents or [])],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+def add_group(
+    subparsers: Any, name: str, *, help: str, epilog: str | None = None
+) -> tuple[GuardArgumentParser, Any]:
+    """Add a command group (``keys``...): its parser and the subparsers for its commands.
+
+    Given without a command, the group prints its help and exits with 2.
+    """
+    group = add_command(subparsers, name, help=help, epilog=epilog)
+    commands = group.add_subparsers(dest=f"{name}_command", metavar="COMMAND")
+
+    def show_help(args: argparse.Namespace) -> int:
+        group.print_help(sys.stderr)
+        return 2
+
+    group.set_defaults(func=show_help)
+    return group, commands
+
+
+def want_json(args: argparse.Namespace) -> bool:
+    """True when ``--json`` was given before or after the command."""
+    return bool(getattr(args, "json", False))
+
+
+def cli_config(args: argparse.Namespace, **settings: Any) -> GuardConfig:
+    """The configuration the CLI runs with: options > env > config file > embedded defaults.
+
+    ``settings`` are a command's own options by setting name (``rate=args.rate``...;
+    ``None``: not given); their source reads ``argument --<name>``.
+    """
+    from fastmcp_guard.config import GuardConfig
+
+    db = getattr(args, "db", None)
+    keys = getattr(args, "keys", None)
+    if db is not None and keys is not None:
+        raise UsageError("give --db or --keys, not both (--db PATH means --keys sqlite:///PATH)")
+    arguments: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    if db is not None:
+        if not db.strip():
+            raise UsageError("argument --db: empty path")
+        arguments["keys"], labels["keys"] = f"sqlite:///{db}", "argument --db"
+    elif keys is not None:
+        arguments["keys"], labels["keys"] = keys, "argument --keys"
+    audit = getattr(args, "audit", None)
+    if audit is not None:
+        arguments["audit"], labels["audit"] = audit, "argument --audit"
+    for name, value in settings.items():
+        if value is not None:
+            arguments[name], labels[name] = value, f"argument --{name.replace('_', '-')}"
+    config_file = getattr(args, "config", None)
+    return GuardConfig.load(arguments, profile="embedded", labels=labels,
+                            config_file=config_file)  # fmt: skip
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_UNITS = {
+    "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0,
+    "m": 60.0, "min": 60.0, "minute": 60.0, "minutes": 60.0,
+    "h": 3600.0, "hr": 3600.0, "hour": 3600.0, "hours": 3600.0,
+    "d": 86400.0, "day": 86400.0, "days": 86400.0,
+    "w": 604800.0, "week": 604800.0, "weeks": 604800.0,
+}  # fmt: skip
+
+
+def parse_duration(text: str, *, bare_unit: str, option: str, allow_zero: bool) -> float:
+    """Seconds in ``30d``, ``12h``, ``90m``, ``45s``, ``2w``; a bare number is in ``bare_unit``.
+
+    Raises :class:`UsageError` naming the option for anything else (``3x``, ``-1``...).
+    """
+    match = _DURATION.match(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or (unit and unit not in _UNITS):
+        raise UsageError(
+            f"argument {option}: bad duration {text!r}; expected a number of {bare_unit}s "
+            "or a number with a unit s, m, h, d or w (e.g. 30d, 12h, 90m)"
+        )
+    seconds = float(match.group(1)) * _UNITS[unit or bare_unit]
+    if seconds == 0 and not allow_zero:
+        raise UsageError(f"argument {option}: the duration must be more than 0, got {text!r}")
+    return seconds

@@ -1,0 +1,738 @@
+"""One configuration model for ``Guard(...)``, the CLI and ``fastmcp-guard run``.
+
+Each setting is looked up, first match wins, in:
+
+1. explicit arguments (``Guard(keys=...)``, the CLI's ``--keys`` / ``--db`` / ``--audit``...);
+2. the environment (``FASTMCP_GUARD_<NAME>``; an empty variable counts as unset);
+3. a config file: the one named by ``--config`` or ``FASTMCP_GUARD_CONFIG``, else
+   ``fastmcp-guard.toml`` in the current directory, else the ``[tool.fastmcp-guard]``
+   table of ``./pyproject.toml`` (file keys are the lowercase names: ``keys``,
+   ``rate``, ``allow``...). ``FASTMCP_GUARD_CONFIG=off`` reads no file;
+4. the defaults of a profile: ``library`` (``Guard(mcp)`` in code: keys in memory,
+   no audit log, as fastmcp-guard 0.2) or ``embedded`` (the CLI and ``fastmcp-guard
+   run``: keys in ``fastmcp-guard-keys.db`` and the audit log in
+   ``fastmcp-guard-audit.jsonl``, both in the current directory).
+
+Every value remembers where it came from (:meth:`GuardConfig.source`), and bad values
+fail at load with a :class:`InvalidSettingError` naming the setting and its source.
+Relative paths from a config file resolve against that file's directory; from the
+environment, arguments and defaults against the current directory.
+
+```python
+config = GuardConfig.load(profile="embedded")
+config.source("keys")        # 'env FASTMCP_GUARD_KEYS'
+store = config.key_store()   # the KeyStore the server reads
+```
+
+This module imports neither FastMCP nor the backends: the factories import them on
+first use, so the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from fastmcp_guard.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fastmcp_guard.audit import AuditLog
+    from fastmcp_guard.ip import IPPolicy
+    from fastmcp_guard.keys import KeyStore
+    from fastmcp_guard.rate import RateLimit
+
+__all__ = [
+    "CONFIG_ENV",
+    "CONFIG_FILE_NAME",
+    "ENV_PREFIX",
+    "SETTINGS",
+    "AuditTarget",
+    "GuardConfig",
+    "InvalidSettingError",
+    "KeysTarget",
+    "Profile",
+    "SettingView",
+    "load_config",
+    "mask_url",
+]
+
+#: Prefix of every environment variable.
+ENV_PREFIX = "FASTMCP_GUARD_"
+#: Environment variable naming a config file (``off`` / ``none``: read no file).
+CONFIG_ENV = "FASTMCP_GUARD_CONFIG"
+#: The config file looked for in the current directory.
+CONFIG_FILE_NAME = "fastmcp-guard.toml"
+#: The table read from ``./pyproject.toml`` when there is no ``fastmcp-guard.toml``.
+PYPROJECT_TABLE = ("tool", "fastmcp-guard")
+
+Profile = Literal["library", "embedded"]
+Transport = Literal["http", "stdio"]
+
+#: Every setting: file key -> one-line description. The env name is ``FASTMCP_GUARD_`` + upper.
+SETTINGS: dict[str, str] = {
+    "keys": "key store URL: memory://, sqlite:///rel.db, sqlite:////abs.db or a path",
+    "audit": "audit log: a path (*.db|*.sqlite|*.sqlite3: SQLite, else JSONL), "
+    "jsonl:///path, sqlite:///path, or off",
+    "rate": "per-key rate limit, e.g. 100/minute (off: none)",
+    "global_rate": "global rate limit across all callers (off: none)",
+    "allow": "client addresses / CIDRs admitted (empty: everyone not denied)",
+    "deny": "client addresses / CIDRs refused",
+    "trusted_proxies": "proxies whose X-Forwarded-For is honoured",
+    "log_inputs": "record tool arguments in the audit log",
+    "log_outputs": "record a preview of tool results in the audit log",
+    "url": "base URL of the running server (for the CLI's rate commands)",
+    "admin_key": "admin key the CLI presents to the running server (secret)",
+    "host": "address fastmcp-guard run listens on",
+    "port": "port fastmcp-guard run listens on",
+    "transport": "transport of fastmcp-guard run: http or stdio",
+}
+
+_SECRET_SETTINGS = frozenset({"admin_key"})
+_SECRET_QUERY_PARAMS = frozenset({"password", "pass", "pwd", "secret", "token", "sslpassword"})
+_MASK = "****"
+_SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+_FLEET_SCHEMES = {"postgresql": "postgres", "postgres": "postgres", "redis": "redis",
+                  "rediss": "redis"}  # fmt: skip
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+_OFF = frozenset({"off", "none"})
+
+DEFAULT_KEYS_FILE = "fastmcp-guard-keys.db"
+DEFAULT_AUDIT_FILE = "fastmcp-guard-audit.jsonl"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
+
+
+class InvalidSettingError(ConfigError):
+    """A setting's value was refused; ``setting`` and ``source`` say which and from where."""
+
+    def __init__(self, setting: str, source: str, reason: str) -> None:
+        self.setting = setting
+        self.source = source
+        self.reason = reason
+        super().__init__(f"bad value for setting {setting!r} (from {source}): {reason}")
+
+
+# -- value types -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeysTarget:
+    """Where API keys are kept: ``memory``, ``sqlite`` (``path`` absolute) or a fleet
+    backend (``postgres`` / ``redis``, ``dsn`` the connection URL)."""
+
+    backend: Literal["memory", "sqlite", "postgres", "redis"]
+    path: str | None = None
+    dsn: str | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        """The store as a URL (unmasked: may hold a password; print :meth:`masked`)."""
+        if self.backend == "memory":
+            return "memory://"
+        if self.backend == "sqlite":
+            return f"sqlite:///{self.path}"
+        return self.dsn or f"{self.backend}://"
+
+    def masked(self) -> str:
+        """The URL with any password replaced by ``****``."""
+        return mask_url(self.url)
+
+    def __str__(self) -> str:
+        return self.masked()
+
+
+@dataclass(frozen=True)
+class AuditTarget:
+    """Where the audit log goes: ``jsonl`` or ``sqlite`` at ``path`` (absolute), or ``off``."""
+
+    kind: Literal["jsonl", "sqlite", "off"]
+    path: str | None = None
+
+    @property
+    def url(self) -> str:
+        """``off``, ``jsonl:///<abs path>`` or ``sqlite:///<abs path>``."""
+        return "off" if self.kind == "off" else f"{self.kind}:///{self.path}"
+
+    def __str__(self) -> str:
+        return self.url
+
+
+@dataclass(frozen=True)
+class SettingView:
+    """One setting as shown to people: masked display value and its source."""
+
+    name: str
+    env: str
+    value: Any
+    display: str
+    source: str
+
+
+# -- the model -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """The effective configuration: one typed value per setting, plus where each came from.
+
+    Build it with :meth:`load`; turn it into objects with :meth:`key_store`,
+    :meth:`audit_log`, :meth:`rate_limit` and :meth:`ip_policy`.
+    """
+
+    keys: KeysTarget
+    audit: AuditTarget
+    rate: str | None
+    global_rate: str | None
+    allow: tuple[str, ...]
+    deny: tuple[str, ...]
+    trusted_proxies: tuple[str, ...]
+    log_inputs: bool
+    log_outputs: bool
+    url: str
+    admin_key: str | None = field(repr=False)
+    host: str
+    port: int
+    transport: Transport
+    profile: Profile = "library"
+    #: The config file read (absolute path), if any.
+    config_file: str | None = None
+    #: How the config file was chosen (``argument --config``, ``env FASTMCP_GUARD_CONFIG``,
+    #: ``found in the current directory``).
+    config_file_source: str | None = None
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    # -- loading -----------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        profile: Profile = "library",
+        labels: Mapping[str, str] | None = None,
+        config_file: str | os.PathLike[str] | None = None,
+        config_file_label: str = "argument --config",
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> GuardConfig:
+        """Resolve every setting: ``arguments`` > ``env`` > config file > ``profile`` defaults.
+
+        Args:
+            arguments: explicit values by setting name (``None`` values are ignored),
+                in the same forms as the environment or a TOML file.
+            profile: ``"library"`` or ``"embedded"`` defaults.
+            labels: how to name each argument's source (default ``argument <name>``),
+                e.g. ``{"keys": "argument --db"}``.
+            config_file: a config file to read instead of looking for one (it must
+                exist); overrides ``FASTMCP_GUARD_CONFIG``.
+            config_file_label: how to name where ``config_file`` came from.
+            env: the environment (default ``os.environ``).
+            cwd: the current directory (default ``os.getcwd()``).
+
+        Raises:
+            InvalidSettingError: a value was refused (names the setting and source).
+            ConfigError: the config file is missing, not TOML, or has an unknown key.
+        """
+        if profile not in ("library", "embedded"):
+            raise ConfigError(f"unknown profile {profile!r}; expected 'library' or 'embedded'")
+        env = os.environ if env is None else env
+        base = Path(os.getcwd() if cwd is None else cwd).absolute()
+        labels = labels or {}
+
+        raw: dict[str, _Raw] = {}
+        for name, value in cls._defaults(profile).items():
+            raw[name] = _Raw(value, "default", base)
+
+        file_path, file_source = _choose_config_file(config_file, config_file_label, env, base)
+        if file_path is not None:
+            values, label = _read_config_file(file_path, base)
+            for name, value in values.items():
+                raw[name] = _Raw(value, label, file_path.parent)
+
+        for name in SETTINGS:
+            value = env.get(ENV_PREFIX + name.upper())
+            if value is not None and value.strip() != "":
+                raw[name] = _Raw(value, f"env {ENV_PREFIX}{name.upper()}", base)
+
+        for name, value in (arguments or {}).items():
+            if name not in SETTINGS:
+                raise ConfigError(f"unknown setting {name!r}{_did_you_mean(name)}")
+            if value is not None:
+                raw[name] = _Raw(value, labels.get(name, f"argument {name}"), base)
+
+        parsed: dict[str, Any] = {}
+        for name, item in raw.items():
+            parsed[name] = _PARSERS[name](item, name)
+        sources = {name: item.source for name, item in raw.items()}
+
+        # The CLI's URL follows host / port when only those were set.
+        if sources["url"] == "default" and (
+            sources["host"] != "default" or sources["port"] != "default"
+        ):
+            host = parsed["host"]
+            host = DEFAULT_HOST if host in ("0.0.0.0", "::") else host
+            host = f"[{host}]" if ":" in host else host
+            parsed["url"] = f"http://{host}:{parsed['port']}"
+            sources["url"] = "default (from host and port)"
+
+        return cls(
+            **parsed,
+            profile=profile,
+            config_file=None if file_path is None else str(file_path),
+            config_file_source=file_source,
+            sources=sources,
+        )
+
+    @staticmethod
+    def _defaults(profile: Profile) -> dict[str, Any]:
+        embedded = profile == "embedded"
+        return {
+            "keys": f"sqlite:///{DEFAULT_KEYS_FILE}" if embedded else "memory://",
+            "audit": DEFAULT_AUDIT_FILE if embedded else "off",
+            "rate": "off",
+            "global_rate": "off",
+            "allow": [],
+            "deny": [],
+            "trusted_proxies": [],
+            "log_inputs": True,
+            "log_outputs": True,
+            "url": DEFAULT_URL,
+            "admin_key": None,
+            "host": DEFAULT_HOST,
+            "port": DEFAULT_PORT,
+            "transport": "http",
+        }
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def source(self, name: str) -> str:
+        """Where setting ``name`` came from: ``argument --db``, ``env FASTMCP_GUARD_KEYS``,
+        ``fastmcp-guard.toml``, ``pyproject.toml [tool.fastmcp-guard]``, ``default``..."""
+        if name not in SETTINGS:
+            raise ConfigError(f"unknown setting {name!r}{_did_you_mean(name)}")
+        return self.sources.get(name, "default")
+
+    def views(self) -> list[SettingView]:
+        """Every setting, in a stable order, with secrets masked."""
+        out = []
+        for name in SETTINGS:
+            value = self.public_value(name)
+            if isinstance(value, (list, tuple)):
+                display = ", ".join(value) if value else "(none)"
+            elif value is None:
+                display = "(not set)" if name in _SECRET_SETTINGS else "off"
+            elif isinstance(value, bool):
+                display = "true" if value else "false"
+            else:
+                display = str(value)
+            out.append(SettingView(name, ENV_PREFIX + name.upper(), value, display,
+                                   self.source(name)))  # fmt: skip
+        return out
+
+    def public_value(self, name: str) -> Any:
+        """A JSON-friendly value of setting ``name`` with secrets masked."""
+        if name not in SETTINGS:
+            raise ConfigError(f"unknown setting {name!r}{_did_you_mean(name)}")
+        value = getattr(self, name)
+        if name in _SECRET_SETTINGS:
+            return None if value is None else _MASK
+        if isinstance(value, KeysTarget):
+            return value.masked()
+        if isinstance(value, AuditTarget):
+            return value.url
+        if isinstance(value, tuple):
+            return list(value)
+        if name == "url":
+            return mask_url(value)
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration for ``--json`` output, secrets masked."""
+        return {
+            "profile": self.profile,
+            "config_file": self.config_file,
+            "config_file_source": self.config_file_source,
+            "settings": {
+                v.name: {"value": v.value, "source": v.source, "env": v.env} for v in self.views()
+            },
+        }
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{v.name}={v.display!r}" for v in self.views())
+        return f"GuardConfig(profile={self.profile!r}, {shown})"
+
+    # -- factories: the one place that turns configuration into objects -----------------
+
+    def key_store(self, **options: Any) -> KeyStore:
+        """The :class:`~fastmcp_guard.keys.KeyStore` named by ``keys`` (``options`` go to
+        its constructor). Fleet backends raise :class:`ConfigError` in this release."""
+        from fastmcp_guard.keys import KeyStore
+
+        target = self.keys
+        if target.backend == "memory":
+            return KeyStore(backend="memory", **options)
+        if target.backend == "sqlite":
+            return KeyStore(backend="sqlite", path=target.path, **options)
+        return KeyStore(backend=target.backend, dsn=target.dsn, **options)
+
+    def audit_log(self) -> AuditLog | None:
+        """The :class:`~fastmcp_guard.audit.AuditLog` named by ``audit`` (``None`` when off),
+        with ``log_inputs`` / ``log_outputs`` applied. Opens (creates) the file."""
+        target = self.audit
+        if target.kind == "off" or target.path is None:
+            return None
+        from fastmcp_guard.audit import AuditLog, FileBackend, SQLiteBackend
+
+        backend = (
+            SQLiteBackend(target.path) if target.kind == "sqlite" else FileBackend(target.path)
+        )
+        return AuditLog(backend=backend, log_inputs=self.log_inputs, log_outputs=self.log_outputs)
+
+    def rate_limit(self) -> RateLimit:
+        """The :class:`~fastmcp_guard.rate.RateLimit` from ``rate`` and ``global_rate``."""
+        from fastmcp_guard.rate import RateLimit
+
+        return RateLimit(per_key=self.rate, global_limit=self.global_rate)
+
+    def ip_policy(self) -> IPPolicy | None:
+        """The :class:`~fastmcp_guard.ip.IPPolicy` from ``allow`` / ``deny`` /
+        ``trusted_proxies``; ``None`` when all three are empty (everyone admitted)."""
+        if not (self.allow or self.deny or self.trusted_proxies):
+            return None
+        from fastmcp_guard.ip import IPPolicy
+
+        return IPPolicy(allow=self.allow, deny=self.deny, trusted_proxies=self.trusted_proxies)
+
+
+def load_config(arguments: Mapping[str, Any] | None = None, **kwargs: Any) -> GuardConfig:
+    """Shorthand for :meth:`GuardConfig.load`."""
+    return GuardConfig.load(arguments, **kwargs)
+
+
+# -- secrets ---------------------------------------------------------------------------
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password (``user:pw@``) and secret query parameters masked."""
+    if "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            if ":" in userinfo:
+                user = userinfo.split(":", 1)[0]
+                netloc = f"{user}:{_MASK}@{hostport}"
+            elif parts.scheme in ("redis", "rediss"):  # some clients read redis://pw@host
+                netloc = f"{_MASK}@{hostport}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            if any(k.lower() in _SECRET_QUERY_PARAMS for k, _ in pairs):
+                query = urlencode(
+                    [(k, _MASK if k.lower() in _SECRET_QUERY_PARAMS else v) for k, v in pairs],
+                    safe="*",
+                )
+        if netloc == parts.netloc and query == parts.query:
+            return url  # nothing secret (and urlunsplit would drop the slashes of sqlite:////)
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return _MASK  # unparsable: show nothing that might be a secret
+
+
+# -- config files ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """An unparsed value, where it came from, and the directory relative paths start at."""
+
+    value: Any
+    source: str
+    base: Path
+
+
+def _choose_config_file(
+    explicit: str | os.PathLike[str] | None, explicit_label: str, env: Mapping[str, str], cwd: Path
+) -> tuple[Path | None, str | None]:
+    """The config file to read and how it was chosen, or ``(None, None)``."""
+    named: str | None = None
+    label = explicit_label
+    if explicit is not None:
+        named = os.fspath(explicit)
+    else:
+        from_env = env.get(CONFIG_ENV, "").strip()
+        if from_env.lower() in _OFF:
+            return None, None
+        if from_env:
+            named, label = from_env, f"env {CONFIG_ENV}"
+    if named is not None:
+        path = (cwd / Path(named).expanduser()).absolute()
+        if not path.is_file():
+            raise ConfigError(f"config file {named} (from {label}) not found")
+        return path, label
+    for candidate in (cwd / CONFIG_FILE_NAME, cwd / "pyproject.toml"):
+        if candidate.is_file() and (
+            candidate.name != "pyproject.toml" or _pyproject_table(candidate) is not None
+        ):
+            return candidate, "found in the current directory"
+    return None, None
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    if _toml_loads is None:  # pragma: no cover - Python 3.10 without tomli
+        raise ConfigError("reading a config file on Python 3.10 needs tomli (pip install tomli)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        return _toml_loads(text)
+    except ValueError as exc:  # tomllib.TOMLDecodeError is a ValueError
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _pyproject_table(path: Path) -> dict[str, Any] | None:
+    """The ``[tool.fastmcp-guard]`` table of a pyproject file, if it has one."""
+    data: Any = _load_toml(path)
+    for part in PYPROJECT_TABLE:
+        data = data.get(part) if isinstance(data, dict) else None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"[tool.fastmcp-guard] in {path} must be a table")
+    return data
+
+
+def _read_config_file(path: Path, cwd: Path) -> tuple[dict[str, Any], str]:
+    """The settings of a config file and the label its values carry."""
+    if path.name == "pyproject.toml":
+        values = _pyproject_table(path) or {}
+        label = "pyproject.toml [tool.fastmcp-guard]"
+    else:
+        values = _load_toml(path)
+        label = path.name
+    if path.parent != cwd:  # a file elsewhere: say which
+        label = str(path) + (" [tool.fastmcp-guard]" if path.name == "pyproject.toml" else "")
+    for key in values:
+        if key not in SETTINGS:
+            raise ConfigError(f"unknown setting {key!r} in config file {path}{_did_you_mean(key)}")
+    return values, label
+
+
+def _did_you_mean(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), SETTINGS, n=1)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; known settings: {', '.join(SETTINGS)}"
+
+
+if sys.version_info >= (3, 11):
+    from tomllib import loads as _tomllib_loads
+
+    _toml_loads: Callable[[str], dict[str, Any]] | None = _tomllib_loads
+else:  # pragma: no cover - Python 3.10: the tomli backport (a dependency there)
+    try:
+        from tomli import loads as _toml_loads
+    except ImportError:
+        _toml_loads = None
+
+
+# -- parsers: raw value -> typed value, or InvalidSettingError --------------------------
+
+
+def _str(item: _Raw, name: str) -> str:
+    if not isinstance(item.value, str):
+        raise InvalidSettingError(name, item.source, f"expected a string, got {item.value!r}")
+    text = item.value.strip()
+    if not text:
+        raise InvalidSettingError(name, item.source, "empty value")
+    return text
+
+
+def _path(text: str, base: Path) -> str:
+    """``text`` (``~`` expanded) as a normalised absolute path, relative ones from ``base``."""
+    return os.path.abspath(os.path.join(base, os.path.expanduser(text)))
+
+
+def _sqlite_path(url: str, item: _Raw, name: str) -> str:
+    """The file of ``sqlite:///rel`` / ``sqlite:////abs`` (SQLAlchemy style)."""
+    rest = url.split("://", 1)[1]
+    if not rest.startswith("/"):
+        raise InvalidSettingError(
+            name, item.source,
+            f"{url!r} has a host part; write sqlite:///relative/path.db or "
+            "sqlite:////absolute/path.db",
+        )  # fmt: skip
+    rest = rest[1:]
+    if not rest:
+        raise InvalidSettingError(name, item.source, f"{url!r} names no file")
+    return _path(rest, item.base)
+
+
+def _parse_keys(item: _Raw, name: str) -> KeysTarget:
+    text = _str(item, name)
+    if "://" not in text:
+        if text.lower() == "memory":
+            return KeysTarget("memory")
+        return KeysTarget("sqlite", path=_path(text, item.base))
+    scheme = text.split("://", 1)[0].lower()
+    if scheme == "memory":
+        if text.split("://", 1)[1] not in ("", "/"):
+            raise InvalidSettingError(name, item.source, f"{text!r}: memory:// takes no path")
+        return KeysTarget("memory")
+    if scheme == "sqlite":
+        return KeysTarget("sqlite", path=_sqlite_path(text, item, name))
+    if scheme in _FLEET_SCHEMES:
+        if not urlsplit(text).hostname:
+            raise InvalidSettingError(name, item.source, f"{mask_url(text)!r} names no host")
+        backend: Literal["postgres", "redis"] = (
+            "postgres" if _FLEET_SCHEMES[scheme] == "postgres" else "redis"
+        )
+        return KeysTarget(backend, dsn=text)
+    raise InvalidSettingError(
+        name, item.source,
+        f"unknown key store URL scheme {scheme + '://'!r} in {mask_url(text)!r}; expected "
+        "memory://, sqlite:///path.db, postgresql://..., redis://... or a file path",
+    )  # fmt: skip
+
+
+def _parse_audit(item: _Raw, name: str) -> AuditTarget:
+    text = _str(item, name)
+    if text.lower() in _OFF:
+        return AuditTarget("off")
+    if "://" in text:
+        scheme = text.split("://", 1)[0].lower()
+        if scheme not in ("jsonl", "sqlite"):
+            raise InvalidSettingError(
+                name, item.source,
+                f"unknown audit URL scheme {scheme + '://'!r} in {text!r}; expected a path, "
+                "jsonl:///path, sqlite:///path or off",
+            )  # fmt: skip
+        kind: Literal["jsonl", "sqlite"] = "sqlite" if scheme == "sqlite" else "jsonl"
+        return AuditTarget(kind, _sqlite_path(text, item, name))
+    path = _path(text, item.base)
+    return AuditTarget("sqlite" if path.lower().endswith(_SQLITE_SUFFIXES) else "jsonl", path)
+
+
+def _parse_rate(item: _Raw, name: str) -> str | None:
+    text = _str(item, name)
+    if text.lower() in _OFF:
+        return None
+    from fastmcp_guard._core import InvalidRateError, parse_rate
+
+    try:
+        parse_rate(text)
+    except InvalidRateError as exc:
+        raise InvalidSettingError(name, item.source, str(exc)) from None
+    return text
+
+
+def _parse_list(item: _Raw, name: str) -> tuple[str, ...]:
+    value = item.value
+    if isinstance(value, str):
+        entries = [e.strip() for e in value.split(",")]
+        entries = [e for e in entries if e]
+    elif isinstance(value, (list, tuple)) and all(isinstance(e, str) for e in value):
+        entries = [e.strip() for e in value]
+    else:
+        raise InvalidSettingError(
+            name, item.source, f"expected a list of addresses / CIDRs, got {value!r}"
+        )
+    from fastmcp_guard._core import InvalidIPError, IPMatcher
+
+    try:
+        IPMatcher(**{name: entries})
+    except InvalidIPError as exc:
+        raise InvalidSettingError(name, item.source, str(exc)) from None
+    return tuple(entries)
+
+
+def _parse_bool(item: _Raw, name: str) -> bool:
+    value = item.value
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+    raise InvalidSettingError(
+        name, item.source, f"expected a boolean (1/0, true/false, yes/no, on/off), got {value!r}"
+    )
+
+
+def _parse_url(item: _Raw, name: str) -> str:
+    text = _str(item, name)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidSettingError(
+            name, item.source,
+            f"{mask_url(text)!r} is not an http(s) URL; expected e.g. http://127.0.0.1:8000",
+        )  # fmt: skip
+    try:
+        parts.port  # noqa: B018 - validates the port
+    except ValueError as exc:
+        raise InvalidSettingError(name, item.source, f"{text!r}: {exc}") from None
+    return text.rstrip("/")
+
+
+def _parse_secret(item: _Raw, name: str) -> str | None:
+    return None if item.value is None else _str(item, name)
+
+
+def _parse_host(item: _Raw, name: str) -> str:
+    text = _str(item, name)
+    if any(c.isspace() for c in text):
+        raise InvalidSettingError(
+            name, item.source, f"expected a host name or address, got {text!r}"
+        )
+    return text
+
+
+def _parse_port(item: _Raw, name: str) -> int:
+    value = item.value
+    port: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        port = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        port = int(value.strip())
+    if port is None or not 1 <= port <= 65535:
+        raise InvalidSettingError(name, item.source, f"expected a port 1-65535, got {value!r}")
+    return port
+
+
+def _parse_transport(item: _Raw, name: str) -> Transport:
+    text = _str(item, name).lower()
+    if text == "http":
+        return "http"
+    if text == "stdio":
+        return "stdio"
+    raise InvalidSettingError(name, item.source, f"expected 'http' or 'stdio', got {item.value!r}")
+
+
+_PARSERS: dict[str, Callable[[_Raw, str], Any]] = {
+    "keys": _parse_keys,
+    "audit": _parse_audit,
+    "rate": _parse_rate,
+    "global_rate": _parse_rate,
+    "allow": _parse_list,
+    "deny": _parse_list,
+    "trusted_proxies": _parse_list,
+    "log_inputs": _parse_bool,
+    "log_outputs": _parse_bool,
+    "url": _parse_url,
+    "admin_key": _parse_secret,
+    "host": _parse_host,
+    "port": _parse_port,
+    "transport": _parse_transport,
+}
