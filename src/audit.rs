@@ -55,6 +55,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
 
+pub mod scan;
 mod sqlite;
 
 pub use sqlite::{query, AuditQuery, AuditRecord, SqliteSink, SQLITE_SCHEMA_VERSION};

@@ -863,6 +863,15 @@ impl Limiter {
         removed
     }
 
+    /// The keys that have buckets now (callers seen and not yet evicted as idle),
+    /// sorted. For `rate status` without a key.
+    #[must_use]
+    pub fn tracked_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.keys.iter().map(|e| e.key().to_string()).collect();
+        keys.sort_unstable();
+        keys
+    }
+
     /// Number of stored per-key and per-(key, tool) buckets (the global bucket is not
     /// counted). For tests and diagnostics; locks every entry.
     #[must_use]
@@ -1367,8 +1376,10 @@ mod tests {
         assert!(lim.check_at("j", None, 0).is_allowed());
         assert!(!lim.check_at("k", Some("t"), 0).is_allowed());
         assert_eq!(lim.bucket_count(), 3);
+        assert_eq!(lim.tracked_keys(), ["j", "k"]);
         lim.reset("k");
         assert_eq!(lim.bucket_count(), 1);
+        assert_eq!(lim.tracked_keys(), ["j"]);
         assert_eq!(lim.status_at("k", 0).global.map(|g| g.used), Some(2));
         assert!(lim.check_at("k", Some("t"), 0).is_allowed());
         assert!(

@@ -463,6 +463,11 @@ impl PyLimiter {
     fn bucket_count(&self) -> usize {
         self.0.bucket_count()
     }
+
+    /// Keys that have buckets now (seen and not yet evicted as idle), sorted.
+    fn tracked_keys(&self) -> Vec<String> {
+        self.0.tracked_keys()
+    }
 }
 
 // --------------------------------------------------------------------------------------
@@ -1118,6 +1123,176 @@ fn record_to_py<'py>(py: Python<'py>, r: &AuditRecord) -> PyResult<Bound<'py, Py
     Ok(d)
 }
 
+/// Where `audit_scan` writes: a file it creates, or a Python binary stream.
+enum ScanOut {
+    File(std::io::BufWriter<std::fs::File>),
+    Stream {
+        target: Py<PyAny>,
+        /// The exception `target.write` raised, re-raised after the scan.
+        failed: Option<PyErr>,
+    },
+}
+
+impl std::io::Write for ScanOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            ScanOut::File(f) => f.write(buf),
+            ScanOut::Stream { target, failed } => Python::attach(|py| {
+                match target.call_method1(py, "write", (pyo3::types::PyBytes::new(py, buf),)) {
+                    Ok(_) => Ok(buf.len()),
+                    Err(e) => {
+                        let broken = e.is_instance_of::<pyo3::exceptions::PyBrokenPipeError>(py);
+                        *failed = Some(e);
+                        Err(std::io::Error::new(
+                            if broken {
+                                std::io::ErrorKind::BrokenPipe
+                            } else {
+                                std::io::ErrorKind::Other
+                            },
+                            "the output stream's write() raised",
+                        ))
+                    }
+                }
+            }),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            ScanOut::File(f) => f.flush(),
+            ScanOut::Stream { .. } => Ok(()),
+        }
+    }
+}
+
+fn scan_error(e: crate::audit::scan::ScanError) -> PyErr {
+    use crate::audit::scan::ScanError as E;
+    use pyo3::exceptions::{
+        PyBrokenPipeError, PyFileNotFoundError, PyIsADirectoryError, PyKeyboardInterrupt,
+        PyOSError, PyPermissionError,
+    };
+    let msg = e.to_string();
+    match &e {
+        E::Open { source, .. } => match source.kind() {
+            std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
+            std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),
+            _ => PyOSError::new_err(msg),
+        },
+        E::IsADirectory { .. } => PyIsADirectoryError::new_err(msg),
+        E::Write { source } if source.kind() == std::io::ErrorKind::BrokenPipe => {
+            PyBrokenPipeError::new_err(msg)
+        }
+        E::Interrupted { .. } => PyKeyboardInterrupt::new_err(msg),
+        E::EmptyRange { .. } => PyValueError::new_err(msg),
+        _ => PyOSError::new_err(msg),
+    }
+}
+
+/// Filters a JSONL audit log in one streaming pass (constant memory, the GIL released),
+/// writing matching lines as JSONL or CSV to `out`: a path (created, mode 0600, or
+/// truncated) or a binary stream with `write(bytes)`. Returns the counts.
+#[pyfunction]
+#[pyo3(signature = (path, out, *, key=None, tool=None, status=None, since=None, until=None,
+                    limit=None, format="jsonl", header=true, progress=None))]
+#[allow(clippy::too_many_arguments, reason = "one keyword argument per filter")]
+fn audit_scan<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    out: &Bound<'py, PyAny>,
+    key: Option<String>,
+    tool: Option<String>,
+    status: Option<&str>,
+    since: Option<f64>,
+    until: Option<f64>,
+    limit: Option<u64>,
+    format: &str,
+    header: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    use crate::audit::scan::{scan_path, OutputFormat, ScanFilter};
+    let format = match format {
+        "jsonl" => OutputFormat::Jsonl,
+        "csv" => OutputFormat::Csv { header },
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "format must be 'jsonl' or 'csv', got {other:?}"
+            )))
+        }
+    };
+    let filter = ScanFilter {
+        key,
+        tool,
+        status: status
+            .map(str::parse::<Status>)
+            .transpose()
+            .map_err(|e| PyValueError::new_err(e.to_string()))?,
+        since: since.map(|s| query_instant(s, "since")).transpose()?,
+        until: until.map(|s| query_instant(s, "until")).transpose()?,
+        limit,
+    };
+    let mut sink = if let Ok(p) = out.extract::<PathBuf>() {
+        let file = py.detach(|| {
+            let mut o = std::fs::OpenOptions::new();
+            o.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+            o.open(&p).map_err(|e| {
+                pyo3::exceptions::PyOSError::new_err(format!("cannot write {}: {e}", p.display()))
+            })
+        })?;
+        ScanOut::File(std::io::BufWriter::with_capacity(1 << 20, file))
+    } else if out.hasattr("write")? {
+        ScanOut::Stream {
+            target: out.clone().unbind(),
+            failed: None,
+        }
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "out must be a path or a binary stream with write(), got {}",
+            out.get_type().name()?
+        )));
+    };
+    let mut callback_error: Option<PyErr> = None;
+    let result = py.detach(|| {
+        let mut on_progress = |bytes: u64| -> bool {
+            Python::attach(|py| {
+                let step = py.check_signals().and_then(|()| match &progress {
+                    Some(cb) => cb.call1(py, (bytes,))?.bind(py).is_truthy(),
+                    None => Ok(true),
+                });
+                step.unwrap_or_else(|e| {
+                    callback_error = Some(e);
+                    false
+                })
+            })
+        };
+        let res = scan_path(&path, &filter, format, &mut sink, &mut on_progress);
+        let flushed = std::io::Write::flush(&mut sink);
+        (res, flushed)
+    });
+    if let Some(e) = callback_error {
+        return Err(e);
+    }
+    if let ScanOut::Stream {
+        failed: Some(e), ..
+    } = &mut sink
+    {
+        if let Some(e) = Some(e.clone_ref(py)) {
+            return Err(e);
+        }
+    }
+    let stats = result.0.map_err(scan_error)?;
+    result
+        .1
+        .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("writing the output: {e}")))?;
+    let d = PyDict::new(py);
+    d.set_item("lines", stats.lines)?;
+    d.set_item("matched", stats.matched)?;
+    d.set_item("malformed", stats.malformed)?;
+    d.set_item("bytes_read", stats.bytes_read)?;
+    Ok(d)
+}
+
 /// Records of the `SQLite` audit database at `path`, newest first (releases the GIL).
 #[pyfunction]
 #[pyo3(signature = (path, *, key_id=None, key_name=None, tool=None, status=None, since=None, until=None, limit=100))]
@@ -1161,6 +1336,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
     m.add_function(wrap_pyfunction!(token_key_id, m)?)?;
+    m.add_function(wrap_pyfunction!(audit_scan, m)?)?;
+    m.add(
+        "AUDIT_STATUSES",
+        PyTuple::new(m.py(), Status::ALL.iter().map(|s| s.as_str()))?,
+    )?;
     m.add_function(wrap_pyfunction!(looks_like_guard_token, m)?)?;
     m.add_function(wrap_pyfunction!(py_parse_rate, m)?)?;
     m.add_class::<PyRate>()?;

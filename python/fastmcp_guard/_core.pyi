@@ -5,8 +5,9 @@ plain-Rust modules beside it (``tokens``, ``hashing``, ``keystore``, ``limiter``
 ``ipmatch``, ``audit``).
 """
 
-from collections.abc import Sequence
-from typing import Any, final
+import os
+from collections.abc import Callable, Sequence
+from typing import IO, Any, Literal, final
 
 __version__: str
 
@@ -95,6 +96,8 @@ class Limiter:
     def reset(self, key: str) -> None: ...
     def reset_all(self) -> None: ...
     def bucket_count(self) -> int: ...
+    def tracked_keys(self) -> list[str]:
+        """Keys that have buckets now (seen and not yet evicted as idle), sorted."""
 
 # --- IP policy --------------------------------------------------------------------
 
@@ -263,6 +266,35 @@ class AuditWriter:
     def close(self) -> None: ...
     def stats(self) -> dict[str, int]: ...
     def last_error(self) -> str | None: ...
+
+#: Every audit status name, in the core's order.
+AUDIT_STATUSES: tuple[str, ...]
+
+def audit_scan(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str] | IO[bytes] | Any,
+    *,
+    key: str | None = None,
+    tool: str | None = None,
+    status: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    limit: int | None = None,
+    format: Literal["jsonl", "csv"] = "jsonl",
+    header: bool = True,
+    progress: Callable[[int], bool] | None = None,
+) -> dict[str, int]:
+    """Filter a JSONL audit log in one streaming pass (GIL released, constant memory).
+
+    Matching lines go to ``out`` (a path, created mode 0600, or a binary stream) as
+    JSONL (byte for byte) or CSV. ``key`` matches ``key_id`` or ``key_name``;
+    ``since`` inclusive, ``until`` exclusive (Unix seconds). ``progress(bytes_read)``
+    is called about every 8 MiB; returning false stops (``KeyboardInterrupt``).
+    Returns ``{"lines", "matched", "malformed", "bytes_read"}``. Raises
+    ``FileNotFoundError`` / ``PermissionError`` / ``IsADirectoryError`` for the log,
+    ``BrokenPipeError`` when the reader of ``out`` went away, ``ValueError`` for a bad
+    status or format or ``since >= until``.
+    """
 
 def audit_query(
     path: str,
