@@ -59,6 +59,9 @@ class Guard:
             limits and audit apply to whatever identity the existing auth gives.
         config: the configuration the missing objects are built from (default:
             ``GuardConfig.load(profile="library")``, read only if something is missing).
+        admin_routes: serve the admin routes ``/_guard/rate`` over HTTP (live
+            limiter status and reset, for ``fastmcp-guard rate``); they require a key
+            with the ``guard:admin`` scope. See :mod:`fastmcp_guard.admin`.
 
     On stdio there are no headers: the key in ``FASTMCP_GUARD_KEY`` (if set) is
     verified here, at start-up, and every call is attributed to it (and limited
@@ -77,6 +80,7 @@ class Guard:
         manage_auth: bool | None = None,
         *,
         config: GuardConfig | None = None,
+        admin_routes: bool = True,
     ) -> None:
         for name, value, cls in (
             ("keys", keys, KeyStore),
@@ -132,6 +136,10 @@ class Guard:
             self.verifier = GuardTokenVerifier(self, fallback=fallback)
             mcp.auth = self.verifier
         self.middleware = GuardMiddleware(self)
+        if admin_routes:
+            from fastmcp_guard.admin import install_admin_routes
+
+            install_admin_routes(self)
         mcp.add_middleware(self.middleware)
 
     # -- used by the middleware and the ASGI layer ------------------------------------

@@ -1,0 +1,437 @@
+"""``fastmcp-guard audit tail|query|export``: read the audit log the server writes.
+
+The log is the configured one (``--audit``, ``FASTMCP_GUARD_AUDIT``, config file, or
+``./fastmcp-guard-audit.jsonl``). JSONL logs are scanned and filtered by the Rust core
+in one streaming pass (constant memory; :func:`fastmcp_guard._core.audit_scan`);
+SQLite logs are read through their indexes.
+
+Filters (all optional, combined with AND): ``--key`` (a key id, a key name, or a
+token's public part), ``--tool``, ``--status``, ``--since`` / ``--until`` (``1h``,
+``7d``, ``30m`` ago, or an ISO 8601 time; naive times are UTC; ``since`` inclusive,
+``until`` exclusive).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from fastmcp_guard.cli._common import (
+    UsageError,
+    add_command,
+    add_group,
+    cli_config,
+    parse_duration,
+    want_json,
+)
+from fastmcp_guard.cli._output import print_table, say, warn
+
+if TYPE_CHECKING:
+    from fastmcp_guard.config import AuditTarget
+
+__all__ = ["register"]
+
+_EPILOG = """\
+examples:
+  fastmcp-guard audit tail -f
+  fastmcp-guard audit query --key alice --tool get_data --status ok --since 1h
+  fastmcp-guard audit query --since 2026-03-09T00:00:00Z --until 2026-03-10 --json
+  fastmcp-guard audit export --format csv --out audit.csv --since 7d
+  fastmcp-guard --audit /var/log/mcp/audit.jsonl audit query --status rate_limited
+"""
+
+#: Rows shown by a human-readable ``query`` unless ``--limit`` says otherwise.
+_TABLE_ROWS = 100
+_STATUS_COLOURS = {"ok": "green", "error": "red", "rate_limited": "yellow",
+                   "unauthorized": "red", "forbidden": "red", "ip_denied": "red"}  # fmt: skip
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``audit`` command group."""
+    _, commands = add_group(subparsers, "audit", epilog=_EPILOG,
+                            help="follow, search and export the audit log")  # fmt: skip
+    filters = argparse.ArgumentParser(add_help=False)
+    group = filters.add_argument_group("filters")
+    group.add_argument("--key", help="key id, key name or token public part (fmg_sk_<id>)")
+    group.add_argument("--tool", help="tool, resource or prompt name")
+    group.add_argument("--status", help="ok, error, rate_limited, unauthorized, forbidden, "
+                       "ip_denied, created, rotated, revoked")  # fmt: skip
+    group.add_argument("--since", help="from this time on: 1h, 7d, 30m ago, or ISO 8601")
+    group.add_argument("--until", help="before this time: 1h, 7d ago, or ISO 8601")
+
+    tail = add_command(commands, "tail", epilog=_EPILOG, help="the latest events; -f follows")
+    tail.add_argument("-n", "--lines", type=int, default=20, help="events shown first (20)")
+    tail.add_argument("-f", "--follow", action="store_true",
+                      help="keep printing new events (survives log rotation)")  # fmt: skip
+    tail.set_defaults(func=_tail)
+
+    query = add_command(commands, "query", parents=[filters], epilog=_EPILOG,
+                        help="events matching filters (oldest first for JSONL)")  # fmt: skip
+    query.add_argument("--limit", type=int,
+                       help=f"at most this many (table default {_TABLE_ROWS}; --json: all)")  # fmt: skip
+    query.set_defaults(func=_query)
+
+    export = add_command(commands, "export", parents=[filters], epilog=_EPILOG,
+                         help="write matching events to a CSV or JSONL file")  # fmt: skip
+    export.add_argument("--format", choices=("csv", "jsonl"), default="csv")
+    export.add_argument("--out", required=True, metavar="FILE",
+                        help="output file (created mode 0600; '-' for stdout)")  # fmt: skip
+    export.set_defaults(func=_export)
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+def _target(args: argparse.Namespace) -> AuditTarget:
+    target = cli_config(args).audit
+    if target.kind == "off" or target.path is None:
+        raise UsageError("the audit log is off in this configuration; name one with --audit")
+    if not os.path.exists(target.path):
+        raise FileNotFoundError(2, "no audit log here yet (nothing was logged)", target.path)
+    return target
+
+
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    key = args.key.strip() if args.key else None
+    if key and key.startswith("fmg_sk_"):
+        from fastmcp_guard.admin import normalise_key
+
+        key = normalise_key(key)
+    since = _instant(args.since, "--since")
+    until = _instant(args.until, "--until")
+    if since is not None and until is not None and since >= until:
+        raise UsageError(f"--since ({args.since}) must be before --until ({args.until})")
+    if args.status:
+        from fastmcp_guard._core import AUDIT_STATUSES as STATUSES
+
+        if args.status not in STATUSES:
+            raise UsageError(f"argument --status: unknown status {args.status!r}; expected one "
+                             f"of {', '.join(STATUSES)}")  # fmt: skip
+    return {"key": key or None, "tool": args.tool, "status": args.status,
+            "since": since, "until": until}  # fmt: skip
+
+
+def _query(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 0:
+        raise UsageError(f"argument --limit: must be >= 0, got {args.limit}")
+    target = _target(args)
+    filters = _filters(args)
+    if want_json(args):
+        if target.kind == "sqlite":
+            for rec in _sqlite_records(target.path or "", filters, args.limit):
+                sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        else:
+            from fastmcp_guard._core import audit_scan
+
+            sys.stdout.flush()
+            audit_scan(target.path or "", sys.stdout.buffer, limit=args.limit, **filters)
+            sys.stdout.buffer.flush()
+        return 0
+    limit = _TABLE_ROWS if args.limit is None else args.limit
+    if target.kind == "sqlite":
+        records = list(_sqlite_records(target.path or "", filters, limit))
+        more = None
+    else:
+        records, more = _jsonl_head(target.path or "", filters, limit)
+    if not records:
+        say("No matching events.")
+        return 0
+    _print_events(records, title=f"Audit events in {target.path}")
+    if more:
+        say(f"... and {more} more (raise --limit, or use --json or export)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    target = _target(args)
+    filters = _filters(args)
+    from fastmcp_guard._core import audit_scan
+
+    out: Any = sys.stdout.buffer if args.out == "-" else args.out
+    if args.out != "-" and Path(args.out).resolve() == Path(target.path or "").resolve():
+        raise UsageError("--out is the audit log itself; choose another file")
+    with _progress(args.out != "-" and sys.stderr.isatty(), target.path or "") as progress:
+        if target.kind == "sqlite":
+            # Rows stream out of SQLite into a JSONL spool, which the core converts: one
+            # CSV writer for both kinds, constant memory.
+            with tempfile.NamedTemporaryFile("w", suffix=".jsonl", encoding="utf-8") as spool:
+                for rec in _sqlite_records(target.path or "", filters, None):
+                    rec.pop("id", None)
+                    spool.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                spool.flush()
+                stats = audit_scan(spool.name, out, format=args.format)
+        else:
+            stats = audit_scan(target.path or "", out, format=args.format, progress=progress,
+                               **filters)  # fmt: skip
+    if args.out != "-":
+        say(f"Exported {stats['matched']} events to {args.out} ({args.format}).")
+    if stats["malformed"]:
+        warn(f"{stats['malformed']} malformed lines in {target.path} were skipped")
+    return 0
+
+
+def _tail(args: argparse.Namespace) -> int:
+    if args.lines < 0:
+        raise UsageError(f"argument --lines: must be >= 0, got {args.lines}")
+    target = _target(args)
+    path = target.path or ""
+    emit = _emitter(want_json(args))
+    if target.kind == "sqlite":
+        recs = list(_sqlite_records(path, {}, args.lines, newest_first=True))
+        last_id = max((r["id"] for r in recs), default=0)
+        for rec in reversed(recs):
+            emit(rec)
+        while args.follow:
+            time.sleep(0.25)
+            for rec in _sqlite_records(path, {}, None, after_id=last_id):
+                emit(rec)
+                last_id = rec["id"]
+        return 0
+    with open(path, "rb") as f:
+        for line in _last_lines(f, args.lines):
+            _emit_line(emit, line)
+        if not args.follow:
+            return 0
+        _follow(f, path, emit)
+    return 0
+
+
+# -- JSONL -----------------------------------------------------------------------------
+
+
+class _Head(io.RawIOBase):
+    """A binary sink keeping the first ``limit`` lines and counting the rest."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.lines: list[bytes] = []
+        self.extra = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        data = bytes(b)
+        room = self.limit - len(self.lines)
+        parts = data.split(b"\n")[:-1]
+        self.lines.extend(parts[:room] if room > 0 else [])
+        self.extra += max(0, len(parts) - max(room, 0))
+        return len(data)
+
+
+def _jsonl_head(path: str, filters: dict[str, Any], limit: int) -> tuple[list[Any], int]:
+    from fastmcp_guard._core import audit_scan
+
+    head = _Head(limit)
+    audit_scan(path, head, **filters)
+    return [json.loads(line) for line in head.lines], head.extra
+
+
+def _last_lines(f: IO[bytes], n: int) -> list[bytes]:
+    """The last ``n`` complete lines of ``f`` (read backwards in blocks); leaves ``f`` at EOF."""
+    if n == 0:
+        f.seek(0, os.SEEK_END)
+        return []
+    end = f.seek(0, os.SEEK_END)
+    pos, data = end, b""
+    while pos > 0 and data.count(b"\n") <= n:
+        step = min(64 * 1024, pos)
+        pos -= step
+        f.seek(pos)
+        data = f.read(step) + data
+    f.seek(end)
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return lines[-n:]
+
+
+def _follow(f: IO[bytes], path: str, emit: Any) -> None:
+    """Print lines appended to ``path`` until Ctrl-C; reopen it when it is rotated
+    (a new file at the path) or truncated, like ``tail -F``."""
+    inode = os.fstat(f.fileno()).st_ino
+    partial = b""
+    try:
+        while True:
+            chunk = f.read()
+            if chunk:
+                lines = (partial + chunk).split(b"\n")
+                partial = lines.pop()
+                for line in lines:
+                    _emit_line(emit, line)
+                continue
+            time.sleep(0.2)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue  # between rotation's rename and the new file
+            if st.st_ino != inode or st.st_size < f.tell():
+                f.close()
+                f = open(path, "rb")  # noqa: SIM115 - replaced on the next rotation
+                inode, partial = os.fstat(f.fileno()).st_ino, b""
+    except KeyboardInterrupt:
+        pass
+    finally:
+        f.close()
+
+
+def _emit_line(emit: Any, line: bytes) -> None:
+    line = line.strip()
+    if not line:
+        return
+    try:
+        emit(json.loads(line))
+    except ValueError:
+        warn(f"skipped a malformed line ({len(line)} bytes)")
+
+
+# -- SQLite ----------------------------------------------------------------------------
+
+_COLUMNS = ("id", "ts", "key_id", "key_name", "tool", "scopes", "duration_ms", "status",
+            "error", "input_args", "output_preview", "client_ip", "metadata", "extra")  # fmt: skip
+_JSON_COLUMNS = ("scopes", "input_args", "metadata", "extra")
+
+
+def _sqlite_records(
+    path: str, filters: dict[str, Any], limit: int | None, *,
+    newest_first: bool = False, after_id: int | None = None,
+) -> Any:  # fmt: skip
+    """Rows of the audit table as event dicts, streamed (read-only connection)."""
+    where, params = [], []
+    key = filters.get("key")
+    if key:
+        where.append("(key_id = ? OR key_name = ?)")
+        params += [key, key]
+    for column in ("tool", "status"):
+        if filters.get(column):
+            where.append(f"{column} = ?")
+            params.append(filters[column])
+    for column, op in (("since", ">="), ("until", "<")):
+        if filters.get(column) is not None:
+            where.append(f"ts {op} ?")
+            params.append(_iso_ms(filters[column]))
+    if after_id is not None:
+        where.append("id > ?")
+        params.append(after_id)
+    sql = f"SELECT * FROM audit_log {'WHERE ' + ' AND '.join(where) if where else ''} " + (
+        "ORDER BY id DESC" if newest_first else "ORDER BY id"
+    )
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        cur = con.execute(sql, params)
+        names = [d[0] for d in cur.description]
+        for row in cur:
+            rec = dict(zip(names, row, strict=True))
+            for column in _JSON_COLUMNS:
+                text = rec.pop(column, None) if column == "extra" else rec.get(column)
+                try:
+                    value = json.loads(text) if text else None
+                except ValueError:
+                    value = text
+                if column == "extra":
+                    rec.update(value if isinstance(value, dict) else {})
+                else:
+                    rec[column] = value if value is not None else ({} if column == "metadata"
+                                                                   else [] if column == "scopes"
+                                                                   else None)  # fmt: skip
+            yield rec
+    except sqlite3.DatabaseError as exc:
+        raise OSError(f"cannot read the audit database {path}: {exc}") from None
+    finally:
+        con.close()
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _instant(text: str | None, option: str) -> float | None:
+    """Unix seconds of ``1h`` / ``7d`` (ago) or an ISO 8601 time (naive = UTC)."""
+    if text is None:
+        return None
+    text = text.strip()
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        seconds = parse_duration(text, bare_unit="second", option=option, allow_zero=True)
+        return time.time() - seconds
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def _iso_ms(seconds: float) -> str:
+    """The stored timestamp form (``2026-03-09T14:00:00.123Z``) of Unix seconds."""
+    dt = datetime.fromtimestamp(int(seconds * 1000) / 1000, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def _emitter(as_json: bool) -> Any:
+    def emit(rec: dict[str, Any]) -> None:
+        if as_json:
+            rec = {k: v for k, v in rec.items() if k != "id"}
+            sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        else:
+            dur = rec.get("duration_ms")
+            dur_text = f"{dur:9.1f}ms" if isinstance(dur, (int, float)) else " " * 11
+            sys.stdout.write(
+                f"{str(rec.get('ts', ''))[:23]:23}  {rec.get('status', ''):12}  "
+                f"{rec.get('key_name') or rec.get('key_id') or '-':20}  "
+                f"{rec.get('tool') or '-':24}  {dur_text}  {rec.get('error') or ''}\n"
+            )
+        sys.stdout.flush()
+
+    return emit
+
+
+def _print_events(records: list[dict[str, Any]], *, title: str) -> None:
+    rows, styles = [], []
+    for r in records:
+        dur = r.get("duration_ms")
+        rows.append([str(r.get("ts", "")), str(r.get("status", "")),
+                     str(r.get("key_name") or r.get("key_id") or "-"), str(r.get("tool") or "-"),
+                     f"{dur:.1f}" if isinstance(dur, (int, float)) else "-",
+                     str(r.get("client_ip") or "-"), str(r.get("error") or "")])  # fmt: skip
+        styles.append([None, _STATUS_COLOURS.get(str(r.get("status"))), None, None, None, None,
+                       None])  # fmt: skip
+    print_table(["Time (UTC)", "Status", "Key", "Tool", "ms", "Client", "Error"], rows,
+                title=title, styles=styles, no_wrap=("Time (UTC)",))  # fmt: skip
+
+
+class _progress:
+    """A rich progress bar over the bytes of the log on a terminal; else nothing."""
+
+    def __init__(self, show: bool, path: str) -> None:
+        self.show, self.path = show, path
+        self.bar: Any = None
+
+    def __enter__(self) -> Any:
+        if not self.show:
+            return None
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+        bar = Progress("[progress.description]{task.description}", BarColumn(),
+                       DownloadColumn(), TimeRemainingColumn(), transient=True)  # fmt: skip
+        bar.start()
+        self.bar = bar
+        task = bar.add_task("exporting", total=os.path.getsize(self.path))
+
+        def update(done: int) -> bool:
+            bar.update(task, completed=done)
+            return True
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()

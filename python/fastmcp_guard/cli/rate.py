@@ -1,0 +1,176 @@
+"""``fastmcp-guard rate status [KEY]`` and ``rate reset KEY``: the live limiter of a server.
+
+The in-process limiter lives in the server, so these commands ask the server, over
+its admin routes (:mod:`fastmcp_guard.admin`): ``GET /_guard/rate`` and
+``POST /_guard/rate/reset`` at the configured URL (``--url``, ``FASTMCP_GUARD_URL``,
+config ``url``; default ``http://127.0.0.1:8000``). The answer is the limiter's own
+state: the calls actually made.
+
+The routes need a key with the ``guard:admin`` scope: ``--admin-key`` /
+``FASTMCP_GUARD_ADMIN_KEY`` / config ``admin_key``. Without one, and when the CLI can
+write the server's key store (SQLite), it issues a short-lived admin key (expiring in
+five minutes), uses it for this one command and revokes it; both steps are in the
+audit log with the actor, like any key management.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from contextlib import ExitStack
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+from fastmcp_guard.cli._common import add_command, add_group, cli_config, want_json
+from fastmcp_guard.cli._output import print_json, print_table, say
+
+if TYPE_CHECKING:
+    from fastmcp_guard.config import GuardConfig
+
+__all__ = ["register"]
+
+_EPILOG = """\
+examples:
+  fastmcp-guard rate status                      # every key the server's limiter tracks
+  fastmcp-guard rate status fmg_key_3kQ... --json
+  fastmcp-guard rate reset fmg_key_3kQ...
+  fastmcp-guard rate status --url http://10.0.0.5:8000 --admin-key "$ADMIN_KEY"
+
+The server must be running over HTTP (fastmcp-guard run, or Guard(mcp) in code).
+"""
+
+#: How long an admin key issued for one command lives, at most.
+_EPHEMERAL = timedelta(minutes=5)
+
+
+class ServerError(OSError):
+    """The server could not be reached or refused the request (exit code 1)."""
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``rate`` command group."""
+    _, commands = add_group(subparsers, "rate", epilog=_EPILOG,
+                            help="see and reset the live rate limits of a running server")  # fmt: skip
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument("--url", help="the server's base URL (env FASTMCP_GUARD_URL)")
+    server.add_argument("--admin-key", metavar="TOKEN",
+                        help="a key with the guard:admin scope (env FASTMCP_GUARD_ADMIN_KEY)")  # fmt: skip
+    server.add_argument("--actor", metavar="NAME",
+                        help="who is acting, for the audit log (default: the OS user)")  # fmt: skip
+    status = add_command(commands, "status", parents=[server], epilog=_EPILOG,
+                         help="calls used and remaining per key (and globally)")  # fmt: skip
+    status.add_argument("key", nargs="?", help="one key (id or token's public part)")
+    status.set_defaults(func=_status)
+    reset = add_command(commands, "reset", parents=[server], epilog=_EPILOG,
+                        help="forget a key's usage so it is admitted again")  # fmt: skip
+    reset.add_argument("key", help="the key (id or token's public part)")
+    reset.set_defaults(func=_reset)
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = cli_config(args, url=args.url, admin_key=args.admin_key)
+    query = "" if not args.key else "?" + urllib.parse.urlencode({"key": args.key.strip()})
+    body = _call(config, args, "GET", f"/_guard/rate{query}")
+    if want_json(args):
+        print_json(body)
+        return 0
+    glob = body.get("global")
+    say(f"Server {config.url}: per-key rate {body.get('per_key_rate') or 'none'}, "
+        f"global rate {body.get('global_rate') or 'none'}"
+        + (f" ({_usage(glob)})" if glob else ""))  # fmt: skip
+    keys = body.get("keys") or []
+    if not keys:
+        say("No key has made a call yet (or all were idle long enough to be forgotten).")
+        return 0
+    rows = []
+    for k in keys:
+        tools = ", ".join(f"{t}: {_usage(b)}" for t, b in sorted((k.get("tools") or {}).items()))
+        per_key = k.get("per_key")
+        rows.append([k["key"], k.get("name") or "-", _usage(per_key) if per_key else "no limit",
+                     f"{per_key['reset_after']:.1f}s" if per_key else "-", tools or "-"])  # fmt: skip
+    print_table(["Key", "Name", "Used / limit", "Full again in", "Per tool"], rows,
+                title="Live rate limits", no_wrap=("Key",))  # fmt: skip
+    return 0
+
+
+def _reset(args: argparse.Namespace) -> int:
+    config = cli_config(args, url=args.url, admin_key=args.admin_key)
+    body = _call(config, args, "POST", "/_guard/rate/reset", {"key": args.key.strip()})
+    if want_json(args):
+        print_json(body)
+    elif body.get("was_tracked"):
+        say(f"Reset the rate limits of {body['reset']}: its next call is admitted.")
+    else:
+        say(f"{body['reset']} had no live rate-limit state (nothing to reset).")
+    return 0
+
+
+def _usage(bucket: dict[str, Any]) -> str:
+    window = bucket["window_seconds"]
+    per = {1.0: "s", 60.0: "min", 3600.0: "h", 86400.0: "day"}.get(window, f"{window:g}s")
+    return f"{bucket['used']}/{bucket['limit']} per {per}"
+
+
+def _call(
+    config: GuardConfig, args: argparse.Namespace, method: str, path: str,
+    payload: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    with ExitStack() as stack:
+        token = config.admin_key or _ephemeral_admin_key(config, args, stack)
+        return _request(config.url, method, path, token, payload)
+
+
+def _request(
+    base: str, method: str, path: str, token: str, payload: dict[str, Any] | None
+) -> dict[str, Any]:
+    url = base.rstrip("/") + path
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={
+        "Authorization": f"Bearer {token}", "Content-Type": "application/json",
+    })  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return dict(json.loads(resp.read() or b"{}"))
+    except urllib.error.HTTPError as exc:
+        detail = ""
+        try:
+            detail = json.loads(exc.read()).get("error_description", "")
+        except (ValueError, AttributeError):
+            pass
+        if exc.code == 404:
+            detail = "no admin routes here: is this a guarded server, served over HTTP?"
+        raise ServerError(f"{method} {url}: HTTP {exc.code} {detail}".rstrip()) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ServerError(
+            f"cannot reach the server at {base} ({reason}); is it running? "
+            "Name it with --url or FASTMCP_GUARD_URL"
+        ) from None
+
+
+def _ephemeral_admin_key(config: GuardConfig, args: argparse.Namespace, stack: ExitStack) -> str:
+    """Issue an admin key for this one command (revoked by ``stack``), or explain why not."""
+    from fastmcp_guard.admin import ADMIN_SCOPE
+    from fastmcp_guard.cli.keys import _attach_audit, _store_exists
+
+    if config.keys.backend == "memory" or not _store_exists(config):
+        where = "in memory" if config.keys.backend == "memory" else f"at {config.keys.path}"
+        raise ServerError(
+            f"no admin key: the key store is {where}, so the CLI cannot issue one. Create a key "
+            f"with the {ADMIN_SCOPE} scope in the server's store and pass it with --admin-key "
+            "or FASTMCP_GUARD_ADMIN_KEY"
+        )
+    store = config.key_store()
+    stack.callback(store.close)
+    _attach_audit(store, config, stack)
+    actor = getattr(args, "actor", None)
+    key = store.create(
+        "fastmcp-guard-cli (one command)", scopes=[ADMIN_SCOPE],
+        expires_at=datetime.now(timezone.utc) + _EPHEMERAL, actor=actor,
+        metadata={"purpose": "ephemeral admin key for one `fastmcp-guard rate` command"},
+    )  # fmt: skip
+    stack.callback(store.revoke, key.id, actor=actor)
+    return str(key.token)  # set on the object create returns
