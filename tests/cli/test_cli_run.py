@@ -179,6 +179,9 @@ async def test_sigterm_flushes_the_audit_log_and_no_secret_leaks(tmp_path: Path)
         result = await call(srv, key["token"], "add", a=i, b=1)
         assert result.data == i + 1
     assert stop_server(srv) == 0
+    banner = (tmp_path / "server.log").read_text()
+    assert "serving 'plain' on http://127.0.0.1:" in banner
+    assert f"keys: sqlite:///{tmp_path}/fastmcp-guard-keys.db" in banner
     events = read_audit(tmp_path / "fastmcp-guard-audit.jsonl")
     calls = [e for e in events if e["tool"] == "add"]
     assert len(calls) == 5 and all(e["key_name"] == "erin" for e in calls)

@@ -7,13 +7,17 @@ User errors raise :class:`UsageError` (exit 2) or one of the package's errors, w
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from contextlib import ExitStack
+
     from fastmcp_guard.config import GuardConfig
+    from fastmcp_guard.keys import KeyStore
 
 __all__ = [
     "COMMON",
@@ -22,8 +26,10 @@ __all__ = [
     "UsageError",
     "add_command",
     "add_group",
+    "attach_audit",
     "cli_config",
     "parse_duration",
+    "store_exists",
     "want_json",
 ]
 
@@ -182,3 +188,17 @@ def parse_duration(text: str, *, bare_unit: str, option: str, allow_zero: bool) 
     if seconds == 0 and not allow_zero:
         raise UsageError(f"argument {option}: the duration must be more than 0, got {text!r}")
     return seconds
+
+
+def store_exists(config: GuardConfig) -> bool:
+    """False for an SQLite store whose file does not exist yet."""
+    return config.keys.backend != "sqlite" or os.path.exists(config.keys.path or "")
+
+
+def attach_audit(store: KeyStore, config: GuardConfig, stack: ExitStack) -> None:
+    """Send the store's lifecycle events to the configured audit log (flushed and closed
+    by ``stack``, before the process exits); nothing when the audit log is off."""
+    audit = config.audit_log()
+    if audit is not None:
+        stack.callback(audit.close)
+        store.audit = audit

@@ -11,7 +11,6 @@ token); a whole token is never printed back.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
@@ -20,8 +19,10 @@ from fastmcp_guard.cli._common import (
     UsageError,
     add_command,
     add_group,
+    attach_audit,
     cli_config,
     parse_duration,
+    store_exists,
     want_json,
 )
 from fastmcp_guard.cli._output import human_time, iso, print_json, print_table, say, warn
@@ -142,7 +143,7 @@ def _create(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     config = cli_config(args)
     keys: list[ApiKey] = []
-    if _store_exists(config):  # reading never creates a store
+    if store_exists(config):  # reading never creates a store
         with ExitStack() as stack:
             store = _open_store(config, stack, audited=False)
             keys = store.list(include_revoked=args.all)
@@ -150,7 +151,7 @@ def _list(args: argparse.Namespace) -> int:
         print_json([_key_dict(k) for k in keys])
         return 0
     if not keys:
-        if not _store_exists(config):
+        if not store_exists(config):
             say(f"No keys (no key store at {config.keys.path} yet).")
         else:
             say("No keys." if args.all else "No active keys (--all shows revoked ones).")
@@ -191,7 +192,7 @@ def _rotate(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         store = _open_store(config, stack, audited=False, ref=args.key)
         old = _resolve(store, args.key, config)
-        _attach_audit(store, config, stack)
+        attach_audit(store, config, stack)
         new = store.rotate(old.id, grace_period_hours=grace_seconds / 3600.0, actor=args.actor)
         old = store.inspect(old.id)
     if want_json(args):
@@ -233,7 +234,7 @@ def _revoke(args: argparse.Namespace) -> int:
             if answer not in ("y", "yes"):
                 sys.stderr.write("Not revoked.\n")
                 return 1
-        _attach_audit(store, config, stack)
+        attach_audit(store, config, stack)
         key = store.revoke(key.id, actor=args.actor)
     if want_json(args):
         print_json(_key_dict(key))
@@ -243,11 +244,6 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def _store_exists(config: GuardConfig) -> bool:
-    """False for an SQLite store whose file does not exist yet."""
-    return config.keys.backend != "sqlite" or os.path.exists(config.keys.path or "")
 
 
 def _open_store(
@@ -262,7 +258,7 @@ def _open_store(
 
     Unless ``create``, a missing SQLite file is not created: key ``ref`` cannot be there.
     """
-    if not create and not _store_exists(config):
+    if not create and not store_exists(config):
         from fastmcp_guard._core import token_key_id
         from fastmcp_guard.errors import KeyNotFoundError
 
@@ -274,17 +270,8 @@ def _open_store(
     store = config.key_store()
     stack.callback(store.close)
     if audited:
-        _attach_audit(store, config, stack)
+        attach_audit(store, config, stack)
     return store
-
-
-def _attach_audit(store: KeyStore, config: GuardConfig, stack: ExitStack) -> None:
-    """Send the store's lifecycle events to the configured audit log (flushed and closed
-    by ``stack``, before the process exits); nothing when the audit log is off."""
-    audit = config.audit_log()
-    if audit is not None:
-        stack.callback(audit.close)
-        store.audit = audit
 
 
 def _resolve(store: KeyStore, ref: str, config: GuardConfig) -> ApiKey:

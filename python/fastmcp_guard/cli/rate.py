@@ -24,7 +24,14 @@ from contextlib import ExitStack
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from fastmcp_guard.cli._common import add_command, add_group, cli_config, want_json
+from fastmcp_guard.cli._common import (
+    add_command,
+    add_group,
+    attach_audit,
+    cli_config,
+    store_exists,
+    want_json,
+)
 from fastmcp_guard.cli._output import print_json, print_table, say
 
 if TYPE_CHECKING:
@@ -154,9 +161,8 @@ def _request(
 def _ephemeral_admin_key(config: GuardConfig, args: argparse.Namespace, stack: ExitStack) -> str:
     """Issue an admin key for this one command (revoked by ``stack``), or explain why not."""
     from fastmcp_guard.admin import ADMIN_SCOPE
-    from fastmcp_guard.cli.keys import _attach_audit, _store_exists
 
-    if config.keys.backend == "memory" or not _store_exists(config):
+    if config.keys.backend == "memory" or not store_exists(config):
         where = "in memory" if config.keys.backend == "memory" else f"at {config.keys.path}"
         raise ServerError(
             f"no admin key: the key store is {where}, so the CLI cannot issue one. Create a key "
@@ -165,7 +171,7 @@ def _ephemeral_admin_key(config: GuardConfig, args: argparse.Namespace, stack: E
         )
     store = config.key_store()
     stack.callback(store.close)
-    _attach_audit(store, config, stack)
+    attach_audit(store, config, stack)
     actor = getattr(args, "actor", None)
     key = store.create(
         "fastmcp-guard-cli (one command)", scopes=[ADMIN_SCOPE],

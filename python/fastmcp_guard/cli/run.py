@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
             url = f"http://{config.host}:{config.port}/mcp"
             sys.stderr.write(
                 f"fastmcp-guard: serving {mcp.name!r} on {url} "
-                f"(keys: {config.keys.masked}, audit: {config.audit})\n"
+                f"(keys: {config.keys.masked()}, audit: {config.audit})\n"
             )
             # The guard reads X-Forwarded-For itself, only from trusted proxies: uvicorn
             # must not rewrite the client address from it (it trusts 127.0.0.1 by default).
