@@ -27,6 +27,7 @@ bench:
 	PROFILE=release scripts/bootstrap.sh
 	cargo bench --bench core
 	.venv/bin/python benches/bench_guard.py
+	.venv/bin/python benches/bench_cli.py
 
 lint:
 	.venv/bin/python -m ruff check python tests benches

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import urllib.error
-import urllib.parse
-import urllib.request
 from contextlib import ExitStack
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -79,7 +76,9 @@ def register(subparsers: Any) -> None:
 
 def _status(args: argparse.Namespace) -> int:
     config = cli_config(args, url=args.url, admin_key=args.admin_key)
-    query = "" if not args.key else "?" + urllib.parse.urlencode({"key": args.key.strip()})
+    from urllib.parse import urlencode
+
+    query = "" if not args.key else "?" + urlencode({"key": args.key.strip()})
     body = _call(config, args, "GET", f"/_guard/rate{query}")
     if want_json(args):
         print_json(body)
@@ -133,6 +132,10 @@ def _call(
 def _request(
     base: str, method: str, path: str, token: str, payload: dict[str, Any] | None
 ) -> dict[str, Any]:
+    # Imported here: urllib.request pulls in ssl and email (16 ms) that other commands skip.
+    import urllib.error
+    import urllib.request
+
     url = base.rstrip("/") + path
     data = None if payload is None else json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, method=method, headers={

@@ -14,8 +14,6 @@ Over HTTP the server also answers the guard's admin routes (``/_guard/rate``), w
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import inspect
 import signal
 import sys
 from pathlib import Path
@@ -111,6 +109,9 @@ def load_server(spec: str) -> Any:
     FastMCP server; an exception raised by the file itself propagates (with its traceback:
     that is the server's bug, not a usage error).
     """
+    import importlib.util
+    import inspect
+
     from fastmcp import FastMCP
 
     path_text, _, name = spec.partition(":") if not _is_drive(spec) else (spec, "", "")
@@ -161,6 +162,8 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def _is_factory(fn: Any) -> bool:
     """A function callable with no arguments (a server factory), not a tool."""
+    import inspect
+
     params = inspect.signature(fn).parameters.values()
     return all(
         p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params
