@@ -35,7 +35,12 @@ def test_retry_after_keeps_nanosecond_precision(make_limit: MakeLimit) -> None:
     for _ in range(7):
         assert c.check("k", None, T0) is None
     refusal = c.check("k", None, T0 + 1)
-    assert refusal == ("per_key", "7/minute", (8_571_428_572 - 1) / 1e9, (7 * 8_571_428_572 - 1) / 1e9)
+    assert refusal == (
+        "per_key",
+        "7/minute",
+        (8_571_428_572 - 1) / 1e9,
+        (7 * 8_571_428_572 - 1) / 1e9,
+    )
 
 
 def test_keys_have_separate_buckets(make_limit: MakeLimit) -> None:
@@ -159,10 +164,10 @@ def test_the_sync_api_matches(make_limit: MakeLimit) -> None:
 _prefixes = itertools.count()
 
 rates = st.builds(lambda n, s: f"{n}/{s} seconds", st.integers(1, 5), st.integers(1, 8))
+tools = st.sampled_from([None, "t0", "t1", "t2"])
 ops = st.lists(
     st.one_of(
-        st.tuples(st.just("check"), st.integers(0, 2), st.sampled_from([None, "t0", "t1", "t2"]),
-                  st.integers(0, 3 * SEC)),  # fmt: skip
+        st.tuples(st.just("check"), st.integers(0, 2), tools, st.integers(0, 3 * SEC)),
         st.tuples(st.just("reset"), st.integers(0, 2), st.none(), st.just(0)),
     ),
     min_size=1,
