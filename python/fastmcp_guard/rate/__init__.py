@@ -130,6 +130,8 @@ class RateLimit:
             each guarded service sharing one Redis its own.
         timeout: Redis socket timeout in seconds (default 0.05): how long a call can
             wait for an unresponsive Redis before the policy decides.
+        max_connections: Redis connections per client (default 50); more concurrent
+            calls wait for a free connection.
 
     Bad rate strings raise :class:`~fastmcp_guard.errors.InvalidRateError` (a
     ``ValueError``) here, at construction; a bad backend option
@@ -148,6 +150,7 @@ class RateLimit:
         on_backend_error: BackendErrorPolicy | str = "allow",
         key_prefix: str | None = None,
         timeout: float | None = None,
+        max_connections: int | None = None,
     ) -> None:
         if refusal not in ("tool", "protocol"):
             raise ConfigError(f"refusal must be 'tool' or 'protocol', got {refusal!r}")
@@ -155,9 +158,10 @@ class RateLimit:
             raise ConfigError(
                 f"unknown rate limit backend {backend!r}; expected 'memory' or 'redis'"
             )
-        if backend == "memory" and (url, key_prefix, timeout) != (None, None, None):
+        if backend == "memory" and (url, key_prefix, timeout, max_connections) != (None,) * 4:
             raise ConfigError(
-                "url, key_prefix and timeout apply to RateLimit(backend='redis') only"
+                "url, key_prefix, timeout and max_connections apply to "
+                "RateLimit(backend='redis') only"
             )
         self.per_key = per_key
         self.global_limit = global_limit
@@ -177,6 +181,7 @@ class RateLimit:
                 on_backend_error=on_backend_error,  # type: ignore[arg-type] # checked there
                 key_prefix=DEFAULT_KEY_PREFIX if key_prefix is None else key_prefix,
                 timeout=0.05 if timeout is None else timeout,
+                max_connections=50 if max_connections is None else max_connections,
             )  # fmt: skip
         elif on_backend_error != "allow":
             raise ConfigError("on_backend_error applies to RateLimit(backend='redis') only")

@@ -252,6 +252,9 @@ class RedisLimiter:
         on_backend_error: ``"allow"``, ``"deny"`` or ``"local"`` (see the module notes).
         key_prefix: prefix of every key (no ``{`` or ``}``: the hash tag follows it).
         timeout: socket connect and read timeout, in seconds.
+        max_connections: connections per client (one async client per event loop, one
+            blocking client); a call waits for a free one (at most ``max(1 s, timeout)``)
+            rather than failing.
         retry_interval: after a failure, seconds before one call tries Redis again.
         warn_interval: seconds between two warnings about the same outage.
     """
@@ -266,6 +269,7 @@ class RedisLimiter:
         on_backend_error: BackendErrorPolicy = "allow",
         key_prefix: str = DEFAULT_KEY_PREFIX,
         timeout: float = 0.05,
+        max_connections: int = 50,
         retry_interval: float = 1.0,
         warn_interval: float = 30.0,
     ) -> None:
@@ -280,12 +284,17 @@ class RedisLimiter:
             )
         if not timeout > 0:
             raise ConfigError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if not (isinstance(max_connections, int) and max_connections >= 1):
+            raise ConfigError(
+                f"max_connections must be a whole number >= 1, got {max_connections!r}"
+            )
         self._redis, self._redis_asyncio = _import_redis()
         self.local = local
         self.url = url
         self.on_backend_error: BackendErrorPolicy = on_backend_error
         self.key_prefix = key_prefix
         self.timeout = timeout
+        self.max_connections = max_connections
         self.retry_interval = retry_interval
         self.warn_interval = warn_interval
         self._per_key = None if per_key is None else _Gcra.of(per_key)
@@ -318,15 +327,22 @@ class RedisLimiter:
 
     # -- configuration -------------------------------------------------------------------
 
-    def _options(self, retry_cls: Any) -> dict[str, Any]:
+    def _client(self, module: Any) -> Any:
+        """A client of ``module`` (``redis`` or ``redis.asyncio``) with our timeouts."""
         from redis.backoff import NoBackoff
 
-        return {
-            "socket_timeout": self.timeout,
-            "socket_connect_timeout": self.timeout,
+        # A blocking pool: a burst beyond max_connections waits for a connection instead
+        # of failing with "Too many connections".
+        pool = module.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=self.max_connections,
+            timeout=max(1.0, self.timeout),
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
             # One immediate retry (a pooled connection Redis closed); no backoff sleeps.
-            "retry": retry_cls(NoBackoff(), 1),
-        }
+            retry=module.retry.Retry(NoBackoff(), 1),
+        )
+        return module.Redis.from_pool(pool)
 
     def set_tool_rate(self, tool: str, rate: str | None) -> None:
         """Set (``rate``) or clear (``None``) the per-(key, tool) rate of ``tool``."""
@@ -379,15 +395,13 @@ class RedisLimiter:
         loop = asyncio.get_running_loop()
         if self._async is None or self._async_loop is not loop:
             # redis.asyncio connections belong to one event loop: one client per loop.
-            options = self._options(self._redis_asyncio.retry.Retry)
-            self._async = self._redis_asyncio.Redis.from_url(self.url, **options)
+            self._async = self._client(self._redis_asyncio)
             self._async_loop = loop
         return self._async
 
     def _sync_client(self) -> redis_sync.Redis:
         if self._sync is None:
-            options = self._options(self._redis.retry.Retry)
-            self._sync = self._redis.Redis.from_url(self.url, **options)
+            self._sync = self._client(self._redis)
         return self._sync
 
     # -- the outage policy -----------------------------------------------------------------
