@@ -62,16 +62,16 @@ def run_nodes(server: RedisServer, prefix: str, per_key: str, global_limit: str,
 def test_a_per_key_limit_admits_exactly_l_across_two_processes(
     redis_server: RedisServer, key_prefix: str
 ) -> None:
-    results = run_nodes(redis_server, key_prefix, "100/hour", "", keys=1, calls=150)
+    # 2 x 60 calls at a limit of 100: each node alone cannot exhaust it, so both take part.
+    results = run_nodes(redis_server, key_prefix, "100/hour", "", keys=1, calls=60)
     assert [r["unavailable"] for r in results] == [0, 0]
     assert sum(r["admitted"] for r in results) == 100, results
-    assert all(r["admitted"] > 0 for r in results), f"both nodes took part: {results}"
 
 
 def test_a_global_limit_admits_exactly_g_across_two_processes(
     redis_server: RedisServer, key_prefix: str
 ) -> None:
-    results = run_nodes(redis_server, key_prefix, "1000/hour", "120/hour", keys=10, calls=150)
+    results = run_nodes(redis_server, key_prefix, "1000/hour", "120/hour", keys=10, calls=75)
     assert [r["unavailable"] for r in results] == [0, 0]
     assert sum(r["admitted"] for r in results) == 120, results
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -193,3 +194,20 @@ def test_injected_times_do_not_disturb_the_real_clock(limit: RateLimit) -> None:
     assert remote is not None
     assert remote.check("k", None, now_ns=T0) is None
     assert remote.status("k", now_ns=T0)["per_key"]["used"] == 1
+
+
+async def test_concurrent_calls_share_round_trips_and_stay_exact(
+    redis_server: RedisServer, key_prefix: str
+) -> None:
+    limit = RateLimit("100/hour", "150/hour", backend="redis", url=redis_server.url,
+                      key_prefix=key_prefix)  # fmt: skip
+    await limit.status_async("warm-up")
+    with client_commands(redis_server) as sent:
+        results = await asyncio.gather(*(limit.acquire("a" if i % 2 else "b") for i in range(400)))
+    assert sent == ["EVALSHA"] * 400, "one command per call, pipelined"
+    refusals = [r for r in results if r is not None]
+    assert len(results) - len(refusals) == 150, "the global limit binds: 2 keys x 100 > 150"
+    assert {r.scope for r in refusals} <= {"per_key", "global"}
+    a, b = await limit.status_async("a"), await limit.status_async("b")
+    assert a["per_key"]["used"] + b["per_key"]["used"] == 150
+    limit.close()

@@ -3,6 +3,7 @@ declares; Redis started again: the nodes share their limits again."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
@@ -159,4 +160,14 @@ def test_the_warning_is_rate_limited_itself(
     limit.remote.warn_interval = 0.0
     assert limit.hit("k") is None
     assert "51 call(s) decided without Redis so far" in warnings_of(caplog)[-1]
+    limit.close()
+
+
+async def test_concurrent_calls_on_a_hung_redis_wait_one_timeout_at_most(black_hole: str) -> None:
+    limit = RateLimit("5/minute", backend="redis", url=black_hole, on_backend_error="allow")
+    start = time.perf_counter()
+    results = await asyncio.gather(*(limit.acquire(f"k{i}") for i in range(100)))
+    took = time.perf_counter() - start
+    assert results == [None] * 100, "allow: admitted"
+    assert took < 0.5, f"100 concurrent calls took {took:.3f} s"
     limit.close()

@@ -253,8 +253,8 @@ class RedisLimiter:
         key_prefix: prefix of every key (no ``{`` or ``}``: the hash tag follows it).
         timeout: socket connect and read timeout, in seconds.
         max_connections: connections per client (one async client per event loop, one
-            blocking client); a call waits for a free one (at most ``max(1 s, timeout)``)
-            rather than failing.
+            blocking client). Async checks are pipelined and need one; a blocking call
+            beyond the limit waits for a free one (at most ``max(1 s, timeout)``).
         retry_interval: after a failure, seconds before one call tries Redis again.
         warn_interval: seconds between two warnings about the same outage.
     """
@@ -319,6 +319,7 @@ class RedisLimiter:
         self._sync: redis_sync.Redis | None = None
         self._async: redis_async.Redis | None = None
         self._async_loop: asyncio.AbstractEventLoop | None = None
+        self._pipeliner: _Pipeliner | None = None
         # Outage state: monotonic time before which Redis is not tried (0: healthy).
         self._down_until = 0.0
         self._down_since = 0.0
@@ -331,16 +332,23 @@ class RedisLimiter:
         """A client of ``module`` (``redis`` or ``redis.asyncio``) with our timeouts."""
         from redis.backoff import NoBackoff
 
-        # A blocking pool: a burst beyond max_connections waits for a connection instead
-        # of failing with "Too many connections".
-        pool = module.BlockingConnectionPool.from_url(
+        # Async checks are pipelined (one batch in flight), so the async client needs few
+        # connections: a plain pool. Threads using the blocking client may burst: a blocking
+        # pool, where a call beyond max_connections waits instead of failing.
+        blocking = module is self._redis
+        pool_class = module.BlockingConnectionPool if blocking else module.ConnectionPool
+        pool_wait = {"timeout": max(1.0, self.timeout)} if blocking else {}
+        pool = pool_class.from_url(
             self.url,
             max_connections=self.max_connections,
-            timeout=max(1.0, self.timeout),
+            **pool_wait,
             socket_timeout=self.timeout,
             socket_connect_timeout=self.timeout,
-            # One immediate retry (a pooled connection Redis closed); no backoff sleeps.
-            retry=module.retry.Retry(NoBackoff(), 1),
+            # One immediate retry on a connection error (a pooled connection Redis closed),
+            # none on a timeout (the script may have run: it must not run twice), no sleeps.
+            retry=module.retry.Retry(
+                NoBackoff(), 1, supported_errors=(self._redis.exceptions.ConnectionError,)
+            ),
         )
         return module.Redis.from_pool(pool)
 
@@ -397,6 +405,7 @@ class RedisLimiter:
             # redis.asyncio connections belong to one event loop: one client per loop.
             self._async = self._client(self._redis_asyncio)
             self._async_loop = loop
+            self._pipeliner = _Pipeliner(self._async, self._noscript)
         return self._async
 
     def _sync_client(self) -> redis_sync.Redis:
@@ -459,7 +468,11 @@ class RedisLimiter:
     async def acquire(
         self, key: str, tool: str | None = None, *, now_ns: int | None = None
     ) -> AnyRefusal:
-        """Admit one call (``None``) or say why not: one ``EVALSHA`` round trip.
+        """Admit one call (``None``) or say why not: one ``EVALSHA``, one round trip.
+
+        Concurrent calls on one event loop share round trips: while one batch of
+        ``EVALSHA`` commands is in flight, the next calls queue and go out together as the
+        next pipeline (each still one command, answered in order).
 
         ``now_ns`` replaces Redis's clock (nanoseconds since the Unix epoch), for tests.
         When Redis cannot be reached the ``on_backend_error`` policy decides.
@@ -468,12 +481,10 @@ class RedisLimiter:
             return self._failed(None, key, tool)
         call = self._script_call(key, tool, now_ns)
         try:
-            client = self._async_client()
-            try:
-                reply = await client.evalsha(LUA_CHECK_SHA, *call)
-            except self._noscript:
-                await client.script_load(LUA_CHECK)
-                reply = await client.evalsha(LUA_CHECK_SHA, *call)
+            if self._async_loop is not asyncio.get_running_loop():
+                self._async_client()
+            assert self._pipeliner is not None
+            reply = await self._pipeliner.submit(call)
         except self._errors as exc:
             return self._failed(exc, key, tool)
         if self._down_until:
@@ -592,7 +603,7 @@ class RedisLimiter:
 
     async def aclose(self) -> None:
         """Close both clients' connections."""
-        client, self._async = self._async, None
+        client, self._async, self._pipeliner = self._async, None, None
         if client is not None and self._async_loop is asyncio.get_running_loop():
             await client.aclose()
         self.close()
@@ -608,6 +619,85 @@ class RedisLimiter:
             f"RedisLimiter(url={mask_url(self.url)!r}, "
             f"on_backend_error={self.on_backend_error!r}, key_prefix={self.key_prefix!r})"
         )
+
+
+class _Pipeliner:
+    """Sends the ``EVALSHA`` commands of concurrent calls as pipelines, one batch at a time.
+
+    A call queues its command and awaits its reply. If no batch is in flight, a drain task
+    starts; it sends everything queued as one pipeline, resolves each call with its own
+    reply (or error), and repeats until the queue is empty, then ends (no task lingers).
+    When a batch fails (Redis down or hung), the calls queued meanwhile fail with it at
+    once rather than wait for another timeout. A script Redis lost (``NOSCRIPT``, after a
+    restart) is loaded and the affected commands sent again.
+    """
+
+    MAX_BATCH = 512
+
+    def __init__(self, client: Any, noscript: type[Exception]) -> None:
+        self.client = client
+        self.noscript = noscript
+        self.pending: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        self.draining = False
+
+    def submit(self, call: list[Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self.pending.append((call, future))
+        if not self.draining:
+            self.draining = True
+            loop.create_task(self._drain())
+        return future
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                batch = self.pending[: self.MAX_BATCH]
+                del self.pending[: self.MAX_BATCH]
+                try:
+                    replies = await self._send([call for call, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - handed to each caller, who decides
+                    batch += self.pending  # queued while it failed: fail them now too
+                    self.pending = []
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                except BaseException:
+                    for _, future in batch + self.pending:
+                        future.cancel()  # the loop is shutting down
+                    self.pending = []
+                    raise
+                for (_, future), reply in zip(batch, replies):
+                    if future.done():  # its caller was cancelled
+                        continue
+                    if isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+        finally:
+            self.draining = False
+
+    async def _send(self, calls: list[list[Any]]) -> list[Any]:
+        if len(calls) == 1:  # a lone call: a plain command costs less than a pipeline
+            try:
+                return [await self.client.evalsha(LUA_CHECK_SHA, *calls[0])]
+            except self.noscript:
+                await self.client.script_load(LUA_CHECK)
+                return [await self.client.evalsha(LUA_CHECK_SHA, *calls[0])]
+        replies = await self._pipeline(calls)
+        lost = [i for i, reply in enumerate(replies) if isinstance(reply, self.noscript)]
+        if lost:
+            await self.client.script_load(LUA_CHECK)
+            for i, reply in zip(lost, await self._pipeline([calls[i] for i in lost])):
+                replies[i] = reply
+        return replies
+
+    async def _pipeline(self, calls: list[list[Any]]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for call in calls:
+            pipe.evalsha(LUA_CHECK_SHA, *call)
+        return list(await pipe.execute(raise_on_error=False))
 
 
 _POLICY_WORDS = {
