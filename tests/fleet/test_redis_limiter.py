@@ -68,6 +68,9 @@ async def test_a_flushed_script_is_loaded_again(
     assert await limit.acquire("k") is None
     assert limit.hit("k") is None, "the sync twin too"
     assert client.script_exists(LUA_CHECK_SHA) == [True]
+    client.script_flush()
+    results = await asyncio.gather(*(limit.acquire(f"j{i}") for i in range(10)))
+    assert results == [None] * 10, "a pipelined batch reloads it too"
     assert (await limit.status_async("k"))["per_key"]["used"] == 3
 
 
