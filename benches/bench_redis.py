@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import gc
 import importlib
+import os
 import shutil
 import socket
 import subprocess
@@ -51,9 +52,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_guard import cpu_model, loadavg, med, pct, section, so_build, table, ver, verdict
-
 import fastmcp_guard._core as core
+from bench_guard import cpu_model, loadavg, med, pct, section, so_build, table, ver, verdict
 from fastmcp_guard import RateLimit
 
 HIGH = "1000000000/minute"
@@ -150,11 +150,13 @@ def variants(url: str) -> tuple[dict[str, Call], list[Callable[[], Awaitable[Non
     return cases, [ours.aclose]
 
 
-async def commands_per_call(url: str, cases: dict[str, Call], n: int) -> dict[str, float]:
-    """Client commands per call, counted with MONITOR (script-internal ones excluded)."""
+async def commands_per_call(
+    url: str, cases: dict[str, Call], n: int
+) -> dict[str, tuple[float, list[str]]]:
+    """Client commands per call and their names, seen by MONITOR (script-internal excluded)."""
     import redis
 
-    out: dict[str, float] = {}
+    out: dict[str, tuple[float, list[str]]] = {}
     for name, fn in cases.items():
         if name == "in-process":
             continue
@@ -174,9 +176,7 @@ async def commands_per_call(url: str, cases: dict[str, Call], n: int) -> dict[st
                     seen.append(event["command"].split(" ", 1)[0].upper())
         client.close()
         marker.close()
-        out[name] = len(seen) / n
-        kinds = sorted(set(seen))
-        out[name + " kinds"] = kinds  # type: ignore[assignment]
+        out[name] = (len(seen) / n, sorted(set(seen)))
     return out
 
 
@@ -254,12 +254,11 @@ async def run(args: argparse.Namespace, url: str) -> None:
         if name == "in-process":
             rows.append([name, "0", "-", "-"])
             continue
-        per = counted[name]
-        kinds = ", ".join(counted[name + " kinds"])  # type: ignore[arg-type]
+        per, kinds = counted[name][0], ", ".join(counted[name][1])
         rows.append([name, f"{per:.2f}", kinds, "1 round trip" if name.startswith("ours") else
                      "one per command (not pipelined)"])  # fmt: skip
     table(["variant", "commands / call", "commands", "round trips / call"], rows, "lrll")
-    ours_per = counted["ours (Redis)"]
+    ours_per = counted["ours (Redis)"][0]
     print(f"ours: exactly 1 command (EVALSHA) per call: {verdict(ours_per == 1.0)}")
 
     section(f"(2) latency per call, one caller ({args.rounds} rounds x {args.calls} calls, "
@@ -290,9 +289,9 @@ async def run(args: argparse.Namespace, url: str) -> None:
             f"({args.rounds} rounds, interleaved)")  # fmt: skip
     tput: dict[str, list[float]] = {k: [] for k in cases if k != "in-process"}
     for _ in range(args.rounds):
-        for name in tput:
+        for name, samples in tput.items():
             gc.collect()
-            tput[name].append(await throughput(cases[name], args.concurrency, args.per_task))
+            samples.append(await throughput(cases[name], args.concurrency, args.per_task))
     t = {k: med(v) for k, v in tput.items()}
     ours_t = t["ours (Redis)"]
     rows = [[name, f"{v:,.0f}", f"{ours_t / v:.2f}x" if name != "ours (Redis)" else "-"]
@@ -321,8 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         server = RedisServer(Path(tmp))
         try:
             print("fastmcp-guard Redis limiter benchmark")
-            print(f"  machine: {cpu_model()}, {len(__import__('os').sched_getaffinity(0))} "
-                  f"cores, load {loadavg()}")  # fmt: skip
+            print(f"  machine: {cpu_model()}, {os.cpu_count()} cores, load {loadavg()}")
             print(f"  redis-server {server.version} on 127.0.0.1:{server.port}; redis-py "
                   f"{ver('redis')}; limits {ver('limits')}; fastmcp {ver('fastmcp')}")  # fmt: skip
             print(f"  extension: {so_build(core.__file__)}; python {sys.version.split()[0]}")
