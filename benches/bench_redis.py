@@ -145,7 +145,7 @@ def variants(url: str) -> tuple[dict[str, Call], list[Callable[[], Awaitable[Non
     async def limits_fixed(key: str) -> bool:
         return await fixed.hit(item, "key", key) and await fixed.hit(item, "global")
 
-    cases = {"in-process": in_process, "ours (Redis)": redis_ours,
+    cases: dict[str, Call] = {"in-process": in_process, "ours (Redis)": redis_ours,
              "limits moving": limits_moving, "limits fixed": limits_fixed}  # fmt: skip
     return cases, [ours.aclose]
 
@@ -165,7 +165,7 @@ async def commands_per_call(
         client, marker = redis.Redis.from_url(url), redis.Redis.from_url(url)
         marker.ping()
         seen: list[str] = []
-        with client.monitor() as monitor:
+        with client.monitor() as monitor:  # type: ignore[no-untyped-call]
             for i in range(n):
                 await fn(KEYS[i % len(KEYS)])
             marker.echo("bench-end")
@@ -182,7 +182,7 @@ async def commands_per_call(
 
 async def latency(fn: Call, n: int) -> list[float]:
     """Per-call latency in ns, one caller."""
-    samples = []
+    samples: list[float] = []
     clock = time.perf_counter_ns
     for i in range(n):
         key = KEYS[i % len(KEYS)]
@@ -216,7 +216,7 @@ def guarded_servers(url: str) -> dict[str, Any]:
     ):
         mcp: Any = FastMCP("bench")
 
-        @mcp.tool
+        @mcp.tool  # type: ignore[untyped-decorator]
         def echo(text: str) -> str:
             return text
 
@@ -231,7 +231,7 @@ async def e2e_latency(mcp: Any, n: int) -> list[float]:
     async with Client(mcp) as client:
         for _ in range(20):
             await client.call_tool("echo", {"text": "x"})
-        samples = []
+        samples: list[float] = []
         clock = time.perf_counter_ns
         for _ in range(n):
             t = clock()
