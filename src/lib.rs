@@ -14,4 +14,6 @@ pub mod tokens;
 #[cfg(feature = "python")]
 mod errors;
 #[cfg(feature = "python")]
+mod pystore;
+#[cfg(feature = "python")]
 mod python;

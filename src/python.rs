@@ -716,6 +716,39 @@ impl PyKeyManager {
         Ok(PyKeyManager(Arc::new(m)))
     }
 
+    /// A manager over a store implemented in Python (PostgreSQL, Redis): see
+    /// `src/pystore.rs` for the methods `backend` must have.
+    #[staticmethod]
+    #[pyo3(signature = (backend, *, cache_ttl_seconds=60.0, cache_capacity=10_000, touch_interval_seconds=5.0,
+                        watch_interval_seconds=0.25, max_concurrent_verifications=None))]
+    fn external(
+        py: Python<'_>,
+        backend: &Bound<'_, PyAny>,
+        cache_ttl_seconds: f64,
+        cache_capacity: usize,
+        touch_interval_seconds: f64,
+        watch_interval_seconds: f64,
+        max_concurrent_verifications: Option<usize>,
+    ) -> PyResult<Self> {
+        let o = manager_options(
+            cache_ttl_seconds,
+            cache_capacity,
+            touch_interval_seconds,
+            watch_interval_seconds,
+            max_concurrent_verifications,
+        )?;
+        // No Rust background thread: it would call into Python, and could not be joined
+        // at interpreter exit. The Python owner runs flush / sync_changes on a schedule.
+        let o = ManagerOptions {
+            background_thread: false,
+            ..o
+        };
+        let backend: Arc<dyn crate::keystore::KeyBackend> =
+            Arc::new(crate::pystore::PyKeyBackend::new(backend)?);
+        let m = py.detach(|| KeyManager::with_backend(backend, o))?;
+        Ok(PyKeyManager(Arc::new(m)))
+    }
+
     #[pyo3(signature = (name, *, scopes=None, expires_at=None, metadata=None))]
     fn create(
         &self,
@@ -817,6 +850,24 @@ impl PyKeyManager {
         let m = Arc::clone(&self.0);
         py.detach(move || m.flush())?;
         Ok(())
+    }
+
+    /// Drops the cached verifications of one key (a store's change notification).
+    fn invalidate(&self, key_id: &str) {
+        self.0.invalidate(key_id);
+    }
+
+    /// Drops every cached verification (after a lost notification channel reconnects).
+    fn clear_cache(&self) {
+        self.0.clear_cache();
+    }
+
+    /// Reads what other processes changed in the store now (the watcher does it every
+    /// `watch_interval_seconds`; a store with change notifications calls this on each);
+    /// drops their keys from the verified-token cache. Returns how many changed.
+    fn sync_changes(&self, py: Python<'_>) -> PyResult<usize> {
+        let m = Arc::clone(&self.0);
+        Ok(py.detach(move || m.sync_changes())?)
     }
 
     fn close(&self, py: Python<'_>) -> PyResult<()> {

@@ -192,6 +192,21 @@ class KeyManager:
         watch_interval_seconds: float = 0.25,
         max_concurrent_verifications: int | None = None,
     ) -> KeyManager: ...
+    @staticmethod
+    def external(
+        backend: Any,
+        *,
+        cache_ttl_seconds: float = 60.0,
+        cache_capacity: int = 10000,
+        touch_interval_seconds: float = 5.0,
+        watch_interval_seconds: float = 0.25,
+        max_concurrent_verifications: int | None = None,
+    ) -> KeyManager:
+        """A manager over a store implemented in Python (PostgreSQL, Redis).
+
+        ``backend`` has ``insert``, ``get``, ``list``, ``update``, ``rotate``,
+        ``touch_many``, ``current_revision`` and ``changed_since`` (records are dicts,
+        times Unix milliseconds; see ``fastmcp_guard.keys.backends.KeyBackend``)."""
     def create(
         self,
         name: str,
@@ -211,6 +226,12 @@ class KeyManager:
     def verify(self, token: str, client: str | None = None) -> Identity:
         """Full path (may run argon2id; releases the GIL). Raises :class:`VerifyError`."""
     def flush(self) -> None: ...
+    def invalidate(self, key_id: str) -> None:
+        """Drop the cached verifications of one key (a store's change notification)."""
+    def clear_cache(self) -> None:
+        """Drop every cached verification."""
+    def sync_changes(self) -> int:
+        """Read what other processes changed now; drop their keys from the cache."""
     def close(self) -> None: ...
     def stats(self) -> dict[str, int]: ...
 

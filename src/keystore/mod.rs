@@ -310,6 +310,15 @@ pub enum KeyError {
         /// What is wrong.
         reason: String,
     },
+    /// A store implemented outside the core (PostgreSQL, Redis: through Python drivers)
+    /// failed; `reason` is the driver's message.
+    #[error("key store {store}: {reason}")]
+    Backend {
+        /// The store, as its owner names it (a DSN with the password masked).
+        store: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A file-system error around the database.
     #[error("key store {path}: {source}")]
     Io {
@@ -455,6 +464,12 @@ pub struct ManagerOptions {
     pub verify_wait: Duration,
     /// Failure throttle per (client, key id).
     pub fail_throttle: FailThrottle,
+    /// Run the `fmg-keys` thread that writes `last_used_at` every `touch_interval` and
+    /// polls for changes every `watch_interval` (default). Off for a store implemented in
+    /// Python: its owner calls [`KeyManager::flush`] and [`KeyManager::sync_changes`] from
+    /// a Python thread, which the interpreter can stop at exit (a Rust thread blocked on
+    /// the interpreter could not be joined then).
+    pub background_thread: bool,
 }
 
 impl Default for ManagerOptions {
@@ -469,6 +484,7 @@ impl Default for ManagerOptions {
                 .map_or(1, std::num::NonZero::get),
             verify_wait: Duration::from_secs(2),
             fail_throttle: FailThrottle::default(),
+            background_thread: true,
         }
     }
 }
@@ -873,6 +889,12 @@ impl KeyManager {
             last_error: Mutex::new(None),
             opts,
         });
+        if !inner.opts.background_thread {
+            return Ok(Self {
+                inner,
+                worker: Mutex::new(None),
+            });
+        }
         let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
         let weak = Arc::downgrade(&inner);
         let (touch_every, watch_every) = (inner.opts.touch_interval, inner.opts.watch_interval);
@@ -1279,6 +1301,12 @@ impl KeyManager {
         self.inner.cache.clear();
     }
 
+    /// Drops the cached verifications of one key: what a store's change notification
+    /// (PostgreSQL `NOTIFY`, Redis pub/sub) triggers on every node.
+    pub fn invalidate(&self, key_id: &str) {
+        self.inner.invalidate(key_id);
+    }
+
     /// Stops the background thread and writes pending updates. Idempotent; `Drop` calls it.
     /// The manager keeps working afterwards, but `last_used_at` is then only written by
     /// [`KeyManager::flush`] and other processes' changes only seen via
@@ -1605,6 +1633,38 @@ mod tests {
             touch_interval: Duration::from_secs(3600),
             ..ManagerOptions::default()
         }
+    }
+
+    #[test]
+    fn without_the_background_thread_the_owner_flushes_and_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let quiet = ManagerOptions {
+            background_thread: false,
+            watch_interval: Duration::from_millis(1),
+            touch_interval: Duration::from_millis(1),
+            ..opts()
+        };
+        let a = KeyManager::sqlite(&path, opts()).unwrap();
+        let b = KeyManager::sqlite(&path, quiet).unwrap();
+        assert!(b.worker.lock().is_none(), "no fmg-keys thread");
+        let (rec, token) = a.create("k", &[], None, Map::new()).unwrap();
+        b.verify(&token, Some("10.0.0.1")).unwrap();
+        a.revoke(&rec.id).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        // Nothing runs by itself: still cached, use not written.
+        assert!(matches!(
+            b.verify_cached(&token, Now::system()),
+            CacheLookup::Hit(_)
+        ));
+        assert_eq!(b.stats().touch_batches, 0);
+        assert!(b.sync_changes().unwrap() >= 1);
+        assert!(matches!(
+            b.verify_cached(&token, Now::system()),
+            CacheLookup::Miss
+        ));
+        assert_eq!(b.flush().unwrap(), 1);
+        b.close().unwrap();
     }
 
     /// One manager per backend; the `TempDir` keeps the `SQLite` file alive.

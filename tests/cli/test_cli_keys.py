@@ -297,9 +297,15 @@ def test_bad_inputs_name_what_to_fix(tmp_path: Path) -> None:
     assert_user_error(cli(tmp_path, "keys", "create", "--name", ""), 2, "name")
 
 
-def test_fleet_store_is_refused_without_leaking_the_password(tmp_path: Path) -> None:
-    proc = cli(tmp_path, "keys", "list", "--keys", "postgresql://u:hunter2@db/guard")
+def test_fleet_store_errors_do_not_leak_the_password(tmp_path: Path) -> None:
+    proc = cli(tmp_path, "keys", "list", "--keys", "redis://u:hunter2@cache/0")
     assert_user_error(proc, 2, "not available in this release")
+    assert "hunter2" not in proc.stderr
+    from fastmcp.utilities.tests import find_available_port
+
+    port = find_available_port()  # nothing listens there: unreachable store, exit 1
+    proc = cli(tmp_path, "keys", "list", "--keys", f"postgresql://u:hunter2@127.0.0.1:{port}/g")
+    assert_user_error(proc, 1, "cannot connect to postgresql://u:****@127.0.0.1")
     assert "hunter2" not in proc.stderr
 
 

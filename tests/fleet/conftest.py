@@ -30,7 +30,7 @@ from fastmcp_guard import RateLimit
 #: Every rate-limit backend, each with its mark (limits' ``tests/utils.py`` pattern).
 BACKENDS = [
     pytest.param("memory", id="memory"),
-    pytest.param("redis", id="redis", marks=pytest.mark.redis),
+    pytest.param("redis", id="redis", marks=[pytest.mark.fleet, pytest.mark.redis]),
 ]
 
 

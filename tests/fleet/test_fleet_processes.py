@@ -28,7 +28,7 @@ from tests.cli.test_cli_keys import create, ok
 from tests.cli.test_cli_run import Server, call, stop_server
 from tests.fleet.conftest import RedisServer
 
-pytestmark = [pytest.mark.redis, pytest.mark.http]
+pytestmark = [pytest.mark.fleet, pytest.mark.redis, pytest.mark.http]
 
 HERE = Path(__file__).parent
 

@@ -175,6 +175,7 @@ ops = st.lists(
 )
 
 
+@pytest.mark.fleet
 @pytest.mark.redis
 @settings(max_examples=60, deadline=None)
 @given(

@@ -103,6 +103,7 @@ def test_bad_values_say_what_to_fix(
     assert ":pw@" not in str(info.value)
 
 
+@pytest.mark.fleet
 @pytest.mark.redis
 async def test_guard_from_the_environment_limits_in_redis(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch

@@ -16,7 +16,7 @@ from redis.crc import key_slot
 
 from tests.fleet.conftest import SEC, T0, RedisServer
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.fleet, pytest.mark.redis]
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from fastmcp_guard.errors import RateBackendError
 
 from tests.fleet.conftest import RedisServer
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.fleet, pytest.mark.redis]
 
 
 def node(server: RedisServer, per_key: str, policy: str, **options: Any) -> RateLimit:

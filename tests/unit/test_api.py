@@ -64,10 +64,14 @@ def test_unknown_key_backend(backend: str) -> None:
         KeyStore(backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["postgres", "redis"])
-def test_fleet_key_backends_say_not_available(backend: str) -> None:
+def test_redis_key_backend_says_not_available() -> None:
     with pytest.raises(ConfigError, match="not available"):
-        KeyStore(backend=backend, dsn="x://")
+        KeyStore(backend="redis", dsn="redis://x")
+
+
+def test_postgres_key_backend_needs_a_dsn() -> None:
+    with pytest.raises(ConfigError, match="dsn='postgresql://"):
+        KeyStore(backend="postgres")
 
 
 def test_unknown_rate_and_audit_backends() -> None:

@@ -401,11 +401,21 @@ def test_factories_for_library_defaults(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-@pytest.mark.parametrize("url", ["postgresql://u:pw@db/guard", "redis://cache:6379/0"])
-def test_fleet_key_stores_arrive_in_a_later_release(tmp_path: Path, url: str) -> None:
-    config = load(tmp_path, {"FASTMCP_GUARD_KEYS": url})
+def test_redis_key_store_arrives_in_a_later_release(tmp_path: Path) -> None:
+    config = load(tmp_path, {"FASTMCP_GUARD_KEYS": "redis://cache:6379/0"})
     with pytest.raises(ConfigError, match="not available in this release"):
         config.key_store()
+
+
+def test_a_postgres_url_builds_the_postgres_store(tmp_path: Path) -> None:
+    from fastmcp.utilities.tests import find_available_port
+    from fastmcp_guard.errors import StoreError
+
+    port = find_available_port()  # nothing listens there
+    config = load(tmp_path, {"FASTMCP_GUARD_KEYS": f"postgresql://u:hunter2@127.0.0.1:{port}/g"})
+    with pytest.raises(StoreError, match=r"cannot connect to postgresql://u:\*\*\*\*@") as exc:
+        config.key_store()
+    assert "hunter2" not in str(exc.value)
 
 
 # -- Guard reads the configuration for what it is not given ------------------------------

@@ -110,9 +110,10 @@ class KeyStore:
     """Issue, rotate, revoke, expire and inspect API keys.
 
     Args:
-        backend: ``"memory"`` (dev/tests; lost on restart) or ``"sqlite"`` (one
-            server, persistent). ``"postgres"`` and ``"redis"`` are fleet backends
-            (extras ``[postgres]`` / ``[redis]``), not available in this release.
+        backend: ``"memory"`` (dev/tests; lost on restart), ``"sqlite"`` (one
+            server, persistent) or ``"postgres"`` (a fleet, extra ``[postgres]``, with
+            ``dsn=``; revocations reach every node through ``NOTIFY``). ``"redis"`` is
+            not available in this release.
         path: SQLite file (default ``fastmcp-guard-keys.db``). Its directory must exist.
         dsn: connection string of a fleet backend.
         cache_ttl_seconds: how long a verified token is trusted without looking at
@@ -153,16 +154,29 @@ class KeyStore:
         elif backend == "sqlite":
             self.path = os.fspath(path or "fastmcp-guard-keys.db")
             self._core = KeyManager.sqlite(self.path, **opts)
+        elif _FLEET_BACKENDS.get(backend) == "postgres":
+            if not dsn:
+                raise ConfigError(
+                    "KeyStore(backend='postgres') needs dsn='postgresql://user:password@host/db'"
+                )
+            self.path = None
+            self._core, self._listener = _open_postgres(dsn, opts)
+            self._pg_backend = self._listener.backend
+            self._housekeeper = _housekeeper(self._core, self._pg_backend.name, opts)
         elif backend in _FLEET_BACKENDS:
             raise ConfigError(
                 f"key store backend {backend!r} is not available in this release of "
-                "fastmcp-guard; use backend='sqlite' (one server) or 'memory' (tests)."
+                "fastmcp-guard; use backend='postgres' (a fleet), 'sqlite' (one server) or "
+                "'memory' (tests)."
             )
         else:
             raise ConfigError(
                 f"unknown key store backend {backend!r}; expected one of "
                 "'memory', 'sqlite', 'postgres', 'redis'"
             )
+
+    _listener: Any = None
+    _housekeeper: Any = None
 
     @property
     def core(self) -> KeyManager:
@@ -305,9 +319,51 @@ class KeyStore:
         self._core.flush()
 
     def close(self) -> None:
-        """Flush and stop the background thread. Idempotent."""
+        """Flush and stop the background threads (and a fleet store's listener). Idempotent."""
+        if self._listener is not None:
+            self._listener.close()
+        if self._housekeeper is not None:
+            self._housekeeper.close()
         self._core.close()
+        backend = getattr(self, "_pg_backend", None)
+        if backend is not None:
+            backend.close()
 
     def __repr__(self) -> str:
+        from fastmcp_guard.config import mask_url
+
         where = f", path={self.path!r}" if self.path else ""
+        if self._dsn:
+            where = f", dsn={mask_url(self._dsn)!r}"
         return f"KeyStore(backend={self.backend!r}{where})"
+
+
+def _open_postgres(dsn: str, opts: dict[str, Any]) -> tuple[KeyManager, Any]:
+    """The core manager over PostgreSQL, and the NOTIFY listener feeding its cache."""
+    from fastmcp_guard._core import StoreError
+    from fastmcp_guard.keys.postgres import PostgresKeyBackend, PostgresListener
+
+    try:
+        backend = PostgresKeyBackend(dsn)
+    except (ConnectionError, RuntimeError) as exc:
+        raise StoreError(str(exc)) from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("psycopg"):
+            raise StoreError(f"key store {backend_name(dsn)}: {str(exc).strip()}") from None
+        raise
+    manager = KeyManager.external(backend, **opts)
+    return manager, PostgresListener(backend, manager)
+
+
+def _housekeeper(manager: KeyManager, name: str, opts: dict[str, Any]) -> Any:
+    from fastmcp_guard.keys.backends import Housekeeper
+
+    return Housekeeper(manager, name, opts["touch_interval_seconds"],
+                       opts["watch_interval_seconds"])  # fmt: skip
+
+
+def backend_name(dsn: str) -> str:
+    """``dsn`` with its password masked."""
+    from fastmcp_guard.config import mask_url
+
+    return mask_url(dsn)
