@@ -28,6 +28,7 @@ bench:
 	cargo bench --bench core
 	.venv/bin/python benches/bench_guard.py
 	.venv/bin/python benches/bench_cli.py
+	.venv/bin/python benches/bench_redis.py
 
 lint:
 	.venv/bin/python -m ruff check python tests benches

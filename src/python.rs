@@ -23,7 +23,7 @@ use crate::hashing::CachedKey;
 use crate::hashing::Now;
 use crate::ipmatch::{IpDecision, IpMatcher};
 use crate::keystore::{CacheLookup, KeyError, KeyManager, KeyRecord, ManagerOptions};
-use crate::limiter::{parse_rate, BucketStatus, Decision, Limiter, Rate};
+use crate::limiter::{parse_rate, BucketStatus, Decision, Limiter, LimiterStatus, Rate};
 use crate::tokens;
 
 // --------------------------------------------------------------------------------------
@@ -395,6 +395,41 @@ fn bucket_dict<'py>(py: Python<'py>, b: &BucketStatus) -> PyResult<Bound<'py, Py
     Ok(d)
 }
 
+fn refusal(decision: Decision) -> Option<PyRefusal> {
+    match decision {
+        Decision::Allowed { .. } => None,
+        Decision::Limited {
+            scope,
+            rate,
+            retry_after,
+            reset_after,
+        } => Some(PyRefusal {
+            scope: scope.as_str(),
+            rate,
+            retry_after,
+            reset_after,
+        }),
+    }
+}
+
+fn status_dict<'py>(py: Python<'py>, st: &LimiterStatus) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    if let Some(b) = &st.per_key {
+        d.set_item("per_key", bucket_dict(py, b)?)?;
+    }
+    if let Some(b) = &st.global {
+        d.set_item("global", bucket_dict(py, b)?)?;
+    }
+    if !st.tools.is_empty() {
+        let t = PyDict::new(py);
+        for (name, b) in &st.tools {
+            t.set_item(name, bucket_dict(py, b)?)?;
+        }
+        d.set_item("tools", t)?;
+    }
+    Ok(d)
+}
+
 #[pymethods]
 impl PyLimiter {
     #[new]
@@ -417,41 +452,29 @@ impl PyLimiter {
 
     #[pyo3(signature = (key, tool=None))]
     fn check(&self, key: &str, tool: Option<&str>) -> Option<PyRefusal> {
-        match self.0.check(key, tool) {
-            Decision::Allowed { .. } => None,
-            Decision::Limited {
-                scope,
-                rate,
-                retry_after,
-                reset_after,
-            } => Some(PyRefusal {
-                scope: scope.as_str(),
-                rate,
-                retry_after,
-                reset_after,
-            }),
-        }
+        refusal(self.0.check(key, tool))
+    }
+
+    /// `check` at an explicit time (nanoseconds on one clock of the caller's choosing; never
+    /// mix it with `check` on one limiter). For tests and simulations.
+    #[pyo3(signature = (key, tool, now_ns))]
+    fn check_at(&self, key: &str, tool: Option<&str>, now_ns: u64) -> Option<PyRefusal> {
+        refusal(self.0.check_at(key, tool, now_ns))
     }
 
     fn status<'py>(&self, py: Python<'py>, key: &str) -> PyResult<Bound<'py, PyDict>> {
-        let st = self.0.status(key);
-        let d = PyDict::new(py);
-        if let Some(b) = &st.per_key {
-            d.set_item("per_key", bucket_dict(py, b)?)?;
-        }
-        if let Some(b) = &st.global {
-            d.set_item("global", bucket_dict(py, b)?)?;
-        }
-        if !st.tools.is_empty() {
-            let t = PyDict::new(py);
-            for (name, b) in &st.tools {
-                t.set_item(name, bucket_dict(py, b)?)?;
-            }
-            d.set_item("tools", t)?;
-        }
-        Ok(d)
+        status_dict(py, &self.0.status(key))
     }
 
+    /// `status` at an explicit time (see `check_at`).
+    fn status_at<'py>(
+        &self,
+        py: Python<'py>,
+        key: &str,
+        now_ns: u64,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        status_dict(py, &self.0.status_at(key, now_ns))
+    }
     fn reset(&self, key: &str) {
         self.0.reset(key);
     }

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 
 from fastmcp_guard._core import token_key_id
+from fastmcp_guard.errors import RateBackendError
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -71,6 +72,12 @@ def install_admin_routes(guard: Guard, scope: str = ADMIN_SCOPE) -> None:
             )
         return None
 
+    def unavailable(exc: RateBackendError) -> Response:
+        return JSONResponse(
+            {"error": "rate_backend_unavailable", "error_description": str(exc)},
+            status_code=503,
+        )
+
     def audit_ok(request: Request, tool: str, args: dict[str, Any]) -> None:
         token = getattr(request.user, "access_token", None)
         claims = getattr(token, "claims", None) or {}
@@ -86,7 +93,7 @@ def install_admin_routes(guard: Guard, scope: str = ADMIN_SCOPE) -> None:
             if key.startswith("fmg_key_")
             else None
         )
-        status = guard.rate_limit.status(key)
+        status = await guard.rate_limit.status_async(key)
         return {
             "key": key,
             "name": info.name if info is not None else None,
@@ -100,13 +107,17 @@ def install_admin_routes(guard: Guard, scope: str = ADMIN_SCOPE) -> None:
         if refused is not None:
             return refused
         wanted = request.query_params.get("key")
-        keys = [normalise_key(wanted)] if wanted else guard.rate_limit.core.tracked_keys()
-        body = {
-            "per_key_rate": guard.rate_limit.per_key,
-            "global_rate": guard.rate_limit.global_limit,
-            "global": guard.rate_limit.status("").get("global"),
-            "keys": [await describe(k) for k in keys],
-        }
+        rate = guard.rate_limit
+        try:
+            keys = [normalise_key(wanted)] if wanted else await rate.tracked_keys_async()
+            body = {
+                "per_key_rate": rate.per_key,
+                "global_rate": rate.global_limit,
+                "global": (await rate.status_async("")).get("global"),
+                "keys": [await describe(k) for k in keys],
+            }
+        except RateBackendError as exc:
+            return unavailable(exc)
         audit_ok(request, "admin:rate.status", {"key": wanted})
         return JSONResponse(body)
 
@@ -126,7 +137,9 @@ def install_admin_routes(guard: Guard, scope: str = ADMIN_SCOPE) -> None:
                 status_code=400,
             )
         key = normalise_key(key)
-        tracked = key in guard.rate_limit.core.tracked_keys()
-        guard.rate_limit.reset(key)
+        try:
+            tracked = await guard.rate_limit.reset_async(key)
+        except RateBackendError as exc:
+            return unavailable(exc)
         audit_ok(request, "admin:rate.reset", {"key": key})
         return JSONResponse({"reset": key, "was_tracked": tracked})

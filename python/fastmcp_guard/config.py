@@ -80,6 +80,11 @@ SETTINGS: dict[str, str] = {
     "jsonl:///path, sqlite:///path, or off",
     "rate": "per-key rate limit, e.g. 100/minute (off: none)",
     "global_rate": "global rate limit across all callers (off: none)",
+    "rate_backend": "where rate limits live: memory (per process) or redis (shared by a fleet)",
+    "rate_url": "Redis URL of the shared rate limiter, e.g. redis://:password@host:6379/0 "
+    "(rate_backend redis; secret parts masked)",
+    "rate_on_backend_error": "when Redis is unreachable: allow, deny or local "
+    "(in-process limits until it answers)",
     "allow": "client addresses / CIDRs admitted (empty: everyone not denied)",
     "deny": "client addresses / CIDRs refused",
     "trusted_proxies": "proxies whose X-Forwarded-For is honoured",
@@ -190,6 +195,9 @@ class GuardConfig:
     audit: AuditTarget
     rate: str | None
     global_rate: str | None
+    rate_backend: Literal["memory", "redis"]
+    rate_url: str | None = field(repr=False)
+    rate_on_backend_error: Literal["allow", "deny", "local"]
     allow: tuple[str, ...]
     deny: tuple[str, ...]
     trusted_proxies: tuple[str, ...]
@@ -272,6 +280,13 @@ class GuardConfig:
             parsed[name] = _PARSERS[name](item, name)
         sources = {name: item.source for name, item in raw.items()}
 
+        if parsed["rate_url"] is not None and parsed["rate_backend"] != "redis":
+            raise InvalidSettingError(
+                "rate_url", sources["rate_url"],
+                "a Redis URL is set but rate_backend is 'memory'; set rate_backend to redis "
+                f"({ENV_PREFIX}RATE_BACKEND=redis) to share the limits, or drop rate_url",
+            )  # fmt: skip
+
         # The CLI's URL follows host / port when only those were set.
         if sources["url"] == "default" and (
             sources["host"] != "default" or sources["port"] != "default"
@@ -298,6 +313,9 @@ class GuardConfig:
             "audit": DEFAULT_AUDIT_FILE if embedded else "off",
             "rate": "off",
             "global_rate": "off",
+            "rate_backend": "memory",
+            "rate_url": None,
+            "rate_on_backend_error": "allow",
             "allow": [],
             "deny": [],
             "trusted_proxies": [],
@@ -349,7 +367,7 @@ class GuardConfig:
             return value.url
         if isinstance(value, tuple):
             return list(value)
-        if name == "url":
+        if name in ("url", "rate_url") and value is not None:
             return mask_url(value)
         return value
 
@@ -396,9 +414,15 @@ class GuardConfig:
         return AuditLog(backend=backend, log_inputs=self.log_inputs, log_outputs=self.log_outputs)
 
     def rate_limit(self) -> RateLimit:
-        """The :class:`~fastmcp_guard.rate.RateLimit` from ``rate`` and ``global_rate``."""
+        """The :class:`~fastmcp_guard.rate.RateLimit` from ``rate`` and ``global_rate``, in
+        ``rate_backend`` (``rate_url``, ``rate_on_backend_error`` for Redis)."""
         from fastmcp_guard.rate import RateLimit
 
+        if self.rate_backend == "redis":
+            return RateLimit(
+                per_key=self.rate, global_limit=self.global_rate, backend="redis",
+                url=self.rate_url, on_backend_error=self.rate_on_backend_error,
+            )  # fmt: skip
         return RateLimit(per_key=self.rate, global_limit=self.global_rate)
 
     def ip_policy(self) -> IPPolicy | None:
@@ -636,6 +660,51 @@ def _parse_rate(item: _Raw, name: str) -> str | None:
     return text
 
 
+def _parse_rate_backend(item: _Raw, name: str) -> Literal["memory", "redis"]:
+    text = _str(item, name).lower()
+    if text == "memory":
+        return "memory"
+    if text == "redis":
+        return "redis"
+    raise InvalidSettingError(
+        name, item.source,
+        f"expected 'memory' (limits per process) or 'redis' (shared), got {item.value!r}",
+    )  # fmt: skip
+
+
+def _parse_rate_url(item: _Raw, name: str) -> str | None:
+    if item.value is None:
+        return None
+    text = _str(item, name)
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise InvalidSettingError(
+            name, item.source,
+            f"{mask_url(text)!r} is not a Redis URL; expected redis://[[user]:password@]"
+            "host:port/db, rediss://... (TLS) or unix:///path/redis.sock",
+        )  # fmt: skip
+    try:
+        parts.port  # noqa: B018 - validates the port
+    except ValueError as exc:
+        raise InvalidSettingError(name, item.source, f"{mask_url(text)!r}: {exc}") from None
+    if parts.scheme != "unix" and not parts.hostname:
+        raise InvalidSettingError(name, item.source, f"{mask_url(text)!r} names no host")
+    return text
+
+
+def _parse_backend_error(item: _Raw, name: str) -> Literal["allow", "deny", "local"]:
+    text = _str(item, name).lower()
+    if text == "allow":
+        return "allow"
+    if text == "deny":
+        return "deny"
+    if text == "local":
+        return "local"
+    raise InvalidSettingError(
+        name, item.source, f"expected 'allow', 'deny' or 'local', got {item.value!r}"
+    )
+
+
 def _parse_list(item: _Raw, name: str) -> tuple[str, ...]:
     value = item.value
     if isinstance(value, str):
@@ -725,6 +794,9 @@ _PARSERS: dict[str, Callable[[_Raw, str], Any]] = {
     "audit": _parse_audit,
     "rate": _parse_rate,
     "global_rate": _parse_rate,
+    "rate_backend": _parse_rate_backend,
+    "rate_url": _parse_rate_url,
+    "rate_on_backend_error": _parse_backend_error,
     "allow": _parse_list,
     "deny": _parse_list,
     "trusted_proxies": _parse_list,

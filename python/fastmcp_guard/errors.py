@@ -26,6 +26,14 @@ class MissingExtraError(GuardError, ImportError):
     """A backend needs an optional extra (``pip install fastmcp-guard[...]``)."""
 
 
+class RateBackendError(GuardError, ConnectionError):
+    """The shared rate limiter's backend (Redis) could not be reached or answered an error.
+
+    Raised by the status, reset and tracked-keys operations; rate checks never raise it
+    (their ``on_backend_error`` policy decides instead).
+    """
+
+
 __all__ = [
     "AuditWriteError",
     "ConfigError",
@@ -36,6 +44,7 @@ __all__ = [
     "KeyNotFoundError",
     "KeyRevokedError",
     "MissingExtraError",
+    "RateBackendError",
     "StoreError",
     "VerifyError",
 ]

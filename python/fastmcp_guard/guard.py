@@ -175,10 +175,12 @@ class Guard:
     # -- lifecycle ---------------------------------------------------------------------
 
     def close(self) -> None:
-        """Flush the audit log and pending key updates; stop background threads."""
+        """Flush the audit log and pending key updates; stop background threads; close
+        the rate limiter's Redis connections."""
         if self.audit is not None:
             self.audit.close()
         self.keys.close()
+        self.rate_limit.close()
 
     def __repr__(self) -> str:
         return (

@@ -117,7 +117,7 @@ class GuardMiddleware(Middleware):
                 return
             if tool is None:
                 return  # not visible to this caller; try again on a later call
-            self.guard.rate_limit.core.set_tool_rate(name, tool_rate_of(tool))
+            self.guard.rate_limit.set_tool_rate(name, tool_rate_of(tool))
         self._tools_seen.add(name)
 
     async def _guarded(
@@ -132,7 +132,11 @@ class GuardMiddleware(Middleware):
         caller = await self._caller()
         audit = guard.audit
         rate = guard.rate_limit  # always set: Guard supplies RateLimit() when none is given
-        refusal = rate.core.check(caller.rate_key, tool)
+        refusal = (
+            rate.core.check(caller.rate_key, tool)
+            if rate.is_local  # in process: inline, no await
+            else await rate.acquire(caller.rate_key, tool)  # Redis: one round trip
+        )
         if refusal is not None:
             exc = RateLimitExceeded(refusal, tool)
             if audit is not None:

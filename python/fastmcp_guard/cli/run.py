@@ -89,9 +89,11 @@ def _run(args: argparse.Namespace) -> int:
             mcp.run(transport="stdio", show_banner=False)
         else:
             url = f"http://{config.host}:{config.port}/mcp"
+            shared = "" if config.rate_backend == "memory" else (
+                f", rate limits: {config.public_value('rate_url') or 'redis (default URL)'}")  # fmt: skip
             sys.stderr.write(
                 f"fastmcp-guard: serving {mcp.name!r} on {url} "
-                f"(keys: {config.keys.masked()}, audit: {config.audit})\n"
+                f"(keys: {config.keys.masked()}, audit: {config.audit}{shared})\n"
             )
             # The guard reads X-Forwarded-For itself, only from trusted proxies: uvicorn
             # must not rewrite the client address from it (it trusts 127.0.0.1 by default).

@@ -9,26 +9,32 @@ serves :class:`RateLimit`, :func:`rate_limit` and the CLI.
 A call is admitted only if every bucket it touches admits it; a refused call
 consumes from none of them.
 
-In-process limits are per process: with several workers they multiply. A shared
-(Redis) limiter for multi-worker and multi-node deployments is a fleet backend.
+In-process limits are per process: with several workers they multiply. For
+multi-worker and multi-node deployments, ``backend="redis"`` shares the limits
+through Redis (:mod:`fastmcp_guard.rate.redis`, the ``[redis]`` extra), with the
+same semantics and one round trip per call.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from fastmcp.exceptions import ToolError
 from mcp import MCPError
 
-from fastmcp_guard._core import Limiter, Refusal, parse_rate
+from fastmcp_guard._core import Limiter, parse_rate
 from fastmcp_guard.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fastmcp_guard.rate.redis import BackendErrorPolicy, RedisLimiter
 
 __all__ = [
     "RATE_LIMIT_ATTR",
     "RateLimit",
     "RateLimitExceeded",
+    "RefusalInfo",
     "parse_rate",
     "rate_limit",
 ]
@@ -39,6 +45,19 @@ RATE_LIMIT_ATTR = "__fastmcp_guard_rate_limit__"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class RefusalInfo(Protocol):
+    """What a refusal carries: the core's ``Refusal`` and the Redis limiter's ``LimitRefusal``."""
+
+    @property
+    def scope(self) -> str: ...
+    @property
+    def limit(self) -> str: ...
+    @property
+    def retry_after(self) -> float: ...
+    @property
+    def reset_after(self) -> float: ...
+
+
 class RateLimitExceeded(ToolError):
     """A call was refused by a rate limit.
 
@@ -46,11 +65,19 @@ class RateLimitExceeded(ToolError):
     the numbers are also on the exception and in the result's structured content.
     """
 
-    def __init__(self, refusal: Refusal, tool: str | None = None) -> None:
+    def __init__(self, refusal: RefusalInfo, tool: str | None = None) -> None:
         self.scope = refusal.scope
-        self.limit = refusal.limit
+        self.limit: str | None = refusal.limit
         self.retry_after = refusal.retry_after
         self.reset_after = refusal.reset_after
+        if refusal.scope == "backend":
+            # The shared limiter is unreachable and its policy is on_backend_error="deny".
+            self.limit = None
+            super().__init__(
+                "Rate limiter unavailable: the shared limits cannot be checked right now "
+                f"(on_backend_error='deny'); retry after {refusal.retry_after:.2f} s"
+            )
+            return
         what = {"per_key": "per-key", "global": "global", "tool": f"tool {tool!r}"}.get(
             refusal.scope, refusal.scope
         )
@@ -67,7 +94,7 @@ class RateLimitExceeded(ToolError):
     def data(self) -> dict[str, Any]:
         """Machine-readable refusal: ``retry_after``, ``limit``, ``remaining``, ``reset``."""
         return {
-            "error": "rate_limited",
+            "error": "rate_limiter_unavailable" if self.scope == "backend" else "rate_limited",
             "scope": self.scope,
             "limit": self.limit,
             "remaining": 0,
@@ -83,17 +110,33 @@ class RateLimit:
         per_key: limit for each identity (guard key, another verifier's client id,
             or, without one, the client address), e.g. ``"100/minute"``.
         global_limit: limit across all callers together.
-        backend: ``"memory"`` (in-process). ``"redis"`` is a fleet backend not
-            available in this release.
+        backend: ``"memory"`` (in-process; limits are per process) or ``"redis"``
+            (shared by every process and node using the same Redis; needs the
+            ``[redis]`` extra). See :mod:`fastmcp_guard.rate.redis`.
         refusal: how a refused tool call is answered. ``"tool"`` (default, as
             fastmcp-guard 0.2): a tool error result (``isError``) whose text names
             the limit and the wait and whose structured content carries
             ``retry_after``, ``limit``, ``remaining`` and ``reset``. ``"protocol"``:
             a JSON-RPC error (code -32000) with the same message and ``data``.
             Resource reads and prompts are always refused with the protocol error.
+        url: the Redis server (``backend="redis"`` only; default
+            ``redis://127.0.0.1:6379/0``), e.g. ``redis://:password@redis:6379/0``,
+            ``rediss://...`` for TLS.
+        on_backend_error: what to do with a call when Redis cannot be reached:
+            ``"allow"`` (default: admit it, and log a warning), ``"deny"`` (refuse it,
+            retry after 1 s) or ``"local"`` (limit it with an in-process limiter of the
+            same rates until Redis answers again).
+        key_prefix: prefix of the limiter's Redis keys (default ``fmg:rl:``); give
+            each guarded service sharing one Redis its own.
+        timeout: Redis socket timeout in seconds (default 0.05): how long a call can
+            wait for an unresponsive Redis before the policy decides.
+        max_connections: Redis connections per client (default 50); more concurrent
+            calls wait for a free connection.
 
     Bad rate strings raise :class:`~fastmcp_guard.errors.InvalidRateError` (a
-    ``ValueError``) here, at construction.
+    ``ValueError``) here, at construction; a bad backend option
+    :class:`~fastmcp_guard.errors.ConfigError`; ``backend="redis"`` without the redis
+    package :class:`~fastmcp_guard.errors.MissingExtraError`.
     """
 
     def __init__(
@@ -103,47 +146,146 @@ class RateLimit:
         backend: Literal["memory", "redis"] | str = "memory",
         *,
         refusal: Literal["tool", "protocol"] = "tool",
+        url: str | None = None,
+        on_backend_error: BackendErrorPolicy | str = "allow",
+        key_prefix: str | None = None,
+        timeout: float | None = None,
+        max_connections: int | None = None,
     ) -> None:
         if refusal not in ("tool", "protocol"):
             raise ConfigError(f"refusal must be 'tool' or 'protocol', got {refusal!r}")
-        if backend == "redis":
-            raise ConfigError(
-                "RateLimit(backend='redis') is not available in this release; "
-                "use backend='memory' (limits are then per process)"
-            )
-        if backend != "memory":
+        if backend not in ("memory", "redis"):
             raise ConfigError(
                 f"unknown rate limit backend {backend!r}; expected 'memory' or 'redis'"
+            )
+        if backend == "memory" and (url, key_prefix, timeout, max_connections) != (None,) * 4:
+            raise ConfigError(
+                "url, key_prefix, timeout and max_connections apply to "
+                "RateLimit(backend='redis') only"
             )
         self.per_key = per_key
         self.global_limit = global_limit
         self.backend = backend
         self.refusal = refusal
         self._core = Limiter(per_key=per_key, global_limit=global_limit)
+        #: True for the in-process backend: the middleware then calls ``core.check``
+        #: inline (no await); otherwise it awaits :meth:`acquire`.
+        self.is_local = backend == "memory"
+        self._remote: RedisLimiter | None = None
+        if backend == "redis":
+            from fastmcp_guard.rate.redis import DEFAULT_KEY_PREFIX, DEFAULT_URL, RedisLimiter
+
+            self._remote = RedisLimiter(
+                self._core, per_key, global_limit,
+                url=url or DEFAULT_URL,
+                on_backend_error=on_backend_error,  # type: ignore[arg-type] # checked there
+                key_prefix=DEFAULT_KEY_PREFIX if key_prefix is None else key_prefix,
+                timeout=0.05 if timeout is None else timeout,
+                max_connections=50 if max_connections is None else max_connections,
+            )  # fmt: skip
+        elif on_backend_error != "allow":
+            raise ConfigError("on_backend_error applies to RateLimit(backend='redis') only")
 
     @property
     def core(self) -> Limiter:
-        """The Rust limiter."""
+        """The Rust limiter: the limiter itself for ``backend="memory"``; for ``"redis"``,
+        the in-process limiter of the same rates used by ``on_backend_error="local"``."""
         return self._core
 
-    def hit(self, key_id: str, tool: str | None = None) -> Refusal | None:
-        """Admit one call (``None``) or say why not; synchronous, sub-microsecond."""
-        return self._core.check(key_id, tool)
+    @property
+    def remote(self) -> RedisLimiter | None:
+        """The Redis limiter (``backend="redis"``), else ``None``."""
+        return self._remote
+
+    @property
+    def url(self) -> str | None:
+        """The Redis URL (``backend="redis"``; may hold a password), else ``None``."""
+        return None if self._remote is None else self._remote.url
+
+    def set_tool_rate(self, tool: str, rate: str | None) -> None:
+        """Set (a rate string) or clear (``None``) the per-(key, tool) limit of ``tool``;
+        the middleware does this from each tool's ``@rate_limit``."""
+        self._core.set_tool_rate(tool, rate)
+        if self._remote is not None:
+            self._remote.set_tool_rate(tool, rate)
+
+    async def acquire(self, key_id: str, tool: str | None = None) -> RefusalInfo | None:
+        """Admit one call (``None``) or say why not. In process: sub-microsecond;
+        Redis: one round trip (and the ``on_backend_error`` policy if it fails)."""
+        if self._remote is None:
+            return self._core.check(key_id, tool)
+        return await self._remote.acquire(key_id, tool)
+
+    def hit(self, key_id: str, tool: str | None = None) -> RefusalInfo | None:
+        """:meth:`acquire`, synchronous (for Redis a blocking round trip: not on an event loop)."""
+        if self._remote is None:
+            return self._core.check(key_id, tool)
+        return self._remote.check(key_id, tool)
 
     async def check(self, key_id: str, tool: str | None = None) -> bool:
         """fastmcp-guard 0.2 API: consume one call; ``True`` if admitted."""
-        return self._core.check(key_id, tool) is None
+        return await self.acquire(key_id, tool) is None
 
     def status(self, key_id: str) -> dict[str, Any]:
-        """``{"per_key": {"limit","used","remaining","window_seconds",...}, "global": {...}}``."""
-        return self._core.status(key_id)
+        """``{"per_key": {"limit","used","remaining","window_seconds","reset_after"},
+        "global": {...}, "tools": {name: {...}}}`` (only the limits that are set)."""
+        if self._remote is None:
+            return self._core.status(key_id)
+        return self._remote.status(key_id)
 
-    def reset(self, key_id: str) -> None:
-        """Forget a key's per-key and per-tool usage (not the global bucket)."""
-        self._core.reset(key_id)
+    async def status_async(self, key_id: str) -> dict[str, Any]:
+        """:meth:`status` without blocking the event loop (Redis: one round trip)."""
+        if self._remote is None:
+            return self._core.status(key_id)
+        return await self._remote.status_async(key_id)
+
+    def reset(self, key_id: str) -> bool:
+        """Forget a key's per-key and per-tool usage (not the global bucket); ``True``
+        if it had live state. With Redis this resets it on every node."""
+        if self._remote is None:
+            tracked = key_id in self._core.tracked_keys()
+            self._core.reset(key_id)
+            return tracked
+        return self._remote.reset(key_id)
+
+    async def reset_async(self, key_id: str) -> bool:
+        """:meth:`reset` without blocking the event loop."""
+        if self._remote is None:
+            return self.reset(key_id)
+        return await self._remote.reset_async(key_id)
+
+    def tracked_keys(self) -> list[str]:
+        """Keys with live buckets, sorted (Redis: from every node, by ``SCAN``)."""
+        if self._remote is None:
+            return self._core.tracked_keys()
+        return self._remote.tracked_keys()
+
+    async def tracked_keys_async(self) -> list[str]:
+        """:meth:`tracked_keys` without blocking the event loop."""
+        if self._remote is None:
+            return self._core.tracked_keys()
+        return await self._remote.tracked_keys_async()
+
+    def close(self) -> None:
+        """Close the Redis connections (nothing to do in process)."""
+        if self._remote is not None:
+            self._remote.close()
+
+    async def aclose(self) -> None:
+        """Close the Redis connections, the async client's included."""
+        if self._remote is not None:
+            await self._remote.aclose()
 
     def __repr__(self) -> str:
-        return f"RateLimit(per_key={self.per_key!r}, global_limit={self.global_limit!r})"
+        args = f"per_key={self.per_key!r}, global_limit={self.global_limit!r}"
+        if self._remote is None:
+            return f"RateLimit({args})"
+        from fastmcp_guard.config import mask_url
+
+        return (
+            f"RateLimit({args}, backend='redis', url={mask_url(self._remote.url)!r}, "
+            f"on_backend_error={self._remote.on_backend_error!r})"
+        )
 
 
 def rate_limit(limit: str) -> Callable[[F], F]:
