@@ -64,14 +64,11 @@ def test_unknown_key_backend(backend: str) -> None:
         KeyStore(backend=backend)
 
 
-def test_redis_key_backend_says_not_available() -> None:
-    with pytest.raises(ConfigError, match="not available"):
-        KeyStore(backend="redis", dsn="redis://x")
-
-
-def test_postgres_key_backend_needs_a_dsn() -> None:
+def test_fleet_key_backends_need_a_dsn() -> None:
     with pytest.raises(ConfigError, match="dsn='postgresql://"):
         KeyStore(backend="postgres")
+    with pytest.raises(ConfigError, match="dsn='redis://"):
+        KeyStore(backend="redis")
 
 
 def test_unknown_rate_and_audit_backends() -> None:

@@ -401,19 +401,14 @@ def test_factories_for_library_defaults(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-def test_redis_key_store_arrives_in_a_later_release(tmp_path: Path) -> None:
-    config = load(tmp_path, {"FASTMCP_GUARD_KEYS": "redis://cache:6379/0"})
-    with pytest.raises(ConfigError, match="not available in this release"):
-        config.key_store()
-
-
-def test_a_postgres_url_builds_the_postgres_store(tmp_path: Path) -> None:
+@pytest.mark.parametrize("scheme", ["postgresql", "redis"])
+def test_a_fleet_url_builds_that_store(tmp_path: Path, scheme: str) -> None:
     from fastmcp.utilities.tests import find_available_port
     from fastmcp_guard.errors import StoreError
 
     port = find_available_port()  # nothing listens there
-    config = load(tmp_path, {"FASTMCP_GUARD_KEYS": f"postgresql://u:hunter2@127.0.0.1:{port}/g"})
-    with pytest.raises(StoreError, match=r"cannot connect to postgresql://u:\*\*\*\*@") as exc:
+    config = load(tmp_path, {"FASTMCP_GUARD_KEYS": f"{scheme}://u:hunter2@127.0.0.1:{port}/1"})
+    with pytest.raises(StoreError, match=f"cannot connect to {scheme}://u:[*]{{4}}@") as exc:
         config.key_store()
     assert "hunter2" not in str(exc.value)
 

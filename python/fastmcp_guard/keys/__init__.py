@@ -111,9 +111,9 @@ class KeyStore:
 
     Args:
         backend: ``"memory"`` (dev/tests; lost on restart), ``"sqlite"`` (one
-            server, persistent) or ``"postgres"`` (a fleet, extra ``[postgres]``, with
-            ``dsn=``; revocations reach every node through ``NOTIFY``). ``"redis"`` is
-            not available in this release.
+            server, persistent), ``"postgres"`` or ``"redis"`` (a fleet, extras
+            ``[postgres]`` / ``[redis]``, with ``dsn=``; revocations reach every node
+            through ``NOTIFY`` / pub/sub).
         path: SQLite file (default ``fastmcp-guard-keys.db``). Its directory must exist.
         dsn: connection string of a fleet backend.
         cache_ttl_seconds: how long a verified token is trusted without looking at
@@ -154,21 +154,16 @@ class KeyStore:
         elif backend == "sqlite":
             self.path = os.fspath(path or "fastmcp-guard-keys.db")
             self._core = KeyManager.sqlite(self.path, **opts)
-        elif _FLEET_BACKENDS.get(backend) == "postgres":
-            if not dsn:
-                raise ConfigError(
-                    "KeyStore(backend='postgres') needs dsn='postgresql://user:password@host/db'"
-                )
-            self.path = None
-            self._core, self._listener = _open_postgres(dsn, opts)
-            self._pg_backend = self._listener.backend
-            self._housekeeper = _housekeeper(self._core, self._pg_backend.name, opts)
         elif backend in _FLEET_BACKENDS:
-            raise ConfigError(
-                f"key store backend {backend!r} is not available in this release of "
-                "fastmcp-guard; use backend='postgres' (a fleet), 'sqlite' (one server) or "
-                "'memory' (tests)."
-            )
+            kind = _FLEET_BACKENDS[backend]
+            if not dsn:
+                example = ("postgresql://user:password@host/db" if kind == "postgres"
+                           else "redis://host:6379/0")  # fmt: skip
+                raise ConfigError(f"KeyStore(backend={backend!r}) needs dsn='{example}'")
+            self.path = None
+            self._core, self._listener = _open_fleet(kind, dsn, opts)
+            self._fleet_backend = self._listener.backend
+            self._housekeeper = _housekeeper(self._core, self._fleet_backend.name, opts)
         else:
             raise ConfigError(
                 f"unknown key store backend {backend!r}; expected one of "
@@ -325,7 +320,7 @@ class KeyStore:
         if self._housekeeper is not None:
             self._housekeeper.close()
         self._core.close()
-        backend = getattr(self, "_pg_backend", None)
+        backend = getattr(self, "_fleet_backend", None)
         if backend is not None:
             backend.close()
 
@@ -338,21 +333,30 @@ class KeyStore:
         return f"KeyStore(backend={self.backend!r}{where})"
 
 
-def _open_postgres(dsn: str, opts: dict[str, Any]) -> tuple[KeyManager, Any]:
-    """The core manager over PostgreSQL, and the NOTIFY listener feeding its cache."""
+def _open_fleet(kind: str, dsn: str, opts: dict[str, Any]) -> tuple[KeyManager, Any]:
+    """The core manager over PostgreSQL or Redis, and the listener feeding its cache
+    with the store's change notifications (NOTIFY, pub/sub)."""
     from fastmcp_guard._core import StoreError
-    from fastmcp_guard.keys.postgres import PostgresKeyBackend, PostgresListener
 
+    backend: Any
+    listener: Any
     try:
-        backend = PostgresKeyBackend(dsn)
+        if kind == "postgres":
+            from fastmcp_guard.keys.postgres import PostgresKeyBackend, PostgresListener
+
+            backend, listener = PostgresKeyBackend(dsn), PostgresListener
+        else:
+            from fastmcp_guard.keys.redis_store import RedisKeyBackend, RedisListener
+
+            backend, listener = RedisKeyBackend(dsn), RedisListener
     except (ConnectionError, RuntimeError) as exc:
         raise StoreError(str(exc)) from None
     except Exception as exc:
-        if type(exc).__module__.startswith("psycopg"):
+        if type(exc).__module__.split(".")[0] in ("psycopg", "redis"):
             raise StoreError(f"key store {backend_name(dsn)}: {str(exc).strip()}") from None
         raise
     manager = KeyManager.external(backend, **opts)
-    return manager, PostgresListener(backend, manager)
+    return manager, listener(backend, manager)
 
 
 def _housekeeper(manager: KeyManager, name: str, opts: dict[str, Any]) -> Any:

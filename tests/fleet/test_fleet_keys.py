@@ -1,6 +1,6 @@
-"""The PostgreSQL key store against a real PostgreSQL server: the same lifecycle as
-SQLite, fleet-wide revocation through NOTIFY, and the failure modes (listener lost,
-server restarted, server down)."""
+"""The fleet key stores against real servers (PostgreSQL, Redis): the same lifecycle as
+SQLite, fleet-wide revocation through NOTIFY / pub/sub, and the failure modes (listener
+lost, server restarted, server down). Contract tests run over both stores."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -37,8 +38,42 @@ def dsn(pg: PostgresServer) -> Iterator[str]:
     yield pg.dsn.rsplit("/", 1)[0] + "/" + name
 
 
+@pytest.fixture
+def redis_dsn(redis_server: Any) -> Iterator[str]:
+    """A fresh Redis database per test (flushed first; 16 per server)."""
+    db = (time.monotonic_ns() // 1000) % 15 + 1
+    url = redis_server.url.rsplit("/", 1)[0] + f"/{db}"
+    import redis as redis_py
+
+    redis_py.Redis.from_url(url).flushdb()
+    yield url
+
+
+@pytest.fixture(params=["postgres", "redis"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """Each fleet store in turn: the contract tests run over both."""
+    return str(request.getfixturevalue("dsn" if request.param == "postgres" else "redis_dsn"))
+
+
 def node(dsn: str, **kwargs: float) -> KeyStore:
-    return KeyStore(backend="postgres", dsn=dsn, **kwargs)
+    backend = "redis" if dsn.startswith("redis") else "postgres"
+    return KeyStore(backend=backend, dsn=dsn, **kwargs)
+
+
+def dump_store(dsn: str) -> str:
+    """Everything the store holds, as text (to grep for secrets)."""
+    if dsn.startswith("redis"):
+        import redis as redis_py
+
+        client = redis_py.Redis.from_url(dsn, decode_responses=True)
+        out = {}
+        for key in client.scan_iter("*"):
+            kind = client.type(key)
+            out[key] = (client.get(key) if kind == "string" else client.hgetall(key)
+                        if kind == "hash" else client.zrange(key, 0, -1))  # fmt: skip
+        return json.dumps(out)
+    with psycopg.connect(dsn) as c:
+        return json.dumps(c.execute("SELECT * FROM fmg_api_keys").fetchall(), default=str)
 
 
 def wait_refused(store: KeyStore, token: str, within: float = 1.0) -> float:
@@ -55,7 +90,8 @@ def wait_refused(store: KeyStore, token: str, within: float = 1.0) -> float:
         time.sleep(0.005)
 
 
-def test_lifecycle_matches_the_other_stores_and_no_token_is_stored(dsn: str) -> None:
+def test_lifecycle_matches_the_other_stores_and_no_token_is_stored(store_url: str) -> None:
+    dsn = store_url
     store = node(dsn)
     key = store.create("alice", scopes=["read:data"], metadata={"team": "data"},
                        expires_in_days=30)  # fmt: skip
@@ -78,14 +114,16 @@ def test_lifecycle_matches_the_other_stores_and_no_token_is_stored(dsn: str) -> 
     store.flush()  # last_used_at written in a batch
     assert store.get(key.id).last_used_at is not None
     store.close()
-    # Only hashes at rest: no token text anywhere in the table.
-    with psycopg.connect(dsn) as c:
-        dump = json.dumps(c.execute("SELECT * FROM fmg_api_keys").fetchall(), default=str)
+    # Only hashes at rest: no token text anywhere in the store.
+    dump = dump_store(dsn)
     assert key.token not in dump and str(new.token) not in dump
     assert "$argon2id$" in dump
 
 
-def test_a_key_made_on_one_node_works_on_another_and_revocation_is_fleet_wide(dsn: str) -> None:
+def test_a_key_made_on_one_node_works_on_another_and_revocation_is_fleet_wide(
+    store_url: str,
+) -> None:
+    dsn = store_url
     a, b = node(dsn), node(dsn, watch_interval_seconds=3600)  # b learns through NOTIFY only
     key = a.create("bob")
     assert b.verify(str(key.token)) is not None
@@ -96,7 +134,8 @@ def test_a_key_made_on_one_node_works_on_another_and_revocation_is_fleet_wide(ds
     b.close()
 
 
-def test_revocation_propagation_p99_over_many_revocations(dsn: str) -> None:
+def test_revocation_propagation_p99_over_many_revocations(store_url: str) -> None:
+    dsn = store_url
     a, b = node(dsn), node(dsn, watch_interval_seconds=3600)
     delays = []
     for i in range(30):
@@ -135,7 +174,8 @@ def test_a_lost_listener_reconnects_and_clears_the_cache(dsn: str, pg: PostgresS
     b.close()
 
 
-def test_without_notifications_the_cache_ttl_bounds_the_delay(dsn: str) -> None:
+def test_without_notifications_the_cache_ttl_bounds_the_delay(store_url: str) -> None:
+    dsn = store_url
     a = node(dsn)
     b = node(dsn, watch_interval_seconds=3600, cache_ttl_seconds=1.0)
     b._listener.close()  # no notifications at all
@@ -203,3 +243,61 @@ async def test_two_guarded_servers_share_keys_through_postgres(dsn: str, tmp_pat
     finally:
         stop_server(a)
         stop_server(b)
+
+
+# -- Redis specifics -------------------------------------------------------------------
+
+
+def test_redis_lost_subscription_reconnects_and_clears_the_cache(redis_dsn: str) -> None:
+    a, b = node(redis_dsn), node(redis_dsn, watch_interval_seconds=3600)
+    key = a.create("carol")
+    b.core.verify(str(key.token), None)
+    listener = b._listener
+    assert listener.listening.wait(5)
+    listener.kill_connection()
+    a.revoke(key.id)  # its message may be lost while b is away
+    assert wait_refused(b, str(key.token), within=10.0) < 10.0
+    deadline = time.monotonic() + 10
+    while listener.reconnects < 1 or not listener.listening.is_set():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    other = a.create("dave")
+    b.core.verify(str(other.token), None)
+    a.revoke(other.id)
+    assert wait_refused(b, str(other.token)) < 1.0
+    a.close()
+    b.close()
+
+
+def test_redis_restart_and_outage(own_redis: Any) -> None:
+    url = own_redis.url
+    store = node(url)
+    key = store.create("frank")
+    uncached = store.create("frank2")
+    store.core.verify(str(key.token), None)
+    own_redis.stop()
+    try:
+        assert store.core.verify_cached(str(key.token)) is not None
+        with pytest.raises(VerifyError) as exc:
+            store.core.verify(str(uncached.token), None)
+        assert exc.value.reason == "store"
+        with pytest.raises(StoreError, match="redis://127.0.0.1"):
+            store.create("nope")
+    finally:
+        own_redis.start()
+    # No persistence in the test server: the restarted Redis is empty. The store
+    # reconnects by itself and works again.
+    other = store.create("grace")
+    assert store.verify(str(other.token)) is not None
+    assert store._listener.listening.wait(15)
+    store.close()
+
+
+def test_redis_unreachable_fails_at_construction_with_the_password_masked() -> None:
+    from fastmcp.utilities.tests import find_available_port
+
+    port = find_available_port()
+    with pytest.raises(
+        StoreError, match=f"cannot connect to redis://:\\*\\*\\*\\*@127.0.0.1:{port}"
+    ):
+        KeyStore(backend="redis", dsn=f"redis://:hunter2@127.0.0.1:{port}/0")
