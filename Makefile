@@ -29,6 +29,7 @@ bench:
 	.venv/bin/python benches/bench_guard.py
 	.venv/bin/python benches/bench_cli.py
 	.venv/bin/python benches/bench_redis.py
+	.venv/bin/python benches/bench_fleet_keys.py
 
 lint:
 	.venv/bin/python -m ruff check python tests benches
