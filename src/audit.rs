@@ -1048,8 +1048,8 @@ struct Shared {
     last_error: Mutex<Option<String>>,
     /// `dropped + failed` as of the last [`AuditWriter::take_loss_report`].
     reported: AtomicU64,
-    /// When the next loss report may be made.
-    next_report: Mutex<Option<Instant>>,
+    /// When the last loss report was made.
+    last_report: Mutex<Option<Instant>>,
 }
 
 impl Default for Shared {
@@ -1064,7 +1064,7 @@ impl Default for Shared {
             write_errors: AtomicU64::new(0),
             last_error: Mutex::new(None),
             reported: AtomicU64::new(0),
-            next_report: Mutex::new(None),
+            last_report: Mutex::new(None),
         }
     }
 }
@@ -1079,6 +1079,8 @@ impl Shared {
 enum Control {
     /// Write everything queued now, flush, reply.
     Flush(Sender<Result<(), AuditError>>),
+    /// A producer waits for room (`OnFull::Block`): drain now.
+    Wake,
     /// Drain, write, sync, exit.
     Close,
 }
@@ -1312,6 +1314,8 @@ impl AuditWriter {
                 Err(TrySendError::Full(boxed)) => match self.on_full {
                     OnFull::Drop => false,
                     OnFull::Block(limit) => {
+                        // The thread does not watch the queue between its ticks: wake it.
+                        self.control.send(Control::Wake).ok();
                         let events = &self.events;
                         around(Box::new(move || events.send_timeout(boxed, limit).is_ok()))
                     }
@@ -1351,12 +1355,12 @@ impl AuditWriter {
         if lost == sh.reported.load(Ordering::Relaxed) {
             return None;
         }
-        let mut next = sh.next_report.try_lock()?;
+        let mut last = sh.last_report.try_lock()?;
         let now = Instant::now();
-        if next.is_some_and(|t| now < t) {
+        if last.is_some_and(|t| now.duration_since(t) < interval) {
             return None;
         }
-        *next = Some(now + interval);
+        *last = Some(now);
         let before = sh.reported.swap(lost, Ordering::Relaxed);
         Some(LossReport {
             lost: lost.saturating_sub(before),
@@ -1498,6 +1502,7 @@ impl<S: Sink> Worker<S> {
                 Ok(Control::Close) | Err(RecvTimeoutError::Disconnected) => {
                     return self.finish(events);
                 }
+                Ok(Control::Wake) => {}
                 Err(RecvTimeoutError::Timeout) => {}
             }
             let mut drained = 0;

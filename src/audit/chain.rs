@@ -481,11 +481,11 @@ impl Verifier<'_> {
                 return false;
             };
             if link(self.key, &recorded, msg) != s.chain {
-                self.brk(
-                    file,
-                    n,
-                    mismatch_reason(self.key.is_some(), "its own content"),
+                let reason = format!(
+                    "the chain value does not match: {}",
+                    mismatch_reason(self.key.is_some())
                 );
+                self.brk(file, n, reason);
                 return false;
             }
             if recorded != GENESIS {
@@ -507,6 +507,14 @@ impl Verifier<'_> {
                     self.place(file, n)
                 ),
             );
+            return false;
+        }
+        if let Some(&(_, f, l)) = self.recent.iter().find(|(c, _, _)| *c == s.chain) {
+            let reason = format!(
+                "the line is a copy of {}: it was inserted (or moved) here",
+                self.place(f, l)
+            );
+            self.brk(file, n, reason);
             return false;
         }
         if let Some(recorded) = s.prev {
@@ -540,12 +548,15 @@ impl Verifier<'_> {
                 self.place(f, l)
             ),
             None if n == 1 && file > 0 => format!(
-                "the first line does not chain from the last line of {}: a file in between \
-                 is missing, or {}",
+                "the file's first line does not chain from the last line of {}: a file in \
+                 between is missing, or {}",
                 self.paths[file - 1].display(),
-                mismatch_reason(self.key.is_some(), "this line")
+                mismatch_reason(self.key.is_some())
             ),
-            None => mismatch_reason(self.key.is_some(), "this line"),
+            None => format!(
+                "the chain value does not match: {}",
+                mismatch_reason(self.key.is_some())
+            ),
         };
         self.brk(file, n, reason);
         false
@@ -604,10 +615,9 @@ impl Verifier<'_> {
     }
 }
 
-fn mismatch_reason(keyed: bool, what: &str) -> String {
+fn mismatch_reason(keyed: bool) -> String {
     format!(
-        "the chain value does not match: {what} was edited, or lines before it were deleted, \
-         inserted or reordered{}",
+        "this line was edited, or lines before it were deleted, inserted or reordered{}",
         if keyed {
             " (or the chain key is not the one the log was written with)"
         } else {
