@@ -22,8 +22,14 @@
 //! kept in `last_error`, and the next batch tries again. Paths that are not
 //! regular files (`/dev/stdout`, a FIFO) are never rotated.
 //!
-//! One process writes one JSONL log: two writers appending to the same file
-//! would interleave two chains, and verification would fail.
+//! # Several writers
+//! The server and the CLI (`fastmcp-guard keys ...` records lifecycle events)
+//! may append to the same log. On unix each batch is written under an
+//! exclusive `flock` of the live file, after catching up with the others: a
+//! file another writer rotated away is followed to the new live file, and
+//! lines others appended become the point the chain continues from. So the
+//! log stays one chain whatever the number of writing processes. (Elsewhere,
+//! give each process its own file.)
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -134,10 +140,7 @@ impl JsonlFileSink {
         let regular = meta.is_file();
         let partial_line = ends_mid_line(&file, path);
         let size = if regular { meta.len() } else { 0 };
-        let day = match meta.modified() {
-            Ok(t) if size > 0 => DateTime::<Utc>::from(t).date_naive(),
-            _ => Utc::now().date_naive(),
-        };
+        let day = file_day(&meta);
         let rotated = if regular {
             rotated_files(path).unwrap_or_default()
         } else {
@@ -217,7 +220,9 @@ impl JsonlFileSink {
         }
         match open_append(&self.path) {
             Ok(f) => {
-                // The old handle (now the rotated file) closes here.
+                // Lock the new file before the old one's lock goes (with its handle):
+                // a writer waiting on the old file then finds the new one taken.
+                lock(&f).ok();
                 self.file = f;
             }
             Err(e) => {
@@ -239,6 +244,53 @@ impl JsonlFileSink {
         true
     }
 
+    /// Takes the live file's lock (flock, held for the batch) and catches up
+    /// with other processes appending to the same log (`fastmcp-guard keys` beside
+    /// a running server): a file rotated away by another writer is followed to
+    /// the new live file, and when the file grew by others' lines the chain
+    /// continues from their last one.
+    fn lock_live(&mut self) -> io::Result<()> {
+        if !self.regular {
+            return Ok(());
+        }
+        // Each retry follows one rotation made by another writer.
+        for _ in 0..16 {
+            lock(&self.file)?;
+            let ours = self.file.metadata()?;
+            match fs::metadata(&self.path) {
+                Ok(live) if same_file(&live, &ours) => {
+                    if ours.len() != self.size {
+                        self.catch_up(ours.len())?;
+                    }
+                    return Ok(());
+                }
+                _ => {
+                    let f = open_append(&self.path)?;
+                    let meta = f.metadata()?;
+                    // The old handle, and its lock, go here.
+                    self.file = f;
+                    self.day = file_day(&meta);
+                    self.size = u64::MAX; // unknown: catch up once locked
+                }
+            }
+        }
+        Err(io::Error::other(
+            "the live audit log kept being replaced while this writer waited for it; \
+             is another program renaming it?",
+        ))
+    }
+
+    /// Re-reads the state of the live file (`len` bytes) after others wrote to it.
+    fn catch_up(&mut self, len: u64) -> io::Result<()> {
+        self.size = len;
+        self.partial_line = ends_mid_line(&self.file, &self.path);
+        if let Some(sealer) = &mut self.sealer {
+            let (prev, at_start) = recover_chain(&self.path, &rotated_files(&self.path)?)?;
+            sealer.set_state(prev, at_start);
+        }
+        Ok(())
+    }
+
     /// Seals the batch's lines into `self.out` (and their ends into `marks`).
     fn seal(&mut self, lines: &[u8], now: &DateTime<Utc>) {
         let Some(sealer) = &mut self.sealer else {
@@ -257,6 +309,46 @@ impl JsonlFileSink {
             rest = &rest[end..];
         }
     }
+}
+
+/// The UTC day a log file belongs to: of its last change if it has data, else today.
+fn file_day(meta: &fs::Metadata) -> NaiveDate {
+    match meta.modified() {
+        Ok(t) if meta.len() > 0 => DateTime::<Utc>::from(t).date_naive(),
+        _ => Utc::now().date_naive(),
+    }
+}
+
+/// Takes the exclusive `flock` of a log file (waits for other writers' batches).
+#[cfg(unix)]
+fn lock(file: &File) -> io::Result<()> {
+    rustix::fs::flock(file, rustix::fs::FlockOperation::LockExclusive).map_err(io::Error::from)
+}
+
+#[cfg(not(unix))]
+fn lock(_file: &File) -> io::Result<()> {
+    Ok(())
+}
+
+#[cfg(unix)]
+fn unlock(file: &File) {
+    // Closing the handle would release it too; an error here changes nothing.
+    rustix::fs::flock(file, rustix::fs::FlockOperation::Unlock).ok();
+}
+
+#[cfg(not(unix))]
+fn unlock(_file: &File) {}
+
+/// Whether two metadata describe the same file (device and inode).
+#[cfg(unix)]
+fn same_file(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+#[cfg(not(unix))]
+fn same_file(_a: &fs::Metadata, _b: &fs::Metadata) -> bool {
+    true
 }
 
 /// Opens `path` create + append, mode 0600 for a new file on unix.
@@ -339,6 +431,35 @@ pub(super) fn append_lines<W: Write>(
 
 impl Sink for JsonlFileSink {
     fn write_batch(&mut self, batch: &Batch<'_>) -> io::Result<()> {
+        self.lock_live()?;
+        let res = self.write_locked(batch);
+        if self.regular {
+            unlock(&self.file);
+        }
+        res
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        // `File` has no user-space buffer: `write` already handed the data to the OS.
+        self.file.flush()
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        match self.file.sync_data() {
+            // EINVAL: a pipe or character device (e.g. /dev/stdout) cannot be synced.
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => Ok(()),
+            other => other,
+        }
+    }
+
+    fn take_warning(&mut self) -> Option<AuditError> {
+        self.warning.take()
+    }
+}
+
+impl JsonlFileSink {
+    /// [`Sink::write_batch`] with the live file locked and caught up.
+    fn write_locked(&mut self, batch: &Batch<'_>) -> io::Result<()> {
         let now = Utc::now();
         let lines = batch.jsonl();
         self.seal(lines, &now);
@@ -348,9 +469,14 @@ impl Sink for JsonlFileSink {
             lines.len()
         };
         if self.due(&now, incoming) && self.rotate(&now) {
+            // Another writer may have got into the new file before it was locked.
+            let len = self.file.metadata().map_or(0, |m| m.len());
+            let caught_up = len > 0 && self.catch_up(len).is_ok();
             if let Some(sealer) = &mut self.sealer {
-                // Seal again: the first line of the new file records where it continues from.
-                sealer.set_state(self.batch_start.0, true);
+                if !caught_up {
+                    // The first line of the new file records where it continues from.
+                    sealer.set_state(self.batch_start.0, true);
+                }
                 self.seal(lines, &now);
             }
         }
@@ -389,23 +515,6 @@ impl Sink for JsonlFileSink {
             }
         }
         res
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        // `File` has no user-space buffer: `write` already handed the data to the OS.
-        self.file.flush()
-    }
-
-    fn sync(&mut self) -> io::Result<()> {
-        match self.file.sync_data() {
-            // EINVAL: a pipe or character device (e.g. /dev/stdout) cannot be synced.
-            Err(e) if e.kind() == io::ErrorKind::InvalidInput => Ok(()),
-            other => other,
-        }
-    }
-
-    fn take_warning(&mut self) -> Option<AuditError> {
-        self.warning.take()
     }
 }
 
@@ -929,6 +1038,74 @@ pub(super) mod tests {
         };
         let err = JsonlFileSink::open_with(&dir.path().join("a.jsonl"), opts).unwrap_err();
         assert!(err.to_string().contains("rotate_bytes"), "{err}");
+    }
+
+    #[test]
+    fn two_writers_on_one_log_keep_one_chain_through_rotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        // Three lines per file or so; the two writers take turns.
+        let opts = JsonlOptions {
+            rotate_bytes: Some(400),
+            ..JsonlOptions::default()
+        };
+        let mut a = JsonlFileSink::open_with(&path, opts.clone()).unwrap();
+        let mut b = JsonlFileSink::open_with(&path, opts).unwrap();
+        for i in 0..20 {
+            let sink = if i % 3 == 0 { &mut b } else { &mut a };
+            write(sink, 1, i);
+        }
+        drop((a, b));
+        let files = log_files(&path).unwrap();
+        assert!(files.len() > 4, "{files:?}");
+        assert_eq!(numbers(&files), (0..20).collect::<Vec<_>>());
+        let r = verify(&path);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(r.events, 20);
+    }
+
+    #[test]
+    fn concurrent_writer_threads_on_one_log_lose_nothing_and_verify() {
+        use super::super::{AuditEvent, AuditWriter, Status, WriterOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let per = 3000;
+        let handles: Vec<_> = (0..3)
+            .map(|t| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let opts = JsonlOptions {
+                        rotate_bytes: Some(64 * 1024),
+                        ..JsonlOptions::default()
+                    };
+                    let w = AuditWriter::open_jsonl_with(&path, WriterOptions::default(), opts)
+                        .unwrap();
+                    for i in 0..per {
+                        let ev = AuditEvent::new(format!("{t}:{i}"), "n", "tool", Status::Ok);
+                        assert!(w.enqueue(ev));
+                        if i % 500 == 0 {
+                            w.flush().unwrap();
+                        }
+                    }
+                    w.close().unwrap();
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let files = log_files(&path).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for f in &files {
+            for l in read(f) {
+                let v: Value = serde_json::from_str(&l).unwrap();
+                assert!(seen.insert(v["key_id"].as_str().unwrap().to_owned()));
+            }
+        }
+        assert_eq!(seen.len(), 3 * per);
+        let r = verify(&path);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(r.events, 3 * per as u64);
     }
 
     // ---- tampering: each kind is found at the right place ----
