@@ -87,6 +87,7 @@ SETTINGS: dict[str, str] = {
     "log_outputs": "record a preview of tool results in the audit log",
     "audit_redact": "key paths of tool arguments recorded as [redacted] (password, *.token)",
     "audit_on_failure": "when audit events cannot be recorded: drop, block or fail_closed",
+    "audit_flush_interval_ms": "longest an audit event waits before it is written (ms)",
     "audit_rotate_bytes": "rotate the JSONL audit log at this size (100MB, 1GiB, bytes; off)",
     "audit_rotate_daily": "rotate the JSONL audit log every UTC day",
     "audit_retention": "rotated JSONL audit files kept (off: all)",
@@ -203,6 +204,7 @@ class GuardConfig:
     log_outputs: bool
     audit_redact: tuple[str, ...]
     audit_on_failure: Literal["drop", "block", "fail_closed"]
+    audit_flush_interval_ms: int
     audit_rotate_bytes: int | None
     audit_rotate_daily: bool
     audit_retention: int | None
@@ -317,6 +319,7 @@ class GuardConfig:
             "log_outputs": True,
             "audit_redact": [],
             "audit_on_failure": "drop",
+            "audit_flush_interval_ms": 100,
             "audit_rotate_bytes": "off",
             "audit_rotate_daily": False,
             "audit_retention": "off",
@@ -410,10 +413,11 @@ class GuardConfig:
         from fastmcp_guard.audit import AuditLog, FileBackend, SQLiteBackend
 
         backend = (
-            SQLiteBackend(target.path)
+            SQLiteBackend(target.path, flush_interval_ms=self.audit_flush_interval_ms)
             if target.kind == "sqlite"
             else FileBackend(
                 target.path,
+                flush_interval_ms=self.audit_flush_interval_ms,
                 rotate_bytes=self.audit_rotate_bytes,
                 rotate_daily=self.audit_rotate_daily,
                 retention=self.audit_retention,
@@ -790,6 +794,20 @@ def _parse_count(item: _Raw, name: str) -> int | None:
     return count
 
 
+def _parse_millis(item: _Raw, name: str) -> int:
+    value = item.value
+    ms: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        ms = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        ms = int(value.strip())
+    if ms is None or not 1 <= ms <= 60_000:
+        raise InvalidSettingError(
+            name, item.source, f"expected milliseconds from 1 to 60000, got {value!r}"
+        )
+    return ms
+
+
 def _parse_secret(item: _Raw, name: str) -> str | None:
     return None if item.value is None else _str(item, name)
 
@@ -836,6 +854,7 @@ _PARSERS: dict[str, Callable[[_Raw, str], Any]] = {
     "log_outputs": _parse_bool,
     "audit_redact": _parse_patterns,
     "audit_on_failure": _parse_on_failure,
+    "audit_flush_interval_ms": _parse_millis,
     "audit_rotate_bytes": _parse_size,
     "audit_rotate_daily": _parse_bool,
     "audit_retention": _parse_count,

@@ -480,7 +480,8 @@ def test_audit_options_reach_the_audit_log(tmp_path: Path) -> None:
           'audit_rotate_bytes = "2MiB"\naudit_retention = 3\n')  # fmt: skip
     env = {"FASTMCP_GUARD_AUDIT_ON_FAILURE": "fail_closed",
            "FASTMCP_GUARD_AUDIT_ROTATE_DAILY": "yes",
-           "FASTMCP_GUARD_AUDIT_CHAIN_KEY": "chain-s3cret"}  # fmt: skip
+           "FASTMCP_GUARD_AUDIT_CHAIN_KEY": "chain-s3cret",
+           "FASTMCP_GUARD_AUDIT_FLUSH_INTERVAL_MS": "50"}  # fmt: skip
     config = load(tmp_path, env, profile="embedded")
     assert config.audit_rotate_bytes == 2 * 2**20 and config.audit_retention == 3
     assert config.audit_redact == ("password", "*.token")
@@ -492,7 +493,7 @@ def test_audit_options_reach_the_audit_log(tmp_path: Path) -> None:
         backend = audit.backend
         assert isinstance(backend, FileBackend)
         assert (backend.rotate_bytes, backend.rotate_daily, backend.retention) == (2 * 2**20, True, 3)
-        assert backend.chain_key == "chain-s3cret"
+        assert backend.chain_key == "chain-s3cret" and backend.flush_interval_ms == 50
     finally:
         audit.close()
     shown = [json.dumps(config.to_dict()), repr(config), " ".join(v.display for v in config.views())]
@@ -511,7 +512,7 @@ def test_audit_rotate_sizes(tmp_path: Path, text: str, size: int | None) -> None
     ("setting", "value", "needle"),
     [("AUDIT_ROTATE_BYTES", "1.5GB", "100MB"), ("AUDIT_ROTATE_BYTES", "0", "size"),
      ("AUDIT_RETENTION", "-1", "number of files"), ("AUDIT_ON_FAILURE", "retry", "fail_closed"),
-     ("AUDIT_REDACT", "a..b", "key path")],
+     ("AUDIT_REDACT", "a..b", "key path"), ("AUDIT_FLUSH_INTERVAL_MS", "0", "milliseconds")],
 )  # fmt: skip
 def test_bad_audit_options_name_the_setting(
     tmp_path: Path, setting: str, value: str, needle: str
