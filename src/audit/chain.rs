@@ -349,9 +349,12 @@ pub fn tail_state(path: &Path) -> io::Result<Tail> {
         return Ok(Tail::Empty);
     };
     let window = read_range(&mut f, nl.saturating_sub(WINDOW), nl)?;
-    let line = match memchr::memrchr(b'\n', &window) {
+    // Blank lines at the end (never written by the writer) are skipped.
+    let end = window.len() - window.iter().rev().take_while(|&&b| b == b'\n').count();
+    let window = &window[..end];
+    let line = match memchr::memrchr(b'\n', window) {
         Some(i) => &window[i + 1..],
-        None => &window[..],
+        None => window,
     };
     Ok(classify(line))
 }
@@ -442,6 +445,10 @@ struct Verifier<'k> {
     prev: Option<[u8; 32]>,
     /// A line that is not JSON, waiting to be judged by the next chained line.
     torn: Option<(usize, u64)>,
+    /// How many such lines in a row.
+    torn_run: u64,
+    /// Where the lines without a chain start.
+    first_unchained: Option<(usize, u64)>,
     recent: VecDeque<([u8; 32], usize, u64)>,
     paths: Vec<PathBuf>,
 }
@@ -471,6 +478,15 @@ impl Verifier<'_> {
         let Some(prev) = self.prev else {
             // The first chained line: it must say what it continues from.
             let Some(recorded) = s.prev else {
+                if let Some((tf, tn)) = self.torn {
+                    let reason = format!(
+                        "the line is not valid JSON and the next line does not chain past it: \
+                         it was edited or cut short (next line {})",
+                        self.place(file, n)
+                    );
+                    self.brk(tf, tn, reason);
+                    return false;
+                }
                 self.brk(
                     file,
                     n,
@@ -489,6 +505,17 @@ impl Verifier<'_> {
                 return false;
             }
             if recorded != GENESIS {
+                if self.report.unchained > 0 {
+                    // After lines written before the chain, the writer starts at GENESIS.
+                    self.brk(
+                        file,
+                        n,
+                        "the chain continues from lines that are not here, yet lines without \
+                         a chain come before it: lines were stripped of their chain fields"
+                            .to_owned(),
+                    );
+                    return false;
+                }
                 self.report.continues_from = Some((self.paths[file].clone(), n));
             }
             return self.accept(file, n, s.chain);
@@ -564,7 +591,7 @@ impl Verifier<'_> {
 
     fn accept(&mut self, file: usize, n: u64, chain: [u8; 32]) -> bool {
         if self.torn.take().is_some() {
-            self.report.torn += 1;
+            self.report.torn += std::mem::take(&mut self.torn_run);
         }
         self.prev = Some(chain);
         self.report.events += 1;
@@ -580,31 +607,27 @@ impl Verifier<'_> {
         let is_object = serde_json::from_slice::<serde::de::IgnoredAny>(line).is_ok()
             && line.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
         if !is_object {
-            // Torn (or damaged): fine only if the next chained line chains past it.
-            if let Some((tf, tn)) = self.torn {
-                self.brk(
-                    tf,
-                    tn,
-                    format!(
-                        "two lines in a row are not valid JSON ({} too): edited or damaged",
-                        self.place(file, n)
-                    ),
-                );
-                return false;
+            // Torn (or damaged): fine only if the next chained line chains past it
+            // (and any torn lines right after it, from writes that failed in a row).
+            if self.torn.is_none() {
+                self.torn = Some((file, n));
             }
-            self.torn = Some((file, n));
+            self.torn_run += 1;
             return true;
         }
-        if self.prev.is_none() && self.torn.is_none() {
+        let has_field = memchr::memmem::find(line, b"\"chain\"").is_some()
+            || memchr::memmem::find(line, b"\"prev\"").is_some();
+        if self.prev.is_none() && self.torn.is_none() && !has_field {
+            // Written before the chain was on: allowed before the first chained line.
             self.report.unchained += 1;
+            self.first_unchained.get_or_insert((file, n));
             return true;
         }
-        let has_field = memchr::memmem::find(line, b"\"chain\"").is_some();
         self.brk(
             file,
             n,
             if has_field {
-                "the chain field is malformed or not the last field: the line was edited".to_owned()
+                "the chain field is damaged or not the last field: the line was edited".to_owned()
             } else {
                 "the line has no chain field: it was inserted, or written while the chain \
                  was off"
@@ -638,6 +661,8 @@ pub fn verify_files(paths: &[PathBuf], key: Option<&ChainKey>) -> Result<VerifyR
         report: VerifyReport::default(),
         prev: None,
         torn: None,
+        torn_run: 0,
+        first_unchained: None,
         recent: VecDeque::with_capacity(RECENT),
         paths: paths.to_vec(),
     };
@@ -672,6 +697,14 @@ pub fn verify_files(paths: &[PathBuf], key: Option<&ChainKey>) -> Result<VerifyR
             n,
             "the last line is incomplete: a torn write or a truncation (a writer that \
              starts again ends it and chains past it)"
+                .to_owned(),
+        );
+    } else if let (None, Some((f, n))) = (v.prev, v.first_unchained) {
+        v.brk(
+            f,
+            n,
+            "no line carries a hash chain (written with chain=False, or before fastmcp-guard \
+             0.3): nothing could be verified"
                 .to_owned(),
         );
     }
@@ -756,6 +789,35 @@ mod tests {
         assert_eq!(s.state(), (GENESIS, true));
     }
 
+    proptest::proptest! {
+        /// Any change to one byte of a chained log is found, at that line or the next
+        /// (a byte turned into a newline splits the line).
+        #[test]
+        fn any_changed_byte_is_found(
+            n in 1usize..8,
+            which in 0usize..8,
+            at in 0usize..400,
+            xor in 1u8..=255,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut s = Sealer::new(None, GENESIS, true);
+            let src: Vec<String> = (0..n).map(|i| format!(r#"{{"n":{i},"s":"x\u00e9"}}"#)).collect();
+            let refs: Vec<&str> = src.iter().map(String::as_str).collect();
+            let out = seal_all(&mut s, &refs);
+            let text = String::from_utf8(out).unwrap();
+            let mut lines: Vec<Vec<u8>> = text.split_inclusive('\n').map(|l| l.as_bytes().to_vec()).collect();
+            let line = which % n;
+            let body = lines[line].len() - 1; // keep the newline
+            lines[line][at % body] ^= xor;
+            let p = write(dir.path(), "a.jsonl", &lines.concat());
+            let r = verify_files(&[p], None).unwrap();
+            let b = r.broken.clone();
+            proptest::prop_assert!(b.is_some(), "not found: line {} byte {} ^ {}", line, at % body, xor);
+            let got = b.unwrap().line;
+            proptest::prop_assert!(got == line as u64 + 1 || got == line as u64 + 2, "{:?}", r);
+        }
+    }
+
     fn write(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
         let p = dir.join(name);
         std::fs::write(&p, data).unwrap();
@@ -777,6 +839,10 @@ mod tests {
         assert_eq!(tail_state(&p).unwrap(), Tail::Sealed(last));
         // A whole chained line that only lacks its newline counts.
         let p = write(dir.path(), "c.jsonl", &out[..out.len() - 1]);
+        assert_eq!(tail_state(&p).unwrap(), Tail::Sealed(last));
+        let mut blank = out.clone();
+        blank.extend_from_slice(b"\n\n");
+        let p = write(dir.path(), "blank.jsonl", &blank);
         assert_eq!(tail_state(&p).unwrap(), Tail::Sealed(last));
         let p = write(dir.path(), "d.jsonl", b"{\"legacy\":1}\n");
         assert_eq!(tail_state(&p).unwrap(), Tail::Unsealed);

@@ -1221,6 +1221,36 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn stripping_the_chain_from_lines_does_not_pass_for_an_old_log() {
+        // The whole first file rewritten without chain fields.
+        let dir = tempfile::tempdir().unwrap();
+        let (path, files) = three_files(dir.path());
+        edit(&files[0], |ls| {
+            for l in ls.iter_mut() {
+                let at = l.find(",\"id\":").unwrap();
+                *l = format!("{}}}\n", &l[..at]).replace("\"n\":0", "\"n\":7");
+            }
+        });
+        let r = verify(&path);
+        assert_eq!(broken_at(&r), (name(&files[1]), 1));
+        assert!(r.broken.unwrap().reason.contains("stripped"));
+        // A log with no chain at all verifies nothing: that is a failure, not an OK.
+        let p = dir.path().join("plain.jsonl");
+        std::fs::write(&p, "{\"a\":1}\n{\"a\":2}\n").unwrap();
+        let r = verify(&p);
+        assert_eq!(broken_at(&r), ("plain.jsonl".to_owned(), 1));
+        assert!(r
+            .broken
+            .unwrap()
+            .reason
+            .contains("no line carries a hash chain"));
+        // An empty log has nothing wrong with it.
+        let p = dir.path().join("empty.jsonl");
+        std::fs::write(&p, "").unwrap();
+        assert!(verify(&p).is_ok());
+    }
+
+    #[test]
     fn a_keyed_chain_needs_its_key() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
