@@ -1016,10 +1016,11 @@ impl PyAuditWriter {
             return;
         };
         let msg = format!(
-            "audit log {}: {} events lost since the last warning ({} dropped in all: queue \
+            "audit log {}: {} event{} lost since the last warning ({} dropped in all: queue \
              full or writer closed; {} lost to failed writes in all){}",
             self.path,
             r.lost,
+            if r.lost == 1 { "" } else { "s" },
             r.dropped,
             r.failed,
             r.last_error

@@ -118,10 +118,12 @@ pub fn to_hex(v: &[u8; 32]) -> String {
 }
 
 fn push_hex(out: &mut Vec<u8>, v: &[u8; 32]) {
-    for b in v {
-        out.push(HEX[usize::from(b >> 4)]);
-        out.push(HEX[usize::from(b & 0xf)]);
+    let mut hex = [0u8; 64];
+    for (pair, b) in hex.chunks_exact_mut(2).zip(v) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
     }
+    out.extend_from_slice(&hex);
 }
 
 fn parse_hex(h: &[u8]) -> Option<[u8; 32]> {

@@ -139,7 +139,7 @@ def test_drop_counts_failed_writes_and_warns_once_per_interval(
             log.flush()
         warnings = [r for r in caplog.records if r.name == "fastmcp_guard.audit"]
         assert len(warnings) == 1, [r.getMessage() for r in warnings]
-        assert "1 events lost" in warnings[0].getMessage()
+        assert "1 event lost" in warnings[0].getMessage()
         assert "No space left" in warnings[0].getMessage()
         log.close()
     stats = log.stats()
@@ -156,7 +156,7 @@ def test_drop_warns_about_a_full_queue(tmp_path: Path, caplog: pytest.LogCapture
         for _ in range(3):
             assert not w.log("ok", "k", "n", "t", [], 1.0)
     (record,) = caplog.records
-    assert "1 events lost" in record.getMessage() and "dropped" in record.getMessage()
+    assert "1 event lost" in record.getMessage() and "dropped" in record.getMessage()
 
 
 def test_block_waits_for_room_instead_of_dropping(tmp_path: Path) -> None:
