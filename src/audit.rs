@@ -41,23 +41,28 @@
 //! futex wake-up and a quiet server wakes the thread 40 times a second.
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
 
+pub mod chain;
+mod jsonl;
+pub mod redact;
 pub mod scan;
 mod sqlite;
 
+pub use chain::{verify_files, ChainKey, VerifyReport};
+pub use jsonl::{log_files, rotated_files, JsonlFileSink, JsonlOptions};
+pub use redact::Redactor;
 pub use sqlite::{query, AuditQuery, AuditRecord, SqliteSink, SQLITE_SCHEMA_VERSION};
 
 /// Errors of the audit module.
@@ -151,6 +156,36 @@ pub enum AuditError {
         /// What is wrong, e.g. `lacks the columns tool, status in table audit_log`.
         problem: String,
     },
+    /// A `redact` pattern that cannot be used.
+    #[error("invalid redact pattern {pattern:?}: {reason}")]
+    InvalidRedactPattern {
+        /// The pattern as given.
+        pattern: String,
+        /// What is wrong and what to write instead.
+        reason: &'static str,
+    },
+    /// Rotating the JSONL log (renaming it, creating the new file or deleting
+    /// files beyond the retention) failed. No event was lost: the batch went to
+    /// the live file, and the next batch tries again.
+    #[error(
+        "cannot rotate audit log {}: {source}; events go on being appended to it; check that \
+         its directory is writable and has free space",
+        .path.display()
+    )]
+    Rotate {
+        /// The live log file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// An audit log file could not be read (verification).
+    #[error("cannot read audit log {}: {source}; {}", .path.display(), read_hint(.source))]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
     /// The background thread could not be started.
     #[error(
         "cannot start the audit writer thread: {source}; the process is out of threads or memory"
@@ -184,6 +219,15 @@ pub enum AuditError {
 
 fn status_names() -> String {
     Status::ALL.map(Status::as_str).join(", ")
+}
+
+fn read_hint(err: &io::Error) -> &'static str {
+    match err.kind() {
+        io::ErrorKind::NotFound => "check the path (rotated files sit next to the live file)",
+        io::ErrorKind::PermissionDenied => "the process needs read access to the file",
+        io::ErrorKind::IsADirectory => "give the path of the log file, not of its directory",
+        _ => "check the file and the disk holding it",
+    }
 }
 
 fn open_hint(err: &io::Error, path: &Path) -> String {
@@ -316,8 +360,9 @@ pub struct AuditEvent {
     /// Free-form metadata; written as `{}` when `None`.
     pub metadata: Option<Value>,
     /// Extra top-level fields (e.g. `actor`, `method`, `retry_after`), written
-    /// after the fixed ones in key order. A key equal to a fixed field name is
-    /// skipped: extras can never shadow or duplicate a fixed field.
+    /// after the fixed ones in key order. A key equal to a fixed field name or
+    /// to one the JSONL writer adds (`id`, `prev`, `chain`) is skipped: extras
+    /// can never shadow or duplicate those ([`is_reserved_field`]).
     pub extra: Option<Map<String, Value>>,
 }
 
@@ -408,7 +453,7 @@ pub fn write_line(buf: &mut Vec<u8>, ev: &AuditEvent) {
         |buf| {
             if let Some(extra) = &ev.extra {
                 for (k, v) in extra {
-                    if is_fixed_field(k) {
+                    if is_reserved_field(k) {
                         continue;
                     }
                     buf.push(b',');
@@ -444,10 +489,20 @@ pub struct LineHead<'a> {
     pub client_ip: Option<&'a str>,
 }
 
-/// Whether `name` is one of [`FIXED_FIELDS`] (an extra field of that name is skipped).
+/// Whether `name` is one of [`FIXED_FIELDS`].
 #[must_use]
 pub fn is_fixed_field(name: &str) -> bool {
     FIXED_FIELDS.contains(&name)
+}
+
+/// Fields the JSONL writer adds after all others (see [`chain`]).
+pub const SEAL_FIELDS: [&str; 3] = ["id", "prev", "chain"];
+
+/// Whether an extra field called `name` is skipped: a fixed field or one of
+/// [`SEAL_FIELDS`], so extras can never shadow or duplicate either.
+#[must_use]
+pub fn is_reserved_field(name: &str) -> bool {
+    is_fixed_field(name) || SEAL_FIELDS.contains(&name)
 }
 
 /// The one place that lays out an audit line: [`write_line`] calls it for an
@@ -456,7 +511,7 @@ pub fn is_fixed_field(name: &str) -> bool {
 /// comma-separated JSON strings (without brackets); `input_args` as one JSON
 /// value (`null` if absent); `metadata` as one JSON value (`{}` if absent);
 /// and zero or more extra fields, each as `,"key":value`, skipping names for
-/// which [`is_fixed_field`] holds. Each must write valid JSON with no raw
+/// which [`is_reserved_field`] holds. Each must write valid JSON with no raw
 /// newline ([`write_json_str`] escapes strings).
 pub fn write_line_parts(
     buf: &mut Vec<u8>,
@@ -850,113 +905,30 @@ pub trait Sink: Send {
     /// # Errors
     /// The I/O error.
     fn sync(&mut self) -> io::Result<()>;
-}
-
-/// Appends JSONL to one file (opened create + append; new files mode 0600 on unix).
-#[derive(Debug)]
-pub struct JsonlFileSink {
-    file: File,
-    path: PathBuf,
-    /// The file ends in the middle of a line (a torn write, ours or a crashed
-    /// previous process's): end it before writing the next batch.
-    partial_line: bool,
-}
-
-impl JsonlFileSink {
-    /// Opens `path` for appending, creating it (mode 0600 on unix) if missing.
-    ///
-    /// # Errors
-    /// [`AuditError::Open`] naming the path and what to fix (missing directory,
-    /// permissions, a parent that is a file, a directory given as the path).
-    pub fn open(path: &Path) -> Result<Self, AuditError> {
-        let mut opts = OpenOptions::new();
-        opts.create(true).append(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let file = opts.open(path).map_err(|source| AuditError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let partial_line = ends_mid_line(&file, path);
-        Ok(JsonlFileSink {
-            file,
-            path: path.to_path_buf(),
-            partial_line,
-        })
-    }
-
-    /// The path the sink appends to.
-    #[must_use]
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-/// Whether an existing regular file's last byte is not `\n`. Best effort:
-/// any error (no read permission, special file) answers `false`.
-fn ends_mid_line(file: &File, path: &Path) -> bool {
-    let Ok(meta) = file.metadata() else {
-        return false;
-    };
-    if !meta.is_file() || meta.len() == 0 {
-        return false;
-    }
-    let Ok(mut reader) = File::open(path) else {
-        return false;
-    };
-    let mut last = [0u8; 1];
-    reader.seek(SeekFrom::End(-1)).is_ok()
-        && reader.read_exact(&mut last).is_ok()
-        && last[0] != b'\n'
-}
-
-/// Writes `buf` (complete lines) to `w`, first ending a torn line if
-/// `partial_line` says the output ends mid-line; on failure, records whether
-/// this write left a torn line behind.
-fn append_lines<W: Write>(w: &mut W, buf: &[u8], partial_line: &mut bool) -> io::Result<()> {
-    if *partial_line {
-        w.write_all(b"\n")?;
-        *partial_line = false;
-    }
-    let mut off = 0;
-    while off < buf.len() {
-        let err = match w.write(&buf[off..]) {
-            Ok(0) => io::Error::from(io::ErrorKind::WriteZero),
-            Ok(k) => {
-                off += k;
-                continue;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => e,
-        };
-        *partial_line = off > 0 && buf[off - 1] != b'\n';
-        return Err(err);
-    }
-    Ok(())
-}
-
-impl Sink for JsonlFileSink {
-    fn write_batch(&mut self, batch: &Batch<'_>) -> io::Result<()> {
-        append_lines(&mut self.file, batch.jsonl(), &mut self.partial_line)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        // `File` has no user-space buffer: `write` already handed the data to the OS.
-        self.file.flush()
-    }
-
-    fn sync(&mut self) -> io::Result<()> {
-        match self.file.sync_data() {
-            // EINVAL: a pipe or character device (e.g. /dev/stdout) cannot be synced.
-            Err(e) if e.kind() == io::ErrorKind::InvalidInput => Ok(()),
-            other => other,
-        }
+    /// A failure that lost no event (a log rotation that could not be done),
+    /// taken once after each batch: the writer counts it in
+    /// [`WriterStats::write_errors`] and keeps it for
+    /// [`AuditWriter::last_error`]. Default: none.
+    fn take_warning(&mut self) -> Option<AuditError> {
+        None
     }
 }
 
 // ---------------------------------------------------------------------------
 // Writer
 // ---------------------------------------------------------------------------
+
+/// What [`AuditWriter::enqueue`] does when the queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnFull {
+    /// Drop the event and count it in [`WriterStats::dropped`] (never blocks).
+    #[default]
+    Drop,
+    /// Wait up to this long for room, then drop and count. The wait goes
+    /// through the `wait` hook of [`AuditWriter::enqueue_with`] /
+    /// [`AuditWriter::enqueue_line_with`] (the Python binding releases the GIL there).
+    Block(Duration),
+}
 
 /// Tuning of an [`AuditWriter`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -969,6 +941,8 @@ pub struct WriterOptions {
     /// Events are written as soon as the thread sees them, so under trickle
     /// load each reaches the OS well within this interval.
     pub flush_interval: Duration,
+    /// Queue full: drop (default) or wait a bounded time.
+    pub on_full: OnFull,
 }
 
 impl Default for WriterOptions {
@@ -977,6 +951,7 @@ impl Default for WriterOptions {
             queue_capacity: 65_536,
             batch_max: 4096,
             flush_interval: Duration::from_millis(100),
+            on_full: OnFull::Drop,
         }
     }
 }
@@ -1004,6 +979,15 @@ impl WriterOptions {
                 fix: "use a positive duration (default 100 ms)",
             });
         }
+        if let OnFull::Block(wait) = self.on_full {
+            if wait.is_zero() || wait > Duration::from_secs(60) {
+                return Err(AuditError::InvalidOption {
+                    name: "on_full",
+                    value: format!("Block({wait:?})"),
+                    fix: "block for a positive time of at most 60 s (1 s is usual), or drop",
+                });
+            }
+        }
         Ok(())
     }
 }
@@ -1026,6 +1010,23 @@ pub struct WriterStats {
     pub queue_depth: usize,
 }
 
+/// The bounded wait of [`OnFull::Block`], handed to the `around` hook of
+/// [`AuditWriter::enqueue_with`]: call it; it returns whether the event got in.
+pub type Wait<'a> = Box<dyn FnOnce() -> bool + Send + 'a>;
+
+/// What [`AuditWriter::take_loss_report`] tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LossReport {
+    /// Events lost since the previous report.
+    pub lost: u64,
+    /// Events dropped so far (queue full, or writer closed).
+    pub dropped: u64,
+    /// Events lost to failed writes so far.
+    pub failed: u64,
+    /// The most recent sink error, if any.
+    pub last_error: Option<String>,
+}
+
 /// Keeps a hot atomic on its own cache line.
 #[repr(align(64))]
 #[derive(Default)]
@@ -1035,15 +1036,37 @@ struct Padded<T>(T);
 /// `enqueue` calls in flight, so `close` can wait them out.
 const CLOSED: usize = 1 << (usize::BITS - 1);
 
-#[derive(Default)]
 struct Shared {
     state: Padded<AtomicUsize>,
     enqueued: Padded<AtomicU64>,
     dropped: Padded<AtomicU64>,
     written: Padded<AtomicU64>,
+    /// The last batch reached the sink (false from a failure to the next success).
+    sink_ok: Padded<AtomicBool>,
     failed: AtomicU64,
     write_errors: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// `dropped + failed` as of the last [`AuditWriter::take_loss_report`].
+    reported: AtomicU64,
+    /// When the last loss report was made.
+    last_report: Mutex<Option<Instant>>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            state: Padded::default(),
+            enqueued: Padded::default(),
+            dropped: Padded::default(),
+            written: Padded::default(),
+            sink_ok: Padded(AtomicBool::new(true)),
+            failed: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            reported: AtomicU64::new(0),
+            last_report: Mutex::new(None),
+        }
+    }
 }
 
 impl Shared {
@@ -1056,6 +1079,8 @@ impl Shared {
 enum Control {
     /// Write everything queued now, flush, reply.
     Flush(Sender<Result<(), AuditError>>),
+    /// A producer waits for room (`OnFull::Block`): drain now.
+    Wake,
     /// Drain, write, sync, exit.
     Close,
 }
@@ -1088,6 +1113,7 @@ pub struct AuditWriter {
     pool: Receiver<Box<Entry>>,
     /// The sink's format: whether `enqueue_line` may be used.
     format: BatchFormat,
+    on_full: OnFull,
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<Result<(), AuditError>>>>,
 }
@@ -1110,8 +1136,23 @@ impl AuditWriter {
     /// [`AuditError::Open`] (the message names the path and what to fix),
     /// [`AuditError::InvalidOption`], [`AuditError::Spawn`].
     pub fn open_jsonl(path: &Path, opts: WriterOptions) -> Result<AuditWriter, AuditError> {
+        AuditWriter::open_jsonl_with(path, opts, JsonlOptions::default())
+    }
+
+    /// [`open_jsonl`](Self::open_jsonl) with rotation, retention and chain
+    /// options ([`JsonlOptions`]; its `Default` is what `open_jsonl` uses: the
+    /// hash chain on, no rotation). The chain is recovered from the last
+    /// complete line of the newest log file.
+    ///
+    /// # Errors
+    /// As [`open_jsonl`](Self::open_jsonl).
+    pub fn open_jsonl_with(
+        path: &Path,
+        opts: WriterOptions,
+        jsonl: JsonlOptions,
+    ) -> Result<AuditWriter, AuditError> {
         opts.validate()?;
-        let sink = JsonlFileSink::open(path)?;
+        let sink = JsonlFileSink::open_with(path, jsonl)?;
         AuditWriter::with_sink(sink, opts)
     }
 
@@ -1167,6 +1208,7 @@ impl AuditWriter {
             .map_err(|source| AuditError::Spawn { source })?;
         Ok(AuditWriter {
             format,
+            on_full: opts.on_full,
             events: events_tx,
             control: control_tx,
             pool: pool_rx,
@@ -1175,8 +1217,10 @@ impl AuditWriter {
         })
     }
 
-    /// Queues `ev` without blocking. Returns `false`, and counts the event in
+    /// Queues `ev`. Returns `false`, and counts the event in
     /// [`WriterStats::dropped`], when the queue is full or the writer is closed.
+    /// With [`OnFull::Block`] a full queue is waited on (in this thread) first;
+    /// with the default [`OnFull::Drop`] this never blocks.
     ///
     /// The queue holds boxes (16 bytes a slot, not the ~290-byte event), and
     /// the writer hands written boxes back through a small pool: this call
@@ -1184,10 +1228,21 @@ impl AuditWriter {
     /// producer thread. glibc malloc is several times slower when one thread
     /// allocates and another frees; this keeps both threads off that path.
     pub fn enqueue(&self, ev: AuditEvent) -> bool {
-        self.push(|entry| {
-            entry.event = ev;
-            entry.line.clear();
-        })
+        self.enqueue_with(ev, |wait| wait())
+    }
+
+    /// [`enqueue`](Self::enqueue), with `around` running the bounded wait of
+    /// [`OnFull::Block`] when the queue is full (it must call the closure it is
+    /// given and return its result; the Python binding releases the GIL there).
+    /// Not called when the event is queued at once.
+    pub fn enqueue_with(&self, ev: AuditEvent, around: impl FnOnce(Wait<'_>) -> bool) -> bool {
+        self.push(
+            |entry| {
+                entry.event = ev;
+                entry.line.clear();
+            },
+            around,
+        )
     }
 
     /// Whether the sink takes JSONL lines, so that
@@ -1208,17 +1263,33 @@ impl AuditWriter {
     /// [`AuditError::NotALineSink`] (nothing queued) if the sink stores events
     /// rather than lines ([`takes_lines`](Self::takes_lines) is false).
     pub fn enqueue_line(&self, render: impl FnOnce(&mut Vec<u8>)) -> Result<bool, AuditError> {
+        self.enqueue_line_with(render, |wait| wait())
+    }
+
+    /// [`enqueue_line`](Self::enqueue_line) with a hook around the bounded wait
+    /// of [`OnFull::Block`] (see [`enqueue_with`](Self::enqueue_with)).
+    ///
+    /// # Errors
+    /// [`AuditError::NotALineSink`], as [`enqueue_line`](Self::enqueue_line).
+    pub fn enqueue_line_with(
+        &self,
+        render: impl FnOnce(&mut Vec<u8>),
+        around: impl FnOnce(Wait<'_>) -> bool,
+    ) -> Result<bool, AuditError> {
         if !self.takes_lines() {
             return Err(AuditError::NotALineSink);
         }
-        Ok(self.push(|entry| {
-            entry.line.clear();
-            render(&mut entry.line);
-        }))
+        Ok(self.push(
+            |entry| {
+                entry.line.clear();
+                render(&mut entry.line);
+            },
+            around,
+        ))
     }
 
     /// Fills a (reused) entry and queues it; see [`enqueue`](Self::enqueue).
-    fn push(&self, fill: impl FnOnce(&mut Entry)) -> bool {
+    fn push(&self, fill: impl FnOnce(&mut Entry), around: impl FnOnce(Wait<'_>) -> bool) -> bool {
         let sh = &*self.shared;
         let prev = sh.state.0.fetch_add(1, Ordering::AcqRel);
         let accepted = prev & CLOSED == 0 && {
@@ -1238,7 +1309,19 @@ impl AuditWriter {
                     fresh
                 }
             };
-            self.events.try_send(boxed).is_ok()
+            match self.events.try_send(boxed) {
+                Ok(()) => true,
+                Err(TrySendError::Full(boxed)) => match self.on_full {
+                    OnFull::Drop => false,
+                    OnFull::Block(limit) => {
+                        // The thread does not watch the queue between its ticks: wake it.
+                        self.control.send(Control::Wake).ok();
+                        let events = &self.events;
+                        around(Box::new(move || events.send_timeout(boxed, limit).is_ok()))
+                    }
+                },
+                Err(TrySendError::Disconnected(_)) => false,
+            }
         };
         if accepted {
             sh.enqueued.0.fetch_add(1, Ordering::Relaxed);
@@ -1247,6 +1330,44 @@ impl AuditWriter {
         }
         sh.state.0.fetch_sub(1, Ordering::Release);
         accepted
+    }
+
+    /// Whether an event enqueued now would reach the sink: the writer is open,
+    /// the queue has room, and the last batch was written (a failure makes
+    /// this false until a batch succeeds again). Atomic loads only: cheap
+    /// enough to ask before every call (the `fail_closed` policy).
+    #[must_use]
+    pub fn healthy(&self) -> bool {
+        self.shared.sink_ok.0.load(Ordering::Relaxed)
+            && !self.events.is_full()
+            && self.shared.state.0.load(Ordering::Relaxed) & CLOSED == 0
+    }
+
+    /// Events lost (dropped or failed) since the previous report, at most one
+    /// report per `interval` (the first loss is reported at once). `None` when
+    /// nothing new was lost or the interval has not passed: two relaxed atomic
+    /// loads in the common case, so callers may ask after every event.
+    pub fn take_loss_report(&self, interval: Duration) -> Option<LossReport> {
+        let sh = &*self.shared;
+        let dropped = sh.dropped.0.load(Ordering::Relaxed);
+        let failed = sh.failed.load(Ordering::Relaxed);
+        let lost = dropped + failed;
+        if lost == sh.reported.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut last = sh.last_report.try_lock()?;
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < interval) {
+            return None;
+        }
+        *last = Some(now);
+        let before = sh.reported.swap(lost, Ordering::Relaxed);
+        Some(LossReport {
+            lost: lost.saturating_sub(before),
+            dropped,
+            failed,
+            last_error: self.last_error(),
+        })
     }
 
     /// Blocks until every event enqueued before this call is written and
@@ -1381,6 +1502,7 @@ impl<S: Sink> Worker<S> {
                 Ok(Control::Close) | Err(RecvTimeoutError::Disconnected) => {
                     return self.finish(events);
                 }
+                Ok(Control::Wake) => {}
                 Err(RecvTimeoutError::Timeout) => {}
             }
             let mut drained = 0;
@@ -1469,12 +1591,18 @@ impl<S: Sink> Worker<S> {
         match self.sink.write_batch(&batch) {
             Ok(()) => {
                 self.shared.written.0.fetch_add(n64, Ordering::Relaxed);
-                self.sink_flush();
+                if self.sink_flush() {
+                    self.set_sink_ok(true);
+                }
             }
             Err(source) => {
                 self.shared.failed.fetch_add(n64, Ordering::Relaxed);
+                self.set_sink_ok(false);
                 self.fail(AuditError::Write { source });
             }
+        }
+        if let Some(warning) = self.sink.take_warning() {
+            self.shared.record_error(&warning);
         }
         let mut pending = std::mem::take(&mut self.pending);
         for ev in pending.drain(..) {
@@ -1488,9 +1616,22 @@ impl<S: Sink> Worker<S> {
         }
     }
 
-    fn sink_flush(&mut self) {
+    /// Flushes the sink; false (and recorded) on failure.
+    fn sink_flush(&mut self) -> bool {
         if let Err(source) = self.sink.flush() {
+            self.set_sink_ok(false);
             self.fail(AuditError::Write { source });
+            return false;
+        }
+        true
+    }
+
+    /// Stores the sink's health, writing the shared flag only when it changes
+    /// (producers read it before every call).
+    fn set_sink_ok(&self, ok: bool) {
+        let flag = &self.shared.sink_ok.0;
+        if flag.load(Ordering::Relaxed) != ok {
+            flag.store(ok, Ordering::Relaxed);
         }
     }
 
@@ -1534,6 +1675,7 @@ mod tests {
     use super::*;
     use chrono::TimeZone;
     use proptest::prelude::*;
+    use std::fs::File;
     use std::io::BufRead;
     use std::sync::mpsc;
 
@@ -1611,8 +1753,14 @@ mod tests {
         let lines = read_lines(&path);
         assert_eq!(lines.len(), sent);
         for (i, line) in lines.iter().enumerate() {
-            assert_eq!(format!("{line}\n"), line_of(&numbered(i)), "line {i}");
+            assert_eq!(unsealed(line), line_of(&numbered(i)), "line {i}");
         }
+    }
+
+    /// A written line without the fields the chain adds (`id`, `prev`, `chain`), with its `\n`.
+    fn unsealed(line: &str) -> String {
+        let at = line.rfind(",\"id\":\"").unwrap();
+        format!("{}}}\n", &line[..at])
     }
 
     #[test]
@@ -2214,6 +2362,179 @@ mod tests {
         assert_eq!(ids, (0..=25).map(|i| format!("k{i}")).collect::<Vec<_>>());
     }
 
+    /// Fails every write while `failing` is set.
+    #[derive(Clone, Default)]
+    struct SwitchSink {
+        failing: Arc<AtomicBool>,
+        lines: Arc<AtomicUsize>,
+    }
+
+    impl Sink for SwitchSink {
+        fn write_batch(&mut self, batch: &Batch<'_>) -> io::Result<()> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(io::Error::from_raw_os_error(28));
+            }
+            self.lines.fetch_add(batch.len(), Ordering::SeqCst);
+            Ok(())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn healthy_follows_sink_failures_until_a_batch_succeeds() {
+        let sink = SwitchSink::default();
+        let w = AuditWriter::with_sink(sink.clone(), WriterOptions::default()).unwrap();
+        assert!(w.healthy());
+        sink.failing.store(true, Ordering::SeqCst);
+        assert!(w.enqueue(numbered(0)));
+        assert!(w.flush().is_err());
+        assert!(!w.healthy());
+        sink.failing.store(false, Ordering::SeqCst);
+        assert!(!w.healthy(), "no success yet");
+        assert!(w.enqueue(numbered(1)));
+        w.flush().unwrap();
+        assert!(w.healthy());
+        w.close().unwrap();
+        assert!(!w.healthy(), "closed: events would be dropped");
+        assert_eq!(sink.lines.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn healthy_is_false_while_the_queue_is_full() {
+        let (sink, entered, release) = gated_sink();
+        let opts = WriterOptions {
+            queue_capacity: 2,
+            ..WriterOptions::default()
+        };
+        let w = AuditWriter::with_sink(sink, opts).unwrap();
+        assert!(w.enqueue(numbered(0)));
+        entered.recv().unwrap();
+        assert!(w.enqueue(numbered(1)));
+        assert!(w.healthy());
+        assert!(w.enqueue(numbered(2)));
+        assert!(!w.healthy());
+        for _ in 0..10 {
+            release.send(()).unwrap();
+        }
+        w.flush().unwrap();
+        assert!(w.healthy());
+        w.close().unwrap();
+    }
+
+    #[test]
+    fn block_waits_for_room_through_the_hook_then_gives_up() {
+        let (sink, entered, release) = gated_sink();
+        let opts = WriterOptions {
+            queue_capacity: 1,
+            on_full: OnFull::Block(Duration::from_millis(150)),
+            ..WriterOptions::default()
+        };
+        let w = Arc::new(AuditWriter::with_sink(sink.clone(), opts).unwrap());
+        let hooked = AtomicUsize::new(0);
+        let around = |wait: Wait<'_>| {
+            hooked.fetch_add(1, Ordering::SeqCst);
+            wait()
+        };
+        assert!(w.enqueue_with(numbered(0), around));
+        entered.recv().unwrap(); // the thread holds event 0
+        assert!(w.enqueue_with(numbered(1), around)); // room: no wait
+        assert_eq!(hooked.load(Ordering::SeqCst), 0);
+        // Full, and nobody makes room: waits the bound, then drops.
+        let t = Instant::now();
+        assert!(!w.enqueue_with(numbered(2), around));
+        assert!(
+            t.elapsed() >= Duration::from_millis(140),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(hooked.load(Ordering::SeqCst), 1);
+        assert_eq!(w.stats().dropped, 1);
+        // Full, and the thread makes room while we wait: accepted.
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            for _ in 0..10 {
+                release.send(()).unwrap();
+            }
+        });
+        assert!(w.enqueue(numbered(3)));
+        releaser.join().unwrap();
+        w.close().unwrap();
+        let s = w.stats();
+        assert_eq!((s.written, s.dropped), (3, 1));
+    }
+
+    #[test]
+    fn loss_reports_come_at_most_once_per_interval() {
+        let (sink, entered, release) = gated_sink();
+        let opts = WriterOptions {
+            queue_capacity: 1,
+            ..WriterOptions::default()
+        };
+        let w = AuditWriter::with_sink(sink, opts).unwrap();
+        let hour = Duration::from_secs(3600);
+        assert!(w.take_loss_report(hour).is_none());
+        assert!(w.enqueue(numbered(0)));
+        entered.recv().unwrap();
+        assert!(w.enqueue(numbered(1)));
+        for i in 0..5 {
+            assert!(!w.enqueue(numbered(i)));
+        }
+        let r = w.take_loss_report(hour).unwrap();
+        assert_eq!((r.lost, r.dropped, r.failed), (5, 5, 0));
+        assert!(!w.enqueue(numbered(9)));
+        assert!(w.take_loss_report(hour).is_none(), "within the interval");
+        for _ in 0..10 {
+            release.send(()).unwrap();
+        }
+        w.close().unwrap();
+        let w2 = AuditWriter::with_sink(SwitchSink::default(), WriterOptions::default()).unwrap();
+        assert!(w2.take_loss_report(Duration::ZERO).is_none());
+        w2.close().unwrap();
+    }
+
+    #[test]
+    fn a_writer_chain_verifies_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        for run in 0..3 {
+            let w = AuditWriter::open_jsonl(&path, WriterOptions::default()).unwrap();
+            for i in 0..500 {
+                assert!(w.enqueue(numbered(run * 500 + i)));
+            }
+            w.close().unwrap();
+        }
+        let r = verify_files(&log_files(&path).unwrap(), None).unwrap();
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(r.events, 1500);
+        let ids: std::collections::HashSet<String> = read_lines(&path)
+            .iter()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(ids.len(), 1500, "ids are unique");
+    }
+
+    #[test]
+    fn a_block_bound_out_of_range_is_refused() {
+        for wait in [Duration::ZERO, Duration::from_secs(61)] {
+            let opts = WriterOptions {
+                on_full: OnFull::Block(wait),
+                ..WriterOptions::default()
+            };
+            let err = AuditWriter::with_sink(SwitchSink::default(), opts).unwrap_err();
+            assert!(err.to_string().contains("on_full"), "{err}");
+        }
+    }
+
     #[test]
     fn full_queue_drops_and_counts_exactly() {
         let (sink, entered, release) = gated_sink();
@@ -2381,52 +2702,6 @@ mod tests {
         assert_eq!(w.stats().failed, 11);
         // Errors were reported by flush; sync on a device is a no-op: close is clean.
         w.close().unwrap();
-    }
-
-    /// Accepts `limit` bytes, then fails.
-    struct Flaky {
-        out: Vec<u8>,
-        limit: usize,
-    }
-
-    impl Write for Flaky {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            let room = self.limit.saturating_sub(self.out.len());
-            if room == 0 {
-                return Err(io::Error::other("disk full"));
-            }
-            let k = room.min(buf.len()).min(7);
-            self.out.extend_from_slice(&buf[..k]);
-            Ok(k)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn torn_write_is_terminated_before_the_next_batch() {
-        let mut w = Flaky {
-            out: Vec::new(),
-            limit: 20,
-        };
-        let mut partial = false;
-        append_lines(&mut w, b"{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n", &mut partial).unwrap_err();
-        assert!(partial);
-        w.limit = usize::MAX;
-        append_lines(&mut w, b"{\"d\":4}\n", &mut partial).unwrap();
-        assert!(!partial);
-        let text = String::from_utf8(w.out).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines, ["{\"a\":1}", "{\"b\":2}", "{\"c\"", "{\"d\":4}"]);
-        // A failure exactly at a line boundary leaves nothing to repair.
-        let mut w = Flaky {
-            out: Vec::new(),
-            limit: 8,
-        };
-        let mut partial = false;
-        append_lines(&mut w, b"{\"a\":1}\n{\"b\":2}\n", &mut partial).unwrap_err();
-        assert!(!partial);
     }
 
     // ---- measurement ----

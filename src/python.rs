@@ -14,9 +14,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use serde_json::{Map, Value};
 
+use crate::audit::redact::{Cursor, Step, REDACTED};
 use crate::audit::{
-    is_fixed_field, write_json_str, write_line_parts, AuditEvent, AuditQuery, AuditRecord,
-    AuditWriter, LineHead, Status, WriterOptions,
+    is_reserved_field, write_json_str, write_line_parts, AuditEvent, AuditQuery, AuditRecord,
+    AuditWriter, ChainKey, JsonlOptions, LineHead, OnFull, Redactor, Status, WriterOptions,
 };
 use crate::errors::{self, Exc};
 use crate::hashing::CachedKey;
@@ -158,6 +159,74 @@ fn write_py_array<'py>(
         write_py_json(buf, &x, depth + 1);
     }
     buf.push(b']');
+}
+
+/// [`write_py_json`] with redaction: the value of a key that `red` matches at
+/// `at` is written as `"[redacted]"`. Subtrees no pattern can reach go through
+/// the plain writer.
+fn write_py_json_redacted(
+    buf: &mut Vec<u8>,
+    obj: &Bound<'_, PyAny>,
+    depth: u32,
+    red: &Redactor,
+    at: Cursor,
+) {
+    if red.inert(at) || depth > 64 {
+        write_py_json(buf, obj, depth);
+    } else if let Ok(d) = obj.cast::<PyDict>() {
+        buf.push(b'{');
+        for (i, (k, v)) in d.iter().enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            write_py_key(buf, &k);
+            buf.push(b':');
+            match red.step(at, &py_key_text(&k)) {
+                Step::Redact => write_json_str(buf, REDACTED),
+                Step::Keep(next) => write_py_json_redacted(buf, &v, depth + 1, red, next),
+            }
+        }
+        buf.push(b'}');
+    } else if let Ok(l) = obj.cast::<PyList>() {
+        write_py_array_redacted(buf, l.iter(), depth, red, at);
+    } else if let Ok(t) = obj.cast::<PyTuple>() {
+        write_py_array_redacted(buf, t.iter(), depth, red, at);
+    } else {
+        write_py_json(buf, obj, depth);
+    }
+}
+
+fn write_py_array_redacted<'py>(
+    buf: &mut Vec<u8>,
+    items: impl Iterator<Item = Bound<'py, PyAny>>,
+    depth: u32,
+    red: &Redactor,
+    at: Cursor,
+) {
+    buf.push(b'[');
+    for (i, x) in items.enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        // Lists are transparent: items keep the list's path.
+        write_py_json_redacted(buf, &x, depth + 1, red, at);
+    }
+    buf.push(b']');
+}
+
+/// The text a dict key is written as (see [`write_py_key`]), for matching.
+fn py_key_text<'a>(k: &'a Bound<'_, PyAny>) -> std::borrow::Cow<'a, str> {
+    if let Ok(s) = k.cast::<PyString>() {
+        if let Ok(text) = s.to_str() {
+            return std::borrow::Cow::Borrowed(text);
+        }
+        return std::borrow::Cow::Owned(s.to_string_lossy().into_owned());
+    }
+    std::borrow::Cow::Owned(
+        k.str()
+            .map(|t| t.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    )
 }
 
 /// A dict key as a JSON string: a `str` as is, anything else as its `str()`.
@@ -905,24 +974,72 @@ struct PyAuditWriter {
     inner: AuditWriter,
     path: String,
     kind: &'static str,
+    /// `redact=` patterns; `None` when there are none (the hot path skips them).
+    redact: Option<Redactor>,
+    /// At most one lost-events warning per this interval.
+    warn_interval: Duration,
 }
+
+/// Logger of the lost-events warnings.
+const AUDIT_LOGGER: &str = "fastmcp_guard.audit";
 
 fn writer_options(
     queue_capacity: usize,
     batch_max: usize,
     flush_interval_ms: u64,
-) -> WriterOptions {
-    WriterOptions {
+    on_full: &str,
+    block_ms: u64,
+) -> PyResult<WriterOptions> {
+    let on_full = match on_full {
+        "drop" => OnFull::Drop,
+        "block" => OnFull::Block(Duration::from_millis(block_ms)),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "on_full must be 'drop' or 'block', got {other:?}"
+            )))
+        }
+    };
+    Ok(WriterOptions {
         queue_capacity,
         batch_max,
         flush_interval: Duration::from_millis(flush_interval_ms),
-    }
+        on_full,
+    })
+}
+
+fn redactor(patterns: Option<Vec<String>>) -> PyResult<Option<Redactor>> {
+    let Some(patterns) = patterns else {
+        return Ok(None);
+    };
+    let r = Redactor::new(&patterns).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok((!r.is_empty()).then_some(r))
+}
+
+/// A chain key given as `bytes` or `str` (its UTF-8).
+fn chain_key(key: Option<&Bound<'_, PyAny>>) -> PyResult<Option<ChainKey>> {
+    let Some(key) = key.filter(|k| !k.is_none()) else {
+        return Ok(None);
+    };
+    let bytes: Vec<u8> = if let Ok(s) = key.cast::<PyString>() {
+        s.to_str()?.as_bytes().to_vec()
+    } else if let Ok(b) = key.extract::<Vec<u8>>() {
+        b
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "chain_key must be bytes or str, got {}",
+            key.get_type().name()?
+        )));
+    };
+    ChainKey::new(&bytes)
+        .map(Some)
+        .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
 impl PyAuditWriter {
     /// `log` for a sink that stores events (`SQLite`): build the event itself.
     fn log_event(
         &self,
+        py: Python<'_>,
         head: &LineHead<'_>,
         scopes: Vec<String>,
         input_args: Option<&Bound<'_, PyAny>>,
@@ -930,7 +1047,11 @@ impl PyAuditWriter {
         extra: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<bool> {
         let json = |o: Option<&Bound<'_, PyAny>>| -> PyResult<Option<Value>> {
-            o.map(|v| py_to_json(v, Lossy::Repr, 0)).transpose()
+            let mut v = o.map(|v| py_to_json(v, Lossy::Repr, 0)).transpose()?;
+            if let (Some(v), Some(r)) = (v.as_mut(), &self.redact) {
+                r.redact_value(v);
+            }
+            Ok(v)
         };
         let extra = match extra {
             None => None,
@@ -954,54 +1075,123 @@ impl PyAuditWriter {
             metadata: json(metadata)?,
             extra,
         };
-        Ok(self.inner.enqueue(ev))
+        Ok(self.inner.enqueue_with(ev, |wait| py.detach(wait)))
     }
 
-    /// Opens a writer off the GIL with `open` (the JSONL or the `SQLite` sink).
-    fn open(
-        py: Python<'_>,
-        path: PathBuf,
-        opts: WriterOptions,
-        kind: &'static str,
-        open: fn(&std::path::Path, WriterOptions) -> Result<AuditWriter, crate::audit::AuditError>,
-    ) -> PyResult<Self> {
-        let shown = path.display().to_string();
-        let inner = py.detach(move || open(&path, opts))?;
-        Ok(PyAuditWriter {
-            inner,
-            path: shown,
-            kind,
-        })
+    /// Logs a warning on `fastmcp_guard.audit` if events were lost since the last
+    /// one and the interval has passed (`force`: whatever the interval).
+    fn warn_losses(&self, py: Python<'_>, force: bool) {
+        let interval = if force {
+            Duration::ZERO
+        } else {
+            self.warn_interval
+        };
+        let Some(r) = self.inner.take_loss_report(interval) else {
+            return;
+        };
+        let msg = format!(
+            "audit log {}: {} event{} lost since the last warning ({} dropped in all: queue \
+             full or writer closed; {} lost to failed writes in all){}",
+            self.path,
+            r.lost,
+            if r.lost == 1 { "" } else { "s" },
+            r.dropped,
+            r.failed,
+            r.last_error
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        );
+        // Logging must never make `log` fail.
+        let _ = py
+            .import("logging")
+            .and_then(|m| m.call_method1("getLogger", (AUDIT_LOGGER,)))
+            .and_then(|l| l.call_method1("warning", (msg,)));
     }
 }
 
 #[pymethods]
 impl PyAuditWriter {
     #[new]
-    #[pyo3(signature = (path, *, queue_capacity=65_536, batch_max=4096, flush_interval_ms=100))]
+    #[pyo3(signature = (path, *, queue_capacity=65_536, batch_max=4096, flush_interval_ms=100,
+                        rotate_bytes=None, rotate_daily=false, retention=None, chain=true,
+                        chain_key=None, redact=None, on_full="drop", block_ms=1000,
+                        loss_warning_interval_ms=10_000))]
+    #[allow(clippy::too_many_arguments, reason = "keyword-only options")]
     fn new(
         py: Python<'_>,
         path: PathBuf,
         queue_capacity: usize,
         batch_max: usize,
         flush_interval_ms: u64,
+        rotate_bytes: Option<u64>,
+        rotate_daily: bool,
+        retention: Option<usize>,
+        chain: bool,
+        chain_key: Option<&Bound<'_, PyAny>>,
+        redact: Option<Vec<String>>,
+        on_full: &str,
+        block_ms: u64,
+        loss_warning_interval_ms: u64,
     ) -> PyResult<Self> {
-        let opts = writer_options(queue_capacity, batch_max, flush_interval_ms);
-        Self::open(py, path, opts, "jsonl", AuditWriter::open_jsonl)
+        let opts = writer_options(
+            queue_capacity,
+            batch_max,
+            flush_interval_ms,
+            on_full,
+            block_ms,
+        )?;
+        let jsonl = JsonlOptions {
+            rotate_bytes,
+            rotate_daily,
+            retention,
+            chain,
+            chain_key: self::chain_key(chain_key)?,
+        };
+        let redact = redactor(redact)?;
+        let shown = path.display().to_string();
+        let inner = py.detach(move || AuditWriter::open_jsonl_with(&path, opts, jsonl))?;
+        Ok(PyAuditWriter {
+            inner,
+            path: shown,
+            kind: "jsonl",
+            redact,
+            warn_interval: Duration::from_millis(loss_warning_interval_ms),
+        })
     }
 
     /// Opens (creating, migrating) the `SQLite` audit database at `path`.
     #[staticmethod]
-    #[pyo3(signature = (path, *, queue_capacity=65_536, batch_max=4096, flush_interval_ms=100))]
+    #[pyo3(signature = (path, *, queue_capacity=65_536, batch_max=4096, flush_interval_ms=100,
+                        redact=None, on_full="drop", block_ms=1000, loss_warning_interval_ms=10_000))]
+    #[allow(clippy::too_many_arguments, reason = "keyword-only options")]
     fn sqlite(
         py: Python<'_>,
         path: PathBuf,
         queue_capacity: usize,
         batch_max: usize,
         flush_interval_ms: u64,
+        redact: Option<Vec<String>>,
+        on_full: &str,
+        block_ms: u64,
+        loss_warning_interval_ms: u64,
     ) -> PyResult<Self> {
-        let opts = writer_options(queue_capacity, batch_max, flush_interval_ms);
-        Self::open(py, path, opts, "sqlite", AuditWriter::open_sqlite)
+        let opts = writer_options(
+            queue_capacity,
+            batch_max,
+            flush_interval_ms,
+            on_full,
+            block_ms,
+        )?;
+        let redact = redactor(redact)?;
+        let shown = path.display().to_string();
+        let inner = py.detach(move || AuditWriter::open_sqlite(&path, opts))?;
+        Ok(PyAuditWriter {
+            inner,
+            path: shown,
+            kind: "sqlite",
+            redact,
+            warn_interval: Duration::from_millis(loss_warning_interval_ms),
+        })
     }
 
     #[getter]
@@ -1023,6 +1213,7 @@ impl PyAuditWriter {
     )]
     fn log(
         &self,
+        py: Python<'_>,
         status: &str,
         key_id: &str,
         key_name: &str,
@@ -1051,13 +1242,16 @@ impl PyAuditWriter {
             client_ip,
         };
         if !self.inner.takes_lines() {
-            return self.log_event(
+            let queued = self.log_event(
+                py,
                 &head,
                 scopes.extract()?,
                 input_args.filter(|v| !v.is_none()),
                 metadata.filter(|v| !v.is_none()),
                 extra,
-            );
+            )?;
+            self.warn_losses(py, false);
+            return Ok(queued);
         }
         // JSONL: render the line here, straight from the Python objects, into a
         // reused buffer; the writer thread only copies it.
@@ -1080,7 +1274,12 @@ impl PyAuditWriter {
                 )));
             }
         }
-        let queued = self.inner.enqueue_line(|buf| {
+        let redact = self.redact.as_ref();
+        let json = |buf: &mut Vec<u8>, v: &Bound<'_, PyAny>| match redact {
+            None => write_py_json(buf, v, 0),
+            Some(r) => write_py_json_redacted(buf, v, 0, r, r.root()),
+        };
+        let render = |buf: &mut Vec<u8>| {
             write_line_parts(
                 buf,
                 &head,
@@ -1095,11 +1294,11 @@ impl PyAuditWriter {
                     }
                 },
                 |buf| match input_args {
-                    Some(v) if !v.is_none() => write_py_json(buf, v, 0),
+                    Some(v) if !v.is_none() => json(buf, v),
                     _ => buf.extend_from_slice(b"null"),
                 },
                 |buf| match metadata {
-                    Some(v) if !v.is_none() => write_py_json(buf, v, 0),
+                    Some(v) if !v.is_none() => json(buf, v),
                     _ => buf.extend_from_slice(b"{}"),
                 },
                 |buf| {
@@ -1107,7 +1306,7 @@ impl PyAuditWriter {
                     for (k, v) in extra.iter() {
                         if k.cast::<PyString>()
                             .ok()
-                            .and_then(|k| k.to_str().ok().map(is_fixed_field))
+                            .and_then(|k| k.to_str().ok().map(is_reserved_field))
                             .unwrap_or(false)
                         {
                             continue;
@@ -1119,7 +1318,12 @@ impl PyAuditWriter {
                     }
                 },
             );
-        })?;
+        };
+        // Block policy: a full queue is waited on with the GIL released.
+        let queued = self
+            .inner
+            .enqueue_line_with(render, |wait| py.detach(wait))?;
+        self.warn_losses(py, false);
         Ok(queued)
     }
 
@@ -1129,8 +1333,15 @@ impl PyAuditWriter {
     }
 
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.inner.close())?;
+        let res = py.detach(|| self.inner.close());
+        self.warn_losses(py, true);
+        res?;
         Ok(())
+    }
+
+    /// Whether an event logged now would reach the sink (atomic loads only).
+    fn healthy(&self) -> bool {
+        self.inner.healthy()
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -1264,14 +1475,15 @@ fn scan_error(e: crate::audit::scan::ScanError) -> PyErr {
 
 /// Filters a JSONL audit log in one streaming pass (constant memory, the GIL released),
 /// writing matching lines as JSONL or CSV to `out`: a path (created, mode 0600, or
-/// truncated) or a binary stream with `write(bytes)`. Returns the counts.
+/// truncated) or a binary stream with `write(bytes)`. `path` may be a list of files,
+/// read in order as one log (see `audit_log_files`). Returns the counts.
 #[pyfunction]
 #[pyo3(signature = (path, out, *, key=None, tool=None, status=None, since=None, until=None,
                     limit=None, format="jsonl", header=true, progress=None))]
 #[allow(clippy::too_many_arguments, reason = "one keyword argument per filter")]
 fn audit_scan<'py>(
     py: Python<'py>,
-    path: PathBuf,
+    path: &Bound<'py, PyAny>,
     out: &Bound<'py, PyAny>,
     key: Option<String>,
     tool: Option<String>,
@@ -1283,7 +1495,8 @@ fn audit_scan<'py>(
     header: bool,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    use crate::audit::scan::{scan_path, OutputFormat, ScanFilter};
+    use crate::audit::scan::{scan_paths, OutputFormat, ScanFilter};
+    let (paths, _) = log_paths(path)?;
     let format = match format {
         "jsonl" => OutputFormat::Jsonl,
         "csv" => OutputFormat::Csv { header },
@@ -1340,7 +1553,7 @@ fn audit_scan<'py>(
                 })
             })
         };
-        let res = scan_path(&path, &filter, format, &mut sink, &mut on_progress);
+        let res = scan_paths(&paths, &filter, format, &mut sink, &mut on_progress);
         let flushed = std::io::Write::flush(&mut sink);
         (res, flushed)
     });
@@ -1364,6 +1577,121 @@ fn audit_scan<'py>(
     d.set_item("matched", stats.matched)?;
     d.set_item("malformed", stats.malformed)?;
     d.set_item("bytes_read", stats.bytes_read)?;
+    Ok(d)
+}
+
+/// Paths from `path_or_paths`: one path (the live file: the whole log, rotated files
+/// first) or a sequence of paths taken as they are.
+fn log_paths(path_or_paths: &Bound<'_, PyAny>) -> PyResult<(Vec<PathBuf>, bool)> {
+    if let Ok(p) = path_or_paths.extract::<PathBuf>() {
+        return Ok((vec![p], true));
+    }
+    if path_or_paths.cast::<PyString>().is_err() {
+        if let Ok(list) = path_or_paths.extract::<Vec<PathBuf>>() {
+            return Ok((list, false));
+        }
+    }
+    Err(PyTypeError::new_err(format!(
+        "expected a path or a list of paths, got {}",
+        path_or_paths.get_type().name()?
+    )))
+}
+
+fn io_to_py(e: &std::io::Error, msg: String) -> PyErr {
+    use pyo3::exceptions::{
+        PyFileNotFoundError, PyIsADirectoryError, PyOSError, PyPermissionError,
+    };
+    match e.kind() {
+        std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
+        std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),
+        std::io::ErrorKind::IsADirectory => PyIsADirectoryError::new_err(msg),
+        _ => PyOSError::new_err(msg),
+    }
+}
+
+/// Every file of the JSONL audit log at `path`, oldest first: its rotated files
+/// (`<stem>-<yyyymmddTHHMMSSmmm><ext>` beside it), then `path` itself if it exists.
+#[pyfunction]
+fn audit_log_files(py: Python<'_>, path: PathBuf) -> PyResult<Vec<String>> {
+    let files = py.detach(|| crate::audit::log_files(&path)).map_err(|e| {
+        io_to_py(
+            &e,
+            format!("cannot list the audit log files of {}: {e}", path.display()),
+        )
+    })?;
+    Ok(files.iter().map(|p| p.display().to_string()).collect())
+}
+
+/// Checks the hash chain of a JSONL audit log (the GIL released). `path_or_paths`: the
+/// live file (its rotated files are read first, oldest first) or a list of files in
+/// order. `key`: the chain key it was written with (`bytes` or `str`).
+#[pyfunction]
+#[pyo3(signature = (path_or_paths, *, key=None))]
+fn audit_verify<'py>(
+    py: Python<'py>,
+    path_or_paths: &Bound<'py, PyAny>,
+    key: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let (given, whole_log) = log_paths(path_or_paths)?;
+    let key = chain_key(key)?;
+    let (paths, report) = py
+        .detach(move || {
+            let paths = if whole_log {
+                let live = &given[0];
+                let mut files = crate::audit::rotated_files(live).map_err(|e| {
+                    crate::audit::AuditError::Read {
+                        path: live.clone(),
+                        source: e,
+                    }
+                })?;
+                if live.exists() || files.is_empty() {
+                    files.push(live.clone());
+                }
+                files
+            } else {
+                given
+            };
+            crate::audit::verify_files(&paths, key.as_ref()).map(|r| (paths, r))
+        })
+        .map_err(|e| match &e {
+            crate::audit::AuditError::Read { source, .. } => io_to_py(source, e.to_string()),
+            _ => PyErr::from(e),
+        })?;
+    let d = PyDict::new(py);
+    d.set_item("ok", report.is_ok())?;
+    d.set_item("events", report.events)?;
+    d.set_item("files", report.files)?;
+    d.set_item(
+        "paths",
+        paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>(),
+    )?;
+    d.set_item("unchained", report.unchained)?;
+    d.set_item("torn", report.torn)?;
+    d.set_item(
+        "continues_from",
+        report
+            .continues_from
+            .as_ref()
+            .map(|(p, l)| format!("{}:{l}", p.display())),
+    )?;
+    d.set_item(
+        "last_chain",
+        report.last_chain.as_ref().map(crate::audit::chain::to_hex),
+    )?;
+    let broken = match &report.broken {
+        None => None,
+        Some(b) => {
+            let bd = PyDict::new(py);
+            bd.set_item("file", b.path.display().to_string())?;
+            bd.set_item("line", b.line)?;
+            bd.set_item("reason", &b.reason)?;
+            Some(bd)
+        }
+    };
+    d.set_item("broken", broken)?;
     Ok(d)
 }
 
@@ -1426,5 +1754,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyKeyManager>()?;
     m.add_class::<PyAuditWriter>()?;
     m.add_function(wrap_pyfunction!(audit_query, m)?)?;
+    m.add_function(wrap_pyfunction!(audit_verify, m)?)?;
+    m.add_function(wrap_pyfunction!(audit_log_files, m)?)?;
     Ok(())
 }

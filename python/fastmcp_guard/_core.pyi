@@ -240,23 +240,46 @@ class KeyManager:
 @final
 class AuditWriter:
     """Bounded queue + background thread writing batches: JSONL lines (``AuditWriter(path)``)
-    or SQLite rows, one transaction per batch (``AuditWriter.sqlite(path)``)."""
+    or SQLite rows, one transaction per batch (``AuditWriter.sqlite(path)``).
+
+    JSONL options: ``rotate_bytes`` / ``rotate_daily`` rename the live file to
+    ``<stem>-<UTC yyyymmddTHHMMSSmmm><ext>`` and start a new one (``retention``: rotated
+    files kept); ``chain`` (default on) ends every line with ``"id"`` and the hash
+    ``"chain"`` (keyed BLAKE3 with ``chain_key``). Both kinds: ``redact`` patterns over
+    the key paths of ``input_args`` / ``metadata``; ``on_full="block"`` waits up to
+    ``block_ms`` (GIL released) for queue room instead of dropping. Lost events are
+    reported on the ``fastmcp_guard.audit`` logger at most once per
+    ``loss_warning_interval_ms``, and once more at ``close``.
+    """
 
     def __new__(
         cls,
-        path: str,
+        path: str | os.PathLike[str],
         *,
         queue_capacity: int = 65536,
         batch_max: int = 4096,
         flush_interval_ms: int = 100,
+        rotate_bytes: int | None = None,
+        rotate_daily: bool = False,
+        retention: int | None = None,
+        chain: bool = True,
+        chain_key: bytes | str | None = None,
+        redact: Sequence[str] | None = None,
+        on_full: Literal["drop", "block"] = "drop",
+        block_ms: int = 1000,
+        loss_warning_interval_ms: int = 10000,
     ) -> AuditWriter: ...
     @staticmethod
     def sqlite(
-        path: str,
+        path: str | os.PathLike[str],
         *,
         queue_capacity: int = 65536,
         batch_max: int = 4096,
         flush_interval_ms: int = 100,
+        redact: Sequence[str] | None = None,
+        on_full: Literal["drop", "block"] = "drop",
+        block_ms: int = 1000,
+        loss_warning_interval_ms: int = 10000,
     ) -> AuditWriter:
         """Open (create, migrate; a fastmcp-guard 0.2 file is taken over) the SQLite
         audit database at ``path``. Raises :class:`AuditWriteError` naming the path."""
@@ -289,6 +312,9 @@ class AuditWriter:
         """
     def flush(self) -> None: ...
     def close(self) -> None: ...
+    def healthy(self) -> bool:
+        """Whether an event logged now would reach the sink: open, room in the queue,
+        and the last batch written (false from a failed batch to the next success)."""
     def stats(self) -> dict[str, int]: ...
     def last_error(self) -> str | None: ...
 
@@ -296,7 +322,7 @@ class AuditWriter:
 AUDIT_STATUSES: tuple[str, ...]
 
 def audit_scan(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str] | IO[bytes] | Any,
     *,
     key: str | None = None,
@@ -312,7 +338,7 @@ def audit_scan(
     """Filter a JSONL audit log in one streaming pass (GIL released, constant memory).
 
     Matching lines go to ``out`` (a path, created mode 0600, or a binary stream) as
-    JSONL (byte for byte) or CSV. ``key`` matches ``key_id`` or ``key_name``;
+    JSONL (byte for byte) or CSV. A list of paths is read in order as one log. ``key`` matches ``key_id`` or ``key_name``;
     ``since`` inclusive, ``until`` exclusive (Unix seconds). ``progress(bytes_read)``
     is called about every 8 MiB; returning false stops (``KeyboardInterrupt``).
     Returns ``{"lines", "matched", "malformed", "bytes_read"}``. Raises
@@ -335,3 +361,21 @@ def audit_query(
     """Records of the SQLite audit database at ``path``, newest first (blocking; releases
     the GIL). ``since`` (inclusive) and ``until`` (exclusive) are Unix seconds, compared at
     millisecond precision. Never creates or migrates the file."""
+
+def audit_log_files(path: str | os.PathLike[str]) -> list[str]:
+    """Every file of the JSONL audit log at ``path``, oldest first: its rotated files
+    (``<stem>-<yyyymmddTHHMMSSmmm><ext>`` beside it), then ``path`` if it exists."""
+
+def audit_verify(
+    path_or_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    key: bytes | str | None = None,
+) -> dict[str, Any]:
+    """Check the hash chain of a JSONL audit log (GIL released).
+
+    ``path_or_paths``: the live file (its rotated files are read first) or a list of
+    files in order. ``key``: the chain key the log was written with. Returns ``{"ok",
+    "events", "files", "paths", "unchained", "torn", "continues_from", "last_chain",
+    "broken"}``; ``broken`` is ``None`` or ``{"file", "line", "reason"}`` for the first
+    line that fails. Raises ``FileNotFoundError`` / ``PermissionError`` for a file.
+    """

@@ -90,6 +90,13 @@ SETTINGS: dict[str, str] = {
     "trusted_proxies": "proxies whose X-Forwarded-For is honoured",
     "log_inputs": "record tool arguments in the audit log",
     "log_outputs": "record a preview of tool results in the audit log",
+    "audit_redact": "key paths of tool arguments recorded as [redacted] (password, *.token)",
+    "audit_on_failure": "when audit events cannot be recorded: drop, block or fail_closed",
+    "audit_flush_interval_ms": "longest an audit event waits before it is written (ms)",
+    "audit_rotate_bytes": "rotate the JSONL audit log at this size (100MB, 1GiB, bytes; off)",
+    "audit_rotate_daily": "rotate the JSONL audit log every UTC day",
+    "audit_retention": "rotated JSONL audit files kept (off: all)",
+    "audit_chain_key": "key of the JSONL audit log's hash chain (secret)",
     "url": "base URL of the running server (for the CLI's rate commands)",
     "admin_key": "admin key the CLI presents to the running server (secret)",
     "host": "address fastmcp-guard run listens on",
@@ -97,7 +104,7 @@ SETTINGS: dict[str, str] = {
     "transport": "transport of fastmcp-guard run: http or stdio",
 }
 
-_SECRET_SETTINGS = frozenset({"admin_key"})
+_SECRET_SETTINGS = frozenset({"admin_key", "audit_chain_key"})
 _SECRET_QUERY_PARAMS = frozenset({"password", "pass", "pwd", "secret", "token", "sslpassword"})
 _MASK = "****"
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
@@ -203,6 +210,13 @@ class GuardConfig:
     trusted_proxies: tuple[str, ...]
     log_inputs: bool
     log_outputs: bool
+    audit_redact: tuple[str, ...]
+    audit_on_failure: Literal["drop", "block", "fail_closed"]
+    audit_flush_interval_ms: int
+    audit_rotate_bytes: int | None
+    audit_rotate_daily: bool
+    audit_retention: int | None
+    audit_chain_key: str | None = field(repr=False)
     url: str
     admin_key: str | None = field(repr=False)
     host: str
@@ -321,6 +335,13 @@ class GuardConfig:
             "trusted_proxies": [],
             "log_inputs": True,
             "log_outputs": True,
+            "audit_redact": [],
+            "audit_on_failure": "drop",
+            "audit_flush_interval_ms": 100,
+            "audit_rotate_bytes": "off",
+            "audit_rotate_daily": False,
+            "audit_retention": "off",
+            "audit_chain_key": None,
             "url": DEFAULT_URL,
             "admin_key": None,
             "host": DEFAULT_HOST,
@@ -402,16 +423,32 @@ class GuardConfig:
 
     def audit_log(self) -> AuditLog | None:
         """The :class:`~fastmcp_guard.audit.AuditLog` named by ``audit`` (``None`` when off),
-        with ``log_inputs`` / ``log_outputs`` applied. Opens (creates) the file."""
+        with ``log_inputs`` / ``log_outputs`` and the ``audit_*`` settings applied (rotation,
+        retention and the chain key concern JSONL logs only). Opens (creates) the file."""
         target = self.audit
         if target.kind == "off" or target.path is None:
             return None
         from fastmcp_guard.audit import AuditLog, FileBackend, SQLiteBackend
 
         backend = (
-            SQLiteBackend(target.path) if target.kind == "sqlite" else FileBackend(target.path)
+            SQLiteBackend(target.path, flush_interval_ms=self.audit_flush_interval_ms)
+            if target.kind == "sqlite"
+            else FileBackend(
+                target.path,
+                flush_interval_ms=self.audit_flush_interval_ms,
+                rotate_bytes=self.audit_rotate_bytes,
+                rotate_daily=self.audit_rotate_daily,
+                retention=self.audit_retention,
+                chain_key=self.audit_chain_key,
+            )
         )
-        return AuditLog(backend=backend, log_inputs=self.log_inputs, log_outputs=self.log_outputs)
+        return AuditLog(
+            backend=backend,
+            log_inputs=self.log_inputs,
+            log_outputs=self.log_outputs,
+            redact=self.audit_redact,
+            on_failure=self.audit_on_failure,
+        )
 
     def rate_limit(self) -> RateLimit:
         """The :class:`~fastmcp_guard.rate.RateLimit` from ``rate`` and ``global_rate``, in
@@ -755,6 +792,91 @@ def _parse_url(item: _Raw, name: str) -> str:
     return text.rstrip("/")
 
 
+def _parse_patterns(item: _Raw, name: str) -> tuple[str, ...]:
+    value = item.value
+    if isinstance(value, str):
+        entries = [e.strip() for e in value.split(",") if e.strip()]
+    elif isinstance(value, (list, tuple)) and all(isinstance(e, str) for e in value):
+        entries = [e.strip() for e in value]
+    else:
+        raise InvalidSettingError(name, item.source, f"expected a list of key paths, got {value!r}")
+    for entry in entries:
+        if not entry or any(not seg for seg in entry.split(".")) or any(
+            "*" in seg and seg != "*" for seg in entry.split(".")
+        ):
+            raise InvalidSettingError(
+                name, item.source,
+                f"{entry!r} is not a key path; write names separated by dots, with * for any "
+                "one key (password, *.token, headers.authorization)",
+            )  # fmt: skip
+    return tuple(entries)
+
+
+def _parse_on_failure(item: _Raw, name: str) -> Literal["drop", "block", "fail_closed"]:
+    text = _str(item, name).lower()
+    if text == "drop":
+        return "drop"
+    if text == "block":
+        return "block"
+    if text == "fail_closed":
+        return "fail_closed"
+    raise InvalidSettingError(
+        name, item.source, f"expected 'drop', 'block' or 'fail_closed', got {item.value!r}"
+    )
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30}  # fmt: skip
+
+
+def _parse_size(item: _Raw, name: str) -> int | None:
+    value = item.value
+    if isinstance(value, int) and not isinstance(value, bool):
+        size: int | None = value
+    else:
+        text = _str(item, name).lower().replace(" ", "").replace("_", "")
+        if text in _OFF:
+            return None
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(digits) :]
+        size = int(digits) * _SIZE_UNITS[unit] if digits.isdigit() and unit in _SIZE_UNITS else None
+    if size is None or size < 1:
+        raise InvalidSettingError(
+            name, item.source, f"expected a size such as 100MB, 1GiB or 1048576, got {value!r}"
+        )
+    return size
+
+
+def _parse_count(item: _Raw, name: str) -> int | None:
+    value = item.value
+    if isinstance(value, str) and value.strip().lower() in _OFF:
+        return None
+    count: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        count = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        count = int(value.strip())
+    if count is None or count < 0:
+        raise InvalidSettingError(
+            name, item.source, f"expected a number of files (0 or more) or off, got {value!r}"
+        )
+    return count
+
+
+def _parse_millis(item: _Raw, name: str) -> int:
+    value = item.value
+    ms: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        ms = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        ms = int(value.strip())
+    if ms is None or not 1 <= ms <= 60_000:
+        raise InvalidSettingError(
+            name, item.source, f"expected milliseconds from 1 to 60000, got {value!r}"
+        )
+    return ms
+
+
 def _parse_secret(item: _Raw, name: str) -> str | None:
     return None if item.value is None else _str(item, name)
 
@@ -802,6 +924,13 @@ _PARSERS: dict[str, Callable[[_Raw, str], Any]] = {
     "trusted_proxies": _parse_list,
     "log_inputs": _parse_bool,
     "log_outputs": _parse_bool,
+    "audit_redact": _parse_patterns,
+    "audit_on_failure": _parse_on_failure,
+    "audit_flush_interval_ms": _parse_millis,
+    "audit_rotate_bytes": _parse_size,
+    "audit_rotate_daily": _parse_bool,
+    "audit_retention": _parse_count,
+    "audit_chain_key": _parse_secret,
     "url": _parse_url,
     "admin_key": _parse_secret,
     "host": _parse_host,

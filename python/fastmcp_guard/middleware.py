@@ -24,9 +24,10 @@ from fastmcp.server.auth import AuthContext, run_auth_checks
 from fastmcp.server.dependencies import get_access_token, get_http_request
 from fastmcp.server.middleware import Middleware
 from fastmcp.tools.base import ToolResult
+from mcp import MCPError
 from mcp.server.auth.middleware.auth_context import auth_context_var
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
-from mcp_types import TextContent
+from mcp_types import INTERNAL_ERROR, TextContent
 
 from fastmcp_guard.http import CLIENT_IP_STATE
 from fastmcp_guard.rate import RateLimitExceeded, tool_rate_of
@@ -36,7 +37,13 @@ if TYPE_CHECKING:
 
     from fastmcp_guard.guard import Guard
 
-__all__ = ["Caller", "GuardMiddleware"]
+__all__ = ["AUDIT_UNAVAILABLE", "Caller", "GuardMiddleware"]
+
+#: The refusal of ``AuditLog(on_failure="fail_closed")`` while the log cannot record.
+AUDIT_UNAVAILABLE = (
+    "audit log unavailable: the call was refused because it could not be recorded "
+    "(on_failure='fail_closed')"
+)
 
 
 @dataclass(slots=True)
@@ -131,6 +138,14 @@ class GuardMiddleware(Middleware):
         guard = self.guard
         caller = await self._caller()
         audit = guard.audit
+        if audit is not None and audit.fail_closed and not audit.healthy():
+            # Recorded if it can be: that attempt is also what notices a recovered sink.
+            audit.log(
+                "error", key_id=caller.key_id, key_name=caller.key_name, tool=target,
+                scopes=caller.scopes, error=AUDIT_UNAVAILABLE, input_args=arguments,
+                client_ip=caller.client_ip, metadata=caller.metadata,
+            )  # fmt: skip
+            raise MCPError(INTERNAL_ERROR, AUDIT_UNAVAILABLE)
         rate = guard.rate_limit  # always set: Guard supplies RateLimit() when none is given
         refusal = (
             rate.core.check(caller.rate_key, tool)

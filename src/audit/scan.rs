@@ -277,28 +277,104 @@ pub fn scan_path<W: Write>(
     out: &mut W,
     progress: &mut dyn FnMut(u64) -> bool,
 ) -> Result<ScanStats, ScanError> {
-    let open_err = |source| ScanError::Open {
-        path: path.to_owned(),
-        source,
-    };
-    let file = File::open(path).map_err(open_err)?;
-    if file.metadata().map_err(open_err)?.is_dir() {
-        return Err(ScanError::IsADirectory {
-            path: path.to_owned(),
-        });
+    scan_paths(&[path.to_path_buf()], filter, format, out, progress)
+}
+
+/// [`scan`] over several files read one after the other as one log (a
+/// rotated JSONL log, oldest first: see
+/// [`log_files`](super::log_files)). `limit` and the counters span all
+/// of them; a file whose last line has no `\n` is ended before the next
+/// file starts. Every file is opened before the scan starts.
+///
+/// # Errors
+/// As [`scan_path`] for each file; a read error names the file it happened in.
+pub fn scan_paths<W: Write>(
+    paths: &[PathBuf],
+    filter: &ScanFilter,
+    format: OutputFormat,
+    out: &mut W,
+    progress: &mut dyn FnMut(u64) -> bool,
+) -> Result<ScanStats, ScanError> {
+    let mut files = Vec::with_capacity(paths.len());
+    for path in paths {
+        let open_err = |source| ScanError::Open {
+            path: path.clone(),
+            source,
+        };
+        let file = File::open(path).map_err(open_err)?;
+        if file.metadata().map_err(open_err)?.is_dir() {
+            return Err(ScanError::IsADirectory { path: path.clone() });
+        }
+        files.push((path.clone(), file));
     }
-    scan(file, filter, format, out, progress).map_err(|e| match e {
+    let single = (paths.len() == 1).then(|| paths[0].clone());
+    let input = Files {
+        files: files.into_iter(),
+        current: None,
+        last: b'\n',
+        pending_newline: false,
+    };
+    scan(input, filter, format, out, progress).map_err(|e| match e {
         ScanError::Read {
             path: None,
             bytes_read,
             source,
         } => ScanError::Read {
-            path: Some(path.to_owned()),
+            path: single,
             bytes_read,
             source,
         },
         other => other,
     })
+}
+
+/// Several files read as one stream, a `\n` added after a file that does not
+/// end with one; read errors name their file.
+struct Files {
+    files: std::vec::IntoIter<(PathBuf, File)>,
+    current: Option<(PathBuf, File)>,
+    /// The last byte handed out (`\n` at the start).
+    last: u8,
+    pending_newline: bool,
+}
+
+impl Read for Files {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if self.pending_newline {
+                self.pending_newline = false;
+                self.last = b'\n';
+                buf[0] = b'\n';
+                return Ok(1);
+            }
+            let Some((path, file)) = &mut self.current else {
+                match self.files.next() {
+                    Some(next) => {
+                        self.current = Some(next);
+                        continue;
+                    }
+                    None => return Ok(0),
+                }
+            };
+            match file.read(buf) {
+                Ok(0) => {
+                    self.pending_newline = self.last != b'\n';
+                    self.current = None;
+                }
+                Ok(n) => {
+                    self.last = buf[n - 1];
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display())));
+                }
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1261,6 +1337,55 @@ mod tests {
                 malformed: 0,
                 bytes_read: input.len() as u64
             }
+        );
+    }
+
+    #[test]
+    fn several_files_scan_as_one_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = golden();
+        let text = String::from_utf8(input.clone()).unwrap();
+        let all: Vec<&str> = text.lines().collect();
+        let a = dir.path().join("a.jsonl");
+        let b = dir.path().join("b.jsonl");
+        let c = dir.path().join("c.jsonl");
+        // The first file's last line lacks its newline (torn): it stays one line.
+        std::fs::write(&a, format!("{}\n{}", all[0], all[1])).unwrap();
+        std::fs::write(&b, "").unwrap();
+        std::fs::write(&c, format!("{}\n", all[2..].join("\n"))).unwrap();
+        let paths = [a.clone(), b, c];
+        let mut out = Vec::new();
+        let stats = scan_paths(
+            &paths,
+            &ScanFilter::default(),
+            OutputFormat::Jsonl,
+            &mut out,
+            &mut |_| true,
+        )
+        .unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), text);
+        assert_eq!((stats.lines, stats.matched), (5, 5));
+        // `limit` spans the files.
+        let f = ScanFilter {
+            limit: Some(3),
+            ..ScanFilter::default()
+        };
+        let mut out = Vec::new();
+        let stats = scan_paths(&paths, &f, OutputFormat::Jsonl, &mut out, &mut |_| true).unwrap();
+        assert_eq!(stats.matched, 3);
+        // A missing file is refused before anything is written, naming it.
+        let missing = dir.path().join("gone.jsonl");
+        let err = scan_paths(
+            &[a, missing.clone()],
+            &ScanFilter::default(),
+            OutputFormat::Jsonl,
+            &mut Vec::new(),
+            &mut |_| true,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains(&missing.display().to_string()),
+            "{err}"
         );
     }
 

@@ -33,8 +33,8 @@ use rusqlite::{
 use serde_json::{Map, Value};
 
 use super::{
-    format_ts, write_json_str, write_ts, write_value, AuditError, AuditEvent, Batch, BatchFormat,
-    Sink, Status, FIXED_FIELDS,
+    format_ts, is_reserved_field, write_json_str, write_ts, write_value, AuditError, AuditEvent,
+    Batch, BatchFormat, Sink, Status, FIXED_FIELDS,
 };
 
 /// The schema version this build writes (`audit_schema_version`).
@@ -376,7 +376,7 @@ fn write_extra(buf: &mut Vec<u8>, extra: Option<&Map<String, Value>>) {
     let Some(extra) = extra else { return };
     let mut first = true;
     for (k, v) in extra {
-        if FIXED_FIELDS.contains(&k.as_str()) {
+        if is_reserved_field(k) {
             continue;
         }
         buf.push(if first { b'{' } else { b',' });

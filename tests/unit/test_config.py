@@ -475,3 +475,53 @@ def test_guard_takes_a_config(tmp_path: Path) -> None:
         )
     finally:
         guard.close()
+
+
+# -- audit log options -------------------------------------------------------------------
+
+
+def test_audit_options_reach_the_audit_log(tmp_path: Path) -> None:
+    write(tmp_path / "fastmcp-guard.toml", 'audit_redact = ["password", "*.token"]\n'
+          'audit_rotate_bytes = "2MiB"\naudit_retention = 3\n')  # fmt: skip
+    env = {"FASTMCP_GUARD_AUDIT_ON_FAILURE": "fail_closed",
+           "FASTMCP_GUARD_AUDIT_ROTATE_DAILY": "yes",
+           "FASTMCP_GUARD_AUDIT_CHAIN_KEY": "chain-s3cret",
+           "FASTMCP_GUARD_AUDIT_FLUSH_INTERVAL_MS": "50"}  # fmt: skip
+    config = load(tmp_path, env, profile="embedded")
+    assert config.audit_rotate_bytes == 2 * 2**20 and config.audit_retention == 3
+    assert config.audit_redact == ("password", "*.token")
+    audit = config.audit_log()
+    assert audit is not None
+    try:
+        assert audit.on_failure == "fail_closed" and audit.fail_closed
+        assert audit.redact == ("password", "*.token")
+        backend = audit.backend
+        assert isinstance(backend, FileBackend)
+        assert (backend.rotate_bytes, backend.rotate_daily, backend.retention) == (2 * 2**20, True, 3)
+        assert backend.chain_key == "chain-s3cret" and backend.flush_interval_ms == 50
+    finally:
+        audit.close()
+    shown = [json.dumps(config.to_dict()), repr(config), " ".join(v.display for v in config.views())]
+    for text in shown:
+        assert "chain-s3cret" not in text
+    assert config.to_dict()["settings"]["audit_chain_key"]["value"] == "****"
+
+
+@pytest.mark.parametrize(("text", "size"), [("100MB", 10**8), ("1GiB", 2**30), ("4096", 4096),
+                                             ("off", None), ("64 KiB", 64 * 2**10)])  # fmt: skip
+def test_audit_rotate_sizes(tmp_path: Path, text: str, size: int | None) -> None:
+    assert load(tmp_path, {"FASTMCP_GUARD_AUDIT_ROTATE_BYTES": text}).audit_rotate_bytes == size
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "needle"),
+    [("AUDIT_ROTATE_BYTES", "1.5GB", "100MB"), ("AUDIT_ROTATE_BYTES", "0", "size"),
+     ("AUDIT_RETENTION", "-1", "number of files"), ("AUDIT_ON_FAILURE", "retry", "fail_closed"),
+     ("AUDIT_REDACT", "a..b", "key path"), ("AUDIT_FLUSH_INTERVAL_MS", "0", "milliseconds")],
+)  # fmt: skip
+def test_bad_audit_options_name_the_setting(
+    tmp_path: Path, setting: str, value: str, needle: str
+) -> None:
+    with pytest.raises(InvalidSettingError, match=f"FASTMCP_GUARD_{setting}") as info:
+        load(tmp_path, {f"FASTMCP_GUARD_{setting}": value})
+    assert needle in str(info.value)

@@ -9,13 +9,17 @@ Key lifecycle actions add ``created``, ``rotated`` and ``revoked`` events. Field
 
 The request path only enqueues (about a microsecond); a Rust thread batches the
 events into the file and flushes at most ``flush_interval_ms`` later, on
-:meth:`AuditLog.close`, and at interpreter exit. When the queue is full, events
-are dropped and counted (``stats()["dropped"]``), never blocking a call.
+:meth:`AuditLog.close`, and at interpreter exit. What happens when events cannot be
+recorded (queue full, disk full, file unwritable) is the ``on_failure`` policy of
+:class:`AuditLog`: ``drop`` (default: counted in ``stats()``, and a warning on the
+``fastmcp_guard.audit`` logger at most every 10 s), ``block`` (wait up to 1 s for
+queue room) or ``fail_closed`` (refuse calls while the log is unavailable).
 
-Two backends: :class:`FileBackend` appends JSON lines; :class:`SQLiteBackend`
-inserts rows into table ``audit_log`` (one transaction per batch), which
-:meth:`AuditLog.query` searches. A fastmcp-guard 0.2 SQLite audit database is
-taken over in place, and its rows stay queryable.
+Two backends: :class:`FileBackend` appends JSON lines (rotation, retention, and a
+hash chain that makes edits detectable: ``fastmcp-guard audit verify``);
+:class:`SQLiteBackend` inserts rows into table ``audit_log`` (one transaction per
+batch), which :meth:`AuditLog.query` searches. A fastmcp-guard 0.2 SQLite audit
+database is taken over in place, and its rows stay queryable.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ import os
 import sys
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 import anyio.to_thread
 
@@ -38,15 +42,43 @@ __all__ = ["AuditLog", "FileBackend", "SQLiteBackend"]
 
 _DEFAULT_PATH = "fastmcp-guard-audit.jsonl"
 _DEFAULT_DB_PATH = "fastmcp-guard-audit.db"
+#: ``on_failure="block"``: longest ``log`` waits for room in the queue.
+_BLOCK_MS = 1000
+_POLICIES = ("drop", "block", "fail_closed")
+
+OnFailure = Literal["drop", "block", "fail_closed"]
 
 
 @dataclass(frozen=True)
 class FileBackend:
-    """Append JSON lines to ``path`` (created with mode 0600; its directory must exist)."""
+    """Append JSON lines to ``path`` (created with mode 0600; its directory must exist).
+
+    Args:
+        rotate_bytes: start a new file before a batch would take the live one past
+            this size. The old file is renamed ``<stem>-<UTC yyyymmddTHHMMSSmmm>.jsonl``
+            beside it (never copied or truncated: safe with ``tail -F`` and log
+            shippers).
+        rotate_daily: also start a new file at the first event of each UTC day.
+        retention: keep at most this many rotated files (the oldest are deleted);
+            ``None`` keeps them all.
+        chain: end every line with ``"id"`` (a unique, time-ordered event id) and
+            ``"chain"`` (a BLAKE3 hash linking it to the line before), so that
+            ``fastmcp-guard audit verify`` finds edited, deleted, inserted or reordered
+            lines. The chain continues across rotation and restarts.
+        chain_key: a secret (bytes or str) keying the chain hash. Without a key the
+            chain detects accidental damage and naive edits only: whoever can edit the
+            file can recompute it. With a key they also need the key.
+        flush_interval_ms: longest an event waits before it is written.
+    """
 
     path: str | os.PathLike[str] = _DEFAULT_PATH
     queue_capacity: int = 65536
     flush_interval_ms: int = 100
+    rotate_bytes: int | None = None
+    rotate_daily: bool = False
+    retention: int | None = None
+    chain: bool = True
+    chain_key: bytes | str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -70,6 +102,17 @@ class AuditLog:
         log_inputs: record tool arguments (turn off when they may hold PII).
         log_outputs: record the first ``output_preview_chars`` characters of results.
         output_preview_chars: length of ``output_preview``.
+        redact: key paths in ``input_args`` and ``metadata`` whose values are recorded
+            as ``"[redacted]"``: a bare name (``"password"``) at any depth, a dotted
+            path (``"headers.authorization"``) from the top, ``*`` for any one key
+            (``"*.token"``); lists are transparent; keys compare case-insensitively.
+        on_failure: when an event cannot be recorded. ``"drop"`` (default): drop it,
+            count it in :meth:`stats`, and log a warning on the ``fastmcp_guard.audit``
+            logger at most every 10 s. ``"block"``: when the queue is full, wait up to
+            1 s for room (the GIL released; the event loop waits too) before dropping.
+            ``"fail_closed"``: the guard refuses calls (an MCP error "audit log
+            unavailable") while :meth:`healthy` is false: the last batch failed to be
+            written, or the queue is full.
 
     The file is opened here, so a missing directory, an unwritable path or (for SQLite)
     a file that is not an audit database fails at construction with
@@ -85,6 +128,8 @@ class AuditLog:
         log_outputs: bool = True,
         *,
         output_preview_chars: int = 200,
+        redact: Sequence[str] | None = None,
+        on_failure: OnFailure = "drop",
     ) -> None:
         if backend is None or backend == "file":
             backend = FileBackend(path or _DEFAULT_PATH)
@@ -107,16 +152,44 @@ class AuditLog:
             )
         if output_preview_chars < 0:
             raise ConfigError("output_preview_chars must be >= 0")
+        if on_failure not in _POLICIES:
+            raise ConfigError(
+                f"on_failure must be one of {', '.join(map(repr, _POLICIES))}, got {on_failure!r}"
+            )
+        if isinstance(redact, str):
+            raise ConfigError(f"redact must be a list of patterns, got the string {redact!r}")
         self.backend: FileBackend | SQLiteBackend = backend
         self.log_inputs = log_inputs
         self.log_outputs = log_outputs
         self.output_preview_chars = output_preview_chars
-        open_writer = AuditWriter.sqlite if isinstance(backend, SQLiteBackend) else AuditWriter
-        self._writer = open_writer(
-            os.fspath(backend.path),
-            queue_capacity=backend.queue_capacity,
-            flush_interval_ms=backend.flush_interval_ms,
-        )
+        self.redact: tuple[str, ...] = tuple(redact or ())
+        self.on_failure: OnFailure = on_failure
+        #: ``on_failure == "fail_closed"``: the middleware asks :meth:`healthy` first.
+        self.fail_closed = on_failure == "fail_closed"
+        common: dict[str, Any] = {
+            "queue_capacity": backend.queue_capacity,
+            "flush_interval_ms": backend.flush_interval_ms,
+            "redact": list(self.redact) or None,
+            "on_full": "block" if on_failure == "block" else "drop",
+            "block_ms": _BLOCK_MS,
+        }
+        try:
+            if isinstance(backend, SQLiteBackend):
+                self._writer = AuditWriter.sqlite(os.fspath(backend.path), **common)
+            else:
+                self._writer = AuditWriter(
+                    os.fspath(backend.path),
+                    rotate_bytes=backend.rotate_bytes,
+                    rotate_daily=backend.rotate_daily,
+                    retention=backend.retention,
+                    chain=backend.chain,
+                    chain_key=backend.chain_key,
+                    **common,
+                )
+        except (ValueError, TypeError, OverflowError) as exc:
+            if isinstance(exc, GuardError):
+                raise
+            raise ConfigError(f"audit log options: {exc}") from None
         # Flush at interpreter exit without keeping the log alive.
         atexit.register(_close_at_exit, weakref.ref(self._writer))
 
@@ -233,13 +306,21 @@ class AuditLog:
         self._writer.close()
 
     def stats(self) -> dict[str, int]:
-        """Counters: ``enqueued``, ``written``, ``dropped``, ``write_errors``, ``queue_depth``."""
+        """Counters: ``enqueued``, ``written``, ``dropped``, ``write_errors``, ``failed``,
+        ``queue_depth``."""
         return self._writer.stats()
+
+    def healthy(self) -> bool:
+        """Whether an event logged now would be recorded: the writer is open, its queue
+        has room, and the last batch was written (false from a failed write to the next
+        successful one). A few atomic loads; ``fail_closed`` asks it before every call."""
+        return self._writer.healthy()
 
     def __repr__(self) -> str:
         return (
             f"AuditLog(backend={self._writer.kind!r}, path={self.path!r}, "
-            f"log_inputs={self.log_inputs}, log_outputs={self.log_outputs})"
+            f"log_inputs={self.log_inputs}, log_outputs={self.log_outputs}, "
+            f"on_failure={self.on_failure!r})"
         )
 
 

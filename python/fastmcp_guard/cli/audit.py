@@ -1,9 +1,11 @@
-"""``fastmcp-guard audit tail|query|export``: read the audit log the server writes.
+"""``fastmcp-guard audit tail|query|export|verify``: read the audit log the server writes.
 
 The log is the configured one (``--audit``, ``FASTMCP_GUARD_AUDIT``, config file, or
 ``./fastmcp-guard-audit.jsonl``). JSONL logs are scanned and filtered by the Rust core
-in one streaming pass (constant memory; :func:`fastmcp_guard._core.audit_scan`);
-SQLite logs are read through their indexes.
+in one streaming pass (constant memory; :func:`fastmcp_guard._core.audit_scan`), the
+rotated files first, oldest first (:func:`fastmcp_guard._core.audit_log_files`);
+SQLite logs are read through their indexes. ``verify`` checks the hash chain of a
+JSONL log across its rotated files (:func:`fastmcp_guard._core.audit_verify`).
 
 Filters (all optional, combined with AND): ``--key`` (a key id, a key name, or a
 token's public part), ``--tool``, ``--status``, ``--since`` / ``--until`` (``1h``,
@@ -33,7 +35,7 @@ from fastmcp_guard.cli._common import (
     parse_duration,
     want_json,
 )
-from fastmcp_guard.cli._output import print_table, say, warn
+from fastmcp_guard.cli._output import print_json, print_table, say, warn
 
 if TYPE_CHECKING:
     from fastmcp_guard.config import AuditTarget
@@ -47,6 +49,7 @@ examples:
   fastmcp-guard audit query --since 2026-03-09T00:00:00Z --until 2026-03-10 --json
   fastmcp-guard audit export --format csv --out audit.csv --since 7d
   fastmcp-guard --audit /var/log/mcp/audit.jsonl audit query --status rate_limited
+  fastmcp-guard audit verify /var/log/mcp/audit.jsonl --chain-key-env AUDIT_CHAIN_KEY
 """
 
 #: Rows shown by a human-readable ``query`` unless ``--limit`` says otherwise.
@@ -86,6 +89,17 @@ def register(subparsers: Any) -> None:
     export.add_argument("--out", required=True, metavar="FILE",
                         help="output file (created mode 0600; '-' for stdout)")  # fmt: skip
     export.set_defaults(func=_export)
+
+    verify = add_command(commands, "verify", epilog=_EPILOG,
+                         help="check the hash chain of a JSONL log (exit 1 at the first "
+                         "broken link)")  # fmt: skip
+    verify.add_argument("path", nargs="?", metavar="PATH",
+                        help="the live JSONL file (its rotated files are read too); "
+                        "default: the configured audit log")  # fmt: skip
+    verify.add_argument("--chain-key-env", metavar="VAR",
+                        help="environment variable holding the chain key the log was "
+                        "written with (default: the audit_chain_key setting)")  # fmt: skip
+    verify.set_defaults(func=_verify)
 
 
 # -- commands --------------------------------------------------------------------------
@@ -133,7 +147,7 @@ def _query(args: argparse.Namespace) -> int:
             from fastmcp_guard._core import audit_scan
 
             sys.stdout.flush()
-            audit_scan(target.path or "", sys.stdout.buffer, limit=args.limit, **filters)
+            audit_scan(_files(target), sys.stdout.buffer, limit=args.limit, **filters)
             sys.stdout.buffer.flush()
         return 0
     limit = _TABLE_ROWS if args.limit is None else args.limit
@@ -141,7 +155,7 @@ def _query(args: argparse.Namespace) -> int:
         records = list(_sqlite_records(target.path or "", filters, limit))
         more = None
     else:
-        records, more = _jsonl_head(target.path or "", filters, limit)
+        records, more = _jsonl_head(_files(target), filters, limit)
     if not records:
         say("No matching events.")
         return 0
@@ -157,9 +171,10 @@ def _export(args: argparse.Namespace) -> int:
     from fastmcp_guard._core import audit_scan
 
     out: Any = sys.stdout.buffer if args.out == "-" else args.out
-    if args.out != "-" and Path(args.out).resolve() == Path(target.path or "").resolve():
+    files = _files(target) if target.kind == "jsonl" else [target.path or ""]
+    if args.out != "-" and Path(args.out).resolve() in {Path(f).resolve() for f in files}:
         raise UsageError("--out is the audit log itself; choose another file")
-    with _progress(args.out != "-" and sys.stderr.isatty(), target.path or "") as progress:
+    with _progress(args.out != "-" and sys.stderr.isatty(), files) as progress:
         if target.kind == "sqlite":
             # Rows stream out of SQLite into a JSONL spool, which the core converts: one
             # CSV writer for both kinds, constant memory.
@@ -170,7 +185,7 @@ def _export(args: argparse.Namespace) -> int:
                 spool.flush()
                 stats = audit_scan(spool.name, out, format=args.format)
         else:
-            stats = audit_scan(target.path or "", out, format=args.format, progress=progress,
+            stats = audit_scan(files, out, format=args.format, progress=progress,
                                **filters)  # fmt: skip
     if args.out != "-":
         say(f"Exported {stats['matched']} events to {args.out} ({args.format}).")
@@ -196,12 +211,70 @@ def _tail(args: argparse.Namespace) -> int:
                 emit(rec)
                 last_id = rec["id"]
         return 0
+    older = _files(target)[:-1]
     with open(path, "rb") as f:
-        for line in _last_lines(f, args.lines):
+        lines = _last_lines(f, args.lines)
+        # Just after a rotation the live file is short: take the rest from rotated files.
+        for rotated in reversed(older):
+            if len(lines) >= args.lines:
+                break
+            with open(rotated, "rb") as r:
+                lines = _last_lines(r, args.lines - len(lines)) + lines
+        for line in lines:
             _emit_line(emit, line)
         if not args.follow:
             return 0
         _follow(f, path, emit)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from fastmcp_guard._core import audit_verify
+
+    config = cli_config(args)
+    if args.path is not None:
+        path = args.path
+    else:
+        target = config.audit
+        if target.kind != "jsonl" or target.path is None:
+            raise UsageError(
+                f"verify checks a JSONL audit log; the configured audit log is {target} "
+                "(give the path of a .jsonl file)"
+            )
+        path = target.path
+    key: str | None = config.audit_chain_key
+    if args.chain_key_env:
+        key = os.environ.get(args.chain_key_env)
+        if not key:
+            raise UsageError(
+                f"argument --chain-key-env: environment variable {args.chain_key_env} is not set"
+            )
+    from fastmcp_guard._core import audit_log_files
+
+    if not audit_log_files(path):
+        raise FileNotFoundError(2, "no audit log here (nothing was logged)", path)
+    report = audit_verify(path, key=key)
+    if want_json(args):
+        print_json(report)
+        return 0 if report["ok"] else 1
+    broken = report["broken"]
+    if broken is not None:
+        say(f"broken at {broken['file']}:{broken['line']}: {broken['reason']}")
+        say(f"({report['events']} events verified before it)")
+        return 1
+    files = report["files"]
+    say(f"OK: {report['events']} events in {files} file{'s' if files != 1 else ''}")
+    if report["continues_from"]:
+        say(f"  the chain starts at {report['continues_from']}, continuing from a file no "
+            "longer present (removed by retention?)")  # fmt: skip
+    if report["unchained"]:
+        say(f"  {report['unchained']} earlier lines carry no chain (written before it was "
+            "on) and were not checked")  # fmt: skip
+    if report["torn"]:
+        say(f"  {report['torn']} torn lines (incomplete writes the writer ended) were skipped")
+    if key is None:
+        say("  no chain key: this detects accidental damage and naive edits, not an "
+            "attacker who recomputes the chain")  # fmt: skip
     return 0
 
 
@@ -228,11 +301,18 @@ class _Head(io.RawIOBase):
         return len(data)
 
 
-def _jsonl_head(path: str, filters: dict[str, Any], limit: int) -> tuple[list[Any], int]:
+def _files(target: AuditTarget) -> list[str]:
+    """The files of a JSONL log, oldest first (rotated ones, then the live file)."""
+    from fastmcp_guard._core import audit_log_files
+
+    return audit_log_files(target.path or "") or [target.path or ""]
+
+
+def _jsonl_head(files: list[str], filters: dict[str, Any], limit: int) -> tuple[list[Any], int]:
     from fastmcp_guard._core import audit_scan
 
     head = _Head(limit)
-    audit_scan(path, head, **filters)
+    audit_scan(files, head, **filters)
     return [json.loads(line) for line in head.lines], head.extra
 
 
@@ -411,8 +491,8 @@ def _print_events(records: list[dict[str, Any]], *, title: str) -> None:
 class _progress:
     """A rich progress bar over the bytes of the log on a terminal; else nothing."""
 
-    def __init__(self, show: bool, path: str) -> None:
-        self.show, self.path = show, path
+    def __init__(self, show: bool, files: list[str]) -> None:
+        self.show, self.files = show, files
         self.bar: Any = None
 
     def __enter__(self) -> Any:
@@ -424,7 +504,7 @@ class _progress:
                        DownloadColumn(), TimeRemainingColumn(), transient=True)  # fmt: skip
         bar.start()
         self.bar = bar
-        task = bar.add_task("exporting", total=os.path.getsize(self.path))
+        task = bar.add_task("exporting", total=sum(os.path.getsize(f) for f in self.files))
 
         def update(done: int) -> bool:
             bar.update(task, completed=done)
