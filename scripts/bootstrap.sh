@@ -21,7 +21,7 @@ export VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH"
 python -m pip install -q --disable-pip-version-check "maturin>=1.8,<2" \
   "fastmcp>=4.2.3,<5" "anyio>=4" "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.3" \
   "hypothesis>=6.100" "bcrypt>=4" "mypy>=1.10" "ruff>=0.5" "psycopg[binary]>=3.2" \
-  "redis>=5.0.1"
+  "redis>=5.0.1" "opentelemetry-sdk>=1.20"
 
 # The released fastmcp-guard 0.2.2 wheel: tests import its key files (drop-in check).
 if ! ls .cache/legacy/fastmcp_guard-0.2.2-*.whl >/dev/null 2>&1; then

@@ -1015,6 +1015,22 @@ fn redactor(patterns: Option<Vec<String>>) -> PyResult<Option<Redactor>> {
     Ok((!r.is_empty()).then_some(r))
 }
 
+/// `value` as JSON-compatible Python objects, with the values of keys matched by the
+/// audit `redact=` `patterns` replaced by `"[redacted]"`: the same rules as the audit
+/// writer (for backends that do not render lines, e.g. OpenTelemetry).
+#[pyfunction]
+fn redact_json(
+    py: Python<'_>,
+    value: &Bound<'_, PyAny>,
+    patterns: Vec<String>,
+) -> PyResult<Py<PyAny>> {
+    let mut v = py_to_json(value, Lossy::Repr, 0)?;
+    if let Some(r) = redactor(Some(patterns))? {
+        r.redact_value(&mut v);
+    }
+    json_to_py(py, &v)
+}
+
 /// A chain key given as `bytes` or `str` (its UTF-8).
 fn chain_key(key: Option<&Bound<'_, PyAny>>) -> PyResult<Option<ChainKey>> {
     let Some(key) = key.filter(|k| !k.is_none()) else {
@@ -1739,6 +1755,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     m.add_function(wrap_pyfunction!(token_key_id, m)?)?;
     m.add_function(wrap_pyfunction!(audit_scan, m)?)?;
+    m.add_function(wrap_pyfunction!(redact_json, m)?)?;
     m.add(
         "AUDIT_STATUSES",
         PyTuple::new(m.py(), Status::ALL.iter().map(|s| s.as_str()))?,

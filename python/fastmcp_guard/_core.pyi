@@ -321,6 +321,10 @@ class AuditWriter:
 #: Every audit status name, in the core's order.
 AUDIT_STATUSES: tuple[str, ...]
 
+def redact_json(value: Any, patterns: list[str]) -> Any:
+    """``value`` as JSON-compatible objects with the values of keys matched by the audit
+    ``redact=`` patterns replaced by ``"[redacted]"`` (the writer's rules)."""
+
 def audit_scan(
     path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str] | IO[bytes] | Any,

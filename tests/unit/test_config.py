@@ -497,11 +497,19 @@ def test_audit_options_reach_the_audit_log(tmp_path: Path) -> None:
         assert audit.redact == ("password", "*.token")
         backend = audit.backend
         assert isinstance(backend, FileBackend)
-        assert (backend.rotate_bytes, backend.rotate_daily, backend.retention) == (2 * 2**20, True, 3)
+        assert (backend.rotate_bytes, backend.rotate_daily, backend.retention) == (
+            2 * 2**20,
+            True,
+            3,
+        )
         assert backend.chain_key == "chain-s3cret" and backend.flush_interval_ms == 50
     finally:
         audit.close()
-    shown = [json.dumps(config.to_dict()), repr(config), " ".join(v.display for v in config.views())]
+    shown = [
+        json.dumps(config.to_dict()),
+        repr(config),
+        " ".join(v.display for v in config.views()),
+    ]
     for text in shown:
         assert "chain-s3cret" not in text
     assert config.to_dict()["settings"]["audit_chain_key"]["value"] == "****"

@@ -36,9 +36,10 @@ from typing import Any, Literal
 import anyio.to_thread
 
 from fastmcp_guard._core import AuditWriter, audit_query
+from fastmcp_guard.audit.otel import OTelBackend
 from fastmcp_guard.errors import ConfigError, GuardError
 
-__all__ = ["AuditLog", "FileBackend", "SQLiteBackend"]
+__all__ = ["AuditLog", "Backend", "FileBackend", "OTelBackend", "SQLiteBackend"]
 
 _DEFAULT_PATH = "fastmcp-guard-audit.jsonl"
 _DEFAULT_DB_PATH = "fastmcp-guard-audit.db"
@@ -92,12 +93,18 @@ class SQLiteBackend:
     flush_interval_ms: int = 100
 
 
+#: What ``AuditLog(backend=...)`` takes (one, or several in a list: a fan-out).
+Backend = FileBackend | SQLiteBackend | OTelBackend
+
+
 class AuditLog:
     """Where and what to record.
 
     Args:
-        backend: a :class:`FileBackend` or :class:`SQLiteBackend`, or ``"file"`` /
-            ``"sqlite"`` with ``path=``.
+        backend: a :class:`FileBackend`, :class:`SQLiteBackend` or
+            :class:`~fastmcp_guard.audit.otel.OTelBackend` (or ``"file"`` / ``"sqlite"``
+            with ``path=``, or ``"otel"``), or a list of several: every event goes to each
+            (a fan-out; at most one of each kind).
         path: the JSONL file for ``backend="file"``, the database for ``backend="sqlite"``.
         log_inputs: record tool arguments (turn off when they may hold PII).
         log_outputs: record the first ``output_preview_chars`` characters of results.
@@ -121,7 +128,7 @@ class AuditLog:
 
     def __init__(
         self,
-        backend: FileBackend | SQLiteBackend | str | None = None,
+        backend: Backend | str | Sequence[Backend | str] | None = None,
         path: str | os.PathLike[str] | None = None,
         url: str | None = None,
         log_inputs: bool = True,
@@ -131,25 +138,13 @@ class AuditLog:
         redact: Sequence[str] | None = None,
         on_failure: OnFailure = "drop",
     ) -> None:
-        if backend is None or backend == "file":
-            backend = FileBackend(path or _DEFAULT_PATH)
-        elif backend == "sqlite":
-            backend = SQLiteBackend(path or _DEFAULT_DB_PATH)
-        elif isinstance(backend, str):
-            if backend in ("http", "otel"):
-                raise ConfigError(
-                    f"audit backend {backend!r} is not available in this release; "
-                    "use FileBackend(path) / backend='file' or SQLiteBackend(path) / "
-                    "backend='sqlite'"
-                )
-            raise ConfigError(
-                f"unknown audit backend {backend!r}; expected a FileBackend, an "
-                "SQLiteBackend or one of 'file', 'sqlite', 'http', 'otel'"
-            )
-        if not isinstance(backend, (FileBackend, SQLiteBackend)):
-            raise ConfigError(
-                f"audit backend must be a FileBackend, an SQLiteBackend or a name, got {backend!r}"
-            )
+        specs = list(backend) if isinstance(backend, (list, tuple)) else [backend]
+        if not specs:
+            raise ConfigError("AuditLog(backend=[]) needs at least one backend")
+        resolved = [_resolve_backend(b, path) for b in specs]
+        kinds = [type(b) for b in resolved]
+        if len(set(kinds)) != len(kinds):
+            raise ConfigError("AuditLog(backend=[...]) takes each kind of backend at most once")
         if output_preview_chars < 0:
             raise ConfigError("output_preview_chars must be >= 0")
         if on_failure not in _POLICIES:
@@ -158,7 +153,12 @@ class AuditLog:
             )
         if isinstance(redact, str):
             raise ConfigError(f"redact must be a list of patterns, got the string {redact!r}")
-        self.backend: FileBackend | SQLiteBackend = backend
+        #: The first file / SQLite backend (what :attr:`path`, :meth:`query` and the CLI
+        #: read), or the only backend.
+        self.backend: Backend = next(
+            (b for b in resolved if isinstance(b, (FileBackend, SQLiteBackend))), resolved[0]
+        )
+        self.backends: tuple[Backend, ...] = tuple(resolved)
         self.log_inputs = log_inputs
         self.log_outputs = log_outputs
         self.output_preview_chars = output_preview_chars
@@ -166,42 +166,42 @@ class AuditLog:
         self.on_failure: OnFailure = on_failure
         #: ``on_failure == "fail_closed"``: the middleware asks :meth:`healthy` first.
         self.fail_closed = on_failure == "fail_closed"
-        common: dict[str, Any] = {
-            "queue_capacity": backend.queue_capacity,
-            "flush_interval_ms": backend.flush_interval_ms,
-            "redact": list(self.redact) or None,
-            "on_full": "block" if on_failure == "block" else "drop",
-            "block_ms": _BLOCK_MS,
-        }
+        self._writer: AuditWriter | None = None
+        self._targets: list[Any] = []
         try:
-            if isinstance(backend, SQLiteBackend):
-                self._writer = AuditWriter.sqlite(os.fspath(backend.path), **common)
-            else:
-                self._writer = AuditWriter(
-                    os.fspath(backend.path),
-                    rotate_bytes=backend.rotate_bytes,
-                    rotate_daily=backend.rotate_daily,
-                    retention=backend.retention,
-                    chain=backend.chain,
-                    chain_key=backend.chain_key,
-                    **common,
-                )
-        except (ValueError, TypeError, OverflowError) as exc:
-            if isinstance(exc, GuardError):
-                raise
-            raise ConfigError(f"audit log options: {exc}") from None
-        # Flush at interpreter exit without keeping the log alive.
-        atexit.register(_close_at_exit, weakref.ref(self._writer))
+            for b in resolved:
+                target = _open_target(b, self.redact, on_failure)
+                if isinstance(target, AuditWriter) and self._writer is None:
+                    self._writer = target
+                self._targets.append(target)
+        except BaseException:
+            for target in self._targets:
+                target.close()
+            raise
+        # One target: log straight to it (the hot path has no loop).
+        self._log = self._targets[0].log if len(self._targets) == 1 else self._fan_out
+        for target in self._targets:
+            if isinstance(target, AuditWriter):
+                # Flush at interpreter exit without keeping the log alive.
+                atexit.register(_close_at_exit, weakref.ref(target))
+
+    def _fan_out(self, *fields: Any) -> bool:
+        ok = True
+        for target in self._targets:
+            ok = target.log(*fields) and ok
+        return ok
 
     @property
     def writer(self) -> AuditWriter:
-        """The Rust writer."""
+        """The Rust writer of the file / SQLite backend."""
+        if self._writer is None:
+            raise ConfigError(f"this audit log writes no file ({self.backends!r})")
         return self._writer
 
     @property
     def path(self) -> str:
-        """The JSONL file or the SQLite database."""
-        return self._writer.path
+        """The JSONL file or the SQLite database (``""`` without a file backend)."""
+        return "" if self._writer is None else self._writer.path
 
     def log(
         self,
@@ -226,7 +226,7 @@ class AuditLog:
             output_preview = None
         elif output_preview is not None:
             output_preview = output_preview[: self.output_preview_chars]
-        return self._writer.log(
+        return self._log(
             status, key_id, key_name, tool, scopes, duration_ms, error,
             input_args, output_preview, client_ip, metadata, extra,
         )  # fmt: skip
@@ -289,7 +289,7 @@ class AuditLog:
         return await anyio.to_thread.run_sync(self._query_now, args)
 
     def _query_now(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        self._writer.flush()
+        self.writer.flush()
         try:
             return audit_query(self.path, **args)
         except ValueError as exc:  # a bad status name or limit
@@ -298,30 +298,108 @@ class AuditLog:
             raise ConfigError(str(exc)) from None
 
     def flush(self) -> None:
-        """Block until everything enqueued so far is written."""
-        self._writer.flush()
+        """Block until everything enqueued so far is written (by every backend)."""
+        for target in self._targets:
+            target.flush()
 
     def close(self) -> None:
-        """Flush, sync and stop the writer thread. Idempotent."""
-        self._writer.close()
+        """Flush, sync and stop every backend. Idempotent."""
+        errors = []
+        for target in self._targets:
+            try:
+                target.close()
+            except Exception as exc:  # noqa: BLE001 - close them all, then report
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def stats(self) -> dict[str, int]:
-        """Counters: ``enqueued``, ``written``, ``dropped``, ``write_errors``, ``failed``,
-        ``queue_depth``."""
-        return self._writer.stats()
+        """Counters of the file / SQLite writer: ``enqueued``, ``written``, ``dropped``,
+        ``write_errors``, ``failed``, ``queue_depth`` (summed over backends that count)."""
+        total: dict[str, int] = {}
+        for target in self._targets:
+            for k, v in target.stats().items():
+                total[k] = total.get(k, 0) + v
+        return total
 
     def healthy(self) -> bool:
-        """Whether an event logged now would be recorded: the writer is open, its queue
-        has room, and the last batch was written (false from a failed write to the next
-        successful one). A few atomic loads; ``fail_closed`` asks it before every call."""
-        return self._writer.healthy()
+        """Whether an event logged now would be recorded by every backend: for a file,
+        the writer is open, its queue has room, and the last batch was written (false
+        from a failed write to the next successful one). A few atomic loads;
+        ``fail_closed`` asks it before every call."""
+        return all(target.healthy() for target in self._targets)
 
     def __repr__(self) -> str:
+        kinds = ", ".join(_kind(b) for b in self.backends)
         return (
-            f"AuditLog(backend={self._writer.kind!r}, path={self.path!r}, "
+            f"AuditLog(backend=[{kinds}], path={self.path!r}, "
             f"log_inputs={self.log_inputs}, log_outputs={self.log_outputs}, "
             f"on_failure={self.on_failure!r})"
         )
+
+
+def _kind(backend: Backend) -> str:
+    return {"FileBackend": "jsonl", "SQLiteBackend": "sqlite"}.get(
+        type(backend).__name__, type(backend).__name__
+    )
+
+
+def _resolve_backend(backend: Any, path: str | os.PathLike[str] | None) -> Backend:
+    """A backend object from an object or a name (``"file"``, ``"sqlite"``, ``"otel"``)."""
+    if backend is None or backend == "file":
+        return FileBackend(path or _DEFAULT_PATH)
+    if backend == "sqlite":
+        return SQLiteBackend(path or _DEFAULT_DB_PATH)
+    if backend == "otel":
+        return OTelBackend()
+    if isinstance(backend, str):
+        if backend == "http":
+            raise ConfigError(
+                "audit backend 'http' is not available in this release; use FileBackend, "
+                "SQLiteBackend or OTelBackend (several at once: backend=[...])"
+            )
+        raise ConfigError(
+            f"unknown audit backend {backend!r}; expected a FileBackend, an SQLiteBackend, "
+            "an OTelBackend or one of 'file', 'sqlite', 'otel'"
+        )
+    if not isinstance(backend, (FileBackend, SQLiteBackend, OTelBackend)):
+        raise ConfigError(
+            "audit backend must be a FileBackend, an SQLiteBackend, an OTelBackend or a "
+            f"name, got {backend!r}"
+        )
+    return backend
+
+
+def _open_target(backend: Backend, redact: tuple[str, ...], on_failure: str) -> Any:
+    """The object that records events for ``backend``: ``log(*fields) -> bool``,
+    ``flush``, ``close``, ``stats``, ``healthy`` (an :class:`AuditWriter` for files)."""
+    if isinstance(backend, (FileBackend, SQLiteBackend)):
+        common: dict[str, Any] = {
+            "queue_capacity": backend.queue_capacity,
+            "flush_interval_ms": backend.flush_interval_ms,
+            "redact": list(redact) or None,
+            "on_full": "block" if on_failure == "block" else "drop",
+            "block_ms": _BLOCK_MS,
+        }
+        try:
+            if isinstance(backend, SQLiteBackend):
+                return AuditWriter.sqlite(os.fspath(backend.path), **common)
+            return AuditWriter(
+                os.fspath(backend.path),
+                rotate_bytes=backend.rotate_bytes,
+                rotate_daily=backend.rotate_daily,
+                retention=backend.retention,
+                chain=backend.chain,
+                chain_key=backend.chain_key,
+                **common,
+            )
+        except (ValueError, TypeError, OverflowError) as exc:
+            if isinstance(exc, GuardError):
+                raise
+            raise ConfigError(f"audit log options: {exc}") from None
+    from fastmcp_guard.audit.otel import OTelEmitter
+
+    return OTelEmitter(backend, redact=redact)
 
 
 def _unix_seconds(when: datetime | float | None, what: str) -> float | None:

@@ -1,0 +1,158 @@
+"""The OpenTelemetry audit backend (extra ``[otel]``): decisions on the host's traces.
+
+Written against the OpenTelemetry *API* only, so it joins whatever tracer provider the
+host application configured (and does nothing, cheaply, when none is). For each
+decision it:
+
+- sets guard attributes on the span that is current when the guard decides, which is
+  FastMCP 4's own span for the request (its per-request SERVER span): ``fastmcp_guard.key_id``,
+  ``fastmcp_guard.key_name``, ``fastmcp_guard.scopes``, ``fastmcp_guard.decision``,
+  and ``fastmcp_guard.retry_after`` for a rate-limited call;
+- adds one span event ``fastmcp_guard.decision`` with the audit fields (inputs and
+  outputs only when the audit log records them, after redaction);
+- for a decision made outside any recording span (an HTTP 401 answered before FastMCP
+  opens one, a key lifecycle event), records a short span of its own,
+  ``fastmcp_guard <status>``, so the event is not lost.
+
+Tokens never reach it: the audit fields carry key ids and names only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastmcp_guard.errors import MissingExtraError
+
+__all__ = ["ATTRIBUTE_PREFIX", "EVENT_NAME", "OTelBackend", "OTelEmitter"]
+
+ATTRIBUTE_PREFIX = "fastmcp_guard."
+EVENT_NAME = "fastmcp_guard.decision"
+
+
+@dataclass(frozen=True)
+class OTelBackend:
+    """Send audit decisions to OpenTelemetry (the host's tracer provider).
+
+    Args:
+        tracer_name: instrumentation scope of the spans this backend starts itself.
+        max_attribute_chars: longest string attribute (inputs, previews) before cutting.
+    """
+
+    tracer_name: str = "fastmcp_guard"
+    max_attribute_chars: int = 1024
+
+
+class OTelEmitter:
+    """Turns audit events into span attributes and events (see the module docs)."""
+
+    def __init__(self, backend: OTelBackend, redact: Sequence[str] = ()) -> None:
+        try:
+            from opentelemetry import trace
+        except ImportError:
+            raise MissingExtraError(
+                "the otel audit backend needs the OpenTelemetry API: "
+                "pip install 'fastmcp-guard[otel]'"
+            ) from None
+        self._trace = trace
+        self.backend = backend
+        self._tracer = trace.get_tracer(backend.tracer_name)
+        self._redact = list(redact)
+        self._emitted = 0
+
+    # -- the audit target interface (AuditLog fans out to it) ---------------------------
+
+    def log(
+        self, status: str, key_id: str, key_name: str, tool: str, scopes: Sequence[str],
+        duration_ms: float, error: str | None = None, input_args: Any = None,
+        output_preview: str | None = None, client_ip: str | None = None,
+        metadata: Any = None, extra: dict[str, Any] | None = None,
+    ) -> bool:  # fmt: skip
+        """Record one decision (the positional order of ``AuditWriter.log``)."""
+        if self._redact:
+            from fastmcp_guard._core import redact_json
+
+            if input_args is not None:
+                input_args = redact_json(input_args, self._redact)
+            if metadata is not None:
+                metadata = redact_json(metadata, self._redact)
+        self.emit(status, key_id=key_id, key_name=key_name, tool=tool, scopes=scopes,
+                  duration_ms=duration_ms, error=error, input_args=input_args,
+                  output_preview=output_preview, client_ip=client_ip, metadata=metadata,
+                  extra=extra)  # fmt: skip
+        self._emitted += 1
+        return True
+
+    def flush(self) -> None:
+        """Nothing is buffered here (the host's span processor exports)."""
+
+    def close(self) -> None:
+        """Nothing to close (the host owns the tracer provider)."""
+
+    def stats(self) -> dict[str, int]:
+        return {"otel_events": self._emitted}
+
+    def healthy(self) -> bool:
+        return True
+
+    def _cut(self, text: str) -> str:
+        limit = self.backend.max_attribute_chars
+        return text if len(text) <= limit else text[:limit] + "..."
+
+    def emit(
+        self,
+        status: str,
+        *,
+        key_id: str = "",
+        key_name: str = "",
+        tool: str = "",
+        scopes: Sequence[str] = (),
+        duration_ms: float = 0.0,
+        error: str | None = None,
+        input_args: Any = None,
+        output_preview: str | None = None,
+        client_ip: str | None = None,
+        metadata: Any = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Record one decision on the current span (or a span of its own)."""
+        p = ATTRIBUTE_PREFIX
+        event: dict[str, Any] = {
+            f"{p}decision": status,
+            f"{p}key_id": key_id,
+            f"{p}key_name": key_name,
+            f"{p}tool": tool,
+            f"{p}scopes": list(scopes),
+            f"{p}duration_ms": float(duration_ms),
+        }
+        if error:
+            event[f"{p}error"] = self._cut(error)
+        if client_ip:
+            event[f"{p}client_ip"] = client_ip
+        if input_args is not None:
+            event[f"{p}input_args"] = self._cut(json.dumps(input_args, default=repr))
+        if output_preview is not None:
+            event[f"{p}output_preview"] = self._cut(output_preview)
+        if metadata:
+            event[f"{p}metadata"] = self._cut(json.dumps(metadata, default=repr))
+        for k, v in (extra or {}).items():
+            if isinstance(v, (str, bool, int, float)):
+                event.setdefault(p + k, v)
+        span = self._trace.get_current_span()
+        if span.is_recording():
+            self._annotate(span, event)
+        else:
+            with self._tracer.start_as_current_span(f"fastmcp_guard {status}") as own:
+                self._annotate(own, event)
+
+    def _annotate(self, span: Any, event: dict[str, Any]) -> None:
+        p = ATTRIBUTE_PREFIX
+        span.set_attributes({k: event[k] for k in (f"{p}decision", f"{p}key_id",
+                                                     f"{p}key_name", f"{p}scopes")})  # fmt: skip
+        if f"{p}retry_after" in event:
+            span.set_attribute(f"{p}retry_after", event[f"{p}retry_after"])
+        # The span's status is left to FastMCP: a refusal is the client's fault, and
+        # OpenTelemetry's conventions keep SERVER spans unset for those.
+        span.add_event(EVENT_NAME, event)
