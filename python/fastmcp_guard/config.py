@@ -801,8 +801,10 @@ def _parse_patterns(item: _Raw, name: str) -> tuple[str, ...]:
     else:
         raise InvalidSettingError(name, item.source, f"expected a list of key paths, got {value!r}")
     for entry in entries:
-        if not entry or any(not seg for seg in entry.split(".")) or any(
-            "*" in seg and seg != "*" for seg in entry.split(".")
+        if (
+            not entry
+            or any(not seg for seg in entry.split("."))
+            or any("*" in seg and seg != "*" for seg in entry.split("."))
         ):
             raise InvalidSettingError(
                 name, item.source,
