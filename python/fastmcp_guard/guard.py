@@ -16,6 +16,7 @@ from fastmcp_guard.errors import ConfigError, GuardError
 from fastmcp_guard.ip import IPPolicy
 from fastmcp_guard.keys import KeyStore
 from fastmcp_guard.keys.verifier import GuardTokenVerifier, access_token_for
+from fastmcp_guard.metrics import GuardMetrics
 from fastmcp_guard.middleware import Caller, GuardMiddleware
 from fastmcp_guard.rate import RateLimit
 
@@ -59,6 +60,10 @@ class Guard:
             limits and audit apply to whatever identity the existing auth gives.
         config: the configuration the missing objects are built from (default:
             ``GuardConfig.load(profile="library")``, read only if something is missing).
+        metrics: count decisions, refusals and the guard's own overhead, served in the
+            Prometheus format at ``GET /metrics`` over HTTP (``True``, or a
+            :class:`~fastmcp_guard.metrics.GuardMetrics` to choose the path). Off by
+            default. See :mod:`fastmcp_guard.metrics`.
         admin_routes: serve the admin routes ``/_guard/rate`` over HTTP (live
             limiter status and reset, for ``fastmcp-guard rate``); they require a key
             with the ``guard:admin`` scope. See :mod:`fastmcp_guard.admin`.
@@ -81,6 +86,7 @@ class Guard:
         *,
         config: GuardConfig | None = None,
         admin_routes: bool = True,
+        metrics: bool | GuardMetrics = False,
     ) -> None:
         for name, value, cls in (
             ("keys", keys, KeyStore),
@@ -115,6 +121,14 @@ class Guard:
         self.keys = keys if keys is not None else KeyStore(backend="memory")
         self.rate_limit = rate_limit if rate_limit is not None else RateLimit()
         self.audit = audit
+        #: The guard's metrics (``None`` unless ``metrics=`` was given).
+        self.metrics: GuardMetrics | None = None
+        if metrics:
+            self.metrics = metrics if isinstance(metrics, GuardMetrics) else GuardMetrics()
+            if audit is None:
+                self.audit = audit = AuditLog._of_targets([self.metrics])
+            else:
+                audit._add_target(self.metrics)
         self.ip = ip
         self.keys.audit = audit
         self.verifier: GuardTokenVerifier | None = None
@@ -140,6 +154,8 @@ class Guard:
             from fastmcp_guard.admin import install_admin_routes
 
             install_admin_routes(self)
+        if self.metrics is not None:
+            _install_metrics(self, self.metrics)
         mcp.add_middleware(self.middleware)
 
     # -- used by the middleware and the ASGI layer ------------------------------------
@@ -187,3 +203,21 @@ class Guard:
             f"Guard({self.mcp.name!r}, keys={self.keys!r}, rate_limit={self.rate_limit!r}, "
             f"audit={self.audit!r}, ip={self.ip!r})"
         )
+
+
+def _install_metrics(guard: Guard, metrics: GuardMetrics) -> None:
+    """Serve ``metrics`` at its path and feed it the audit writer's and key manager's
+    counters at scrape time."""
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from fastmcp_guard.metrics import CONTENT_TYPE, audit_lines, key_lines
+
+    audit = guard.audit
+    if audit is not None and audit.backends:
+        metrics.add_source(audit_lines(audit.stats))
+    metrics.add_source(key_lines(guard.keys.core.stats))
+
+    @guard.mcp.custom_route(metrics.path, methods=["GET"], include_in_schema=False)
+    async def serve_metrics(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)

@@ -136,6 +136,8 @@ class GuardMiddleware(Middleware):
         arguments: Any,
     ) -> Any:
         guard = self.guard
+        metrics = guard.metrics
+        entered = time.perf_counter() if metrics is not None else 0.0
         caller = await self._caller()
         audit = guard.audit
         if audit is not None and audit.fail_closed and not audit.healthy():
@@ -177,6 +179,7 @@ class GuardMiddleware(Middleware):
                     auth_context_var.reset(sdk_token)
 
         start = time.perf_counter()
+        finished = 0.0
         status = "ok"
         error: str | None = None
         result: Any = None
@@ -198,16 +201,20 @@ class GuardMiddleware(Middleware):
             status, error = "error", str(exc) or type(exc).__name__
             raise
         finally:
+            finished = time.perf_counter()
             if sdk_token is not None:
                 auth_context_var.reset(sdk_token)
             audit.log(
                 status, key_id=caller.key_id, key_name=caller.key_name, tool=target,
-                scopes=caller.scopes, duration_ms=(time.perf_counter() - start) * 1000.0,
+                scopes=caller.scopes, duration_ms=(finished - start) * 1000.0,
                 error=error, input_args=arguments,
                 output_preview=_preview(result, audit.output_preview_chars)
                 if audit.log_outputs and status == "ok" else None,
                 client_ip=caller.client_ip, metadata=caller.metadata,
             )  # fmt: skip
+            if metrics is not None:
+                # Before the tool (identity, limits) plus after it (the audit enqueue).
+                metrics.observe_overhead((start - entered) + (time.perf_counter() - finished))
 
 
 async def _hidden_by_auth(context: MiddlewareContext[Any], name: str) -> bool:

@@ -185,6 +185,27 @@ class AuditLog:
                 # Flush at interpreter exit without keeping the log alive.
                 atexit.register(_close_at_exit, weakref.ref(target))
 
+    @classmethod
+    def _of_targets(cls, targets: list[Any]) -> AuditLog:
+        """A log with no backend of its own, feeding only ``targets`` (the guard's metrics
+        when no audit log is configured): inputs and outputs are not collected."""
+        log = cls.__new__(cls)
+        log.backend = log.backends = ()  # type: ignore[assignment]
+        log.log_inputs = log.log_outputs = False
+        log.output_preview_chars = 0
+        log.redact = ()
+        log.on_failure = "drop"
+        log.fail_closed = False
+        log._writer = None
+        log._targets = list(targets)
+        log._log = log._targets[0].log if len(targets) == 1 else log._fan_out
+        return log
+
+    def _add_target(self, target: Any) -> None:
+        """Also send every event to ``target`` (the guard's metrics)."""
+        self._targets.append(target)
+        self._log = self._fan_out
+
     def _fan_out(self, *fields: Any) -> bool:
         ok = True
         for target in self._targets:
