@@ -75,9 +75,8 @@ async def test_metrics_count_every_decision_and_match_the_audit_log(tmp_path: Pa
 async def test_metrics_without_an_audit_log_and_behind_the_ip_policy() -> None:
     mcp, guard = server(ip=IPPolicy(deny=["127.0.0.1"]))
     assert guard.audit is not None and guard.audit.path == ""  # the metrics-only feed
-    async with serve_http(mcp) as url:
-        async with httpx.AsyncClient() as h:
-            resp = await h.get(url.rsplit("/mcp", 1)[0] + "/metrics")
+    async with serve_http(mcp) as url, httpx.AsyncClient() as h:
+        resp = await h.get(url.rsplit("/mcp", 1)[0] + "/metrics")
     assert resp.status_code == 403  # the scrape route is behind the IP policy too
     text = guard.metrics.render() if guard.metrics else ""
     assert sample(text, "fastmcp_guard_decisions_total", status="ip_denied", tool="") == 1
