@@ -1167,8 +1167,21 @@ impl AuditWriter {
     /// [`AuditError::Schema`], [`AuditError::Database`],
     /// [`AuditError::InvalidOption`], [`AuditError::Spawn`].
     pub fn open_sqlite(path: &Path, opts: WriterOptions) -> Result<AuditWriter, AuditError> {
+        Self::open_sqlite_retained(path, opts, None)
+    }
+
+    /// [`open_sqlite`](Self::open_sqlite), keeping only the last `retention_days` days of
+    /// events (see [`SqliteSink::retain`]).
+    ///
+    /// # Errors
+    /// As `open_sqlite`; [`AuditError::InvalidOption`] for a bad retention.
+    pub fn open_sqlite_retained(
+        path: &Path,
+        opts: WriterOptions,
+        retention_days: Option<f64>,
+    ) -> Result<AuditWriter, AuditError> {
         opts.validate()?;
-        let sink = SqliteSink::open(path)?;
+        let sink = SqliteSink::open(path)?.retain(retention_days)?;
         AuditWriter::with_sink(sink, opts)
     }
 

@@ -185,7 +185,11 @@ impl From<TokenError> for PyErr {
 
 impl From<AuditError> for PyErr {
     fn from(e: AuditError) -> PyErr {
-        new_err(Exc::AuditWrite, e.to_string())
+        match e {
+            // A bad option is the caller's input, not an I/O failure.
+            AuditError::InvalidOption { .. } => PyValueError::new_err(e.to_string()),
+            _ => new_err(Exc::AuditWrite, e.to_string()),
+        }
     }
 }
 

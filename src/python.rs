@@ -1178,7 +1178,8 @@ impl PyAuditWriter {
     /// Opens (creating, migrating) the `SQLite` audit database at `path`.
     #[staticmethod]
     #[pyo3(signature = (path, *, queue_capacity=65_536, batch_max=4096, flush_interval_ms=100,
-                        redact=None, on_full="drop", block_ms=1000, loss_warning_interval_ms=10_000))]
+                        redact=None, on_full="drop", block_ms=1000, loss_warning_interval_ms=10_000,
+                        retention_days=None))]
     #[allow(clippy::too_many_arguments, reason = "keyword-only options")]
     fn sqlite(
         py: Python<'_>,
@@ -1190,6 +1191,7 @@ impl PyAuditWriter {
         on_full: &str,
         block_ms: u64,
         loss_warning_interval_ms: u64,
+        retention_days: Option<f64>,
     ) -> PyResult<Self> {
         let opts = writer_options(
             queue_capacity,
@@ -1200,7 +1202,8 @@ impl PyAuditWriter {
         )?;
         let redact = redactor(redact)?;
         let shown = path.display().to_string();
-        let inner = py.detach(move || AuditWriter::open_sqlite(&path, opts))?;
+        let inner =
+            py.detach(move || AuditWriter::open_sqlite_retained(&path, opts, retention_days))?;
         Ok(PyAuditWriter {
             inner,
             path: shown,

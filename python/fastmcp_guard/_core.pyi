@@ -280,9 +280,11 @@ class AuditWriter:
         on_full: Literal["drop", "block"] = "drop",
         block_ms: int = 1000,
         loss_warning_interval_ms: int = 10000,
+        retention_days: float | None = None,
     ) -> AuditWriter:
         """Open (create, migrate; a fastmcp-guard 0.2 file is taken over) the SQLite
-        audit database at ``path``. Raises :class:`AuditWriteError` naming the path."""
+        audit database at ``path``. Raises :class:`AuditWriteError` naming the path.
+        ``retention_days``: delete older rows at open and about once a minute."""
     @property
     def path(self) -> str: ...
     @property

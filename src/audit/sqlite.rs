@@ -241,7 +241,14 @@ pub struct SqliteSink {
     path: PathBuf,
     /// Reused for the text columns of one row (ts and the JSON columns).
     scratch: Vec<u8>,
+    /// Rows older than this are deleted (see [`SqliteSink::retain`]).
+    retention: Option<chrono::Duration>,
+    /// When the next pruning pass is due.
+    next_prune: std::time::Instant,
 }
+
+/// How often a sink with a retention deletes old rows (and once at open).
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl std::fmt::Debug for SqliteSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -285,7 +292,52 @@ impl SqliteSink {
             conn,
             path: path.to_path_buf(),
             scratch: Vec::with_capacity(1024),
+            retention: None,
+            next_prune: std::time::Instant::now(),
         })
+    }
+
+    /// Keeps only the last `days` days of events: older rows are deleted now, then about
+    /// once a minute, after a batch (one indexed `DELETE` by `ts`). `None` keeps all.
+    ///
+    /// # Errors
+    /// [`AuditError::InvalidOption`] for a non-positive or absurd number of days;
+    /// [`AuditError::Database`] if the first pruning fails.
+    pub fn retain(mut self, days: Option<f64>) -> Result<Self, AuditError> {
+        let Some(days) = days else {
+            return Ok(self);
+        };
+        if !(days.is_finite() && days > 0.0 && days <= 365.0 * 1000.0) {
+            return Err(AuditError::InvalidOption {
+                name: "retention_days",
+                value: days.to_string(),
+                fix: "use a number of days > 0 (e.g. 90), or None to keep everything",
+            });
+        }
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "days <= 365,000, so the milliseconds fit in i64"
+        )]
+        let ms = (days * 86_400_000.0) as i64;
+        self.retention = Some(chrono::Duration::milliseconds(ms));
+        self.prune().map_err(|source| AuditError::Database {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(self)
+    }
+
+    /// Deletes the rows older than the retention; returns how many.
+    fn prune(&mut self) -> rusqlite::Result<usize> {
+        let Some(keep) = self.retention else {
+            return Ok(0);
+        };
+        self.next_prune = std::time::Instant::now() + PRUNE_EVERY;
+        let cutoff = format_ts(&(Utc::now() - keep));
+        // Stored `ts` are RFC 3339 UTC (ours fixed-width with `Z`; 0.2's with `+00:00`):
+        // both order as text by instant up to the second, enough to prune by days.
+        self.conn
+            .execute("DELETE FROM audit_log WHERE ts < ?1", [cutoff])
     }
 
     /// The database path.
@@ -407,7 +459,11 @@ impl Sink for SqliteSink {
             }
         }
         // On any error above, dropping `tx` rolls the whole batch back.
-        tx.commit().map_err(io_err)
+        tx.commit().map_err(io_err)?;
+        if self.retention.is_some() && std::time::Instant::now() >= self.next_prune {
+            self.prune().map_err(io_err)?;
+        }
+        Ok(())
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -830,6 +886,48 @@ mod tests {
         write_all(&path, vec![event(1, "b", "t", Status::Ok)]);
         assert_eq!(query(&path, &q()).unwrap().len(), 2);
         assert_eq!(version(&path), Some(SQLITE_SCHEMA_VERSION));
+    }
+
+    #[test]
+    fn retention_prunes_old_rows_at_open_and_after_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let old = |i: i64| {
+            let mut ev = event(i, "k", "t", Status::Ok);
+            ev.ts = Utc::now() - chrono::Duration::days(10) + chrono::Duration::milliseconds(i);
+            Box::new(Entry::from(ev))
+        };
+        let fresh = |i: i64| {
+            let mut ev = event(i, "k", "t", Status::Ok);
+            ev.ts = Utc::now();
+            Box::new(Entry::from(ev))
+        };
+        let mut sink = SqliteSink::open(&path).unwrap();
+        sink.write_batch(&Batch::of_events(&[old(1), old(2), fresh(3)]))
+            .unwrap();
+        drop(sink);
+        let count = || {
+            query(&path, &AuditQuery { limit: 1000, ..q() })
+                .unwrap()
+                .len()
+        };
+        assert_eq!(count(), 3);
+        // Opening with a 7-day retention prunes at once.
+        let mut sink = SqliteSink::open(&path).unwrap().retain(Some(7.0)).unwrap();
+        assert_eq!(count(), 1);
+        // Later batches prune when a pass is due (not every batch).
+        sink.write_batch(&Batch::of_events(&[old(4)])).unwrap();
+        assert_eq!(count(), 2, "not due yet");
+        sink.next_prune = std::time::Instant::now();
+        sink.write_batch(&Batch::of_events(&[fresh(5)])).unwrap();
+        assert_eq!(count(), 2, "the old row went, the fresh one came");
+        for bad in [0.0, -1.0, f64::NAN, 1e9] {
+            let err = SqliteSink::open(&path)
+                .unwrap()
+                .retain(Some(bad))
+                .unwrap_err();
+            assert!(err.to_string().contains("retention_days"), "{err}");
+        }
     }
 
     #[test]

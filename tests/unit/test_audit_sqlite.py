@@ -315,3 +315,24 @@ def test_a_directory_fails_at_construction(tmp_path: Path) -> None:
 def test_http_still_says_not_available() -> None:
     with pytest.raises(ConfigError, match="not available"):
         AuditLog(backend="http")
+
+
+def test_sqlite_retention_deletes_old_rows(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "a.db"
+    log = AuditLog(backend=SQLiteBackend(db))
+    for i in range(3):
+        log.log("ok", key_id=f"k{i}", tool="t")
+    log.close()
+    con = sqlite3.connect(db)
+    con.execute("UPDATE audit_log SET ts = '2020-01-01T00:00:00.000Z' WHERE key_id != 'k2'")
+    con.commit()
+    con.close()
+    log = AuditLog(backend=SQLiteBackend(db, retention_days=30))
+    log.close()
+    con = sqlite3.connect(db)
+    assert [r[0] for r in con.execute("SELECT key_id FROM audit_log")] == ["k2"]
+    con.close()
+    with pytest.raises(ConfigError, match="retention_days"):
+        AuditLog(backend=SQLiteBackend(db, retention_days=0))

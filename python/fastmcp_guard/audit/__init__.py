@@ -86,11 +86,18 @@ class FileBackend:
 class SQLiteBackend:
     """Insert rows into table ``audit_log`` of the SQLite file ``path`` (created with
     mode 0600; its directory must exist), one transaction per batch; queryable with
-    :meth:`AuditLog.query`. A fastmcp-guard 0.2 audit database is reused in place."""
+    :meth:`AuditLog.query`. A fastmcp-guard 0.2 audit database is reused in place.
+    Indexed by ``ts``, and by key id, tool and status with ``ts``.
+
+    Args:
+        retention_days: keep only this many days of events: older rows are deleted at
+            open and then about once a minute (``None``: keep everything).
+    """
 
     path: str | os.PathLike[str] = _DEFAULT_DB_PATH
     queue_capacity: int = 65536
     flush_interval_ms: int = 100
+    retention_days: float | None = None
 
 
 #: What ``AuditLog(backend=...)`` takes (one, or several in a list: a fan-out).
@@ -404,7 +411,9 @@ def _open_target(backend: Backend, redact: tuple[str, ...], on_failure: str) -> 
         }
         try:
             if isinstance(backend, SQLiteBackend):
-                return AuditWriter.sqlite(os.fspath(backend.path), **common)
+                return AuditWriter.sqlite(
+                    os.fspath(backend.path), retention_days=backend.retention_days, **common
+                )
             return AuditWriter(
                 os.fspath(backend.path),
                 rotate_bytes=backend.rotate_bytes,
