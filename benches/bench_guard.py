@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -722,6 +723,124 @@ def bench_audit(args: argparse.Namespace, tmp: Path, cargo: dict[str, Any] | Non
         f"Python rows: {n:,} events per run, median of {rounds} interleaved runs. Typical event: {TYPICAL}"
     )
     table(["writer", "events/s", "vs 0.2", "notes"], rows, "lrrl")
+
+
+# ---------------------------------------------------------------------------------------
+# (f) audit backends: SQLite sustained, and the request path with every backend on
+# ---------------------------------------------------------------------------------------
+
+
+def bench_audit_backends(args: argparse.Namespace, tmp: Path) -> None:
+    section("(f) audit backends: SQLite sustained; AuditLog.log with every backend on")
+    from fastmcp_guard.audit import AuditLog, FileBackend, OTelBackend, SQLiteBackend
+
+    n_ours = 50_000 if args.quick else 200_000
+    n_02 = 300 if args.quick else 1_000
+    rounds = 3
+
+    def sqlite_ours() -> float:
+        path = tmp / "audit-bulk.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(path) + suffix).unlink(missing_ok=True)
+        w = core.AuditWriter.sqlite(str(path), queue_capacity=n_ours + 1)
+        a = TYPICAL_LOG_ARGS
+        log = w.log
+        t = time.perf_counter()
+        for _ in repeat(None, n_ours):
+            log(*a)
+        w.close()
+        dt = time.perf_counter() - t
+        return w.stats()["written"] / dt
+
+    def sqlite_02() -> float:
+        # fastmcp-guard 0.2's SQLite backend: connect, INSERT, commit per event.
+        import sqlite3
+        from contextlib import closing
+
+        path = tmp / "audit02-bulk.db"
+        path.unlink(missing_ok=True)
+        with closing(sqlite3.connect(path)) as conn:
+            conn.execute(
+                "CREATE TABLE audit_log (id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT, "
+                "key_id TEXT, key_name TEXT, tool TEXT, scopes TEXT, duration_ms REAL, "
+                "status TEXT, error TEXT, input_args TEXT, output_preview TEXT, "
+                "client_ip TEXT, metadata TEXT)"
+            )
+            for idx in ("ts", "key_id", "tool"):
+                conn.execute(f"CREATE INDEX idx_{idx} ON audit_log({idx})")
+            conn.commit()
+        d = TYPICAL
+        t = time.perf_counter()
+        for _ in repeat(None, n_02):
+            with closing(sqlite3.connect(path)) as conn:
+                conn.execute(
+                    "INSERT INTO audit_log (ts, key_id, key_name, tool, scopes, duration_ms, "
+                    "status, error, input_args, output_preview, client_ip, metadata) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (datetime.now(timezone.utc).isoformat(), d["key_id"], d["key_name"],
+                     d["tool"], json.dumps(d["scopes"]), d["duration_ms"], d["status"], None,
+                     json.dumps(d["input_args"]), d["output_preview"], d["client_ip"],
+                     json.dumps(d["metadata"])),
+                )  # fmt: skip
+                conn.commit()
+        return n_02 / (time.perf_counter() - t)
+
+    r = interleave({"ours": sqlite_ours, "py02": sqlite_02}, rounds)
+    m = {k: med(v) for k, v in r.items()}
+    print(f"SQLite: ours {n_ours:,} events per run (one transaction per batch, WAL); "
+          f"0.2 way {n_02:,} events per run (connect + INSERT + commit each); "
+          f"median of {rounds} interleaved runs")  # fmt: skip
+    table(
+        ["writer", "events/s", "vs 0.2"],
+        [["ours: AuditWriter.sqlite from Python", f"{m['ours']:,.0f}",
+          f"{m['ours'] / m['py02']:,.0f}x"],
+         ["0.2 way: sqlite3 insert + commit per event", f"{m['py02']:,.0f}", "1x"]],
+        "lrr",
+    )  # fmt: skip
+    SUMMARY.append(("(f) SQLite audit sustained (from Python)", ">= 100,000 ev/s",
+                    f"{m['ours']:,.0f} ev/s", verdict(m["ours"] >= 1e5)))  # fmt: skip
+
+    # The request path: AuditLog.log with one backend, and with every backend on.
+    n = 50_000 if args.quick else 200_000
+    T = TYPICAL
+    kwargs = {k: T[k] for k in ("key_id", "key_name", "tool", "scopes", "duration_ms",
+                                "input_args", "output_preview", "client_ip", "metadata")}  # fmt: skip
+    logs = {
+        "file": AuditLog(backend=FileBackend(tmp / "f1.jsonl")),
+        "file+sqlite": AuditLog(backend=[FileBackend(tmp / "f3.jsonl"),
+                                         SQLiteBackend(tmp / "f3.db")]),
+        "file+sqlite+otel": AuditLog(backend=[FileBackend(tmp / "f2.jsonl"),
+                                              SQLiteBackend(tmp / "f2.db"), OTelBackend()]),
+    }  # fmt: skip
+
+    def case(log: AuditLog) -> Callable[[], float]:
+        def run() -> float:
+            fn = log.log
+            t = time.perf_counter_ns()
+            for _ in repeat(None, n):
+                fn("ok", **kwargs)
+            ns = (time.perf_counter_ns() - t) / n
+            log.flush()
+            return ns
+
+        return run
+
+    rr = interleave({k: case(v) for k, v in logs.items()}, 5)
+    mm = {k: med(v) for k, v in rr.items()}
+    dropped = {k: v.stats().get("dropped", 0) for k, v in logs.items()}
+    for v in logs.values():
+        v.close()
+    print(f"AuditLog.log, keyword args, {n:,} calls per round, median of 5 interleaved rounds; "
+          "OTel through the API with no SDK installed as provider (a host without tracing); "
+          "with an SDK provider the OTel part costs what the host's span processor costs")  # fmt: skip
+    table(
+        ["backends", "ns/call", "vs file only", "dropped"],
+        [[k, f"{v:,.0f}", f"{v / mm['file']:.2f}x", f"{dropped[k]:,}"] for k, v in mm.items()],
+        "lrrr",
+    )
+    SUMMARY.append(("(f) request path, every backend on (file+sqlite+otel)", "enqueue only",
+                    f"{mm['file+sqlite+otel']:,.0f} ns (file only {mm['file']:,.0f} ns)",
+                    "measured"))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------
@@ -1517,7 +1636,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="smaller counts (about 1.5 minutes)")
-    ap.add_argument("--sections", default="abcde", help="which sections to run (default: abcde)")
+    ap.add_argument("--sections", default="abcdef", help="which sections to run (default: abcdef)")
     ap.add_argument("--rounds", type=int, help="interleaved rounds for (d) (default 8; quick 3)")
     ap.add_argument(
         "--rounds-inproc", type=int, help="interleaved rounds for (c) (default 12; quick 5)"
@@ -1621,6 +1740,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_http(args, tmp)
         if "e" in args.sections:
             bench_profiles(args, tmp)
+        if "f" in args.sections:
+            bench_audit_backends(args, tmp)
 
         section("Summary: targets")
         table(["figure", "target", "measured", "verdict"], [list(s) for s in SUMMARY], "llrl")

@@ -118,6 +118,13 @@ class OTelEmitter:
         extra: dict[str, Any] | None = None,
     ) -> None:
         """Record one decision on the current span (or a span of its own)."""
+        span = self._trace.get_current_span()
+        own = None
+        if not span.is_recording():
+            own = self._tracer.start_span(f"fastmcp_guard {status}")
+            if not own.is_recording():
+                return  # no tracing in this host (or not sampled): nothing to build
+            span = own
         p = ATTRIBUTE_PREFIX
         event: dict[str, Any] = {
             f"{p}decision": status,
@@ -140,12 +147,9 @@ class OTelEmitter:
         for k, v in (extra or {}).items():
             if isinstance(v, (str, bool, int, float)):
                 event.setdefault(p + k, v)
-        span = self._trace.get_current_span()
-        if span.is_recording():
-            self._annotate(span, event)
-        else:
-            with self._tracer.start_as_current_span(f"fastmcp_guard {status}") as own:
-                self._annotate(own, event)
+        self._annotate(span, event)
+        if own is not None:
+            own.end()
 
     def _annotate(self, span: Any, event: dict[str, Any]) -> None:
         p = ATTRIBUTE_PREFIX
