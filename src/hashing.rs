@@ -396,6 +396,9 @@ pub struct CachedKey {
     /// When use of this token was last recorded (unix ms); lets the hot path record
     /// `last_used_at` at most once per second per token.
     pub last_touch_ms: AtomicI64,
+    /// Store revision of the record this entry was built from (0: unknown, i.e. older
+    /// than any change): a change notice for an older revision leaves it alone.
+    pub revision: u64,
 }
 
 impl CachedKey {
@@ -417,7 +420,15 @@ impl CachedKey {
             valid_until,
             inserted,
             last_touch_ms: AtomicI64::new(i64::MIN),
+            revision: 0,
         }
+    }
+
+    /// The entry, noting the store revision of the record it was built from.
+    #[must_use]
+    pub fn with_revision(mut self, revision: u64) -> Self {
+        self.revision = revision;
+        self
     }
 
     /// Whether the entry may still be served at `now` under `ttl`.
@@ -545,6 +556,30 @@ impl VerifiedCache {
                     removed += 1;
                 }
             }
+        }
+        self.index.remove_if(key_id, |_, v| v.is_empty());
+        removed
+    }
+
+    /// Applies a change notice: removes the entries of `key_id` built from a record
+    /// older than `revision` (an entry cached after the change stays). Like
+    /// [`invalidate_key`](Self::invalidate_key) it bumps the epoch, so a verification
+    /// that read the store before the change cannot cache its result. Returns how many
+    /// were removed.
+    pub fn invalidate_key_before(&self, key_id: &str, revision: u64) -> usize {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let mut removed = 0;
+        if let Some(mut slot) = self.index.get_mut(key_id) {
+            slot.retain(|digest| {
+                let stale = self
+                    .map
+                    .get(digest)
+                    .is_none_or(|entry| entry.revision < revision);
+                if stale && self.map.remove(digest).is_some() {
+                    removed += 1;
+                }
+                !stale
+            });
         }
         self.index.remove_if(key_id, |_, v| v.is_empty());
         removed
@@ -738,6 +773,38 @@ mod tests {
             valid_until,
             now.instant,
         ))
+    }
+
+    #[test]
+    fn a_change_notice_spares_entries_built_after_it() {
+        let now = Now::system();
+        let cache = VerifiedCache::new(10, Duration::from_secs(60));
+        let old = Arc::new(
+            Arc::try_unwrap(entry("k", now, None))
+                .unwrap_or_else(|_| panic!("unique"))
+                .with_revision(3),
+        );
+        let new = Arc::new(
+            Arc::try_unwrap(entry("k", now, None))
+                .unwrap_or_else(|_| panic!("unique"))
+                .with_revision(7),
+        );
+        assert!(cache.insert(digest(1), old));
+        assert!(cache.insert(digest(2), new));
+        let epoch = cache.epoch();
+        assert_eq!(cache.invalidate_key_before("k", 5), 1);
+        assert!(cache.get(&digest(1), now).is_none());
+        assert!(
+            cache.get(&digest(2), now).is_some(),
+            "cached after the change: kept"
+        );
+        assert_ne!(
+            cache.epoch(),
+            epoch,
+            "in-flight verifications may not cache"
+        );
+        assert_eq!(cache.invalidate_key_before("k", 8), 1);
+        assert!(cache.get(&digest(2), now).is_none());
     }
 
     fn digest(n: u32) -> TokenDigest {

@@ -1423,14 +1423,17 @@ impl Inner {
         self.throttle
             .remove(&(client_key.to_owned(), claim.label().to_owned()));
         let valid_until = record.valid_until().map(|t| t.timestamp_millis());
-        let entry = Arc::new(CachedKey::new(
-            record.id,
-            record.name,
-            Arc::from(record.scopes),
-            record.metadata,
-            valid_until,
-            now.instant,
-        ));
+        let entry = Arc::new(
+            CachedKey::new(
+                record.id,
+                record.name,
+                Arc::from(record.scopes),
+                record.metadata,
+                valid_until,
+                now.instant,
+            )
+            .with_revision(record.revision),
+        );
         self.cache
             .insert_if_epoch(digest, Arc::clone(&entry), epoch);
         self.record_use(&entry, client, now);
@@ -1568,7 +1571,11 @@ impl Inner {
             let mut own = self.own_writes.lock();
             for change in &changed {
                 if own.get(&change.id) != Some(&change.revision) {
-                    self.invalidate(&change.id);
+                    // Entries built from this revision or a later one are current: a key
+                    // created elsewhere and cached here since is not verified again.
+                    self.cache
+                        .invalidate_key_before(&change.id, change.revision);
+                    bump(&self.counters.invalidations);
                     invalidated += 1;
                 }
             }
@@ -1664,6 +1671,34 @@ mod tests {
             CacheLookup::Miss
         ));
         assert_eq!(b.flush().unwrap(), 1);
+        b.close().unwrap();
+    }
+
+    #[test]
+    fn a_key_created_elsewhere_and_cached_since_survives_the_change_notice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let quiet = ManagerOptions {
+            background_thread: false,
+            ..opts()
+        };
+        let a = KeyManager::sqlite(&path, opts()).unwrap();
+        let b = KeyManager::sqlite(&path, quiet).unwrap();
+        let (rec, token) = a.create("new", &[], None, Map::new()).unwrap();
+        b.verify(&token, None).unwrap(); // cached after the creation
+        b.sync_changes().unwrap(); // the creation is reported as a change
+        assert!(
+            matches!(b.verify_cached(&token, Now::system()), CacheLookup::Hit(_)),
+            "not verified (argon2) again"
+        );
+        assert_eq!(b.stats().argon2_runs, 1);
+        // A later change does invalidate it.
+        a.revoke(&rec.id).unwrap();
+        b.sync_changes().unwrap();
+        assert!(matches!(
+            b.verify_cached(&token, Now::system()),
+            CacheLookup::Miss
+        ));
         b.close().unwrap();
     }
 
