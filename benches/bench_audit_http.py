@@ -49,6 +49,7 @@ RECEIVER = textwrap.dedent(
 
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body are two writes
 
         def log_message(self, *a):
             pass
