@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_guard import TYPICAL, cpu_model, so_build, table, verdict  # noqa: E402
+from bench_guard import TYPICAL, cpu_model, so_build, table, verdict
 
 TARGET_EPS = 50_000
 
