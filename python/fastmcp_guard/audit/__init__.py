@@ -15,11 +15,14 @@ recorded (queue full, disk full, file unwritable) is the ``on_failure`` policy o
 ``fastmcp_guard.audit`` logger at most every 10 s), ``block`` (wait up to 1 s for
 queue room) or ``fail_closed`` (refuse calls while the log is unavailable).
 
-Two backends: :class:`FileBackend` appends JSON lines (rotation, retention, and a
+Backends: :class:`FileBackend` appends JSON lines (rotation, retention, and a
 hash chain that makes edits detectable: ``fastmcp-guard audit verify``);
 :class:`SQLiteBackend` inserts rows into table ``audit_log`` (one transaction per
 batch), which :meth:`AuditLog.query` searches. A fastmcp-guard 0.2 SQLite audit
 database is taken over in place, and its rows stay queryable.
+:class:`~fastmcp_guard.audit.http.HttpBackend` POSTs batches of events to a webhook or
+SIEM through a durable on-disk spool; :class:`~fastmcp_guard.audit.otel.OTelBackend`
+records decisions on the host's OpenTelemetry traces.
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ from typing import Any, Literal
 import anyio.to_thread
 
 from fastmcp_guard._core import AuditWriter, audit_query
+from fastmcp_guard.audit.http import HttpBackend
 from fastmcp_guard.audit.otel import OTelBackend
 from fastmcp_guard.errors import ConfigError, GuardError
 
-__all__ = ["AuditLog", "Backend", "FileBackend", "OTelBackend", "SQLiteBackend"]
+__all__ = ["AuditLog", "Backend", "FileBackend", "HttpBackend", "OTelBackend", "SQLiteBackend"]
 
 _DEFAULT_PATH = "fastmcp-guard-audit.jsonl"
 _DEFAULT_DB_PATH = "fastmcp-guard-audit.db"
@@ -101,18 +105,21 @@ class SQLiteBackend:
 
 
 #: What ``AuditLog(backend=...)`` takes (one, or several in a list: a fan-out).
-Backend = FileBackend | SQLiteBackend | OTelBackend
+Backend = FileBackend | SQLiteBackend | HttpBackend | OTelBackend
 
 
 class AuditLog:
     """Where and what to record.
 
     Args:
-        backend: a :class:`FileBackend`, :class:`SQLiteBackend` or
+        backend: a :class:`FileBackend`, :class:`SQLiteBackend`,
+            :class:`~fastmcp_guard.audit.http.HttpBackend` or
             :class:`~fastmcp_guard.audit.otel.OTelBackend` (or ``"file"`` / ``"sqlite"``
-            with ``path=``, or ``"otel"``), or a list of several: every event goes to each
-            (a fan-out; at most one of each kind).
-        path: the JSONL file for ``backend="file"``, the database for ``backend="sqlite"``.
+            with ``path=``, ``"http"`` with ``url=``, or ``"otel"``), or a list of several:
+            every event goes to each (a fan-out; at most one of each kind).
+        path: the JSONL file for ``backend="file"``, the database for ``backend="sqlite"``,
+            the spool directory for ``backend="http"``.
+        url: the endpoint for ``backend="http"``.
         log_inputs: record tool arguments (turn off when they may hold PII).
         log_outputs: record the first ``output_preview_chars`` characters of results.
         output_preview_chars: length of ``output_preview``.
@@ -148,7 +155,7 @@ class AuditLog:
         specs = list(backend) if isinstance(backend, (list, tuple)) else [backend]
         if not specs:
             raise ConfigError("AuditLog(backend=[]) needs at least one backend")
-        resolved = [_resolve_backend(b, path) for b in specs]
+        resolved = [_resolve_backend(b, path, url) for b in specs]
         kinds = [type(b) for b in resolved]
         if len(set(kinds)) != len(kinds):
             raise ConfigError("AuditLog(backend=[...]) takes each kind of backend at most once")
@@ -367,33 +374,40 @@ class AuditLog:
 
 
 def _kind(backend: Backend) -> str:
-    return {"FileBackend": "jsonl", "SQLiteBackend": "sqlite"}.get(
+    return {"FileBackend": "jsonl", "SQLiteBackend": "sqlite", "HttpBackend": "http"}.get(
         type(backend).__name__, type(backend).__name__
     )
 
 
-def _resolve_backend(backend: Any, path: str | os.PathLike[str] | None) -> Backend:
-    """A backend object from an object or a name (``"file"``, ``"sqlite"``, ``"otel"``)."""
+def _resolve_backend(
+    backend: Any, path: str | os.PathLike[str] | None, url: str | None = None
+) -> Backend:
+    """A backend object from an object or a name (``"file"``, ``"sqlite"``, ``"http"``,
+    ``"otel"``)."""
     if backend is None or backend == "file":
         return FileBackend(path or _DEFAULT_PATH)
     if backend == "sqlite":
         return SQLiteBackend(path or _DEFAULT_DB_PATH)
     if backend == "otel":
         return OTelBackend()
-    if isinstance(backend, str):
-        if backend == "http":
+    if backend == "http":
+        if not url:
             raise ConfigError(
-                "audit backend 'http' is not available in this release; use FileBackend, "
-                "SQLiteBackend or OTelBackend (several at once: backend=[...])"
+                "AuditLog(backend='http') needs url='https://...' (the endpoint receiving "
+                "the events); or pass HttpBackend(url, ...)"
             )
+        if path is None:
+            return HttpBackend(url)
+        return HttpBackend(url, spool_dir=path)
+    if isinstance(backend, str):
         raise ConfigError(
             f"unknown audit backend {backend!r}; expected a FileBackend, an SQLiteBackend, "
-            "an OTelBackend or one of 'file', 'sqlite', 'otel'"
+            "an HttpBackend, an OTelBackend or one of 'file', 'sqlite', 'http', 'otel'"
         )
-    if not isinstance(backend, (FileBackend, SQLiteBackend, OTelBackend)):
+    if not isinstance(backend, (FileBackend, SQLiteBackend, HttpBackend, OTelBackend)):
         raise ConfigError(
-            "audit backend must be a FileBackend, an SQLiteBackend, an OTelBackend or a "
-            f"name, got {backend!r}"
+            "audit backend must be a FileBackend, an SQLiteBackend, an HttpBackend, an "
+            f"OTelBackend or a name, got {backend!r}"
         )
     return backend
 
@@ -427,6 +441,10 @@ def _open_target(backend: Backend, redact: tuple[str, ...], on_failure: str) -> 
             if isinstance(exc, GuardError):
                 raise
             raise ConfigError(f"audit log options: {exc}") from None
+    if isinstance(backend, HttpBackend):
+        from fastmcp_guard.audit.http import HttpShipper
+
+        return HttpShipper(backend, redact=redact, on_failure=on_failure)
     from fastmcp_guard.audit.otel import OTelEmitter
 
     return OTelEmitter(backend, redact=redact)
