@@ -27,6 +27,7 @@ bench:
 	PROFILE=release scripts/bootstrap.sh
 	cargo bench --bench core
 	.venv/bin/python benches/bench_guard.py
+	.venv/bin/python benches/bench_audit_http.py
 	.venv/bin/python benches/bench_cli.py
 	.venv/bin/python benches/bench_redis.py
 	.venv/bin/python benches/bench_fleet_keys.py
