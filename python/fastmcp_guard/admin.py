@@ -41,14 +41,7 @@ RATE_RESET_PATH = "/_guard/rate/reset"
 
 def normalise_key(key: str) -> str:
     """A key id from a key id, a token's public part (``fmg_sk_<id>``) or a whole token."""
-    if key.startswith("fmg_sk_"):
-        kid = token_key_id(key)
-        if kid is None and len(key) > len("fmg_sk_"):
-            # Only the public part (``fmg_sk_<16 chars>``): same id, other prefix.
-            kid = "fmg_key_" + key[len("fmg_sk_") :].split("_", 1)[0]
-        if kid is not None:
-            return kid
-    return key
+    return (token_key_id(key) if key.startswith("fmg_sk_") else None) or key
 
 
 def install_admin_routes(guard: Guard, scope: str = ADMIN_SCOPE) -> None:

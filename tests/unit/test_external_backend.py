@@ -93,11 +93,10 @@ def test_the_core_lifecycle_runs_over_a_python_store() -> None:
     with pytest.raises(VerifyError) as exc:
         km.verify(token, None)
     assert exc.value.reason == "revoked"
-    assert km.verify(new_token, None).key_id == new.id
-    km.flush()
-    assert backend.rows[new.id]["last_used_ip"] is None or isinstance(
-        backend.rows[new.id]["last_used_ip"], str
-    )
+    assert km.verify(new_token, "10.0.0.2").key_id == new.id
+    km.flush()  # batched last use, written through touch_many
+    assert backend.rows[new.id]["last_used_ip"] == "10.0.0.2"
+    assert backend.rows[new.id]["last_used_at"] > backend.rows[new.id]["created_at"] - 1
     km.close()
 
 

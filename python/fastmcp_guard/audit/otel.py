@@ -70,7 +70,15 @@ class OTelEmitter:
         output_preview: str | None = None, client_ip: str | None = None,
         metadata: Any = None, extra: dict[str, Any] | None = None,
     ) -> bool:  # fmt: skip
-        """Record one decision (the positional order of ``AuditWriter.log``)."""
+        """Record one decision on the current span (or a span of its own), in the
+        positional order of ``AuditWriter.log``."""
+        span = self._trace.get_current_span()
+        own = None
+        if not span.is_recording():
+            own = self._tracer.start_span(f"fastmcp_guard {status}")
+            if not own.is_recording():
+                return True  # no tracing in this host (or not sampled): nothing to build
+            span = own
         if self._redact:
             from fastmcp_guard._core import redact_json
 
@@ -78,53 +86,6 @@ class OTelEmitter:
                 input_args = redact_json(input_args, self._redact)
             if metadata is not None:
                 metadata = redact_json(metadata, self._redact)
-        self.emit(status, key_id=key_id, key_name=key_name, tool=tool, scopes=scopes,
-                  duration_ms=duration_ms, error=error, input_args=input_args,
-                  output_preview=output_preview, client_ip=client_ip, metadata=metadata,
-                  extra=extra)  # fmt: skip
-        self._emitted += 1
-        return True
-
-    def flush(self) -> None:
-        """Nothing is buffered here (the host's span processor exports)."""
-
-    def close(self) -> None:
-        """Nothing to close (the host owns the tracer provider)."""
-
-    def stats(self) -> dict[str, int]:
-        return {"otel_events": self._emitted}
-
-    def healthy(self) -> bool:
-        return True
-
-    def _cut(self, text: str) -> str:
-        limit = self.backend.max_attribute_chars
-        return text if len(text) <= limit else text[:limit] + "..."
-
-    def emit(
-        self,
-        status: str,
-        *,
-        key_id: str = "",
-        key_name: str = "",
-        tool: str = "",
-        scopes: Sequence[str] = (),
-        duration_ms: float = 0.0,
-        error: str | None = None,
-        input_args: Any = None,
-        output_preview: str | None = None,
-        client_ip: str | None = None,
-        metadata: Any = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        """Record one decision on the current span (or a span of its own)."""
-        span = self._trace.get_current_span()
-        own = None
-        if not span.is_recording():
-            own = self._tracer.start_span(f"fastmcp_guard {status}")
-            if not own.is_recording():
-                return  # no tracing in this host (or not sampled): nothing to build
-            span = own
         p = ATTRIBUTE_PREFIX
         event: dict[str, Any] = {
             f"{p}decision": status,
@@ -150,6 +111,24 @@ class OTelEmitter:
         self._annotate(span, event)
         if own is not None:
             own.end()
+        self._emitted += 1
+        return True
+
+    def flush(self) -> None:
+        """Nothing is buffered here (the host's span processor exports)."""
+
+    def close(self) -> None:
+        """Nothing to close (the host owns the tracer provider)."""
+
+    def stats(self) -> dict[str, int]:
+        return {"otel_events": self._emitted}
+
+    def healthy(self) -> bool:
+        return True
+
+    def _cut(self, text: str) -> str:
+        limit = self.backend.max_attribute_chars
+        return text if len(text) <= limit else text[:limit] + "..."
 
     def _annotate(self, span: Any, event: dict[str, Any]) -> None:
         p = ATTRIBUTE_PREFIX
