@@ -84,9 +84,6 @@ pub enum AuditError {
         /// What to use instead.
         fix: &'static str,
     },
-    /// [`AuditWriter::enqueue_line`] on a writer whose sink stores events.
-    #[error("this audit sink stores events, not JSON lines: use enqueue, not enqueue_line")]
-    NotALineSink,
     /// The log file or database could not be opened (at construction).
     #[error("cannot open audit log {}: {source}; {}", .path.display(), open_hint(.source, .path))]
     Open {
@@ -816,8 +813,19 @@ pub enum BatchFormat {
     /// The events serialised by [`write_line`], one line each ([`Batch::jsonl`]).
     /// The thread recycles each event as soon as it is serialised.
     Jsonl,
-    /// The events themselves ([`Batch::events`]); nothing is serialised.
+    /// The entries as they were queued ([`Batch::records`]): events, or lines
+    /// rendered by the producer; the thread serialises nothing.
     Events,
+}
+
+/// One entry of a [`BatchFormat::Events`] batch, as it was queued.
+#[derive(Debug, Clone, Copy)]
+pub enum Record<'a> {
+    /// Queued by [`AuditWriter::enqueue`].
+    Event(&'a AuditEvent),
+    /// Queued by [`AuditWriter::enqueue_line`]: one complete line laid out by
+    /// [`write_line_parts`], ending with `\n` (never sealed).
+    Line(&'a [u8]),
 }
 
 /// One batch as the writer thread hands it to a [`Sink`]: `len` events in enqueue
@@ -850,10 +858,16 @@ impl<'a> Batch<'a> {
         }
     }
 
-    /// The events, in enqueue order (none in a [`BatchFormat::Jsonl`] batch).
+    /// The entries, in enqueue order (none in a [`BatchFormat::Jsonl`] batch).
     #[must_use]
-    pub fn events(&self) -> impl ExactSizeIterator<Item = &'a AuditEvent> + 'a {
-        self.events.iter().map(|b| &b.event)
+    pub fn records(&self) -> impl ExactSizeIterator<Item = Record<'a>> + 'a {
+        self.events.iter().map(|b| {
+            if b.line.is_empty() {
+                Record::Event(&b.event)
+            } else {
+                Record::Line(&b.line)
+            }
+        })
     }
 
     /// The events as complete JSONL lines (empty in a [`BatchFormat::Events`] batch).
@@ -883,7 +897,7 @@ impl<'a> Batch<'a> {
 /// A byte-oriented sink (a file, a socket) keeps the default
 /// [`BatchFormat::Jsonl`] and reads [`Batch::jsonl`]; a sink that stores the
 /// fields itself (such as [`SqliteSink`]) asks for [`BatchFormat::Events`]
-/// and reads [`Batch::events`], and the thread serialises nothing.
+/// and reads [`Batch::records`], and the thread serialises nothing.
 pub trait Sink: Send {
     /// What [`write_batch`](Self::write_batch) reads (default
     /// [`BatchFormat::Jsonl`]). Asked once, when the writer starts.
@@ -999,8 +1013,10 @@ pub struct WriterStats {
     pub enqueued: u64,
     /// Events written to the sink.
     pub written: u64,
-    /// Events refused by `enqueue` (queue full, or writer closed).
+    /// Events refused by `enqueue` (queue full, writer closed or paused).
     pub dropped: u64,
+    /// Of `dropped`: refused while [`AuditWriter::pause`]d.
+    pub paused_dropped: u64,
     /// Failed sink operations (writes, flushes, the final sync).
     pub write_errors: u64,
     /// Accepted events lost because their batch failed to write.
@@ -1019,12 +1035,16 @@ pub type Wait<'a> = Box<dyn FnOnce() -> bool + Send + 'a>;
 pub struct LossReport {
     /// Events lost since the previous report.
     pub lost: u64,
-    /// Events dropped so far (queue full, or writer closed).
+    /// Events dropped so far (queue full, writer closed or paused).
     pub dropped: u64,
+    /// Of `dropped`: refused while paused.
+    pub paused_dropped: u64,
     /// Events lost to failed writes so far.
     pub failed: u64,
     /// The most recent sink error, if any.
     pub last_error: Option<String>,
+    /// Why the writer is paused, if it is.
+    pub paused: Option<String>,
 }
 
 /// Keeps a hot atomic on its own cache line.
@@ -1035,6 +1055,10 @@ struct Padded<T>(T);
 /// High bit of `Shared::state`: the writer is closed. The low bits count
 /// `enqueue` calls in flight, so `close` can wait them out.
 const CLOSED: usize = 1 << (usize::BITS - 1);
+/// Next bit: [`AuditWriter::pause`]d.
+const PAUSED: usize = 1 << (usize::BITS - 2);
+/// Either flag refuses new events.
+const FLAGS: usize = CLOSED | PAUSED;
 
 struct Shared {
     state: Padded<AtomicUsize>,
@@ -1045,6 +1069,10 @@ struct Shared {
     sink_ok: Padded<AtomicBool>,
     failed: AtomicU64,
     write_errors: AtomicU64,
+    /// Of `dropped`: refused while paused.
+    paused_dropped: AtomicU64,
+    /// Why the writer is paused (see [`AuditWriter::pause`]).
+    pause_reason: Mutex<Option<String>>,
     last_error: Mutex<Option<String>>,
     /// `dropped + failed` as of the last [`AuditWriter::take_loss_report`].
     reported: AtomicU64,
@@ -1062,6 +1090,8 @@ impl Default for Shared {
             sink_ok: Padded(AtomicBool::new(true)),
             failed: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
+            paused_dropped: AtomicU64::new(0),
+            pause_reason: Mutex::new(None),
             last_error: Mutex::new(None),
             reported: AtomicU64::new(0),
             last_report: Mutex::new(None),
@@ -1111,8 +1141,6 @@ pub struct AuditWriter {
     control: Sender<Control>,
     /// Boxes of written entries, for `enqueue` to reuse (see there).
     pool: Receiver<Box<Entry>>,
-    /// The sink's format: whether `enqueue_line` may be used.
-    format: BatchFormat,
     on_full: OnFull,
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<Result<(), AuditError>>>>,
@@ -1220,7 +1248,6 @@ impl AuditWriter {
             .spawn(move || worker.run(&events_rx, &control_rx, interval))
             .map_err(|source| AuditError::Spawn { source })?;
         Ok(AuditWriter {
-            format,
             on_full: opts.on_full,
             events: events_tx,
             control: control_tx,
@@ -1258,54 +1285,54 @@ impl AuditWriter {
         )
     }
 
-    /// Whether the sink takes JSONL lines, so that
-    /// [`enqueue_line`](Self::enqueue_line) may be used.
-    #[must_use]
-    pub fn takes_lines(&self) -> bool {
-        self.format == BatchFormat::Jsonl
-    }
-
     /// Queues one event rendered by `render` straight into a reused line buffer
     /// (cleared first): the producer pays for one serialisation and no
-    /// allocation in the steady state, and the writer thread only copies bytes.
-    /// `render` must append exactly one complete line ending with `\n`, laid out
-    /// by [`write_line_parts`]. Same return value and policies as
-    /// [`enqueue`](Self::enqueue); `render` is not called if the writer is closed.
-    ///
-    /// # Errors
-    /// [`AuditError::NotALineSink`] (nothing queued) if the sink stores events
-    /// rather than lines ([`takes_lines`](Self::takes_lines) is false).
-    pub fn enqueue_line(&self, render: impl FnOnce(&mut Vec<u8>)) -> Result<bool, AuditError> {
+    /// allocation in the steady state. A JSONL sink's thread only copies the
+    /// bytes; an events sink ([`SqliteSink`]) reads the line back into its
+    /// columns, off the producer's path. `render` must append exactly one
+    /// complete line ending with `\n`, laid out by [`write_line_parts`]. Same
+    /// return value and policies as [`enqueue`](Self::enqueue); `render` is not
+    /// called if the writer is closed or paused.
+    pub fn enqueue_line(&self, render: impl FnOnce(&mut Vec<u8>)) -> bool {
         self.enqueue_line_with(render, |wait| wait())
     }
 
     /// [`enqueue_line`](Self::enqueue_line) with a hook around the bounded wait
     /// of [`OnFull::Block`] (see [`enqueue_with`](Self::enqueue_with)).
-    ///
-    /// # Errors
-    /// [`AuditError::NotALineSink`], as [`enqueue_line`](Self::enqueue_line).
     pub fn enqueue_line_with(
         &self,
         render: impl FnOnce(&mut Vec<u8>),
         around: impl FnOnce(Wait<'_>) -> bool,
-    ) -> Result<bool, AuditError> {
-        if !self.takes_lines() {
-            return Err(AuditError::NotALineSink);
-        }
-        Ok(self.push(
+    ) -> bool {
+        self.push(
             |entry| {
                 entry.line.clear();
                 render(&mut entry.line);
             },
             around,
-        ))
+        )
+    }
+
+    /// Refuses new events (each counted in [`WriterStats::dropped`] and
+    /// [`WriterStats::paused_dropped`]) until called with `None`; `reason`
+    /// (e.g. "the HTTP spool is over its size limit") is named in loss reports.
+    /// Events already queued are still written. While paused,
+    /// [`healthy`](Self::healthy) is false.
+    pub fn pause(&self, reason: Option<String>) {
+        let mut held = self.shared.pause_reason.lock();
+        if reason.is_some() {
+            self.shared.state.0.fetch_or(PAUSED, Ordering::AcqRel);
+        } else {
+            self.shared.state.0.fetch_and(!PAUSED, Ordering::AcqRel);
+        }
+        *held = reason;
     }
 
     /// Fills a (reused) entry and queues it; see [`enqueue`](Self::enqueue).
     fn push(&self, fill: impl FnOnce(&mut Entry), around: impl FnOnce(Wait<'_>) -> bool) -> bool {
         let sh = &*self.shared;
         let prev = sh.state.0.fetch_add(1, Ordering::AcqRel);
-        let accepted = prev & CLOSED == 0 && {
+        let accepted = prev & FLAGS == 0 && {
             let boxed = match self.pool.try_recv() {
                 Ok(mut reused) => {
                     fill(&mut reused);
@@ -1340,6 +1367,9 @@ impl AuditWriter {
             sh.enqueued.0.fetch_add(1, Ordering::Relaxed);
         } else {
             sh.dropped.0.fetch_add(1, Ordering::Relaxed);
+            if prev & FLAGS == PAUSED {
+                sh.paused_dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
         sh.state.0.fetch_sub(1, Ordering::Release);
         accepted
@@ -1353,7 +1383,7 @@ impl AuditWriter {
     pub fn healthy(&self) -> bool {
         self.shared.sink_ok.0.load(Ordering::Relaxed)
             && !self.events.is_full()
-            && self.shared.state.0.load(Ordering::Relaxed) & CLOSED == 0
+            && self.shared.state.0.load(Ordering::Relaxed) & FLAGS == 0
     }
 
     /// Events lost (dropped or failed) since the previous report, at most one
@@ -1378,8 +1408,10 @@ impl AuditWriter {
         Some(LossReport {
             lost: lost.saturating_sub(before),
             dropped,
+            paused_dropped: sh.paused_dropped.load(Ordering::Relaxed),
             failed,
             last_error: self.last_error(),
+            paused: sh.pause_reason.lock().clone(),
         })
     }
 
@@ -1417,7 +1449,7 @@ impl AuditWriter {
         self.shared.state.0.fetch_or(CLOSED, Ordering::AcqRel);
         // Wait out enqueue calls that passed the closed check: after this no
         // event can enter the queue, so the thread's final drain is complete.
-        while self.shared.state.0.load(Ordering::Acquire) & !CLOSED != 0 {
+        while self.shared.state.0.load(Ordering::Acquire) & !FLAGS != 0 {
             std::thread::yield_now();
         }
         // If the thread is gone the send fails; join reports why.
@@ -1442,6 +1474,7 @@ impl AuditWriter {
             enqueued: sh.enqueued.0.load(Ordering::Relaxed),
             written: sh.written.0.load(Ordering::Relaxed),
             dropped: sh.dropped.0.load(Ordering::Relaxed),
+            paused_dropped: sh.paused_dropped.load(Ordering::Relaxed),
             write_errors: sh.write_errors.load(Ordering::Relaxed),
             failed: sh.failed.load(Ordering::Relaxed),
             queue_depth: self.events.len(),
@@ -1744,20 +1777,19 @@ mod tests {
             ..WriterOptions::default()
         };
         let w = AuditWriter::open_jsonl(&path, opts).unwrap();
-        assert!(w.takes_lines());
         let mut sent = 0;
         for i in 0..2000 {
             let ok = if i % 3 == 0 {
                 w.enqueue(numbered(i))
             } else {
-                w.enqueue_line(|buf| write_line(buf, &numbered(i))).unwrap()
+                w.enqueue_line(|buf| write_line(buf, &numbered(i)))
             };
             if ok {
                 sent += 1;
             } else {
                 w.flush().unwrap();
                 // Retry once after the queue drained.
-                let again = w.enqueue_line(|buf| write_line(buf, &numbered(i))).unwrap();
+                let again = w.enqueue_line(|buf| write_line(buf, &numbered(i)));
                 assert!(again);
                 sent += 1;
             }
@@ -1777,17 +1809,61 @@ mod tests {
     }
 
     #[test]
-    fn enqueue_line_is_refused_by_an_events_sink_without_rendering() {
-        let dir = tempfile::tempdir().unwrap();
-        let w =
-            AuditWriter::open_sqlite(&dir.path().join("a.db"), WriterOptions::default()).unwrap();
-        assert!(!w.takes_lines());
-        let mut called = false;
-        let err = w.enqueue_line(|_| called = true).unwrap_err();
-        assert!(matches!(err, AuditError::NotALineSink), "{err}");
-        assert!(!called);
-        assert_eq!(w.stats().enqueued, 0);
+    fn an_events_sink_gets_lines_and_events_in_queue_order() {
+        let sink = EventSink::default();
+        let w = AuditWriter::with_sink(sink.clone(), WriterOptions::default()).unwrap();
+        for i in 0..40 {
+            let ok = if i % 2 == 0 {
+                w.enqueue(numbered(i))
+            } else {
+                w.enqueue_line(|buf| write_line(buf, &numbered(i)))
+            };
+            assert!(ok);
+        }
         w.close().unwrap();
+        let ids: Vec<String> = sink.seen.lock().iter().flat_map(|s| s.2.clone()).collect();
+        let want: Vec<String> = (0..40).map(|i| numbered(i).key_id).collect();
+        assert_eq!(ids, want);
+    }
+
+    #[test]
+    fn a_paused_writer_refuses_counts_and_reports_then_resumes() {
+        let sink = EventSink::default();
+        let w = AuditWriter::with_sink(sink.clone(), WriterOptions::default()).unwrap();
+        assert!(w.enqueue(numbered(0)));
+        w.pause(Some("spool over its limit".to_owned()));
+        assert!(!w.healthy());
+        let mut rendered = false;
+        assert!(!w.enqueue_line(|_| rendered = true));
+        assert!(!rendered, "a paused writer renders nothing");
+        assert!(!w.enqueue(numbered(1)));
+        let report = w.take_loss_report(Duration::ZERO).unwrap();
+        assert_eq!(
+            (report.lost, report.dropped, report.paused_dropped),
+            (2, 2, 2)
+        );
+        assert_eq!(report.paused.as_deref(), Some("spool over its limit"));
+        w.pause(None);
+        assert!(w.healthy());
+        assert!(w.enqueue(numbered(2)));
+        w.close().unwrap();
+        let st = w.stats();
+        assert_eq!(
+            (st.enqueued, st.written, st.dropped, st.paused_dropped),
+            (2, 2, 2, 2)
+        );
+        let ids: Vec<String> = sink.seen.lock().iter().flat_map(|s| s.2.clone()).collect();
+        assert_eq!(ids, [numbered(0).key_id, numbered(2).key_id]);
+    }
+
+    #[test]
+    fn close_waits_out_nothing_extra_while_paused() {
+        // The pause bit is not an enqueue in flight: close must not spin on it.
+        let w = AuditWriter::with_sink(EventSink::default(), WriterOptions::default()).unwrap();
+        w.pause(Some("test".to_owned()));
+        w.close().unwrap();
+        assert!(w.is_closed());
+        assert!(!w.enqueue(numbered(0)));
     }
 
     #[test]
@@ -2251,7 +2327,7 @@ mod tests {
     impl Sink for MemSink {
         fn write_batch(&mut self, batch: &Batch<'_>) -> io::Result<()> {
             let (buf, n) = (batch.jsonl(), batch.len());
-            assert_eq!(batch.events().len(), 0, "a Jsonl batch carries no events");
+            assert_eq!(batch.records().len(), 0, "a Jsonl batch carries no events");
             if let Some((entered, release)) = &self.gate {
                 entered.send(()).unwrap();
                 release.lock().recv().unwrap();
@@ -2297,7 +2373,16 @@ mod tests {
             BatchFormat::Events
         }
         fn write_batch(&mut self, batch: &Batch<'_>) -> io::Result<()> {
-            let ids = batch.events().map(|e| e.key_id.clone()).collect();
+            let ids = batch
+                .records()
+                .map(|r| match r {
+                    Record::Event(e) => e.key_id.clone(),
+                    Record::Line(l) => {
+                        let v: Value = serde_json::from_slice(l).unwrap();
+                        v["key_id"].as_str().unwrap().to_owned()
+                    }
+                })
+                .collect();
             self.seen
                 .lock()
                 .push((batch.len(), batch.jsonl().len(), ids));

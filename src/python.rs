@@ -16,8 +16,8 @@ use serde_json::{Map, Value};
 
 use crate::audit::redact::{Cursor, Step, REDACTED};
 use crate::audit::{
-    is_reserved_field, write_json_str, write_line_parts, AuditEvent, AuditQuery, AuditRecord,
-    AuditWriter, ChainKey, JsonlOptions, LineHead, OnFull, Redactor, Status, WriterOptions,
+    is_reserved_field, write_json_str, write_line_parts, AuditQuery, AuditRecord, AuditWriter,
+    ChainKey, JsonlOptions, LineHead, OnFull, Redactor, Status, WriterOptions,
 };
 use crate::errors::{self, Exc};
 use crate::hashing::CachedKey;
@@ -1051,49 +1051,278 @@ fn chain_key(key: Option<&Bound<'_, PyAny>>) -> PyResult<Option<ChainKey>> {
         .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
-impl PyAuditWriter {
-    /// `log` for a sink that stores events (`SQLite`): build the event itself.
-    fn log_event(
+/// `scopes` as a tuple of `str` (a list is copied into one), or a `TypeError`.
+fn scopes_tuple<'py>(scopes: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyTuple>> {
+    let tuple: Bound<'py, PyTuple> = if let Ok(l) = scopes.cast::<PyList>() {
+        l.to_tuple()
+    } else if let Ok(t) = scopes.cast::<PyTuple>() {
+        t.clone()
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "scopes must be a list or tuple of str, got {}",
+            scopes.get_type().name()?
+        )));
+    };
+    for s in tuple.iter() {
+        if s.cast::<PyString>().is_err() {
+            return Err(PyTypeError::new_err(format!(
+                "scopes must be str, got {}",
+                s.get_type().name()?
+            )));
+        }
+    }
+    Ok(tuple)
+}
+
+/// Renders one audit line straight from the Python objects (the one layout:
+/// [`write_line_parts`]), applying `redact` to `input_args` and `metadata`.
+fn render_line(
+    buf: &mut Vec<u8>,
+    head: &LineHead<'_>,
+    scopes: &Bound<'_, PyTuple>,
+    input_args: Option<&Bound<'_, PyAny>>,
+    metadata: Option<&Bound<'_, PyAny>>,
+    extra: Option<&Bound<'_, PyDict>>,
+    redact: Option<&Redactor>,
+) {
+    let json = |buf: &mut Vec<u8>, v: &Bound<'_, PyAny>| match redact {
+        None => write_py_json(buf, v, 0),
+        Some(r) => write_py_json_redacted(buf, v, 0, r, r.root()),
+    };
+    write_line_parts(
+        buf,
+        head,
+        |buf| {
+            for (i, s) in scopes.iter().enumerate() {
+                if i > 0 {
+                    buf.push(b',');
+                }
+                if let Ok(s) = s.cast::<PyString>() {
+                    write_py_str(buf, s);
+                }
+            }
+        },
+        |buf| match input_args {
+            Some(v) if !v.is_none() => json(buf, v),
+            _ => buf.extend_from_slice(b"null"),
+        },
+        |buf| match metadata {
+            Some(v) if !v.is_none() => json(buf, v),
+            _ => buf.extend_from_slice(b"{}"),
+        },
+        |buf| {
+            let Some(extra) = extra else { return };
+            for (k, v) in extra.iter() {
+                if k.cast::<PyString>()
+                    .ok()
+                    .and_then(|k| k.to_str().ok().map(is_reserved_field))
+                    .unwrap_or(false)
+                {
+                    continue;
+                }
+                buf.push(b',');
+                write_py_key(buf, &k);
+                buf.push(b':');
+                write_py_json(buf, &v, 0);
+            }
+        },
+    );
+}
+
+/// The status and scalar fields of one `log` call, parsed.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the audit record's scalar fields"
+)]
+fn line_head<'a>(
+    status: &str,
+    key_id: &'a str,
+    key_name: &'a str,
+    tool: &'a str,
+    duration_ms: f64,
+    error: Option<&'a str>,
+    output_preview: Option<&'a str>,
+    client_ip: Option<&'a str>,
+) -> PyResult<LineHead<'a>> {
+    let status: Status = status
+        .parse()
+        .map_err(|e: crate::audit::AuditError| PyValueError::new_err(e.to_string()))?;
+    Ok(LineHead {
+        ts: Utc::now(),
+        key_id,
+        key_name,
+        tool,
+        duration_ms,
+        status,
+        error,
+        output_preview,
+        client_ip,
+    })
+}
+
+thread_local! {
+    /// [`PyAuditFanout::log`]'s line buffer (taken out while in use, so a re-entrant
+    /// call from Python code run by the rendering gets a fresh one).
+    static FANOUT_LINE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Several audit writers fed by one rendering: `log` renders the line once and copies
+/// it into each writer's queue (JSONL file, `SQLite`, HTTP spool), so a fan-out costs
+/// one serialisation plus a copy per writer. Each writer keeps its own queue, thread,
+/// counters, health and `on_full` policy.
+#[pyclass(frozen, module = "fastmcp_guard._core", name = "AuditFanout")]
+struct PyAuditFanout {
+    writers: Vec<Py<PyAuditWriter>>,
+    redact: Option<Redactor>,
+}
+
+#[pymethods]
+impl PyAuditFanout {
+    #[new]
+    #[pyo3(signature = (writers, *, redact=None))]
+    fn new(writers: Vec<Py<PyAuditWriter>>, redact: Option<Vec<String>>) -> PyResult<Self> {
+        if writers.is_empty() {
+            return Err(PyValueError::new_err(
+                "AuditFanout needs at least one AuditWriter",
+            ));
+        }
+        Ok(PyAuditFanout {
+            writers,
+            redact: redactor(redact)?,
+        })
+    }
+
+    /// The writers, in the order given.
+    #[getter]
+    fn writers(&self, py: Python<'_>) -> Vec<Py<PyAuditWriter>> {
+        self.writers.iter().map(|w| w.clone_ref(py)).collect()
+    }
+
+    /// Renders the event once and queues it on every writer; `False` if any dropped it.
+    #[pyo3(signature = (status, key_id, key_name, tool, scopes, duration_ms, error=None, input_args=None,
+                        output_preview=None, client_ip=None, metadata=None, extra=None))]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "mirrors the audit record's fields, positional for speed"
+    )]
+    fn log(
         &self,
         py: Python<'_>,
-        head: &LineHead<'_>,
-        scopes: Vec<String>,
+        status: &str,
+        key_id: &str,
+        key_name: &str,
+        tool: &str,
+        scopes: &Bound<'_, PyAny>,
+        duration_ms: f64,
+        error: Option<&str>,
         input_args: Option<&Bound<'_, PyAny>>,
+        output_preview: Option<&str>,
+        client_ip: Option<&str>,
         metadata: Option<&Bound<'_, PyAny>>,
         extra: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<bool> {
-        let json = |o: Option<&Bound<'_, PyAny>>| -> PyResult<Option<Value>> {
-            let mut v = o.map(|v| py_to_json(v, Lossy::Repr, 0)).transpose()?;
-            if let (Some(v), Some(r)) = (v.as_mut(), &self.redact) {
-                r.redact_value(v);
-            }
-            Ok(v)
-        };
-        let extra = match extra {
-            None => None,
-            Some(d) => match py_to_json(d.as_any(), Lossy::Repr, 0)? {
-                Value::Object(m) => Some(m),
-                _ => None,
-            },
-        };
-        let ev = AuditEvent {
-            ts: head.ts,
-            key_id: head.key_id.to_owned(),
-            key_name: head.key_name.to_owned(),
-            tool: head.tool.to_owned(),
-            scopes,
-            duration_ms: head.duration_ms,
-            status: head.status,
-            error: head.error.map(str::to_owned),
-            input_args: json(input_args)?,
-            output_preview: head.output_preview.map(str::to_owned),
-            client_ip: head.client_ip.map(str::to_owned),
-            metadata: json(metadata)?,
+        let head = line_head(
+            status,
+            key_id,
+            key_name,
+            tool,
+            duration_ms,
+            error,
+            output_preview,
+            client_ip,
+        )?;
+        let scopes = scopes_tuple(scopes)?;
+        let mut line = FANOUT_LINE.take();
+        line.clear();
+        render_line(
+            &mut line,
+            &head,
+            &scopes,
+            input_args,
+            metadata,
             extra,
-        };
-        Ok(self.inner.enqueue_with(ev, |wait| py.detach(wait)))
+            self.redact.as_ref(),
+        );
+        let mut all = true;
+        for w in &self.writers {
+            let w = w.get();
+            let queued = w
+                .inner
+                .enqueue_line_with(|buf| buf.extend_from_slice(&line), |wait| py.detach(wait));
+            w.warn_losses(py, false);
+            all &= queued;
+        }
+        if line.capacity() <= 64 * 1024 {
+            FANOUT_LINE.set(line);
+        }
+        Ok(all)
     }
 
+    /// Flushes every writer (see `AuditWriter.flush`); the first error is raised after all.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        let mut first = Ok(());
+        for w in &self.writers {
+            let res = w.get().flush(py);
+            if first.is_ok() {
+                first = res;
+            }
+        }
+        first
+    }
+
+    /// Closes every writer; the first error is raised after all are closed.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let mut first = Ok(());
+        for w in &self.writers {
+            let res = w.get().close(py);
+            if first.is_ok() {
+                first = res;
+            }
+        }
+        first
+    }
+
+    /// Every writer is healthy.
+    fn healthy(&self) -> bool {
+        self.writers.iter().all(|w| w.get().healthy())
+    }
+
+    /// The writers' counters, summed.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let mut sum = [0u64; 7];
+        for w in &self.writers {
+            let s = w.get().inner.stats();
+            let vals = [
+                s.enqueued,
+                s.written,
+                s.dropped,
+                s.paused_dropped,
+                s.write_errors,
+                s.failed,
+                s.queue_depth as u64,
+            ];
+            for (acc, v) in sum.iter_mut().zip(vals) {
+                *acc += v;
+            }
+        }
+        let names = [
+            "enqueued",
+            "written",
+            "dropped",
+            "paused_dropped",
+            "write_errors",
+            "failed",
+            "queue_depth",
+        ];
+        for (k, v) in names.into_iter().zip(sum) {
+            d.set_item(k, v)?;
+        }
+        Ok(d)
+    }
+}
+
+impl PyAuditWriter {
     /// Logs a warning on `fastmcp_guard.audit` if events were lost since the last
     /// one and the interval has passed (`force`: whatever the interval).
     fn warn_losses(&self, py: Python<'_>, force: bool) {
@@ -1107,12 +1336,20 @@ impl PyAuditWriter {
         };
         let msg = format!(
             "audit log {}: {} event{} lost since the last warning ({} dropped in all: queue \
-             full or writer closed; {} lost to failed writes in all){}",
+             full, writer closed or paused{}; {} lost to failed writes in all){}{}",
             self.path,
             r.lost,
             if r.lost == 1 { "" } else { "s" },
             r.dropped,
+            if r.paused_dropped > 0 {
+                format!(", {} of them while paused", r.paused_dropped)
+            } else {
+                String::new()
+            },
             r.failed,
+            r.paused
+                .map(|p| format!("; paused: {p}"))
+                .unwrap_or_default(),
             r.last_error
                 .map(|e| format!("; last error: {e}"))
                 .unwrap_or_default()
@@ -1246,104 +1483,39 @@ impl PyAuditWriter {
         metadata: Option<&Bound<'_, PyAny>>,
         extra: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<bool> {
-        let status: Status = status
-            .parse()
-            .map_err(|e: crate::audit::AuditError| PyValueError::new_err(e.to_string()))?;
-        let head = LineHead {
-            ts: Utc::now(),
+        let head = line_head(
+            status,
             key_id,
             key_name,
             tool,
             duration_ms,
-            status,
             error,
             output_preview,
             client_ip,
-        };
-        if !self.inner.takes_lines() {
-            let queued = self.log_event(
-                py,
-                &head,
-                scopes.extract()?,
-                input_args.filter(|v| !v.is_none()),
-                metadata.filter(|v| !v.is_none()),
-                extra,
-            )?;
-            self.warn_losses(py, false);
-            return Ok(queued);
-        }
-        // JSONL: render the line here, straight from the Python objects, into a
-        // reused buffer; the writer thread only copies it.
-        let scopes: Bound<'_, PyAny> = if let Ok(l) = scopes.cast::<PyList>() {
-            l.to_tuple().into_any()
-        } else if scopes.cast::<PyTuple>().is_ok() {
-            scopes.clone()
-        } else {
-            return Err(PyTypeError::new_err(format!(
-                "scopes must be a list or tuple of str, got {}",
-                scopes.get_type().name()?
-            )));
-        };
-        let scopes = scopes.cast::<PyTuple>()?;
-        for s in scopes.iter() {
-            if s.cast::<PyString>().is_err() {
-                return Err(PyTypeError::new_err(format!(
-                    "scopes must be str, got {}",
-                    s.get_type().name()?
-                )));
-            }
-        }
-        let redact = self.redact.as_ref();
-        let json = |buf: &mut Vec<u8>, v: &Bound<'_, PyAny>| match redact {
-            None => write_py_json(buf, v, 0),
-            Some(r) => write_py_json_redacted(buf, v, 0, r, r.root()),
-        };
+        )?;
+        let scopes = scopes_tuple(scopes)?;
         let render = |buf: &mut Vec<u8>| {
-            write_line_parts(
+            render_line(
                 buf,
                 &head,
-                |buf| {
-                    for (i, s) in scopes.iter().enumerate() {
-                        if i > 0 {
-                            buf.push(b',');
-                        }
-                        if let Ok(s) = s.cast::<PyString>() {
-                            write_py_str(buf, s);
-                        }
-                    }
-                },
-                |buf| match input_args {
-                    Some(v) if !v.is_none() => json(buf, v),
-                    _ => buf.extend_from_slice(b"null"),
-                },
-                |buf| match metadata {
-                    Some(v) if !v.is_none() => json(buf, v),
-                    _ => buf.extend_from_slice(b"{}"),
-                },
-                |buf| {
-                    let Some(extra) = extra else { return };
-                    for (k, v) in extra.iter() {
-                        if k.cast::<PyString>()
-                            .ok()
-                            .and_then(|k| k.to_str().ok().map(is_reserved_field))
-                            .unwrap_or(false)
-                        {
-                            continue;
-                        }
-                        buf.push(b',');
-                        write_py_key(buf, &k);
-                        buf.push(b':');
-                        write_py_json(buf, &v, 0);
-                    }
-                },
+                &scopes,
+                input_args,
+                metadata,
+                extra,
+                self.redact.as_ref(),
             );
         };
         // Block policy: a full queue is waited on with the GIL released.
-        let queued = self
-            .inner
-            .enqueue_line_with(render, |wait| py.detach(wait))?;
+        let queued = self.inner.enqueue_line_with(render, |wait| py.detach(wait));
         self.warn_losses(py, false);
         Ok(queued)
+    }
+
+    /// Refuse new events (counted as dropped, `reason` named in the loss warning)
+    /// until called with `None`.
+    #[pyo3(signature = (reason))]
+    fn pause(&self, reason: Option<String>) {
+        self.inner.pause(reason);
     }
 
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
@@ -1369,6 +1541,7 @@ impl PyAuditWriter {
         d.set_item("enqueued", s.enqueued)?;
         d.set_item("written", s.written)?;
         d.set_item("dropped", s.dropped)?;
+        d.set_item("paused_dropped", s.paused_dropped)?;
         d.set_item("write_errors", s.write_errors)?;
         d.set_item("failed", s.failed)?;
         d.set_item("queue_depth", s.queue_depth)?;
@@ -1773,6 +1946,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyKeyInfo>()?;
     m.add_class::<PyKeyManager>()?;
     m.add_class::<PyAuditWriter>()?;
+    m.add_class::<PyAuditFanout>()?;
     m.add_function(wrap_pyfunction!(audit_query, m)?)?;
     m.add_function(wrap_pyfunction!(audit_verify, m)?)?;
     m.add_function(wrap_pyfunction!(audit_log_files, m)?)?;

@@ -305,20 +305,64 @@ class AuditWriter:
         metadata: Any = None,
         extra: dict[str, Any] | None = None,
     ) -> bool:
-        """Enqueue one event; ``False`` if it was dropped (queue full or closed).
+        """Enqueue one event; ``False`` if it was dropped (queue full, closed or paused).
 
-        On a JSONL writer the line is rendered here, straight from the objects, into
-        a reused buffer (dict keys in insertion order); values JSON cannot hold are
-        recorded as their ``repr``. Raises ``TypeError`` for scopes that are not a
-        list or tuple of ``str``, ``ValueError`` for an unknown status.
+        The line is rendered here, straight from the objects, into a reused buffer
+        (dict keys in insertion order); values JSON cannot hold are recorded as their
+        ``repr``. A SQLite writer reads it back into columns on its own thread. Raises
+        ``TypeError`` for scopes that are not a list or tuple of ``str``, ``ValueError``
+        for an unknown status.
         """
+    def pause(self, reason: str | None) -> None:
+        """Refuse new events (counted in ``dropped`` and ``paused_dropped``; ``reason``
+        is named in the loss warning) until called with ``None``. Queued events are
+        still written; ``healthy()`` is false while paused."""
     def flush(self) -> None: ...
     def close(self) -> None: ...
     def healthy(self) -> bool:
-        """Whether an event logged now would reach the sink: open, room in the queue,
-        and the last batch written (false from a failed batch to the next success)."""
-    def stats(self) -> dict[str, int]: ...
+        """Whether an event logged now would reach the sink: open, not paused, room in
+        the queue, and the last batch written (false from a failed batch to the next
+        success)."""
+    def stats(self) -> dict[str, int]:
+        """``enqueued``, ``written``, ``dropped`` (of which ``paused_dropped``),
+        ``write_errors``, ``failed``, ``queue_depth``."""
     def last_error(self) -> str | None: ...
+
+@final
+class AuditFanout:
+    """Several :class:`AuditWriter` fed by one rendering: ``log`` renders the line once
+    (``redact`` applied) and copies it into each writer's queue. Each writer keeps its
+    own queue, thread, counters, health and ``on_full`` policy."""
+
+    def __new__(
+        cls, writers: Sequence[AuditWriter], *, redact: Sequence[str] | None = None
+    ) -> AuditFanout: ...
+    @property
+    def writers(self) -> list[AuditWriter]: ...
+    def log(
+        self,
+        status: str,
+        key_id: str,
+        key_name: str,
+        tool: str,
+        scopes: list[str] | tuple[str, ...],
+        duration_ms: float,
+        error: str | None = None,
+        input_args: Any = None,
+        output_preview: str | None = None,
+        client_ip: str | None = None,
+        metadata: Any = None,
+        extra: dict[str, Any] | None = None,
+    ) -> bool:
+        """Queue one event on every writer; ``False`` if any of them dropped it."""
+    def flush(self) -> None:
+        """Flush every writer; the first error is raised after all were flushed."""
+    def close(self) -> None:
+        """Close every writer; the first error is raised after all were closed."""
+    def healthy(self) -> bool:
+        """Every writer is healthy."""
+    def stats(self) -> dict[str, int]:
+        """The writers' counters, summed."""
 
 #: Every audit status name, in the core's order.
 AUDIT_STATUSES: tuple[str, ...]

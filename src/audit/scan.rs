@@ -102,7 +102,10 @@ const TOOL: usize = 3;
 const SCOPES: usize = 4;
 const DURATION_MS: usize = 5;
 const STATUS: usize = 6;
+const ERROR: usize = 7;
 const INPUT_ARGS: usize = 8;
+const OUTPUT_PREVIEW: usize = 9;
+const CLIENT_IP: usize = 10;
 const METADATA: usize = 11;
 
 /// Errors of [`scan`] and [`scan_path`]. Malformed lines are not errors (see
@@ -900,6 +903,79 @@ fn str_value(raw: &RawValue) -> Option<Cow<'_, str>> {
         Some(Cow::Borrowed(inner))
     } else {
         serde_json::from_str::<String>(s).ok().map(Cow::Owned)
+    }
+}
+
+/// One audit line read back into its columns (the `SQLite` sink stores lines that the
+/// producer rendered; see [`LineColumns::parse`]). Strings are borrowed from the line
+/// unless they had escapes.
+pub(crate) struct LineColumns<'a> {
+    fields: Fields<'a>,
+    /// The extra fields as one compact JSON object; empty when there are none.
+    pub extra: Vec<u8>,
+}
+
+impl<'a> LineColumns<'a> {
+    /// Parses `line` (with or without its `\n`); `None` if it is not one JSON object
+    /// with the fixed fields at most once each. Every other field is an extra.
+    pub fn parse(line: &'a str) -> Option<LineColumns<'a>> {
+        let mut fields = Fields::default();
+        let mut extra = Vec::new();
+        if !parse_line(line.trim_end_matches('\n'), &mut fields, Some(&mut extra)) {
+            return None;
+        }
+        if !extra.is_empty() {
+            extra.push(b'}');
+        }
+        Some(LineColumns { fields, extra })
+    }
+
+    fn text(&self, i: usize) -> Option<&str> {
+        match &self.fields[i] {
+            Val::Str(s) => Some(s),
+            Val::Raw(r) => Some(r.get()),
+            Val::Null | Val::Absent => None,
+        }
+    }
+
+    pub fn ts(&self) -> Option<&str> {
+        self.fields[TS].as_str()
+    }
+    pub fn key_id(&self) -> Option<&str> {
+        self.text(KEY_ID)
+    }
+    pub fn key_name(&self) -> Option<&str> {
+        self.text(KEY_NAME)
+    }
+    pub fn tool(&self) -> Option<&str> {
+        self.text(TOOL)
+    }
+    /// The scopes array as JSON text.
+    pub fn scopes(&self) -> Option<&str> {
+        self.text(SCOPES)
+    }
+    pub fn duration_ms(&self) -> Option<f64> {
+        self.text(DURATION_MS).and_then(|s| s.parse().ok())
+    }
+    pub fn status(&self) -> Option<&str> {
+        self.text(STATUS)
+    }
+    pub fn error(&self) -> Option<&str> {
+        self.text(ERROR)
+    }
+    /// `input_args` as JSON text (`None` for `null`).
+    pub fn input_args(&self) -> Option<&str> {
+        self.text(INPUT_ARGS)
+    }
+    pub fn output_preview(&self) -> Option<&str> {
+        self.text(OUTPUT_PREVIEW)
+    }
+    pub fn client_ip(&self) -> Option<&str> {
+        self.text(CLIENT_IP)
+    }
+    /// `metadata` as JSON text.
+    pub fn metadata(&self) -> Option<&str> {
+        self.text(METADATA)
     }
 }
 

@@ -34,8 +34,9 @@ use serde_json::{Map, Value};
 
 use super::{
     format_ts, is_reserved_field, write_json_str, write_ts, write_value, AuditError, AuditEvent,
-    Batch, BatchFormat, Sink, Status, FIXED_FIELDS,
+    Batch, BatchFormat, Record, Sink, Status, FIXED_FIELDS,
 };
+use crate::audit::scan::LineColumns;
 
 /// The schema version this build writes (`audit_schema_version`).
 pub const SQLITE_SCHEMA_VERSION: i64 = 2;
@@ -235,10 +236,14 @@ fn create_private(path: &Path) -> Result<(), AuditError> {
 // ---------------------------------------------------------------------------
 
 /// Inserts batches into `audit_log` of an `SQLite` file, one transaction per batch.
-/// Asks for [`BatchFormat::Events`]: nothing is serialised to JSONL on the way.
+/// Asks for [`BatchFormat::Events`]: nothing is serialised to JSONL on the way. Lines
+/// rendered by the producer ([`AuditWriter::enqueue_line`](super::AuditWriter::enqueue_line))
+/// are read back into their columns here, on the writer thread.
 pub struct SqliteSink {
     conn: Connection,
     path: PathBuf,
+    /// Lines that could not be read back since the last batch (a bug if ever non-zero).
+    unreadable: u64,
     /// Reused for the text columns of one row (ts and the JSON columns).
     scratch: Vec<u8>,
     /// Rows older than this are deleted (see [`SqliteSink::retain`]).
@@ -292,6 +297,7 @@ impl SqliteSink {
             conn,
             path: path.to_path_buf(),
             scratch: Vec::with_capacity(1024),
+            unreadable: 0,
             retention: None,
             next_prune: std::time::Instant::now(),
         })
@@ -413,6 +419,30 @@ fn insert_row(
     Ok(())
 }
 
+/// Inserts one row from a line rendered by the producer: the JSON columns are the
+/// line's own (compact) text, so nothing is re-serialised.
+fn insert_line(stmt: &mut CachedStatement<'_>, cols: &LineColumns<'_>) -> rusqlite::Result<()> {
+    let extra = (!cols.extra.is_empty())
+        .then(|| std::str::from_utf8(&cols.extra))
+        .transpose()?;
+    stmt.execute(params![
+        cols.ts(),
+        cols.key_id(),
+        cols.key_name(),
+        cols.tool(),
+        cols.scopes(),
+        cols.duration_ms().and_then(stored_duration),
+        cols.status(),
+        cols.error(),
+        cols.input_args(),
+        cols.output_preview(),
+        cols.client_ip(),
+        cols.metadata().unwrap_or("{}"),
+        extra,
+    ])?;
+    Ok(())
+}
+
 /// `duration_ms` rounded to 3 decimals, as the JSONL log writes it; `NULL` if not finite.
 fn stored_duration(d: f64) -> Option<f64> {
     if !d.is_finite() {
@@ -454,8 +484,20 @@ impl Sink for SqliteSink {
             .map_err(io_err)?;
         {
             let mut stmt = tx.prepare_cached(INSERT).map_err(io_err)?;
-            for ev in batch.events() {
-                insert_row(&mut stmt, &mut self.scratch, ev).map_err(io_err)?;
+            for record in batch.records() {
+                match record {
+                    Record::Event(ev) => insert_row(&mut stmt, &mut self.scratch, ev),
+                    Record::Line(line) => {
+                        match std::str::from_utf8(line).ok().and_then(LineColumns::parse) {
+                            Some(cols) => insert_line(&mut stmt, &cols),
+                            None => {
+                                self.unreadable += 1;
+                                Ok(())
+                            }
+                        }
+                    }
+                }
+                .map_err(io_err)?;
             }
         }
         // On any error above, dropping `tx` rolls the whole batch back.
@@ -469,6 +511,19 @@ impl Sink for SqliteSink {
     fn flush(&mut self) -> io::Result<()> {
         // Each batch was committed: its rows are in the WAL, handed to the OS.
         Ok(())
+    }
+
+    fn take_warning(&mut self) -> Option<AuditError> {
+        if self.unreadable == 0 {
+            return None;
+        }
+        let n = std::mem::take(&mut self.unreadable);
+        Some(AuditError::Write {
+            source: io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{n} audit line(s) could not be read back into columns (a bug)"),
+            ),
+        })
     }
 
     fn sync(&mut self) -> io::Result<()> {
@@ -850,6 +905,70 @@ mod tests {
             (scopes.as_str(), args, meta.as_str(), extra),
             ("[]", None, "{}", None)
         );
+    }
+
+    /// Every column of every row, as text (`NULL` as `None`), in insertion order.
+    fn raw_rows(path: &Path) -> Vec<Vec<Option<String>>> {
+        let conn = Connection::open(path).unwrap();
+        let mut stmt = conn
+            .prepare(
+                "SELECT ts, key_id, key_name, tool, scopes, CAST(duration_ms AS TEXT), status, \
+                 error, input_args, output_preview, client_ip, metadata, extra \
+                 FROM audit_log ORDER BY id",
+            )
+            .unwrap();
+        let rows = stmt
+            .query_map([], |r| (0..13).map(|i| r.get(i)).collect())
+            .unwrap();
+        rows.collect::<rusqlite::Result<_>>().unwrap()
+    }
+
+    #[test]
+    fn a_rendered_line_makes_the_same_row_as_the_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut full = event(0, "fmg_key_abc", "se\"arch", Status::RateLimited);
+        full.scopes = vec!["read".into(), "we\"ird\n".into()];
+        full.duration_ms = 12.345_67;
+        full.error = Some("Rate limit \u{1f600} exceeded".into());
+        full.input_args = Some(json!({"q": "x\u{0}y", "n": [1, 2.5, null, -0.0, 1e300]}));
+        full.output_preview = Some("r\u{e9}sultat".into());
+        full.client_ip = Some("10.0.0.7".into());
+        full.metadata = Some(json!({"team": "ops", "nested": {"a": []}}));
+        let mut extra = Map::new();
+        extra.insert("retry_after".into(), json!(1.5));
+        extra.insert("status".into(), json!("ok")); // cannot shadow a fixed field
+        extra.insert("id".into(), json!("x")); // nor a seal field
+        full.extra = Some(extra);
+        let mut odd = event(1, "", "", Status::Ok);
+        odd.duration_ms = f64::NAN;
+        odd.input_args = Some(json!("just a string"));
+        let events = vec![full, odd, event(2, "k2", "t", Status::Error)];
+
+        let (as_events, as_lines) = (dir.path().join("e.db"), dir.path().join("l.db"));
+        write_all(&as_events, events.clone());
+        let w = AuditWriter::open_sqlite(&as_lines, WriterOptions::default()).unwrap();
+        for ev in &events {
+            assert!(w.enqueue_line(|buf| crate::audit::write_line(buf, ev)));
+        }
+        w.close().unwrap();
+        let s = w.stats();
+        assert_eq!((s.written, s.failed, s.write_errors), (3, 0, 0));
+        assert_eq!(raw_rows(&as_lines), raw_rows(&as_events));
+    }
+
+    #[test]
+    fn an_unreadable_line_is_skipped_and_reported_not_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let w = AuditWriter::open_sqlite(&path, WriterOptions::default()).unwrap();
+        assert!(w.enqueue(event(0, "a", "t", Status::Ok)));
+        assert!(w.enqueue_line(|buf| buf.extend_from_slice(b"not json\n")));
+        assert!(w.enqueue(event(1, "b", "t", Status::Ok)));
+        w.close().unwrap();
+        assert_eq!(query(&path, &q()).unwrap().len(), 2);
+        assert_eq!(w.stats().write_errors, 1);
+        let err = w.last_error().unwrap();
+        assert!(err.contains("could not be read back"), "{err}");
     }
 
     #[test]

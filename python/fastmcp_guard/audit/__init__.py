@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import anyio.to_thread
 
-from fastmcp_guard._core import AuditWriter, audit_query
+from fastmcp_guard._core import AuditFanout, AuditWriter, audit_query
 from fastmcp_guard.audit.http import HttpBackend
 from fastmcp_guard.audit.otel import OTelBackend
 from fastmcp_guard.errors import ConfigError, GuardError
@@ -181,19 +181,23 @@ class AuditLog:
         #: ``on_failure == "fail_closed"``: the middleware asks :meth:`healthy` first.
         self.fail_closed = on_failure == "fail_closed"
         self._writer: AuditWriter | None = None
+        #: The SQLite backend's writer (what :meth:`query` reads), if there is one.
+        self._sqlite: AuditWriter | None = None
         self._targets: list[Any] = []
         try:
             for b in resolved:
                 target = _open_target(b, self.redact, on_failure)
                 if isinstance(target, AuditWriter) and self._writer is None:
                     self._writer = target
+                if isinstance(b, SQLiteBackend):
+                    self._sqlite = target
                 self._targets.append(target)
         except BaseException:
             for target in self._targets:
                 target.close()
             raise
-        # One target: log straight to it (the hot path has no loop).
-        self._log = self._targets[0].log if len(self._targets) == 1 else self._fan_out
+        self._loggers = _loggers(self._targets, self.redact)
+        self._log = self._loggers[0].log if len(self._loggers) == 1 else self._fan_out
         for target in self._targets:
             if isinstance(target, AuditWriter):
                 # Flush at interpreter exit without keeping the log alive.
@@ -210,20 +214,22 @@ class AuditLog:
         log.redact = ()
         log.on_failure = "drop"
         log.fail_closed = False
-        log._writer = None
+        log._writer = log._sqlite = None
         log._targets = list(targets)
-        log._log = log._targets[0].log if len(targets) == 1 else log._fan_out
+        log._loggers = list(targets)
+        log._log = log._loggers[0].log if len(targets) == 1 else log._fan_out
         return log
 
     def _add_target(self, target: Any) -> None:
         """Also send every event to ``target`` (the guard's metrics)."""
         self._targets.append(target)
+        self._loggers.append(target)
         self._log = self._fan_out
 
     def _fan_out(self, *fields: Any) -> bool:
         ok = True
-        for target in self._targets:
-            ok = target.log(*fields) and ok
+        for logger in self._loggers:
+            ok = logger.log(*fields) and ok
         return ok
 
     @property
@@ -301,16 +307,17 @@ class AuditLog:
         Everything logged before the call is included (the log is flushed first). Runs in
         a worker thread, never on the event loop. ``status`` must be a known status name.
 
-        Raises :class:`~fastmcp_guard.errors.ConfigError` for a :class:`FileBackend` log
-        (querying needs the SQLite backend), and
+        With several backends, the :class:`SQLiteBackend` among them is searched. Raises
+        :class:`~fastmcp_guard.errors.ConfigError` for a log without one (querying needs
+        the SQLite backend), and
         :class:`~fastmcp_guard.errors.AuditWriteError` if the database cannot be read or
         a batch failed to be written since the last flush (as :meth:`flush` does).
         """
-        if not isinstance(self.backend, SQLiteBackend):
+        if self._sqlite is None:
             raise ConfigError(
-                f"querying the audit log needs the sqlite backend; this log writes JSON lines "
-                f"to {self.path} (use AuditLog(backend='sqlite', path=...) or "
-                "SQLiteBackend(path) to make it queryable)"
+                "querying the audit log needs the sqlite backend; this log has "
+                f"[{', '.join(_kind(b) for b in self.backends)}] (add SQLiteBackend(path) to "
+                "its backends, or use AuditLog(backend='sqlite', path=...))"
             )
         args = {
             "key_id": key_id,
@@ -324,9 +331,10 @@ class AuditLog:
         return await anyio.to_thread.run_sync(self._query_now, args)
 
     def _query_now(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        self.writer.flush()
+        assert self._sqlite is not None  # checked by query()
+        self._sqlite.flush()
         try:
-            return audit_query(self.path, **args)
+            return audit_query(self._sqlite.path, **args)
         except ValueError as exc:  # a bad status name or limit
             if isinstance(exc, GuardError):
                 raise
@@ -448,6 +456,23 @@ def _open_target(backend: Backend, redact: tuple[str, ...], on_failure: str) -> 
     from fastmcp_guard.audit.otel import OTelEmitter
 
     return OTelEmitter(backend, redact=redact)
+
+
+def _loggers(targets: list[Any], redact: tuple[str, ...]) -> list[Any]:
+    """What ``log`` calls, one per target except that every Rust writer (file, SQLite,
+    the HTTP spool) is fed by a single :class:`AuditFanout`: the line is rendered once
+    and copied into each writer's queue, so more backends add a copy, not a rendering."""
+    writers: list[AuditWriter] = []
+    others: list[Any] = []
+    for target in targets:
+        writer = target if isinstance(target, AuditWriter) else getattr(target, "writer", None)
+        if isinstance(writer, AuditWriter):
+            writers.append(writer)
+        else:
+            others.append(target)
+    if len(writers) > 1:
+        return [AuditFanout(writers, redact=list(redact) or None), *others]
+    return [*writers, *others]
 
 
 def _unix_seconds(when: datetime | float | None, what: str) -> float | None:

@@ -77,7 +77,6 @@ _CHAIN_TAIL = b',"chain":"'
 _ID_KEY = b'"id":"'
 _ID_LEN = 26
 _READ_CHUNK = 1 << 20
-_WARN_INTERVAL_S = 10.0
 
 log = logging.getLogger("fastmcp_guard.audit")
 
@@ -262,9 +261,6 @@ class HttpShipper:
         self._conn: http.client.HTTPConnection | None = None
         self._over_limit = False
         self._spooled_bytes = 0
-        self._spool_dropped = 0
-        self._last_drop_warning = 0.0
-        self._unwarned_drops = 0
         self._counts = {"shipped": 0, "batches": 0, "retries": 0, "http_errors": 0,
                         "malformed": 0}  # fmt: skip
         self._refusal_logged: int | None = None
@@ -287,22 +283,15 @@ class HttpShipper:
         """The live spool file."""
         return self._live
 
+    @property
+    def writer(self) -> AuditWriter:
+        """The spool's writer (an :class:`AuditLog` fan-out feeds it directly). It is
+        paused while the spool is over ``spool_max_bytes``: events are then dropped and
+        counted (``spool_dropped``), with a warning at most every 10 s."""
+        return self._writer
+
     def log(self, *fields: Any) -> bool:
         """Spool one event (``AuditWriter.log``'s positional order); ``False`` if dropped."""
-        if self._over_limit:
-            self._spool_dropped += 1
-            self._unwarned_drops += 1
-            now = time.monotonic()
-            if now - self._last_drop_warning >= _WARN_INTERVAL_S:
-                self._last_drop_warning = now
-                log.warning(
-                    "audit spool %s is over spool_max_bytes=%d (endpoint %s unreachable?): "
-                    "%d event(s) dropped since the last warning",
-                    self.spool_dir, self.backend.spool_max_bytes, self._shown_url,
-                    self._unwarned_drops,
-                )  # fmt: skip
-                self._unwarned_drops = 0
-            return False
         return self._writer.log(*fields)
 
     def flush(self) -> None:
@@ -332,15 +321,14 @@ class HttpShipper:
         (events acknowledged), ``batches``, ``retries``, ``http_errors``, ``malformed``
         (unparsable spool lines skipped) and ``dropped`` (including spool-limit drops)."""
         out = dict(self._writer.stats())
-        out["dropped"] = out.get("dropped", 0) + self._spool_dropped
-        out["spool_dropped"] = self._spool_dropped
+        out["spool_dropped"] = out.pop("paused_dropped", 0)
         out["spooled_bytes"] = self._spooled_bytes
         out.update(self._counts)
         return out
 
     def healthy(self) -> bool:
         """The spool writer is healthy and the spool is under ``spool_max_bytes``."""
-        return not self._over_limit and self._writer.healthy()
+        return self._writer.healthy()
 
     def pending_bytes(self) -> int:
         """Unsent bytes in the spool, measured now."""
@@ -425,6 +413,13 @@ class HttpShipper:
                 "calls are refused (fail_closed)" if self._fail_closed
                 else "new events are dropped", self._shown_url,
             )  # fmt: skip
+        if over != self._over_limit:
+            self._writer.pause(
+                f"the spool {self.spool_dir} is over spool_max_bytes="
+                f"{self.backend.spool_max_bytes} (endpoint {self._shown_url} unreachable?)"
+                if over
+                else None
+            )
         self._over_limit = over
 
     def _delete_shipped(self, files: list[tuple[str, int, int]]) -> None:

@@ -1,0 +1,139 @@
+"""One AuditLog, every Rust-written backend at once (JSONL file, SQLite, the HTTP spool
+shipping to a real receiver on 127.0.0.1): one rendering feeds them all, each keeps its
+own queue, counters and health, and one that refuses does not starve the others."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastmcp_guard import AuditLog
+from fastmcp_guard._core import AuditFanout, AuditWriter
+from fastmcp_guard.audit import FileBackend, HttpBackend, SQLiteBackend
+
+from tests.integration.audit_receiver import Receiver
+
+SECRET = b"fanout-hmac-key"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver(secret=SECRET).start()
+    yield r
+    r.stop()
+
+
+def _every_backend(tmp_path: Path, receiver: Receiver, **http: object) -> AuditLog:
+    opts: dict[str, object] = {"spool_dir": tmp_path / "spool", "flush_interval_ms": 20,
+                               "poll_interval": 0.02, "drain_timeout": 10.0,
+                               "secret": SECRET}  # fmt: skip
+    opts.update(http)
+    return AuditLog(
+        backend=[
+            FileBackend(tmp_path / "audit.jsonl", flush_interval_ms=20),
+            SQLiteBackend(tmp_path / "audit.db", flush_interval_ms=20),
+            HttpBackend(receiver.url, **opts),  # type: ignore[arg-type]
+        ],
+        redact=["password", "*.token"],
+        output_preview_chars=8,
+    )
+
+
+def _fields(record: dict[str, object]) -> dict[str, object]:
+    """The audit fields every backend stores (no seal fields, no row id)."""
+    keep = ("ts", "key_id", "key_name", "tool", "scopes", "duration_ms", "status", "error",
+            "input_args", "output_preview", "client_ip", "metadata")  # fmt: skip
+    return {k: record.get(k) for k in keep}
+
+
+async def test_one_rendering_feeds_file_sqlite_and_http_with_the_same_record(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    audit = _every_backend(tmp_path, receiver)
+    [logger] = audit._loggers  # the three writers sit behind a single fan-out
+    assert isinstance(logger, AuditFanout) and len(logger.writers) == 3
+    for i in range(200):
+        assert audit.log(
+            "ok" if i % 3 else "rate_limited",
+            key_id=f"k{i}", key_name="alice", tool="search", scopes=["read", "w\"x"],
+            duration_ms=i / 7, error=None if i % 3 else "Rate limit exceeded",
+            input_args={"q": f"é{i}", "password": "hunter2", "auth": {"token": "t0k"}},
+            output_preview="a long result text", client_ip="10.0.0.7",
+            metadata={"team": "ops"}, extra={"retry_after": 1.5},
+        )  # fmt: skip
+    audit.flush()
+    receiver.wait_for(200)
+    lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    rows = list(reversed(await audit.query(limit=1000)))
+    shipped = sorted(receiver.accepted(), key=lambda e: int(str(e["key_id"])[1:]))
+    assert len(lines) == len(rows) == len(shipped) == 200
+    for line, row, sent in zip(lines, rows, shipped, strict=True):
+        assert _fields(line) == _fields(row) == _fields(sent)
+        assert line["retry_after"] == row["retry_after"] == sent["retry_after"] == 1.5
+    first = lines[1]
+    assert first["input_args"] == {"q": "é1", "password": "[redacted]",
+                                   "auth": {"token": "[redacted]"}}  # fmt: skip
+    assert first["output_preview"] == "a long r" and first["scopes"] == ["read", 'w"x']
+    audit.close()
+    stats = audit.stats()
+    assert stats["enqueued"] == 600 and stats["dropped"] == 0 and stats["failed"] == 0
+    assert stats["shipped"] == 200
+    for path in (tmp_path / "audit.jsonl", tmp_path / "audit.db", *(tmp_path / "spool").iterdir()):
+        assert b"hunter2" not in path.read_bytes() and b"t0k" not in path.read_bytes()
+
+
+def test_a_paused_spool_drops_only_its_own_copy(
+    tmp_path: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.plan = lambda n: (503, {})  # endpoint down: the spool grows past its limit
+    audit = _every_backend(tmp_path, receiver, spool_max_bytes=10_000, backoff_cap=0.2)
+    for i in range(60):
+        audit.log("ok", key_id=f"early{i}", input_args={"pad": "x" * 200})
+    audit.flush()
+    deadline = time.monotonic() + 10
+    while audit.healthy() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not audit.healthy()
+    with caplog.at_level("WARNING", logger="fastmcp_guard.audit"):
+        results = [audit.log("ok", key_id=f"late{i}") for i in range(25)]
+    assert results == [False] * 25  # some backend dropped each event...
+    audit.flush()
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    assert sum('"key_id":"late' in x for x in lines) == 25  # ...but not the file
+    assert "over spool_max_bytes" in caplog.text and "while paused" in caplog.text
+    stats = audit.stats()
+    assert stats["spool_dropped"] == 25 and stats["dropped"] == 25
+    receiver.plan = None  # the endpoint is back: the spool drains and resumes
+    deadline = time.monotonic() + 15
+    while not audit.healthy() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert audit.healthy()
+    assert audit.log("ok", key_id="after")
+    receiver.wait_for(61)
+    audit.close()
+    assert {e["key_id"] for e in receiver.accepted()} == {f"early{i}" for i in range(60)} | {
+        "after"
+    }
+
+
+def test_fanout_checks_its_input_like_a_writer(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        AuditFanout([])
+    a = AuditWriter(tmp_path / "a.jsonl")
+    b = AuditWriter.sqlite(tmp_path / "b.db")
+    fan = AuditFanout([a, b])
+    with pytest.raises(ValueError, match="unknown audit status"):
+        fan.log("nope", "k", "n", "t", [], 0.0)
+    with pytest.raises(TypeError, match="scopes must be"):
+        fan.log("ok", "k", "n", "t", "read", 0.0)
+    assert fan.stats()["enqueued"] == 0
+    assert fan.log("ok", "k", "n", "t", ("read",), 1.0)
+    fan.close()
+    assert not fan.log("ok", "k", "n", "t", [], 1.0)  # closed writers drop, no error
+    assert fan.stats() | {"queue_depth": 0} == {
+        "enqueued": 2, "written": 2, "dropped": 2, "paused_dropped": 0,
+        "write_errors": 0, "failed": 0, "queue_depth": 0,
+    }  # fmt: skip
