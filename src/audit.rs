@@ -55,12 +55,14 @@ use parking_lot::Mutex;
 use serde_json::{Map, Value};
 
 pub mod chain;
+pub mod fan;
 mod jsonl;
 pub mod redact;
 pub mod scan;
 mod sqlite;
 
 pub use chain::{verify_files, ChainKey, VerifyReport};
+pub use fan::{FanSink, SlotCounts, SlotLoss, SlotStats};
 pub use jsonl::{log_files, rotated_files, JsonlFileSink, JsonlOptions};
 pub use redact::Redactor;
 pub use sqlite::{query, AuditQuery, AuditRecord, SqliteSink, SQLITE_SCHEMA_VERSION};
@@ -1074,10 +1076,33 @@ struct Shared {
     /// Why the writer is paused (see [`AuditWriter::pause`]).
     pause_reason: Mutex<Option<String>>,
     last_error: Mutex<Option<String>>,
-    /// `dropped + failed` as of the last [`AuditWriter::take_loss_report`].
+    /// When `dropped + failed` was last reported.
+    losses: LossClock,
+}
+
+/// Rate-limits loss reports: remembers the loss count last reported and when.
+#[derive(Debug, Default)]
+pub(crate) struct LossClock {
     reported: AtomicU64,
-    /// When the last loss report was made.
     last_report: Mutex<Option<Instant>>,
+}
+
+impl LossClock {
+    /// Events lost since the last report, if any and if `interval` has passed since it
+    /// (the first loss is due at once); records this report. One relaxed load when
+    /// nothing new was lost, so callers may ask after every event.
+    pub(crate) fn due(&self, lost: u64, interval: Duration) -> Option<u64> {
+        if lost == self.reported.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut last = self.last_report.try_lock()?;
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < interval) {
+            return None;
+        }
+        *last = Some(now);
+        Some(lost.saturating_sub(self.reported.swap(lost, Ordering::Relaxed)))
+    }
 }
 
 impl Default for Shared {
@@ -1093,8 +1118,7 @@ impl Default for Shared {
             paused_dropped: AtomicU64::new(0),
             pause_reason: Mutex::new(None),
             last_error: Mutex::new(None),
-            reported: AtomicU64::new(0),
-            last_report: Mutex::new(None),
+            losses: LossClock::default(),
         }
     }
 }
@@ -1394,19 +1418,9 @@ impl AuditWriter {
         let sh = &*self.shared;
         let dropped = sh.dropped.0.load(Ordering::Relaxed);
         let failed = sh.failed.load(Ordering::Relaxed);
-        let lost = dropped + failed;
-        if lost == sh.reported.load(Ordering::Relaxed) {
-            return None;
-        }
-        let mut last = sh.last_report.try_lock()?;
-        let now = Instant::now();
-        if last.is_some_and(|t| now.duration_since(t) < interval) {
-            return None;
-        }
-        *last = Some(now);
-        let before = sh.reported.swap(lost, Ordering::Relaxed);
+        let lost = sh.losses.due(dropped + failed, interval)?;
         Some(LossReport {
-            lost: lost.saturating_sub(before),
+            lost,
             dropped,
             paused_dropped: sh.paused_dropped.load(Ordering::Relaxed),
             failed,

@@ -17,7 +17,8 @@ use serde_json::{Map, Value};
 use crate::audit::redact::{Cursor, Step, REDACTED};
 use crate::audit::{
     is_reserved_field, write_json_str, write_line_parts, AuditQuery, AuditRecord, AuditWriter,
-    ChainKey, JsonlOptions, LineHead, OnFull, Redactor, Status, WriterOptions,
+    ChainKey, FanSink, JsonlFileSink, JsonlOptions, LineHead, OnFull, Redactor, Sink, SlotStats,
+    SqliteSink, Status, WriterOptions,
 };
 use crate::errors::{self, Exc};
 use crate::hashing::CachedKey;
@@ -974,10 +975,160 @@ struct PyAuditWriter {
     inner: AuditWriter,
     path: String,
     kind: &'static str,
-    /// `redact=` patterns; `None` when there are none (the hot path skips them).
-    redact: Option<Redactor>,
+    /// What is recorded of each event (redaction, inputs, outputs).
+    rec: Recording,
     /// At most one lost-events warning per this interval.
     warn_interval: Duration,
+}
+
+/// What `log` records of an event, and how: the audit log's choices, applied in Rust so
+/// that `AuditLog.log` can be the core's method itself.
+struct Recording {
+    /// `redact=` patterns; `None` when there are none (the hot path skips them).
+    redact: Option<Redactor>,
+    log_inputs: bool,
+    log_outputs: bool,
+    preview_chars: usize,
+}
+
+impl Recording {
+    fn new(
+        redact: Option<Vec<String>>,
+        log_inputs: bool,
+        log_outputs: bool,
+        preview_chars: usize,
+    ) -> PyResult<Self> {
+        Ok(Recording {
+            redact: redactor(redact)?,
+            log_inputs,
+            log_outputs,
+            preview_chars,
+        })
+    }
+
+    /// Renders the event straight from the Python objects into a reused queue entry of
+    /// `writer` (one serialisation, no allocation in the steady state); a full queue under
+    /// the block policy is waited on with the GIL released.
+    #[allow(clippy::too_many_arguments, reason = "the audit record's fields")]
+    fn enqueue(
+        &self,
+        py: Python<'_>,
+        writer: &AuditWriter,
+        status: &str,
+        key_id: &str,
+        key_name: &str,
+        tool: &str,
+        scopes: Option<&Bound<'_, PyAny>>,
+        duration_ms: f64,
+        error: Option<&str>,
+        input_args: Option<&Bound<'_, PyAny>>,
+        output_preview: Option<&str>,
+        client_ip: Option<&str>,
+        metadata: Option<&Bound<'_, PyAny>>,
+        extra: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<bool> {
+        let output_preview = output_preview
+            .filter(|_| self.log_outputs)
+            .map(|p| first_chars(p, self.preview_chars));
+        let input_args = input_args.filter(|_| self.log_inputs);
+        let head = line_head(
+            status,
+            key_id,
+            key_name,
+            tool,
+            duration_ms,
+            error,
+            output_preview,
+            client_ip,
+        )?;
+        let scopes = match scopes {
+            Some(s) => scopes_tuple(s)?,
+            None => PyTuple::empty(py),
+        };
+        let render = |buf: &mut Vec<u8>| {
+            render_line(
+                buf,
+                &head,
+                &scopes,
+                input_args,
+                metadata,
+                extra,
+                self.redact.as_ref(),
+            );
+        };
+        Ok(writer.enqueue_line_with(render, |wait| py.detach(wait)))
+    }
+}
+
+/// The first `n` characters of `s` (as Python's `s[:n]`).
+fn first_chars(s: &str, n: usize) -> &str {
+    if n >= s.len() {
+        return s; // no more characters than bytes
+    }
+    s.char_indices().nth(n).map_or(s, |(i, _)| &s[..i])
+}
+
+/// Logs `msg` as a warning on `fastmcp_guard.audit`; never fails (logging must never make
+/// `log` fail).
+fn audit_warning(py: Python<'_>, msg: String) {
+    let _ = py
+        .import("logging")
+        .and_then(|m| m.call_method1("getLogger", (AUDIT_LOGGER,)))
+        .and_then(|l| l.call_method1("warning", (msg,)));
+}
+
+/// Warns about events `writer` lost (queue full, closed, paused, failed writes) since the
+/// last warning, at most once per `interval`.
+fn warn_writer_losses(py: Python<'_>, path: &str, writer: &AuditWriter, interval: Duration) {
+    let Some(r) = writer.take_loss_report(interval) else {
+        return;
+    };
+    audit_warning(
+        py,
+        format!(
+            "audit log {path}: {} event{} lost since the last warning ({} dropped in all: queue \
+             full, writer closed or paused{}; {} lost to failed writes in all){}{}",
+            r.lost,
+            if r.lost == 1 { "" } else { "s" },
+            r.dropped,
+            if r.paused_dropped > 0 {
+                format!(", {} of them while paused", r.paused_dropped)
+            } else {
+                String::new()
+            },
+            r.failed,
+            r.paused
+                .map(|p| format!("; paused: {p}"))
+                .unwrap_or_default(),
+            r.last_error
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        ),
+    );
+}
+
+/// Warns about events one backend of a fan-out lost (failed writes, paused).
+fn warn_slot_losses(py: Python<'_>, path: &str, slot: &SlotStats, interval: Duration) {
+    let Some(r) = slot.take_loss_report(interval) else {
+        return;
+    };
+    audit_warning(
+        py,
+        format!(
+            "audit log {path}: {} event{} lost since the last warning ({} lost to failed \
+             writes in all; {} skipped while paused in all){}{}",
+            r.lost,
+            if r.lost == 1 { "" } else { "s" },
+            r.failed,
+            r.paused_dropped,
+            r.paused
+                .map(|p| format!("; paused: {p}"))
+                .unwrap_or_default(),
+            r.last_error
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        ),
+    );
 }
 
 /// Logger of the lost-events warnings.
@@ -1160,50 +1311,236 @@ fn line_head<'a>(
     })
 }
 
-thread_local! {
-    /// [`PyAuditFanout::log`]'s line buffer (taken out while in use, so a re-entrant
-    /// call from Python code run by the rendering gets a fresh one).
-    static FANOUT_LINE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+/// One backend of an [`PyAuditFanout`]: opened here (so a bad path fails now, naming it),
+/// then given to a fan-out, after which it reports that backend's own books.
+#[pyclass(frozen, module = "fastmcp_guard._core", name = "AuditSink")]
+struct PyAuditSink {
+    path: String,
+    kind: &'static str,
+    /// The opened sink, until a fan-out takes it.
+    unopened: parking_lot::Mutex<Option<Box<dyn Sink>>>,
+    /// Set when a fan-out took the sink: its writer and this backend's books.
+    bound: std::sync::OnceLock<(Arc<AuditWriter>, Arc<SlotStats>)>,
 }
 
-/// Several audit writers fed by one rendering: `log` renders the line once and copies
-/// it into each writer's queue (JSONL file, `SQLite`, HTTP spool), so a fan-out costs
-/// one serialisation plus a copy per writer. Each writer keeps its own queue, thread,
-/// counters, health and `on_full` policy.
-#[pyclass(frozen, module = "fastmcp_guard._core", name = "AuditFanout")]
+impl PyAuditSink {
+    fn new(path: String, kind: &'static str, sink: Box<dyn Sink>) -> Self {
+        PyAuditSink {
+            path,
+            kind,
+            unopened: parking_lot::Mutex::new(Some(sink)),
+            bound: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn bound(&self) -> PyResult<&(Arc<AuditWriter>, Arc<SlotStats>)> {
+        self.bound.get().ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "audit sink {} is not part of an AuditFanout yet",
+                self.path
+            ))
+        })
+    }
+}
+
+#[pymethods]
+impl PyAuditSink {
+    /// A JSONL file backend (options as `AuditWriter`).
+    #[staticmethod]
+    #[pyo3(signature = (path, *, rotate_bytes=None, rotate_daily=false, retention=None,
+                        chain=true, chain_key=None))]
+    fn jsonl(
+        py: Python<'_>,
+        path: PathBuf,
+        rotate_bytes: Option<u64>,
+        rotate_daily: bool,
+        retention: Option<usize>,
+        chain: bool,
+        chain_key: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let opts = JsonlOptions {
+            rotate_bytes,
+            rotate_daily,
+            retention,
+            chain,
+            chain_key: self::chain_key(chain_key)?,
+        };
+        let shown = path.display().to_string();
+        let sink = py.detach(move || JsonlFileSink::open_with(&path, opts))?;
+        Ok(PyAuditSink::new(shown, "jsonl", Box::new(sink)))
+    }
+
+    /// A `SQLite` backend (options as `AuditWriter.sqlite`).
+    #[staticmethod]
+    #[pyo3(signature = (path, *, retention_days=None))]
+    fn sqlite(py: Python<'_>, path: PathBuf, retention_days: Option<f64>) -> PyResult<Self> {
+        let shown = path.display().to_string();
+        let sink = py.detach(move || SqliteSink::open(&path)?.retain(retention_days))?;
+        Ok(PyAuditSink::new(shown, "sqlite", Box::new(sink)))
+    }
+
+    #[getter]
+    fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// `"jsonl"` or `"sqlite"`.
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// This backend's books: `written`, `failed`, `write_errors`, `paused_dropped`.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = self.bound()?.1.counts();
+        let d = PyDict::new(py);
+        d.set_item("written", c.written)?;
+        d.set_item("failed", c.failed)?;
+        d.set_item("write_errors", c.write_errors)?;
+        d.set_item("paused_dropped", c.paused_dropped)?;
+        Ok(d)
+    }
+
+    /// The fan-out's queue has room and is open, and this backend's last write
+    /// succeeded and it is not paused.
+    fn healthy(&self) -> PyResult<bool> {
+        let (writer, slot) = self.bound()?;
+        Ok(writer.healthy() && slot.healthy())
+    }
+
+    /// Stop giving events to this backend (`reason` is named in the loss warning; each
+    /// skipped event counts in `paused_dropped`) until called with `None`.
+    #[pyo3(signature = (reason))]
+    fn pause(&self, reason: Option<String>) -> PyResult<()> {
+        self.bound()?.1.pause(reason);
+        Ok(())
+    }
+
+    fn last_error(&self) -> PyResult<Option<String>> {
+        Ok(self.bound()?.1.last_error())
+    }
+
+    /// Flushes the whole fan-out (every backend).
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        let writer = &self.bound()?.0;
+        py.detach(|| writer.flush())?;
+        Ok(())
+    }
+
+    /// Closes the whole fan-out (every backend). Idempotent.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let writer = &self.bound()?.0;
+        py.detach(|| writer.close())?;
+        Ok(())
+    }
+}
+
+/// Several audit backends behind one queue and one writer thread: `log` renders the line
+/// once, straight from the Python objects, and enqueues it once, whatever the number of
+/// backends; the thread writes each batch to every backend ([`FanSink`]), each keeping its
+/// own books ([`PyAuditSink`]). Applies the audit log's choices (`redact`, `log_inputs`,
+/// `log_outputs`, `output_preview_chars`), so `AuditLog.log` can be this method itself.
+#[pyclass(frozen, weakref, module = "fastmcp_guard._core", name = "AuditFanout")]
 struct PyAuditFanout {
-    writers: Vec<Py<PyAuditWriter>>,
-    redact: Option<Redactor>,
+    inner: Arc<AuditWriter>,
+    sinks: Vec<Py<PyAuditSink>>,
+    /// Each backend's path and books, for the loss warnings.
+    slots: Vec<(String, Arc<SlotStats>)>,
+    rec: Recording,
+    warn_interval: Duration,
+}
+
+impl PyAuditFanout {
+    fn warn_losses(&self, py: Python<'_>, force: bool) {
+        let interval = if force {
+            Duration::ZERO
+        } else {
+            self.warn_interval
+        };
+        warn_writer_losses(py, "queue", &self.inner, interval);
+        for (path, slot) in &self.slots {
+            warn_slot_losses(py, path, slot, interval);
+        }
+    }
 }
 
 #[pymethods]
 impl PyAuditFanout {
     #[new]
-    #[pyo3(signature = (writers, *, redact=None))]
-    fn new(writers: Vec<Py<PyAuditWriter>>, redact: Option<Vec<String>>) -> PyResult<Self> {
-        if writers.is_empty() {
+    #[pyo3(signature = (sinks, *, queue_capacity=65_536, batch_max=4096, flush_interval_ms=100,
+                        redact=None, on_full="drop", block_ms=1000,
+                        loss_warning_interval_ms=10_000, log_inputs=true, log_outputs=true,
+                        output_preview_chars=200))]
+    #[allow(clippy::too_many_arguments, reason = "keyword-only options")]
+    fn new(
+        sinks: Vec<Py<PyAuditSink>>,
+        queue_capacity: usize,
+        batch_max: usize,
+        flush_interval_ms: u64,
+        redact: Option<Vec<String>>,
+        on_full: &str,
+        block_ms: u64,
+        loss_warning_interval_ms: u64,
+        log_inputs: bool,
+        log_outputs: bool,
+        output_preview_chars: usize,
+    ) -> PyResult<Self> {
+        if sinks.is_empty() {
             return Err(PyValueError::new_err(
-                "AuditFanout needs at least one AuditWriter",
+                "AuditFanout needs at least one AuditSink",
             ));
         }
+        let opts = writer_options(
+            queue_capacity,
+            batch_max,
+            flush_interval_ms,
+            on_full,
+            block_ms,
+        )?;
+        let rec = Recording::new(redact, log_inputs, log_outputs, output_preview_chars)?;
+        let mut boxed = Vec::with_capacity(sinks.len());
+        for s in &sinks {
+            let s = s.get();
+            let Some(sink) = s.unopened.lock().take() else {
+                // The sinks taken so far are dropped (closed) with this error.
+                return Err(PyValueError::new_err(format!(
+                    "audit sink {} already belongs to an AuditFanout; open a new AuditSink",
+                    s.path
+                )));
+            };
+            boxed.push(sink);
+        }
+        let (fan, stats) = FanSink::new(boxed);
+        let inner = Arc::new(AuditWriter::with_sink(fan, opts)?);
+        let mut slots = Vec::with_capacity(sinks.len());
+        for (s, st) in sinks.iter().zip(stats) {
+            let s = s.get();
+            s.bound.set((Arc::clone(&inner), Arc::clone(&st))).ok();
+            slots.push((s.path.clone(), st));
+        }
         Ok(PyAuditFanout {
-            writers,
-            redact: redactor(redact)?,
+            inner,
+            sinks,
+            slots,
+            rec,
+            warn_interval: Duration::from_millis(loss_warning_interval_ms),
         })
     }
 
-    /// The writers, in the order given.
+    /// The backends, in the order given.
     #[getter]
-    fn writers(&self, py: Python<'_>) -> Vec<Py<PyAuditWriter>> {
-        self.writers.iter().map(|w| w.clone_ref(py)).collect()
+    fn sinks(&self, py: Python<'_>) -> Vec<Py<PyAuditSink>> {
+        self.sinks.iter().map(|w| w.clone_ref(py)).collect()
     }
 
-    /// Renders the event once and queues it on every writer; `False` if any dropped it.
-    #[pyo3(signature = (status, key_id, key_name, tool, scopes, duration_ms, error=None, input_args=None,
-                        output_preview=None, client_ip=None, metadata=None, extra=None))]
+    /// Enqueues one event for every backend; `False` if it was dropped (queue full or
+    /// closed). Keyword or positional, in `AuditWriter.log`'s order.
+    #[pyo3(signature = (status, key_id="", key_name="", tool="", scopes=None, duration_ms=0.0,
+                        error=None, input_args=None, output_preview=None, client_ip=None,
+                        metadata=None, extra=None))]
     #[allow(
         clippy::too_many_arguments,
-        reason = "mirrors the audit record's fields, positional for speed"
+        reason = "mirrors the audit record's fields, keyword or positional"
     )]
     fn log(
         &self,
@@ -1212,7 +1549,7 @@ impl PyAuditFanout {
         key_id: &str,
         key_name: &str,
         tool: &str,
-        scopes: &Bound<'_, PyAny>,
+        scopes: Option<&Bound<'_, PyAny>>,
         duration_ms: f64,
         error: Option<&str>,
         input_args: Option<&Bound<'_, PyAny>>,
@@ -1221,103 +1558,68 @@ impl PyAuditFanout {
         metadata: Option<&Bound<'_, PyAny>>,
         extra: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<bool> {
-        let head = line_head(
+        let queued = self.rec.enqueue(
+            py,
+            &self.inner,
             status,
             key_id,
             key_name,
             tool,
+            scopes,
             duration_ms,
             error,
+            input_args,
             output_preview,
             client_ip,
-        )?;
-        let scopes = scopes_tuple(scopes)?;
-        let mut line = FANOUT_LINE.take();
-        line.clear();
-        render_line(
-            &mut line,
-            &head,
-            &scopes,
-            input_args,
             metadata,
             extra,
-            self.redact.as_ref(),
-        );
-        let mut all = true;
-        for w in &self.writers {
-            let w = w.get();
-            let queued = w
-                .inner
-                .enqueue_line_with(|buf| buf.extend_from_slice(&line), |wait| py.detach(wait));
-            w.warn_losses(py, false);
-            all &= queued;
-        }
-        if line.capacity() <= 64 * 1024 {
-            FANOUT_LINE.set(line);
-        }
-        Ok(all)
+        )?;
+        self.warn_losses(py, false);
+        Ok(queued)
     }
 
-    /// Flushes every writer (see `AuditWriter.flush`); the first error is raised after all.
+    /// Blocks until every event logged so far is written to every backend; raises the
+    /// queue's own failure if any (each backend's failures are in its books).
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
-        let mut first = Ok(());
-        for w in &self.writers {
-            let res = w.get().flush(py);
-            if first.is_ok() {
-                first = res;
-            }
-        }
-        first
+        py.detach(|| self.inner.flush())?;
+        Ok(())
     }
 
-    /// Closes every writer; the first error is raised after all are closed.
+    /// Writes what is queued, syncs every backend and stops the thread. Idempotent.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let mut first = Ok(());
-        for w in &self.writers {
-            let res = w.get().close(py);
-            if first.is_ok() {
-                first = res;
-            }
-        }
-        first
+        let res = py.detach(|| self.inner.close());
+        self.warn_losses(py, true);
+        res?;
+        Ok(())
     }
 
-    /// Every writer is healthy.
+    /// The queue is open and has room, and every backend is healthy.
     fn healthy(&self) -> bool {
-        self.writers.iter().all(|w| w.get().healthy())
+        self.inner.healthy() && self.slots.iter().all(|(_, s)| s.healthy())
     }
 
-    /// The writers' counters, summed.
+    /// The queue's `enqueued` and `queue_depth`; `written`, `failed`, `paused_dropped`
+    /// summed over the backends (an event written to three backends counts three times
+    /// in `written`); `dropped`: refused by the queue plus skipped by paused backends;
+    /// `write_errors`: the queue's and the backends'.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let q = self.inner.stats();
+        let mut sum = crate::audit::SlotCounts::default();
+        for (_, st) in &self.slots {
+            let c = st.counts();
+            sum.written += c.written;
+            sum.failed += c.failed;
+            sum.write_errors += c.write_errors;
+            sum.paused_dropped += c.paused_dropped;
+        }
         let d = PyDict::new(py);
-        let mut sum = [0u64; 7];
-        for w in &self.writers {
-            let s = w.get().inner.stats();
-            let vals = [
-                s.enqueued,
-                s.written,
-                s.dropped,
-                s.paused_dropped,
-                s.write_errors,
-                s.failed,
-                s.queue_depth as u64,
-            ];
-            for (acc, v) in sum.iter_mut().zip(vals) {
-                *acc += v;
-            }
-        }
-        let names = [
-            "enqueued",
-            "written",
-            "dropped",
-            "paused_dropped",
-            "write_errors",
-            "failed",
-            "queue_depth",
-        ];
-        for (k, v) in names.into_iter().zip(sum) {
-            d.set_item(k, v)?;
-        }
+        d.set_item("enqueued", q.enqueued)?;
+        d.set_item("written", sum.written)?;
+        d.set_item("dropped", q.dropped + sum.paused_dropped)?;
+        d.set_item("paused_dropped", sum.paused_dropped)?;
+        d.set_item("write_errors", q.write_errors + sum.write_errors)?;
+        d.set_item("failed", sum.failed)?;
+        d.set_item("queue_depth", q.queue_depth)?;
         Ok(d)
     }
 }
@@ -1331,34 +1633,7 @@ impl PyAuditWriter {
         } else {
             self.warn_interval
         };
-        let Some(r) = self.inner.take_loss_report(interval) else {
-            return;
-        };
-        let msg = format!(
-            "audit log {}: {} event{} lost since the last warning ({} dropped in all: queue \
-             full, writer closed or paused{}; {} lost to failed writes in all){}{}",
-            self.path,
-            r.lost,
-            if r.lost == 1 { "" } else { "s" },
-            r.dropped,
-            if r.paused_dropped > 0 {
-                format!(", {} of them while paused", r.paused_dropped)
-            } else {
-                String::new()
-            },
-            r.failed,
-            r.paused
-                .map(|p| format!("; paused: {p}"))
-                .unwrap_or_default(),
-            r.last_error
-                .map(|e| format!("; last error: {e}"))
-                .unwrap_or_default()
-        );
-        // Logging must never make `log` fail.
-        let _ = py
-            .import("logging")
-            .and_then(|m| m.call_method1("getLogger", (AUDIT_LOGGER,)))
-            .and_then(|l| l.call_method1("warning", (msg,)));
+        warn_writer_losses(py, &self.path, &self.inner, interval);
     }
 }
 
@@ -1368,7 +1643,8 @@ impl PyAuditWriter {
     #[pyo3(signature = (path, *, queue_capacity=65_536, batch_max=4096, flush_interval_ms=100,
                         rotate_bytes=None, rotate_daily=false, retention=None, chain=true,
                         chain_key=None, redact=None, on_full="drop", block_ms=1000,
-                        loss_warning_interval_ms=10_000))]
+                        loss_warning_interval_ms=10_000, log_inputs=true, log_outputs=true,
+                        output_preview_chars=usize::MAX))]
     #[allow(clippy::too_many_arguments, reason = "keyword-only options")]
     fn new(
         py: Python<'_>,
@@ -1385,6 +1661,9 @@ impl PyAuditWriter {
         on_full: &str,
         block_ms: u64,
         loss_warning_interval_ms: u64,
+        log_inputs: bool,
+        log_outputs: bool,
+        output_preview_chars: usize,
     ) -> PyResult<Self> {
         let opts = writer_options(
             queue_capacity,
@@ -1393,6 +1672,7 @@ impl PyAuditWriter {
             on_full,
             block_ms,
         )?;
+        let rec = Recording::new(redact, log_inputs, log_outputs, output_preview_chars)?;
         let jsonl = JsonlOptions {
             rotate_bytes,
             rotate_daily,
@@ -1400,14 +1680,13 @@ impl PyAuditWriter {
             chain,
             chain_key: self::chain_key(chain_key)?,
         };
-        let redact = redactor(redact)?;
         let shown = path.display().to_string();
         let inner = py.detach(move || AuditWriter::open_jsonl_with(&path, opts, jsonl))?;
         Ok(PyAuditWriter {
             inner,
             path: shown,
             kind: "jsonl",
-            redact,
+            rec,
             warn_interval: Duration::from_millis(loss_warning_interval_ms),
         })
     }
@@ -1416,7 +1695,8 @@ impl PyAuditWriter {
     #[staticmethod]
     #[pyo3(signature = (path, *, queue_capacity=65_536, batch_max=4096, flush_interval_ms=100,
                         redact=None, on_full="drop", block_ms=1000, loss_warning_interval_ms=10_000,
-                        retention_days=None))]
+                        retention_days=None, log_inputs=true, log_outputs=true,
+                        output_preview_chars=usize::MAX))]
     #[allow(clippy::too_many_arguments, reason = "keyword-only options")]
     fn sqlite(
         py: Python<'_>,
@@ -1429,6 +1709,9 @@ impl PyAuditWriter {
         block_ms: u64,
         loss_warning_interval_ms: u64,
         retention_days: Option<f64>,
+        log_inputs: bool,
+        log_outputs: bool,
+        output_preview_chars: usize,
     ) -> PyResult<Self> {
         let opts = writer_options(
             queue_capacity,
@@ -1437,7 +1720,7 @@ impl PyAuditWriter {
             on_full,
             block_ms,
         )?;
-        let redact = redactor(redact)?;
+        let rec = Recording::new(redact, log_inputs, log_outputs, output_preview_chars)?;
         let shown = path.display().to_string();
         let inner =
             py.detach(move || AuditWriter::open_sqlite_retained(&path, opts, retention_days))?;
@@ -1445,7 +1728,7 @@ impl PyAuditWriter {
             inner,
             path: shown,
             kind: "sqlite",
-            redact,
+            rec,
             warn_interval: Duration::from_millis(loss_warning_interval_ms),
         })
     }
@@ -1461,11 +1744,12 @@ impl PyAuditWriter {
         self.kind
     }
 
-    #[pyo3(signature = (status, key_id, key_name, tool, scopes, duration_ms, error=None, input_args=None,
-                        output_preview=None, client_ip=None, metadata=None, extra=None))]
+    #[pyo3(signature = (status, key_id="", key_name="", tool="", scopes=None, duration_ms=0.0,
+                        error=None, input_args=None, output_preview=None, client_ip=None,
+                        metadata=None, extra=None))]
     #[allow(
         clippy::too_many_arguments,
-        reason = "mirrors the audit record's fields, positional for speed"
+        reason = "mirrors the audit record's fields, keyword or positional"
     )]
     fn log(
         &self,
@@ -1474,7 +1758,7 @@ impl PyAuditWriter {
         key_id: &str,
         key_name: &str,
         tool: &str,
-        scopes: &Bound<'_, PyAny>,
+        scopes: Option<&Bound<'_, PyAny>>,
         duration_ms: f64,
         error: Option<&str>,
         input_args: Option<&Bound<'_, PyAny>>,
@@ -1483,30 +1767,22 @@ impl PyAuditWriter {
         metadata: Option<&Bound<'_, PyAny>>,
         extra: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<bool> {
-        let head = line_head(
+        let queued = self.rec.enqueue(
+            py,
+            &self.inner,
             status,
             key_id,
             key_name,
             tool,
+            scopes,
             duration_ms,
             error,
+            input_args,
             output_preview,
             client_ip,
+            metadata,
+            extra,
         )?;
-        let scopes = scopes_tuple(scopes)?;
-        let render = |buf: &mut Vec<u8>| {
-            render_line(
-                buf,
-                &head,
-                &scopes,
-                input_args,
-                metadata,
-                extra,
-                self.redact.as_ref(),
-            );
-        };
-        // Block policy: a full queue is waited on with the GIL released.
-        let queued = self.inner.enqueue_line_with(render, |wait| py.detach(wait));
         self.warn_losses(py, false);
         Ok(queued)
     }
@@ -1947,6 +2223,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyKeyManager>()?;
     m.add_class::<PyAuditWriter>()?;
     m.add_class::<PyAuditFanout>()?;
+    m.add_class::<PyAuditSink>()?;
     m.add_function(wrap_pyfunction!(audit_query, m)?)?;
     m.add_function(wrap_pyfunction!(audit_verify, m)?)?;
     m.add_function(wrap_pyfunction!(audit_log_files, m)?)?;

@@ -268,6 +268,9 @@ class AuditWriter:
         on_full: Literal["drop", "block"] = "drop",
         block_ms: int = 1000,
         loss_warning_interval_ms: int = 10000,
+        log_inputs: bool = True,
+        log_outputs: bool = True,
+        output_preview_chars: int = ...,
     ) -> AuditWriter: ...
     @staticmethod
     def sqlite(
@@ -281,6 +284,9 @@ class AuditWriter:
         block_ms: int = 1000,
         loss_warning_interval_ms: int = 10000,
         retention_days: float | None = None,
+        log_inputs: bool = True,
+        log_outputs: bool = True,
+        output_preview_chars: int = ...,
     ) -> AuditWriter:
         """Open (create, migrate; a fastmcp-guard 0.2 file is taken over) the SQLite
         audit database at ``path``. Raises :class:`AuditWriteError` naming the path.
@@ -293,11 +299,11 @@ class AuditWriter:
     def log(
         self,
         status: str,
-        key_id: str,
-        key_name: str,
-        tool: str,
-        scopes: list[str] | tuple[str, ...],
-        duration_ms: float,
+        key_id: str = "",
+        key_name: str = "",
+        tool: str = "",
+        scopes: list[str] | tuple[str, ...] | None = None,
+        duration_ms: float = 0.0,
         error: str | None = None,
         input_args: Any = None,
         output_preview: str | None = None,
@@ -306,6 +312,9 @@ class AuditWriter:
         extra: dict[str, Any] | None = None,
     ) -> bool:
         """Enqueue one event; ``False`` if it was dropped (queue full, closed or paused).
+        Keyword or positional; ``log_inputs=False`` / ``log_outputs=False`` given at
+        construction record ``input_args`` / ``output_preview`` as null, and the preview
+        is cut to ``output_preview_chars`` characters.
 
         The line is rendered here, straight from the objects, into a reused buffer
         (dict keys in insertion order); values JSON cannot hold are recorded as their
@@ -329,24 +338,76 @@ class AuditWriter:
     def last_error(self) -> str | None: ...
 
 @final
+class AuditSink:
+    """One backend of an :class:`AuditFanout`, opened at construction (a bad path fails
+    here, naming it: :class:`AuditWriteError`). Once given to a fan-out it reports that
+    backend's own books; ``flush`` / ``close`` act on the whole fan-out."""
+
+    @staticmethod
+    def jsonl(
+        path: str | os.PathLike[str],
+        *,
+        rotate_bytes: int | None = None,
+        rotate_daily: bool = False,
+        retention: int | None = None,
+        chain: bool = True,
+        chain_key: bytes | str | None = None,
+    ) -> AuditSink: ...
+    @staticmethod
+    def sqlite(
+        path: str | os.PathLike[str], *, retention_days: float | None = None
+    ) -> AuditSink: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def kind(self) -> str:
+        """``"jsonl"`` or ``"sqlite"``."""
+    def stats(self) -> dict[str, int]:
+        """``written``, ``failed``, ``write_errors``, ``paused_dropped`` of this backend."""
+    def healthy(self) -> bool:
+        """The fan-out's queue is open with room, this backend's last write succeeded
+        and it is not paused."""
+    def pause(self, reason: str | None) -> None:
+        """Skip this backend (events count in ``paused_dropped``; ``reason`` is named in
+        the loss warning) until called with ``None``. Applied as batches are written."""
+    def last_error(self) -> str | None: ...
+    def flush(self) -> None:
+        """Flush the whole fan-out."""
+    def close(self) -> None:
+        """Close the whole fan-out. Idempotent."""
+
+@final
 class AuditFanout:
-    """Several :class:`AuditWriter` fed by one rendering: ``log`` renders the line once
-    (``redact`` applied) and copies it into each writer's queue. Each writer keeps its
-    own queue, thread, counters, health and ``on_full`` policy."""
+    """Several backends behind one queue and one writer thread: ``log`` renders the line
+    once and enqueues it once, whatever the number of backends; the thread writes each
+    batch to every :class:`AuditSink`, each keeping its own books (one failing backend
+    does not stop the others). Options as :class:`AuditWriter`."""
 
     def __new__(
-        cls, writers: Sequence[AuditWriter], *, redact: Sequence[str] | None = None
+        cls,
+        sinks: Sequence[AuditSink],
+        *,
+        queue_capacity: int = 65536,
+        batch_max: int = 4096,
+        flush_interval_ms: int = 100,
+        redact: Sequence[str] | None = None,
+        on_full: Literal["drop", "block"] = "drop",
+        block_ms: int = 1000,
+        loss_warning_interval_ms: int = 10000,
+        log_inputs: bool = True,
+        log_outputs: bool = True,
+        output_preview_chars: int = 200,
     ) -> AuditFanout: ...
     @property
-    def writers(self) -> list[AuditWriter]: ...
+    def sinks(self) -> list[AuditSink]: ...
     def log(
         self,
         status: str,
-        key_id: str,
-        key_name: str,
-        tool: str,
-        scopes: list[str] | tuple[str, ...],
-        duration_ms: float,
+        key_id: str = "",
+        key_name: str = "",
+        tool: str = "",
+        scopes: list[str] | tuple[str, ...] | None = None,
+        duration_ms: float = 0.0,
         error: str | None = None,
         input_args: Any = None,
         output_preview: str | None = None,
@@ -354,15 +415,17 @@ class AuditFanout:
         metadata: Any = None,
         extra: dict[str, Any] | None = None,
     ) -> bool:
-        """Queue one event on every writer; ``False`` if any of them dropped it."""
+        """Queue one event for every backend; ``False`` if it was dropped."""
     def flush(self) -> None:
-        """Flush every writer; the first error is raised after all were flushed."""
+        """Block until everything logged so far is written to every backend."""
     def close(self) -> None:
-        """Close every writer; the first error is raised after all were closed."""
+        """Write what is queued, sync every backend, stop. Idempotent."""
     def healthy(self) -> bool:
-        """Every writer is healthy."""
+        """The queue is open with room and every backend is healthy."""
     def stats(self) -> dict[str, int]:
-        """The writers' counters, summed."""
+        """The queue's ``enqueued`` and ``queue_depth``; ``written``, ``failed``,
+        ``paused_dropped`` summed over backends; ``dropped`` (refused by the queue or
+        skipped while paused); ``write_errors``."""
 
 #: Every audit status name, in the core's order.
 AUDIT_STATUSES: tuple[str, ...]

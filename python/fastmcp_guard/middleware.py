@@ -204,13 +204,13 @@ class GuardMiddleware(Middleware):
             finished = time.perf_counter()
             if sdk_token is not None:
                 auth_context_var.reset(sdk_token)
+            # Positional: AuditLog.log's order, the cheapest call into the core.
             audit.log(
-                status, key_id=caller.key_id, key_name=caller.key_name, tool=target,
-                scopes=caller.scopes, duration_ms=(finished - start) * 1000.0,
-                error=error, input_args=arguments,
-                output_preview=_preview(result, audit.output_preview_chars)
+                status, caller.key_id, caller.key_name, target, caller.scopes,
+                (finished - start) * 1000.0, error, arguments,
+                _preview(result, audit.output_preview_chars)
                 if audit.log_outputs and status == "ok" else None,
-                client_ip=caller.client_ip, metadata=caller.metadata,
+                caller.client_ip, caller.metadata,
             )  # fmt: skip
             if metrics is not None:
                 # Before the tool (identity, limits) plus after it (the audit enqueue).

@@ -1,6 +1,7 @@
 """One AuditLog, every Rust-written backend at once (JSONL file, SQLite, the HTTP spool
-shipping to a real receiver on 127.0.0.1): one rendering feeds them all, each keeps its
-own queue, counters and health, and one that refuses does not starve the others."""
+shipping to a real receiver on 127.0.0.1): one rendering and one queue feed them all,
+each backend keeps its own books and health, and one that is paused or failing does not
+starve the others."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from fastmcp_guard import AuditLog
-from fastmcp_guard._core import AuditFanout, AuditWriter
+from fastmcp_guard._core import AuditFanout, AuditSink
 from fastmcp_guard.audit import FileBackend, HttpBackend, SQLiteBackend
 
 from tests.integration.audit_receiver import Receiver
@@ -53,8 +54,9 @@ async def test_one_rendering_feeds_file_sqlite_and_http_with_the_same_record(
     tmp_path: Path, receiver: Receiver
 ) -> None:
     audit = _every_backend(tmp_path, receiver)
-    [logger] = audit._loggers  # the three writers sit behind a single fan-out
-    assert isinstance(logger, AuditFanout) and len(logger.writers) == 3
+    [logger] = audit._loggers  # the three backends sit behind one queue
+    assert isinstance(logger, AuditFanout) and len(logger.sinks) == 3
+    assert audit.log == logger.log  # no Python frame per event
     for i in range(200):
         assert audit.log(
             "ok" if i % 3 else "rate_limited",
@@ -79,13 +81,14 @@ async def test_one_rendering_feeds_file_sqlite_and_http_with_the_same_record(
     assert first["output_preview"] == "a long r" and first["scopes"] == ["read", 'w"x']
     audit.close()
     stats = audit.stats()
-    assert stats["enqueued"] == 600 and stats["dropped"] == 0 and stats["failed"] == 0
-    assert stats["shipped"] == 200
+    assert stats["enqueued"] == 200 and stats["written"] == 600  # one event, three backends
+    assert stats["dropped"] == 0 and stats["failed"] == 0 and stats["shipped"] == 200
+    assert [s.stats()["written"] for s in logger.sinks] == [200, 200, 200]
     for path in (tmp_path / "audit.jsonl", tmp_path / "audit.db", *(tmp_path / "spool").iterdir()):
         assert b"hunter2" not in path.read_bytes() and b"t0k" not in path.read_bytes()
 
 
-def test_a_paused_spool_drops_only_its_own_copy(
+def test_a_paused_spool_skips_only_its_own_copy(
     tmp_path: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture
 ) -> None:
     receiver.plan = lambda n: (503, {})  # endpoint down: the spool grows past its limit
@@ -99,13 +102,14 @@ def test_a_paused_spool_drops_only_its_own_copy(
     assert not audit.healthy()
     with caplog.at_level("WARNING", logger="fastmcp_guard.audit"):
         results = [audit.log("ok", key_id=f"late{i}") for i in range(25)]
-    assert results == [False] * 25  # some backend dropped each event...
-    audit.flush()
+        audit.flush()
+        audit.log("ok", key_id="probe")  # the next call reports the skipped events
+    assert results == [True] * 25  # queued: the file and SQLite record them...
     lines = (tmp_path / "audit.jsonl").read_text().splitlines()
-    assert sum('"key_id":"late' in x for x in lines) == 25  # ...but not the file
-    assert "over spool_max_bytes" in caplog.text and "while paused" in caplog.text
-    stats = audit.stats()
-    assert stats["spool_dropped"] == 25 and stats["dropped"] == 25
+    assert sum('"key_id":"late' in x for x in lines) == 25
+    assert "over spool_max_bytes" in caplog.text and "skipped while paused" in caplog.text
+    stats = audit.stats()  # ...the spool skipped them, and says so
+    assert stats["spool_dropped"] >= 25 and stats["dropped"] == stats["spool_dropped"]
     receiver.plan = None  # the endpoint is back: the spool drains and resumes
     deadline = time.monotonic() + 15
     while not audit.healthy() and time.monotonic() < deadline:
@@ -114,26 +118,57 @@ def test_a_paused_spool_drops_only_its_own_copy(
     assert audit.log("ok", key_id="after")
     receiver.wait_for(61)
     audit.close()
-    assert {e["key_id"] for e in receiver.accepted()} == {f"early{i}" for i in range(60)} | {
-        "after"
-    }
+    shipped = {e["key_id"] for e in receiver.accepted()}
+    assert {f"early{i}" for i in range(60)} | {"after"} <= shipped
+    assert not any(k.startswith("late") for k in shipped)
 
 
 def test_fanout_checks_its_input_like_a_writer(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least one"):
         AuditFanout([])
-    a = AuditWriter(tmp_path / "a.jsonl")
-    b = AuditWriter.sqlite(tmp_path / "b.db")
+    a = AuditSink.jsonl(tmp_path / "a.jsonl")
+    b = AuditSink.sqlite(tmp_path / "b.db")
+    with pytest.raises(ValueError, match="not part of an AuditFanout"):
+        a.stats()
     fan = AuditFanout([a, b])
+    with pytest.raises(ValueError, match="already belongs to an AuditFanout"):
+        AuditFanout([a])
     with pytest.raises(ValueError, match="unknown audit status"):
         fan.log("nope", "k", "n", "t", [], 0.0)
     with pytest.raises(TypeError, match="scopes must be"):
         fan.log("ok", "k", "n", "t", "read", 0.0)
     assert fan.stats()["enqueued"] == 0
     assert fan.log("ok", "k", "n", "t", ("read",), 1.0)
+    assert fan.log("error", error="boom")  # keywords, every other field defaulted
     fan.close()
-    assert not fan.log("ok", "k", "n", "t", [], 1.0)  # closed writers drop, no error
-    assert fan.stats() | {"queue_depth": 0} == {
-        "enqueued": 2, "written": 2, "dropped": 2, "paused_dropped": 0,
-        "write_errors": 0, "failed": 0, "queue_depth": 0,
-    }  # fmt: skip
+    assert not fan.log("ok")  # closed: dropped, no error
+    assert fan.stats() == {"enqueued": 2, "written": 4, "dropped": 1, "paused_dropped": 0,
+                           "write_errors": 0, "failed": 0, "queue_depth": 0}  # fmt: skip
+    assert a.stats() == b.stats() == {"written": 2, "failed": 0, "write_errors": 0,
+                                      "paused_dropped": 0}  # fmt: skip
+
+
+def test_a_bad_path_fails_at_construction_and_closes_what_was_opened(tmp_path: Path) -> None:
+    from fastmcp_guard.errors import AuditWriteError
+
+    with pytest.raises(AuditWriteError, match="missing"):
+        AuditLog(backend=[FileBackend(tmp_path / "ok.jsonl"),
+                          SQLiteBackend(tmp_path / "missing" / "a.db")])  # fmt: skip
+    with pytest.raises(AuditWriteError, match="missing"):
+        AuditSink.jsonl(tmp_path / "missing" / "a.jsonl")
+
+
+def test_one_failing_backend_does_not_stop_the_others(tmp_path: Path) -> None:
+    """/dev/full as the JSONL file: every write fails (ENOSPC); SQLite goes on."""
+    audit = AuditLog(backend=[FileBackend("/dev/full", chain=False),
+                              SQLiteBackend(tmp_path / "a.db", flush_interval_ms=20)])  # fmt: skip
+    for i in range(10):
+        assert audit.log("ok", key_id=f"k{i}")
+    audit.flush()
+    assert not audit.healthy()  # the file backend failed its last write
+    stats = audit.stats()
+    assert stats["failed"] == 10 and stats["written"] == 10 and stats["write_errors"] >= 1
+    file_sink, db_sink = audit._loggers[0].sinks
+    assert "No space left" in (file_sink.last_error() or "")
+    assert db_sink.healthy() and db_sink.stats()["written"] == 10
+    audit.close()

@@ -229,3 +229,53 @@ async def test_fail_closed_refuses_when_the_writer_is_closed(tmp_path: Path) -> 
         with pytest.raises(MCPError, match="audit log unavailable"):
             await client.call_tool("work", {"n": 1})
     assert ran == []
+
+
+@pytest.mark.parametrize(
+    ("log_inputs", "log_outputs", "chars"), [(True, True, 200), (False, True, 3), (True, False, 0)]
+)
+def test_the_rust_log_path_applies_the_same_choices_as_the_python_one(
+    tmp_path: Path, log_inputs: bool, log_outputs: bool, chars: int
+) -> None:
+    """Rust-written backends only: ``AuditLog.log`` is the core's method (no Python frame);
+    with a Python target beside them (here a list collecting events) it is the Python
+    method. Both apply log_inputs / log_outputs / the preview length identically."""
+    opts = {"log_inputs": log_inputs, "log_outputs": log_outputs, "output_preview_chars": chars}
+    direct = AuditLog(backend=FileBackend(tmp_path / "direct.jsonl"), **opts)  # type: ignore[arg-type]
+    mixed = AuditLog(backend=FileBackend(tmp_path / "mixed.jsonl"), **opts)  # type: ignore[arg-type]
+    seen: list[tuple[Any, ...]] = []
+
+    class Collector:
+        def log(self, *fields: Any) -> bool:
+            seen.append(fields)
+            return True
+
+        def flush(self) -> None: ...
+        def close(self) -> None: ...
+        def stats(self) -> dict[str, int]:
+            return {}
+
+        def healthy(self) -> bool:
+            return True
+
+    mixed._add_target(Collector())
+    assert type(direct.log).__name__ == "builtin_function_or_method"
+    assert type(mixed.log).__name__ == "method"
+    for log in (direct, mixed):
+        assert log.log("ok", key_id="k", tool="t", scopes=["s"], input_args={"a": 1},
+                       output_preview="héllo wörld", metadata={"m": 2})  # fmt: skip
+        assert log.log("error", error="boom")  # every other field defaulted
+        log.close()
+    strip = ("ts", "id", "chain", "prev")
+
+    def records(name: str) -> list[dict[str, Any]]:
+        lines = (tmp_path / name).read_text(encoding="utf-8").splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k not in strip} for x in lines]
+
+    assert records("direct.jsonl") == records("mixed.jsonl")
+    first = records("direct.jsonl")[0]
+    assert first["input_args"] == ({"a": 1} if log_inputs else None)
+    assert first["output_preview"] == ("héllo wörld"[:chars] if log_outputs else None)
+    assert seen[0][7] == first["input_args"] and seen[0][8] == first["output_preview"]
+    with pytest.raises(AttributeError):
+        direct.log_inputs = not log_inputs  # type: ignore[misc]  # fixed at construction

@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import anyio.to_thread
 
-from fastmcp_guard._core import AuditFanout, AuditWriter, audit_query
+from fastmcp_guard._core import AuditFanout, AuditSink, AuditWriter, audit_query
 from fastmcp_guard.audit.http import HttpBackend
 from fastmcp_guard.audit.otel import OTelBackend
 from fastmcp_guard.errors import ConfigError, GuardError
@@ -173,35 +173,95 @@ class AuditLog:
             (b for b in resolved if isinstance(b, (FileBackend, SQLiteBackend))), resolved[0]
         )
         self.backends: tuple[Backend, ...] = tuple(resolved)
-        self.log_inputs = log_inputs
-        self.log_outputs = log_outputs
-        self.output_preview_chars = output_preview_chars
-        self.redact: tuple[str, ...] = tuple(redact or ())
+        self._log_inputs = log_inputs
+        self._log_outputs = log_outputs
+        self._preview_chars = output_preview_chars
+        self._redact: tuple[str, ...] = tuple(redact or ())
         self.on_failure: OnFailure = on_failure
         #: ``on_failure == "fail_closed"``: the middleware asks :meth:`healthy` first.
         self.fail_closed = on_failure == "fail_closed"
-        self._writer: AuditWriter | None = None
+        #: The first file / SQLite backend's writer (an AuditWriter, or its AuditSink in a
+        #: fan-out): :attr:`path` and :attr:`writer`.
+        self._writer: Any = None
         #: The SQLite backend's writer (what :meth:`query` reads), if there is one.
-        self._sqlite: AuditWriter | None = None
+        self._sqlite: Any = None
         self._targets: list[Any] = []
-        try:
-            for b in resolved:
-                target = _open_target(b, self.redact, on_failure)
-                if isinstance(target, AuditWriter) and self._writer is None:
-                    self._writer = target
-                if isinstance(b, SQLiteBackend):
-                    self._sqlite = target
-                self._targets.append(target)
-        except BaseException:
-            for target in self._targets:
-                target.close()
-            raise
-        self._loggers = _loggers(self._targets, self.redact)
-        self._log = self._loggers[0].log if len(self._loggers) == 1 else self._fan_out
+        self._open(resolved)
         for target in self._targets:
-            if isinstance(target, AuditWriter):
+            if isinstance(target, (AuditWriter, AuditFanout)):
                 # Flush at interpreter exit without keeping the log alive.
                 atexit.register(_close_at_exit, weakref.ref(target))
+
+    def _open(self, backends: list[Backend]) -> None:
+        """Open every backend. The ones the Rust core writes (file, SQLite, the HTTP spool)
+        share one queue and one writer thread when there are several (an
+        :class:`AuditFanout`): the request path then pays one enqueue whatever their
+        number. ``log`` is the core's own method when no Python target is left (OTel)."""
+        written = [b for b in backends if not isinstance(b, OTelBackend)]
+        common: dict[str, Any] = {
+            "redact": list(self.redact) or None,
+            "on_full": "block" if self.on_failure == "block" else "drop",
+            "block_ms": _BLOCK_MS,
+            "log_inputs": self.log_inputs,
+            "log_outputs": self.log_outputs,
+            "output_preview_chars": self.output_preview_chars,
+        }
+        opened: list[Any] = []  # closed again if a later one fails
+        loggers: list[Any] = []  # what log() calls
+        try:
+            if len(written) > 1:
+                sinks, shippers = [], []
+                for b in written:
+                    if isinstance(b, HttpBackend):
+                        from fastmcp_guard.audit.http import HttpShipper
+
+                        shipper = HttpShipper(b, on_failure=self.on_failure, shared=True)
+                        opened.append(shipper)
+                        shippers.append(shipper)
+                        sinks.append(shipper.writer)
+                    else:
+                        sinks.append(_open_sink(b))
+                        if isinstance(b, SQLiteBackend):
+                            self._sqlite = sinks[-1]
+                        self._writer = self._writer or sinks[-1]
+                fanout = _options_error(lambda: AuditFanout(
+                    sinks,
+                    queue_capacity=max(b.queue_capacity for b in written),
+                    flush_interval_ms=min(b.flush_interval_ms for b in written),
+                    **common,
+                ))  # fmt: skip
+                opened.insert(0, fanout)  # closed first: shippers then drain their spool
+                loggers.append(fanout)
+                for shipper in shippers:
+                    shipper.start()
+            elif written:
+                b = written[0]
+                if isinstance(b, HttpBackend):
+                    from fastmcp_guard.audit.http import HttpShipper
+
+                    shipper = HttpShipper(b, on_failure=self.on_failure, **common)
+                    opened.append(shipper)
+                    loggers.append(shipper.writer)
+                else:
+                    writer = _open_writer(b, common)
+                    opened.append(writer)
+                    loggers.append(writer)
+                    self._writer = writer
+                    if isinstance(b, SQLiteBackend):
+                        self._sqlite = writer
+            for b in backends:
+                if isinstance(b, OTelBackend):
+                    from fastmcp_guard.audit.otel import OTelEmitter
+
+                    opened.append(OTelEmitter(b, redact=self.redact))
+                    loggers.append(opened[-1])
+        except BaseException:
+            for target in opened:
+                target.close()
+            raise
+        self._targets = opened
+        self._loggers = loggers
+        self._route()
 
     @classmethod
     def _of_targets(cls, targets: list[Any]) -> AuditLog:
@@ -209,22 +269,53 @@ class AuditLog:
         when no audit log is configured): inputs and outputs are not collected."""
         log = cls.__new__(cls)
         log.backend = log.backends = ()  # type: ignore[assignment]
-        log.log_inputs = log.log_outputs = False
-        log.output_preview_chars = 0
-        log.redact = ()
+        log._log_inputs = log._log_outputs = False
+        log._preview_chars = 0
+        log._redact = ()
         log.on_failure = "drop"
         log.fail_closed = False
         log._writer = log._sqlite = None
         log._targets = list(targets)
         log._loggers = list(targets)
-        log._log = log._loggers[0].log if len(targets) == 1 else log._fan_out
+        log._route()
         return log
+
+    # Fixed at construction: the Rust writers apply them too.
+    @property
+    def log_inputs(self) -> bool:
+        """Whether tool arguments are recorded."""
+        return self._log_inputs
+
+    @property
+    def log_outputs(self) -> bool:
+        """Whether a preview of tool results is recorded."""
+        return self._log_outputs
+
+    @property
+    def output_preview_chars(self) -> int:
+        """Length of ``output_preview``."""
+        return self._preview_chars
+
+    @property
+    def redact(self) -> tuple[str, ...]:
+        """The ``redact=`` patterns."""
+        return self._redact
 
     def _add_target(self, target: Any) -> None:
         """Also send every event to ``target`` (the guard's metrics)."""
         self._targets.append(target)
         self._loggers.append(target)
-        self._log = self._fan_out
+        self._route()
+
+    def _route(self) -> None:
+        """Point ``log`` at the cheapest path. When every backend is written by the Rust
+        core, ``log`` *is* the :class:`AuditFanout`'s method (it applies ``log_inputs``,
+        ``log_outputs`` and the preview length itself): no Python frame per event. With
+        a Python target too (OTel, metrics), the method below does that and fans out."""
+        self.__dict__.pop("log", None)
+        if len(self._loggers) == 1 and isinstance(self._loggers[0], (AuditWriter, AuditFanout)):
+            self.log = self._loggers[0].log  # type: ignore[method-assign]
+        self._log = self._loggers[0].log if len(self._loggers) == 1 else self._fan_out
 
     def _fan_out(self, *fields: Any) -> bool:
         ok = True
@@ -233,8 +324,10 @@ class AuditLog:
         return ok
 
     @property
-    def writer(self) -> AuditWriter:
-        """The Rust writer of the file / SQLite backend."""
+    def writer(self) -> AuditWriter | AuditSink:
+        """The Rust writer of the (first) file / SQLite backend: an :class:`AuditWriter`,
+        or in a log with several written backends that backend's :class:`AuditSink`
+        (its own books; the queue is the fan-out's)."""
         if self._writer is None:
             raise ConfigError(f"this audit log writes no file ({self.backends!r})")
         return self._writer
@@ -247,7 +340,6 @@ class AuditLog:
     def log(
         self,
         status: str,
-        *,
         key_id: str = "",
         key_name: str = "",
         tool: str = "",
@@ -260,7 +352,10 @@ class AuditLog:
         metadata: Any = None,
         extra: dict[str, Any] | None = None,
     ) -> bool:
-        """Enqueue one event (applies ``log_inputs`` / ``log_outputs``); ``False`` if dropped."""
+        """Enqueue one event (applies ``log_inputs`` / ``log_outputs`` and the preview
+        length); ``False`` if it was dropped. Keyword or positional (in this order: the
+        middleware passes them positionally, the cheapest call). When every backend is
+        written by the Rust core this is the core's own method (see :meth:`_route`)."""
         if not self.log_inputs:
             input_args = None
         if not self.log_outputs:
@@ -420,59 +515,38 @@ def _resolve_backend(
     return backend
 
 
-def _open_target(backend: Backend, redact: tuple[str, ...], on_failure: str) -> Any:
-    """The object that records events for ``backend``: ``log(*fields) -> bool``,
-    ``flush``, ``close``, ``stats``, ``healthy`` (an :class:`AuditWriter` for files)."""
-    if isinstance(backend, (FileBackend, SQLiteBackend)):
-        common: dict[str, Any] = {
-            "queue_capacity": backend.queue_capacity,
-            "flush_interval_ms": backend.flush_interval_ms,
-            "redact": list(redact) or None,
-            "on_full": "block" if on_failure == "block" else "drop",
-            "block_ms": _BLOCK_MS,
-        }
-        try:
-            if isinstance(backend, SQLiteBackend):
-                return AuditWriter.sqlite(
-                    os.fspath(backend.path), retention_days=backend.retention_days, **common
-                )
-            return AuditWriter(
-                os.fspath(backend.path),
-                rotate_bytes=backend.rotate_bytes,
-                rotate_daily=backend.rotate_daily,
-                retention=backend.retention,
-                chain=backend.chain,
-                chain_key=backend.chain_key,
-                **common,
-            )
-        except (ValueError, TypeError, OverflowError) as exc:
-            if isinstance(exc, GuardError):
-                raise
-            raise ConfigError(f"audit log options: {exc}") from None
-    if isinstance(backend, HttpBackend):
-        from fastmcp_guard.audit.http import HttpShipper
-
-        return HttpShipper(backend, redact=redact, on_failure=on_failure)
-    from fastmcp_guard.audit.otel import OTelEmitter
-
-    return OTelEmitter(backend, redact=redact)
+def _options_error(make: Any) -> Any:
+    """``make()``, with the core's option errors (``ValueError``...) as ``ConfigError``."""
+    try:
+        return make()
+    except (ValueError, TypeError, OverflowError) as exc:
+        if isinstance(exc, GuardError):
+            raise
+        raise ConfigError(f"audit log options: {exc}") from None
 
 
-def _loggers(targets: list[Any], redact: tuple[str, ...]) -> list[Any]:
-    """What ``log`` calls, one per target except that every Rust writer (file, SQLite,
-    the HTTP spool) is fed by a single :class:`AuditFanout`: the line is rendered once
-    and copied into each writer's queue, so more backends add a copy, not a rendering."""
-    writers: list[AuditWriter] = []
-    others: list[Any] = []
-    for target in targets:
-        writer = target if isinstance(target, AuditWriter) else getattr(target, "writer", None)
-        if isinstance(writer, AuditWriter):
-            writers.append(writer)
-        else:
-            others.append(target)
-    if len(writers) > 1:
-        return [AuditFanout(writers, redact=list(redact) or None), *others]
-    return [*writers, *others]
+def _open_writer(backend: FileBackend | SQLiteBackend, common: dict[str, Any]) -> AuditWriter:
+    """The Rust writer (queue + thread) of a log with one file or SQLite backend."""
+    opts = {"queue_capacity": backend.queue_capacity,
+            "flush_interval_ms": backend.flush_interval_ms, **common}  # fmt: skip
+    if isinstance(backend, SQLiteBackend):
+        return _options_error(lambda: AuditWriter.sqlite(
+            os.fspath(backend.path), retention_days=backend.retention_days, **opts))  # fmt: skip
+    return _options_error(lambda: AuditWriter(
+        os.fspath(backend.path), rotate_bytes=backend.rotate_bytes,
+        rotate_daily=backend.rotate_daily, retention=backend.retention, chain=backend.chain,
+        chain_key=backend.chain_key, **opts))  # fmt: skip
+
+
+def _open_sink(backend: FileBackend | SQLiteBackend) -> AuditSink:
+    """A file or SQLite backend for a fan-out (opened now: a bad path fails here)."""
+    if isinstance(backend, SQLiteBackend):
+        return _options_error(lambda: AuditSink.sqlite(
+            os.fspath(backend.path), retention_days=backend.retention_days))  # fmt: skip
+    return _options_error(lambda: AuditSink.jsonl(
+        os.fspath(backend.path), rotate_bytes=backend.rotate_bytes,
+        rotate_daily=backend.rotate_daily, retention=backend.retention, chain=backend.chain,
+        chain_key=backend.chain_key))  # fmt: skip
 
 
 def _unix_seconds(when: datetime | float | None, what: str) -> float | None:
@@ -488,10 +562,11 @@ def _unix_seconds(when: datetime | float | None, what: str) -> float | None:
     raise ConfigError(f"{what} must be a datetime or Unix seconds, got {when!r}")
 
 
-def _close_at_exit(ref: weakref.ReferenceType[AuditWriter]) -> None:
+def _close_at_exit(ref: weakref.ReferenceType[Any]) -> None:
     writer = ref()
     if writer is not None:
         try:
             writer.close()
         except Exception as exc:  # noqa: BLE001 - at exit, say it: nobody can catch it
-            sys.stderr.write(f"fastmcp-guard: audit log {writer.path} not closed cleanly: {exc}\n")
+            where = getattr(writer, "path", None) or ", ".join(s.path for s in writer.sinks)
+            sys.stderr.write(f"fastmcp-guard: audit log {where} not closed cleanly: {exc}\n")

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastmcp_guard._core import AuditWriter, audit_log_files
+from fastmcp_guard._core import AuditSink, AuditWriter, audit_log_files
 from fastmcp_guard.errors import ConfigError
 
 __all__ = [
@@ -206,14 +206,21 @@ class _Batch:
 
 class HttpShipper:
     """The audit target of an :class:`HttpBackend`: spool writer plus shipper thread
-    (``log`` / ``flush`` / ``close`` / ``stats`` / ``healthy``, as ``AuditWriter``)."""
+    (``log`` / ``flush`` / ``close`` / ``stats`` / ``healthy``, as ``AuditWriter``).
+
+    With ``shared=True`` the spool is an :class:`AuditSink` for an :class:`AuditFanout`
+    (one queue for every backend of the log): give :attr:`writer` to the fan-out, then
+    call :meth:`start`. Otherwise the spool has its own :class:`AuditWriter` (built with
+    ``writer_options``: ``redact``, ``log_inputs``...) and shipping starts at once."""
 
     def __init__(
         self,
         backend: HttpBackend,
         *,
-        redact: Sequence[str] = (),
+        redact: Sequence[str] | None = (),
         on_failure: str = "drop",
+        shared: bool = False,
+        **writer_options: Any,
     ) -> None:
         self.backend = backend
         self._fail_closed = on_failure == "fail_closed"
@@ -243,17 +250,25 @@ class HttpShipper:
         self._lock_fd = self._take_lock()
         self._live = os.path.join(spool, _SPOOL_FILE)
         self._cursor_path = os.path.join(spool, _CURSOR_FILE)
+        self._shared = shared
         try:
-            self._writer = AuditWriter(
-                self._live,
-                queue_capacity=backend.queue_capacity,
-                flush_interval_ms=backend.flush_interval_ms,
-                rotate_bytes=backend.spool_file_bytes,
-                chain=True,
-                chain_key=backend.chain_key,
-                redact=list(redact) or None,
-                on_full="block" if on_failure == "block" else "drop",
-            )
+            if shared:
+                self._writer: AuditWriter | AuditSink = AuditSink.jsonl(
+                    self._live, rotate_bytes=backend.spool_file_bytes, chain=True,
+                    chain_key=backend.chain_key,
+                )  # fmt: skip
+            else:
+                writer_options.setdefault("on_full", "block" if on_failure == "block" else "drop")
+                self._writer = AuditWriter(
+                    self._live,
+                    queue_capacity=backend.queue_capacity,
+                    flush_interval_ms=backend.flush_interval_ms,
+                    rotate_bytes=backend.spool_file_bytes,
+                    chain=True,
+                    chain_key=backend.chain_key,
+                    redact=list(redact or ()) or None,
+                    **writer_options,
+                )
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -269,10 +284,16 @@ class HttpShipper:
         self._deadline: float | None = None
         self._closed = False
         self._close_lock = threading.Lock()
-        self._refresh_size()
         self._thread = threading.Thread(
             target=self._run, name="fastmcp-guard-audit-http", daemon=True
         )
+        if not shared:
+            self.start()
+
+    def start(self) -> None:
+        """Start shipping (once the spool's writer runs: a shared one belongs to a
+        fan-out by now)."""
+        self._refresh_size()
         self._thread.start()
         atexit.register(_close_at_exit, weakref.ref(self))
 
@@ -284,14 +305,17 @@ class HttpShipper:
         return self._live
 
     @property
-    def writer(self) -> AuditWriter:
-        """The spool's writer (an :class:`AuditLog` fan-out feeds it directly). It is
-        paused while the spool is over ``spool_max_bytes``: events are then dropped and
-        counted (``spool_dropped``), with a warning at most every 10 s."""
+    def writer(self) -> AuditWriter | AuditSink:
+        """The spool's writer, or its sink in a fan-out. It is paused while the spool is
+        over ``spool_max_bytes``: events are then dropped and counted (``spool_dropped``),
+        with a warning at most every 10 s."""
         return self._writer
 
     def log(self, *fields: Any) -> bool:
-        """Spool one event (``AuditWriter.log``'s positional order); ``False`` if dropped."""
+        """Spool one event (``AuditWriter.log``'s positional order); ``False`` if dropped.
+        Not in a fan-out: the fan-out's ``log`` feeds the spool there."""
+        if isinstance(self._writer, AuditSink):
+            raise TypeError("this spool is fed by its AuditFanout: log through the fan-out")
         return self._writer.log(*fields)
 
     def flush(self) -> None:
@@ -305,13 +329,16 @@ class HttpShipper:
             if self._closed:
                 return
             self._closed = True
+        started = self._thread.ident is not None
         try:
-            self._writer.close()
+            if started or not self._shared:  # an unstarted shared sink has no writer yet
+                self._writer.close()
         finally:
             self._deadline = time.monotonic() + self.backend.drain_timeout
             self._stop.set()
             self._wake.set()
-            self._thread.join(self.backend.drain_timeout + self.backend.timeout + 1.0)
+            if started:
+                self._thread.join(self.backend.drain_timeout + self.backend.timeout + 1.0)
             if self._conn is not None and not self._thread.is_alive():
                 self._conn.close()
             os.close(self._lock_fd)
@@ -320,8 +347,10 @@ class HttpShipper:
         """The spool writer's counters plus ``spooled_bytes`` (unsent), ``shipped``
         (events acknowledged), ``batches``, ``retries``, ``http_errors``, ``malformed``
         (unparsable spool lines skipped) and ``dropped`` (including spool-limit drops)."""
-        out = dict(self._writer.stats())
-        out["spool_dropped"] = out.pop("paused_dropped", 0)
+        # In a fan-out the writer's counters are the fan-out's: only the spool's own here.
+        spool = dict(self._writer.stats())
+        out = {} if self._shared else spool
+        out["spool_dropped"] = spool.pop("paused_dropped", 0)
         out["spooled_bytes"] = self._spooled_bytes
         out.update(self._counts)
         return out
