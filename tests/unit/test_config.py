@@ -37,7 +37,7 @@ def test_library_defaults_are_the_0_2_behaviour(tmp_path: Path) -> None:
     config = load(tmp_path)
     assert config.profile == "library"
     assert config.keys == KeysTarget("memory")
-    assert config.audit == AuditTarget("off")
+    assert config.audit == ()  # off
     assert (config.rate, config.global_rate) == (None, None)
     assert (config.allow, config.deny, config.trusted_proxies) == ((), (), ())
     assert (config.log_inputs, config.log_outputs) == (True, True)
@@ -51,7 +51,7 @@ def test_library_defaults_are_the_0_2_behaviour(tmp_path: Path) -> None:
 def test_embedded_defaults_are_files_in_the_cwd(tmp_path: Path) -> None:
     config = load(tmp_path, profile="embedded")
     assert config.keys == KeysTarget("sqlite", path=str(tmp_path / "fastmcp-guard-keys.db"))
-    assert config.audit == AuditTarget("jsonl", str(tmp_path / "fastmcp-guard-audit.jsonl"))
+    assert config.audit == (AuditTarget("jsonl", str(tmp_path / "fastmcp-guard-audit.jsonl")),)
     assert config.source("keys") == config.source("audit") == "default"
 
 
@@ -112,7 +112,7 @@ def test_empty_environment_variable_counts_as_unset(tmp_path: Path) -> None:
 def test_off_in_the_environment_overrides_a_file_rate(tmp_path: Path) -> None:
     write(tmp_path / "fastmcp-guard.toml", 'rate = "1/second"\naudit = "a.jsonl"\n')
     config = load(tmp_path, {"FASTMCP_GUARD_RATE": "off", "FASTMCP_GUARD_AUDIT": "none"})
-    assert config.rate is None and config.audit.kind == "off"
+    assert config.rate is None and config.audit == ()
 
 
 def test_os_environ_is_read_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -208,7 +208,7 @@ def test_relative_paths_in_a_file_resolve_against_its_directory(tmp_path: Path) 
           'keys = "sqlite:///data/keys.db"\naudit = "logs/audit.db"\n')  # fmt: skip
     config = load(tmp_path, config_file=tmp_path / "conf" / "guard.toml")
     assert config.keys.path == str(tmp_path / "conf" / "data" / "keys.db")
-    assert config.audit == AuditTarget("sqlite", str(tmp_path / "conf" / "logs" / "audit.db"))
+    assert config.audit == (AuditTarget("sqlite", str(tmp_path / "conf" / "logs" / "audit.db")),)
 
 
 def test_relative_paths_from_env_and_arguments_resolve_against_the_cwd(tmp_path: Path) -> None:
@@ -217,7 +217,7 @@ def test_relative_paths_from_env_and_arguments_resolve_against_the_cwd(tmp_path:
                              "FASTMCP_GUARD_CONFIG": "conf/guard.toml"},
                   arguments={"audit": "jsonl:///logs/audit.log"})  # fmt: skip
     assert config.keys == KeysTarget("sqlite", path=str(tmp_path / "data" / "keys.db"))
-    assert config.audit == AuditTarget("jsonl", str(tmp_path / "logs" / "audit.log"))
+    assert config.audit == (AuditTarget("jsonl", str(tmp_path / "logs" / "audit.log")),)
 
 
 @pytest.mark.parametrize(
@@ -251,9 +251,8 @@ def test_key_store_urls(tmp_path: Path, url: str, expected: Any) -> None:
     ],
 )
 def test_audit_targets(tmp_path: Path, value: str, kind: str, name: str) -> None:
-    assert load(tmp_path, {"FASTMCP_GUARD_AUDIT": value}).audit == AuditTarget(
-        kind,  # type: ignore[arg-type]
-        str(tmp_path / name),
+    assert load(tmp_path, {"FASTMCP_GUARD_AUDIT": value}).audit == (
+        AuditTarget(kind, str(tmp_path / name)),  # type: ignore[arg-type]
     )
 
 
@@ -316,7 +315,7 @@ def test_secrets_are_masked_in_every_output(tmp_path: Path) -> None:
         ({"FASTMCP_GUARD_KEYS": "ftp://host/keys"}, "keys", "ftp://"),
         ({"FASTMCP_GUARD_KEYS": "sqlite://host/keys.db"}, "keys", "host part"),
         ({"FASTMCP_GUARD_KEYS": "postgresql://"}, "keys", "no host"),
-        ({"FASTMCP_GUARD_AUDIT": "http://siem/ingest"}, "audit", "http://"),
+        ({"FASTMCP_GUARD_AUDIT": "ftp://siem/ingest"}, "audit", "ftp://"),
         ({"FASTMCP_GUARD_URL": "localhost:8000"}, "url", "not an http(s) URL"),
     ],
 )
