@@ -805,7 +805,11 @@ def _audit_target(text: str, item: _Raw, name: str) -> AuditTarget:
         try:
             parts.port  # noqa: B018 - validates the port
         except ValueError as exc:
-            raise InvalidSettingError(name, item.source, f"{mask_url(text)!r}: {exc}") from None
+            raise InvalidSettingError(
+                name, item.source,
+                f"{mask_url(text)!r}: {exc}; write {scheme}://host[:port]/path with a port "
+                "1-65535",
+            ) from None  # fmt: skip
         if not parts.hostname:
             raise InvalidSettingError(
                 name, item.source,
