@@ -610,13 +610,18 @@ class HttpShipper:
             self._drop_connection()
             if self._refusal_logged != "certificate":
                 self._refusal_logged = "certificate"
+                fix = (  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+                    "use a URL naming a host the certificate covers, or fix the certificate"
+                    if exc.verify_code in (62, 64)
+                    else "give HttpBackend(ca_file=...) / audit_http_ca_file the CA that "
+                    "signed it, or fix the endpoint's certificate"
+                )
                 log.warning(
                     "audit endpoint %s presented a certificate that is not trusted (%s): "
                     "nothing is sent to it, the events wait in the spool %s and are retried "
-                    "every %.0f s (give HttpBackend(ca_file=...) / audit_http_ca_file the CA "
-                    "that signed it, or fix the endpoint's certificate)",
+                    "every %g s (%s)",
                     self._shown_url, exc.verify_message or exc.reason, self.spool_dir,
-                    self.backend.backoff_cap,
+                    self.backend.backoff_cap, fix,
                 )  # fmt: skip
             raise _Refused(f"certificate not trusted: {exc.verify_message}", retry_after=None,
                            permanent=True) from None  # fmt: skip
