@@ -772,6 +772,8 @@ def _parse_audit(item: _Raw, name: str) -> tuple[AuditTarget, ...]:
                 f"comma?); separate targets with single commas, {_AUDIT_EXAMPLE}",
             )  # fmt: skip
         if text.lower() in _OFF:
+            if len(elements) == 1:  # ["off"]
+                return ()
             raise InvalidSettingError(
                 name, item.source,
                 f"{text!r} cannot be combined with other targets; write it alone to turn the "
@@ -836,9 +838,8 @@ def _parse_headers(item: _Raw, name: str) -> tuple[tuple[str, str], ...]:
     value = item.value
     if isinstance(value, str):
         pairs: list[tuple[str, Any]] = []
-        for position, part in enumerate(value.split(";"), 1):
-            if not part.strip():
-                continue
+        parts = [part for part in value.split(";") if part.strip()]  # a trailing ';' is fine
+        for position, part in enumerate(parts, 1):
             header, colon, text = part.partition(":")
             if not colon:
                 raise InvalidSettingError(
@@ -846,7 +847,7 @@ def _parse_headers(item: _Raw, name: str) -> tuple[tuple[str, str], ...]:
                     f"header {position} has no ':' between its name and value; write "
                     f"'Name: value' pairs separated by ';' ({_HEADERS_EXAMPLE})",
                 )  # fmt: skip
-            pairs.append((header.strip(), text))  # empty parts (a trailing ';') skipped
+            pairs.append((header.strip(), text))
     elif isinstance(value, Mapping):
         pairs = list(value.items())
     else:

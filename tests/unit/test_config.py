@@ -113,6 +113,8 @@ def test_off_in_the_environment_overrides_a_file_rate(tmp_path: Path) -> None:
     write(tmp_path / "fastmcp-guard.toml", 'rate = "1/second"\naudit = "a.jsonl"\n')
     config = load(tmp_path, {"FASTMCP_GUARD_RATE": "off", "FASTMCP_GUARD_AUDIT": "none"})
     assert config.rate is None and config.audit == ()
+    write(tmp_path / "fastmcp-guard.toml", 'audit = ["off"]\n')
+    assert load(tmp_path).audit == ()
 
 
 def test_os_environ_is_read_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -338,7 +340,7 @@ def test_secrets_are_masked_in_every_output(tmp_path: Path) -> None:
         ({"FASTMCP_GUARD_AUDIT": "http://siem:99999/x"}, "audit", ("Port out of range", "a port 1-65535")),
         ({"FASTMCP_GUARD_AUDIT_HTTP_HEADERS": "Authorization Bearer hdr-9"}, "audit_http_headers",
          ("header 1 has no ':'", "Name: value")),
-        ({"FASTMCP_GUARD_AUDIT_HTTP_HEADERS": "A: 1; Bad Name=hdr-9: 2"}, "audit_http_headers",
+        ({"FASTMCP_GUARD_AUDIT_HTTP_HEADERS": "A: 1;; Bad Name=hdr-9: 2"}, "audit_http_headers",
          ("the name of header 2",)),
         ({"FASTMCP_GUARD_AUDIT_HTTP_HEADERS": "X-Key:  "}, "audit_http_headers",
          ("'X-Key' has no value",)),
