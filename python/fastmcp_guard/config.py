@@ -41,7 +41,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from fastmcp_guard.errors import ConfigError
 
 if TYPE_CHECKING:
-    from fastmcp_guard.audit import AuditLog
+    from fastmcp_guard.audit import AuditLog, Backend
     from fastmcp_guard.ip import IPPolicy
     from fastmcp_guard.keys import KeyStore
     from fastmcp_guard.rate import RateLimit
@@ -76,8 +76,9 @@ Transport = Literal["http", "stdio"]
 #: Every setting: file key -> one-line description. The env name is ``FASTMCP_GUARD_`` + upper.
 SETTINGS: dict[str, str] = {
     "keys": "key store URL: memory://, sqlite:///rel.db, sqlite:////abs.db or a path",
-    "audit": "audit log: a path (*.db|*.sqlite|*.sqlite3: SQLite, else JSONL), "
-    "jsonl:///path, sqlite:///path, or off",
+    "audit": "audit targets, comma-separated (a list in TOML): a path (*.db|*.sqlite|"
+    "*.sqlite3: SQLite, else JSONL), jsonl:///path, sqlite:///path, http(s)://host/path "
+    "(an HTTP endpoint; password masked), otel; or off",
     "rate": "per-key rate limit, e.g. 100/minute (off: none)",
     "global_rate": "global rate limit across all callers (off: none)",
     "rate_backend": "where rate limits live: memory (per process) or redis (shared by a fleet)",
@@ -97,6 +98,13 @@ SETTINGS: dict[str, str] = {
     "audit_rotate_daily": "rotate the JSONL audit log every UTC day",
     "audit_retention": "rotated JSONL audit files kept (off: all)",
     "audit_chain_key": "key of the JSONL audit log's hash chain (secret)",
+    "audit_http_secret": "HMAC-SHA256 key signing the batches POSTed to an http(s) audit "
+    "target (secret)",
+    "audit_http_spool": "spool directory of an http(s) audit target (unsent events wait there)",
+    "audit_http_headers": "extra request headers of an http(s) audit target: 'Name: value' "
+    "pairs separated by ';' (a table in TOML; values secret)",
+    "audit_http_ca_file": "PEM file of the CAs trusted for an https:// audit target "
+    "(default: the system trust store)",
     "url": "base URL of the running server (for the CLI's rate commands)",
     "admin_key": "admin key the CLI presents to the running server (secret)",
     "host": "address fastmcp-guard run listens on",
@@ -104,8 +112,12 @@ SETTINGS: dict[str, str] = {
     "transport": "transport of fastmcp-guard run: http or stdio",
 }
 
-_SECRET_SETTINGS = frozenset({"admin_key", "audit_chain_key"})
-_SECRET_QUERY_PARAMS = frozenset({"password", "pass", "pwd", "secret", "token", "sslpassword"})
+_SECRET_SETTINGS = frozenset({"admin_key", "audit_chain_key", "audit_http_secret"})
+#: How an unset setting whose ``None`` is not "off" is shown.
+_UNSET = {"audit_http_ca_file": "(system trust store)"}
+_SECRET_QUERY_PARAMS = frozenset({"password", "pass", "pwd", "secret", "token", "sslpassword",
+                                  "access_token", "api_key", "apikey", "key", "sig",
+                                  "code"})  # fmt: skip
 _MASK = "****"
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _FLEET_SCHEMES = {"postgresql": "postgres", "postgres": "postgres", "redis": "redis",
@@ -116,6 +128,7 @@ _OFF = frozenset({"off", "none"})
 
 DEFAULT_KEYS_FILE = "fastmcp-guard-keys.db"
 DEFAULT_AUDIT_FILE = "fastmcp-guard-audit.jsonl"
+DEFAULT_AUDIT_SPOOL = "fastmcp-guard-audit-spool"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
@@ -160,20 +173,39 @@ class KeysTarget:
         return self.masked()
 
 
+AuditKind = Literal["jsonl", "sqlite", "http", "otel"]
+
+
 @dataclass(frozen=True)
 class AuditTarget:
-    """Where the audit log goes: ``jsonl`` or ``sqlite`` at ``path`` (absolute), or ``off``."""
+    """One place audit events go: ``jsonl`` or ``sqlite`` at ``path`` (absolute), ``http``
+    to ``endpoint`` (an ``http://`` / ``https://`` URL, which may hold a password: print
+    :meth:`masked`), or ``otel`` (the host's OpenTelemetry tracer provider).
+    ``GuardConfig.audit`` is a tuple of them, at most one of each kind (empty: off)."""
 
-    kind: Literal["jsonl", "sqlite", "off"]
+    kind: AuditKind
     path: str | None = None
+    endpoint: str | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
-        """``off``, ``jsonl:///<abs path>`` or ``sqlite:///<abs path>``."""
-        return "off" if self.kind == "off" else f"{self.kind}:///{self.path}"
+        """``jsonl:///<abs path>``, ``sqlite:///<abs path>``, the endpoint (unmasked) or
+        ``otel``."""
+        if self.kind == "http":
+            return self.endpoint or ""
+        if self.kind == "otel":
+            return "otel"
+        return f"{self.kind}:///{self.path}"
+
+    def masked(self) -> str:
+        """:attr:`url` with any password replaced by ``****``."""
+        return mask_url(self.url)
 
     def __str__(self) -> str:
-        return self.url
+        return self.masked()
+
+    def __repr__(self) -> str:
+        return f"AuditTarget({self.kind!r}, {self.masked()!r})"
 
 
 @dataclass(frozen=True)
@@ -199,7 +231,8 @@ class GuardConfig:
     """
 
     keys: KeysTarget
-    audit: AuditTarget
+    #: Every audit target, at most one of each kind; empty when the audit log is off.
+    audit: tuple[AuditTarget, ...]
     rate: str | None
     global_rate: str | None
     rate_backend: Literal["memory", "redis"]
@@ -217,6 +250,11 @@ class GuardConfig:
     audit_rotate_daily: bool
     audit_retention: int | None
     audit_chain_key: str | None = field(repr=False)
+    audit_http_secret: str | None = field(repr=False)
+    audit_http_spool: str
+    #: ``(name, value)`` pairs, in the order given.
+    audit_http_headers: tuple[tuple[str, str], ...] = field(repr=False)
+    audit_http_ca_file: str | None
     url: str
     admin_key: str | None = field(repr=False)
     host: str
@@ -342,6 +380,10 @@ class GuardConfig:
             "audit_rotate_daily": False,
             "audit_retention": "off",
             "audit_chain_key": None,
+            "audit_http_secret": None,
+            "audit_http_spool": DEFAULT_AUDIT_SPOOL,
+            "audit_http_headers": {},
+            "audit_http_ca_file": None,
             "url": DEFAULT_URL,
             "admin_key": None,
             "host": DEFAULT_HOST,
@@ -362,30 +404,39 @@ class GuardConfig:
         """Every setting, in a stable order, with secrets masked."""
         out = []
         for name in SETTINGS:
-            value = self.public_value(name)
-            if isinstance(value, (list, tuple)):
-                display = ", ".join(value) if value else "(none)"
-            elif value is None:
-                display = "(not set)" if name in _SECRET_SETTINGS else "off"
-            elif isinstance(value, bool):
-                display = "true" if value else "false"
-            else:
-                display = str(value)
-            out.append(SettingView(name, ENV_PREFIX + name.upper(), value, display,
-                                   self.source(name)))  # fmt: skip
+            out.append(SettingView(name, ENV_PREFIX + name.upper(), self.public_value(name),
+                                   self.display(name), self.source(name)))  # fmt: skip
         return out
 
+    def display(self, name: str) -> str:
+        """Setting ``name`` as one line for people, secrets masked (``fastmcp-guard config``)."""
+        value = self.public_value(name)
+        if name == "audit" and not value:
+            return "off"
+        if isinstance(value, (list, tuple)):
+            return ", ".join(value) if value else "(none)"
+        if isinstance(value, dict):
+            return "; ".join(f"{k}: {v}" for k, v in value.items()) if value else "(none)"
+        if value is None:
+            return _UNSET.get(name, "(not set)" if name in _SECRET_SETTINGS else "off")
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return str(value)
+
     def public_value(self, name: str) -> Any:
-        """A JSON-friendly value of setting ``name`` with secrets masked."""
+        """A JSON-friendly value of setting ``name`` with secrets masked (the values of
+        ``audit_http_headers`` too; passwords in URLs)."""
         if name not in SETTINGS:
             raise ConfigError(f"unknown setting {name!r}{_did_you_mean(name)}")
         value = getattr(self, name)
         if name in _SECRET_SETTINGS:
             return None if value is None else _MASK
+        if name == "audit_http_headers":
+            return {header: _MASK for header, _ in value}
         if isinstance(value, KeysTarget):
             return value.masked()
-        if isinstance(value, AuditTarget):
-            return value.url
+        if name == "audit":
+            return [target.masked() for target in value]
         if isinstance(value, tuple):
             return list(value)
         if name in ("url", "rate_url") and value is not None:
@@ -421,33 +472,53 @@ class GuardConfig:
             return KeyStore(backend="sqlite", path=target.path, **options)
         return KeyStore(backend=target.backend, dsn=target.dsn, **options)
 
-    def audit_log(self) -> AuditLog | None:
-        """The :class:`~fastmcp_guard.audit.AuditLog` named by ``audit`` (``None`` when off),
-        with ``log_inputs`` / ``log_outputs`` and the ``audit_*`` settings applied (rotation,
-        retention and the chain key concern JSONL logs only). Opens (creates) the file."""
-        target = self.audit
-        if target.kind == "off" or target.path is None:
-            return None
-        from fastmcp_guard.audit import AuditLog, FileBackend, SQLiteBackend
+    def audit_file(self, kinds: tuple[AuditKind, ...] = ("jsonl", "sqlite")) -> AuditTarget | None:
+        """The first audit target of one of ``kinds`` (by default the first JSONL or SQLite
+        log: what the CLI's audit commands read), or ``None``."""
+        return next((t for t in self.audit if t.kind in kinds), None)
 
-        backend = (
-            SQLiteBackend(target.path, flush_interval_ms=self.audit_flush_interval_ms)
-            if target.kind == "sqlite"
-            else FileBackend(
-                target.path,
-                flush_interval_ms=self.audit_flush_interval_ms,
-                rotate_bytes=self.audit_rotate_bytes,
-                rotate_daily=self.audit_rotate_daily,
-                retention=self.audit_retention,
-                chain_key=self.audit_chain_key,
-            )
-        )
+    def audit_log(self, *, http_spool: str | None = None) -> AuditLog | None:
+        """The :class:`~fastmcp_guard.audit.AuditLog` with every ``audit`` target (``None``
+        when off), with ``log_inputs`` / ``log_outputs``, ``audit_redact``,
+        ``audit_on_failure`` and ``audit_flush_interval_ms`` applied to all of them;
+        rotation, retention and the chain key concern JSONL logs only, the ``audit_http_*``
+        settings the HTTP target (``http_spool`` replaces ``audit_http_spool``). Opens
+        (creates) the files and the spool."""
+        if not self.audit:
+            return None
+        from fastmcp_guard.audit import AuditLog
+
         return AuditLog(
-            backend=backend,
+            backend=[self._audit_backend(t, http_spool) for t in self.audit],
             log_inputs=self.log_inputs,
             log_outputs=self.log_outputs,
             redact=self.audit_redact,
             on_failure=self.audit_on_failure,
+        )
+
+    def _audit_backend(self, target: AuditTarget, http_spool: str | None) -> Backend:
+        from fastmcp_guard.audit import FileBackend, HttpBackend, OTelBackend, SQLiteBackend
+
+        if target.kind == "otel":
+            return OTelBackend()
+        if target.kind == "http":
+            return HttpBackend(
+                target.url,
+                headers=dict(self.audit_http_headers) or None,
+                secret=self.audit_http_secret,
+                spool_dir=http_spool or self.audit_http_spool,
+                ca_file=self.audit_http_ca_file,
+                flush_interval_ms=self.audit_flush_interval_ms,
+            )
+        if target.kind == "sqlite":
+            return SQLiteBackend(target.path or "", flush_interval_ms=self.audit_flush_interval_ms)
+        return FileBackend(
+            target.path or "",
+            flush_interval_ms=self.audit_flush_interval_ms,
+            rotate_bytes=self.audit_rotate_bytes,
+            rotate_daily=self.audit_rotate_daily,
+            retention=self.audit_retention,
+            chain_key=self.audit_chain_key,
         )
 
     def rate_limit(self) -> RateLimit:
@@ -492,7 +563,9 @@ def mask_url(url: str) -> str:
             if ":" in userinfo:
                 user = userinfo.split(":", 1)[0]
                 netloc = f"{user}:{_MASK}@{hostport}"
-            elif parts.scheme in ("redis", "rediss"):  # some clients read redis://pw@host
+            elif parts.scheme in ("redis", "rediss", "http", "https"):
+                # redis://pw@host: some clients read a password there; https://token@host:
+                # HttpBackend sends it as basic authentication.
                 netloc = f"{_MASK}@{hostport}"
         query = parts.query
         if query:
@@ -666,22 +739,159 @@ def _parse_keys(item: _Raw, name: str) -> KeysTarget:
     )  # fmt: skip
 
 
-def _parse_audit(item: _Raw, name: str) -> AuditTarget:
-    text = _str(item, name)
-    if text.lower() in _OFF:
-        return AuditTarget("off")
-    if "://" in text:
-        scheme = text.split("://", 1)[0].lower()
-        if scheme not in ("jsonl", "sqlite"):
+_AUDIT_EXAMPLE = "e.g. ./audit.jsonl,https://siem.example/ingest,otel"
+
+
+def _parse_audit(item: _Raw, name: str) -> tuple[AuditTarget, ...]:
+    """``off``, or one or more targets: comma-separated in a string, or a TOML array."""
+    value = item.value
+    if isinstance(value, str):
+        if value.strip().lower() in _OFF:
+            return ()
+        elements = value.split(",")
+    elif isinstance(value, (list, tuple)) and all(isinstance(e, str) for e in value):
+        elements = list(value)
+        if not elements:
             raise InvalidSettingError(
                 name, item.source,
-                f"unknown audit URL scheme {scheme + '://'!r} in {text!r}; expected a path, "
-                "jsonl:///path, sqlite:///path or off",
+                "an empty list; give at least one target, or write audit = \"off\"",
             )  # fmt: skip
-        kind: Literal["jsonl", "sqlite"] = "sqlite" if scheme == "sqlite" else "jsonl"
-        return AuditTarget(kind, _sqlite_path(text, item, name))
-    path = _path(text, item.base)
-    return AuditTarget("sqlite" if path.lower().endswith(_SQLITE_SUFFIXES) else "jsonl", path)
+    else:
+        raise InvalidSettingError(
+            name, item.source,
+            "expected a target or a list of targets (strings: paths, jsonl:///..., "
+            f"sqlite:///..., http(s)://..., otel), got {type(value).__name__}",
+        )  # fmt: skip
+    targets: list[AuditTarget] = []
+    for position, element in enumerate(elements, 1):
+        text = element.strip()
+        if not text:
+            raise InvalidSettingError(
+                name, item.source,
+                f"target {position} of {len(elements)} is empty (a doubled or trailing "
+                f"comma?); separate targets with single commas, {_AUDIT_EXAMPLE}",
+            )  # fmt: skip
+        if text.lower() in _OFF:
+            if len(elements) == 1:  # ["off"]
+                return ()
+            raise InvalidSettingError(
+                name, item.source,
+                f"{text!r} cannot be combined with other targets; write it alone to turn the "
+                "audit log off, or drop it from the list",
+            )  # fmt: skip
+        target = _audit_target(text, item, name)
+        same = next((t for t in targets if t.kind == target.kind), None)
+        if same is not None:
+            raise InvalidSettingError(
+                name, item.source,
+                f"two {target.kind} targets ({same.masked()!r} and {target.masked()!r}); "
+                "give at most one of each kind (jsonl, sqlite, http, otel)",
+            )  # fmt: skip
+        targets.append(target)
+    return tuple(targets)
+
+
+def _audit_target(text: str, item: _Raw, name: str) -> AuditTarget:
+    if text.lower() == "otel":
+        return AuditTarget("otel")
+    if "://" not in text:
+        path = _path(text, item.base)
+        kind: AuditKind = "sqlite" if path.lower().endswith(_SQLITE_SUFFIXES) else "jsonl"
+        return AuditTarget(kind, path)
+    scheme = text.split("://", 1)[0].lower()
+    if scheme in ("jsonl", "sqlite"):
+        return AuditTarget("sqlite" if scheme == "sqlite" else "jsonl",
+                           _sqlite_path(text, item, name))  # fmt: skip
+    if scheme in ("http", "https"):
+        parts = urlsplit(text)
+        try:
+            parts.port  # noqa: B018 - validates the port
+        except ValueError as exc:
+            raise InvalidSettingError(
+                name, item.source,
+                f"{mask_url(text)!r}: {exc}; write {scheme}://host[:port]/path with a port "
+                "1-65535",
+            ) from None  # fmt: skip
+        if not parts.hostname:
+            raise InvalidSettingError(
+                name, item.source,
+                f"{mask_url(text)!r} names no host; write {scheme}://host[:port]/path",
+            )  # fmt: skip
+        return AuditTarget("http", endpoint=text)
+    raise InvalidSettingError(
+        name, item.source,
+        f"unknown audit target scheme {scheme + '://'!r} in {mask_url(text)!r}; expected a "
+        "path, jsonl:///path, sqlite:///path, http://host/path, https://host/path, otel "
+        "(no URL) or off",
+    )  # fmt: skip
+
+
+#: A header name: an RFC 9110 token.
+_HEADER_NAME = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+                         "ABCDEFGHIJKLMNOPQRSTUVWXYZ")  # fmt: skip
+_HEADERS_EXAMPLE = "Authorization: Bearer <token>; X-Tenant: acme"
+
+
+def _parse_headers(item: _Raw, name: str) -> tuple[tuple[str, str], ...]:
+    """``Name: value`` pairs separated by ``;``, or a TOML table. Error messages never
+    show a value (they are secrets)."""
+    value = item.value
+    if isinstance(value, str):
+        pairs: list[tuple[str, Any]] = []
+        parts = [part for part in value.split(";") if part.strip()]  # a trailing ';' is fine
+        for position, part in enumerate(parts, 1):
+            header, colon, text = part.partition(":")
+            if not colon:
+                raise InvalidSettingError(
+                    name, item.source,
+                    f"header {position} has no ':' between its name and value; write "
+                    f"'Name: value' pairs separated by ';' ({_HEADERS_EXAMPLE})",
+                )  # fmt: skip
+            pairs.append((header.strip(), text))
+    elif isinstance(value, Mapping):
+        pairs = list(value.items())
+    else:
+        raise InvalidSettingError(
+            name, item.source,
+            f"expected 'Name: value' pairs separated by ';' ({_HEADERS_EXAMPLE}) or a TOML "
+            f"table, got {type(value).__name__}",
+        )  # fmt: skip
+    out: list[tuple[str, str]] = []
+    for position, (header, text) in enumerate(pairs, 1):
+        if not header or not set(header) <= _HEADER_NAME:  # not shown: it may hold a secret
+            raise InvalidSettingError(
+                name, item.source,
+                f"the name of header {position} is not a header name (letters, digits and "
+                f"!#$%&'*+-.^_`|~ only); write 'Name: value' pairs separated by ';' "
+                f"({_HEADERS_EXAMPLE})",
+            )  # fmt: skip
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidSettingError(name, item.source,
+                                      f"header {header!r} has no value (a string)")  # fmt: skip
+        if any(c in text for c in "\r\n\0"):
+            raise InvalidSettingError(
+                name, item.source, f"the value of header {header!r} holds a line break"
+            )
+        if any(h.lower() == header.lower() for h, _ in out):
+            raise InvalidSettingError(name, item.source, f"header {header!r} is given twice")
+        out.append((header, text.strip()))
+    return tuple(out)
+
+
+def _parse_dir(item: _Raw, name: str) -> str:
+    return _path(_str(item, name), item.base)
+
+
+def _parse_ca_file(item: _Raw, name: str) -> str | None:
+    if item.value is None:
+        return None
+    from fastmcp_guard._util import ca_file_problem
+
+    path = _path(_str(item, name), item.base)
+    problem = ca_file_problem(path)
+    if problem is not None:
+        raise InvalidSettingError(name, item.source, problem)
+    return path
 
 
 def _parse_rate(item: _Raw, name: str) -> str | None:
@@ -880,7 +1090,12 @@ def _parse_millis(item: _Raw, name: str) -> int:
 
 
 def _parse_secret(item: _Raw, name: str) -> str | None:
-    return None if item.value is None else _str(item, name)
+    if item.value is None:
+        return None
+    if not isinstance(item.value, str):  # do not show it: it is a secret
+        raise InvalidSettingError(name, item.source,
+                                  f"expected a string, got {type(item.value).__name__}")  # fmt: skip
+    return _str(item, name)
 
 
 def _parse_host(item: _Raw, name: str) -> str:
@@ -933,6 +1148,10 @@ _PARSERS: dict[str, Callable[[_Raw, str], Any]] = {
     "audit_rotate_daily": _parse_bool,
     "audit_retention": _parse_count,
     "audit_chain_key": _parse_secret,
+    "audit_http_secret": _parse_secret,
+    "audit_http_spool": _parse_dir,
+    "audit_http_headers": _parse_headers,
+    "audit_http_ca_file": _parse_ca_file,
     "url": _parse_url,
     "admin_key": _parse_secret,
     "host": _parse_host,

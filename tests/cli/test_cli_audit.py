@@ -147,6 +147,31 @@ def test_bad_input_gives_exit_2_and_a_missing_log_exit_1(tmp_path: Path) -> None
     assert_user_error(cli(tmp_path, "audit", "export", "--format", "xml", "--out", "x"), 2, "xml")
 
 
+def test_commands_read_the_first_file_target_of_several(
+    tmp_path: Path, log: tuple[Path, list[str]]
+) -> None:
+    path, lines = log
+    targets = f"otel,http://127.0.0.1:9/ingest,{path.name}"  # nothing listens: nothing sent
+    env = {"FASTMCP_GUARD_AUDIT": targets}
+    out = ok(tmp_path, "audit", "query", "--key", "alice", "--json", env=env).stdout
+    assert out.splitlines() == reference(lines, key="alice")
+    tail = ok(tmp_path, "audit", "tail", "-n", "2", "--json", env=env).stdout.splitlines()
+    assert [json.loads(x)["ts"] for x in tail] == [json.loads(x)["ts"] for x in lines[-2:]]
+    assert not (tmp_path / "fastmcp-guard-audit-spool").exists()  # reading opens no target
+
+
+def test_commands_say_when_no_target_is_a_file(tmp_path: Path) -> None:
+    proc = cli(tmp_path, "--audit", "https://u:pw-1@siem.example/in,otel", "audit", "query")
+    assert_user_error(proc, 2, "include no JSONL or SQLite log", "name one with --audit PATH",
+                      "(https://u:****@siem.example/in, otel, from argument --audit)")  # fmt: skip
+    assert "pw-1" not in proc.stderr
+    proc = cli(tmp_path, "audit", "verify", env={"FASTMCP_GUARD_AUDIT": "audit.db,otel"})
+    assert_user_error(proc, 2, "include no JSONL log", "give the path of a .jsonl file",
+                      "from env FASTMCP_GUARD_AUDIT")  # fmt: skip
+    proc = cli(tmp_path, "--audit", "off", "audit", "tail")
+    assert_user_error(proc, 2, "the audit log is off", "--audit PATH")
+
+
 def test_tail_follows_across_rotation(tmp_path: Path) -> None:
     path = tmp_path / "fastmcp-guard-audit.jsonl"
     rng = random.Random(1)

@@ -248,7 +248,7 @@ def test_config_shows_each_source_and_masks_secrets(tmp_path: Path) -> None:
     assert settings["allow"] == {"value": ["10.0.0.0/8"], "source": "fastmcp-guard.toml",
                                  "env": "FASTMCP_GUARD_ALLOW"}  # fmt: skip
     assert settings["global_rate"]["source"] == "env FASTMCP_GUARD_GLOBAL_RATE"
-    assert settings["audit"] == {"value": f"jsonl:///{tmp_path / 'fastmcp-guard-audit.jsonl'}",
+    assert settings["audit"] == {"value": [f"jsonl:///{tmp_path / 'fastmcp-guard-audit.jsonl'}"],
                                  "source": "default", "env": "FASTMCP_GUARD_AUDIT"}  # fmt: skip
     assert settings["admin_key"]["value"] == "****"
     assert data["config_file"] == str(tmp_path / "fastmcp-guard.toml")

@@ -43,10 +43,13 @@ class Server:
         return {"FASTMCP_GUARD_URL": self.url}
 
 
-def start_server(cwd: Path, *args: str) -> Server:
+def start_server(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Server:
+    """``fastmcp-guard run server.py`` in ``cwd``, configured by ``args`` and ``env`` only."""
     shutil.copy(HERE / "plain_server.py", cwd / "server.py")
     port = find_available_port()
+    settings = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTMCP_GUARD_")}
+    env.update(settings)
     log = open(cwd / "server.log", "wb")  # noqa: SIM115 - closed by stop_server
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastmcp_guard.cli", "run", "server.py", "--port", str(port), *args],
@@ -190,3 +193,52 @@ async def test_sigterm_flushes_the_audit_log_and_no_secret_leaks(tmp_path: Path)
     for name in ("fastmcp-guard-keys.db", "fastmcp-guard-audit.jsonl", "server.log"):
         data = (tmp_path / name).read_bytes()
         assert key["token"].encode() not in data, name
+
+
+async def test_audit_to_a_jsonl_file_and_an_http_endpoint_from_the_environment_only(
+    tmp_path: Path,
+) -> None:
+    from fastmcp_guard.audit.http import verify_signature
+
+    from tests.integration.audit_receiver import Receiver
+
+    secret = "e2e-hmac-s3cret"
+    receiver = Receiver(secret=secret.encode()).start()
+    env = {"FASTMCP_GUARD_AUDIT": f"./audit.jsonl,{receiver.url}",
+           "FASTMCP_GUARD_AUDIT_HTTP_SECRET": secret}  # fmt: skip
+    try:
+        srv = start_server(tmp_path, env=env)
+        # The CLI logs with the same settings while the server holds its spool.
+        key = create(tmp_path, "--name", "frank", "--scopes", "read:data", env=env)
+        for i in range(10):
+            result = await call(srv, key["token"], "add", a=i, b=100)
+            assert not result.is_error and result.data == i + 100
+        assert http_status(srv, "fmg_sk_not_a_key") == 401
+        # Shipped while the server runs: start_server's probe and the bad key (2 refusals),
+        # the key's creation, 10 calls.
+        receiver.wait_for(13)
+        assert stop_server(srv) == 0
+    finally:
+        receiver.stop()
+
+    def summary(events: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+        return sorted((e["status"], e["tool"] or "", e["key_id"] or "",
+                       json.dumps(e["input_args"], sort_keys=True)) for e in events)  # fmt: skip
+
+    logged = read_audit(tmp_path / "audit.jsonl")
+    shipped = receiver.accepted()
+    assert len(logged) == 13 and summary(shipped) == summary(logged)
+    statuses = sorted(e["status"] for e in shipped)
+    assert statuses == ["created"] + ["ok"] * 10 + ["unauthorized"] * 2
+    assert set(receiver.ids.values()) == {1}  # each event once
+    for request in receiver.requests:
+        assert verify_signature(secret, request.headers, request.body)
+        assert not verify_signature("another-secret", request.headers, request.body)
+    banner = (tmp_path / "server.log").read_text()
+    assert f"audit: jsonl:///{tmp_path}/audit.jsonl, {receiver.url}" in banner
+    spool = tmp_path / "fastmcp-guard-audit-spool"
+    assert (spool / "cli").is_dir()  # the CLI's own spool: the server held the other
+    files = [tmp_path / "audit.jsonl", tmp_path / "server.log", *spool.rglob("*")]
+    for f in (f for f in files if f.is_file()):
+        data = f.read_bytes()
+        assert secret.encode() not in data and key["token"].encode() not in data, f

@@ -2,7 +2,9 @@
 
 Records every request (headers and raw body), checks gzip, the HMAC signature and the
 ``Idempotency-Key`` header, and deduplicates events by id. ``plan`` picks the answer
-per request: ``(status, headers)`` or ``None`` for 200. Also runnable as a script
+per request: ``(status, headers)`` or ``None`` for 200. With ``tls`` (a server-side
+``ssl.SSLContext``) it serves HTTPS and records the TLS handshakes that failed (a client
+refusing its certificate) in ``tls_failures``. Also runnable as a script
 (``python audit_receiver.py PORT``) that prints ``ready`` and serves until killed; it
 then answers ``GET /ids`` with the distinct ids received so far.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
+import ssl
 import sys
 import threading
 import time
@@ -43,11 +47,14 @@ class Receiver:
     ids: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
+    tls: ssl.SSLContext | None = None
+    tls_failures: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}/ingest"
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://127.0.0.1:{self.server.server_address[1]}/ingest"
 
     def start(self, port: int = 0) -> Receiver:
         receiver = self
@@ -58,6 +65,11 @@ class Receiver:
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
+            def setup(self) -> None:
+                if isinstance(self.request, ssl.SSLSocket):
+                    self.request.do_handshake()  # in this thread, not the accept loop
+                super().setup()
 
             def do_GET(self) -> None:
                 with receiver.lock:
@@ -99,7 +111,24 @@ class Receiver:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        class Server(ThreadingHTTPServer):
+            def get_request(self) -> tuple[socket.socket, Any]:
+                sock, addr = super().get_request()
+                if receiver.tls is None:
+                    return sock, addr
+                sock.settimeout(10)
+                return receiver.tls.wrap_socket(sock, server_side=True,
+                                                do_handshake_on_connect=False), addr  # fmt: skip
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                exc = sys.exc_info()[1]
+                if not isinstance(exc, ssl.SSLError):
+                    super().handle_error(request, client_address)
+                    return
+                with receiver.lock:
+                    receiver.tls_failures.append(str(exc))
+
+        self.server = Server(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self

@@ -37,7 +37,7 @@ def test_library_defaults_are_the_0_2_behaviour(tmp_path: Path) -> None:
     config = load(tmp_path)
     assert config.profile == "library"
     assert config.keys == KeysTarget("memory")
-    assert config.audit == AuditTarget("off")
+    assert config.audit == ()  # off
     assert (config.rate, config.global_rate) == (None, None)
     assert (config.allow, config.deny, config.trusted_proxies) == ((), (), ())
     assert (config.log_inputs, config.log_outputs) == (True, True)
@@ -51,7 +51,7 @@ def test_library_defaults_are_the_0_2_behaviour(tmp_path: Path) -> None:
 def test_embedded_defaults_are_files_in_the_cwd(tmp_path: Path) -> None:
     config = load(tmp_path, profile="embedded")
     assert config.keys == KeysTarget("sqlite", path=str(tmp_path / "fastmcp-guard-keys.db"))
-    assert config.audit == AuditTarget("jsonl", str(tmp_path / "fastmcp-guard-audit.jsonl"))
+    assert config.audit == (AuditTarget("jsonl", str(tmp_path / "fastmcp-guard-audit.jsonl")),)
     assert config.source("keys") == config.source("audit") == "default"
 
 
@@ -112,7 +112,9 @@ def test_empty_environment_variable_counts_as_unset(tmp_path: Path) -> None:
 def test_off_in_the_environment_overrides_a_file_rate(tmp_path: Path) -> None:
     write(tmp_path / "fastmcp-guard.toml", 'rate = "1/second"\naudit = "a.jsonl"\n')
     config = load(tmp_path, {"FASTMCP_GUARD_RATE": "off", "FASTMCP_GUARD_AUDIT": "none"})
-    assert config.rate is None and config.audit.kind == "off"
+    assert config.rate is None and config.audit == ()
+    write(tmp_path / "fastmcp-guard.toml", 'audit = ["off"]\n')
+    assert load(tmp_path).audit == ()
 
 
 def test_os_environ_is_read_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -208,7 +210,7 @@ def test_relative_paths_in_a_file_resolve_against_its_directory(tmp_path: Path) 
           'keys = "sqlite:///data/keys.db"\naudit = "logs/audit.db"\n')  # fmt: skip
     config = load(tmp_path, config_file=tmp_path / "conf" / "guard.toml")
     assert config.keys.path == str(tmp_path / "conf" / "data" / "keys.db")
-    assert config.audit == AuditTarget("sqlite", str(tmp_path / "conf" / "logs" / "audit.db"))
+    assert config.audit == (AuditTarget("sqlite", str(tmp_path / "conf" / "logs" / "audit.db")),)
 
 
 def test_relative_paths_from_env_and_arguments_resolve_against_the_cwd(tmp_path: Path) -> None:
@@ -217,7 +219,7 @@ def test_relative_paths_from_env_and_arguments_resolve_against_the_cwd(tmp_path:
                              "FASTMCP_GUARD_CONFIG": "conf/guard.toml"},
                   arguments={"audit": "jsonl:///logs/audit.log"})  # fmt: skip
     assert config.keys == KeysTarget("sqlite", path=str(tmp_path / "data" / "keys.db"))
-    assert config.audit == AuditTarget("jsonl", str(tmp_path / "logs" / "audit.log"))
+    assert config.audit == (AuditTarget("jsonl", str(tmp_path / "logs" / "audit.log")),)
 
 
 @pytest.mark.parametrize(
@@ -251,9 +253,8 @@ def test_key_store_urls(tmp_path: Path, url: str, expected: Any) -> None:
     ],
 )
 def test_audit_targets(tmp_path: Path, value: str, kind: str, name: str) -> None:
-    assert load(tmp_path, {"FASTMCP_GUARD_AUDIT": value}).audit == AuditTarget(
-        kind,  # type: ignore[arg-type]
-        str(tmp_path / name),
+    assert load(tmp_path, {"FASTMCP_GUARD_AUDIT": value}).audit == (
+        AuditTarget(kind, str(tmp_path / name)),  # type: ignore[arg-type]
     )
 
 
@@ -277,6 +278,10 @@ def test_fleet_urls_are_accepted_by_the_model(tmp_path: Path) -> None:
         ("postgresql://h/db?user=u&password=pw", "postgresql://h/db?user=u&password=****"),
         ("postgresql://u@h/db", "postgresql://u@h/db"),
         ("sqlite:////abs/k.db", "sqlite:////abs/k.db"),
+        ("https://u:pw@siem/in", "https://u:****@siem/in"),
+        ("https://tok3n@siem/in", "https://****@siem/in"),  # sent as basic authentication
+        ("https://siem/in?api_key=k&tenant=a", "https://siem/in?api_key=****&tenant=a"),
+        ("http://127.0.0.1:9/in", "http://127.0.0.1:9/in"),
     ],
 )
 def test_mask_url(url: str, masked: str) -> None:
@@ -316,12 +321,37 @@ def test_secrets_are_masked_in_every_output(tmp_path: Path) -> None:
         ({"FASTMCP_GUARD_KEYS": "ftp://host/keys"}, "keys", "ftp://"),
         ({"FASTMCP_GUARD_KEYS": "sqlite://host/keys.db"}, "keys", "host part"),
         ({"FASTMCP_GUARD_KEYS": "postgresql://"}, "keys", "no host"),
-        ({"FASTMCP_GUARD_AUDIT": "http://siem/ingest"}, "audit", "http://"),
+        ({"FASTMCP_GUARD_AUDIT": "ftp://siem/ingest"}, "audit", "ftp://"),
         ({"FASTMCP_GUARD_URL": "localhost:8000"}, "url", "not an http(s) URL"),
+        # several audit targets, HTTP targets and their settings: say what to write
+        ({"FASTMCP_GUARD_AUDIT": "a.jsonl,b.jsonl"}, "audit",
+         ("two jsonl targets", "at most one of each kind")),
+        ({"FASTMCP_GUARD_AUDIT": "http://a/x,https://b/y"}, "audit", ("two http targets",)),
+        ({"FASTMCP_GUARD_AUDIT": "otel,OTEL"}, "audit", ("two otel targets",)),
+        ({"FASTMCP_GUARD_AUDIT": "a.jsonl,,otel"}, "audit",
+         ("target 2 of 3 is empty", "separate targets with single commas")),
+        ({"FASTMCP_GUARD_AUDIT": "a.jsonl,"}, "audit", ("target 2 of 2 is empty",)),
+        ({"FASTMCP_GUARD_AUDIT": "a.jsonl,kafka://broker/t"}, "audit",
+         ("'kafka://'", "http://host/path", "otel")),
+        ({"FASTMCP_GUARD_AUDIT": "otel://collector"}, "audit", ("'otel://'", "otel (no URL)")),
+        ({"FASTMCP_GUARD_AUDIT": "a.jsonl,off"}, "audit", ("cannot be combined",)),
+        ({"FASTMCP_GUARD_AUDIT": "https://u:pw-9@:8443/x"}, "audit",
+         ("names no host", "https://u:****@")),
+        ({"FASTMCP_GUARD_AUDIT": "http://siem:99999/x"}, "audit", ("Port out of range", "a port 1-65535")),
+        ({"FASTMCP_GUARD_AUDIT_HTTP_HEADERS": "Authorization Bearer hdr-9"}, "audit_http_headers",
+         ("header 1 has no ':'", "Name: value")),
+        ({"FASTMCP_GUARD_AUDIT_HTTP_HEADERS": "A: 1;; Bad Name=hdr-9: 2"}, "audit_http_headers",
+         ("the name of header 2",)),
+        ({"FASTMCP_GUARD_AUDIT_HTTP_HEADERS": "X-Key:  "}, "audit_http_headers",
+         ("'X-Key' has no value",)),
+        ({"FASTMCP_GUARD_AUDIT_HTTP_HEADERS": "X-Key: a; x-key: b"}, "audit_http_headers",
+         ("given twice",)),
+        ({"FASTMCP_GUARD_AUDIT_HTTP_CA_FILE": "missing.pem"}, "audit_http_ca_file",
+         ("missing.pem does not exist", "PEM")),
     ],
-)
+)  # fmt: skip
 def test_bad_env_values_name_the_setting_and_the_source(
-    tmp_path: Path, env: dict[str, str], setting: str, needle: str
+    tmp_path: Path, env: dict[str, str], setting: str, needle: str | tuple[str, ...]
 ) -> None:
     with pytest.raises(InvalidSettingError) as info:
         load(tmp_path, env)
@@ -329,7 +359,10 @@ def test_bad_env_values_name_the_setting_and_the_source(
     assert isinstance(err, ConfigError) and isinstance(err, ValueError)
     assert err.setting == setting
     assert err.source == f"env FASTMCP_GUARD_{setting.upper()}"
-    assert f"'{setting}'" in str(err) and err.source in str(err) and needle in str(err)
+    assert f"'{setting}' (from {err.source})" in str(err)
+    for text in (needle,) if isinstance(needle, str) else needle:
+        assert text in str(err), str(err)
+    assert "hdr-9" not in str(err) and "pw-9" not in str(err)  # secrets are never echoed
 
 
 def test_bad_file_value_names_the_file(tmp_path: Path) -> None:
@@ -533,3 +566,170 @@ def test_bad_audit_options_name_the_setting(
     with pytest.raises(InvalidSettingError, match=f"FASTMCP_GUARD_{setting}") as info:
         load(tmp_path, {f"FASTMCP_GUARD_{setting}": value})
     assert needle in str(info.value)
+
+
+# -- several audit targets, HTTP and OpenTelemetry ----------------------------------------
+
+SIEM = "https://ingest:url-pw-7@siem.example/ingest?token=query-tk-8"
+
+
+def test_several_audit_targets_from_the_environment(tmp_path: Path) -> None:
+    config = load(tmp_path, {"FASTMCP_GUARD_AUDIT": f"./audit.jsonl, {SIEM} ,otel"})
+    assert config.audit == (
+        AuditTarget("jsonl", str(tmp_path / "audit.jsonl")),
+        AuditTarget("http", endpoint=SIEM),  # the URL itself is kept whole
+        AuditTarget("otel"),
+    )
+    assert config.source("audit") == "env FASTMCP_GUARD_AUDIT"
+    assert config.public_value("audit") == [
+        f"jsonl:///{tmp_path / 'audit.jsonl'}",
+        "https://ingest:****@siem.example/ingest?token=****",
+        "otel",
+    ]
+
+
+def test_audit_targets_from_a_toml_array_and_a_header_table(tmp_path: Path) -> None:
+    write(tmp_path / "conf" / "guard.toml", 'audit = ["logs/audit.db", "http://127.0.0.1:9/in"]\n'
+          'audit_http_spool = "spool"\naudit_http_secret = "toml-hmac-1"\n'
+          '[audit_http_headers]\nAuthorization = "Bearer toml-tk-2"\nX-Tenant = "acme"\n')  # fmt: skip
+    config = load(tmp_path, config_file=tmp_path / "conf" / "guard.toml")
+    assert config.audit == (
+        AuditTarget("sqlite", str(tmp_path / "conf" / "logs" / "audit.db")),
+        AuditTarget("http", endpoint="http://127.0.0.1:9/in"),
+    )
+    assert config.audit_http_spool == str(tmp_path / "conf" / "spool")  # beside the file
+    assert config.audit_http_secret == "toml-hmac-1"
+    assert config.audit_http_headers == (("Authorization", "Bearer toml-tk-2"),
+                                         ("X-Tenant", "acme"))  # fmt: skip
+    assert config.source("audit_http_headers") == str(tmp_path / "conf" / "guard.toml")
+
+
+def test_http_headers_from_the_environment(tmp_path: Path) -> None:
+    env = {"FASTMCP_GUARD_AUDIT_HTTP_HEADERS": "Authorization: Bearer a:b ; X-Tenant:acme;"}
+    config = load(tmp_path, env)
+    assert config.audit_http_headers == (("Authorization", "Bearer a:b"), ("X-Tenant", "acme"))
+
+
+@pytest.mark.parametrize(
+    ("use_arg", "use_env", "expected", "source"),
+    [
+        (True, True, ("otel",), "argument --audit"),
+        (False, True, ("jsonl", "http"), "env FASTMCP_GUARD_AUDIT"),
+        (False, False, ("sqlite", "http", "otel"), "fastmcp-guard.toml"),
+    ],
+)
+def test_audit_list_precedence(
+    tmp_path: Path, use_arg: bool, use_env: bool, expected: tuple[str, ...], source: str
+) -> None:
+    write(tmp_path / "fastmcp-guard.toml",
+          'audit = ["a.db", "https://siem.example/x", "otel"]\n')  # fmt: skip
+    env = {"FASTMCP_GUARD_AUDIT": "a.jsonl,http://127.0.0.1:9/in"} if use_env else {}
+    arguments = {"audit": "otel"} if use_arg else None
+    config = load(tmp_path, env, arguments=arguments, labels={"audit": "argument --audit"})
+    assert tuple(t.kind for t in config.audit) == expected
+    assert config.source("audit") == source
+
+
+def test_http_spool_defaults_to_the_current_directory(tmp_path: Path) -> None:
+    for profile in ("library", "embedded"):
+        config = load(tmp_path, profile=profile)  # type: ignore[arg-type]
+        assert config.audit_http_spool == str(tmp_path / "fastmcp-guard-audit-spool")
+        assert config.audit_http_ca_file is None and config.audit_http_headers == ()
+    assert config.display("audit_http_ca_file") == "(system trust store)"
+
+
+def test_audit_log_builds_every_target_with_the_audit_settings(tmp_path: Path) -> None:
+    from fastmcp.utilities.tests import find_available_port
+    from fastmcp_guard.audit import HttpBackend, OTelBackend
+
+    ca = _ca_bundle(tmp_path)
+    url = f"http://127.0.0.1:{find_available_port()}/ingest"  # nothing is sent: no event
+    env = {"FASTMCP_GUARD_AUDIT": f"audit.jsonl,{url},otel",
+           "FASTMCP_GUARD_AUDIT_HTTP_SECRET": "hmac-s3cret",
+           "FASTMCP_GUARD_AUDIT_HTTP_SPOOL": "spool",
+           "FASTMCP_GUARD_AUDIT_HTTP_HEADERS": "Authorization: Bearer hdr-s3cret",
+           "FASTMCP_GUARD_AUDIT_HTTP_CA_FILE": str(ca),
+           "FASTMCP_GUARD_AUDIT_FLUSH_INTERVAL_MS": "40",
+           "FASTMCP_GUARD_AUDIT_REDACT": "password",
+           "FASTMCP_GUARD_AUDIT_ON_FAILURE": "block"}  # fmt: skip
+    audit = load(tmp_path, env).audit_log()
+    assert audit is not None
+    try:
+        file, http, otel = audit.backends
+        assert isinstance(file, FileBackend) and file.path == str(tmp_path / "audit.jsonl")
+        assert isinstance(http, HttpBackend) and isinstance(otel, OTelBackend)
+        assert (http.url, http.secret, http.spool_dir, http.ca_file) == (
+            url, "hmac-s3cret", str(tmp_path / "spool"), str(ca))  # fmt: skip
+        assert http.headers == {"Authorization": "Bearer hdr-s3cret"}
+        assert file.flush_interval_ms == http.flush_interval_ms == 40
+        assert audit.backend is file and audit.path == str(tmp_path / "audit.jsonl")
+        assert (audit.redact, audit.on_failure) == (("password",), "block")
+        assert (tmp_path / "spool").is_dir()
+        assert "hdr-s3cret" not in repr(http) and "hmac-s3cret" not in repr(http)
+    finally:
+        audit.close()
+
+
+def test_http_only_audit_log_has_no_file(tmp_path: Path) -> None:
+    audit = load(tmp_path, {"FASTMCP_GUARD_AUDIT": "http://127.0.0.1:9/x"}).audit_log()
+    assert audit is not None
+    try:
+        assert audit.path == "" and [type(b).__name__ for b in audit.backends] == ["HttpBackend"]
+        assert (tmp_path / "fastmcp-guard-audit-spool").is_dir()
+    finally:
+        audit.close()
+
+
+def test_http_secrets_are_masked_in_every_output(tmp_path: Path) -> None:
+    from tests.cli.test_cli_keys import ok
+
+    env = {"FASTMCP_GUARD_AUDIT": f"audit.jsonl,{SIEM}",
+           "FASTMCP_GUARD_AUDIT_HTTP_SECRET": "hmac-s3cret-3",
+           "FASTMCP_GUARD_AUDIT_HTTP_HEADERS": "Authorization: Bearer hdr-s3cret-4; "
+                                               "X-Api-Key: hdr-s3cret-5"}  # fmt: skip
+    config = load(tmp_path, env)
+    secrets = ("url-pw-7", "query-tk-8", "hmac-s3cret-3", "hdr-s3cret-4", "hdr-s3cret-5")
+    shown = [json.dumps(config.to_dict()), repr(config), str(config), repr(config.audit),
+             " ".join(str(t) for t in config.audit),
+             " ".join(v.display for v in config.views()),
+             ok(tmp_path, "config", env=env).stdout,
+             ok(tmp_path, "config", "--json", env=env).stdout]  # fmt: skip
+    for text in shown:
+        for secret in secrets:
+            assert secret not in text, (secret, text)
+    settings = config.to_dict()["settings"]
+    assert settings["audit_http_secret"]["value"] == "****"
+    assert settings["audit_http_headers"]["value"] == {"Authorization": "****",
+                                                       "X-Api-Key": "****"}  # fmt: skip
+    assert config.display("audit_http_headers") == "Authorization: ****; X-Api-Key: ****"
+    assert settings["audit"]["value"][1] == "https://ingest:****@siem.example/ingest?token=****"
+
+
+@pytest.mark.parametrize(
+    ("toml", "setting", "needle"),
+    [
+        ("audit = []\n", "audit", 'write audit = "off"'),
+        ('audit = ["a.jsonl", ""]\n', "audit", "target 2 of 2 is empty"),
+        ('audit = ["a.jsonl", 3]\n', "audit", "list of targets"),
+        ('audit_http_headers = ["Authorization: x"]\n', "audit_http_headers", "TOML table"),
+        ("audit_http_headers = { X-Key = 1 }\n", "audit_http_headers", "'X-Key' has no value"),
+        ("audit_http_secret = 12345\n", "audit_http_secret", "expected a string, got int"),
+        ('audit_http_ca_file = "junk.pem"\n', "audit_http_ca_file", "holds no PEM certificate"),
+    ],
+)
+def test_bad_audit_http_values_in_a_file_name_the_file(
+    tmp_path: Path, toml: str, setting: str, needle: str
+) -> None:
+    write(tmp_path / "junk.pem", "not a certificate\n")
+    write(tmp_path / "fastmcp-guard.toml", toml)
+    with pytest.raises(InvalidSettingError) as info:
+        load(tmp_path)
+    assert (info.value.setting, info.value.source) == (setting, "fastmcp-guard.toml")
+    assert needle in str(info.value) and "12345" not in str(info.value)
+
+
+def _ca_bundle(tmp_path: Path) -> Path:
+    """A PEM file holding one self-signed CA certificate."""
+    from tests.integration.tls import make_ca
+
+    return make_ca(tmp_path / "ca").cert_path

@@ -55,6 +55,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fastmcp_guard._core import AuditSink, AuditWriter, audit_log_files
+from fastmcp_guard._util import ca_file_problem
 from fastmcp_guard.errors import ConfigError
 
 __all__ = [
@@ -107,6 +108,11 @@ class HttpBackend:
         poll_interval: seconds the shipper sleeps when the spool has nothing new.
         flush_interval_ms, queue_capacity: of the spool writer (as for a file log).
         chain_key: key of the spool's hash chain (see ``FileBackend``).
+        ca_file: PEM file of the CA certificates that verify an ``https://`` endpoint
+            (a private CA, a self-signed certificate); default: the system trust store.
+            Certificates and host names are always verified: an endpoint whose
+            certificate is not trusted gets nothing (the events wait in the spool, and a
+            warning naming the endpoint is logged once).
     """
 
     url: str
@@ -127,6 +133,7 @@ class HttpBackend:
     flush_interval_ms: int = 100
     queue_capacity: int = 65536
     chain_key: bytes | str | None = field(default=None, repr=False)
+    ca_file: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -145,6 +152,16 @@ class HttpBackend:
             raise ConfigError("HttpBackend drain_timeout must be >= 0 seconds")
         if not 0 <= self.gzip_level <= 9:
             raise ConfigError(f"HttpBackend gzip_level must be 0..9, got {self.gzip_level}")
+        if self.ca_file is not None:
+            ca_file = os.path.abspath(os.fspath(self.ca_file))
+            problem = ca_file_problem(ca_file)
+            if problem is not None:
+                raise ConfigError(f"HttpBackend ca_file: {problem}")
+            object.__setattr__(self, "ca_file", ca_file)  # frozen; read when connecting
+
+    def __repr__(self) -> str:  # the URL may hold a password
+        return (f"HttpBackend({_mask(self.url)!r}, spool_dir={os.fspath(self.spool_dir)!r}, "
+                f"ca_file={self.ca_file!r})")  # fmt: skip
 
 
 def sign(secret: bytes | str, timestamp: str, body: bytes) -> str:
@@ -274,11 +291,14 @@ class HttpShipper:
             raise
         self._cursor = self._load_cursor()
         self._conn: http.client.HTTPConnection | None = None
+        self._tls: ssl.SSLContext | None = None
         self._over_limit = False
         self._spooled_bytes = 0
         self._counts = {"shipped": 0, "batches": 0, "retries": 0, "http_errors": 0,
                         "malformed": 0}  # fmt: skip
-        self._refusal_logged: int | None = None
+        #: What was last logged about refusals (an HTTP status, or "certificate"); reset
+        #: by a delivered batch, so each new refusal is logged once.
+        self._refusal_logged: int | str | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._deadline: float | None = None
@@ -574,10 +594,16 @@ class HttpShipper:
             host = self._url.hostname or ""
             port = self._url.port
             if self._url.scheme == "https":
+                if self._tls is None:
+                    # Verifies the chain and the host name (never turned off); a ca_file
+                    # replaces the system trust store.
+                    ca_file = self.backend.ca_file
+                    self._tls = ssl.create_default_context(
+                        cafile=None if ca_file is None else os.fspath(ca_file)
+                    )
                 self._conn = http.client.HTTPSConnection(
-                    host, port, timeout=self.backend.timeout,
-                    context=ssl.create_default_context(),
-                )  # fmt: skip
+                    host, port, timeout=self.backend.timeout, context=self._tls
+                )
             else:
                 self._conn = http.client.HTTPConnection(host, port, timeout=self.backend.timeout)
         return self._conn
@@ -604,6 +630,25 @@ class HttpShipper:
             text = resp.read(2048)
             if resp.will_close:
                 self._drop_connection()
+        except ssl.SSLCertVerificationError as exc:
+            self._drop_connection()
+            if self._refusal_logged != "certificate":
+                self._refusal_logged = "certificate"
+                fix = (  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+                    "use a URL naming a host the certificate covers, or fix the certificate"
+                    if exc.verify_code in (62, 64)
+                    else "give HttpBackend(ca_file=...) / audit_http_ca_file the CA that "
+                    "signed it, or fix the endpoint's certificate"
+                )
+                log.warning(
+                    "audit endpoint %s presented a certificate that is not trusted (%s): "
+                    "nothing is sent to it, the events wait in the spool %s and are retried "
+                    "every %g s (%s)",
+                    self._shown_url, exc.verify_message or exc.reason, self.spool_dir,
+                    self.backend.backoff_cap, fix,
+                )  # fmt: skip
+            raise _Refused(f"certificate not trusted: {exc.verify_message}", retry_after=None,
+                           permanent=True) from None  # fmt: skip
         except (OSError, http.client.HTTPException) as exc:
             self._drop_connection()
             raise _Refused(f"{type(exc).__name__}: {exc}", retry_after=None,

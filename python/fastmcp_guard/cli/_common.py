@@ -75,8 +75,9 @@ def _global_options() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="SQLite key store file (fastmcp-guard 0.2's flag; = --keys sqlite:///PATH)",
     )
-    group.add_argument("--audit", metavar="PATH|URL", default=argparse.SUPPRESS,
-                       help="audit log: a .jsonl / .db path, jsonl:///path, sqlite:///path or off "
+    group.add_argument("--audit", metavar="TARGETS", default=argparse.SUPPRESS,
+                       help="audit targets, comma-separated: a .jsonl / .db path, jsonl:///path, "
+                       "sqlite:///path, http(s)://host/path, otel; or off "
                        "(env FASTMCP_GUARD_AUDIT)")  # fmt: skip
     group.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="print JSON for scripts instead of text")  # fmt: skip
@@ -195,10 +196,20 @@ def store_exists(config: GuardConfig) -> bool:
     return config.keys.backend != "sqlite" or os.path.exists(config.keys.path or "")
 
 
+#: The spool of the CLI's own events under ``audit_http_spool`` (the server locks the
+#: spool directory itself while it runs).
+CLI_SPOOL = "cli"
+
+
 def attach_audit(store: KeyStore, config: GuardConfig, stack: ExitStack) -> None:
     """Send the store's lifecycle events to the configured audit log (flushed and closed
-    by ``stack``, before the process exits); nothing when the audit log is off."""
-    audit = config.audit_log()
+    by ``stack``, before the process exits); nothing when the audit log is off.
+
+    An HTTP target spools into ``<audit_http_spool>/cli``, not the server's spool, which
+    the running server holds: closing ships the command's events (for up to the
+    backend's ``drain_timeout``), and what the endpoint did not take by then is shipped
+    by the next command that logs."""
+    audit = config.audit_log(http_spool=os.path.join(config.audit_http_spool, CLI_SPOOL))
     if audit is not None:
         stack.callback(audit.close)
         store.audit = audit

@@ -38,7 +38,7 @@ from fastmcp_guard.cli._common import (
 from fastmcp_guard.cli._output import print_json, print_table, say, warn
 
 if TYPE_CHECKING:
-    from fastmcp_guard.config import AuditTarget
+    from fastmcp_guard.config import AuditKind, AuditTarget, GuardConfig
 
 __all__ = ["register"]
 
@@ -106,12 +106,30 @@ def register(subparsers: Any) -> None:
 
 
 def _target(args: argparse.Namespace) -> AuditTarget:
-    target = cli_config(args).audit
-    if target.kind == "off" or target.path is None:
-        raise UsageError("the audit log is off in this configuration; name one with --audit")
-    if not os.path.exists(target.path):
+    """The first JSONL / SQLite target of the configuration (what these commands read)."""
+    config = cli_config(args)
+    target = _readable(config, ("jsonl", "sqlite"), "JSONL or SQLite log",
+                       "name one with --audit PATH")  # fmt: skip
+    if not os.path.exists(target.path or ""):
         raise FileNotFoundError(2, "no audit log here yet (nothing was logged)", target.path)
     return target
+
+
+def _readable(
+    config: GuardConfig, kinds: tuple[AuditKind, ...], what: str, give: str
+) -> AuditTarget:
+    """The first configured target of ``kinds``; a :class:`UsageError` saying what is
+    configured instead when there is none."""
+    target = config.audit_file(kinds)
+    if target is not None:
+        return target
+    if not config.audit:
+        raise UsageError(f"the audit log is off in this configuration; {give}")
+    raise UsageError(
+        f"the configured audit targets ({config.display('audit')}, from "
+        f"{config.source('audit')}) include no {what}; {give} (events sent to an HTTP "
+        "endpoint or to OpenTelemetry are read there)"
+    )
 
 
 def _filters(args: argparse.Namespace) -> dict[str, Any]:
@@ -235,13 +253,9 @@ def _verify(args: argparse.Namespace) -> int:
     if args.path is not None:
         path = args.path
     else:
-        target = config.audit
-        if target.kind != "jsonl" or target.path is None:
-            raise UsageError(
-                f"verify checks a JSONL audit log; the configured audit log is {target} "
-                "(give the path of a .jsonl file)"
-            )
-        path = target.path
+        target = _readable(config, ("jsonl",), "JSONL log (verify checks JSONL hash chains)",
+                           "give the path of a .jsonl file")  # fmt: skip
+        path = target.path or ""
     key: str | None = config.audit_chain_key
     if args.chain_key_env:
         key = os.environ.get(args.chain_key_env)

@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
                 f", rate limits: {config.public_value('rate_url') or 'redis (default URL)'}")  # fmt: skip
             sys.stderr.write(
                 f"fastmcp-guard: serving {mcp.name!r} on {url} "
-                f"(keys: {config.keys.masked()}, audit: {config.audit}{shared})\n"
+                f"(keys: {config.keys.masked()}, audit: {config.display('audit')}{shared})\n"
             )
             # The guard reads X-Forwarded-For itself, only from trusted proxies: uvicorn
             # must not rewrite the client address from it (it trusts 127.0.0.1 by default).
