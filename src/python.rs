@@ -88,8 +88,8 @@ fn write_py_repr(buf: &mut Vec<u8>, obj: &Bound<'_, PyAny>) {
 
 /// Appends `obj` as JSON text straight from the Python objects: the audit hot path
 /// (no intermediate `Value`, no allocation but the line buffer's growth). The same
-/// mapping as [`py_to_json`] in `Lossy::Repr` mode: what JSON cannot hold becomes
-/// its `repr`, so this never fails. Dict keys keep their insertion order.
+/// mapping as [`py_to_json`], except that what JSON cannot hold becomes its `repr`
+/// (a non-string key its `str`), so this never fails. Dict keys keep their insertion order.
 fn write_py_json(buf: &mut Vec<u8>, obj: &Bound<'_, PyAny>, depth: u32) {
     use std::io::Write as _;
     if depth > 64 {
@@ -242,21 +242,11 @@ fn write_py_key(buf: &mut Vec<u8>, k: &Bound<'_, PyAny>) {
     }
 }
 
-/// How to treat a Python value JSON cannot hold.
-#[derive(Clone, Copy)]
-enum Lossy {
-    /// Refuse it (key metadata: stored and compared later).
-    Strict,
-    /// Record `repr(value)` (audit arguments: the event must never be lost).
-    Repr,
-}
-
-fn py_to_json(obj: &Bound<'_, PyAny>, mode: Lossy, depth: u32) -> PyResult<Value> {
+/// A Python value as JSON (key metadata: stored and compared later), refusing what
+/// JSON cannot hold.
+fn py_to_json(obj: &Bound<'_, PyAny>, depth: u32) -> PyResult<Value> {
     if depth > 64 {
-        return match mode {
-            Lossy::Strict => Err(PyValueError::new_err("value nested deeper than 64 levels")),
-            Lossy::Repr => Ok(Value::String("<nested too deep>".to_owned())),
-        };
+        return Err(PyValueError::new_err("value nested deeper than 64 levels"));
     }
     if obj.is_none() {
         return Ok(Value::Null);
@@ -285,41 +275,35 @@ fn py_to_json(obj: &Bound<'_, PyAny>, mode: Lossy, depth: u32) -> PyResult<Value
         for (k, v) in d.iter() {
             let key = match k.cast::<PyString>() {
                 Ok(s) => s.to_str()?.to_owned(),
-                Err(_) => match mode {
-                    Lossy::Strict => {
-                        return Err(PyTypeError::new_err(format!(
-                            "dictionary keys must be strings, got {}",
-                            k.get_type().name()?
-                        )))
-                    }
-                    Lossy::Repr => k.str()?.to_str()?.to_owned(),
-                },
+                Err(_) => {
+                    return Err(PyTypeError::new_err(format!(
+                        "dictionary keys must be strings, got {}",
+                        k.get_type().name()?
+                    )))
+                }
             };
-            m.insert(key, py_to_json(&v, mode, depth + 1)?);
+            m.insert(key, py_to_json(&v, depth + 1)?);
         }
         return Ok(Value::Object(m));
     }
     if let Ok(l) = obj.cast::<PyList>() {
         return l
             .iter()
-            .map(|x| py_to_json(&x, mode, depth + 1))
+            .map(|x| py_to_json(&x, depth + 1))
             .collect::<PyResult<Vec<_>>>()
             .map(Value::Array);
     }
     if let Ok(t) = obj.cast::<PyTuple>() {
         return t
             .iter()
-            .map(|x| py_to_json(&x, mode, depth + 1))
+            .map(|x| py_to_json(&x, depth + 1))
             .collect::<PyResult<Vec<_>>>()
             .map(Value::Array);
     }
-    match mode {
-        Lossy::Strict => Err(PyTypeError::new_err(format!(
-            "value of type {} is not JSON-serialisable (use str, int, float, bool, None, list, dict)",
-            obj.get_type().name()?
-        ))),
-        Lossy::Repr => Ok(Value::String(obj.repr()?.to_str()?.to_owned())),
-    }
+    Err(PyTypeError::new_err(format!(
+        "value of type {} is not JSON-serialisable (use str, int, float, bool, None, list, dict)",
+        obj.get_type().name()?
+    )))
 }
 
 fn ts_to_f64(ts: DateTime<Utc>) -> f64 {
@@ -831,7 +815,7 @@ impl PyKeyManager {
         let exp = expires_at.map(|s| f64_to_ts(s, "expires_at")).transpose()?;
         let meta = match metadata {
             None => Map::new(),
-            Some(d) => match py_to_json(d.as_any(), Lossy::Strict, 0) {
+            Some(d) => match py_to_json(d.as_any(), 0) {
                 Ok(Value::Object(m)) => m,
                 Ok(_) => Map::new(),
                 Err(e) => {
@@ -1166,20 +1150,33 @@ fn redactor(patterns: Option<Vec<String>>) -> PyResult<Option<Redactor>> {
     Ok((!r.is_empty()).then_some(r))
 }
 
-/// `value` as JSON-compatible Python objects, with the values of keys matched by the
-/// audit `redact=` `patterns` replaced by `"[redacted]"`: the same rules as the audit
-/// writer (for backends that do not render lines, e.g. OpenTelemetry).
-#[pyfunction]
-fn redact_json(
-    py: Python<'_>,
-    value: &Bound<'_, PyAny>,
-    patterns: Vec<String>,
-) -> PyResult<Py<PyAny>> {
-    let mut v = py_to_json(value, Lossy::Repr, 0)?;
-    if let Some(r) = redactor(Some(patterns))? {
-        r.redact_value(&mut v);
+/// Renders values as the audit line does: compact JSON text, values JSON cannot hold
+/// as their `repr`, keys matched by the `redact=` patterns as `"[redacted]"` (for
+/// backends that do not write lines, e.g. OpenTelemetry attributes).
+#[pyclass(frozen, module = "fastmcp_guard._core", name = "JsonText")]
+struct PyJsonText {
+    redact: Option<Redactor>,
+}
+
+#[pymethods]
+impl PyJsonText {
+    #[new]
+    #[pyo3(signature = (redact=None))]
+    fn new(redact: Option<Vec<String>>) -> PyResult<Self> {
+        Ok(PyJsonText {
+            redact: redactor(redact)?,
+        })
     }
-    json_to_py(py, &v)
+
+    fn __call__(&self, value: &Bound<'_, PyAny>) -> String {
+        let mut buf = Vec::with_capacity(64);
+        match &self.redact {
+            None => write_py_json(&mut buf, value, 0),
+            Some(r) => write_py_json_redacted(&mut buf, value, 0, r, r.root()),
+        }
+        // The writer emits UTF-8 (strings are copied from Python's UTF-8, escapes ASCII).
+        String::from_utf8(buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into())
+    }
 }
 
 /// A chain key given as `bytes` or `str` (its UTF-8).
@@ -2207,7 +2204,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     m.add_function(wrap_pyfunction!(token_key_id, m)?)?;
     m.add_function(wrap_pyfunction!(audit_scan, m)?)?;
-    m.add_function(wrap_pyfunction!(redact_json, m)?)?;
+    m.add_class::<PyJsonText>()?;
     m.add(
         "AUDIT_STATUSES",
         PyTuple::new(m.py(), Status::ALL.iter().map(|s| s.as_str()))?,

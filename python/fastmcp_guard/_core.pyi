@@ -430,9 +430,13 @@ class AuditFanout:
 #: Every audit status name, in the core's order.
 AUDIT_STATUSES: tuple[str, ...]
 
-def redact_json(value: Any, patterns: list[str]) -> Any:
-    """``value`` as JSON-compatible objects with the values of keys matched by the audit
-    ``redact=`` patterns replaced by ``"[redacted]"`` (the writer's rules)."""
+@final
+class JsonText:
+    """Renders a value as the audit line does: compact JSON text; values JSON cannot
+    hold as their ``repr``; keys matched by the ``redact`` patterns as ``"[redacted]"``."""
+
+    def __new__(cls, redact: Sequence[str] | None = None) -> JsonText: ...
+    def __call__(self, value: Any) -> str: ...
 
 def audit_scan(
     path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],

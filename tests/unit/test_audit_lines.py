@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastmcp_guard._core import AuditWriter, audit_query
+from fastmcp_guard._core import AuditWriter, JsonText, audit_query
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -79,6 +79,22 @@ def test_values_json_cannot_hold_become_their_repr(tmp_path: Path) -> None:
     assert line["ts"] != 0
     assert list(line)[: len(FIXED)] == FIXED
     assert line["scopes"] == ["s1"] and line["metadata"] == {}
+
+
+def test_json_text_renders_values_as_the_line_does(tmp_path: Path) -> None:
+    """JsonText (the OTel backend's attribute text) is the line's own renderer."""
+    value = {"obj": Odd(), "nan": math.nan, 3: "k", "tup": (1, "x"), "password": "pw",
+             "auth": {"token": "t"}, "é": "ü"}  # fmt: skip
+    w = AuditWriter(str(tmp_path / "a.jsonl"), redact=["password", "*.token"])
+    w.log("ok", input_args=value)
+    w.close()
+    (line,) = _lines(tmp_path / "a.jsonl")
+    text = JsonText(["password", "*.token"])(value)
+    assert json.loads(text) == line["input_args"]
+    assert '"password":"[redacted]"' in text and "pw" not in text and '"t"' not in text
+    assert JsonText()({"password": "pw"}) == '{"password":"pw"}'
+    with pytest.raises(ValueError, match="redact"):
+        JsonText(["a..b"])
 
 
 def test_bad_scopes_are_refused_and_nothing_is_queued(tmp_path: Path) -> None:

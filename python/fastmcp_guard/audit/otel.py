@@ -8,8 +8,10 @@ decision it:
   FastMCP 4's own span for the request (its per-request SERVER span): ``fastmcp_guard.key_id``,
   ``fastmcp_guard.key_name``, ``fastmcp_guard.scopes``, ``fastmcp_guard.decision``,
   and ``fastmcp_guard.retry_after`` for a rate-limited call;
-- adds one span event ``fastmcp_guard.decision`` with the audit fields (inputs and
-  outputs only when the audit log records them, after redaction);
+- adds one span event ``fastmcp_guard.decision`` with the decision and the call's other
+  audit fields (tool, duration, error, client address; inputs and outputs only when the
+  audit log records them, redacted, as JSON text rendered by the core); the identity is
+  on the span, not repeated in the event;
 - for a decision made outside any recording span (an HTTP 401 answered before FastMCP
   opens one, a key lifecycle event), records a short span of its own,
   ``fastmcp_guard <status>``, so the event is not lost.
@@ -19,7 +21,6 @@ Tokens never reach it: the audit fields carry key ids and names only.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +65,9 @@ class OTelEmitter:
         self._provider_known = hasattr(trace, "_TRACER_PROVIDER")
         self.backend = backend
         self._tracer = trace.get_tracer(backend.tracer_name)
-        self._redact = list(redact)
+        from fastmcp_guard._core import JsonText
+
+        self._json = JsonText(list(redact) or None)
         self._emitted = 0
 
     # -- the audit target interface (AuditLog fans out to it) ---------------------------
@@ -77,31 +80,23 @@ class OTelEmitter:
     ) -> bool:  # fmt: skip
         """Record one decision on the current span (or a span of its own), in the
         positional order of ``AuditWriter.log``."""
+        if self._provider_known and self._trace._TRACER_PROVIDER is None:
+            return True  # no tracer provider in this host: no span records anything
         span = self._trace.get_current_span()
         own = None
         if not span.is_recording():
             if span.get_span_context().is_valid:
                 return True  # inside a trace that is not sampled: neither is our span
-            if self._provider_known and self._trace._TRACER_PROVIDER is None:
-                return True  # no tracer provider in this host: nothing would record
             own = self._tracer.start_span(f"fastmcp_guard {status}")
             if not own.is_recording():
-                return True  # no tracing in this host (or not sampled): nothing to build
+                return True  # not sampled: nothing to build
             span = own
-        if self._redact:
-            from fastmcp_guard._core import redact_json
-
-            if input_args is not None:
-                input_args = redact_json(input_args, self._redact)
-            if metadata is not None:
-                metadata = redact_json(metadata, self._redact)
         p = ATTRIBUTE_PREFIX
+        span.set_attributes({f"{p}decision": status, f"{p}key_id": key_id,
+                             f"{p}key_name": key_name, f"{p}scopes": list(scopes)})  # fmt: skip
         event: dict[str, Any] = {
             f"{p}decision": status,
-            f"{p}key_id": key_id,
-            f"{p}key_name": key_name,
             f"{p}tool": tool,
-            f"{p}scopes": list(scopes),
             f"{p}duration_ms": float(duration_ms),
         }
         if error:
@@ -109,15 +104,19 @@ class OTelEmitter:
         if client_ip:
             event[f"{p}client_ip"] = client_ip
         if input_args is not None:
-            event[f"{p}input_args"] = self._cut(json.dumps(input_args, default=repr))
+            event[f"{p}input_args"] = self._cut(self._json(input_args))
         if output_preview is not None:
             event[f"{p}output_preview"] = self._cut(output_preview)
         if metadata:
-            event[f"{p}metadata"] = self._cut(json.dumps(metadata, default=repr))
+            event[f"{p}metadata"] = self._cut(self._json(metadata))
         for k, v in (extra or {}).items():
             if isinstance(v, (str, bool, int, float)):
                 event.setdefault(p + k, v)
-        self._annotate(span, event)
+        if f"{p}retry_after" in event:
+            span.set_attribute(f"{p}retry_after", event[f"{p}retry_after"])
+        # The span's status is left to FastMCP: a refusal is the client's fault, and
+        # OpenTelemetry's conventions keep SERVER spans unset for those.
+        span.add_event(EVENT_NAME, event)
         if own is not None:
             own.end()
         self._emitted += 1
@@ -138,13 +137,3 @@ class OTelEmitter:
     def _cut(self, text: str) -> str:
         limit = self.backend.max_attribute_chars
         return text if len(text) <= limit else text[:limit] + "..."
-
-    def _annotate(self, span: Any, event: dict[str, Any]) -> None:
-        p = ATTRIBUTE_PREFIX
-        span.set_attributes({k: event[k] for k in (f"{p}decision", f"{p}key_id",
-                                                     f"{p}key_name", f"{p}scopes")})  # fmt: skip
-        if f"{p}retry_after" in event:
-            span.set_attribute(f"{p}retry_after", event[f"{p}retry_after"])
-        # The span's status is left to FastMCP: a refusal is the client's fault, and
-        # OpenTelemetry's conventions keep SERVER spans unset for those.
-        span.add_event(EVENT_NAME, event)
