@@ -339,6 +339,8 @@ class GuardConfig:
                 f"({ENV_PREFIX}RATE_BACKEND=redis) to share the limits, or drop rate_url",
             )  # fmt: skip
 
+        _check_audit_settings(parsed, sources)
+
         # The CLI's URL follows host / port when only those were set.
         if sources["url"] == "default" and (
             sources["host"] != "default" or sources["port"] != "default"
@@ -541,6 +543,41 @@ class GuardConfig:
         from fastmcp_guard.ip import IPPolicy
 
         return IPPolicy(allow=self.allow, deny=self.deny, trusted_proxies=self.trusted_proxies)
+
+
+#: Settings that concern one kind of audit target only.
+_AUDIT_KIND_SETTINGS = {
+    "audit_rotate_bytes": "jsonl", "audit_rotate_daily": "jsonl", "audit_retention": "jsonl",
+    "audit_chain_key": "jsonl", "audit_http_secret": "http", "audit_http_spool": "http",
+    "audit_http_headers": "http", "audit_http_ca_file": "http",
+}  # fmt: skip
+
+
+def _check_audit_settings(parsed: dict[str, Any], sources: dict[str, str]) -> None:
+    """A setting given for a kind of audit target that ``audit`` does not name would do
+    nothing: refuse it rather than let it pass silently (``audit = off`` keeps them all:
+    turning the log off need not mean deleting its tuning)."""
+    targets: tuple[AuditTarget, ...] = parsed["audit"]
+    if not targets:
+        return
+    kinds = {t.kind for t in targets}
+    for name, kind in _AUDIT_KIND_SETTINGS.items():
+        if sources.get(name, "default").startswith("default") or kind in kinds:
+            continue
+        what = "a JSONL file" if kind == "jsonl" else "an http(s):// endpoint"
+        raise InvalidSettingError(
+            name, sources[name],
+            f"is set, but no audit target is {what} (audit: "
+            f"{', '.join(t.masked() for t in targets)}); add one to audit or drop {name}",
+        )  # fmt: skip
+    http = next((t for t in targets if t.kind == "http"), None)
+    ca = "audit_http_ca_file"
+    if http is not None and parsed[ca] and not (http.endpoint or "").lower().startswith("https:"):
+        raise InvalidSettingError(
+            ca, sources[ca],
+            f"only applies to https:// audit targets, and {http.masked()} is plain http; "
+            "use https:// or drop the CA file",
+        )  # fmt: skip
 
 
 def load_config(arguments: Mapping[str, Any] | None = None, **kwargs: Any) -> GuardConfig:

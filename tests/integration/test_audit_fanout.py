@@ -84,6 +84,9 @@ async def test_one_rendering_feeds_file_sqlite_and_http_with_the_same_record(
     assert stats["enqueued"] == 200 and stats["written"] == 600  # one event, three backends
     assert stats["dropped"] == 0 and stats["failed"] == 0 and stats["shipped"] == 200
     assert [s.stats()["written"] for s in logger.sinks] == [200, 200, 200]
+    books = audit.backend_stats()
+    assert [books[k]["written"] for k in ("jsonl", "sqlite", "http")] == [200, 200, 200]
+    assert books["http"]["shipped"] == 200 and books["http"]["spool_dropped"] == 0
     for path in (tmp_path / "audit.jsonl", tmp_path / "audit.db", *(tmp_path / "spool").iterdir()):
         assert b"hunter2" not in path.read_bytes() and b"t0k" not in path.read_bytes()
 
@@ -171,4 +174,7 @@ def test_one_failing_backend_does_not_stop_the_others(tmp_path: Path) -> None:
     file_sink, db_sink = audit._loggers[0].sinks
     assert "No space left" in (file_sink.last_error() or "")
     assert db_sink.healthy() and db_sink.stats()["written"] == 10
+    books = audit.backend_stats()
+    assert books["jsonl"]["failed"] == 10 and books["sqlite"] == {
+        "written": 10, "failed": 0, "write_errors": 0, "paused_dropped": 0}  # fmt: skip
     audit.close()

@@ -643,7 +643,7 @@ def test_audit_log_builds_every_target_with_the_audit_settings(tmp_path: Path) -
     from fastmcp_guard.audit import HttpBackend, OTelBackend
 
     ca = _ca_bundle(tmp_path)
-    url = f"http://127.0.0.1:{find_available_port()}/ingest"  # nothing is sent: no event
+    url = f"https://127.0.0.1:{find_available_port()}/ingest"  # nothing is sent: no event
     env = {"FASTMCP_GUARD_AUDIT": f"audit.jsonl,{url},otel",
            "FASTMCP_GUARD_AUDIT_HTTP_SECRET": "hmac-s3cret",
            "FASTMCP_GUARD_AUDIT_HTTP_SPOOL": "spool",
@@ -733,3 +733,35 @@ def _ca_bundle(tmp_path: Path) -> Path:
     from tests.integration.tls import make_ca
 
     return make_ca(tmp_path / "ca").cert_path
+
+
+@pytest.mark.parametrize(
+    ("env", "setting", "says"),
+    [
+        ({"FASTMCP_GUARD_AUDIT": "a.db", "FASTMCP_GUARD_AUDIT_ROTATE_BYTES": "10MB"},
+         "audit_rotate_bytes", "no audit target is a JSONL file"),
+        ({"FASTMCP_GUARD_AUDIT": "a.jsonl", "FASTMCP_GUARD_AUDIT_HTTP_SECRET": "s3cr3t"},
+         "audit_http_secret", "no audit target is an http(s):// endpoint"),
+        ({"FASTMCP_GUARD_AUDIT": "a.jsonl,otel", "FASTMCP_GUARD_AUDIT_HTTP_SPOOL": "sp"},
+         "audit_http_spool", "no audit target is an http(s):// endpoint"),
+        ({"FASTMCP_GUARD_AUDIT": "http://127.0.0.1:9/in", "FASTMCP_GUARD_AUDIT_HTTP_CA_FILE":
+          "ca.pem"}, "audit_http_ca_file", "only applies to https://"),
+    ],
+)  # fmt: skip
+def test_a_setting_no_audit_target_uses_is_refused_not_ignored(
+    tmp_path: Path, env: dict[str, str], setting: str, says: str
+) -> None:
+    from tests.integration.tls import make_ca
+
+    make_ca(tmp_path)  # a real CA certificate at tmp_path / "ca.pem"
+    with pytest.raises(InvalidSettingError) as err:
+        load(tmp_path, env)
+    assert err.value.setting == setting and says in str(err.value)
+    assert f"env FASTMCP_GUARD_{setting.upper()}" in str(err.value)
+    assert "s3cr3t" not in str(err.value)
+
+
+def test_audit_off_keeps_its_tuning_settings(tmp_path: Path) -> None:
+    cfg = load(tmp_path, {"FASTMCP_GUARD_AUDIT": "off", "FASTMCP_GUARD_AUDIT_ROTATE_BYTES": "10MB",
+                          "FASTMCP_GUARD_AUDIT_HTTP_SECRET": "x"})  # fmt: skip
+    assert cfg.audit == () and cfg.audit_log() is None

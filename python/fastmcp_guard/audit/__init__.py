@@ -261,6 +261,20 @@ class AuditLog:
             raise
         self._targets = opened
         self._loggers = loggers
+        #: Per backend kind, what reports its own books (see :meth:`backend_stats`).
+        self._books: dict[str, list[Any]] = {}
+        fan = next((t for t in opened if isinstance(t, AuditFanout)), None)
+        sinks = iter(fan.sinks) if fan is not None else iter(())
+        for b in backends:
+            kind = _kind(b)
+            if isinstance(b, OTelBackend):
+                self._books[kind] = [t for t in opened if type(t).__name__ == "OTelEmitter"]
+            elif isinstance(b, HttpBackend):
+                shipper = next(t for t in opened if getattr(t, "backend", None) is b)
+                self._books[kind] = [next(sinks)] if fan is not None else []
+                self._books[kind].append(shipper)
+            else:
+                self._books[kind] = [next(sinks) if fan is not None else opened[0]]
         self._route()
 
     @classmethod
@@ -459,6 +473,19 @@ class AuditLog:
             for k, v in target.stats().items():
                 total[k] = total.get(k, 0) + v
         return total
+
+    def backend_stats(self) -> dict[str, dict[str, int]]:
+        """Each backend's own books, by kind (``jsonl``, ``sqlite``, ``http``, ``otel``):
+        ``written``, ``failed``, ``write_errors``, ``paused_dropped`` of what the core
+        writes; the HTTP shipper's ``shipped``, ``retries``, ``spooled_bytes``...; the
+        OTel backend's ``otel_events``."""
+        out: dict[str, dict[str, int]] = {}
+        for kind, parts in getattr(self, "_books", {}).items():
+            merged: dict[str, int] = {}
+            for part in parts:
+                merged.update(part.stats())
+            out[kind] = merged
+        return out
 
     def healthy(self) -> bool:
         """Whether an event logged now would be recorded by every backend: for a file,
