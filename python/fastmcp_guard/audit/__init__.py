@@ -504,9 +504,12 @@ class AuditLog:
 
 
 def _kind(backend: Backend) -> str:
-    return {"FileBackend": "jsonl", "SQLiteBackend": "sqlite", "HttpBackend": "http"}.get(
-        type(backend).__name__, type(backend).__name__
-    )
+    return {
+        "FileBackend": "jsonl",
+        "SQLiteBackend": "sqlite",
+        "HttpBackend": "http",
+        "OTelBackend": "otel",
+    }.get(type(backend).__name__, type(backend).__name__)
 
 
 def _resolve_backend(
