@@ -966,13 +966,36 @@ struct PyAuditWriter {
 }
 
 /// What `log` records of an event, and how: the audit log's choices, applied in Rust so
-/// that `AuditLog.log` can be the core's method itself.
+/// that `AuditLog.log` can be the core's method itself; plus the Python targets that see
+/// every event after it is queued (OpenTelemetry, metrics: "taps").
 struct Recording {
     /// `redact=` patterns; `None` when there are none (the hot path skips them).
     redact: Option<Redactor>,
     log_inputs: bool,
     log_outputs: bool,
     preview_chars: usize,
+    taps: parking_lot::RwLock<Vec<Py<PyAny>>>,
+}
+
+/// The arguments of one `log` call, as given (the original objects, which taps receive).
+struct LogCall<'a, 'py> {
+    status: &'a Bound<'py, PyString>,
+    key_id: Option<&'a Bound<'py, PyString>>,
+    key_name: Option<&'a Bound<'py, PyString>>,
+    tool: Option<&'a Bound<'py, PyString>>,
+    scopes: Option<&'a Bound<'py, PyAny>>,
+    duration_ms: f64,
+    error: Option<&'a Bound<'py, PyString>>,
+    input_args: Option<&'a Bound<'py, PyAny>>,
+    output_preview: Option<&'a Bound<'py, PyString>>,
+    client_ip: Option<&'a Bound<'py, PyString>>,
+    metadata: Option<&'a Bound<'py, PyAny>>,
+    extra: Option<&'a Bound<'py, PyDict>>,
+}
+
+/// `s` as `&str` (`""` when absent).
+fn text<'a>(s: Option<&'a Bound<'_, PyString>>) -> PyResult<&'a str> {
+    s.map_or(Ok(""), |s| s.to_str())
 }
 
 impl Recording {
@@ -987,45 +1010,38 @@ impl Recording {
             log_inputs,
             log_outputs,
             preview_chars,
+            taps: parking_lot::RwLock::new(Vec::new()),
         })
     }
 
     /// Renders the event straight from the Python objects into a reused queue entry of
-    /// `writer` (one serialisation, no allocation in the steady state); a full queue under
-    /// the block policy is waited on with the GIL released.
-    #[allow(clippy::too_many_arguments, reason = "the audit record's fields")]
-    fn enqueue(
+    /// `writer` (one serialisation, no allocation in the steady state; a full queue under
+    /// the block policy is waited on with the GIL released), then calls each tap with the
+    /// recorded fields in `AuditWriter.log`'s positional order. `False` if the queue
+    /// dropped the event or a tap returned false; a tap's exception propagates.
+    fn enqueue<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         writer: &AuditWriter,
-        status: &str,
-        key_id: &str,
-        key_name: &str,
-        tool: &str,
-        scopes: Option<&Bound<'_, PyAny>>,
-        duration_ms: f64,
-        error: Option<&str>,
-        input_args: Option<&Bound<'_, PyAny>>,
-        output_preview: Option<&str>,
-        client_ip: Option<&str>,
-        metadata: Option<&Bound<'_, PyAny>>,
-        extra: Option<&Bound<'_, PyDict>>,
+        c: &LogCall<'_, 'py>,
     ) -> PyResult<bool> {
-        let output_preview = output_preview
+        let preview = c
+            .output_preview
             .filter(|_| self.log_outputs)
-            .map(|p| first_chars(p, self.preview_chars));
-        let input_args = input_args.filter(|_| self.log_inputs);
+            .map(|p| p.to_str().map(|t| (p, first_chars(t, self.preview_chars))))
+            .transpose()?;
+        let input_args = c.input_args.filter(|_| self.log_inputs);
         let head = line_head(
-            status,
-            key_id,
-            key_name,
-            tool,
-            duration_ms,
-            error,
-            output_preview,
-            client_ip,
+            c.status.to_str()?,
+            text(c.key_id)?,
+            text(c.key_name)?,
+            text(c.tool)?,
+            c.duration_ms,
+            c.error.map(|e| e.to_str()).transpose()?,
+            preview.map(|(_, cut)| cut),
+            c.client_ip.map(|e| e.to_str()).transpose()?,
         )?;
-        let scopes = match scopes {
+        let scopes = match c.scopes {
             Some(s) => scopes_tuple(s)?,
             None => PyTuple::empty(py),
         };
@@ -1035,12 +1051,55 @@ impl Recording {
                 &head,
                 &scopes,
                 input_args,
-                metadata,
-                extra,
+                c.metadata,
+                c.extra,
                 self.redact.as_ref(),
             );
         };
-        Ok(writer.enqueue_line_with(render, |wait| py.detach(wait)))
+        let queued = writer.enqueue_line_with(render, |wait| py.detach(wait));
+        let taps: Vec<Py<PyAny>> = {
+            let held = self.taps.read();
+            if held.is_empty() {
+                return Ok(queued);
+            }
+            held.iter().map(|t| t.clone_ref(py)).collect()
+        };
+        let empty = pyo3::intern!(py, "");
+        let none = py.None().into_bound(py);
+        let or_none = |v: Option<&Bound<'py, PyAny>>| -> Bound<'py, PyAny> {
+            v.map_or_else(|| none.clone(), Clone::clone)
+        };
+        let preview_obj = match preview {
+            None => none.clone(),
+            Some((orig, cut)) if cut.len() == orig.to_str()?.len() => orig.clone().into_any(),
+            Some((_, cut)) => PyString::new(py, cut).into_any(),
+        };
+        let args = PyTuple::new(
+            py,
+            [
+                c.status.clone().into_any(),
+                c.key_id.unwrap_or(empty).clone().into_any(),
+                c.key_name.unwrap_or(empty).clone().into_any(),
+                c.tool.unwrap_or(empty).clone().into_any(),
+                scopes.into_any(),
+                PyFloat::new(py, c.duration_ms).into_any(),
+                or_none(c.error.map(|e| e.as_any())),
+                or_none(input_args),
+                preview_obj,
+                or_none(c.client_ip.map(|e| e.as_any())),
+                or_none(c.metadata),
+                or_none(c.extra.map(|e| e.as_any())),
+            ],
+        )?;
+        let mut all = queued;
+        for tap in taps {
+            all &= tap.call1(py, args.clone())?.is_truthy(py)?;
+        }
+        Ok(all)
+    }
+
+    fn add_tap(&self, tap: Py<PyAny>) {
+        self.taps.write().push(tap);
     }
 }
 
@@ -1532,9 +1591,9 @@ impl PyAuditFanout {
 
     /// Enqueues one event for every backend; `False` if it was dropped (queue full or
     /// closed). Keyword or positional, in `AuditWriter.log`'s order.
-    #[pyo3(signature = (status, key_id="", key_name="", tool="", scopes=None, duration_ms=0.0,
-                        error=None, input_args=None, output_preview=None, client_ip=None,
-                        metadata=None, extra=None))]
+    #[pyo3(signature = (status, key_id=None, key_name=None, tool=None, scopes=None,
+                        duration_ms=0.0, error=None, input_args=None, output_preview=None,
+                        client_ip=None, metadata=None, extra=None))]
     #[allow(
         clippy::too_many_arguments,
         reason = "mirrors the audit record's fields, keyword or positional"
@@ -1542,22 +1601,20 @@ impl PyAuditFanout {
     fn log(
         &self,
         py: Python<'_>,
-        status: &str,
-        key_id: &str,
-        key_name: &str,
-        tool: &str,
+        status: &Bound<'_, PyString>,
+        key_id: Option<&Bound<'_, PyString>>,
+        key_name: Option<&Bound<'_, PyString>>,
+        tool: Option<&Bound<'_, PyString>>,
         scopes: Option<&Bound<'_, PyAny>>,
         duration_ms: f64,
-        error: Option<&str>,
+        error: Option<&Bound<'_, PyString>>,
         input_args: Option<&Bound<'_, PyAny>>,
-        output_preview: Option<&str>,
-        client_ip: Option<&str>,
+        output_preview: Option<&Bound<'_, PyString>>,
+        client_ip: Option<&Bound<'_, PyString>>,
         metadata: Option<&Bound<'_, PyAny>>,
         extra: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<bool> {
-        let queued = self.rec.enqueue(
-            py,
-            &self.inner,
+        let call = LogCall {
             status,
             key_id,
             key_name,
@@ -1570,9 +1627,15 @@ impl PyAuditFanout {
             client_ip,
             metadata,
             extra,
-        )?;
+        };
+        let queued = self.rec.enqueue(py, &self.inner, &call)?;
         self.warn_losses(py, false);
         Ok(queued)
+    }
+
+    /// Also call `tap(*fields)` for every event, after it is queued (as `AuditWriter`).
+    fn add_tap(&self, tap: Py<PyAny>) {
+        self.rec.add_tap(tap);
     }
 
     /// Blocks until every event logged so far is written to every backend; raises the
@@ -1741,9 +1804,9 @@ impl PyAuditWriter {
         self.kind
     }
 
-    #[pyo3(signature = (status, key_id="", key_name="", tool="", scopes=None, duration_ms=0.0,
-                        error=None, input_args=None, output_preview=None, client_ip=None,
-                        metadata=None, extra=None))]
+    #[pyo3(signature = (status, key_id=None, key_name=None, tool=None, scopes=None,
+                        duration_ms=0.0, error=None, input_args=None, output_preview=None,
+                        client_ip=None, metadata=None, extra=None))]
     #[allow(
         clippy::too_many_arguments,
         reason = "mirrors the audit record's fields, keyword or positional"
@@ -1751,22 +1814,20 @@ impl PyAuditWriter {
     fn log(
         &self,
         py: Python<'_>,
-        status: &str,
-        key_id: &str,
-        key_name: &str,
-        tool: &str,
+        status: &Bound<'_, PyString>,
+        key_id: Option<&Bound<'_, PyString>>,
+        key_name: Option<&Bound<'_, PyString>>,
+        tool: Option<&Bound<'_, PyString>>,
         scopes: Option<&Bound<'_, PyAny>>,
         duration_ms: f64,
-        error: Option<&str>,
+        error: Option<&Bound<'_, PyString>>,
         input_args: Option<&Bound<'_, PyAny>>,
-        output_preview: Option<&str>,
-        client_ip: Option<&str>,
+        output_preview: Option<&Bound<'_, PyString>>,
+        client_ip: Option<&Bound<'_, PyString>>,
         metadata: Option<&Bound<'_, PyAny>>,
         extra: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<bool> {
-        let queued = self.rec.enqueue(
-            py,
-            &self.inner,
+        let call = LogCall {
             status,
             key_id,
             key_name,
@@ -1779,9 +1840,16 @@ impl PyAuditWriter {
             client_ip,
             metadata,
             extra,
-        )?;
+        };
+        let queued = self.rec.enqueue(py, &self.inner, &call)?;
         self.warn_losses(py, false);
         Ok(queued)
+    }
+
+    /// Also call `tap(*fields)` (positional, as `log` takes them, after `log_inputs` /
+    /// `log_outputs` / the preview length) for every event, after it is queued.
+    fn add_tap(&self, tap: Py<PyAny>) {
+        self.rec.add_tap(tap);
     }
 
     /// Refuse new events (counted as dropped, `reason` named in the loss warning)

@@ -299,9 +299,9 @@ class AuditWriter:
     def log(
         self,
         status: str,
-        key_id: str = "",
-        key_name: str = "",
-        tool: str = "",
+        key_id: str | None = None,
+        key_name: str | None = None,
+        tool: str | None = None,
         scopes: list[str] | tuple[str, ...] | None = None,
         duration_ms: float = 0.0,
         error: str | None = None,
@@ -322,6 +322,11 @@ class AuditWriter:
         ``TypeError`` for scopes that are not a list or tuple of ``str``, ``ValueError``
         for an unknown status.
         """
+    def add_tap(self, tap: Callable[..., object]) -> None:
+        """Also call ``tap(*fields)`` for every event after it is queued: the fields as
+        ``log`` takes them, positionally, after ``log_inputs`` / ``log_outputs`` / the
+        preview length. ``log`` returns false if a tap returns false; a tap's exception
+        propagates."""
     def pause(self, reason: str | None) -> None:
         """Refuse new events (counted in ``dropped`` and ``paused_dropped``; ``reason``
         is named in the loss warning) until called with ``None``. Queued events are
@@ -403,9 +408,9 @@ class AuditFanout:
     def log(
         self,
         status: str,
-        key_id: str = "",
-        key_name: str = "",
-        tool: str = "",
+        key_id: str | None = None,
+        key_name: str | None = None,
+        tool: str | None = None,
         scopes: list[str] | tuple[str, ...] | None = None,
         duration_ms: float = 0.0,
         error: str | None = None,
@@ -416,6 +421,8 @@ class AuditFanout:
         extra: dict[str, Any] | None = None,
     ) -> bool:
         """Queue one event for every backend; ``False`` if it was dropped."""
+    def add_tap(self, tap: Callable[..., object]) -> None:
+        """As :meth:`AuditWriter.add_tap`."""
     def flush(self) -> None:
         """Block until everything logged so far is written to every backend."""
     def close(self) -> None:

@@ -237,17 +237,18 @@ async def test_fail_closed_refuses_when_the_writer_is_closed(tmp_path: Path) -> 
 def test_the_rust_log_path_applies_the_same_choices_as_the_python_one(
     tmp_path: Path, log_inputs: bool, log_outputs: bool, chars: int
 ) -> None:
-    """Rust-written backends only: ``AuditLog.log`` is the core's method (no Python frame);
-    with a Python target beside them (here a list collecting events) it is the Python
-    method. Both apply log_inputs / log_outputs / the preview length identically."""
-    opts = {"log_inputs": log_inputs, "log_outputs": log_outputs, "output_preview_chars": chars}
-    direct = AuditLog(backend=FileBackend(tmp_path / "direct.jsonl"), **opts)  # type: ignore[arg-type]
-    mixed = AuditLog(backend=FileBackend(tmp_path / "mixed.jsonl"), **opts)  # type: ignore[arg-type]
-    seen: list[tuple[Any, ...]] = []
+    """With a backend the core writes, ``AuditLog.log`` is the core's method and Python
+    targets are taps it calls; without one (OTel alone) it is the Python method. The
+    file, a tap and a Python-path target all see the same recorded fields."""
+    opts: dict[str, Any] = {"log_inputs": log_inputs, "log_outputs": log_outputs,
+                            "output_preview_chars": chars}  # fmt: skip
 
     class Collector:
+        def __init__(self) -> None:
+            self.seen: list[tuple[Any, ...]] = []
+
         def log(self, *fields: Any) -> bool:
-            seen.append(fields)
+            self.seen.append(fields)
             return True
 
         def flush(self) -> None: ...
@@ -258,24 +259,44 @@ def test_the_rust_log_path_applies_the_same_choices_as_the_python_one(
         def healthy(self) -> bool:
             return True
 
-    mixed._add_target(Collector())
-    assert type(direct.log).__name__ == "builtin_function_or_method"
-    assert type(mixed.log).__name__ == "method"
-    for log in (direct, mixed):
+    rust = AuditLog(backend=FileBackend(tmp_path / "a.jsonl"), **opts)
+    python = AuditLog(backend="otel", **opts)
+    tap, target = Collector(), Collector()
+    rust._add_target(tap)
+    python._add_target(target)
+    assert type(rust.log).__name__ == "builtin_function_or_method"  # no Python frame
+    assert type(python.log).__name__ == "method"
+    for log in (rust, python):
         assert log.log("ok", key_id="k", tool="t", scopes=["s"], input_args={"a": 1},
                        output_preview="héllo wörld", metadata={"m": 2})  # fmt: skip
         assert log.log("error", error="boom")  # every other field defaulted
         log.close()
-    strip = ("ts", "id", "chain", "prev")
 
-    def records(name: str) -> list[dict[str, Any]]:
-        lines = (tmp_path / name).read_text(encoding="utf-8").splitlines()
-        return [{k: v for k, v in json.loads(x).items() if k not in strip} for x in lines]
+    def same(seen: list[tuple[Any, ...]]) -> list[list[Any]]:
+        return [[list(x) if i == 4 else x for i, x in enumerate(f)] for f in seen]
 
-    assert records("direct.jsonl") == records("mixed.jsonl")
-    first = records("direct.jsonl")[0]
-    assert first["input_args"] == ({"a": 1} if log_inputs else None)
-    assert first["output_preview"] == ("héllo wörld"[:chars] if log_outputs else None)
-    assert seen[0][7] == first["input_args"] and seen[0][8] == first["output_preview"]
+    assert same(tap.seen) == same(target.seen)  # scopes: a tuple from the core
+    (line, _) = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert line["input_args"] == ({"a": 1} if log_inputs else None) == tap.seen[0][7]
+    want = "héllo wörld"[:chars] if log_outputs else None
+    assert line["output_preview"] == want == tap.seen[0][8]
+    assert tap.seen[1][:4] == ("error", "", "", "") and tap.seen[1][6] == "boom"
     with pytest.raises(AttributeError):
-        direct.log_inputs = not log_inputs  # type: ignore[misc]  # fixed at construction
+        rust.log_inputs = not log_inputs  # type: ignore[misc]  # fixed at construction
+
+
+def test_a_tap_that_raises_or_refuses_is_not_hidden(tmp_path: Path) -> None:
+    w = AuditWriter(str(tmp_path / "a.jsonl"))
+    w.add_tap(lambda *f: False)
+    assert w.log("ok") is False  # queued, but a target refused: not all recorded
+    w2 = AuditWriter(str(tmp_path / "b.jsonl"))
+
+    def boom(*fields: Any) -> bool:
+        raise RuntimeError("tap failed")
+
+    w2.add_tap(boom)
+    with pytest.raises(RuntimeError, match="tap failed"):
+        w2.log("ok")
+    w.close()
+    w2.close()
+    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 1  # queued first

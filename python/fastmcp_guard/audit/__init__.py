@@ -254,7 +254,10 @@ class AuditLog:
                     from fastmcp_guard.audit.otel import OTelEmitter
 
                     opened.append(OTelEmitter(b, redact=self.redact))
-                    loggers.append(opened[-1])
+                    if loggers:  # the core's writer calls it after each enqueue
+                        loggers[0].add_tap(opened[-1].log)
+                    else:
+                        loggers.append(opened[-1])
         except BaseException:
             for target in opened:
                 target.close()
@@ -318,14 +321,18 @@ class AuditLog:
     def _add_target(self, target: Any) -> None:
         """Also send every event to ``target`` (the guard's metrics)."""
         self._targets.append(target)
-        self._loggers.append(target)
+        if self._loggers and isinstance(self._loggers[0], (AuditWriter, AuditFanout)):
+            self._loggers[0].add_tap(target.log)  # called by the core after each enqueue
+        else:
+            self._loggers.append(target)
         self._route()
 
     def _route(self) -> None:
-        """Point ``log`` at the cheapest path. When every backend is written by the Rust
-        core, ``log`` *is* the :class:`AuditFanout`'s method (it applies ``log_inputs``,
-        ``log_outputs`` and the preview length itself): no Python frame per event. With
-        a Python target too (OTel, metrics), the method below does that and fans out."""
+        """Point ``log`` at the cheapest path. With a backend the Rust core writes,
+        ``log`` *is* the core's method (its :class:`AuditWriter` or :class:`AuditFanout`
+        applies ``log_inputs``, ``log_outputs`` and the preview length, then calls the
+        Python targets, OTel and metrics, as taps): no Python frame per event. Without
+        one (OTel or metrics alone) the method below does that and fans out."""
         self.__dict__.pop("log", None)
         if len(self._loggers) == 1 and isinstance(self._loggers[0], (AuditWriter, AuditFanout)):
             self.log = self._loggers[0].log  # type: ignore[method-assign]
