@@ -1477,17 +1477,30 @@ impl PyAuditSink {
     }
 
     /// Flushes the whole fan-out (every backend).
+    /// Raises if writes to this backend failed since the last `flush` / `close` (not for
+    /// another backend's failures).
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
-        let writer = &self.bound()?.0;
+        let (writer, slot) = self.bound()?;
         py.detach(|| writer.flush())?;
-        Ok(())
+        slot_failure(&self.path, slot)
     }
 
     /// Closes the whole fan-out (every backend). Idempotent.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let writer = &self.bound()?.0;
+        let (writer, slot) = self.bound()?;
         py.detach(|| writer.close())?;
-        Ok(())
+        slot_failure(&self.path, slot)
+    }
+}
+
+/// `AuditWriteError` naming the backend at `path` if its writes failed since last asked.
+fn slot_failure(path: &str, slot: &SlotStats) -> PyResult<()> {
+    match slot.take_failure() {
+        None => Ok(()),
+        Some(msg) => Err(errors::new_err(
+            Exc::AuditWrite,
+            format!("audit backend {path}: {msg}"),
+        )),
     }
 }
 
@@ -1507,6 +1520,19 @@ struct PyAuditFanout {
 }
 
 impl PyAuditFanout {
+    /// The first backend whose writes failed since the last call, as an error naming it
+    /// (every backend's record is taken).
+    fn take_failures(&self) -> PyResult<()> {
+        let mut first = Ok(());
+        for (path, slot) in &self.slots {
+            let res = slot_failure(path, slot);
+            if first.is_ok() {
+                first = res;
+            }
+        }
+        first
+    }
+
     fn warn_losses(&self, py: Python<'_>, force: bool) {
         let interval = if force {
             Duration::ZERO
@@ -1638,19 +1664,21 @@ impl PyAuditFanout {
         self.rec.add_tap(tap);
     }
 
-    /// Blocks until every event logged so far is written to every backend; raises the
-    /// queue's own failure if any (each backend's failures are in its books).
+    /// Blocks until every event logged so far is written to every backend; raises
+    /// `AuditWriteError` (naming the backend) if writes to one failed since the last
+    /// `flush` / `close`, as a single writer does.
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| self.inner.flush())?;
-        Ok(())
+        self.take_failures()
     }
 
-    /// Writes what is queued, syncs every backend and stops the thread. Idempotent.
+    /// Writes what is queued, syncs every backend and stops the thread; raises as `flush`.
+    /// Idempotent.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         let res = py.detach(|| self.inner.close());
         self.warn_losses(py, true);
         res?;
-        Ok(())
+        self.take_failures()
     }
 
     /// The queue is open and has room, and every backend is healthy.

@@ -377,9 +377,10 @@ class AuditSink:
         the loss warning) until called with ``None``. Applied as batches are written."""
     def last_error(self) -> str | None: ...
     def flush(self) -> None:
-        """Flush the whole fan-out."""
+        """Flush the whole fan-out; raises :class:`AuditWriteError` if writes to this
+        backend failed since the last ``flush`` / ``close``."""
     def close(self) -> None:
-        """Close the whole fan-out. Idempotent."""
+        """Close the whole fan-out (idempotent); raises as ``flush``."""
 
 @final
 class AuditFanout:
@@ -424,9 +425,12 @@ class AuditFanout:
     def add_tap(self, tap: Callable[..., object]) -> None:
         """As :meth:`AuditWriter.add_tap`."""
     def flush(self) -> None:
-        """Block until everything logged so far is written to every backend."""
+        """Block until everything logged so far is written to every backend; raises
+        :class:`AuditWriteError` naming the backend if writes to one failed since the
+        last ``flush`` / ``close`` (as a single writer does)."""
     def close(self) -> None:
-        """Write what is queued, sync every backend, stop. Idempotent."""
+        """Write what is queued, sync every backend, stop (idempotent); raises as
+        ``flush``."""
     def healthy(self) -> bool:
         """The queue is open with room and every backend is healthy."""
     def stats(self) -> dict[str, int]:

@@ -39,6 +39,8 @@ pub struct SlotStats {
     last_error: Mutex<Option<String>>,
     /// When `failed + paused_dropped` was last reported.
     losses: LossClock,
+    /// `failed` as of the last [`SlotStats::take_failure`].
+    failed_seen: AtomicU64,
 }
 
 impl Default for SlotStats {
@@ -53,6 +55,7 @@ impl Default for SlotStats {
             pause_reason: Mutex::new(None),
             last_error: Mutex::new(None),
             losses: LossClock::default(),
+            failed_seen: AtomicU64::new(0),
         }
     }
 }
@@ -129,6 +132,19 @@ impl SlotStats {
             paused: self.pause_reason.lock().clone(),
             last_error: self.last_error(),
         })
+    }
+
+    /// If writes to this sink failed since the last call, its last error message (what
+    /// `flush` and `close` raise, as a single writer's do).
+    pub fn take_failure(&self) -> Option<String> {
+        let failed = self.failed.load(Ordering::Relaxed);
+        if self.failed_seen.swap(failed, Ordering::Relaxed) == failed {
+            return None;
+        }
+        Some(
+            self.last_error()
+                .unwrap_or_else(|| "a write failed".to_owned()),
+        )
     }
 
     fn record_error(&self, err: &AuditError) {
@@ -351,6 +367,10 @@ mod tests {
         }
         w.flush().unwrap(); // the writer itself saw no failure
         assert!(w.healthy());
+        assert!(stats[0].take_failure().is_none());
+        let err = stats[1].take_failure().unwrap();
+        assert!(err.contains("disk on fire"), "{err}");
+        assert!(stats[1].take_failure().is_none(), "reported once");
         assert!(stats[0].healthy() && !stats[1].healthy());
         let loss = stats[1].take_loss_report(Duration::ZERO).unwrap();
         assert_eq!((loss.lost, loss.failed), (10, 10));

@@ -5,6 +5,7 @@ starve the others."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -165,9 +166,13 @@ def test_one_failing_backend_does_not_stop_the_others(tmp_path: Path) -> None:
     """/dev/full as the JSONL file: every write fails (ENOSPC); SQLite goes on."""
     audit = AuditLog(backend=[FileBackend("/dev/full", chain=False),
                               SQLiteBackend(tmp_path / "a.db", flush_interval_ms=20)])  # fmt: skip
+    from fastmcp_guard.errors import AuditWriteError
+
     for i in range(10):
         assert audit.log("ok", key_id=f"k{i}")
-    audit.flush()
+    with pytest.raises(AuditWriteError, match="/dev/full.*No space left"):
+        audit.flush()  # as a single writer's flush: a failed write since the last one
+    audit.flush()  # reported once
     assert not audit.healthy()  # the file backend failed its last write
     stats = audit.stats()
     assert stats["failed"] == 10 and stats["written"] == 10 and stats["write_errors"] >= 1
@@ -177,4 +182,8 @@ def test_one_failing_backend_does_not_stop_the_others(tmp_path: Path) -> None:
     books = audit.backend_stats()
     assert books["jsonl"]["failed"] == 10 and books["sqlite"] == {
         "written": 10, "failed": 0, "write_errors": 0, "paused_dropped": 0}  # fmt: skip
-    audit.close()
+    assert audit.log("ok", key_id="late")
+    rows = asyncio.run(audit.query(limit=100))  # the file's failure does not block SQLite
+    assert len(rows) == 11
+    with pytest.raises(AuditWriteError, match="/dev/full"):
+        audit.close()
