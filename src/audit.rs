@@ -59,6 +59,7 @@ pub mod fan;
 mod jsonl;
 pub mod redact;
 pub mod scan;
+pub mod spool;
 mod sqlite;
 
 pub use chain::{verify_files, ChainKey, VerifyReport};

@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use serde_json::{Map, Value};
 
 use crate::audit::redact::{Cursor, Step, REDACTED};
@@ -2183,6 +2183,66 @@ fn audit_log_files(py: Python<'_>, path: PathBuf) -> PyResult<Vec<String>> {
     Ok(files.iter().map(|p| p.display().to_string()).collect())
 }
 
+/// One read of an HTTP audit spool file for a batch (the GIL released): the complete
+/// chained lines from `offset` that fit after `lines` lines / `size` body bytes of at most
+/// `max_lines` / `max_bytes`. `None` if the file is gone or is no longer inode `ino`.
+/// Else `(body, lines, first_id, last_id, consumed, malformed, file_size, size)`: `body`
+/// the lines joined by `,`; `consumed` the bytes read through the last newline looked at.
+#[pyfunction]
+#[allow(
+    clippy::type_complexity,
+    clippy::too_many_arguments,
+    reason = "flat arguments and tuple for one internal caller"
+)]
+fn audit_spool_read<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    ino: u64,
+    offset: u64,
+    lines: usize,
+    max_lines: usize,
+    size: usize,
+    max_bytes: usize,
+) -> PyResult<
+    Option<(
+        Bound<'py, PyBytes>,
+        usize,
+        String,
+        String,
+        u64,
+        usize,
+        u64,
+        usize,
+    )>,
+> {
+    let room = crate::audit::spool::BatchRoom {
+        lines,
+        max_lines,
+        size,
+        max_bytes,
+    };
+    let read = py
+        .detach(|| crate::audit::spool::read_spool(&path, ino, offset, room))
+        .map_err(|e| {
+            io_to_py(
+                &e,
+                format!("cannot read the audit spool file {}: {e}", path.display()),
+            )
+        })?;
+    Ok(read.map(|r| {
+        (
+            PyBytes::new(py, &r.body),
+            r.lines,
+            r.first_id,
+            r.last_id,
+            r.consumed,
+            r.malformed,
+            r.file_size,
+            r.size,
+        )
+    }))
+}
+
 /// Checks the hash chain of a JSONL audit log (the GIL released). `path_or_paths`: the
 /// live file (its rotated files are read first, oldest first) or a list of files in
 /// order. `key`: the chain key it was written with (`bytes` or `str`).
@@ -2320,5 +2380,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(audit_query, m)?)?;
     m.add_function(wrap_pyfunction!(audit_verify, m)?)?;
     m.add_function(wrap_pyfunction!(audit_log_files, m)?)?;
+    m.add_function(wrap_pyfunction!(audit_spool_read, m)?)?;
     Ok(())
 }

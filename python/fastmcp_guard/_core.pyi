@@ -449,6 +449,21 @@ class JsonText:
     def __new__(cls, redact: Sequence[str] | None = None) -> JsonText: ...
     def __call__(self, value: Any) -> str: ...
 
+def audit_spool_read(
+    path: str | os.PathLike[str],
+    ino: int,
+    offset: int,
+    lines: int,
+    max_lines: int,
+    size: int,
+    max_bytes: int,
+) -> tuple[bytes, int, str, str, int, int, int, int] | None:
+    """One read of an HTTP audit spool file for a batch (the GIL released): the complete
+    chained lines from ``offset`` that fit after ``lines`` lines / ``size`` body bytes of
+    at most ``max_lines`` / ``max_bytes``. ``None`` if the file is gone or is no longer
+    inode ``ino``. Else ``(body, lines, first_id, last_id, consumed, malformed,
+    file_size, size)``: ``body`` the lines joined by ``,``."""
+
 def audit_scan(
     path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str] | IO[bytes] | Any,

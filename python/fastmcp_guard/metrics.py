@@ -155,7 +155,12 @@ def audit_lines(stats: Callable[[], dict[str, int]]) -> Callable[[], list[str]]:
         out = []
         for name, key, kind, text in (
             ("audit_queue_depth", "queue_depth", "gauge", "Audit events waiting to be written."),
-            ("audit_written_total", "written", "counter", "Audit events written."),
+            (
+                "audit_written_total",
+                "written",
+                "counter",
+                "Audit events written (each backend counts).",
+            ),
             ("audit_dropped_total", "dropped", "counter", "Audit events dropped (queue full)."),
             ("audit_write_errors_total", "write_errors", "counter", "Failed audit batch writes."),
         ):

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastmcp_guard._core import AuditSink, AuditWriter, audit_log_files
+from fastmcp_guard._core import AuditSink, AuditWriter, audit_log_files, audit_spool_read
 from fastmcp_guard._util import ca_file_problem
 from fastmcp_guard.errors import ConfigError
 
@@ -73,11 +73,6 @@ DEFAULT_SPOOL_DIR = "fastmcp-guard-audit-spool"
 _SPOOL_FILE = "audit-spool.jsonl"
 _CURSOR_FILE = "cursor.json"
 _LOCK_FILE = ".lock"
-#: Last 76 bytes of a chained line: ``,"chain":"`` + 64 hex + ``"}``.
-_CHAIN_TAIL = b',"chain":"'
-_ID_KEY = b'"id":"'
-_ID_LEN = 26
-_READ_CHUNK = 1 << 20
 
 log = logging.getLogger("fastmcp_guard.audit")
 
@@ -213,7 +208,9 @@ class _Refused(Exception):
 
 @dataclass
 class _Batch:
-    body_lines: list[bytes]
+    #: The JSON array as sent before gzip.
+    body: bytes
+    count: int
     first_id: str
     last_id: str
     #: Where the cursor goes after this batch: file path, inode, offset.
@@ -480,55 +477,43 @@ class HttpShipper:
                     os.unlink(path)
 
     def _next_batch(self) -> _Batch | None:
+        """The next batch from the cursor on: complete chained lines, in order, across
+        spool files (the reading and scanning run in the core, without the GIL)."""
         files = self._files()
         self._delete_shipped(files)
         i, offset = self._position(files)
-        lines: list[bytes] = []
-        size = 2
-        malformed = 0
+        parts: list[bytes] = []
+        count, size, malformed = 0, 2, 0
+        first_id = last_id = ""
         end = self._cursor
         b = self.backend
-        while i < len(files) and len(lines) < b.batch_max and size < b.batch_max_bytes:
+        while i < len(files) and count < b.batch_max and size < b.batch_max_bytes:
             path, ino, _ = files[i]
-            try:
-                with open(path, "rb") as f:
-                    # An open file keeps its inode's content even if rotated meanwhile.
-                    if os.fstat(f.fileno()).st_ino != ino:
-                        break  # rotated between listing and opening: list again
-                    f.seek(offset)
-                    data = f.read(max(_READ_CHUNK, b.batch_max_bytes - size + 1))
-                    file_size = os.fstat(f.fileno()).st_size
-            except FileNotFoundError:
-                break
-            pos = 0
-            while len(lines) < b.batch_max:
-                nl = data.find(b"\n", pos)
-                if nl < 0:
-                    break
-                line = data[pos:nl]
-                if lines and size + len(line) + 1 > b.batch_max_bytes:
-                    break
-                pos = nl + 1
-                if len(line) >= 76 and line[-76:-66] == _CHAIN_TAIL and line[-1:] == b"}":
-                    lines.append(line)
-                    size += len(line) + 1
-                elif line.strip():
-                    malformed += 1  # a torn line from a crash, ended by the writer
-            offset += pos
+            read = audit_spool_read(path, ino, offset, count, b.batch_max, size,
+                                    b.batch_max_bytes)  # fmt: skip
+            if read is None:
+                break  # gone, or rotated between listing and opening: list again
+            body, n, first, last, consumed, bad, file_size, size = read
+            if n:
+                parts.append(body)
+                first_id = first_id or first
+                last_id = last
+                count += n
+            malformed += bad
+            offset += consumed
             end = (path, ino, offset)
-            at_eof = offset >= file_size
-            if path == self._live or not at_eof:
+            if path == self._live or offset < file_size:
                 break  # the live file may grow; or the batch is full
             i += 1
             offset = 0
             if i < len(files):
                 end = (files[i][0], files[i][1], 0)
-        if not lines:
+        if not count:
             if end != self._cursor:  # past torn lines, or into the next file
                 self._counts["malformed"] += malformed
                 self._save_cursor(end)
             return None
-        return _Batch(lines, _event_id(lines[0]), _event_id(lines[-1]), end, malformed)
+        return _Batch(b"[" + b",".join(parts) + b"]", count, first_id, last_id, end, malformed)
 
     # -- shipping ------------------------------------------------------------------
 
@@ -563,7 +548,7 @@ class HttpShipper:
                 continue
             attempt = 0
             self._refusal_logged = None
-            self._counts["shipped"] += len(batch.body_lines)
+            self._counts["shipped"] += batch.count
             self._counts["batches"] += 1
             self._counts["malformed"] += batch.malformed
             self._save_cursor(batch.end)
@@ -609,7 +594,7 @@ class HttpShipper:
         return self._conn
 
     def _post(self, batch: _Batch) -> None:
-        body = b"[" + b",".join(batch.body_lines) + b"]"
+        body = batch.body
         headers = {"Content-Type": "application/json", "User-Agent": "fastmcp-guard-audit"}
         headers.update(self._headers)
         if self.backend.gzip:
@@ -664,7 +649,7 @@ class HttpShipper:
                 "audit endpoint %s refused a batch of %d event(s) with HTTP %d %s: %r; the "
                 "batch stays in the spool %s and is retried every %.0f s (fix the URL, "
                 "headers or receiver)",
-                self._shown_url, len(batch.body_lines), status, resp.reason,
+                self._shown_url, batch.count, status, resp.reason,
                 text[:300], self.spool_dir, self.backend.backoff_cap,
             )  # fmt: skip
         raise _Refused(f"HTTP {status}", retry_after=retry_after, permanent=permanent)
@@ -676,14 +661,6 @@ class HttpShipper:
 
     def __repr__(self) -> str:
         return f"HttpShipper(url={self._shown_url!r}, spool_dir={self.spool_dir!r})"
-
-
-def _event_id(line: bytes) -> str:
-    at = line.rfind(_ID_KEY)
-    if at < 0:
-        return ""
-    start = at + len(_ID_KEY)
-    return line[start : start + _ID_LEN].decode("ascii", "replace")
 
 
 def _retry_after(value: str | None) -> float | None:
