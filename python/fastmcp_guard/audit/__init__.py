@@ -196,7 +196,8 @@ class AuditLog:
         """Open every backend. The ones the Rust core writes (file, SQLite, the HTTP spool)
         share one queue and one writer thread when there are several (an
         :class:`AuditFanout`): the request path then pays one enqueue whatever their
-        number. ``log`` is the core's own method when no Python target is left (OTel)."""
+        number. The OTel backend is a tap of that writer (called after each enqueue), or
+        the only target when nothing else is configured."""
         written = [b for b in backends if not isinstance(b, OTelBackend)]
         common: dict[str, Any] = {
             "redact": list(self.redact) or None,
