@@ -23,7 +23,7 @@ Tables:
     Also printed: the p99 measured from the instant A called ``revoke()``, A's
     ``revoke()`` duration, whether B's full verify then refuses the token, and "B cache
     retries": how often B's verify did not cache the token (the core does not cache a
-    verify during which any key was invalidated; B verifies again).
+    verify during which its key was invalidated; B verifies again).
     Rows: the PostgreSQL and Redis stores with the default options (change
     notifications, ``NOTIFY`` / pub/sub, plus the watcher reading changes every 0.25 s),
     the same with B's watcher off (``watch_interval_seconds=3600``: notifications alone),
@@ -38,6 +38,15 @@ Tables:
 (3) uncached verify, for context: ``clear_cache()`` then ``store.core.verify(token)``
     (argon2id + one store read), median of interleaved runs; "store read" is the median
     minus memory's.
+(4) argon2id runs under churn, before and after per-key cache epochs: node A (this
+    process) churns other keys on the Redis store (each step creates a key and revokes
+    it: a change every node hears of, by pub/sub and by its watcher) at a set rate, while
+    two verifier processes verify the same fresh keys, ``--verifications`` times each,
+    back to back: one runs the extension built from commit ``BASELINE_REF`` (one global
+    invalidation epoch: an invalidation of any key stops every verification in flight
+    from caching), the other this build (an invalidation stops only the verifications of
+    its own key). The table gives the argon2id runs each needed. The baseline is built
+    once (release) into ``.cache/bench-baseline/<commit>`` (a few minutes the first time).
 
 Other work on the machine moves the absolute figures; the rounds are interleaved so
 that a disturbance hits every row, and ratios are taken within the run.
@@ -48,10 +57,13 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import secrets
 import shutil
+import string
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,6 +96,10 @@ from fastmcp_guard import KeyStore
 WATCH_TIMEOUT_S = 10.0
 #: B's watcher interval for the "notifications only" rows (the default is 0.25 s).
 NOTIFY_ONLY_WATCH_S = 3600.0
+#: The last commit whose verified-token cache had one global invalidation epoch: the
+#: baseline of table (4).
+BASELINE_REF = "40f06be"
+BASE62 = string.digits + string.ascii_letters
 SUMMARY: list[list[str]] = []
 
 
@@ -108,7 +124,9 @@ def worker(backend: str, where: str, notify_only: bool) -> int:
 
     ``cache TOKEN`` -> ``cached RETRIES`` (verified, and ``verify_cached`` now admits it);
     ``watch TOKEN`` -> ``watching``, then polls ``verify_cached`` until it returns
-    ``None`` and answers ``refused T_NS CONFIRMED`` (``timeout`` after WATCH_TIMEOUT_S).
+    ``None`` and answers ``refused T_NS CONFIRMED`` (``timeout`` after WATCH_TIMEOUT_S);
+    ``build`` -> the path of the extension this process loaded;
+    ``argon2 N TOKEN`` -> ``runs R``: R argon2id runs made by N verifies of TOKEN.
     """
     from fastmcp_guard._core import VerifyError
 
@@ -123,8 +141,8 @@ def worker(backend: str, where: str, notify_only: bool) -> int:
     for line in sys.stdin:
         cmd, _, token = line.strip().partition(" ")
         if cmd == "cache":
-            # An invalidation of any key while a verify is in flight (the core's cache
-            # epoch) stops that verify from caching: retry, and say how often.
+            # An invalidation of this key while its verify is in flight stops that verify
+            # from caching (before per-key epochs, of any key): retry, and say how often.
             for attempt in range(5):
                 store.core.verify(token, None)
                 if cached(token) is not None:
@@ -151,6 +169,14 @@ def worker(backend: str, where: str, notify_only: bool) -> int:
                 out.flush()
                 continue
             out.write("timeout\n")
+        elif cmd == "build":
+            out.write(f"{core.__file__}\n")
+        elif cmd == "argon2":
+            n, _, token = token.partition(" ")
+            before = store.core.stats()["argon2_runs"]
+            for _ in range(int(n)):
+                store.core.verify(token, None)
+            out.write(f"runs {store.core.stats()['argon2_runs'] - before}\n")
         elif cmd == "quit":
             break
         out.flush()
@@ -167,14 +193,18 @@ class NodeB:
     where: str
     notify_only: bool
     log: Path
+    #: Put first on the worker's ``sys.path`` (the baseline build of table (4)).
+    package: Path | None = None
     proc: subprocess.Popen[str] = field(init=False)
 
     def start(self) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", self.backend,
                self.where] + (["--notify-only"] if self.notify_only else [])  # fmt: skip
+        env = None if self.package is None else dict(os.environ, PYTHONPATH=str(self.package))
         with self.log.open("w") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=err, text=True, bufsize=1, cwd=ROOT)  # fmt: skip
+                                         stderr=err, text=True, bufsize=1, cwd=ROOT,
+                                         env=env)  # fmt: skip
 
     def wait_ready(self) -> None:
         self.expect("ready")
@@ -364,6 +394,123 @@ def bench_uncached(args: argparse.Namespace, stores: dict[str, KeyStore]) -> Non
 
 
 # ---------------------------------------------------------------------------------------
+# (4) argon2id runs under churn: one global epoch (baseline) vs per-key epochs
+# ---------------------------------------------------------------------------------------
+
+
+def baseline_package(ref: str) -> Path:
+    """fastmcp-guard built (release) from commit ``ref`` and installed into
+    ``.cache/bench-baseline/<commit>``, once; the directory goes first on ``sys.path``."""
+
+    def git(*args: str) -> bytes:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True,
+                              check=True).stdout  # fmt: skip
+
+    sha = git("rev-parse", "--verify", f"{ref}^{{commit}}").decode().strip()
+    dest = ROOT / ".cache" / "bench-baseline" / sha
+    if (dest / "fastmcp_guard").is_dir():
+        return dest
+    print(f"  building the baseline, commit {sha[:10]} (release; once) ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="fmg-baseline-") as tmp:
+        src, dist = Path(tmp) / "src", Path(tmp) / "dist"
+        src.mkdir()
+        subprocess.run(["tar", "-x", "-C", str(src)], input=git("archive", sha), check=True)
+        env = dict(os.environ, CARGO_TARGET_DIR=str(ROOT / "target" / "bench-baseline"))
+        maturin = Path(sys.executable).parent / "maturin"
+        subprocess.run([str(maturin), "build", "--release", "-q", "-o", str(dist), "-m",
+                        str(src / "Cargo.toml")], env=env, check=True)  # fmt: skip
+        wheel = next(dist.glob("*.whl"))
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                        "--disable-pip-version-check", "--target", str(dest), str(wheel)],
+                       check=True)  # fmt: skip
+    return dest
+
+
+class Churn:
+    """Node A's churn on other keys: each step creates a key (straight into the store,
+    as a copy of ``template``'s record: no argon2id here) and revokes it through the
+    ``KeyStore``, which announces the change. ``rate`` steps per second, in a thread."""
+
+    def __init__(self, store: KeyStore, template: str, rate: float) -> None:
+        self.store, self.rate = store, rate
+        self.backend = store._fleet_backend
+        self.record = self.backend.get(template)
+        self.steps = 0
+        self.elapsed = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="churn", daemon=True)
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        while not self._stop.is_set():
+            key_id = "fmg_key_" + "".join(secrets.choice(BASE62) for _ in range(16))
+            self.backend.insert(dict(self.record, id=key_id, name=f"churn-{self.steps}",
+                                     created_at=int(time.time() * 1000)))  # fmt: skip
+            self.store.revoke(key_id)
+            self.steps += 1
+            self._stop.wait(max(0.0, start + self.steps / self.rate - time.monotonic()))
+        self.elapsed = time.monotonic() - start
+
+    def start(self) -> None:
+        if self.rate > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def bench_churn(args: argparse.Namespace, store: KeyStore, before: NodeB,
+                after: NodeB) -> None:  # fmt: skip
+    keys, n = args.churn_keys, args.verifications
+    section(f"(4) argon2id runs under churn on other keys (Redis store): {keys} fresh keys "
+            f"per row, each verified {n} times back to back on each verifier node")  # fmt: skip
+    for b in (before, after):
+        b.send("build")
+        print(f"  {b.label}: {b.read()}")
+    template = store.create("churn-template").id
+    rows, total = [], {before.label: 0, after.label: 0}
+    for rate in args.churn_rates:
+        tokens = [str(store.create(f"stable-{rate:g}-{i}").token) for i in range(keys)]
+        time.sleep(1.0)  # the watchers read these creations before the first verify
+        runs: dict[str, list[int]] = {before.label: [], after.label: []}
+        churn = Churn(store, template, rate)
+        churn.start()
+        try:
+            time.sleep(0.5 if rate > 0 else 0.0)
+            for i, token in enumerate(tokens):
+                for b in (before, after) if i % 2 == 0 else (after, before):
+                    b.send(f"argon2 {n} {token}")
+                    got = b.read().split()
+                    if got[0] != "runs":
+                        raise RuntimeError(f"{b.label}: {got}")
+                    runs[b.label].append(int(got[1]))
+        finally:
+            churn.stop()
+        achieved = churn.steps / churn.elapsed if churn.elapsed else 0.0
+        cells = []
+        for b in (before, after):
+            r = runs[b.label]
+            total[b.label] += sum(r)
+            cells += [str(sum(r)), f"{sum(r) / len(r):.1f}", str(max(r)),
+                      f"{sum(1 for x in r if x == 1)}/{len(r)}"]  # fmt: skip
+        rows.append([f"{rate:g}/s ({achieved:.0f}/s)", f"{keys * n:,}", *cells,
+                     f"{sum(runs[before.label]) / sum(runs[after.label]):.1f}x"])  # fmt: skip
+    b_, a_ = "global epoch: ", "per-key: "
+    table(["churn: target (achieved)", "verifies", b_ + "argon2 runs", "per key", "max",
+           "cached by 1st", a_ + "argon2 runs", "per key", "max", "cached by 1st",
+           "runs global / per-key"], rows)  # fmt: skip
+    print("Each churn step creates a key and revokes it on node A; both verifier nodes hear "
+          "of it (pub/sub, watcher every 0.25 s).\n'cached by 1st': keys whose first "
+          "verify cached them (1 argon2 run for all the verifies). The two verifier nodes "
+          "take turns per key.")  # fmt: skip
+    SUMMARY.append(["(4) argon2id runs under churn, all rows: global epoch / per-key",
+                    "fewer", f"{total[before.label]} / {total[after.label]}",
+                    verdict(total[after.label] <= total[before.label])])  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------
 
@@ -402,9 +549,10 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
             listener = stores[name]._listener
             assert listener is not None and listener.listening.wait(10), name
 
-        def node(label: str, backend: str, notify_only: bool = False) -> NodeB:
-            b = NodeB(label, backend, where[backend], notify_only,
-                      tmp / f"node-b-{backend}{'-notify' if notify_only else ''}.log")  # fmt: skip
+        def node(label: str, backend: str, notify_only: bool = False,
+                 package: Path | None = None) -> NodeB:  # fmt: skip
+            log = tmp / f"node-b{len(nodes)}-{backend}{'-notify' if notify_only else ''}.log"
+            b = NodeB(label, backend, where[backend], notify_only, log, package)
             b.start()
             nodes.append(b)
             return b
@@ -420,6 +568,13 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
             bench_propagation(args, prop)
         bench_cached(args, stores)
         bench_uncached(args, stores)
+        if args.churn_rates:
+            baseline = baseline_package(args.baseline_ref)
+            before = node(f"global epoch ({args.baseline_ref})", "redis", package=baseline)
+            after = node("per-key epochs (this build)", "redis")
+            for b in (before, after):
+                b.wait_ready()
+            bench_churn(args, stores["redis"], before, after)
     finally:
         for b in nodes:
             b.stop()
@@ -440,6 +595,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="rounds of table (2)")
     parser.add_argument("--calls", type=int, default=200_000, help="calls per round, table (2)")
     parser.add_argument("--uncached", type=int, default=20, help="runs per store, table (3)")
+    parser.add_argument(
+        "--churn-rates",
+        type=float,
+        nargs="*",
+        default=[0, 10, 50, 200],
+        help="churn steps per second, one row each, table (4) (none: skip)",
+    )
+    parser.add_argument("--churn-keys", type=int, default=10, help="keys per row, table (4)")
+    parser.add_argument(
+        "--verifications", type=int, default=20, help="verifies per key and node, table (4)"
+    )
+    parser.add_argument("--baseline-ref", default=BASELINE_REF,
+                        help="the commit table (4) compares against")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
     parser.add_argument("--worker", nargs=2, metavar=("BACKEND", "WHERE"), help=argparse.SUPPRESS)
     parser.add_argument("--notify-only", action="store_true", help=argparse.SUPPRESS)
@@ -448,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker(args.worker[0], args.worker[1], args.notify_only)
     if args.quick:
         args.revocations, args.rounds, args.calls, args.uncached = 30, 3, 50_000, 8
+        args.churn_keys = 5
 
     started = time.perf_counter()
     print("fastmcp-guard fleet key stores benchmark -- benches/bench_fleet_keys.py"

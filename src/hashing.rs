@@ -439,6 +439,12 @@ impl CachedKey {
     }
 }
 
+/// How many keys' latest invalidations a [`VerifiedCache`] remembers (under 100 bytes
+/// each). Past this, the older half is forgotten: a verification in flight since before
+/// the last `CHANGES_KEPT / 2` invalidations does not cache its result, whichever key it
+/// is for.
+pub const CHANGES_KEPT: usize = 4096;
+
 /// Default number of cached tokens.
 pub const DEFAULT_CACHE_CAPACITY: usize = 10_000;
 /// Default time an entry is served before the key is re-read from the store.
@@ -449,8 +455,11 @@ pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
 /// * Reads (`get`) take one shard read lock of a [`DashMap`]; there is no global lock.
 /// * Every mutation for a key id happens under that key id's slot in the index (lock order:
 ///   index, then map), so `invalidate_key` never misses an entry.
-/// * An epoch counter bumped by every invalidation lets a verifier that read the store before
-///   a revoke refuse to cache its (now stale) result: see [`VerifiedCache::insert_if_epoch`].
+/// * Every invalidation gets a sequence number, remembered per key. A verifier reads the
+///   current number (the epoch) before it reads the store, and its result is not cached if
+///   its key was invalidated (or the cache cleared) since: no revoked key is served from
+///   the cache, and changes to other keys do not cost it an argon2 run. See
+///   [`VerifiedCache::insert_if_epoch`].
 /// * Eviction when full: first drop entries past their TTL, then drop arbitrary entries.
 ///   Because entries are placed by a keyed random digest, "arbitrary" is effectively random
 ///   (random eviction; no LRU bookkeeping on the read path).
@@ -461,7 +470,17 @@ pub struct VerifiedCache {
     index: DashMap<String, Vec<TokenDigest>>,
     capacity: usize,
     ttl: Duration,
-    epoch: AtomicU64,
+    /// Sequence number of the latest invalidation (of one key, or a clear); an epoch is a
+    /// reading of it.
+    seq: AtomicU64,
+    /// Key id -> sequence number of its latest invalidation. Bounded: see
+    /// [`VerifiedCache::forget_old_changes`].
+    changed: DashMap<String, u64>,
+    /// Every key counts as invalidated at this sequence number: raised by a clear, and when
+    /// old entries of `changed` are forgotten.
+    floor: AtomicU64,
+    /// `changed` is trimmed when it holds more than this many keys.
+    changes_kept: usize,
 }
 
 impl Default for VerifiedCache {
@@ -479,7 +498,20 @@ impl VerifiedCache {
             index: DashMap::new(),
             capacity,
             ttl,
-            epoch: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
+            changed: DashMap::new(),
+            floor: AtomicU64::new(0),
+            changes_kept: CHANGES_KEPT,
+        }
+    }
+
+    /// A cache remembering the invalidations of at most `changes_kept` keys (tests: the
+    /// trimming of that memory).
+    #[cfg(test)]
+    fn with_changes_kept(capacity: usize, ttl: Duration, changes_kept: usize) -> Self {
+        Self {
+            changes_kept,
+            ..Self::new(capacity, ttl)
         }
     }
 
@@ -506,10 +538,12 @@ impl VerifiedCache {
         }
     }
 
-    /// The current invalidation epoch; read it before reading the store.
+    /// The current invalidation epoch; read it before reading the store. It does not name a
+    /// key: [`VerifiedCache::insert_if_epoch`] checks it against the entry's key, so a
+    /// verifier need not know the key id before the store read.
     #[must_use]
     pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::SeqCst)
+        self.seq.load(Ordering::SeqCst)
     }
 
     /// Caches `entry` unconditionally (see [`VerifiedCache::insert_if_epoch`] for the
@@ -518,7 +552,11 @@ impl VerifiedCache {
         self.insert_if_epoch(digest, entry, self.epoch())
     }
 
-    /// Caches `entry` unless an invalidation happened since `epoch` was read.
+    /// Caches `entry` unless, since `epoch` was read, its key was invalidated
+    /// ([`invalidate_key`](Self::invalidate_key),
+    /// [`invalidate_key_before`](Self::invalidate_key_before)) or the cache was
+    /// [`clear`](Self::clear)ed. Invalidations of other keys do not stop it (unless so many
+    /// came since `epoch` that the oldest were forgotten: see [`CHANGES_KEPT`]).
     ///
     /// Returns whether it was stored.
     pub fn insert_if_epoch(&self, digest: TokenDigest, entry: Arc<CachedKey>, epoch: u64) -> bool {
@@ -529,9 +567,10 @@ impl VerifiedCache {
             self.make_room(entry.inserted);
         }
         let mut slot = self.index.entry(entry.key_id.clone()).or_default();
-        // Checked under the slot lock: an invalidation either bumped the epoch before this
-        // check (we refuse), or waits for the slot and then removes what we insert.
-        if self.epoch.load(Ordering::SeqCst) != epoch {
+        // Checked under the slot lock: an invalidation of this key either recorded itself
+        // before this check (we refuse), or waits for the slot and then removes what we
+        // insert.
+        if self.changed_after(&entry.key_id, epoch) {
             let empty = slot.is_empty();
             drop(slot);
             if empty {
@@ -547,8 +586,11 @@ impl VerifiedCache {
     }
 
     /// Removes every entry of `key_id`. Returns how many were removed.
+    ///
+    /// Like every invalidation, it stops the verifications of `key_id` in flight (those that
+    /// read the [`epoch`](Self::epoch) before) from caching their result.
     pub fn invalidate_key(&self, key_id: &str) -> usize {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.record_change(key_id);
         let mut removed = 0;
         if let Some(mut slot) = self.index.get_mut(key_id) {
             for digest in slot.drain(..) {
@@ -563,11 +605,11 @@ impl VerifiedCache {
 
     /// Applies a change notice: removes the entries of `key_id` built from a record
     /// older than `revision` (an entry cached after the change stays). Like
-    /// [`invalidate_key`](Self::invalidate_key) it bumps the epoch, so a verification
-    /// that read the store before the change cannot cache its result. Returns how many
-    /// were removed.
+    /// [`invalidate_key`](Self::invalidate_key) it records a change of the key, so a
+    /// verification of that key that read the store before the change cannot cache its
+    /// result. Returns how many were removed.
     pub fn invalidate_key_before(&self, key_id: &str, revision: u64) -> usize {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.record_change(key_id);
         let mut removed = 0;
         if let Some(mut slot) = self.index.get_mut(key_id) {
             slot.retain(|digest| {
@@ -585,9 +627,13 @@ impl VerifiedCache {
         removed
     }
 
-    /// Removes everything.
+    /// Removes everything, and stops every verification in flight (of any key) from caching
+    /// its result.
     pub fn clear(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let n = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        self.floor.fetch_max(n, Ordering::SeqCst);
+        // The floor now covers these; a concurrent invalidation's later number stays.
+        self.changed.retain(|_, at| *at > n);
         // Inserts hold an index shard lock while touching the map, so clearing the index
         // first waits for them; the map is cleared after.
         self.index.clear();
@@ -604,6 +650,40 @@ impl VerifiedCache {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+
+    /// Records an invalidation of `key_id` under a new sequence number.
+    fn record_change(&self, key_id: &str) {
+        let n = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(mut at) = self.changed.get_mut(key_id) {
+            *at = (*at).max(n);
+        } else {
+            self.changed
+                .entry(key_id.to_owned())
+                .and_modify(|at| *at = (*at).max(n))
+                .or_insert(n);
+        }
+        if self.changed.len() > self.changes_kept {
+            self.forget_old_changes();
+        }
+    }
+
+    /// Whether `key_id` was invalidated (or the cache cleared) after `epoch` was read.
+    fn changed_after(&self, key_id: &str, epoch: u64) -> bool {
+        // The map first, then the floor: `forget_old_changes` raises the floor before it
+        // removes entries, so a reading that misses a removed entry sees the raised floor.
+        let key = self.changed.get(key_id).map_or(0, |at| *at);
+        key.max(self.floor.load(Ordering::SeqCst)) > epoch
+    }
+
+    /// Keeps the invalidations of the last `changes_kept / 2` sequence numbers and forgets
+    /// the older ones, by counting every key as invalidated at the oldest number kept. Only
+    /// a verification in flight since before then is affected: it does not cache.
+    fn forget_old_changes(&self) {
+        let kept = u64::try_from(self.changes_kept / 2).unwrap_or(u64::MAX);
+        let cutoff = self.seq.load(Ordering::SeqCst).saturating_sub(kept);
+        self.floor.fetch_max(cutoff, Ordering::SeqCst);
+        self.changed.retain(|_, at| *at > cutoff);
     }
 
     /// Removes one entry, keeping the index consistent (index slot locked first).
@@ -643,6 +723,7 @@ impl VerifiedCache {
 #[allow(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicBool;
     use std::thread;
 
     #[test]
@@ -907,18 +988,327 @@ mod tests {
 
     #[test]
     fn concurrent_insert_and_invalidate_leave_no_stale_entry() {
-        // A verifier that read the epoch before the invalidation must never leave an entry.
-        for round in 0..200u32 {
-            let cache = Arc::new(VerifiedCache::new(100, Duration::from_secs(60)));
+        // A verifier that read the epoch before an invalidation of its key, or a clear, must
+        // never leave an entry.
+        type Invalidation = fn(&VerifiedCache);
+        let invalidations: [(&str, Invalidation); 3] = [
+            ("invalidate_key", |c| {
+                c.invalidate_key("k");
+            }),
+            ("invalidate_key_before", |c| {
+                c.invalidate_key_before("k", u64::MAX);
+            }),
+            ("clear", VerifiedCache::clear),
+        ];
+        for (name, invalidate) in invalidations {
+            for round in 0..200u32 {
+                let cache = Arc::new(VerifiedCache::new(100, Duration::from_secs(60)));
+                let now = Now::system();
+                let epoch = cache.epoch();
+                let c2 = Arc::clone(&cache);
+                let t = thread::spawn(move || {
+                    c2.insert_if_epoch(digest(round), entry("k", now, None), epoch);
+                });
+                invalidate(&cache);
+                t.join().unwrap();
+                assert!(
+                    cache.get(&digest(round), now).is_none(),
+                    "{name}, round {round}"
+                );
+                assert!(cache.index.is_empty(), "{name}, round {round}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_invalidation_of_another_key_does_not_stop_caching() {
+        let cache = VerifiedCache::default();
+        let now = Now::system();
+        let epoch = cache.epoch();
+        assert_eq!(cache.invalidate_key("b"), 0);
+        assert_eq!(cache.invalidate_key_before("c", 9), 0);
+        assert!(cache.insert_if_epoch(digest(1), entry("a", now, None), epoch));
+        assert!(cache.get(&digest(1), now).is_some());
+        // The keys that did change are refused, with the same epoch.
+        assert!(!cache.insert_if_epoch(digest(2), entry("b", now, None), epoch));
+        assert!(!cache.insert_if_epoch(digest(3), entry("c", now, None), epoch));
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.index.len(), 1);
+    }
+
+    #[test]
+    fn an_invalidation_before_the_epoch_was_read_does_not_stop_caching() {
+        let cache = VerifiedCache::default();
+        let now = Now::system();
+        cache.invalidate_key("a");
+        let epoch = cache.epoch();
+        assert!(cache.insert_if_epoch(digest(1), entry("a", now, None), epoch));
+    }
+
+    #[test]
+    fn clear_refuses_every_insert_in_flight() {
+        let cache = VerifiedCache::default();
+        let now = Now::system();
+        let epoch = cache.epoch();
+        cache.invalidate_key("k7");
+        cache.clear();
+        cache.invalidate_key("k8");
+        for i in 0..50 {
+            let key = format!("k{i}");
+            assert!(
+                !cache.insert_if_epoch(digest(i), entry(&key, now, None), epoch),
+                "{key}"
+            );
+        }
+        assert!(cache.is_empty());
+        assert!(cache.index.is_empty());
+        // Epochs read after the clear are current again, except for a key changed since.
+        let after = cache.epoch();
+        assert!(cache.insert_if_epoch(digest(0), entry("k0", now, None), after));
+        cache.invalidate_key("k1");
+        assert!(!cache.insert_if_epoch(digest(1), entry("k1", now, None), after));
+    }
+
+    #[test]
+    fn remembered_invalidations_are_bounded_and_forgetting_never_admits_a_stale_entry() {
+        let cache = VerifiedCache::with_changes_kept(1000, Duration::from_secs(60), 8);
+        let now = Now::system();
+        let long_ago = cache.epoch();
+        for i in 0..20 {
+            cache.invalidate_key(&format!("k{i}"));
+            assert!(cache.changed.len() <= 8, "{}", cache.changed.len());
+        }
+        // k0's invalidation is forgotten, yet a verification from before it is refused;
+        // so is one of a key never invalidated (in flight since before the forgotten ones).
+        assert!(!cache.changed.contains_key("k0"));
+        assert!(!cache.insert_if_epoch(digest(1), entry("k0", now, None), long_ago));
+        assert!(!cache.insert_if_epoch(digest(2), entry("never", now, None), long_ago));
+        // A recent verification is judged exactly.
+        let recent = cache.epoch();
+        cache.invalidate_key("k20");
+        cache.invalidate_key("k21");
+        assert!(cache.insert_if_epoch(digest(3), entry("never", now, None), recent));
+        assert!(cache.insert_if_epoch(digest(4), entry("k0", now, None), recent));
+        assert!(!cache.insert_if_epoch(digest(5), entry("k21", now, None), recent));
+    }
+
+    #[test]
+    fn churn_and_revocations_in_flight_never_leave_a_revoked_key_cached() {
+        // Verifier threads do what the keystore's verify does: read the epoch, read the
+        // "store" (a revoked flag), then cache unless revoked. Revoker threads change keys
+        // 0..8 (invalidations), then revoke them: set the flag (the store write), then
+        // invalidate, as the keystore does. Keys 8..16 never change. The cache remembers
+        // few changes, so that forgetting them happens during the run too.
+        const KEYS: usize = 16;
+        const CHURNED: usize = 8;
+        let keys: Arc<Vec<String>> = Arc::new((0..KEYS).map(|k| format!("k{k}")).collect());
+        let revoked: Arc<Vec<AtomicBool>> =
+            Arc::new((0..KEYS).map(|_| AtomicBool::new(false)).collect());
+        let done = Arc::new(AtomicBool::new(false));
+        let cache = Arc::new(VerifiedCache::with_changes_kept(
+            100_000,
+            Duration::from_secs(60),
+            4,
+        ));
+        let now = Now::system();
+        let verifiers: Vec<_> = (0..4u32)
+            .map(|t| {
+                let (cache, keys, revoked, done) = (
+                    Arc::clone(&cache),
+                    Arc::clone(&keys),
+                    Arc::clone(&revoked),
+                    Arc::clone(&done),
+                );
+                thread::spawn(move || {
+                    // At least 2,000 verifications, and then a round over every key begun
+                    // after the revokers finished (7 and 16 are coprime).
+                    let mut rounds_after = 0;
+                    for i in 0u32.. {
+                        if done.load(Ordering::SeqCst) {
+                            rounds_after += 1;
+                        }
+                        if i >= 2_000 && rounds_after > KEYS {
+                            break;
+                        }
+                        let k = (i as usize * 7 + t as usize) % KEYS;
+                        let epoch = cache.epoch();
+                        if revoked[k].load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        let d = digest(t * 1_000_000 + i);
+                        cache.insert_if_epoch(d, entry(&keys[k], now, None), epoch);
+                    }
+                })
+            })
+            .collect();
+        let revokers: Vec<_> = (0..2)
+            .map(|r| {
+                let (cache, keys, revoked) =
+                    (Arc::clone(&cache), Arc::clone(&keys), Arc::clone(&revoked));
+                thread::spawn(move || {
+                    for k in (r..CHURNED).step_by(2) {
+                        for _ in 0..50 {
+                            cache.invalidate_key_before(&keys[k], 1);
+                            thread::yield_now();
+                        }
+                        revoked[k].store(true, Ordering::SeqCst);
+                        cache.invalidate_key(&keys[k]);
+                    }
+                })
+            })
+            .collect();
+        for r in revokers {
+            r.join().unwrap();
+        }
+        done.store(true, Ordering::SeqCst);
+        for v in verifiers {
+            v.join().unwrap();
+        }
+        for (k, key) in keys.iter().enumerate() {
+            let cached = cache.map.iter().filter(|e| e.key_id == *key).count();
+            if k < CHURNED {
+                assert_eq!(cached, 0, "revoked key {key} left {cached} entries");
+            } else {
+                assert!(cached > 0, "unchanged key {key} was never cached");
+            }
+        }
+        let indexed: usize = cache.index.iter().map(|e| e.value().len()).sum();
+        assert_eq!(indexed, cache.len());
+    }
+
+    #[test]
+    fn without_forgetting_churn_on_other_keys_never_refuses_a_verification() {
+        // The same churn with the default memory of changes: every verification of an
+        // unchanged key caches, however the threads interleave.
+        let cache = Arc::new(VerifiedCache::new(100_000, Duration::from_secs(60)));
+        let now = Now::system();
+        let churn = {
+            let cache = Arc::clone(&cache);
+            thread::spawn(move || {
+                for i in 0..2_000 {
+                    cache.invalidate_key(&format!("other{}", i % 100));
+                    if i % 10 == 0 {
+                        thread::yield_now();
+                    }
+                }
+            })
+        };
+        let verifiers: Vec<_> = (0..2u32)
+            .map(|t| {
+                let cache = Arc::clone(&cache);
+                thread::spawn(move || {
+                    (0..2_000u32)
+                        .filter(|&i| {
+                            let epoch = cache.epoch();
+                            thread::yield_now();
+                            !cache.insert_if_epoch(
+                                digest(t * 1_000_000 + i),
+                                entry("stable", now, None),
+                                epoch,
+                            )
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        churn.join().unwrap();
+        let refused: usize = verifiers.into_iter().map(|v| v.join().unwrap()).sum();
+        assert_eq!(refused, 0);
+        assert_eq!(cache.len(), 4_000);
+    }
+
+    /// One step of [`insert_if_epoch_refuses_exactly_the_keys_changed_since`].
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Verifier `v` reads the epoch.
+        Read {
+            v: usize,
+        },
+        /// Verifier `v` caches an entry for key `k` with the epoch it read last.
+        Insert {
+            v: usize,
+            k: usize,
+        },
+        Invalidate {
+            k: usize,
+        },
+        InvalidateBefore {
+            k: usize,
+        },
+        Clear,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            2 => (0..3usize).prop_map(|v| Op::Read { v }),
+            4 => (0..3usize, 0..6usize).prop_map(|(v, k)| Op::Insert { v, k }),
+            3 => (0..6usize).prop_map(|k| Op::Invalidate { k }),
+            1 => (0..6usize).prop_map(|k| Op::InvalidateBefore { k }),
+            1 => Just(Op::Clear),
+        ]
+    }
+
+    /// What a verifier saw since it read its epoch.
+    #[derive(Debug, Default)]
+    struct Since {
+        changed: Vec<usize>,
+        invalidations: usize,
+        cleared: bool,
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// The model: an insert is refused if its key was invalidated or the cache cleared
+        /// since the epoch was read (always), and accepted otherwise, as long as no more
+        /// invalidations came since than the remembered half (2 of `changes_kept` 4 here,
+        /// with 6 keys: forgetting happens).
+        #[test]
+        fn insert_if_epoch_refuses_exactly_the_keys_changed_since(
+            ops in proptest::collection::vec(op(), 1..80)
+        ) {
+            let cache = VerifiedCache::with_changes_kept(1000, Duration::from_secs(60), 4);
             let now = Now::system();
-            let epoch = cache.epoch();
-            let c2 = Arc::clone(&cache);
-            let t = thread::spawn(move || {
-                c2.insert_if_epoch(digest(round), entry("k", now, None), epoch);
-            });
-            cache.invalidate_key("k");
-            t.join().unwrap();
-            assert!(cache.get(&digest(round), now).is_none(), "round {round}");
+            let mut read: Vec<Option<(u64, Since)>> = vec![None, None, None];
+            for (n, op) in (0u32..).zip(ops) {
+                match op {
+                    Op::Read { v } => read[v] = Some((cache.epoch(), Since::default())),
+                    Op::Insert { v, k } => {
+                        let Some((epoch, since)) = &read[v] else { continue };
+                        let key = format!("k{k}");
+                        let stale = since.cleared || since.changed.contains(&k);
+                        let got = cache.insert_if_epoch(digest(n), entry(&key, now, None), *epoch);
+                        if stale {
+                            proptest::prop_assert!(!got, "stale insert of {} accepted", key);
+                        } else if since.invalidations <= 2 {
+                            proptest::prop_assert!(got, "fresh insert of {} refused", key);
+                        }
+                        proptest::prop_assert_eq!(cache.get(&digest(n), now).is_some(), got);
+                    }
+                    Op::Invalidate { k } | Op::InvalidateBefore { k } => {
+                        let key = format!("k{k}");
+                        if matches!(op, Op::Invalidate { .. }) {
+                            cache.invalidate_key(&key);
+                        } else {
+                            cache.invalidate_key_before(&key, 1);
+                        }
+                        for (_, since) in read.iter_mut().flatten() {
+                            since.changed.push(k);
+                            since.invalidations += 1;
+                        }
+                        proptest::prop_assert!(cache.map.iter().all(|e| e.key_id != key));
+                        proptest::prop_assert!(cache.changed.len() <= 4);
+                    }
+                    Op::Clear => {
+                        cache.clear();
+                        for (_, since) in read.iter_mut().flatten() {
+                            since.cleared = true;
+                        }
+                        proptest::prop_assert!(cache.is_empty());
+                    }
+                }
+            }
         }
     }
 }

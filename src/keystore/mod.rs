@@ -1372,7 +1372,9 @@ impl Inner {
         client: Option<&str>,
         now: Now,
     ) -> Result<Arc<CachedKey>, VerifyError> {
-        // Read before the store: an invalidation after this point stops us caching.
+        // Read before the store: an invalidation of this key (or a clear) after this point
+        // stops us caching. The epoch does not name the key, so it serves 0.2 tokens too,
+        // whose key id is only known from the store.
         let epoch = self.cache.epoch();
         bump(&self.counters.store_reads);
         let found = match claim {
@@ -2619,6 +2621,228 @@ mod tests {
             assert_eq!(KeyStatus::parse(s.as_str()), Some(s));
         }
         assert_eq!(KeyStatus::parse("expired"), None);
+    }
+
+    // -- verifications in flight while keys change ----------------------------------------
+
+    /// A memory backend whose next read of one key (by id, or by 0.2 selector) stops after
+    /// reading the record: it reports the read, then waits for the test to let it return.
+    /// What the test does meanwhile happens while that verification is in flight.
+    #[derive(Default)]
+    struct GatedBackend {
+        inner: MemoryBackend,
+        gate: Mutex<Option<Gate>>,
+    }
+
+    struct Gate {
+        key: String,
+        read: crossbeam_channel::Sender<()>,
+        release: crossbeam_channel::Receiver<()>,
+    }
+
+    impl GatedBackend {
+        fn pass(&self, key: &str) {
+            let gate = {
+                let mut g = self.gate.lock();
+                if g.as_ref().is_some_and(|g| g.key == key) {
+                    g.take()
+                } else {
+                    None
+                }
+            };
+            if let Some(g) = gate {
+                g.read.send(()).unwrap();
+                g.release.recv().unwrap();
+            }
+        }
+    }
+
+    impl KeyBackend for GatedBackend {
+        fn insert(&self, record: &KeyRecord) -> Result<u64, KeyError> {
+            self.inner.insert(record)
+        }
+        fn get(&self, id: &str) -> Result<Option<KeyRecord>, KeyError> {
+            let found = self.inner.get(id);
+            self.pass(id);
+            found
+        }
+        fn get_by_legacy_selector(&self, selector: &str) -> Result<Option<KeyRecord>, KeyError> {
+            let found = self.inner.get_by_legacy_selector(selector);
+            self.pass(selector);
+            found
+        }
+        fn list(&self, include_revoked: bool) -> Result<Vec<KeyRecord>, KeyError> {
+            self.inner.list(include_revoked)
+        }
+        fn update(&self, record: &KeyRecord) -> Result<u64, KeyError> {
+            self.inner.update(record)
+        }
+        fn rotate(&self, old: &KeyRecord, new: &KeyRecord) -> Result<(u64, u64), KeyError> {
+            self.inner.rotate(old, new)
+        }
+        fn touch_many(&self, touches: &[Touch]) -> Result<(), KeyError> {
+            self.inner.touch_many(touches)
+        }
+        fn current_revision(&self) -> Result<u64, KeyError> {
+            self.inner.current_revision()
+        }
+        fn changed_since(&self, revision: u64) -> Result<(u64, Vec<Change>), KeyError> {
+            self.inner.changed_since(revision)
+        }
+    }
+
+    /// Verifies `token` on `m` while `during` runs: `m`'s store read for `key` (an id or a
+    /// 0.2 selector) has returned the record and argon2 (or bcrypt) has not run yet.
+    fn verify_while(
+        m: &KeyManager,
+        backend: &GatedBackend,
+        token: &str,
+        key: &str,
+        during: impl FnOnce(),
+    ) -> Result<Arc<CachedKey>, VerifyError> {
+        let (read, read_rx) = crossbeam_channel::bounded(1);
+        let (release_tx, release) = crossbeam_channel::bounded(1);
+        *backend.gate.lock() = Some(Gate {
+            key: key.to_owned(),
+            read,
+            release,
+        });
+        std::thread::scope(|s| {
+            let verification = s.spawn(|| m.verify(token, None));
+            read_rx.recv().unwrap();
+            during();
+            release_tx.send(()).unwrap();
+            verification.join().unwrap()
+        })
+    }
+
+    /// A manager over `backend` without the background thread (changes by other managers
+    /// are read by `sync_changes`).
+    fn manager_on(backend: &Arc<GatedBackend>) -> KeyManager {
+        let quiet = ManagerOptions {
+            background_thread: false,
+            ..opts()
+        };
+        KeyManager::with_backend(Arc::clone(backend) as Arc<dyn KeyBackend>, quiet).unwrap()
+    }
+
+    fn gated() -> (Arc<GatedBackend>, KeyManager) {
+        let backend = Arc::new(GatedBackend::default());
+        let m = manager_on(&backend);
+        (backend, m)
+    }
+
+    fn is_hit(m: &KeyManager, token: &str) -> bool {
+        matches!(m.verify_cached(token, Now::system()), CacheLookup::Hit(_))
+    }
+
+    #[test]
+    fn changes_to_other_keys_during_a_verification_do_not_stop_it_caching() {
+        let (backend, m) = gated();
+        let (a, token_a) = m.create("a", &[], None, Map::new()).unwrap();
+        let (b, _) = m.create("b", &[], None, Map::new()).unwrap();
+        let (c, _) = m.create("c", &[], None, Map::new()).unwrap();
+        let (d, _) = m.create("d", &[], None, Map::new()).unwrap();
+        let key = verify_while(&m, &backend, &token_a, &a.id, || {
+            m.revoke(&b.id).unwrap();
+            m.rotate(&c.id, chrono::Duration::zero()).unwrap();
+            m.invalidate(&d.id); // a change notice from another node
+        })
+        .unwrap();
+        assert_eq!(key.key_id, a.id);
+        assert!(
+            is_hit(&m, &token_a),
+            "cached despite the other keys' changes"
+        );
+        m.verify(&token_a, None).unwrap();
+        assert_eq!(m.stats().argon2_runs, 1);
+    }
+
+    #[test]
+    fn another_nodes_change_to_another_key_during_a_verification_does_not_stop_it_caching() {
+        let (backend, here) = gated();
+        let there = manager_on(&backend);
+        let (a, token_a) = there.create("a", &[], None, Map::new()).unwrap();
+        let (b, _) = there.create("b", &[], None, Map::new()).unwrap();
+        here.sync_changes().unwrap(); // the creations
+        verify_while(&here, &backend, &token_a, &a.id, || {
+            there.revoke(&b.id).unwrap();
+            assert_eq!(here.sync_changes().unwrap(), 1);
+        })
+        .unwrap();
+        assert!(is_hit(&here, &token_a));
+        // The same change to the key being verified does stop it.
+        here.clear_cache();
+        verify_while(&here, &backend, &token_a, &a.id, || {
+            there.revoke(&a.id).unwrap();
+            assert_eq!(here.sync_changes().unwrap(), 1);
+        })
+        .unwrap();
+        assert!(!is_hit(&here, &token_a));
+        assert!(matches!(
+            here.verify(&token_a, None),
+            Err(VerifyError::Revoked { .. })
+        ));
+    }
+
+    #[test]
+    fn a_key_revoked_during_its_verification_is_not_cached() {
+        let (backend, m) = gated();
+        let (a, token_a) = m.create("a", &[], None, Map::new()).unwrap();
+        // The verification read the record before the revocation: this request is admitted,
+        // the next one is not.
+        verify_while(&m, &backend, &token_a, &a.id, || {
+            m.revoke(&a.id).unwrap();
+        })
+        .unwrap();
+        assert!(!is_hit(&m, &token_a));
+        assert!(matches!(
+            m.verify(&token_a, None),
+            Err(VerifyError::Revoked { .. })
+        ));
+        // A change notice (from another node) for the key in flight stops it as well.
+        let (e, token_e) = m.create("e", &[], None, Map::new()).unwrap();
+        verify_while(&m, &backend, &token_e, &e.id, || m.invalidate(&e.id)).unwrap();
+        assert!(!is_hit(&m, &token_e));
+    }
+
+    #[test]
+    fn clear_cache_during_a_verification_stops_it_caching() {
+        let (backend, m) = gated();
+        let (a, token_a) = m.create("a", &[], None, Map::new()).unwrap();
+        verify_while(&m, &backend, &token_a, &a.id, || m.clear_cache()).unwrap();
+        assert!(!is_hit(&m, &token_a));
+        m.verify(&token_a, None).unwrap();
+        assert!(is_hit(&m, &token_a));
+        assert_eq!(m.stats().argon2_runs, 2);
+    }
+
+    #[test]
+    fn legacy_verifications_in_flight_are_stopped_by_changes_to_their_key_only() {
+        // A 0.2 token names its key by a selector: the key id is known only from the store.
+        let (k, other) = (Key02::new("k"), Key02::new("other"));
+        let (backend, m) = gated();
+        for key in [&k, &other] {
+            backend.inner.insert(&key.to_row_record()).unwrap();
+        }
+        verify_while(&m, &backend, &k.token, &k.selector, || {
+            m.revoke(&other.id).unwrap();
+        })
+        .unwrap();
+        assert!(is_hit(&m, &k.token));
+        assert_eq!(m.stats().bcrypt_runs, 1);
+        m.clear_cache();
+        verify_while(&m, &backend, &k.token, &k.selector, || m.invalidate(&k.id)).unwrap();
+        assert!(!is_hit(&m, &k.token));
+        verify_while(&m, &backend, &k.token, &k.selector, || {
+            m.revoke(&k.id).unwrap();
+        })
+        .unwrap();
+        assert!(!is_hit(&m, &k.token));
+        assert!(matches!(
+            m.verify(&k.token, None),
+            Err(VerifyError::Revoked { .. })
+        ));
     }
 
     // -- keys imported from fastmcp-guard 0.2 ------------------------------------------

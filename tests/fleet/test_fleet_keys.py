@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from fastmcp_guard._core import VerifyError
 from fastmcp_guard.errors import KeyNotFoundError, KeyRevokedError, StoreError
 
 from tests.fleet.postgres_server import PostgresServer
+from tests.inflight import verify_while, wait_until
 
 pytestmark = pytest.mark.fleet
 
@@ -183,6 +184,53 @@ def test_without_notifications_the_cache_ttl_bounds_the_delay(store_url: str) ->
     b.core.verify(str(key.token), None)
     a.revoke(key.id)
     assert 0.0 <= wait_refused(b, str(key.token), within=2.0) < 2.0
+    a.close()
+    b.close()
+
+
+def notified(store: KeyStore, change: Callable[[], object]) -> Callable[[], None]:
+    """Makes ``change`` on another node, then waits until ``store`` applied its change
+    notice (NOTIFY / pub/sub; ``store``'s watcher is off)."""
+
+    def run() -> None:
+        before = store.core.stats()["invalidations"]
+        change()
+        wait_until(lambda: store.core.stats()["invalidations"] > before,
+                   "the change notice reaching the verifying node")  # fmt: skip
+
+    return run
+
+
+def test_another_nodes_change_to_another_key_costs_a_verification_in_flight_no_argon2_run(
+    store_url: str,
+) -> None:
+    a, b = node(store_url, watch_interval_seconds=3600), node(store_url)
+    assert a._listener.listening.wait(5)
+    key, other = b.create("a"), b.create("b")
+    token = str(key.token)
+    # While a's verification of `key` is in flight, b revokes `other` and a hears of it.
+    got = verify_while(a.core, a._fleet_backend, token, key.id,
+                       notified(a, lambda: b.revoke(other.id)))  # fmt: skip
+    assert got.key_id == key.id
+    assert a.core.verify_cached(token) is not None
+    a.core.verify(token, None)
+    assert a.core.stats()["argon2_runs"] == 1
+    a.close()
+    b.close()
+
+
+def test_another_nodes_revocation_of_a_key_in_flight_leaves_it_uncached(store_url: str) -> None:
+    a, b = node(store_url, watch_interval_seconds=3600), node(store_url)
+    assert a._listener.listening.wait(5)
+    key = b.create("a")
+    token = str(key.token)
+    got = verify_while(a.core, a._fleet_backend, token, key.id,
+                       notified(a, lambda: b.revoke(key.id)))  # fmt: skip
+    assert got.key_id == key.id  # read before the revocation: this request is admitted
+    assert a.core.verify_cached(token) is None
+    with pytest.raises(VerifyError) as exc:
+        a.core.verify(token, None)
+    assert exc.value.reason == "revoked"
     a.close()
     b.close()
 

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from fastmcp_guard._core import KeyManager, StoreError, VerifyError
 
+from tests.inflight import verify_while
+
 
 class DictBackend:
     name = "dict://test"
@@ -168,3 +170,66 @@ def test_interpreter_exit_with_an_open_manager_is_clean() -> None:
                               timeout=60, check=False, cwd=root)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         assert "panicked" not in proc.stderr
+
+
+# -- verifications in flight while keys change -------------------------------------------
+
+
+def two_keys(km: KeyManager) -> tuple[str, str, str]:
+    """Key a's id and token, and key b's id."""
+    a, token_a = km.create("a")
+    b, _ = km.create("b")
+    return a.id, token_a, b.id
+
+
+@pytest.mark.parametrize("change", ["revoke here", "change notice", "another node's revoke"])
+def test_a_change_to_another_key_costs_a_verification_in_flight_no_second_argon2_run(
+    change: str,
+) -> None:
+    backend = DictBackend()
+    km = KeyManager.external(backend, watch_interval_seconds=3600)
+    other = KeyManager.external(backend, watch_interval_seconds=3600)
+    a, token_a, b = two_keys(km)
+    km.sync_changes()  # nothing pending from the creations
+
+    def change_b() -> None:
+        if change == "revoke here":
+            km.revoke(b)
+        elif change == "change notice":
+            km.invalidate(b)  # what the PostgreSQL / Redis listeners call
+        else:
+            other.revoke(b)
+            assert km.sync_changes() == 1
+
+    assert verify_while(km, backend, token_a, a, change_b).key_id == a
+    assert km.verify_cached(token_a) is not None
+    km.verify(token_a, None)
+    assert km.stats()["argon2_runs"] == 1
+    km.close()
+    other.close()
+
+
+def test_a_key_revoked_during_its_verification_is_not_cached() -> None:
+    backend = DictBackend()
+    km = KeyManager.external(backend, watch_interval_seconds=3600)
+    a, token_a, _ = two_keys(km)
+    # The verification read the record before the revocation: this request is admitted,
+    # the next one is refused, by the store and not from the cache.
+    assert verify_while(km, backend, token_a, a, lambda: km.revoke(a)).key_id == a
+    assert km.verify_cached(token_a) is None
+    with pytest.raises(VerifyError) as exc:
+        km.verify(token_a, None)
+    assert exc.value.reason == "revoked"
+    km.close()
+
+
+def test_clear_cache_during_a_verification_stops_it_caching() -> None:
+    backend = DictBackend()
+    km = KeyManager.external(backend, watch_interval_seconds=3600)
+    a, token_a, _ = two_keys(km)
+    verify_while(km, backend, token_a, a, km.clear_cache)
+    assert km.verify_cached(token_a) is None
+    km.verify(token_a, None)
+    assert km.verify_cached(token_a) is not None
+    assert km.stats()["argon2_runs"] == 2
+    km.close()
