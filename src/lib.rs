@@ -9,6 +9,7 @@ pub mod hashing;
 pub mod ipmatch;
 pub mod keystore;
 pub mod limiter;
+pub mod sqlite_wal;
 pub mod tokens;
 
 #[cfg(feature = "python")]

@@ -283,8 +283,7 @@ impl SqliteSink {
         let mut conn = Connection::open(path).map_err(db_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
         // The first statement that reads the file: detects files that are not databases.
-        conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0))
-            .map_err(|e| classify(path, e))?;
+        crate::sqlite_wal::enable_wal(&conn, BUSY_TIMEOUT).map_err(|e| classify(path, e))?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(db_err)?;
         // An existing table of another shape is refused before any change to the file.

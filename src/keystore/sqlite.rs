@@ -232,17 +232,16 @@ impl SqliteBackend {
         let conn = Connection::open(&path).map_err(store_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(store_err)?;
         // The first statement that reads the file: detects files that are not databases.
-        conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0))
-            .map_err(|e| {
-                if e.sqlite_error_code() == Some(ErrorCode::NotADatabase) {
-                    KeyError::NotADatabase {
-                        path: display.clone(),
-                        reason: e.to_string(),
-                    }
-                } else {
-                    store_err(e)
+        crate::sqlite_wal::enable_wal(&conn, BUSY_TIMEOUT).map_err(|e| {
+            if e.sqlite_error_code() == Some(ErrorCode::NotADatabase) {
+                KeyError::NotADatabase {
+                    path: display.clone(),
+                    reason: e.to_string(),
                 }
-            })?;
+            } else {
+                store_err(e)
+            }
+        })?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(store_err)?;
         let backend = Self {
