@@ -1031,16 +1031,22 @@ impl Recording {
             .map(|p| p.to_str().map(|t| (p, first_chars(t, self.preview_chars))))
             .transpose()?;
         let input_args = c.input_args.filter(|_| self.log_inputs);
-        let head = line_head(
-            c.status.to_str()?,
-            text(c.key_id)?,
-            text(c.key_name)?,
-            text(c.tool)?,
-            c.duration_ms,
-            c.error.map(|e| e.to_str()).transpose()?,
-            preview.map(|(_, cut)| cut),
-            c.client_ip.map(|e| e.to_str()).transpose()?,
-        )?;
+        let status: Status = c
+            .status
+            .to_str()?
+            .parse()
+            .map_err(|e: crate::audit::AuditError| PyValueError::new_err(e.to_string()))?;
+        let head = LineHead {
+            ts: Utc::now(),
+            key_id: text(c.key_id)?,
+            key_name: text(c.key_name)?,
+            tool: text(c.tool)?,
+            duration_ms: c.duration_ms,
+            status,
+            error: c.error.map(|e| e.to_str()).transpose()?,
+            output_preview: preview.map(|(_, cut)| cut),
+            client_ip: c.client_ip.map(|e| e.to_str()).transpose()?,
+        };
         let scopes = match c.scopes {
             Some(s) => scopes_tuple(s)?,
             None => PyTuple::empty(py),
@@ -1130,7 +1136,7 @@ fn warn_writer_losses(py: Python<'_>, path: &str, writer: &AuditWriter, interval
         py,
         format!(
             "audit log {path}: {} event{} lost since the last warning ({} dropped in all: queue \
-             full, writer closed or paused{}; {} lost to failed writes in all){}{}",
+             full, writer closed or paused{}; {} lost to failed writes in all){}",
             r.lost,
             if r.lost == 1 { "" } else { "s" },
             r.dropped,
@@ -1140,14 +1146,21 @@ fn warn_writer_losses(py: Python<'_>, path: &str, writer: &AuditWriter, interval
                 String::new()
             },
             r.failed,
-            r.paused
-                .map(|p| format!("; paused: {p}"))
-                .unwrap_or_default(),
-            r.last_error
-                .map(|e| format!("; last error: {e}"))
-                .unwrap_or_default()
+            loss_context(r.paused, r.last_error),
         ),
     );
+}
+
+/// `; paused: <why>` and `; last error: <message>`, each when there is one.
+fn loss_context(paused: Option<String>, last_error: Option<String>) -> String {
+    let mut out = String::new();
+    if let Some(p) = paused {
+        out += &format!("; paused: {p}");
+    }
+    if let Some(e) = last_error {
+        out += &format!("; last error: {e}");
+    }
+    out
 }
 
 /// Warns about events one backend of a fan-out lost (failed writes, paused).
@@ -1159,17 +1172,12 @@ fn warn_slot_losses(py: Python<'_>, path: &str, slot: &SlotStats, interval: Dura
         py,
         format!(
             "audit log {path}: {} event{} lost since the last warning ({} lost to failed \
-             writes in all; {} skipped while paused in all){}{}",
+             writes in all; {} skipped while paused in all){}",
             r.lost,
             if r.lost == 1 { "" } else { "s" },
             r.failed,
             r.paused_dropped,
-            r.paused
-                .map(|p| format!("; paused: {p}"))
-                .unwrap_or_default(),
-            r.last_error
-                .map(|e| format!("; last error: {e}"))
-                .unwrap_or_default()
+            loss_context(r.paused, r.last_error),
         ),
     );
 }
@@ -1334,37 +1342,6 @@ fn render_line(
             }
         },
     );
-}
-
-/// The status and scalar fields of one `log` call, parsed.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "the audit record's scalar fields"
-)]
-fn line_head<'a>(
-    status: &str,
-    key_id: &'a str,
-    key_name: &'a str,
-    tool: &'a str,
-    duration_ms: f64,
-    error: Option<&'a str>,
-    output_preview: Option<&'a str>,
-    client_ip: Option<&'a str>,
-) -> PyResult<LineHead<'a>> {
-    let status: Status = status
-        .parse()
-        .map_err(|e: crate::audit::AuditError| PyValueError::new_err(e.to_string()))?;
-    Ok(LineHead {
-        ts: Utc::now(),
-        key_id,
-        key_name,
-        tool,
-        duration_ms,
-        status,
-        error,
-        output_preview,
-        client_ip,
-    })
 }
 
 /// One backend of an [`PyAuditFanout`]: opened here (so a bad path fails now, naming it),

@@ -209,6 +209,8 @@ class AuditLog:
         }
         opened: list[Any] = []  # closed again if a later one fails
         loggers: list[Any] = []  # what log() calls
+        #: Per backend kind, what reports its own books (see :meth:`backend_stats`).
+        self._books: dict[str, list[Any]] = {}
         try:
             if len(written) > 1:
                 sinks, shippers = [], []
@@ -220,8 +222,10 @@ class AuditLog:
                         opened.append(shipper)
                         shippers.append(shipper)
                         sinks.append(shipper.writer)
+                        self._books["http"] = [shipper.writer, shipper]
                     else:
                         sinks.append(_open_sink(b))
+                        self._books[_kind(b)] = [sinks[-1]]
                         if isinstance(b, SQLiteBackend):
                             self._sqlite = sinks[-1]
                         self._writer = self._writer or sinks[-1]
@@ -243,10 +247,12 @@ class AuditLog:
                     shipper = HttpShipper(b, on_failure=self.on_failure, **common)
                     opened.append(shipper)
                     loggers.append(shipper.writer)
+                    self._books["http"] = [shipper]
                 else:
                     writer = _open_writer(b, common)
                     opened.append(writer)
                     loggers.append(writer)
+                    self._books[_kind(b)] = [writer]
                     self._writer = writer
                     if isinstance(b, SQLiteBackend):
                         self._sqlite = writer
@@ -255,6 +261,7 @@ class AuditLog:
                     from fastmcp_guard.audit.otel import OTelEmitter
 
                     opened.append(OTelEmitter(b, redact=self.redact))
+                    self._books["otel"] = [opened[-1]]
                     if loggers:  # the core's writer calls it after each enqueue
                         loggers[0].add_tap(opened[-1].log)
                     else:
@@ -265,20 +272,6 @@ class AuditLog:
             raise
         self._targets = opened
         self._loggers = loggers
-        #: Per backend kind, what reports its own books (see :meth:`backend_stats`).
-        self._books: dict[str, list[Any]] = {}
-        fan = next((t for t in opened if isinstance(t, AuditFanout)), None)
-        sinks = iter(fan.sinks) if fan is not None else iter(())
-        for b in backends:
-            kind = _kind(b)
-            if isinstance(b, OTelBackend):
-                self._books[kind] = [t for t in opened if type(t).__name__ == "OTelEmitter"]
-            elif isinstance(b, HttpBackend):
-                shipper = next(t for t in opened if getattr(t, "backend", None) is b)
-                self._books[kind] = [next(sinks)] if fan is not None else []
-                self._books[kind].append(shipper)
-            else:
-                self._books[kind] = [next(sinks) if fan is not None else opened[0]]
         self._route()
 
     @classmethod
@@ -293,6 +286,7 @@ class AuditLog:
         log.on_failure = "drop"
         log.fail_closed = False
         log._writer = log._sqlite = None
+        log._books = {}
         log._targets = list(targets)
         log._loggers = list(targets)
         log._route()
@@ -488,7 +482,7 @@ class AuditLog:
         writes; the HTTP shipper's ``shipped``, ``retries``, ``spooled_bytes``...; the
         OTel backend's ``otel_events``."""
         out: dict[str, dict[str, int]] = {}
-        for kind, parts in getattr(self, "_books", {}).items():
+        for kind, parts in self._books.items():
             merged: dict[str, int] = {}
             for part in parts:
                 merged.update(part.stats())
