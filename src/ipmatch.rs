@@ -1,8 +1,9 @@
 //! IP allow/deny lists and client-address resolution behind trusted proxies.
 //!
 //! Entries are IPv4 or IPv6 addresses or CIDRs (`203.0.113.7`, `10.0.0.0/8`,
-//! `2001:db8::/32`, `[::1]`). A bare address is a /32 or /128. Host bits in a CIDR are
-//! masked off (`10.1.2.3/8` means `10.0.0.0/8`, like Python's `ip_network(strict=False)`).
+//! `2001:db8::/32`, `[::1]`). A bare address is a /32 or /128. A CIDR with host bits set
+//! (`10.0.0.1/8`) is refused, naming the network that was probably meant (`10.0.0.0/8`), like
+//! Python's `ip_network(strict=True)`: it is a typo or a misunderstanding either way.
 //! IPv4-mapped IPv6 (`::ffff:10.0.0.1`) is normalised to IPv4, both in entries (a mapped
 //! CIDR with prefix >= 96 becomes the IPv4 CIDR with prefix - 96) and in checked addresses.
 //! An IPv6 CIDR shorter than /96 stays IPv6-only: `::/0` does not match IPv4 clients.
@@ -185,19 +186,41 @@ fn parse_entry(list: &'static str, raw: &str) -> Result<Net, IpError> {
     match addr {
         IpAddr::V4(a) => {
             let p = prefix.unwrap_or(32);
-            Ipv4Net::new(a, p)
-                .map(|n| Net::V4(n.trunc()))
-                .map_err(|_| too_long(p, 32, "IPv4"))
+            let n = Ipv4Net::new(a, p).map_err(|_| too_long(p, 32, "IPv4"))?;
+            strict(n.addr(), n.network(), p, &bad).map(|()| Net::V4(n))
         }
         IpAddr::V6(a) => {
             let p = prefix.unwrap_or(128);
             match a.to_ipv4_mapped() {
-                Some(v4) if p >= 96 => Ipv4Net::new(v4, p - 96).map(|n| Net::V4(n.trunc())),
-                _ => Ipv6Net::new(a, p).map(|n| Net::V6(n.trunc())),
+                Some(v4) if p >= 96 => {
+                    let n = Ipv4Net::new(v4, p - 96).map_err(|_| too_long(p, 128, "IPv6"))?;
+                    strict(n.addr(), n.network(), p - 96, &bad).map(|()| Net::V4(n))
+                }
+                _ => {
+                    let n = Ipv6Net::new(a, p).map_err(|_| too_long(p, 128, "IPv6"))?;
+                    strict(n.addr(), n.network(), p, &bad).map(|()| Net::V6(n))
+                }
             }
-            .map_err(|_| too_long(p, 128, "IPv6"))
         }
     }
+}
+
+/// Refuses a CIDR whose address has bits set past its prefix (`10.0.0.1/8`): the entry
+/// means either the network (`10.0.0.0/8`) or the one address (`10.0.0.1`), and guessing
+/// would silently widen or narrow a security list.
+fn strict<A: std::fmt::Display + PartialEq>(
+    addr: A,
+    network: A,
+    prefix: u8,
+    bad: &dyn Fn(String) -> IpError,
+) -> Result<(), IpError> {
+    if addr == network {
+        return Ok(());
+    }
+    Err(bad(format!(
+        "host bits are set after the /{prefix} prefix; write \"{network}/{prefix}\" for the \
+         network, or \"{addr}\" for the one address"
+    )))
 }
 
 /// Map IPv4-mapped IPv6 (`::ffff:a.b.c.d`) to IPv4; other addresses are unchanged.
@@ -313,41 +336,94 @@ impl IpMatcher {
         self.allow.is_empty()
     }
 
-    /// The client's address for a connection from `peer` carrying `X-Forwarded-For`
-    /// (several headers joined with commas by the caller).
+    /// The client of a connection from `peer` carrying `X-Forwarded-For` (every header line
+    /// joined with commas, in order, by the caller: HTTP list semantics).
     ///
-    /// - `peer` unparsable: `None`.
+    /// - `peer` unparsable: [`ClientAddr::Unparsable`] with the peer.
     /// - `peer` not a trusted proxy: `peer`; the header is ignored (only trusted proxies'
     ///   headers are honoured, so a client cannot spoof its address).
     /// - Otherwise walk the header from the right, skipping hops that are trusted proxies:
     ///   the first untrusted hop is the client. If every hop is trusted, the left-most one.
-    ///   An unparsable hop (`unknown`, garbage) stops the walk and the last good hop (the
-    ///   nearest trusted proxy, possibly `peer` itself) is returned, since nothing to its
-    ///   left can be attributed. Empty hops (`a,,b`) are skipped.
+    ///   An unparsable hop (`unknown`, garbage) ends the walk and *is* the client
+    ///   ([`ClientAddr::Unparsable`]): it is never replaced by a proxy's own address, which
+    ///   would let whatever the proxy could not name pass as the proxy (often allow-listed).
+    ///   Empty hops (`a,,b`) are skipped.
     #[must_use]
-    pub fn client_ip(&self, peer: &str, x_forwarded_for: Option<&str>) -> Option<IpAddr> {
-        let peer = parse_addr(peer)?;
-        if !self.trusted.contains(peer) {
-            return Some(peer);
+    pub fn resolve_client<'a>(
+        &self,
+        peer: &'a str,
+        x_forwarded_for: Option<&'a str>,
+    ) -> ClientAddr<'a> {
+        let Some(peer_ip) = parse_addr(peer) else {
+            return ClientAddr::Unparsable(peer.trim());
+        };
+        if !self.trusted.contains(peer_ip) {
+            return ClientAddr::Ip(peer_ip);
         }
         let Some(xff) = x_forwarded_for else {
-            return Some(peer);
+            return ClientAddr::Ip(peer_ip);
         };
-        let mut last_good = peer;
+        let mut last_good = peer_ip;
         for hop in xff.rsplit(',') {
             let hop = hop.trim();
             if hop.is_empty() {
                 continue;
             }
             let Some(ip) = parse_addr(hop) else {
-                return Some(last_good);
+                return ClientAddr::Unparsable(hop);
             };
             if !self.trusted.contains(ip) {
-                return Some(ip);
+                return ClientAddr::Ip(ip);
             }
             last_good = ip;
         }
-        Some(last_good)
+        ClientAddr::Ip(last_good)
+    }
+
+    /// [`IpMatcher::resolve_client`] when it is an address; `None` when the client is
+    /// unparsable.
+    #[must_use]
+    pub fn client_ip(&self, peer: &str, x_forwarded_for: Option<&str>) -> Option<IpAddr> {
+        match self.resolve_client(peer, x_forwarded_for) {
+            ClientAddr::Ip(ip) => Some(ip),
+            ClientAddr::Unparsable(_) => None,
+        }
+    }
+}
+
+/// The client of a request, as [`IpMatcher::resolve_client`] finds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAddr<'a> {
+    /// An address (IPv4-mapped IPv6 normalised to IPv4).
+    Ip(IpAddr),
+    /// The peer or forwarded hop that is not an address: it is the client, matches no list
+    /// entry, and any IP policy refuses it.
+    Unparsable(&'a str),
+}
+
+impl ClientAddr<'_> {
+    /// Longest unparsable client text kept (the rest is cut, with `…`): it reaches audit
+    /// lines and rate-limit keys.
+    pub const MAX_TEXT: usize = 64;
+
+    /// The address as text, or the unparsable text cut to [`ClientAddr::MAX_TEXT`]
+    /// characters with control characters replaced by `?`.
+    #[must_use]
+    pub fn text(&self) -> String {
+        match self {
+            ClientAddr::Ip(ip) => ip.to_string(),
+            ClientAddr::Unparsable(s) => {
+                let mut out: String = s
+                    .chars()
+                    .take(Self::MAX_TEXT)
+                    .map(|c| if c.is_control() { '?' } else { c })
+                    .collect();
+                if s.chars().nth(Self::MAX_TEXT).is_some() {
+                    out.push('…');
+                }
+                out
+            }
+        }
     }
 }
 
@@ -437,10 +513,10 @@ mod tests {
     }
 
     #[test]
-    fn entries_are_masked_and_mapped() {
+    fn entries_are_mapped() {
         let matcher = m(
             &[
-                "10.1.2.3/8",
+                "10.0.0.0/8",
                 "::ffff:192.0.2.0/120",
                 "::ffff:198.51.100.1",
                 "[2001:db8::1]",
@@ -578,13 +654,10 @@ mod tests {
             ("10.0.0.1", Some("198.51.100.7:5555"), Some("198.51.100.7")),
             // All hops trusted: the left-most.
             ("10.0.0.1", Some("10.0.0.9, 10.0.0.8"), Some("10.0.0.9")),
-            // Unparsable hop: stop at the last good hop.
-            ("10.0.0.1", Some("6.6.6.6, unknown"), Some("10.0.0.1")),
-            (
-                "10.0.0.1",
-                Some("6.6.6.6, garbage, 10.0.0.2"),
-                Some("10.0.0.2"),
-            ),
+            // Unparsable hop: it is the client (None here; see resolve_client), never the
+            // proxy in front of it.
+            ("10.0.0.1", Some("6.6.6.6, unknown"), None),
+            ("10.0.0.1", Some("6.6.6.6, garbage, 10.0.0.2"), None),
             // Empty hops are skipped.
             (
                 "10.0.0.1",
@@ -608,6 +681,79 @@ mod tests {
             m(NONE, NONE, NONE).client_ip("10.0.0.1", Some("1.1.1.1")),
             Some(ip("10.0.0.1"))
         );
+    }
+
+    #[test]
+    fn host_bits_in_a_cidr_are_refused_naming_the_network_meant() {
+        for (entry, meant) in [
+            ("10.0.0.1/8", "10.0.0.0/8"),
+            ("192.168.1.7/24", "192.168.1.0/24"),
+            ("2001:db8::1/32", "2001:db8::/32"),
+            ("::ffff:10.1.2.3/104", "10.0.0.0/8"),
+        ] {
+            let err = IpMatcher::new(&[entry], NONE, NONE)
+                .err()
+                .unwrap_or_else(|| panic!("{entry} was accepted"));
+            let msg = err.to_string();
+            assert!(msg.contains(meant), "{entry}: {msg}");
+            assert!(msg.contains("host bits"), "{entry}: {msg}");
+            // Every list refuses it, not only allow.
+            assert!(IpMatcher::new(NONE, &[entry], NONE).is_err());
+            assert!(IpMatcher::new(NONE, NONE, &[entry]).is_err());
+        }
+        // Exact networks and bare addresses still parse.
+        for ok in [
+            "10.0.0.0/8",
+            "10.0.0.1/32",
+            "10.0.0.1",
+            "0.0.0.0/0",
+            "2001:db8::/32",
+            "::/0",
+        ] {
+            assert!(IpMatcher::new(&[ok], NONE, NONE).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn an_unparsable_hop_is_the_client_not_the_proxy() {
+        let matcher = m(NONE, NONE, &["10.0.0.0/8"]);
+        assert_eq!(
+            matcher.resolve_client("10.0.0.1", Some("6.6.6.6, unknown")),
+            ClientAddr::Unparsable("unknown")
+        );
+        assert_eq!(
+            matcher.resolve_client("10.0.0.1", Some("6.6.6.6, garbage , 10.0.0.2")),
+            ClientAddr::Unparsable("garbage")
+        );
+        // Left of an untrusted hop nothing is read, garbage or not.
+        assert_eq!(
+            matcher.resolve_client("10.0.0.1", Some("garbage, 8.8.8.8")),
+            ClientAddr::Ip(ip("8.8.8.8"))
+        );
+        assert_eq!(
+            matcher.resolve_client("testclient", None),
+            ClientAddr::Unparsable("testclient")
+        );
+        let long = "x".repeat(500);
+        let text = matcher.resolve_client("10.0.0.1", Some(&long)).text();
+        assert_eq!(text.chars().count(), ClientAddr::MAX_TEXT + 1);
+        assert_eq!(
+            matcher
+                .resolve_client("10.0.0.1", Some("a\u{0}b\nc"))
+                .text(),
+            "a?b?c"
+        );
+    }
+
+    #[test]
+    fn every_forwarded_line_counts_right_to_left() {
+        // HAProxy adds its own line: the lines joined in order (HTTP list semantics) are read
+        // from the right, so the address the trusted proxy wrote wins over the client's.
+        let matcher = m(NONE, &["10.99.0.0/16"], &["127.0.0.1"]);
+        let joined = ["8.8.8.8", "10.99.0.1"].join(",");
+        let client = matcher.client_ip("127.0.0.1", Some(&joined));
+        assert_eq!(client, Some(ip("10.99.0.1")));
+        assert!(!matcher.check(ip("10.99.0.1")).is_allowed());
     }
 
     #[test]
@@ -645,9 +791,13 @@ mod tests {
 
     fn entry() -> impl Strategy<Value = Entry> {
         prop_oneof![
-            // IPv4, often with host bits set (masked on parse).
+            // IPv4 networks of any prefix.
             (any::<u32>(), 0u8..=32).prop_map(|(a, p)| {
-                let net = IpNet::V4(Ipv4Net::new(Ipv4Addr::from(a), p).unwrap_or_default());
+                let net = IpNet::V4(
+                    Ipv4Net::new(Ipv4Addr::from(a), p)
+                        .unwrap_or_default()
+                        .trunc(),
+                );
                 Entry {
                     text: net.to_string(),
                     net,
@@ -656,7 +806,9 @@ mod tests {
             // Short prefixes on a few fixed bases so that random addresses hit them.
             (0u32..4, 8u8..=24).prop_map(|(a, p)| {
                 let net = IpNet::V4(
-                    Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 | (a << 16)), p).unwrap_or_default(),
+                    Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 | (a << 16)), p)
+                        .unwrap_or_default()
+                        .trunc(),
                 );
                 Entry {
                     text: net.to_string(),
@@ -665,10 +817,12 @@ mod tests {
             }),
             // IPv4 written as IPv4-mapped IPv6.
             (any::<u32>(), 0u8..=32).prop_map(|(a, p)| {
-                let v4 = Ipv4Addr::from(a);
+                let n = Ipv4Net::new(Ipv4Addr::from(a), p)
+                    .unwrap_or_default()
+                    .trunc();
                 Entry {
-                    net: IpNet::V4(Ipv4Net::new(v4, p).unwrap_or_default()),
-                    text: format!("{}/{}", v4.to_ipv6_mapped(), u32::from(p) + 96),
+                    net: IpNet::V4(n),
+                    text: format!("{}/{}", n.network().to_ipv6_mapped(), u32::from(p) + 96),
                 }
             }),
             // IPv6 under 2001:db8::/32 mostly.
@@ -678,7 +832,11 @@ mod tests {
                 } else {
                     a
                 };
-                let net = IpNet::V6(Ipv6Net::new(Ipv6Addr::from(a), p).unwrap_or_default());
+                let net = IpNet::V6(
+                    Ipv6Net::new(Ipv6Addr::from(a), p)
+                        .unwrap_or_default()
+                        .trunc(),
+                );
                 Entry {
                     text: net.to_string(),
                     net,

@@ -586,11 +586,11 @@ impl PyIpMatcher {
         }
     }
 
+    /// The client: an address, or the unparsable peer / forwarded hop itself (cut to 64
+    /// characters), which `check` refuses as `"unparsable"`.
     #[pyo3(signature = (peer, x_forwarded_for=None))]
-    fn client_ip(&self, peer: &str, x_forwarded_for: Option<&str>) -> Option<String> {
-        self.0
-            .client_ip(peer, x_forwarded_for)
-            .map(|a| a.to_string())
+    fn client_ip(&self, peer: &str, x_forwarded_for: Option<&str>) -> String {
+        self.0.resolve_client(peer, x_forwarded_for).text()
     }
 }
 

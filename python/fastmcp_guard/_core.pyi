@@ -119,7 +119,10 @@ class IPMatcher:
     def is_allowed(self, ip: str) -> bool: ...
     def check(self, ip: str) -> str | None:
         """``None`` if allowed, else ``"deny_listed"``, ``"not_allow_listed"`` or ``"unparsable"``."""
-    def client_ip(self, peer: str, x_forwarded_for: str | None = None) -> str | None: ...
+    def client_ip(self, peer: str, x_forwarded_for: str | None = None) -> str:
+        """The client: an address, or the unparsable peer / forwarded hop itself (cut to 64
+        characters), which :meth:`check` refuses as ``"unparsable"``. ``x_forwarded_for``
+        is every header line joined with commas, in order."""
 
 # --- keys -------------------------------------------------------------------------
 

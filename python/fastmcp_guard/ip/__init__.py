@@ -5,8 +5,14 @@ IPv4-mapped IPv6 addresses (``::ffff:10.0.0.1``) count as their IPv4 address.
 Over HTTP the check runs before any token work, so a denied address costs nothing.
 
 Behind a reverse proxy, list the proxy in ``trusted_proxies``: its
-``X-Forwarded-For`` header is then honoured (read right to left, skipping trusted
-hops). Nobody else's ``X-Forwarded-For`` is believed.
+``X-Forwarded-For`` header is then honoured. Every line of it counts (joined in order,
+as HTTP lists are), read right to left, skipping trusted hops; the first untrusted hop
+is the client. A hop that is not an address ends the walk and is the client itself,
+which any policy refuses (it is never replaced by the proxy's own address). Nobody
+else's ``X-Forwarded-For`` is believed.
+
+A CIDR with host bits set (``10.0.0.1/8``) is refused, naming the network that was
+probably meant: a list entry should say exactly what it admits.
 """
 
 from __future__ import annotations
@@ -61,8 +67,10 @@ class IPPolicy:
         """True if ``ip`` may call; ``False`` for an unparsable address."""
         return self._core.is_allowed(ip)
 
-    def client_ip(self, peer: str, x_forwarded_for: str | None = None) -> str | None:
-        """The caller's address given the TCP peer and the ``X-Forwarded-For`` header."""
+    def client_ip(self, peer: str, x_forwarded_for: str | None = None) -> str:
+        """The caller given the TCP peer and ``X-Forwarded-For`` (every line joined with
+        commas, in order): an address, or the unparsable hop itself, which the policy
+        refuses."""
         return self._core.client_ip(peer, x_forwarded_for)
 
     def __repr__(self) -> str:
