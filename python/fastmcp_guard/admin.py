@@ -8,131 +8,186 @@ Two routes are added to the FastMCP app (HTTP transports only):
   of one key, or of every key the limiter tracks now;
 - ``POST /_guard/rate/reset`` with ``{"key": "<key id>"}``: forget a key's usage.
 
-Both require a guard key holding the admin scope (``guard:admin`` by default) in
-``Authorization: Bearer`` or ``X-API-Key``. They sit behind the same ASGI layer as
-MCP requests, so the IP policy applies and a refusal (401 without a valid key, 403
-without the scope) is audited like any other; an admin action is audited as
-``tool="admin:rate.status"`` / ``"admin:rate.reset"`` under the admin key's identity.
+They take key ids (``fmg_key_...``, or the limiter key of a caller without one), never
+tokens: a token in ``key`` is answered 400 ("pass the key id") and recorded nowhere.
+The CLI turns a token into its key id locally, before any request. A key id the server
+does not know and the limiter does not track is answered 404 (``unknown_key``).
+
+Both require a guard key holding the admin scope (``guard:admin``) in
+``Authorization: Bearer`` or ``X-API-Key``, verified by the routes themselves, so they
+hold whatever auth provider the server has; or a request over the server's **local
+admin socket**: ``fastmcp-guard run`` also serves these routes (and only these) on a
+Unix socket beside its SQLite key store (:func:`admin_socket_path`, mode 0600, so only
+the server's OS user and root can connect: whoever may write the key store may already
+issue itself an admin key). The ``rate`` commands use that socket when it is there, so
+they issue no key at all. They carry the guard's HTTP layer (IP
+policy, refusal audit, 429 for a throttled token) whatever the provider is; an admin
+action is audited as ``tool="admin:rate.status"`` / ``"admin:rate.reset"`` under the
+admin key's identity and the resolved client address.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
+from fastmcp.server.auth import AccessToken
 
-from fastmcp_guard._core import token_key_id
+from fastmcp_guard._core import looks_like_guard_token
 from fastmcp_guard.errors import RateBackendError
+from fastmcp_guard.http import ADMIN_SOCKET_STATE, add_route, client_of, verify_bearer
 
 if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
+    from fastmcp_guard.config import GuardConfig
     from fastmcp_guard.guard import Guard
 
-__all__ = ["ADMIN_SCOPE", "RATE_PATH", "RATE_RESET_PATH", "install_admin_routes"]
+__all__ = [
+    "ADMIN_PREFIX",
+    "ADMIN_SCOPE",
+    "RATE_PATH",
+    "RATE_RESET_PATH",
+    "admin_socket_path",
+    "install_admin_routes",
+]
 
 #: Scope a key needs to use the admin routes.
 ADMIN_SCOPE = "guard:admin"
+#: Every admin route starts with this; the admin socket serves nothing else.
+ADMIN_PREFIX = "/_guard/"
 RATE_PATH = "/_guard/rate"
 RATE_RESET_PATH = "/_guard/rate/reset"
+#: Who acts over the admin socket, in the audit log.
+SOCKET_ACTOR = "local-admin-socket"
+#: Longest Unix socket path Linux takes (108 bytes with the terminator), with room.
+_MAX_SOCKET_PATH = 100
 
 
-def normalise_key(key: str) -> str:
-    """A key id from a key id, a token's public part (``fmg_sk_<id>``) or a whole token."""
-    return (token_key_id(key) if key.startswith("fmg_sk_") else None) or key
+def admin_socket_path(config: GuardConfig, port: int) -> Path:
+    """Where a server on ``port`` with this configuration keeps its local admin socket:
+    beside its SQLite key store (``.fastmcp-guard-admin-<port>.sock``), or for another
+    store (or a path too long for a socket) in ``<tmp>/fastmcp-guard-<uid>/``."""
+    if config.keys.backend == "sqlite" and config.keys.path:
+        path = Path(config.keys.path).resolve().parent / f".fastmcp-guard-admin-{port}.sock"
+        if len(os.fsencode(path)) <= _MAX_SOCKET_PATH:
+            return path
+    tag = hashlib.blake2b(str(config.keys.masked()).encode(), digest_size=6).hexdigest()
+    return Path(tempfile.gettempdir()) / f"fastmcp-guard-{os.getuid()}" / f"admin-{tag}-{port}.sock"
+
+
+#: The answer to a token where a key id belongs (nothing of it is echoed or recorded).
+_PASS_THE_KEY_ID = (
+    "pass the key id (fmg_key_...), not a token: a token is a secret and must not travel "
+    "in a request parameter; `fastmcp-guard rate` turns a token into its key id locally"
+)
 
 
 def install_admin_routes(guard: Guard, scope: str = ADMIN_SCOPE) -> None:
     """Add the admin routes to ``guard.mcp`` (used by :class:`~fastmcp_guard.Guard`)."""
     from starlette.responses import JSONResponse
 
-    mcp = guard.mcp
+    def error(status: int, code: str, description: str, **headers: str) -> Response:
+        return JSONResponse({"error": code, "error_description": description},
+                            status_code=status, headers=headers or None)  # fmt: skip
 
-    def refuse(request: Request) -> Response | None:
-        user = request.user
-        if not getattr(user, "is_authenticated", False):
-            return JSONResponse(
-                {"error": "unauthorized",
-                 "error_description": f"a guard key with the {scope!r} scope is required"},
-                status_code=401, headers={"WWW-Authenticate": "Bearer"},
-            )  # fmt: skip
-        if scope not in request.auth.scopes:
-            return JSONResponse(
-                {"error": "forbidden", "error_description": f"the key lacks the {scope!r} scope"},
-                status_code=403,
-            )
-        return None
+    async def admin(request: Request) -> AccessToken | Response:
+        """The admin key's access token, or the refusal to send."""
+        if (request.scope.get("state") or {}).get(ADMIN_SOCKET_STATE):
+            # The local admin socket: its file mode is the credential.
+            return AccessToken(token="", client_id="", scopes=[scope],
+                               claims={"key_name": SOCKET_ACTOR})  # fmt: skip
+        ident = await verify_bearer(guard, request.scope)
+        if ident is None:
+            return error(401, "unauthorized", f"a guard key with the {scope!r} scope is required",
+                         **{"WWW-Authenticate": "Bearer"})  # fmt: skip
+        if scope not in ident.scopes:
+            return error(403, "forbidden", f"the key lacks the {scope!r} scope")
+        return ident
 
-    def unavailable(exc: RateBackendError) -> Response:
-        return JSONResponse(
-            {"error": "rate_backend_unavailable", "error_description": str(exc)},
-            status_code=503,
-        )
-
-    def audit_ok(request: Request, tool: str, args: dict[str, Any]) -> None:
-        token = getattr(request.user, "access_token", None)
-        claims = getattr(token, "claims", None) or {}
+    def audit_ok(request: Request, ident: AccessToken, tool: str, key: str | None) -> None:
         guard._audit_event(
-            "ok", tool=tool, key_id=getattr(token, "client_id", "") or "",
-            key_name=str(claims.get("key_name", "")), scopes=list(request.auth.scopes),
-            input_args=args, client_ip=request.client.host if request.client else None,
+            "ok", tool=tool, key_id=ident.client_id,
+            key_name=str((ident.claims or {}).get("key_name", "")),
+            scopes=list(ident.scopes), input_args={"key": key},
+            client_ip=client_of(guard.ip, request.scope),
         )  # fmt: skip
 
-    async def describe(key: str) -> dict[str, Any]:
-        info = (
-            await anyio.to_thread.run_sync(guard.keys.get, key)
-            if key.startswith("fmg_key_")
-            else None
-        )
-        status = await guard.rate_limit.status_async(key)
-        return {
-            "key": key,
-            "name": info.name if info is not None else None,
-            "per_key": status.get("per_key"),
-            "tools": status.get("tools", {}),
-        }
+    async def known(key: str) -> tuple[bool, str | None]:
+        """Whether the key store knows ``key`` (a key id), and the key's name."""
+        if not key.startswith("fmg_key_"):
+            return False, None
+        info = await anyio.to_thread.run_sync(guard.keys.get, key)
+        return (False, None) if info is None else (True, info.name)
 
-    @mcp.custom_route(RATE_PATH, methods=["GET"], include_in_schema=False)
+    async def describe(key: str) -> dict[str, Any] | None:
+        """The buckets of ``key``; ``None`` if no key has this id and it has no buckets."""
+        rate = guard.rate_limit
+        exists, name = await known(key)
+        if not exists and key not in await rate.tracked_keys_async():
+            return None
+        status = await rate.status_async(key)
+        return {"key": key, "name": name, "per_key": status.get("per_key"),
+                "tools": status.get("tools", {})}  # fmt: skip
+
     async def rate_status(request: Request) -> Response:
-        refused = refuse(request)
-        if refused is not None:
-            return refused
+        ident = await admin(request)
+        if not isinstance(ident, AccessToken):
+            return ident
         wanted = request.query_params.get("key")
+        if wanted is not None and looks_like_guard_token(wanted):
+            return error(400, "invalid_request", _PASS_THE_KEY_ID)
         rate = guard.rate_limit
         try:
-            keys = [normalise_key(wanted)] if wanted else await rate.tracked_keys_async()
+            if wanted:
+                one = await describe(wanted.strip())
+                if one is None:
+                    return error(404, "unknown_key",
+                                 f"no key {wanted.strip()!r} in the key store or the limiter")  # fmt: skip
+                described = [one]
+            else:
+                described = [d for k in await rate.tracked_keys_async()
+                             if (d := await describe(k)) is not None]  # fmt: skip
             body = {
                 "per_key_rate": rate.per_key,
                 "global_rate": rate.global_limit,
                 "global": (await rate.status_async("")).get("global"),
-                "keys": [await describe(k) for k in keys],
+                "keys": described,
             }
         except RateBackendError as exc:
-            return unavailable(exc)
-        audit_ok(request, "admin:rate.status", {"key": wanted})
+            return error(503, "rate_backend_unavailable", str(exc))
+        audit_ok(request, ident, "admin:rate.status", wanted)
         return JSONResponse(body)
 
-    @mcp.custom_route(RATE_RESET_PATH, methods=["POST"], include_in_schema=False)
     async def rate_reset(request: Request) -> Response:
-        refused = refuse(request)
-        if refused is not None:
-            return refused
+        ident = await admin(request)
+        if not isinstance(ident, AccessToken):
+            return ident
         try:
             payload = json.loads(await request.body() or b"{}")
             key = payload["key"]
-            if not isinstance(key, str) or not key:
+            if not isinstance(key, str) or not key.strip():
                 raise TypeError
         except (ValueError, KeyError, TypeError):
-            return JSONResponse(
-                {"error": "invalid_request", "error_description": 'send {"key": "<key id>"}'},
-                status_code=400,
-            )
-        key = normalise_key(key)
+            return error(400, "invalid_request", 'send {"key": "<key id>"}')
+        key = key.strip()
+        if looks_like_guard_token(key):
+            return error(400, "invalid_request", _PASS_THE_KEY_ID)
         try:
+            exists, _ = await known(key)
             tracked = await guard.rate_limit.reset_async(key)
         except RateBackendError as exc:
-            return unavailable(exc)
-        audit_ok(request, "admin:rate.reset", {"key": key})
+            return error(503, "rate_backend_unavailable", str(exc))
+        if not exists and not tracked:
+            return error(404, "unknown_key", f"no key {key!r} in the key store or the limiter")
+        audit_ok(request, ident, "admin:rate.reset", key)
         return JSONResponse({"reset": key, "was_tracked": tracked})
+
+    add_route(guard, RATE_PATH, ["GET"], rate_status)
+    add_route(guard, RATE_RESET_PATH, ["POST"], rate_reset)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
+from fastmcp.server.providers import Provider
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 
 from fastmcp_guard._core import Identity, VerifyError
@@ -24,6 +28,8 @@ if TYPE_CHECKING:
     from fastmcp import FastMCP
 
 __all__ = ["ENV_KEY", "Guard"]
+
+_log = logging.getLogger("fastmcp_guard")
 
 #: Environment variable holding the key that identifies stdio / in-process callers.
 ENV_KEY = "FASTMCP_GUARD_KEY"
@@ -56,8 +62,12 @@ class Guard:
         manage_auth: ``None`` (default): install the key verifier; if the server
             already has an auth provider, ``fmg_sk_`` tokens go to the guard and
             all other tokens to that provider. ``True``: the guard's verifier
-            only, replacing any provider. ``False``: leave ``mcp.auth`` alone;
-            limits and audit apply to whatever identity the existing auth gives.
+            only, replacing any provider. ``False``: the guard verifies no token;
+            every one goes to the server's provider, whose decisions stand, and
+            limits and audit apply to the identity it gives. ``mcp.auth`` is then
+            wrapped only to put the guard's HTTP layer (IP policy, refusal audit) in
+            front of it; with no provider at all, the IP policy is applied to every
+            MCP request by the guard's middleware instead.
         config: the configuration the missing objects are built from (default:
             ``GuardConfig.load(profile="library")``, read only if something is missing).
         metrics: count decisions, refusals and the guard's own overhead, served in the
@@ -132,6 +142,8 @@ class Guard:
         self.ip = ip
         self.keys.audit = audit
         self.verifier: GuardTokenVerifier | None = None
+        #: The local admin socket's path when ``fastmcp-guard run`` serves one.
+        self._admin_socket: str | None = None
 
         self._local_token = os.environ.get(ENV_KEY) or None
         self._local_cached: tuple[str, float | None, Caller] | None = None
@@ -145,9 +157,24 @@ class Guard:
                     f"or unset {ENV_KEY}"
                 ) from None
 
-        if manage_auth is not False:
-            fallback = None if manage_auth else mcp.auth
-            self.verifier = GuardTokenVerifier(self, fallback=fallback)
+        # The guard's HTTP layer (IP policy, X-API-Key, refusal audit, 429 / 503) reaches
+        # FastMCP's app through the auth provider's middleware, so the guard installs a
+        # verifier in every case where there is a provider: its own (manage_auth None /
+        # True) or a wrapper that leaves every token to the server's provider (False).
+        # With no provider and manage_auth=False the guard's FastMCP middleware applies
+        # the IP policy to every MCP request instead, and its own routes carry the layer.
+        existing = mcp.auth
+        #: Verifies guard keys for the guard's own routes (admin, metrics), whatever
+        #: ``mcp.auth`` is.
+        self._keys_verifier = GuardTokenVerifier(self)
+        if manage_auth is False:
+            if existing is not None:
+                self.verifier = GuardTokenVerifier(self, fallback=existing, own_keys=False)
+        elif existing is None or manage_auth:
+            self.verifier = self._keys_verifier
+        else:
+            self.verifier = GuardTokenVerifier(self, fallback=existing)
+        if self.verifier is not None:
             mcp.auth = self.verifier
         self.middleware = GuardMiddleware(self)
         if admin_routes:
@@ -157,6 +184,10 @@ class Guard:
         if self.metrics is not None:
             _install_metrics(self, self.metrics)
         mcp.add_middleware(self.middleware)
+        # Flushes the audit log when the server's lifespan ends: an in-process
+        # ``Client(mcp)`` session closing (0.2 wrote each line before answering, and its
+        # users read the file right after), or an HTTP server stopping.
+        mcp.add_provider(_AuditFlush(self))
 
     # -- used by the middleware and the ASGI layer ------------------------------------
 
@@ -188,6 +219,36 @@ class Guard:
         if self.audit is not None:
             self.audit.log(status, **fields)
 
+    def _refused(
+        self,
+        status: str,
+        client_ip: str | None,
+        reason: str,
+        *,
+        key_id: str = "",
+        error: str | None = None,
+        path: str | None = None,
+    ) -> None:
+        """Record a refusal made before there is an identity (``unauthorized``,
+        ``forbidden``, ``ip_denied``, ``throttled``), attributed to the key id the token
+        claimed, if any."""
+        if self.audit is not None:
+            self.audit.log(
+                status, key_id=key_id, client_ip=client_ip, error=error,
+                extra={"reason": reason, "path": path},
+            )  # fmt: skip
+
+    def http_middleware(self) -> list[Any]:
+        """The guard's HTTP layer as Starlette middleware, for an app built by hand
+        (``mcp.http_app(middleware=guard.http_middleware())``). The guard's verifier
+        already installs it wherever the server has an auth provider; installed twice,
+        it runs once. ``fastmcp-guard run`` passes it."""
+        from starlette.middleware import Middleware
+
+        from fastmcp_guard.http import GuardASGIMiddleware
+
+        return [Middleware(GuardASGIMiddleware, guard=self)]  # type: ignore[arg-type]
+
     # -- lifecycle ---------------------------------------------------------------------
 
     def close(self) -> None:
@@ -205,19 +266,59 @@ class Guard:
         )
 
 
-def _install_metrics(guard: Guard, metrics: GuardMetrics) -> None:
-    """Serve ``metrics`` at its path and feed it the audit writer's and key manager's
-    counters at scrape time."""
-    from starlette.requests import Request
-    from starlette.responses import Response
+class _AuditFlush(Provider):
+    """A provider of no components whose lifespan flushes the guard's audit log when the
+    server's lifespan ends; the request path never waits on the writer."""
 
-    from fastmcp_guard.metrics import CONTENT_TYPE, audit_lines, key_lines
+    def __init__(self, guard: Guard) -> None:
+        super().__init__()
+        self._guard = guard
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            audit = self._guard.audit
+            # An unhealthy log reports its failed writes to whoever flushes or closes it
+            # next: leave that to its owner rather than turn it into a warning here.
+            if audit is not None and audit.healthy():
+                try:
+                    await anyio.to_thread.run_sync(audit.flush)
+                except GuardError as exc:  # reported by the log's own books as well
+                    _log.warning("audit log flush at the end of the server's lifespan: %s", exc)
+
+
+def _install_metrics(guard: Guard, metrics: GuardMetrics) -> None:
+    """Serve ``metrics`` at its path (behind the guard's HTTP layer, to a key with a
+    metrics scope or an allowed address) and feed it the audit writer's and key
+    manager's counters at scrape time."""
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+
+    from fastmcp_guard.http import add_route, client_of, verify_bearer
+    from fastmcp_guard.metrics import CONTENT_TYPE, METRICS_SCOPES, audit_lines, key_lines
 
     audit = guard.audit
     if audit is not None and audit.backends:
         metrics.add_source(audit_lines(audit.stats))
     metrics.add_source(key_lines(guard.keys.core.stats))
+    wanted = " or ".join(repr(s) for s in sorted(METRICS_SCOPES))
 
-    @guard.mcp.custom_route(metrics.path, methods=["GET"], include_in_schema=False)
     async def serve_metrics(request: Request) -> Response:
+        if not metrics.admits_address(client_of(guard.ip, request.scope)):
+            token = await verify_bearer(guard, request.scope)
+            if token is None:
+                return JSONResponse(
+                    {"error": "unauthorized",
+                     "error_description": f"a guard key with the {wanted} scope is required"},
+                    status_code=401, headers={"WWW-Authenticate": "Bearer"},
+                )  # fmt: skip
+            if not METRICS_SCOPES.intersection(token.scopes):
+                return JSONResponse(
+                    {"error": "forbidden", "error_description": f"the key lacks the {wanted} scope"},
+                    status_code=403,
+                )  # fmt: skip
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    add_route(guard, metrics.path, ["GET"], serve_metrics)

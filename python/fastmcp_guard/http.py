@@ -1,15 +1,24 @@
-"""The guard's ASGI layer, placed in front of FastMCP's bearer-auth middleware.
+"""The guard's HTTP layer: pure ASGI, in front of FastMCP's own auth middleware.
 
 For every HTTP request it:
 
-1. works out the client address (the TCP peer, or ``X-Forwarded-For`` when the
-   peer is a trusted proxy) and refuses a denied address with 403 *before any
-   token work*, so a denied address costs no hashing;
+1. works out the client (the TCP peer, or, when the peer is a trusted proxy, the
+   right-most untrusted hop of every ``X-Forwarded-For`` line) and refuses a denied
+   address with 403 *before any token work*, so a denied address costs no hashing;
 2. maps ``X-API-Key: <token>`` to ``Authorization: Bearer <token>`` when no
    ``Authorization`` header is present (for clients that cannot set it);
-3. records one audit event for each refusal FastMCP answers with 401 / 403;
-4. answers 503 with ``Retry-After`` when the key store cannot be read (a token not
-   yet in the verified cache cannot be judged; cached ones keep working).
+3. records one audit event for each refusal FastMCP answers with 401 / 403, with the
+   key id the token claimed and the reason (``bad_secret``, ``unknown_key``...);
+4. answers 429 with ``Retry-After`` when the failure throttle stops a token (the token
+   may be valid: a 401 would tell its owner otherwise), and 503 with ``Retry-After``
+   when the key store cannot be read (cached keys keep working).
+
+It is installed whatever the auth provider is (see :class:`~fastmcp_guard.Guard`): by
+the guard's token verifier when the guard owns ``mcp.auth`` or wraps the server's
+provider, and by ``fastmcp-guard run`` / :meth:`~fastmcp_guard.Guard.http_middleware`
+for an app built by hand. Installed twice, it runs once. Where it cannot be installed (no
+auth provider at all and an app the guard does not build), the guard's FastMCP
+middleware applies the same IP policy to every MCP request (:func:`admit`).
 
 It is pure ASGI (no Starlette request objects) to keep the per-request cost low.
 """
@@ -17,6 +26,7 @@ It is pure ASGI (no Starlette request objects) to keep the per-request cost low.
 from __future__ import annotations
 
 import json
+import math
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,22 +34,54 @@ from typing import TYPE_CHECKING, Any
 from fastmcp.server.auth import TokenVerificationError
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from fastmcp.server.auth import AccessToken
+    from starlette.requests import Request
+    from starlette.responses import Response
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
     from fastmcp_guard.guard import Guard
+    from fastmcp_guard.ip import IPPolicy
 
-__all__ = ["GuardASGIMiddleware", "RequestState", "current_request_state"]
+__all__ = [
+    "GuardASGIMiddleware",
+    "RequestState",
+    "TokenThrottled",
+    "add_route",
+    "admit",
+    "client_of",
+    "current_request_state",
+    "verify_bearer",
+]
 
-#: Key under ``scope["state"]`` holding the resolved client address.
+#: Key under ``scope["state"]`` holding the resolved client address (set once per request).
 CLIENT_IP_STATE = "fastmcp_guard_client_ip"
+#: Key under ``scope["state"]``: the request came over the server's local admin socket.
+ADMIN_SOCKET_STATE = "fastmcp_guard_admin_socket"
+#: The client address recorded for a request over the local admin socket.
+ADMIN_SOCKET_CLIENT = "unix:admin-socket"
+
+
+class TokenThrottled(TokenVerificationError):
+    """The failure throttle refused a token before hashing it: answered 429, not 401."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass
 class RequestState:
-    """What the ASGI layer learned about a request, shared with the verifier."""
+    """What the HTTP layer and the verifier learn about one request's token."""
 
     client_ip: str | None
+    #: Why the token was refused (the verifier's message; names a key id, never a token).
     refusal: str | None = None
+    #: The refusal's reason code: ``malformed``, ``unknown_key``, ``bad_secret``...
+    reason: str | None = None
+    #: The key id the refused token claimed (public), ``""`` if none.
+    key_id: str = ""
 
 
 _request_state: ContextVar[RequestState | None] = ContextVar("fastmcp_guard_request", default=None)
@@ -57,6 +99,68 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+def forwarded_for(scope: Scope) -> str | None:
+    """Every ``X-Forwarded-For`` line of the request joined with commas, in order (HTTP
+    list semantics: a proxy such as HAProxy adds a line of its own rather than appending
+    to the client's)."""
+    lines = [value for key, value in scope.get("headers") or () if key == b"x-forwarded-for"]
+    if not lines:
+        return None
+    return b",".join(lines).decode("latin-1")
+
+
+def client_of(ip: IPPolicy | None, scope: Scope) -> str | None:
+    """The client of an HTTP request: the one the HTTP layer resolved, else the TCP peer,
+    or the right-most untrusted ``X-Forwarded-For`` hop when the peer is a trusted proxy."""
+    state = scope.get("state")
+    if state is not None and CLIENT_IP_STATE in state:
+        resolved: str | None = state[CLIENT_IP_STATE]
+        return resolved
+    client = scope.get("client")
+    peer = client[0] if client else None
+    if peer is None or ip is None or not ip.trusted_proxies:
+        return peer
+    return ip.core.client_ip(peer, forwarded_for(scope))
+
+
+def admit(ip: IPPolicy | None, client_ip: str | None) -> str | None:
+    """Why the IP policy refuses ``client_ip`` (``deny_listed``, ``not_allow_listed``,
+    ``unparsable``), or ``None`` if it may proceed (always without a policy)."""
+    if ip is None:
+        return None
+    if client_ip is None:
+        return "unparsable"
+    return ip.core.check(client_ip)
+
+
+async def verify_bearer(guard: Guard, scope: Scope) -> AccessToken | None:
+    """The guard key in the request's ``Authorization: Bearer`` (or ``X-API-Key``), verified
+    by the guard's own key verifier whatever ``mcp.auth`` is; ``None`` without a valid one.
+    Raises what the verifier raises when it cannot decide (throttled: 429; store: 503)."""
+    raw = _header(scope, b"authorization")
+    if raw is None:
+        raw = _header(scope, b"x-api-key")
+        token = None if raw is None else raw.decode("latin-1").strip()
+    else:
+        text = raw.decode("latin-1")
+        token = text[7:].strip() if text[:7].lower() == "bearer " else None
+    if not token:
+        return None
+    return await guard._keys_verifier.verify_token(token)
+
+
+def add_route(
+    guard: Guard, path: str, methods: list[str], handler: Callable[[Request], Awaitable[Response]]
+) -> None:
+    """Serve ``handler`` at ``path`` on the guarded server, behind the guard's HTTP layer
+    whatever the server's auth provider is (the layer runs once if the provider's
+    middleware put it in front already)."""
+    from starlette.routing import request_response
+
+    app: Any = GuardASGIMiddleware(request_response(handler), guard)
+    guard.mcp.custom_route(path, methods=methods, include_in_schema=False)(app)
+
+
 class GuardASGIMiddleware:
     """IP policy, ``X-API-Key`` mapping and refusal audit for HTTP transports."""
 
@@ -68,28 +172,38 @@ class GuardASGIMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        guard = self.guard
-        client = scope.get("client")
-        peer = client[0] if client else None
-        ip_policy = guard.ip
-        client_ip = peer
-        if ip_policy is not None:
-            if peer is not None and ip_policy.trusted_proxies:
-                xff = _header(scope, b"x-forwarded-for")
-                client_ip = ip_policy.core.client_ip(peer, xff.decode("latin-1") if xff else None)
-            reason = ip_policy.core.check(client_ip) if client_ip is not None else "unparsable"
-            if reason is not None:
-                guard._audit_event(
-                    "ip_denied", client_ip=client_ip, error=f"client address refused ({reason})",
-                    extra={"path": scope.get("path")},
-                )  # fmt: skip
-                await _send_json(send, 403, {"error": "forbidden",
-                                             "error_description": "client address not allowed"})  # fmt: skip
-                return
         state = scope.get("state")
         if state is None:
             scope["state"] = state = {}
+        elif CLIENT_IP_STATE in state:
+            await self.app(scope, receive, send)  # an outer copy of this layer ran already
+            return
+        guard = self.guard
+        path = scope.get("path")
+        server = scope.get("server")
+        if (
+            guard._admin_socket is not None and server is not None
+            and server[1] is None and server[0] == guard._admin_socket
+        ):  # fmt: skip
+            # The local admin socket (the listening socket's own address: no client can
+            # claim it). It serves the admin routes and nothing else.
+            if not (path or "").startswith("/_guard/"):
+                await _send_json(send, 404, {"error": "not_found", "error_description":
+                                             "the admin socket serves /_guard/ only"})  # fmt: skip
+                return
+            state[CLIENT_IP_STATE] = ADMIN_SOCKET_CLIENT
+            state[ADMIN_SOCKET_STATE] = True
+            await self.app(scope, receive, send)
+            return
+        client_ip = client_of(guard.ip, scope)
         state[CLIENT_IP_STATE] = client_ip
+        refused = admit(guard.ip, client_ip)
+        if refused is not None:
+            guard._refused("ip_denied", client_ip, refused,
+                           error=f"client address refused ({refused})", path=path)  # fmt: skip
+            await _send_json(send, 403, {"error": "forbidden",
+                                         "error_description": "client address not allowed"})  # fmt: skip
+            return
 
         if _header(scope, b"authorization") is None:
             api_key = _header(scope, b"x-api-key")
@@ -110,21 +224,31 @@ class GuardASGIMiddleware:
                     started = True
                     if message["status"] in (401, 403):
                         status = "unauthorized" if message["status"] == 401 else "forbidden"
-                        guard._audit_event(
-                            status, client_ip=client_ip,
-                            error=req.refusal or "missing or invalid token",
-                            extra={"path": scope.get("path")},
+                        reason = req.reason or ("invalid_token" if status == "unauthorized"
+                                                else "insufficient_scope")  # fmt: skip
+                        guard._refused(
+                            status, client_ip, reason, key_id=req.key_id,
+                            error=req.refusal or "missing or invalid token", path=path,
                         )  # fmt: skip
                 await send(message)
 
             try:
                 await self.app(scope, receive, send_and_audit)
+            except TokenThrottled as exc:
+                guard._refused("throttled", client_ip, req.reason or "throttled",
+                               key_id=req.key_id, error=str(exc), path=path)  # fmt: skip
+                if started:
+                    raise
+                wait = str(max(1, math.ceil(exc.retry_after))).encode()
+                await _send_json(send, 429, {"error": "too_many_attempts",
+                                             "error_description": str(exc)},
+                                 headers=[(b"retry-after", wait)])  # fmt: skip
             except TokenVerificationError as exc:
                 # The key store is down (or every hashing slot busy): a documented 503,
                 # not a crash and not a 401 (the token may be valid).
-                guard._audit_event("unauthorized", client_ip=client_ip,
-                                   error=f"key store unavailable: {exc}",
-                                   extra={"path": scope.get("path")})  # fmt: skip
+                guard._refused("unauthorized", client_ip, req.reason or "store",
+                               key_id=req.key_id, error=f"key store unavailable: {exc}",
+                               path=path)  # fmt: skip
                 if started:
                     raise
                 await _send_json(send, 503, {"error": "temporarily_unavailable",

@@ -1,12 +1,18 @@
 """Prometheus metrics of the guard (opt-in: ``Guard(mcp, metrics=True)``).
 
-Served in the Prometheus text format at ``GET /metrics`` on the guarded HTTP server
-(behind the guard's IP policy, so ``allow=`` can limit it to the scraper's network), or
+Served in the Prometheus text format at ``GET /metrics`` on the guarded HTTP server, or
 read with :meth:`GuardMetrics.render`. No client library is needed.
+
+**Who may read them.** The route sits behind the guard's IP policy, and then needs
+either a guard key with the ``guard:metrics`` (or ``guard:admin``) scope, sent as
+``Authorization: Bearer`` (Prometheus: ``authorization: {credentials: ...}`` in the
+scrape config), or a client address in ``GuardMetrics(allow=[...])`` (the scraper's
+network). Anyone else gets 401 / 403: the figures describe the traffic of every caller.
 
 - ``fastmcp_guard_decisions_total{status,tool}``: every decision, one per audit event:
   ``ok``, ``error``, ``rate_limited``, ``unauthorized`` (auth failures), ``forbidden``,
-  ``ip_denied``, and the key lifecycle's ``created`` / ``rotated`` / ``revoked``;
+  ``ip_denied``, ``throttled``, and the key lifecycle's ``created`` / ``rotated`` /
+  ``revoked``;
 - ``fastmcp_guard_rate_limited_total{tool}`` and ``fastmcp_guard_auth_failures_total``:
   the refusals operators alert on, broken out;
 - ``fastmcp_guard_overhead_seconds``: a histogram of the time the guard adds to a call
@@ -17,18 +23,38 @@ read with :meth:`GuardMetrics.render`. No client library is needed.
   audit writer's state, read at scrape time;
 - ``fastmcp_guard_key_cache_*``: the verified-token cache's argon2 runs and store reads.
 
-Label values are tool names and statuses (bounded by the server's tools); never key ids
-or client addresses (unbounded, and personal).
+**Labels are bounded by the server, not by callers.** The ``tool`` label is the name of
+a registered tool or prompt, a resource's URI, or for a URI read through a resource
+template the template itself (``users://{id}/profile``, never ``users://42/profile``);
+anything else (an unknown name, a URI no resource serves) is ``other``. Never key ids or
+client addresses (unbounded, and personal).
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["CONTENT_TYPE", "GuardMetrics"]
+if TYPE_CHECKING:
+    from fastmcp import FastMCP
+    from fastmcp.resources import ResourceTemplate
+
+__all__ = ["CONTENT_TYPE", "METRICS_SCOPES", "OTHER", "ComponentLabels", "GuardMetrics"]
+
+#: Scopes that may read ``/metrics`` (any one of them).
+METRICS_SCOPES = frozenset({"guard:metrics", "guard:admin"})
+
+#: The label of anything the server does not serve.
+OTHER = "other"
+
+#: Labels of the guard's own audited actions (not components of the server).
+_GUARD_LABELS = frozenset({"", "admin:rate.status", "admin:rate.reset"})
+
+#: Reload the server's components at most this often when an unknown target is seen.
+_RELOAD_EVERY_S = 1.0
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -65,13 +91,69 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+class ComponentLabels:
+    """The ``tool`` label of a call target, from the components the server registers.
+
+    Names come from the server's tools, prompts and static resources, plus its resource
+    templates (a URI read through one is labelled with the template), listed without
+    any caller's auth filter. A target that is none of these is :data:`OTHER`, so callers
+    cannot create series. The list is read on first use and again when a target is not
+    in it, at most once a second (a tool added at run time gets its own label).
+    """
+
+    def __init__(self) -> None:
+        self._names: frozenset[str] = _GUARD_LABELS
+        self._templates: tuple[ResourceTemplate, ...] = ()
+        self._loaded_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def label(self, target: str) -> str:
+        """The label of ``target`` (synchronous: what is known now)."""
+        if target in self._names:
+            return target
+        if "://" in target:
+            for template in self._templates:
+                if template.matches(target) is not None:
+                    return template.uri_template
+        return OTHER
+
+    async def learn(self, server: FastMCP[Any], target: str) -> None:
+        """Reload the server's components if ``target`` is not known yet (throttled)."""
+        if self.label(target) != OTHER or time.monotonic() - self._loaded_at < _RELOAD_EVERY_S:
+            return
+        self._loaded_at = time.monotonic()
+        from fastmcp import FastMCP
+
+        # The unfiltered lists (FastMCP's own overrides filter by the current caller's auth).
+        base = super(FastMCP, server)
+        names = set(_GUARD_LABELS)
+        names.update(t.name for t in await base.list_tools())
+        names.update(p.name for p in await base.list_prompts())
+        names.update(str(r.uri) for r in await base.list_resources())
+        templates = tuple(await base.list_resource_templates())
+        with self._lock:
+            self._names = frozenset(names)
+            self._templates = templates
+
+
 class GuardMetrics:
     """Counters and histograms of one guard. It is also an audit target (every decision
     passes through it: see :class:`~fastmcp_guard.audit.AuditLog`), so decisions are
     counted exactly where they are audited."""
 
-    def __init__(self, path: str = "/metrics") -> None:
+    def __init__(self, path: str = "/metrics", *, allow: Sequence[str] | None = None) -> None:
+        """``path``: where the route is served. ``allow``: addresses / CIDRs (the
+        scraper's) that may read it without a key; everyone else needs a guard key with
+        a scope in :data:`METRICS_SCOPES`."""
+        from fastmcp_guard._core import IPMatcher
+
+        if isinstance(allow, str):
+            raise TypeError("GuardMetrics(allow=...) takes a list of strings, not one string")
         self.path = path
+        self.allow = list(allow or [])
+        self._allow = IPMatcher(allow=self.allow) if self.allow else None
+        #: The ``tool`` label of each call target.
+        self.labels = ComponentLabels()
         self._lock = threading.Lock()
         self._decisions: dict[tuple[str, str], int] = {}
         self.overhead = _Histogram(_OVERHEAD_BUCKETS)
@@ -83,7 +165,7 @@ class GuardMetrics:
 
     def log(self, status: str, key_id: str, key_name: str, tool: str, scopes: Any,
             duration_ms: float, *rest: Any) -> bool:  # fmt: skip
-        key = (status, tool)
+        key = (status, self.labels.label(tool))
         with self._lock:
             self._decisions[key] = self._decisions.get(key, 0) + 1
             if status in ("ok", "error") and duration_ms:
@@ -108,6 +190,13 @@ class GuardMetrics:
         """Time the guard added to one call."""
         with self._lock:
             self.overhead.observe(seconds)
+
+    def admits_address(self, client_ip: str | None) -> bool:
+        """True if ``client_ip`` may read the metrics without a key (``allow=``)."""
+        return (
+            self._allow is not None and client_ip is not None
+            and self._allow.check(client_ip) is None
+        )  # fmt: skip
 
     def add_source(self, lines: Callable[[], list[str]]) -> None:
         """Register a callable producing exposition lines at scrape time."""

@@ -11,6 +11,15 @@ Callers are identified by, in order: the access token FastMCP verified (a guard
 key, or another verifier's client id), then the client address; on transports
 without HTTP (stdio, in-process) by the key in ``FASTMCP_GUARD_KEY`` if one was
 given, else as the local user.
+
+On transports without HTTP FastMCP applies no component ``auth`` check (stdio trusts
+its environment). When ``FASTMCP_GUARD_KEY`` gives the caller an identity, the guard
+applies the tools', resources' and prompts' checks to it as FastMCP does over HTTP:
+hidden from listings, refused when called, audited ``forbidden``.
+
+Over HTTP, when the guard's HTTP layer did not run for a request (the server has no
+auth provider for it to ride on, see :class:`~fastmcp_guard.Guard`), every MCP request
+gets the IP policy here instead.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fastmcp import FastMCP
 from fastmcp.exceptions import AuthorizationError, NotFoundError
 from fastmcp.server.auth import AuthContext, run_auth_checks
 from fastmcp.server.dependencies import get_access_token, get_http_request
@@ -27,12 +37,15 @@ from fastmcp.tools.base import ToolResult
 from mcp import MCPError
 from mcp.server.auth.middleware.auth_context import auth_context_var
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
-from mcp_types import INTERNAL_ERROR, TextContent
+from mcp_types import INTERNAL_ERROR, INVALID_REQUEST, TextContent
 
-from fastmcp_guard.http import CLIENT_IP_STATE
+from fastmcp_guard.http import CLIENT_IP_STATE, admit, client_of
 from fastmcp_guard.rate import RateLimitExceeded, tool_rate_of
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from fastmcp.server.auth import AccessToken
     from fastmcp.server.middleware import CallNext, MiddlewareContext
 
     from fastmcp_guard.guard import Guard
@@ -68,6 +81,28 @@ class GuardMiddleware(Middleware):
         self.guard = guard
         self._tools_seen: set[str] = set()
 
+    # -- the IP policy where the HTTP layer did not run ---------------------------------
+
+    async def on_request(
+        self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]
+    ) -> Any:
+        ip = self.guard.ip
+        if ip is not None:
+            try:
+                scope = get_http_request().scope
+            except RuntimeError:
+                return await call_next(context)  # stdio / in-process: no address
+            state = scope.get("state")
+            if state is None or CLIENT_IP_STATE not in state:
+                client_ip = client_of(ip, scope)
+                refused = admit(ip, client_ip)
+                if refused is not None:
+                    self.guard._refused("ip_denied", client_ip, refused,
+                                        error=f"client address refused ({refused})",
+                                        path=scope.get("path"))  # fmt: skip
+                    raise MCPError(INVALID_REQUEST, f"client address not allowed ({refused})")
+        return await call_next(context)
+
     # -- identity ----------------------------------------------------------------------
 
     async def _caller(self) -> Caller:
@@ -76,10 +111,7 @@ class GuardMiddleware(Middleware):
         except RuntimeError:
             return await self.guard._local_caller()
         scope = request.scope
-        client_ip = (scope.get("state") or {}).get(CLIENT_IP_STATE)
-        if client_ip is None:
-            client = scope.get("client")
-            client_ip = client[0] if client else None
+        client_ip = client_of(self.guard.ip, scope)
         user = scope.get("user")
         token = user.access_token if isinstance(user, AuthenticatedUser) else None
         if token is None:
@@ -92,6 +124,51 @@ class GuardMiddleware(Middleware):
         # Another verifier's identity: limited and audited under its client id.
         return Caller(key_id, key_id, "", token.scopes, {"auth": "external"}, client_ip)
 
+    # -- listings: component checks for the local identity (stdio skips FastMCP's) -------
+
+    async def on_list_tools(
+        self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]
+    ) -> Any:
+        return await self._listed(context, call_next)
+
+    async def on_list_resources(
+        self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]
+    ) -> Any:
+        return await self._listed(context, call_next)
+
+    async def on_list_resource_templates(
+        self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]
+    ) -> Any:
+        return await self._listed(context, call_next)
+
+    async def on_list_prompts(
+        self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]
+    ) -> Any:
+        return await self._listed(context, call_next)
+
+    async def _listed(self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]) -> Any:
+        token = await self._local_token()
+        if token is None:
+            return await call_next(context)
+        reset = auth_context_var.set(AuthenticatedUser(token))
+        try:
+            listed: Sequence[Any] = await call_next(context)
+        finally:
+            auth_context_var.reset(reset)
+        return [c for c in listed if not await _refused_by_auth(c, token)]
+
+    async def _local_token(self) -> AccessToken | None:
+        """The access token of the ``FASTMCP_GUARD_KEY`` identity on a transport without
+        HTTP; ``None`` over HTTP (FastMCP checks there) or without such a key."""
+        if self.guard._local_token is None:
+            return None
+        try:
+            get_http_request()
+        except RuntimeError:
+            user = (await self.guard._local_caller()).sdk_user
+            return None if user is None else user.access_token
+        return None
+
     # -- the three guarded calls -------------------------------------------------------
 
     async def on_call_tool(
@@ -101,18 +178,18 @@ class GuardMiddleware(Middleware):
         name = msg.name
         if name not in self._tools_seen:
             await self._register_tool(context, name)
-        return await self._guarded(context, call_next, name, name, msg.arguments)
+        return await self._guarded(context, call_next, "tool", name, msg.arguments)
 
     async def on_read_resource(
         self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]
     ) -> Any:
-        return await self._guarded(context, call_next, str(context.message.uri), None, None)
+        return await self._guarded(context, call_next, "resource", str(context.message.uri), None)
 
     async def on_get_prompt(
         self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]
     ) -> Any:
         msg = context.message
-        return await self._guarded(context, call_next, msg.name, None, msg.arguments)
+        return await self._guarded(context, call_next, "prompt", msg.name, msg.arguments)
 
     async def _register_tool(self, context: MiddlewareContext[Any], name: str) -> None:
         """Read a tool's ``@rate_limit`` once and hand it to the limiter."""
@@ -131,15 +208,34 @@ class GuardMiddleware(Middleware):
         self,
         context: MiddlewareContext[Any],
         call_next: CallNext[Any, Any],
+        kind: str,
         target: str,
-        tool: str | None,
         arguments: Any,
     ) -> Any:
         guard = self.guard
         metrics = guard.metrics
         entered = time.perf_counter() if metrics is not None else 0.0
+        tool = target if kind == "tool" else None
         caller = await self._caller()
         audit = guard.audit
+        if metrics is not None and context.fastmcp_context is not None:
+            await metrics.labels.learn(context.fastmcp_context.fastmcp, target)
+        if caller.sdk_user is not None:
+            # A local identity (FASTMCP_GUARD_KEY): FastMCP applies no auth check on
+            # stdio, so the guard does, as FastMCP would over HTTP.
+            component = await _component(context, kind, target)
+            if component is not None and await _refused_by_auth(
+                component, caller.sdk_user.access_token
+            ):
+                unknown = NotFoundError(f"Unknown {kind}: {target!r}")  # FastMCP's answer
+                if audit is not None:
+                    audit.log(
+                        "forbidden", key_id=caller.key_id, key_name=caller.key_name,
+                        tool=target, scopes=caller.scopes, error=str(unknown),
+                        input_args=arguments, client_ip=caller.client_ip,
+                        metadata=caller.metadata,
+                    )  # fmt: skip
+                raise unknown
         if audit is not None and audit.fail_closed and not audit.healthy():
             # Recorded if it can be: that attempt is also what notices a recovered sink.
             audit.log(
@@ -192,9 +288,10 @@ class GuardMiddleware(Middleware):
             status, error = "forbidden", str(exc)
             raise
         except NotFoundError as exc:
-            # FastMCP answers "Unknown tool" for a tool the caller's scopes hide, so as
-            # not to reveal it; the audit log says what really happened.
-            hidden = tool is not None and await _hidden_by_auth(context, tool)
+            # FastMCP answers "Unknown tool / resource / prompt" for a component the
+            # caller's scopes hide, so as not to reveal it; the audit log says what
+            # really happened.
+            hidden = await _hidden_by_auth(context, kind, target)
             status, error = ("forbidden" if hidden else "error"), str(exc)
             raise
         except Exception as exc:
@@ -217,24 +314,47 @@ class GuardMiddleware(Middleware):
                 metrics.observe_overhead((start - entered) + (time.perf_counter() - finished))
 
 
-async def _hidden_by_auth(context: MiddlewareContext[Any], name: str) -> bool:
-    """True if tool ``name`` exists but its ``auth`` checks refuse the caller (error path only)."""
+async def _component(context: MiddlewareContext[Any], kind: str, target: str) -> Any:
+    """The tool, prompt, resource or resource template a call names, found without any
+    caller's auth filter (FastMCP's own lookups hide what the caller may not see)."""
     fctx = context.fastmcp_context
     if fctx is None:
+        return None
+    # The provider-level lists, with the server's transforms and without its auth filter
+    # (FastMCP overrides the public list methods to filter them, and the get methods
+    # reach its filtered lookups).
+    base = super(FastMCP, fctx.fastmcp)
+    if kind == "tool":
+        return next((t for t in await base.list_tools() if t.name == target), None)
+    if kind == "prompt":
+        return next((p for p in await base.list_prompts() if p.name == target), None)
+    for resource in await base.list_resources():
+        if str(resource.uri) == target:
+            return resource
+    for template in await base.list_resource_templates():
+        if template.matches(target) is not None:
+            return template
+    return None
+
+
+async def _refused_by_auth(component: Any, token: AccessToken | None) -> bool:
+    """True if ``component`` has ``auth`` checks and they refuse ``token``."""
+    if getattr(component, "auth", None) is None:
         return False
     try:
-        # Ask the server's providers directly: FastMCP's own lookup filters by caller.
-        for provider in fctx.fastmcp.providers:
-            tool = await provider.get_tool(name)
-            if tool is not None:
-                break
-        else:
-            return False
-        if tool.auth is None:
-            return False
         return not await run_auth_checks(
-            tool.auth, AuthContext(token=get_access_token(), component=tool)
+            component.auth, AuthContext(token=token, component=component)
         )
+    except AuthorizationError:
+        return True
+
+
+async def _hidden_by_auth(context: MiddlewareContext[Any], kind: str, target: str) -> bool:
+    """True if the component exists but its ``auth`` checks refuse the caller (error path
+    only)."""
+    try:
+        component = await _component(context, kind, target)
+        return component is not None and await _refused_by_auth(component, get_access_token())
     except Exception:  # noqa: BLE001 - classification only; the call already failed
         return False
 

@@ -45,6 +45,7 @@ async def test_metrics_count_every_decision_and_match_the_audit_log(tmp_path: Pa
     audit = AuditLog(backend=FileBackend(tmp_path / "a.jsonl"))
     mcp, guard = server(audit=audit, rate_limit=RateLimit(per_key="3/minute"))
     key = guard.keys.create("alice")
+    scraper = guard.keys.create("prometheus", scopes=["guard:metrics"])
     async with serve_http(mcp) as url:
         async with http_client(url, str(key.token)) as client:
             for _ in range(4):
@@ -53,7 +54,8 @@ async def test_metrics_count_every_decision_and_match_the_audit_log(tmp_path: Pa
         async with httpx.AsyncClient() as h:
             bad = await h.post(url, headers={"Authorization": "Bearer fmg_sk_nope"}, json={})
             assert bad.status_code == 401
-            resp = await h.get(base + "/metrics")
+            resp = await h.get(base + "/metrics",
+                               headers={"Authorization": f"Bearer {scraper.token}"})  # fmt: skip
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
     text = resp.text
     assert sample(text, "fastmcp_guard_decisions_total", status="ok", tool="echo") == 3

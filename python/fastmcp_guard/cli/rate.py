@@ -7,10 +7,15 @@ config ``url``; default ``http://127.0.0.1:8000``). The answer is the limiter's 
 state: the calls actually made.
 
 The routes need a key with the ``guard:admin`` scope: ``--admin-key`` /
-``FASTMCP_GUARD_ADMIN_KEY`` / config ``admin_key``. Without one, and when the CLI can
-write the server's key store (SQLite), it issues a short-lived admin key (expiring in
-five minutes), uses it for this one command and revokes it; both steps are in the
-audit log with the actor, like any key management.
+``FASTMCP_GUARD_ADMIN_KEY`` / config ``admin_key``. Without one, the CLI asks over the
+server's local admin socket when there is one (``fastmcp-guard run`` serves it beside its
+SQLite key store: no key is issued at all). Failing that, and when the CLI can write the
+server's key store (SQLite) and the server answers, it issues an admin key that expires
+in a minute, uses it for this one command and revokes it; both steps are in the audit
+log with the actor, like any key management.
+
+A key is named by its id. A token given instead is turned into its key id here, before
+any request: a token never leaves the CLI (the server answers a token with 400).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from contextlib import ExitStack
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
+from fastmcp_guard.admin import RATE_PATH
 from fastmcp_guard.cli._common import (
+    UsageError,
     add_command,
     add_group,
     attach_audit,
@@ -47,7 +54,9 @@ The server must be running over HTTP (fastmcp-guard run, or Guard(mcp) in code).
 """
 
 #: How long an admin key issued for one command lives, at most.
-_EPHEMERAL = timedelta(minutes=5)
+_EPHEMERAL = timedelta(minutes=1)
+#: Host names that are this machine (the local admin socket only serves those).
+_LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
 class ServerError(OSError):
@@ -78,7 +87,8 @@ def _status(args: argparse.Namespace) -> int:
     config = cli_config(args, url=args.url, admin_key=args.admin_key)
     from urllib.parse import urlencode
 
-    query = "" if not args.key else "?" + urlencode({"key": args.key.strip()})
+    key = _key_id(config, args.key) if args.key else None
+    query = "" if key is None else "?" + urlencode({"key": key})
     body = _call(config, args, "GET", f"/_guard/rate{query}")
     if want_json(args):
         print_json(body)
@@ -104,7 +114,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _reset(args: argparse.Namespace) -> int:
     config = cli_config(args, url=args.url, admin_key=args.admin_key)
-    body = _call(config, args, "POST", "/_guard/rate/reset", {"key": args.key.strip()})
+    body = _call(config, args, "POST", "/_guard/rate/reset", {"key": _key_id(config, args.key)})
     if want_json(args):
         print_json(body)
     elif body.get("was_tracked"):
@@ -120,45 +130,131 @@ def _usage(bucket: dict[str, Any]) -> str:
     return f"{bucket['used']}/{bucket['limit']} per {per}"
 
 
+def _key_id(config: GuardConfig, given: str) -> str:
+    """The key id (or other limiter key) that ``given`` names. A token, or a token's
+    public part, is turned into its key id here, so that no token is ever sent."""
+    from fastmcp_guard._core import looks_like_guard_token, token_key_id
+
+    given = given.strip()
+    if not looks_like_guard_token(given):
+        return given
+    key_id = token_key_id(given)
+    if key_id is not None:
+        return key_id
+    # A fastmcp-guard 0.2 token (fmg_sk_<hex>.<secret>): its id is in the key store.
+    public = given.split(".", 1)[0]
+    if store_exists(config):
+        store = config.key_store()
+        try:
+            found = store.get(public)
+        finally:
+            store.close()
+        if found is not None:
+            return str(found.id)
+    raise UsageError(f"cannot tell the key id of {public}...; pass the key id (fmg_key_...)")
+
+
 def _call(
     config: GuardConfig, args: argparse.Namespace, method: str, path: str,
     payload: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
+    if config.admin_key:
+        return _request(config.url, method, path, config.admin_key, payload)
+    socket_path = _local_admin_socket(config)
+    if socket_path is not None:
+        return _request(config.url, method, path, None, payload, unix=socket_path)
+    _reachable(config.url)
     with ExitStack() as stack:
-        token = config.admin_key or _ephemeral_admin_key(config, args, stack)
+        token = _ephemeral_admin_key(config, args, stack)
         return _request(config.url, method, path, token, payload)
 
 
-def _request(
-    base: str, method: str, path: str, token: str, payload: dict[str, Any] | None
-) -> dict[str, Any]:
-    # Imported here: urllib.request pulls in ssl and email (16 ms) that other commands skip.
-    import urllib.error
-    import urllib.request
+def _local_admin_socket(config: GuardConfig) -> str | None:
+    """The admin socket of the server at ``config.url`` when it is on this machine."""
+    from urllib.parse import urlsplit
 
-    url = base.rstrip("/") + path
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={
-        "Authorization": f"Bearer {token}", "Content-Type": "application/json",
-    })  # fmt: skip
+    from fastmcp_guard.admin import admin_socket_path
+
+    url = urlsplit(config.url)
+    if url.hostname not in _LOCAL_HOSTS or url.port is None:
+        return None
+    path = admin_socket_path(config, url.port)
+    return str(path) if path.is_socket() else None
+
+
+def _reachable(base: str) -> None:
+    """Raise :class:`ServerError` unless a guarded server answers at ``base`` (asked
+    without credentials: a guard answers 401), before any key is issued for it."""
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return dict(json.loads(resp.read() or b"{}"))
-    except urllib.error.HTTPError as exc:
-        detail = ""
-        try:
-            detail = json.loads(exc.read()).get("error_description", "")
-        except (ValueError, AttributeError):
-            pass
-        if exc.code == 404:
-            detail = "no admin routes here: is this a guarded server, served over HTTP?"
-        raise ServerError(f"{method} {url}: HTTP {exc.code} {detail}".rstrip()) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+        _request(base, "GET", RATE_PATH, None, None)
+    except ServerError as exc:
+        if "HTTP 401" not in str(exc):
+            raise
+
+
+def _request(
+    base: str, method: str, path: str, token: str | None, payload: dict[str, Any] | None,
+    *, unix: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    # Imported here: http.client pulls in ssl and email (16 ms) that other commands skip.
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base.rstrip("/") + path)
+    shown = f"{method} {base.rstrip('/')}{path}" + (f" (over {unix})" if unix else "")
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None if payload is None else json.dumps(payload).encode()
+    if unix is not None:
+        conn: http.client.HTTPConnection = _unix_connection(unix, timeout=10)
+    elif url.scheme == "https":
+        conn = http.client.HTTPSConnection(url.hostname or "", url.port, timeout=10)
+    else:
+        conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=10)
+    target = url.path + (f"?{url.query}" if url.query else "")
+    try:
+        conn.request(method, target, body=data, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+    except (OSError, http.client.HTTPException) as exc:
+        if unix is not None:
+            raise ServerError(f"cannot reach the server's admin socket {unix} ({exc})") from None
         raise ServerError(
-            f"cannot reach the server at {base} ({reason}); is it running? "
+            f"cannot reach the server at {base} ({exc}); is it running? "
             "Name it with --url or FASTMCP_GUARD_URL"
         ) from None
+    finally:
+        conn.close()
+    body: Any = None
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        body = None
+    if 200 <= resp.status < 300 and isinstance(body, dict):
+        return body
+    detail = body.get("error_description", "") if isinstance(body, dict) else ""
+    code = body.get("error") if isinstance(body, dict) else None
+    if resp.status == 404 and code == "unknown_key":
+        raise ServerError(f"unknown key: {detail}")
+    if resp.status == 404:
+        detail = "no admin routes here: is this a guarded server, served over HTTP?"
+    raise ServerError(f"{shown}: HTTP {resp.status} {detail}".rstrip())
+
+
+def _unix_connection(path: str, timeout: float) -> Any:
+    """An ``http.client.HTTPConnection`` over the Unix socket at ``path``."""
+    import http.client
+    import socket
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(path)
+            self.sock = sock
+
+    return UnixConnection("localhost", timeout=timeout)
 
 
 def _ephemeral_admin_key(config: GuardConfig, args: argparse.Namespace, stack: ExitStack) -> str:

@@ -95,13 +95,83 @@ def _run(args: argparse.Namespace) -> int:
                 f"fastmcp-guard: serving {mcp.name!r} on {url} "
                 f"(keys: {config.keys.masked()}, audit: {config.display('audit')}{shared})\n"
             )
-            # The guard reads X-Forwarded-For itself, only from trusted proxies: uvicorn
-            # must not rewrite the client address from it (it trusts 127.0.0.1 by default).
-            mcp.run(transport="http", show_banner=False, host=config.host, port=config.port,
-                    uvicorn_config={"proxy_headers": False})  # fmt: skip
+            _serve_http(mcp, guard, config)
     finally:
         guard.close()
     return 0
+
+
+def _serve_http(mcp: Any, guard: Any, config: Any) -> None:
+    """Serve over HTTP on the configured address, and the admin routes on the local admin
+    socket (see :mod:`fastmcp_guard.admin`) when it can be made."""
+    import socket
+
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            config.host, config.port, type=socket.SOCK_STREAM
+        )[0]
+        sockets = [socket.create_server(address[:2], family=family)]
+    except OSError as exc:
+        raise OSError(
+            f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
+        ) from None
+    admin = _admin_socket(config, guard)
+    if admin is not None:
+        sockets.append(admin)
+    try:
+        # The guard reads X-Forwarded-For itself, only from trusted proxies: uvicorn
+        # must not rewrite the client address from it (it trusts 127.0.0.1 by default).
+        # The guard's HTTP layer is passed as app middleware too, so it is in front
+        # whatever auth provider the server has (it runs once if the provider put it
+        # there already).
+        mcp.run(transport="http", show_banner=False, host=config.host, port=config.port,
+                sockets=sockets, middleware=guard.http_middleware(),
+                uvicorn_config={"proxy_headers": False})  # fmt: skip
+    finally:
+        for sock in sockets:
+            sock.close()
+        if guard._admin_socket is not None:
+            Path(guard._admin_socket).unlink(missing_ok=True)
+
+
+def _admin_socket(config: Any, guard: Any) -> Any:
+    """A listening Unix socket (mode 0600) for the admin routes, or ``None`` (with a note
+    on stderr) when another live server holds the path or it cannot be made."""
+    import os
+    import socket
+
+    from fastmcp_guard.admin import admin_socket_path
+
+    path = admin_socket_path(config, config.port)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            if not path.is_socket():
+                raise OSError(f"{path} exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # left by a server that did not stop cleanly
+            else:
+                raise OSError(f"another server is serving {path}")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket is created 0600: its mode is the credential
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        sock.listen(16)
+    except OSError as exc:
+        sys.stderr.write(
+            f"fastmcp-guard: no local admin socket ({exc}); `fastmcp-guard rate` needs "
+            "--admin-key for this server\n"
+        )
+        return None
+    guard._admin_socket = str(path)
+    return sock
 
 
 def load_server(spec: str) -> Any:

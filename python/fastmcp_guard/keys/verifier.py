@@ -53,10 +53,14 @@ class GuardTokenVerifier(TokenVerifier):
 
     Installed by :class:`~fastmcp_guard.Guard` as ``mcp.auth``. Its
     :meth:`get_middleware` puts the guard's ASGI layer (IP policy before any token
-    work, ``X-API-Key`` mapping, audit of 401s) in front of FastMCP's own.
+    work, ``X-API-Key`` mapping, audit of 401s) in front of FastMCP's own. With
+    ``own_keys=False`` (``Guard(manage_auth=False)``) it verifies nothing itself: every
+    token, and the auth middleware, are the wrapped provider's.
     """
 
-    def __init__(self, guard: Guard, fallback: AuthProvider | None = None) -> None:
+    def __init__(
+        self, guard: Guard, fallback: AuthProvider | None = None, *, own_keys: bool = True
+    ) -> None:
         super().__init__(
             base_url=getattr(fallback, "base_url", None),
             required_scopes=list(getattr(fallback, "required_scopes", None) or []),
@@ -65,6 +69,9 @@ class GuardTokenVerifier(TokenVerifier):
         self._guard = guard
         self._core = guard.keys.core
         self.fallback = fallback
+        #: False (``manage_auth=False``): every token goes to ``fallback``; this verifier
+        #: only puts the guard's HTTP layer in front of it.
+        self.own_keys = own_keys or fallback is None
         # AccessToken objects by token, so a cached key costs no model construction.
         # Validity is still decided by the core on every request (verify_cached); an
         # entry is reused only for the same key id and expiry.
@@ -76,12 +83,12 @@ class GuardTokenVerifier(TokenVerifier):
         Raises ``TokenVerificationError`` only when the key store or the hashing pool
         cannot answer (keys already in the verified cache keep working).
         """
-        if not token.startswith(_PREFIX):
+        if not self.own_keys or not token.startswith(_PREFIX):
             if self.fallback is not None:
                 return await self.fallback.verify_token(token)
             state = current_request_state()
             if state is not None:
-                state.refusal = "malformed"
+                state.refusal = state.reason = "malformed"
             return None
         state = current_request_state()
         client = state.client_ip if state is not None else None
@@ -97,6 +104,7 @@ class GuardTokenVerifier(TokenVerifier):
                 self._tokens.pop(token, None)
                 if state is not None:
                     state.refusal = str(exc)
+                    state.reason = exc.reason
                 if exc.reason in _UNAVAILABLE:
                     # Not a verdict on the token: the store or the hashing pool is
                     # unavailable. FastMCP's contract for this is TokenVerificationError;
@@ -114,8 +122,12 @@ class GuardTokenVerifier(TokenVerifier):
     def get_middleware(self) -> list[ASGIMiddleware]:
         from starlette.middleware import Middleware
 
-        # FastMCP's own bearer middleware, with this verifier (which delegates) as backend.
-        inner = super().get_middleware()
+        # FastMCP's own bearer middleware, with this verifier (which delegates) as backend;
+        # or, when every token is the server's provider's, that provider's own middleware.
+        if self.own_keys or self.fallback is None:
+            inner = super().get_middleware()
+        else:
+            inner = self.fallback.get_middleware()
         return [Middleware(GuardASGIMiddleware, guard=self._guard), *inner]  # type: ignore[arg-type]
 
     def get_routes(self, mcp_path: str | None = None) -> list[BaseRoute]:
