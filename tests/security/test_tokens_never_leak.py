@@ -105,3 +105,33 @@ def test_an_unreachable_server_gets_no_key_issued(tmp_path: Path) -> None:
     assert_user_error(proc, 1, "cannot reach the server")
     after = len(json.loads(ok(tmp_path, "keys", "list", "--all", "--json").stdout))
     assert after == before
+
+
+async def test_without_an_admin_socket_a_one_minute_key_is_issued_and_revoked(
+    tmp_path: Path,
+) -> None:
+    """A server run by ``Guard(mcp)`` in code has no admin socket: the CLI, sharing its
+    SQLite store, issues a short-lived admin key for the one command and revokes it."""
+    import asyncio
+
+    from fastmcp import FastMCP
+    from fastmcp_guard import Guard, KeyStore
+
+    from tests.conftest import serve_http
+
+    mcp = FastMCP("in-code")
+    guard = Guard(mcp, keys=KeyStore(backend="sqlite", path=tmp_path / "fastmcp-guard-keys.db"))
+    async with serve_http(mcp) as url:
+        base = url.rsplit("/mcp", 1)[0]
+        proc = await asyncio.to_thread(cli, tmp_path, "rate", "status", "--url", base, "--json")
+    guard.close()
+    assert proc.returncode == 0, proc.stderr
+    listed = json.loads(ok(tmp_path, "keys", "list", "--all", "--json").stdout)
+    (ephemeral,) = [k for k in listed if k["name"].startswith("fastmcp-guard-cli")]
+    assert ephemeral["status"] == "revoked"
+    from datetime import datetime
+
+    lifetime = datetime.fromisoformat(ephemeral["expires_at"]) - datetime.fromisoformat(
+        ephemeral["created_at"]
+    )
+    assert lifetime.total_seconds() <= 60
