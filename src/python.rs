@@ -731,13 +731,14 @@ impl Default for PyVerifyLimits {
 impl PyVerifyLimits {
     #[new]
     #[pyo3(signature = (*, max_failures=10, failure_window_seconds=60.0, key_failure_budget=100,
-                        global_failure_budget=600, unknown_key_ttl_seconds=5.0,
-                        verify_wait_seconds=2.0))]
+                        global_failure_budget=600, unknown_key_budget=20,
+                        unknown_key_ttl_seconds=5.0, verify_wait_seconds=2.0))]
     fn new(
         max_failures: u32,
         failure_window_seconds: f64,
         key_failure_budget: u32,
         global_failure_budget: u32,
+        unknown_key_budget: u32,
         unknown_key_ttl_seconds: f64,
         verify_wait_seconds: f64,
     ) -> PyResult<Self> {
@@ -753,6 +754,7 @@ impl PyVerifyLimits {
                 window,
                 key_budget: key_failure_budget,
                 global_budget: global_failure_budget,
+                unknown_budget: unknown_key_budget,
             },
             unknown_key_ttl: secs(unknown_key_ttl_seconds, "unknown_key_ttl_seconds")?,
             verify_wait: secs(verify_wait_seconds, "verify_wait_seconds")?,
@@ -775,6 +777,10 @@ impl PyVerifyLimits {
         self.throttle.global_budget
     }
     #[getter]
+    fn unknown_key_budget(&self) -> u32 {
+        self.throttle.unknown_budget
+    }
+    #[getter]
     fn unknown_key_ttl_seconds(&self) -> f64 {
         self.unknown_key_ttl.as_secs_f64()
     }
@@ -785,11 +791,13 @@ impl PyVerifyLimits {
     fn __repr__(&self) -> String {
         format!(
             "VerifyLimits(max_failures={}, failure_window_seconds={}, key_failure_budget={}, \
-             global_failure_budget={}, unknown_key_ttl_seconds={}, verify_wait_seconds={})",
+             global_failure_budget={}, unknown_key_budget={}, unknown_key_ttl_seconds={}, \
+             verify_wait_seconds={})",
             self.throttle.max_failures,
             self.throttle.window.as_secs_f64(),
             self.throttle.key_budget,
             self.throttle.global_budget,
+            self.throttle.unknown_budget,
             self.unknown_key_ttl.as_secs_f64(),
             self.verify_wait.as_secs_f64()
         )

@@ -184,7 +184,8 @@ class VerifyLimits:
     Failed hash runs per ``failure_window_seconds``: ``max_failures`` per (client address,
     key id) (IPv6 counted per /64), ``key_failure_budget`` per key id across addresses
     (past it, only first tries from addresses not failing for that key, at most as many
-    again), ``global_failure_budget`` on this server. Unknown key ids are remembered for
+    again), ``global_failure_budget`` on this server; ``unknown_key_budget`` store reads
+    that found no key per client address. Unknown key ids are remembered for
     ``unknown_key_ttl_seconds``. A verification waits ``verify_wait_seconds`` for a hashing
     thread before ``busy``. Tokens proven on this node are never throttled."""
 
@@ -195,6 +196,7 @@ class VerifyLimits:
         failure_window_seconds: float = 60.0,
         key_failure_budget: int = 100,
         global_failure_budget: int = 600,
+        unknown_key_budget: int = 20,
         unknown_key_ttl_seconds: float = 5.0,
         verify_wait_seconds: float = 2.0,
     ) -> VerifyLimits: ...
@@ -206,6 +208,8 @@ class VerifyLimits:
     def key_failure_budget(self) -> int: ...
     @property
     def global_failure_budget(self) -> int: ...
+    @property
+    def unknown_key_budget(self) -> int: ...
     @property
     def unknown_key_ttl_seconds(self) -> float: ...
     @property

@@ -577,6 +577,7 @@ pub enum VerifyError {
             ThrottleScope::Key =>
                 format!("too many failed attempts for key `{key_id}` from all clients"),
             ThrottleScope::Server => "too many failed key verifications on this server".to_owned(),
+            ThrottleScope::UnknownKeys => "too many unknown key ids from this client".to_owned(),
         },
         retry_after_secs(*retry_after)
     )]
@@ -1528,6 +1529,9 @@ impl Inner {
         .map_err(|e| VerifyError::store(label, e))?;
         let Some(record) = found else {
             self.negative.insert(label, now.instant);
+            if let Some(r) = reservation {
+                r.unknown_key(now.instant);
+            }
             return Err(VerifyError::UnknownKey {
                 key_id: label.to_owned(),
             });
@@ -2791,6 +2795,7 @@ mod tests {
                 window: Duration::from_secs(60),
                 key_budget,
                 global_budget,
+                unknown_budget: 0,
             },
             ..opts()
         })
@@ -3036,6 +3041,34 @@ mod tests {
             .inner
             .negative
             .contains("fmg_key_AAAAAAAAAAAAAAAA", later.instant));
+    }
+
+    #[test]
+    fn an_address_naming_many_unknown_ids_is_refused_before_the_store() {
+        let m = KeyManager::memory(opts()).unwrap(); // 20 unknown ids per address and minute
+        let (_, token) = m.create("k", &[], None, Map::new()).unwrap();
+        let now = Now::system();
+        for _ in 0..25 {
+            let (unknown, _) = tokens::generate().unwrap();
+            let _ = m.verify_at(&unknown, Some("10.5.0.1"), now);
+        }
+        assert_eq!(m.stats().store_reads, 20);
+        let err = m.verify_at(&token, Some("10.5.0.1"), now).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VerifyError::Throttled {
+                    scope: ThrottleScope::UnknownKeys,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("unknown key ids"), "{err}");
+        m.verify_at(&token, Some("10.5.0.2"), now).unwrap();
+        // Once proven, that address's refreshes pass.
+        m.clear_cache();
+        m.verify_at(&token, Some("10.5.0.1"), now).unwrap();
     }
 
     #[test]

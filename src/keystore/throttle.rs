@@ -15,6 +15,10 @@
 //! * per server: `global_budget` failed hash runs per window across all keys (default 600
 //!   per minute: with the default argon2 cost, about 25 ms of one core each, failed hashing
 //!   uses at most about a quarter of one core).
+//! * per client address, for key ids the store does not have: `unknown_budget` store reads
+//!   that found nothing (default 20 per minute). Past it, that address's unproven tokens are
+//!   refused before the store is read. (A repeated unknown id is answered by the negative
+//!   cache without a read, and does not count.)
 //!
 //! An attempt *reserves* its place in every budget before hashing, atomically (one lock),
 //! so parallel attempts never get more hash runs than sequential ones; the reservation
@@ -42,16 +46,20 @@ pub struct FailThrottle {
     pub key_budget: u32,
     /// Failed hash runs per window on this server, across all keys.
     pub global_budget: u32,
+    /// Store reads per client address and window that found no key.
+    pub unknown_budget: u32,
 }
 
 impl Default for FailThrottle {
-    /// Per minute: 10 per (address, key id), 100 (+100 first tries) per key id, 600 in all.
+    /// Per minute: 10 per (address, key id), 100 (+100 first tries) per key id, 600 in all;
+    /// 20 unknown key ids per address.
     fn default() -> Self {
         Self {
             max_failures: 10,
             window: Duration::from_secs(60),
             key_budget: 100,
             global_budget: 600,
+            unknown_budget: 20,
         }
     }
 }
@@ -65,6 +73,8 @@ pub enum ThrottleScope {
     Key,
     /// The whole server.
     Server,
+    /// The client address, for naming key ids the store does not have.
+    UnknownKeys,
 }
 
 impl ThrottleScope {
@@ -75,6 +85,7 @@ impl ThrottleScope {
             Self::Client => "client",
             Self::Key => "key",
             Self::Server => "server",
+            Self::UnknownKeys => "unknown_keys",
         }
     }
 }
@@ -143,6 +154,8 @@ struct State {
     pairs: HashMap<(String, String), Slot>,
     keys: HashMap<String, KeySlot>,
     global: Slot,
+    /// Per address: store reads that found no key (`pending` unused).
+    unknown: HashMap<String, Slot>,
 }
 
 /// The budgets' counters behind one lock (reservations touch up to three at once).
@@ -176,6 +189,7 @@ impl Throttle {
                 pairs: HashMap::new(),
                 keys: HashMap::new(),
                 global: Slot::new(Instant::now()),
+                unknown: HashMap::new(),
             }),
         }
     }
@@ -198,7 +212,8 @@ impl Throttle {
             first_try,
             settled,
         };
-        if l.max_failures == 0 && l.key_budget == 0 && l.global_budget == 0 {
+        if l.max_failures == 0 && l.key_budget == 0 && l.global_budget == 0 && l.unknown_budget == 0
+        {
             return Ok(reservation(addr, false, true)); // nothing to count
         }
         let mut first_try = false;
@@ -208,6 +223,20 @@ impl Throttle {
         }
         if st.keys.len() > SWEEP_AT {
             st.keys.retain(|_, s| !s.all.idle(now, l.window));
+        }
+        if st.unknown.len() > SWEEP_AT {
+            st.unknown.retain(|_, s| !s.idle(now, l.window));
+        }
+        if l.unknown_budget > 0 {
+            if let Some(u) = st.unknown.get_mut(&addr) {
+                u.roll(now, l.window);
+                if u.failures >= l.unknown_budget {
+                    return Err(Refused {
+                        scope: ThrottleScope::UnknownKeys,
+                        retry_after: u.retry_after(now, l.window),
+                    });
+                }
+            }
         }
         let pair_key = (addr, key.to_owned());
         let pair = st.pairs.get_mut(&pair_key).map(|s| {
@@ -320,6 +349,21 @@ impl Throttle {
         }
     }
 
+    /// Counts a store read by `addr` that found no key.
+    fn note_unknown(&self, addr: &str, now: Instant) {
+        let l = self.limits;
+        if l.unknown_budget == 0 {
+            return;
+        }
+        let mut st = self.state.lock();
+        let slot = st
+            .unknown
+            .entry(addr.to_owned())
+            .or_insert_with(|| Slot::new(now));
+        slot.roll(now, l.window);
+        slot.failures = slot.failures.saturating_add(1);
+    }
+
     /// Number of (address, key id) and key-id slots held (tests: the maps stay bounded).
     #[cfg(test)]
     fn slots(&self) -> (usize, usize) {
@@ -340,6 +384,12 @@ pub(crate) struct Reservation<'a> {
 }
 
 impl Reservation<'_> {
+    /// The store has no such key: released, and counted against the address's budget of
+    /// unknown key ids.
+    pub(crate) fn unknown_key(self, now: Instant) {
+        self.throttle.note_unknown(&self.addr, now);
+    }
+
     /// The hash ran and the secret was wrong.
     pub(crate) fn failed(mut self, now: Instant) {
         if !self.settled {
@@ -369,7 +419,32 @@ mod tests {
             window: Duration::from_secs(60),
             key_budget,
             global_budget,
+            unknown_budget: 0,
         })
+    }
+
+    #[test]
+    fn an_address_naming_unknown_key_ids_is_stopped_before_the_store() {
+        let t = Throttle::new(FailThrottle {
+            unknown_budget: 3,
+            ..FailThrottle::default()
+        });
+        let now = Instant::now();
+        for i in 0..3 {
+            t.reserve("2001:db8::1", &format!("k{i}"), now)
+                .unwrap()
+                .unknown_key(now);
+        }
+        // Any key id, from anywhere in that /64: refused; other addresses are not.
+        let r = t.reserve("2001:db8::2", "real", now).unwrap_err();
+        assert_eq!(r.scope, ThrottleScope::UnknownKeys);
+        drop(t.reserve("2001:db8:0:1::1", "real", now).unwrap());
+        // A reservation ended as unknown held no other place.
+        assert_eq!(t.slots(), (0, 0));
+        drop(
+            t.reserve("2001:db8::2", "real", now + Duration::from_secs(60))
+                .unwrap(),
+        );
     }
 
     fn fail(t: &Throttle, client: &str, key: &str, now: Instant) -> Result<(), Refused> {

@@ -2,10 +2,11 @@
 
 Key ids are public and easy to make up; 30 s of tokens naming unknown ids cost 12,204 store
 reads. Now an id the store did not have is remembered for a few seconds (a bounded
-negative cache), so repeating it costs nothing. A key created on this node is verifiable
-at once (creating it forgets the entry); one created on another node as soon as this node
-sees the store's change (its watcher, or a NOTIFY / pub/sub message), and in any case
-within the short TTL.
+negative cache), so repeating it costs nothing; and an address that keeps naming ids the
+store does not have (20 a minute by default) is refused before the store is read. A key
+created on this node is verifiable at once (creating it forgets the entry); one created on
+another node as soon as this node sees the store's change (its watcher, or a NOTIFY /
+pub/sub message), and in any case within the short TTL.
 """
 
 from __future__ import annotations
@@ -42,6 +43,26 @@ def test_a_repeated_unknown_id_costs_one_store_read(key_db: Path) -> None:
     assert store.core.stats()["store_reads"] == 2
     key = store.create("real")
     assert store.core.verify(str(key.token), "192.0.2.1").key_id == key.id
+    store.close()
+
+
+def test_an_address_naming_many_unknown_ids_stops_costing_store_reads(key_db: Path) -> None:
+    store = KeyStore(backend="sqlite", path=key_db)
+    key = store.create("real")
+    store.core.verify(str(key.token), "192.0.2.9")  # in use from that address
+    reasons = [refused(store.core, unknown_key_token(100 + i), "192.0.2.9").reason
+               for i in range(100)]  # fmt: skip
+    assert reasons == ["unknown_key"] * 20 + ["throttled"] * 80
+    assert store.core.stats()["store_reads"] == 1 + 20
+    # The address's working token keeps working (proven); a new one waits (429)...
+    store.core.clear_cache()
+    assert store.core.verify(str(key.token), "192.0.2.9").key_id == key.id
+    new = store.create("new")
+    err = refused(store.core, str(new.token), "192.0.2.9")
+    assert err.reason == "throttled" and err.retry_after is not None
+    assert "unknown key ids" in str(err)
+    # ...while other addresses are unaffected.
+    assert store.core.verify(str(new.token), "192.0.2.10").key_id == new.id
     store.close()
 
 
