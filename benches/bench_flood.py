@@ -59,7 +59,6 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,11 +67,15 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))  # the tests' token helpers
+
+from tests.integration.test_http_more import with_checksum
+from tests.security._tokens import wrong_secret
 
 M_COST_BYTES = 19_456 * 1024  # the default argon2id memory cost
 KEY_BUDGET = 100  # the default failures per key id and minute
 BASELINE_REF = "63d67ff"  # main before issue 10: argon2 in the caller's thread
-BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
+BASE62 = string.digits + string.ascii_letters
 INIT = {
     "jsonrpc": "2.0", "id": 1, "method": "initialize",
     "params": {"protocolVersion": "2025-06-18", "capabilities": {},
@@ -82,22 +85,8 @@ HEADERS = {"accept": "application/json, text/event-stream", "content-type": "app
 
 
 # ---------------------------------------------------------------------------------------
-# tokens an attacker can make
+# tokens an attacker can make (and wrong_secret, from the security tests)
 # ---------------------------------------------------------------------------------------
-
-
-def with_checksum(body: str) -> str:
-    """A token body completed with its CRC32 base62 checksum (the token format's rule)."""
-    value, digits = zlib.crc32(body.encode()), []
-    for _ in range(6):
-        value, r = divmod(value, 62)
-        digits.append(BASE62[r])
-    return body + "".join(reversed(digits))
-
-
-def wrong_secret(token: str, n: int) -> str:
-    """``token``'s key id with the ``n``-th wrong secret."""
-    return with_checksum(token[: -6 - 43] + str(n).rjust(43, "A"))
 
 
 def unknown_id_token(rng: random.Random) -> str:
