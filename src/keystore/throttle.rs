@@ -13,8 +13,8 @@
 //!   address has not been failing still gets its new token checked, unless the attacker
 //!   holds more than `key_budget` addresses (then it waits for the window: 429).
 //! * per server: `global_budget` failed hash runs per window across all keys (default 600
-//!   per minute: with the default argon2 cost, about 25 ms of one core each, failed hashing
-//!   uses at most about a quarter of one core).
+//!   per minute: with the default argon2 cost, about 21 ms of one core each on the machine
+//!   of `benches/core.rs`, failed hashing uses at most about a fifth of one core).
 //! * per client address, for key ids the store does not have: `unknown_budget` store reads
 //!   that found nothing (default 20 per minute). Past it, that address's unproven tokens are
 //!   refused before the store is read. (A repeated unknown id is answered by the negative

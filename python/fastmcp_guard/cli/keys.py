@@ -258,7 +258,8 @@ def _say_predecessors(key: ApiKey) -> None:
     """Name the keys revoked with ``key`` (its predecessors still in their grace period)."""
     if key.revoked_predecessors:
         n = len(key.revoked_predecessors)
-        which = "the key it replaced, still in its" if n == 1 else f"the {n} keys it replaced, still in their"
+        which = ("the key it replaced, still in its" if n == 1
+                 else f"the {n} keys it replaced, still in their")  # fmt: skip
         say(f"Also revoked {which} rotation grace period: {', '.join(key.revoked_predecessors)}")
 
 

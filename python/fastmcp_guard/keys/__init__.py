@@ -205,7 +205,8 @@ class KeyStore:
             name: a label such as ``"alice"`` or ``"ci-bot"``.
             scopes: scopes granted (they become ``AccessToken.scopes``).
             expires_in_days: expire this many days from now; 0 or less makes a key that
-                is already expired (its token is refused), as fastmcp-guard 0.2 did.
+                is already expired (its token is refused), as a negative value did in
+                fastmcp-guard 0.2 (0.2 read 0 as "no expiry"; here it fails closed).
             metadata: JSON-serialisable key/value pairs, shown in audit records.
             expires_at: an absolute expiry (timezone-aware); exclusive with ``expires_in_days``.
             actor: who did it, for the lifecycle audit event (default: the OS user).
