@@ -71,7 +71,8 @@ const ALL: [(Exc, &str, &str); 9] = [
     (
         Exc::Verify,
         "VerifyError",
-        "A token was refused; `reason` says why.",
+        "A token was refused: `reason` says why, `key_id` names the key the token claims \
+         (None if malformed), `retry_after` is set (seconds) when `reason` is 'throttled'.",
     ),
 ];
 
@@ -88,6 +89,11 @@ fn build(py: Python<'_>) -> PyResult<Vec<Py<PyType>>> {
         let ns = PyDict::new(py);
         ns.set_item("__module__", "fastmcp_guard._core")?;
         ns.set_item("__doc__", doc)?;
+        if name == "VerifyError" {
+            // Also set on each instance the core raises; these serve one made elsewhere.
+            ns.set_item("key_id", py.None())?;
+            ns.set_item("retry_after", py.None())?;
+        }
         if plain_str {
             // KeyError's str() is the repr of its argument; keep the plain message.
             ns.set_item("__str__", py.get_type::<PyException>().getattr("__str__")?)?;
@@ -152,13 +158,21 @@ pub fn new_err(exc: Exc, msg: impl Into<String>) -> PyErr {
     })
 }
 
-/// `VerifyError(msg)` with a `reason` attribute.
-pub fn verify_err(reason: &str, msg: impl Into<String>) -> PyErr {
+/// `VerifyError(msg)` with its `reason`, `key_id` (the key id the token claims, public;
+/// `None` for a malformed token) and `retry_after` (seconds, for `throttled`; else `None`).
+pub fn verify_err(
+    reason: &str,
+    msg: impl Into<String>,
+    key_id: Option<&str>,
+    retry_after: Option<f64>,
+) -> PyErr {
     let msg: String = msg.into();
     Python::attach(|py| {
         let make = || -> PyResult<PyErr> {
             let inst = class(py, Exc::Verify)?.call1((msg.as_str(),))?;
             inst.setattr("reason", reason)?;
+            inst.setattr("key_id", key_id)?;
+            inst.setattr("retry_after", retry_after)?;
             Ok(PyErr::from_value(inst))
         };
         make().unwrap_or_else(|e| e)
@@ -179,7 +193,7 @@ impl From<IpError> for PyErr {
 
 impl From<TokenError> for PyErr {
     fn from(e: TokenError) -> PyErr {
-        verify_err("malformed", e.to_string())
+        verify_err("malformed", e.to_string(), None, None)
     }
 }
 
@@ -214,9 +228,10 @@ impl From<VerifyError> for PyErr {
             VerifyError::Revoked { .. } => "revoked",
             VerifyError::Expired { .. } => "expired",
             VerifyError::Throttled { .. } => "throttled",
-            VerifyError::Busy => "busy",
-            VerifyError::Store(_) => "store",
+            VerifyError::Busy { .. } => "busy",
+            VerifyError::Store { .. } => "store",
         };
-        verify_err(reason, e.to_string())
+        let retry_after = e.retry_after().map(|d| d.as_secs_f64());
+        verify_err(reason, e.to_string(), e.key_id(), retry_after)
     }
 }

@@ -24,7 +24,7 @@ use crate::errors::{self, Exc};
 use crate::hashing::CachedKey;
 use crate::hashing::Now;
 use crate::ipmatch::{IpDecision, IpMatcher};
-use crate::keystore::{CacheLookup, KeyError, KeyManager, KeyRecord, ManagerOptions};
+use crate::keystore::{CacheLookup, FailThrottle, KeyError, KeyManager, KeyRecord, ManagerOptions};
 use crate::limiter::{parse_rate, BucketStatus, Decision, Limiter, LimiterStatus, Rate};
 use crate::tokens;
 
@@ -706,14 +706,114 @@ impl PyKeyInfo {
 #[pyclass(frozen, module = "fastmcp_guard._core", name = "KeyManager")]
 struct PyKeyManager(Arc<KeyManager>);
 
+/// How much an unproven token may cost: the failure budgets, the negative cache of unknown
+/// key ids, and the wait for a hashing thread (see `src/keystore/throttle.rs`).
+#[pyclass(frozen, module = "fastmcp_guard._core", name = "VerifyLimits")]
+#[derive(Clone)]
+struct PyVerifyLimits {
+    throttle: FailThrottle,
+    unknown_key_ttl: Duration,
+    verify_wait: Duration,
+}
+
+impl Default for PyVerifyLimits {
+    fn default() -> Self {
+        let d = ManagerOptions::default();
+        Self {
+            throttle: d.fail_throttle,
+            unknown_key_ttl: d.negative_ttl,
+            verify_wait: d.verify_wait,
+        }
+    }
+}
+
+#[pymethods]
+impl PyVerifyLimits {
+    #[new]
+    #[pyo3(signature = (*, max_failures=10, failure_window_seconds=60.0, key_failure_budget=100,
+                        global_failure_budget=600, unknown_key_budget=20,
+                        unknown_key_ttl_seconds=5.0, verify_wait_seconds=2.0))]
+    fn new(
+        max_failures: u32,
+        failure_window_seconds: f64,
+        key_failure_budget: u32,
+        global_failure_budget: u32,
+        unknown_key_budget: u32,
+        unknown_key_ttl_seconds: f64,
+        verify_wait_seconds: f64,
+    ) -> PyResult<Self> {
+        let window = secs(failure_window_seconds, "failure_window_seconds")?;
+        if window.is_zero() {
+            return Err(PyValueError::new_err(
+                "failure_window_seconds must be greater than 0",
+            ));
+        }
+        Ok(Self {
+            throttle: FailThrottle {
+                max_failures,
+                window,
+                key_budget: key_failure_budget,
+                global_budget: global_failure_budget,
+                unknown_budget: unknown_key_budget,
+            },
+            unknown_key_ttl: secs(unknown_key_ttl_seconds, "unknown_key_ttl_seconds")?,
+            verify_wait: secs(verify_wait_seconds, "verify_wait_seconds")?,
+        })
+    }
+    #[getter]
+    fn max_failures(&self) -> u32 {
+        self.throttle.max_failures
+    }
+    #[getter]
+    fn failure_window_seconds(&self) -> f64 {
+        self.throttle.window.as_secs_f64()
+    }
+    #[getter]
+    fn key_failure_budget(&self) -> u32 {
+        self.throttle.key_budget
+    }
+    #[getter]
+    fn global_failure_budget(&self) -> u32 {
+        self.throttle.global_budget
+    }
+    #[getter]
+    fn unknown_key_budget(&self) -> u32 {
+        self.throttle.unknown_budget
+    }
+    #[getter]
+    fn unknown_key_ttl_seconds(&self) -> f64 {
+        self.unknown_key_ttl.as_secs_f64()
+    }
+    #[getter]
+    fn verify_wait_seconds(&self) -> f64 {
+        self.verify_wait.as_secs_f64()
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "VerifyLimits(max_failures={}, failure_window_seconds={}, key_failure_budget={}, \
+             global_failure_budget={}, unknown_key_budget={}, unknown_key_ttl_seconds={}, \
+             verify_wait_seconds={})",
+            self.throttle.max_failures,
+            self.throttle.window.as_secs_f64(),
+            self.throttle.key_budget,
+            self.throttle.global_budget,
+            self.throttle.unknown_budget,
+            self.unknown_key_ttl.as_secs_f64(),
+            self.verify_wait.as_secs_f64()
+        )
+    }
+}
+
 fn manager_options(
     cache_ttl_seconds: f64,
     cache_capacity: usize,
     touch_interval_seconds: f64,
     watch_interval_seconds: f64,
     max_concurrent_verifications: Option<usize>,
+    limits: Option<&Bound<'_, PyVerifyLimits>>,
 ) -> PyResult<ManagerOptions> {
     let defaults = ManagerOptions::default();
+    let limits = limits.map(|l| l.get().clone()).unwrap_or_default();
     Ok(ManagerOptions {
         cache_ttl: secs(cache_ttl_seconds, "cache_ttl_seconds")?,
         cache_capacity,
@@ -721,6 +821,9 @@ fn manager_options(
         watch_interval: secs(watch_interval_seconds, "watch_interval_seconds")?,
         max_concurrent_verifications: max_concurrent_verifications
             .unwrap_or(defaults.max_concurrent_verifications),
+        fail_throttle: limits.throttle,
+        negative_ttl: limits.unknown_key_ttl,
+        verify_wait: limits.verify_wait,
         ..defaults
     })
 }
@@ -729,13 +832,14 @@ fn manager_options(
 impl PyKeyManager {
     #[staticmethod]
     #[pyo3(signature = (*, cache_ttl_seconds=60.0, cache_capacity=10_000, touch_interval_seconds=5.0,
-                        watch_interval_seconds=0.25, max_concurrent_verifications=None))]
+                        watch_interval_seconds=0.25, max_concurrent_verifications=None, limits=None))]
     fn memory(
         cache_ttl_seconds: f64,
         cache_capacity: usize,
         touch_interval_seconds: f64,
         watch_interval_seconds: f64,
         max_concurrent_verifications: Option<usize>,
+        limits: Option<&Bound<'_, PyVerifyLimits>>,
     ) -> PyResult<Self> {
         let o = manager_options(
             cache_ttl_seconds,
@@ -743,13 +847,15 @@ impl PyKeyManager {
             touch_interval_seconds,
             watch_interval_seconds,
             max_concurrent_verifications,
+            limits,
         )?;
         Ok(PyKeyManager(Arc::new(KeyManager::memory(o)?)))
     }
 
     #[staticmethod]
     #[pyo3(signature = (path, *, cache_ttl_seconds=60.0, cache_capacity=10_000, touch_interval_seconds=5.0,
-                        watch_interval_seconds=0.25, max_concurrent_verifications=None))]
+                        watch_interval_seconds=0.25, max_concurrent_verifications=None, limits=None))]
+    #[allow(clippy::too_many_arguments, reason = "keyword-only options")]
     fn sqlite(
         py: Python<'_>,
         path: PathBuf,
@@ -758,6 +864,7 @@ impl PyKeyManager {
         touch_interval_seconds: f64,
         watch_interval_seconds: f64,
         max_concurrent_verifications: Option<usize>,
+        limits: Option<&Bound<'_, PyVerifyLimits>>,
     ) -> PyResult<Self> {
         let o = manager_options(
             cache_ttl_seconds,
@@ -765,6 +872,7 @@ impl PyKeyManager {
             touch_interval_seconds,
             watch_interval_seconds,
             max_concurrent_verifications,
+            limits,
         )?;
         let m = py.detach(|| KeyManager::sqlite(&path, o))?;
         Ok(PyKeyManager(Arc::new(m)))
@@ -774,7 +882,8 @@ impl PyKeyManager {
     /// `src/pystore.rs` for the methods `backend` must have.
     #[staticmethod]
     #[pyo3(signature = (backend, *, cache_ttl_seconds=60.0, cache_capacity=10_000, touch_interval_seconds=5.0,
-                        watch_interval_seconds=0.25, max_concurrent_verifications=None))]
+                        watch_interval_seconds=0.25, max_concurrent_verifications=None, limits=None))]
+    #[allow(clippy::too_many_arguments, reason = "keyword-only options")]
     fn external(
         py: Python<'_>,
         backend: &Bound<'_, PyAny>,
@@ -783,6 +892,7 @@ impl PyKeyManager {
         touch_interval_seconds: f64,
         watch_interval_seconds: f64,
         max_concurrent_verifications: Option<usize>,
+        limits: Option<&Bound<'_, PyVerifyLimits>>,
     ) -> PyResult<Self> {
         let o = manager_options(
             cache_ttl_seconds,
@@ -790,6 +900,7 @@ impl PyKeyManager {
             touch_interval_seconds,
             watch_interval_seconds,
             max_concurrent_verifications,
+            limits,
         )?;
         // No Rust background thread: it would call into Python, and could not be joined
         // at interpreter exit. The Python owner runs flush / sync_changes on a schedule.
@@ -803,7 +914,8 @@ impl PyKeyManager {
         Ok(PyKeyManager(Arc::new(m)))
     }
 
-    #[pyo3(signature = (name, *, scopes=None, expires_at=None, metadata=None))]
+    #[pyo3(signature = (name, *, scopes=None, expires_at=None, metadata=None,
+                        allow_past_expiry=false))]
     fn create(
         &self,
         py: Python<'_>,
@@ -811,6 +923,7 @@ impl PyKeyManager {
         scopes: Option<Vec<String>>,
         expires_at: Option<f64>,
         metadata: Option<&Bound<'_, PyDict>>,
+        allow_past_expiry: bool,
     ) -> PyResult<(PyKeyInfo, String)> {
         let exp = expires_at.map(|s| f64_to_ts(s, "expires_at")).transpose()?;
         let meta = match metadata {
@@ -828,7 +941,13 @@ impl PyKeyManager {
         };
         let scopes = scopes.unwrap_or_default();
         let m = Arc::clone(&self.0);
-        let (rec, token) = py.detach(move || m.create(&name, &scopes, exp, meta))?;
+        let (rec, token) = py.detach(move || {
+            if allow_past_expiry {
+                m.create_allowing_past_expiry(&name, &scopes, exp, meta)
+            } else {
+                m.create(&name, &scopes, exp, meta)
+            }
+        })?;
         Ok((PyKeyInfo(rec), token))
     }
 
@@ -880,6 +999,22 @@ impl PyKeyManager {
         let m = Arc::clone(&self.0);
         let id = key_id.to_owned();
         Ok(PyKeyInfo(py.detach(move || m.revoke(&id))?))
+    }
+
+    /// Revokes a key and its predecessors still in their rotation grace period; the key
+    /// and those predecessors (nearest first).
+    fn revoke_lineage(
+        &self,
+        py: Python<'_>,
+        key_id: &str,
+    ) -> PyResult<(PyKeyInfo, Vec<PyKeyInfo>)> {
+        let m = Arc::clone(&self.0);
+        let id = key_id.to_owned();
+        let done = py.detach(move || m.revoke_lineage(&id))?;
+        Ok((
+            PyKeyInfo(done.key),
+            done.predecessors.into_iter().map(PyKeyInfo).collect(),
+        ))
     }
 
     #[pyo3(signature = (token, client=None))]
@@ -941,6 +1076,14 @@ impl PyKeyManager {
         d.set_item("invalidations", s.invalidations)?;
         d.set_item("throttled", s.throttled)?;
         d.set_item("busy", s.busy)?;
+        d.set_item("proof_refreshes", s.proof_refreshes)?;
+        d.set_item("negative_hits", s.negative_hits)?;
+        d.set_item("proven_len", s.proven_len)?;
+        d.set_item("hash_memory_bytes", s.hash_memory_bytes)?;
+        d.set_item(
+            "hash_threads",
+            self.0.options().max_concurrent_verifications,
+        )?;
         d.set_item("background_errors", s.background_errors)?;
         d.set_item("cache_len", s.cache_len)?;
         d.set_item("pending_touches", s.pending_touches)?;
@@ -2351,6 +2494,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyIdentity>()?;
     m.add_class::<PyKeyInfo>()?;
     m.add_class::<PyKeyManager>()?;
+    m.add_class::<PyVerifyLimits>()?;
     m.add_class::<PyAuditWriter>()?;
     m.add_class::<PyAuditFanout>()?;
     m.add_class::<PyAuditSink>()?;

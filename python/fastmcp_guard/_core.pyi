@@ -5,6 +5,7 @@ plain-Rust modules beside it (``tokens``, ``hashing``, ``keystore``, ``limiter``
 ``ipmatch``, ``audit``).
 """
 
+import builtins
 import os
 from collections.abc import Callable, Sequence
 from typing import IO, Any, Literal, final
@@ -39,9 +40,16 @@ class AuditWriteError(GuardError, OSError):
 
 class VerifyError(GuardError):
     """A token was refused. ``reason`` is one of ``malformed``, ``unknown_key``,
-    ``bad_secret``, ``revoked``, ``expired``, ``throttled``, ``busy``, ``store``."""
+    ``bad_secret``, ``revoked``, ``expired``, ``throttled``, ``busy``, ``store``.
+
+    ``key_id`` is the key id the token claims (public; for a 0.2 token its public part
+    ``fmg_sk_<selector>`` unless the record was read), ``None`` for a malformed token.
+    ``retry_after`` (seconds) is set when ``reason`` is ``throttled``: a failure budget is
+    spent (never for a token already proven on this node); answer 429, not 401."""
 
     reason: str
+    key_id: str | None
+    retry_after: float | None
 
 # --- tokens -----------------------------------------------------------------------
 
@@ -173,8 +181,49 @@ class KeyInfo:
     def revoked_at(self) -> float | None: ...
 
 @final
+class VerifyLimits:
+    """What an unproven token may cost (a value of 0 disables that budget).
+
+    Failed hash runs per ``failure_window_seconds``: ``max_failures`` per (client address,
+    key id) (IPv6 counted per /64), ``key_failure_budget`` per key id across addresses
+    (past it, only first tries from addresses not failing for that key, at most as many
+    again), ``global_failure_budget`` on this server; ``unknown_key_budget`` store reads
+    that found no key per client address. Unknown key ids are remembered for
+    ``unknown_key_ttl_seconds``. A verification waits ``verify_wait_seconds`` for a hashing
+    thread before ``busy``. Tokens proven on this node are never throttled."""
+
+    def __new__(
+        cls,
+        *,
+        max_failures: int = 10,
+        failure_window_seconds: float = 60.0,
+        key_failure_budget: int = 100,
+        global_failure_budget: int = 600,
+        unknown_key_budget: int = 20,
+        unknown_key_ttl_seconds: float = 5.0,
+        verify_wait_seconds: float = 2.0,
+    ) -> VerifyLimits: ...
+    @property
+    def max_failures(self) -> int: ...
+    @property
+    def failure_window_seconds(self) -> float: ...
+    @property
+    def key_failure_budget(self) -> int: ...
+    @property
+    def global_failure_budget(self) -> int: ...
+    @property
+    def unknown_key_budget(self) -> int: ...
+    @property
+    def unknown_key_ttl_seconds(self) -> float: ...
+    @property
+    def verify_wait_seconds(self) -> float: ...
+
+@final
 class KeyManager:
-    """Key store + argon2id + verified-token cache. Blocking methods release the GIL."""
+    """Key store + argon2id + verified-token cache. Blocking methods release the GIL.
+
+    Hashing runs only on ``max_concurrent_verifications`` threads of its own (default: the
+    number of CPUs), each reusing its argon2 memory."""
 
     @staticmethod
     def memory(
@@ -184,6 +233,7 @@ class KeyManager:
         touch_interval_seconds: float = 5.0,
         watch_interval_seconds: float = 0.25,
         max_concurrent_verifications: int | None = None,
+        limits: VerifyLimits | None = None,
     ) -> KeyManager: ...
     @staticmethod
     def sqlite(
@@ -194,6 +244,7 @@ class KeyManager:
         touch_interval_seconds: float = 5.0,
         watch_interval_seconds: float = 0.25,
         max_concurrent_verifications: int | None = None,
+        limits: VerifyLimits | None = None,
     ) -> KeyManager: ...
     @staticmethod
     def external(
@@ -204,6 +255,7 @@ class KeyManager:
         touch_interval_seconds: float = 5.0,
         watch_interval_seconds: float = 0.25,
         max_concurrent_verifications: int | None = None,
+        limits: VerifyLimits | None = None,
     ) -> KeyManager:
         """A manager over a store implemented in Python (PostgreSQL, Redis).
 
@@ -217,11 +269,17 @@ class KeyManager:
         scopes: Sequence[str] | None = None,
         expires_at: float | None = None,
         metadata: dict[str, Any] | None = None,
-    ) -> tuple[KeyInfo, str]: ...
+        allow_past_expiry: bool = False,
+    ) -> tuple[KeyInfo, str]:
+        """A new key and its token. ``expires_at`` must be in the future unless
+        ``allow_past_expiry`` (then the key is created already expired, as 0.2 did)."""
     def get(self, key_id: str) -> KeyInfo | None: ...
     def list(self, *, include_revoked: bool = False) -> list[KeyInfo]: ...
     def rotate(self, key_id: str, *, grace_seconds: float) -> tuple[KeyInfo, str]: ...
-    def revoke(self, key_id: str) -> KeyInfo: ...
+    def revoke(self, key_id: str) -> KeyInfo:
+        """Revoke a key, and its predecessors still in their rotation grace period."""
+    def revoke_lineage(self, key_id: str) -> tuple[KeyInfo, builtins.list[KeyInfo]]:
+        """As :meth:`revoke`; also returns the predecessors revoked with it, nearest first."""
     def verify_cached(self, token: str, client: str | None = None) -> Identity | None:
         """Microsecond path: the cached identity, or ``None`` (not cached or malformed).
 

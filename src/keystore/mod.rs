@@ -4,9 +4,15 @@
 //! * [`KeyRecord`] is one key as stored (argon2id hash of the secret, never the token).
 //! * [`KeyBackend`] is the small storage surface; [`MemoryBackend`] and [`SqliteBackend`]
 //!   implement it.
-//! * [`KeyManager`] owns a backend, the cache of verified tokens, the failure throttle, the
-//!   bounded argon2 pool, and a background thread (`fmg-keys`) that writes `last_used_at` in
+//! * [`KeyManager`] owns a backend, the cache of verified tokens, the digests proven on this
+//!   node, the negative cache of unknown ids, the failure budgets ([`throttle`]), the pool of
+//!   hashing threads, and a background thread (`fmg-keys`) that writes `last_used_at` in
 //!   batches and watches the store for changes made by other processes.
+//!
+//! Verification of a token not in the cache: a digest proven before (against the same
+//! stored hash) re-reads the record only; an unknown id remembered by the negative cache
+//! costs nothing; anything else reserves a place in the failure budgets, reads the record,
+//! and hashes on the pool.
 //!
 //! Lifecycle: `active` → `rotating` (the old token stays valid until `grace_until`) →
 //! `revoked`. Expiry (`expires_at`) is independent of the status.
@@ -19,11 +25,15 @@
 
 pub mod legacy;
 pub mod memory;
+mod negative;
 pub mod sqlite;
+pub mod throttle;
 
 pub use legacy::LegacyImport;
 pub use memory::MemoryBackend;
+pub use negative::{DEFAULT_NEGATIVE_CAPACITY, DEFAULT_NEGATIVE_TTL};
 pub use sqlite::SqliteBackend;
+pub use throttle::{client_bucket, FailThrottle, ThrottleScope};
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,12 +43,13 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::hashing::{
-    self, CachedKey, HashError, HashParams, HashScheme, Now, TokenDigest, VerifiedCache,
+    self, CachedKey, HashError, HashParams, HashPool, HashScheme, Now, PoolError, ProvenDigests,
+    TokenDigest, VerifiedCache,
 };
 use crate::tokens::{self, AnyToken, TokenError};
 
@@ -335,7 +346,7 @@ pub enum KeyError {
     #[error(transparent)]
     Token(#[from] TokenError),
     /// The background thread could not be started.
-    #[error("cannot start the fmg-keys background thread: {reason}")]
+    #[error("cannot start a key manager thread (fmg-keys, fmg-hash): {reason}")]
     Thread {
         /// The OS error.
         reason: String,
@@ -423,26 +434,6 @@ pub trait KeyBackend: Send + Sync {
     fn changed_since(&self, revision: u64) -> Result<(u64, Vec<Change>), KeyError>;
 }
 
-/// Failure throttle: after `max_failures` failed verifications from one client for one key id
-/// within `window`, that pair is refused (without argon2) until the window ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FailThrottle {
-    /// Failures allowed per (client, key id) and window; 0 disables the throttle.
-    pub max_failures: u32,
-    /// Window length, starting at the first failure.
-    pub window: Duration,
-}
-
-impl Default for FailThrottle {
-    /// 10 failures per minute.
-    fn default() -> Self {
-        Self {
-            max_failures: 10,
-            window: Duration::from_secs(60),
-        }
-    }
-}
-
 /// Options of a [`KeyManager`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManagerOptions {
@@ -456,14 +447,22 @@ pub struct ManagerOptions {
     pub touch_interval: Duration,
     /// How often the store is polled for changes by other processes (default 250 ms).
     pub watch_interval: Duration,
-    /// Maximum hash verifications (argon2, and bcrypt for 0.2 keys) running at once
-    /// (default: available parallelism).
+    /// Number of hashing threads (argon2, and bcrypt for 0.2 keys), each holding its own
+    /// argon2 memory (default: available parallelism). Hashing runs nowhere else.
     pub max_concurrent_verifications: usize,
-    /// How long a verification waits for a hashing slot before [`VerifyError::Busy`]
-    /// (default 2 s).
+    /// How long a verification waits for a hashing thread to start it before
+    /// [`VerifyError::Busy`] (default 2 s).
     pub verify_wait: Duration,
-    /// Failure throttle per (client, key id).
+    /// Failure budgets per (client address, key id), per key id and per server.
     pub fail_throttle: FailThrottle,
+    /// How long an unknown key id is remembered (default 5 s; 0 disables the negative
+    /// cache).
+    pub negative_ttl: Duration,
+    /// Maximum number of unknown key ids remembered.
+    pub negative_capacity: usize,
+    /// Maximum number of digests remembered as proven (a proven token's refresh reads the
+    /// record but never hashes; 0 keeps none).
+    pub proven_capacity: usize,
     /// Run the `fmg-keys` thread that writes `last_used_at` every `touch_interval` and
     /// polls for changes every `watch_interval` (default). Off for a store implemented in
     /// Python: its owner calls [`KeyManager::flush`] and [`KeyManager::sync_changes`] from
@@ -484,6 +483,9 @@ impl Default for ManagerOptions {
                 .map_or(1, std::num::NonZero::get),
             verify_wait: Duration::from_secs(2),
             fail_throttle: FailThrottle::default(),
+            negative_ttl: DEFAULT_NEGATIVE_TTL,
+            negative_capacity: DEFAULT_NEGATIVE_CAPACITY,
+            proven_capacity: hashing::DEFAULT_PROVEN_CAPACITY,
             background_thread: true,
         }
     }
@@ -512,6 +514,16 @@ impl ManagerOptions {
         }
         Ok(())
     }
+}
+
+/// What [`KeyManager::revoke_lineage`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Revocation {
+    /// The key named (revoked now, or already before).
+    pub key: KeyRecord,
+    /// Its predecessors that were still in their rotation grace period, revoked with it,
+    /// nearest first.
+    pub predecessors: Vec<KeyRecord>,
 }
 
 /// Result of the cache-only lookup ([`KeyManager::verify_cached`]).
@@ -555,23 +567,80 @@ pub enum VerifyError {
         /// The key id.
         key_id: String,
     },
-    /// Too many recent failures for this (client, key id).
+    /// A failure budget is spent (see [`throttle`]): refused without hashing. Only tokens
+    /// not yet proven on this node are ever refused this way.
     #[error(
-        "too many failed attempts for key `{key_id}` from this client; retry in {} s",
-        retry_after.as_secs().max(1)
+        "{}; retry in {} s",
+        match scope {
+            ThrottleScope::Client =>
+                format!("too many failed attempts for key `{key_id}` from this client"),
+            ThrottleScope::Key =>
+                format!("too many failed attempts for key `{key_id}` from all clients"),
+            ThrottleScope::Server => "too many failed key verifications on this server".to_owned(),
+            ThrottleScope::UnknownKeys => "too many unknown key ids from this client".to_owned(),
+        },
+        retry_after_secs(*retry_after)
     )]
     Throttled {
         /// The key id (for a 0.2 token, its public part `fmg_sk_<selector>`).
         key_id: String,
-        /// Time until the throttle window ends.
+        /// Time until the budget's window ends.
         retry_after: Duration,
+        /// Which budget refused.
+        scope: ThrottleScope,
     },
-    /// All hashing slots stayed busy for `verify_wait`.
+    /// No hashing thread started the verification within `verify_wait`.
     #[error("too many key verifications in progress; retry shortly")]
-    Busy,
+    Busy {
+        /// The key id the token claims (for a 0.2 token, its public part).
+        key_id: Option<String>,
+    },
     /// The store failed (or holds a malformed hash).
-    #[error("key store error: {0}")]
-    Store(KeyError),
+    #[error("key store error: {source}")]
+    Store {
+        /// The key id the token claims, if it was parsed (for a 0.2 token, its public part).
+        key_id: Option<String>,
+        /// What failed.
+        source: KeyError,
+    },
+}
+
+/// Whole seconds to wait, rounded up, at least 1 (what `Retry-After` carries).
+fn retry_after_secs(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+}
+
+impl VerifyError {
+    /// The key id the token claims: public, so it may be logged (for a 0.2 token, its public
+    /// part `fmg_sk_<selector>` unless the record was read). `None` for a malformed token.
+    #[must_use]
+    pub fn key_id(&self) -> Option<&str> {
+        match self {
+            Self::Malformed(_) => None,
+            Self::UnknownKey { key_id }
+            | Self::BadSecret { key_id }
+            | Self::Revoked { key_id }
+            | Self::Expired { key_id }
+            | Self::Throttled { key_id, .. } => Some(key_id),
+            Self::Busy { key_id } | Self::Store { key_id, .. } => key_id.as_deref(),
+        }
+    }
+
+    /// How long to wait before retrying, for a throttled attempt.
+    #[must_use]
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Throttled { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    fn store(key_id: &str, source: KeyError) -> Self {
+        Self::Store {
+            key_id: Some(key_id.to_owned()),
+            source,
+        }
+    }
 }
 
 /// Counters of a [`KeyManager`] (since it was created).
@@ -593,6 +662,14 @@ pub struct ManagerStats {
     pub throttled: u64,
     /// Verifications refused as [`VerifyError::Busy`].
     pub busy: u64,
+    /// Refreshes of a proven token: the record re-read, no hash run.
+    pub proof_refreshes: u64,
+    /// Unknown key ids answered from the negative cache (no store read).
+    pub negative_hits: u64,
+    /// Digests remembered as proven.
+    pub proven_len: usize,
+    /// Bytes of argon2 memory held by the hashing threads.
+    pub hash_memory_bytes: usize,
     /// Errors in the background thread (see [`KeyManager::last_background_error`]).
     pub background_errors: u64,
     /// Entries in the verified-token cache.
@@ -611,49 +688,13 @@ struct Counters {
     invalidations: AtomicU64,
     throttled: AtomicU64,
     busy: AtomicU64,
+    proof_refreshes: AtomicU64,
+    negative_hits: AtomicU64,
     background_errors: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
-}
-
-/// A counting semaphore (`parking_lot` mutex + condvar) bounding argon2 and bcrypt
-/// concurrency (one pool for both).
-#[derive(Debug)]
-struct Semaphore {
-    permits: Mutex<usize>,
-    freed: Condvar,
-}
-
-struct Permit<'a>(&'a Semaphore);
-
-impl Semaphore {
-    fn new(permits: usize) -> Self {
-        Self {
-            permits: Mutex::new(permits),
-            freed: Condvar::new(),
-        }
-    }
-
-    fn acquire(&self, wait: Duration) -> Option<Permit<'_>> {
-        let deadline = later(Instant::now(), wait);
-        let mut free = self.permits.lock();
-        while *free == 0 {
-            if self.freed.wait_until(&mut free, deadline).timed_out() && *free == 0 {
-                return None;
-            }
-        }
-        *free -= 1;
-        Some(Permit(self))
-    }
-}
-
-impl Drop for Permit<'_> {
-    fn drop(&mut self) {
-        *self.0.permits.lock() += 1;
-        self.0.freed.notify_one();
-    }
 }
 
 fn later(now: Instant, d: Duration) -> Instant {
@@ -708,14 +749,10 @@ struct PendingTouch {
     ip: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct ThrottleSlot {
-    failures: u32,
-    window_start: Instant,
-}
-
-/// Above this many (client, key id) failure slots, expired ones are swept on the next failure.
-const THROTTLE_SWEEP_AT: usize = 100_000;
+/// How long `create` and `rotate` wait for a hashing thread, at least.
+const MANAGEMENT_WAIT: Duration = Duration::from_secs(30);
+/// Predecessors followed by `revoke`, at most (a rotation chain is never this long).
+const MAX_LINEAGE: usize = 1_000;
 /// A cached token records a use at most once per this many ms (keeps the hit path read-only).
 const TOUCH_EVERY_MS: i64 = 1_000;
 
@@ -803,10 +840,14 @@ struct Inner {
     opts: ManagerOptions,
     cache: VerifiedCache,
     touches: DashMap<String, PendingTouch>,
-    throttle: DashMap<(String, String), ThrottleSlot>,
+    /// Digests argon2 (or bcrypt) proved here, with the stored hash they matched.
+    proven: ProvenDigests,
+    /// Key ids (0.2 selectors) the store did not have, for a few seconds.
+    negative: negative::NegativeCache,
+    throttle: throttle::Throttle,
     inflight: DashMap<TokenDigest, Arc<Mutex<()>>>,
-    /// Bounds argon2 and bcrypt runs together.
-    hash_slots: Semaphore,
+    /// The only place argon2 and bcrypt run.
+    pool: HashPool,
     /// Last store revision seen by the watcher; the lock also serialises polls.
     revision: Mutex<u64>,
     /// Revisions this manager wrote itself (key id -> revision), so the watcher does not
@@ -879,9 +920,15 @@ impl KeyManager {
             backend,
             cache: VerifiedCache::new(opts.cache_capacity, opts.cache_ttl),
             touches: DashMap::new(),
-            throttle: DashMap::new(),
+            proven: ProvenDigests::new(opts.proven_capacity),
+            negative: negative::NegativeCache::new(opts.negative_capacity, opts.negative_ttl),
+            throttle: throttle::Throttle::new(opts.fail_throttle),
             inflight: DashMap::new(),
-            hash_slots: Semaphore::new(opts.max_concurrent_verifications),
+            pool: HashPool::new(opts.max_concurrent_verifications).map_err(|e| {
+                KeyError::Thread {
+                    reason: e.to_string(),
+                }
+            })?,
             revision: Mutex::new(revision),
             own_writes: Mutex::new(std::collections::HashMap::new()),
             flush_lock: Mutex::new(()),
@@ -932,11 +979,38 @@ impl KeyManager {
         expires_at: Option<DateTime<Utc>>,
         metadata: Map<String, Value>,
     ) -> Result<(KeyRecord, String), KeyError> {
+        self.create_key(name, scopes, expires_at, metadata, false)
+    }
+
+    /// Like [`KeyManager::create`], except that an `expires_at` not in the future makes a key
+    /// that is already expired (its token is refused as `expired`) instead of an error: what
+    /// fastmcp-guard 0.2's `create(expires_in_days=-1)` did, kept for code written for it.
+    ///
+    /// # Errors
+    /// As [`KeyManager::create`], without the `expires_at` check.
+    pub fn create_allowing_past_expiry(
+        &self,
+        name: &str,
+        scopes: &[String],
+        expires_at: Option<DateTime<Utc>>,
+        metadata: Map<String, Value>,
+    ) -> Result<(KeyRecord, String), KeyError> {
+        self.create_key(name, scopes, expires_at, metadata, true)
+    }
+
+    fn create_key(
+        &self,
+        name: &str,
+        scopes: &[String],
+        expires_at: Option<DateTime<Utc>>,
+        metadata: Map<String, Value>,
+        allow_past_expiry: bool,
+    ) -> Result<(KeyRecord, String), KeyError> {
         let name = validate_name(name)?;
         let scopes = validate_scopes(scopes)?;
         let now = now_utc();
         let expires_at = expires_at.map(truncate_ms);
-        if let Some(e) = expires_at {
+        if let Some(e) = expires_at.filter(|_| !allow_past_expiry) {
             if e <= now {
                 return Err(KeyError::InvalidInput {
                     field: "expires_at",
@@ -969,15 +1043,27 @@ impl KeyManager {
         };
         record.revision = self.inner.backend.insert(&record)?;
         self.inner.note_own_write(&record.id, record.revision);
+        self.inner.negative.remove(&record.id);
         Ok((record, token))
     }
 
+    /// Hashes a new token's secret on the pool (management calls wait longer than
+    /// verifications for a hashing thread: a flood must not stop key creation).
     fn hash_token_secret(&self, token: &str) -> Result<String, KeyError> {
         let parsed = tokens::parse(token)?;
-        Ok(hashing::hash_secret(
-            parsed.secret,
-            &self.inner.opts.hash_params,
-        )?)
+        let wait = self.inner.opts.verify_wait.max(MANAGEMENT_WAIT);
+        self.inner
+            .pool
+            .hash(parsed.secret, &self.inner.opts.hash_params, wait)
+            .map_err(|e| match e {
+                PoolError::Hash(e) => KeyError::Hash(e),
+                PoolError::Busy => KeyError::Hash(HashError::Hashing {
+                    reason: format!(
+                        "every hashing thread stayed busy for {} s; retry",
+                        wait.as_secs()
+                    ),
+                }),
+            })
     }
 
     /// The key named by an id, a bare kid, or a token's public part — including a
@@ -1135,6 +1221,7 @@ impl KeyManager {
                     self.inner.invalidate(&id);
                     self.inner.note_own_write(&id, old_rev);
                     self.inner.note_own_write(new_id, new_rev);
+                    self.inner.negative.remove(new_id);
                     new.revision = new_rev;
                     return Ok((new, token.clone()));
                 }
@@ -1146,29 +1233,63 @@ impl KeyManager {
     }
 
     /// Revokes a key at once (also on cached and already-open connections of this process;
-    /// other processes see it within their `watch_interval`). Revoking a revoked key returns
-    /// it unchanged.
+    /// other processes see it within their `watch_interval`), and with it its predecessors
+    /// still in their rotation grace period (see [`KeyManager::revoke_lineage`]). Revoking a
+    /// revoked key returns it unchanged.
     ///
     /// # Errors
     /// [`KeyError::NotFound`]; store errors.
     pub fn revoke(&self, id: &str) -> Result<KeyRecord, KeyError> {
+        self.revoke_lineage(id).map(|r| r.key)
+    }
+
+    /// Revokes a key and every predecessor (following `rotated_from`) still in its rotation
+    /// grace period: a rotation's old token must not outlive the revocation of the key that
+    /// replaced it. The key is revoked first, then its predecessors, nearest first, each in
+    /// its own write (if one fails, the ones before it stay revoked). Predecessors whose
+    /// grace is over are passed (an older one may have a longer grace).
+    ///
+    /// # Errors
+    /// [`KeyError::NotFound`]; store errors.
+    pub fn revoke_lineage(&self, id: &str) -> Result<Revocation, KeyError> {
         let id = self.resolve_key_id(id)?;
+        let key = self.revoke_one(&id)?;
+        let mut predecessors = Vec::new();
+        let mut seen = std::collections::HashSet::from([id]);
+        let mut next = key.rotated_from.clone();
+        while let Some(pid) = next.take() {
+            if seen.len() > MAX_LINEAGE || !seen.insert(pid.clone()) {
+                break;
+            }
+            let Some(record) = self.inner.backend.get(&pid)? else {
+                break;
+            };
+            next.clone_from(&record.rotated_from);
+            if record.effective_status_at(now_utc()) == KeyStatus::Rotating {
+                predecessors.push(self.revoke_one(&pid)?);
+            }
+        }
+        Ok(Revocation { key, predecessors })
+    }
+
+    /// Revokes one key (retrying on a concurrent write).
+    fn revoke_one(&self, id: &str) -> Result<KeyRecord, KeyError> {
         for _ in 0..5 {
             let mut record = self
                 .inner
                 .backend
-                .get(&id)?
-                .ok_or_else(|| KeyError::NotFound { id: id.clone() })?;
+                .get(id)?
+                .ok_or_else(|| KeyError::NotFound { id: id.to_owned() })?;
             if record.status == KeyStatus::Revoked {
-                self.inner.invalidate(&id);
+                self.inner.invalidate(id);
                 return Ok(record);
             }
             record.status = KeyStatus::Revoked;
             record.revoked_at = Some(now_utc());
             match self.inner.backend.update(&record) {
                 Ok(rev) => {
-                    self.inner.invalidate(&id);
-                    self.inner.note_own_write(&id, rev);
+                    self.inner.invalidate(id);
+                    self.inner.note_own_write(id, rev);
                     record.revision = rev;
                     return Ok(record);
                 }
@@ -1176,7 +1297,7 @@ impl KeyManager {
                 Err(e) => return Err(e),
             }
         }
-        Err(KeyError::Conflict { id })
+        Err(KeyError::Conflict { id: id.to_owned() })
     }
 
     /// Cache-only verification at `now`; records the use (without a client address).
@@ -1228,15 +1349,14 @@ impl KeyManager {
     ) -> Result<Arc<CachedKey>, VerifyError> {
         let inner = &*self.inner;
         let parsed = tokens::parse_any(token).map_err(VerifyError::Malformed)?;
-        let digest = TokenDigest::of(parsed.token().as_bytes())
-            .map_err(|e| VerifyError::Store(KeyError::Hash(e)))?;
+        let whole = parsed.token();
+        let claim = Claim::from(parsed);
+        let digest = TokenDigest::of(whole.as_bytes())
+            .map_err(|e| VerifyError::store(claim.label(), KeyError::Hash(e)))?;
         if let Some(hit) = inner.cache.get(&digest, now) {
             inner.record_use(&hit, client, now);
             return Ok(hit);
         }
-        let claim = Claim::from(parsed);
-        let client_key = client.unwrap_or("");
-        inner.check_throttle(client_key, claim.label(), now)?;
 
         // Single flight: concurrent first uses of one token run argon2 once.
         let flight = Arc::clone(
@@ -1249,16 +1369,16 @@ impl KeyManager {
         let result = match flight.try_lock_for(inner.opts.verify_wait) {
             None => {
                 bump(&inner.counters.busy);
-                Err(VerifyError::Busy)
+                Err(VerifyError::Busy {
+                    key_id: Some(claim.label().to_owned()),
+                })
             }
             Some(_guard) => {
                 if let Some(hit) = inner.cache.get(&digest, now) {
                     inner.record_use(&hit, client, now);
                     Ok(hit)
                 } else {
-                    inner
-                        .check_throttle(client_key, claim.label(), now)
-                        .and_then(|()| inner.verify_uncached(&claim, digest, client, now))
+                    inner.verify_uncached(&claim, digest, client, now)
                 }
             }
         };
@@ -1275,7 +1395,10 @@ impl KeyManager {
     /// # Errors
     /// Store errors; [`KeyError::Corrupt`] naming a 0.2 row that cannot be read.
     pub fn import_legacy(&self) -> Result<LegacyImport, KeyError> {
-        self.inner.backend.import_legacy()
+        let imported = self.inner.backend.import_legacy()?;
+        // Their selectors may have been remembered as unknown.
+        self.inner.negative.clear();
+        Ok(imported)
     }
 
     /// Writes pending `last_used_at` updates now (one transaction). Returns how many.
@@ -1339,6 +1462,10 @@ impl KeyManager {
             invalidations: get(&c.invalidations),
             throttled: get(&c.throttled),
             busy: get(&c.busy),
+            proof_refreshes: get(&c.proof_refreshes),
+            negative_hits: get(&c.negative_hits),
+            proven_len: self.inner.proven.len(),
+            hash_memory_bytes: self.inner.pool.memory_bytes(),
             background_errors: get(&c.background_errors),
             cache_len: self.inner.cache.len(),
             pending_touches: self.inner.touches.len(),
@@ -1362,9 +1489,15 @@ impl Drop for KeyManager {
 impl Inner {
     fn invalidate(&self, key_id: &str) {
         self.cache.invalidate_key(key_id);
+        // The key may have just been created elsewhere (a change notification).
+        self.negative.remove(key_id);
         bump(&self.counters.invalidations);
     }
 
+    /// Verification past the cache. A digest proven before re-reads the record and, if the
+    /// stored hash is the one it was proven against, passes without hashing and without
+    /// the budgets. Any other token: the negative cache, then a reservation in the failure
+    /// budgets, then the store read, then a hash run on the pool.
     fn verify_uncached(
         &self,
         claim: &Claim<'_>,
@@ -1372,6 +1505,18 @@ impl Inner {
         client: Option<&str>,
         now: Now,
     ) -> Result<Arc<CachedKey>, VerifyError> {
+        let label = claim.label();
+        let proven = self.proven.contains(&digest);
+        let mut reservation = None;
+        if !proven {
+            if self.negative.contains(label, now.instant) {
+                bump(&self.counters.negative_hits);
+                return Err(VerifyError::UnknownKey {
+                    key_id: label.to_owned(),
+                });
+            }
+            reservation = Some(self.reserve(client, label, now)?);
+        }
         // Read before the store: an invalidation of this key (or a clear) after this point
         // stops us caching. The epoch does not name the key, so it serves 0.2 tokens too,
         // whose key id is only known from the store.
@@ -1381,10 +1526,14 @@ impl Inner {
             Claim::Current { key_id, .. } => self.backend.get(key_id),
             Claim::Legacy { selector, .. } => self.backend.get_by_legacy_selector(selector),
         }
-        .map_err(VerifyError::Store)?;
+        .map_err(|e| VerifyError::store(label, e))?;
         let Some(record) = found else {
+            self.negative.insert(label, now.instant);
+            if let Some(r) = reservation {
+                r.unknown_key(now.instant);
+            }
             return Err(VerifyError::UnknownKey {
-                key_id: claim.label().to_owned(),
+                key_id: label.to_owned(),
             });
         };
         let key_id = record.id.clone();
@@ -1395,35 +1544,25 @@ impl Inner {
         if record.is_expired_at(now_dt) {
             return Err(VerifyError::Expired { key_id });
         }
-        let (input, scheme) = match claim {
-            Claim::Current { secret, .. } => (*secret, HashScheme::Argon2id),
-            Claim::Legacy { token, .. } => (*token, HashScheme::Bcrypt),
-        };
-        // A token of one format never matches a hash of the other (a current-format token
-        // naming an imported 0.2 key's id, say): refused without hashing. An unrecognised
-        // hash still goes to `verify_secret`, which reports it as malformed.
-        let stored = HashScheme::of(&record.phc_hash);
-        let matches = if stored.is_some_and(|s| s != scheme) {
-            false
+        let matches = if proven && self.proven.proves(&digest, &record.id, &record.phc_hash) {
+            bump(&self.counters.proof_refreshes);
+            true
         } else {
-            let Some(_permit) = self.hash_slots.acquire(self.opts.verify_wait) else {
-                bump(&self.counters.busy);
-                return Err(VerifyError::Busy);
-            };
-            bump(match scheme {
-                HashScheme::Argon2id => &self.counters.argon2_runs,
-                HashScheme::Bcrypt => &self.counters.bcrypt_runs,
-            });
-            hashing::verify_secret(input, &record.phc_hash)
-                .map_err(|e| VerifyError::Store(KeyError::Hash(e)))?
+            if proven {
+                // The stored hash changed since: the proof is void.
+                self.proven.remove(&digest);
+                reservation = Some(self.reserve(client, label, now)?);
+            }
+            self.check_secret(claim, &record)?
         };
-        let client_key = client.unwrap_or("");
         if !matches {
-            self.record_failure(client_key, claim.label(), now);
+            if let Some(r) = reservation {
+                r.failed(now.instant);
+            }
             return Err(VerifyError::BadSecret { key_id });
         }
-        self.throttle
-            .remove(&(client_key.to_owned(), claim.label().to_owned()));
+        drop(reservation); // released: a match is no failure
+        self.proven.insert(digest, &record.id, &record.phc_hash);
         let valid_until = record.valid_until().map(|t| t.timestamp_millis());
         let entry = Arc::new(
             CachedKey::new(
@@ -1442,45 +1581,56 @@ impl Inner {
         Ok(entry)
     }
 
-    fn check_throttle(&self, client: &str, key_id: &str, now: Now) -> Result<(), VerifyError> {
-        let t = self.opts.fail_throttle;
-        if t.max_failures == 0 || self.throttle.is_empty() {
-            return Ok(());
+    /// Whether the token's secret matches the record's hash: one hash run on the pool.
+    fn check_secret(&self, claim: &Claim<'_>, record: &KeyRecord) -> Result<bool, VerifyError> {
+        let (input, scheme) = match claim {
+            Claim::Current { secret, .. } => (*secret, HashScheme::Argon2id),
+            Claim::Legacy { token, .. } => (*token, HashScheme::Bcrypt),
+        };
+        // A token of one format never matches a hash of the other (a current-format token
+        // naming an imported 0.2 key's id, say): refused without hashing. An unrecognised
+        // hash still goes to the pool, which reports it as malformed.
+        if HashScheme::of(&record.phc_hash).is_some_and(|s| s != scheme) {
+            return Ok(false);
         }
-        if let Some(slot) = self.throttle.get(&(client.to_owned(), key_id.to_owned())) {
-            let elapsed = now.instant.saturating_duration_since(slot.window_start);
-            if elapsed < t.window && slot.failures >= t.max_failures {
-                bump(&self.counters.throttled);
-                return Err(VerifyError::Throttled {
-                    key_id: key_id.to_owned(),
-                    retry_after: t.window.saturating_sub(elapsed),
+        match self
+            .pool
+            .verify(input, &record.phc_hash, self.opts.verify_wait)
+        {
+            Ok(matches) => {
+                bump(match scheme {
+                    HashScheme::Argon2id => &self.counters.argon2_runs,
+                    HashScheme::Bcrypt => &self.counters.bcrypt_runs,
                 });
+                Ok(matches)
             }
+            Err(PoolError::Busy) => {
+                bump(&self.counters.busy);
+                Err(VerifyError::Busy {
+                    key_id: Some(record.id.clone()),
+                })
+            }
+            Err(PoolError::Hash(e)) => Err(VerifyError::store(&record.id, KeyError::Hash(e))),
         }
-        Ok(())
     }
 
-    fn record_failure(&self, client: &str, key_id: &str, now: Now) {
-        let t = self.opts.fail_throttle;
-        if t.max_failures == 0 {
-            return;
-        }
-        if self.throttle.len() >= THROTTLE_SWEEP_AT {
-            self.throttle
-                .retain(|_, s| now.instant.saturating_duration_since(s.window_start) < t.window);
-        }
-        let mut slot = self
-            .throttle
-            .entry((client.to_owned(), key_id.to_owned()))
-            .or_insert(ThrottleSlot {
-                failures: 0,
-                window_start: now.instant,
-            });
-        if now.instant.saturating_duration_since(slot.window_start) >= t.window {
-            slot.failures = 0;
-            slot.window_start = now.instant;
-        }
-        slot.failures = slot.failures.saturating_add(1);
+    /// A place in the failure budgets for one hash run, or the refusal.
+    fn reserve(
+        &self,
+        client: Option<&str>,
+        label: &str,
+        now: Now,
+    ) -> Result<throttle::Reservation<'_>, VerifyError> {
+        self.throttle
+            .reserve(client.unwrap_or(""), label, now.instant)
+            .map_err(|refused| {
+                bump(&self.counters.throttled);
+                VerifyError::Throttled {
+                    key_id: label.to_owned(),
+                    retry_after: refused.retry_after,
+                    scope: refused.scope,
+                }
+            })
     }
 
     /// Records a use in memory (written by the next flush). At most once per second per
@@ -1572,6 +1722,8 @@ impl Inner {
         {
             let mut own = self.own_writes.lock();
             for change in &changed {
+                // A key created elsewhere is known from now on.
+                self.negative.remove(&change.id);
                 if own.get(&change.id) != Some(&change.revision) {
                     // Entries built from this revision or a later one are current: a key
                     // created elsewhere and cached here since is not verified again.
@@ -2068,6 +2220,7 @@ mod tests {
             fail_throttle: FailThrottle {
                 max_failures: 3,
                 window: Duration::from_secs(60),
+                ..FailThrottle::default()
             },
             ..opts()
         })
@@ -2099,11 +2252,24 @@ mod tests {
         m.verify_at(&a_token, Some("7.7.7.7"), now).unwrap();
         // Once cached, the valid token is served before the throttle is consulted.
         m.verify_at(&a_token, Some("6.6.6.6"), now).unwrap();
+        // Once proven, its refresh (after the TTL) reads the record without argon2 and
+        // without the throttle, from the throttled address too.
         m.clear_cache();
-        // After the window, the pair may try again.
+        let runs = m.stats().argon2_runs;
+        m.verify_at(&a_token, Some("6.6.6.6"), now).unwrap();
+        assert_eq!(m.stats().argon2_runs, runs);
+        assert_eq!(m.stats().proof_refreshes, 1);
+        // The wrong secret is still throttled; after the window the pair may try again.
+        assert!(matches!(
+            m.verify_at(&bad, Some("6.6.6.6"), now),
+            Err(VerifyError::Throttled { .. })
+        ));
         let later = now.after(Duration::from_secs(61));
-        m.verify_at(&a_token, Some("6.6.6.6"), later).unwrap();
-        assert!(m.stats().throttled >= 2);
+        assert!(matches!(
+            m.verify_at(&bad, Some("6.6.6.6"), later),
+            Err(VerifyError::BadSecret { .. })
+        ));
+        assert!(m.stats().throttled >= 3);
     }
 
     #[test]
@@ -2306,7 +2472,10 @@ mod tests {
         assert!(
             matches!(
                 err,
-                VerifyError::Store(KeyError::Hash(HashError::Malformed { .. }))
+                VerifyError::Store {
+                    source: KeyError::Hash(HashError::Malformed { .. }),
+                    ..
+                }
             ),
             "{err}"
         );
@@ -2553,15 +2722,6 @@ mod tests {
     }
 
     #[test]
-    fn semaphore_bounds_concurrency() {
-        let s = Semaphore::new(1);
-        let first = s.acquire(Duration::from_millis(1)).unwrap();
-        assert!(s.acquire(Duration::from_millis(5)).is_none());
-        drop(first);
-        assert!(s.acquire(Duration::from_millis(1)).is_some());
-    }
-
-    #[test]
     fn busy_when_no_argon2_slot_frees_up() {
         let m = KeyManager::memory(ManagerOptions {
             max_concurrent_verifications: 1,
@@ -2569,16 +2729,18 @@ mod tests {
             ..opts()
         })
         .unwrap();
-        let (_, token) = m.create("a", &[], None, Map::new()).unwrap();
-        let held = m
-            .inner
-            .hash_slots
-            .acquire(Duration::from_millis(1))
-            .unwrap();
-        assert!(matches!(m.verify(&token, None), Err(VerifyError::Busy)));
+        let (rec, token) = m.create("a", &[], None, Map::new()).unwrap();
+        let held = m.inner.pool.hold_one();
+        let err = m.verify(&token, None).unwrap_err();
+        assert!(
+            matches!(err, VerifyError::Busy { ref key_id } if key_id.as_deref() == Some(rec.id.as_str())),
+            "{err}"
+        );
         assert_eq!(m.stats().busy, 1);
+        assert_eq!(m.stats().argon2_runs, 0, "withdrawn, never run");
         drop(held);
         m.verify(&token, None).unwrap();
+        assert_eq!(m.stats().argon2_runs, 1);
     }
 
     #[test]
@@ -2623,15 +2785,402 @@ mod tests {
         assert_eq!(KeyStatus::parse("expired"), None);
     }
 
+    // -- failure budgets, proofs, the negative cache ----------------------------------------
+
+    /// A manager with the given budgets (and the test hash cost).
+    fn budgeted(max_failures: u32, key_budget: u32, global_budget: u32) -> KeyManager {
+        KeyManager::memory(ManagerOptions {
+            fail_throttle: FailThrottle {
+                max_failures,
+                window: Duration::from_secs(60),
+                key_budget,
+                global_budget,
+                unknown_budget: 0,
+            },
+            ..opts()
+        })
+        .unwrap()
+    }
+
+    /// A well-formed token for `key_id` with a wrong secret of its own (distinct digests).
+    fn wrong_secret_n(key_id: &str, n: usize) -> String {
+        let kid = &key_id[tokens::KEY_ID_PREFIX.len()..];
+        let secret = format!("{n:0>width$}", width = tokens::SECRET_LEN);
+        tokens::from_parts(kid, &secret).unwrap()
+    }
+
+    fn reason(r: &Result<Arc<CachedKey>, VerifyError>) -> &'static str {
+        match r {
+            Ok(_) => "ok",
+            Err(VerifyError::BadSecret { .. }) => "bad_secret",
+            Err(VerifyError::Throttled { .. }) => "throttled",
+            Err(VerifyError::Busy { .. }) => "busy",
+            Err(_) => "other",
+        }
+    }
+
+    #[test]
+    fn parallel_wrong_secrets_get_no_more_hash_runs_than_sequential_ones() {
+        for threads in [30usize, 50] {
+            let m = Arc::new(
+                KeyManager::memory(ManagerOptions {
+                    max_concurrent_verifications: 2,
+                    verify_wait: Duration::from_secs(30),
+                    ..opts()
+                })
+                .unwrap(),
+            );
+            let (rec, _) = m.create("victim", &[], None, Map::new()).unwrap();
+            let barrier = Arc::new(std::sync::Barrier::new(threads));
+            let handles: Vec<_> = (0..threads)
+                .map(|i| {
+                    let (m, barrier, bad) = (
+                        Arc::clone(&m),
+                        Arc::clone(&barrier),
+                        wrong_secret_n(&rec.id, i),
+                    );
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        reason(&m.verify(&bad, Some("6.6.6.6")))
+                    })
+                })
+                .collect();
+            let reasons: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            let max = FailThrottle::default().max_failures;
+            assert_eq!(m.stats().argon2_runs, u64::from(max), "{threads} threads");
+            let bad = reasons.iter().filter(|r| **r == "bad_secret").count();
+            let throttled = reasons.iter().filter(|r| **r == "throttled").count();
+            assert_eq!((bad, throttled), (max as usize, threads - max as usize));
+        }
+    }
+
+    #[test]
+    fn a_proven_token_is_never_locked_out_and_never_hashed_again() {
+        let m = budgeted(3, 5, 8);
+        let (rec, token) = m.create("svc", &[], None, Map::new()).unwrap();
+        let now = Now::system();
+        m.verify_at(&token, Some("10.0.0.1"), now).unwrap();
+        // Every budget spent on this key id, from its own address and from others.
+        for i in 0..40 {
+            let addr = format!("10.0.{}.{}", i / 3, i % 3);
+            let _ = m.verify_at(&wrong_secret_n(&rec.id, i), Some(&addr), now);
+        }
+        for addr in ["10.0.0.1", "10.0.0.2", "10.9.9.9"] {
+            let r = m.verify_at(&wrong_secret_n(&rec.id, 99), Some(addr), now);
+            assert_eq!(reason(&r), "throttled", "{addr}");
+        }
+        let (runs, reads) = (m.stats().argon2_runs, m.stats().store_reads);
+        // Refreshes (the cache TTL passed: simulated by clearing it) re-read the record and
+        // pass, from any address, with no hash run.
+        for addr in ["10.0.0.1", "10.0.0.2", "10.9.9.9"] {
+            m.clear_cache();
+            m.verify_at(&token, Some(addr), now).unwrap();
+        }
+        let later = now.after(Duration::from_secs(3600));
+        m.clear_cache();
+        m.verify_at(&token, Some("10.0.0.1"), later).unwrap();
+        assert_eq!(m.stats().argon2_runs, runs);
+        assert_eq!(m.stats().proof_refreshes, 4);
+        assert_eq!(m.stats().store_reads, reads + 4);
+        // A proof admits nothing by itself: revocation still takes effect at once.
+        m.revoke(&rec.id).unwrap();
+        // Its holder is told so (not "throttled", which would have it retry), from the
+        // address where the budgets are spent too: the proof still spares it the budgets.
+        for addr in ["10.0.0.1", "10.9.9.9"] {
+            assert!(matches!(
+                m.verify_at(&token, Some(addr), later),
+                Err(VerifyError::Revoked { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn a_changed_stored_hash_voids_the_proof() {
+        let (backend, m) = gated();
+        let (_, token) = m.create("svc", &[], None, Map::new()).unwrap();
+        m.verify(&token, None).unwrap();
+        m.clear_cache();
+        m.verify(&token, None).unwrap();
+        assert_eq!((m.stats().argon2_runs, m.stats().proof_refreshes), (1, 1));
+        // The record now holds another hash: argon2 decides again, and refuses.
+        *backend.hash.lock() =
+            Some(hashing::hash_secret("other", &HashParams::insecure_fast()).unwrap());
+        m.clear_cache();
+        assert!(matches!(
+            m.verify(&token, None),
+            Err(VerifyError::BadSecret { .. })
+        ));
+        assert_eq!(m.stats().argon2_runs, 2);
+        *backend.hash.lock() = None;
+        m.verify(&token, None).unwrap();
+        assert_eq!(
+            m.stats().argon2_runs,
+            3,
+            "the old proof is gone; proven anew"
+        );
+    }
+
+    #[test]
+    fn a_key_attacked_from_many_addresses_costs_at_most_twice_its_budget() {
+        let (budget, addrs) = (20u32, 100);
+        let m = budgeted(10, budget, 0);
+        let (rec, _) = m.create("victim", &[], None, Map::new()).unwrap();
+        let now = Now::system();
+        // Round after round from every address, in order (each address's first attempt
+        // comes after the budget is spent for most of them).
+        let mut n = 0;
+        for _round in 0..10 {
+            for a in 0..addrs {
+                n += 1;
+                let _ = m.verify_at(
+                    &wrong_secret_n(&rec.id, n),
+                    Some(&format!("10.1.0.{a}")),
+                    now,
+                );
+            }
+        }
+        let runs = m.stats().argon2_runs;
+        assert!(runs <= u64::from(2 * budget), "{runs} runs");
+        assert!(runs >= u64::from(budget), "{runs} runs");
+        // The (unproven) token of that key, from an address that has not been failing, is
+        // still checked... as long as first tries are left; from a failing address it waits.
+        let m = budgeted(10, budget, 0);
+        let (rec, token) = m.create("victim", &[], None, Map::new()).unwrap();
+        for i in 0..budget as usize {
+            let addr = format!("10.2.1.{}", i % 2);
+            let _ = m.verify_at(&wrong_secret_n(&rec.id, i), Some(&addr), now);
+        }
+        assert_eq!(m.stats().argon2_runs, u64::from(budget));
+        let _ = m.verify_at(&wrong_secret_n(&rec.id, 1000), Some("10.2.0.2"), now);
+        let r = m.verify_at(&token, Some("10.2.0.2"), now);
+        assert!(matches!(
+            r,
+            Err(VerifyError::Throttled {
+                scope: ThrottleScope::Key,
+                ..
+            })
+        ));
+        m.verify_at(&token, Some("192.168.7.7"), now).unwrap();
+    }
+
+    #[test]
+    fn the_server_budget_caps_failed_hash_runs_across_keys() {
+        let m = budgeted(0, 0, 6);
+        let now = Now::system();
+        let keys: Vec<_> = (0..4)
+            .map(|i| m.create(&format!("k{i}"), &[], None, Map::new()).unwrap())
+            .collect();
+        for (i, (rec, _)) in keys.iter().cycle().take(20).enumerate() {
+            let _ = m.verify_at(
+                &wrong_secret_n(&rec.id, i),
+                Some(&format!("10.3.0.{i}")),
+                now,
+            );
+        }
+        assert_eq!(m.stats().argon2_runs, 6);
+        let err = m.verify_at(&keys[0].1, Some("10.4.0.1"), now).unwrap_err();
+        assert!(
+            matches!(err, VerifyError::Throttled { scope: ThrottleScope::Server, retry_after, .. }
+                if retry_after <= Duration::from_secs(60)),
+            "{err}"
+        );
+        assert!(err.to_string().contains("on this server"), "{err}");
+        // Successes never use it up: a proven token passes meanwhile.
+        let m = budgeted(0, 0, 1);
+        let (_, token) = m.create("ok", &[], None, Map::new()).unwrap();
+        for _ in 0..5 {
+            m.clear_cache();
+            m.verify_at(&token, None, now).unwrap();
+        }
+    }
+
+    #[test]
+    fn unknown_ids_are_remembered_briefly_and_forgotten_when_the_key_appears() {
+        let backend = Arc::new(MemoryBackend::new());
+        let quiet = ManagerOptions {
+            background_thread: false,
+            ..opts()
+        };
+        let a =
+            KeyManager::with_backend(Arc::clone(&backend) as Arc<dyn KeyBackend>, opts()).unwrap();
+        let b =
+            KeyManager::with_backend(Arc::clone(&backend) as Arc<dyn KeyBackend>, quiet).unwrap();
+        let (unknown, _) = tokens::generate().unwrap();
+        let now = Now::system();
+        for _ in 0..50 {
+            assert!(matches!(
+                b.verify_at(&unknown, Some("10.0.0.1"), now),
+                Err(VerifyError::UnknownKey { .. })
+            ));
+        }
+        assert_eq!(b.stats().store_reads, 1);
+        assert_eq!(b.stats().negative_hits, 49);
+        assert_eq!(b.stats().throttled, 0, "an unknown id is not a failure");
+        // After the TTL, the store is asked again.
+        let later = now.after(DEFAULT_NEGATIVE_TTL);
+        let _ = b.verify_at(&unknown, None, later);
+        assert_eq!(b.stats().store_reads, 2);
+        // Another node creates the key: b sees the change and verifies it at once.
+        let (rec, token) = a.create("k", &[], None, Map::new()).unwrap();
+        let id_of = |t: &str| tokens::parse(t).unwrap().key_id();
+        b.inner.negative.insert(&id_of(&token), later.instant);
+        b.sync_changes().unwrap();
+        assert_eq!(b.verify_at(&token, None, later).unwrap().key_id, rec.id);
+        // So does a change notification (PostgreSQL NOTIFY, Redis pub/sub), and a creation
+        // on this node.
+        let (_, token2) = a.create("k2", &[], None, Map::new()).unwrap();
+        b.inner.negative.insert(&id_of(&token2), later.instant);
+        b.invalidate(&id_of(&token2));
+        b.verify_at(&token2, None, later).unwrap();
+        b.inner
+            .negative
+            .insert("fmg_key_AAAAAAAAAAAAAAAA", later.instant);
+        let (mine, _) = b.create("mine", &[], None, Map::new()).unwrap();
+        assert!(!b.inner.negative.contains(&mine.id, later.instant));
+        assert!(b
+            .inner
+            .negative
+            .contains("fmg_key_AAAAAAAAAAAAAAAA", later.instant));
+    }
+
+    #[test]
+    fn an_address_naming_many_unknown_ids_is_refused_before_the_store() {
+        let m = KeyManager::memory(opts()).unwrap(); // 20 unknown ids per address and minute
+        let (_, token) = m.create("k", &[], None, Map::new()).unwrap();
+        let now = Now::system();
+        for _ in 0..25 {
+            let (unknown, _) = tokens::generate().unwrap();
+            let _ = m.verify_at(&unknown, Some("10.5.0.1"), now);
+        }
+        assert_eq!(m.stats().store_reads, 20);
+        let err = m.verify_at(&token, Some("10.5.0.1"), now).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VerifyError::Throttled {
+                    scope: ThrottleScope::UnknownKeys,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("unknown key ids"), "{err}");
+        m.verify_at(&token, Some("10.5.0.2"), now).unwrap();
+        // Once proven, that address's refreshes pass.
+        m.clear_cache();
+        m.verify_at(&token, Some("10.5.0.1"), now).unwrap();
+    }
+
+    #[test]
+    fn refusals_name_the_claimed_key_id_and_throttled_ones_when_to_retry() {
+        let m = budgeted(1, 0, 0);
+        let (rec, _) = m.create("k", &[], None, Map::new()).unwrap();
+        let bad = wrong_secret(&rec.id);
+        let first = m.verify(&bad, Some("1.2.3.4")).unwrap_err();
+        assert_eq!(first.key_id(), Some(rec.id.as_str()));
+        assert_eq!(first.retry_after(), None);
+        let second = m.verify(&bad, Some("1.2.3.4")).unwrap_err();
+        assert_eq!(second.key_id(), Some(rec.id.as_str()));
+        let after = second.retry_after().unwrap();
+        assert!(after > Duration::from_secs(55) && after <= Duration::from_secs(60));
+        assert!(second.to_string().contains("retry in 60 s"), "{second}");
+        let (unknown, _) = tokens::generate().unwrap();
+        let err = m.verify(&unknown, None).unwrap_err();
+        assert_eq!(
+            err.key_id(),
+            Some(tokens::parse(&unknown).unwrap().key_id().as_str())
+        );
+        assert_eq!(m.verify("fmg_sk_nope", None).unwrap_err().key_id(), None);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(59_001)), 60);
+    }
+
+    #[test]
+    fn revoking_a_key_revokes_its_predecessors_still_in_grace() {
+        for (backend, m, _dir) in managers() {
+            let (k0, t0) = m.create("svc", &[], None, Map::new()).unwrap();
+            let (k1, t1) = m.rotate(&k0.id, chrono::Duration::hours(24)).unwrap();
+            let (k2, t2) = m.rotate(&k1.id, chrono::Duration::hours(1)).unwrap();
+            let (k3, t3) = m.rotate(&k2.id, chrono::Duration::hours(1)).unwrap();
+            for t in [&t0, &t1, &t2, &t3] {
+                m.verify(t, None).unwrap();
+            }
+            // k2's grace ends (revoked by time): the walk passes it and still reaches k1, k0.
+            let mut k2_now = m.get(&k2.id).unwrap();
+            k2_now.grace_until = Some(now_utc() - chrono::Duration::seconds(1));
+            m.inner.backend.update(&k2_now).unwrap();
+            m.invalidate(&k2.id);
+            let done = m.revoke_lineage(&k3.id).unwrap();
+            assert_eq!(done.key.status, KeyStatus::Revoked, "{backend}");
+            let ids: Vec<_> = done.predecessors.iter().map(|r| r.id.as_str()).collect();
+            assert_eq!(ids, [k1.id.as_str(), k0.id.as_str()], "{backend}");
+            for t in [&t0, &t1, &t2, &t3] {
+                assert!(m.verify(t, None).is_err(), "{backend}");
+            }
+            for id in [&k0.id, &k1.id, &k3.id] {
+                assert_eq!(
+                    m.get(id).unwrap().status,
+                    KeyStatus::Revoked,
+                    "{backend} {id}"
+                );
+            }
+            assert_eq!(m.get(&k2.id).unwrap().status, KeyStatus::Rotating);
+            // Revoking again: nothing more to do.
+            let again = m.revoke_lineage(&k3.id).unwrap();
+            assert!(again.predecessors.is_empty());
+            assert_eq!(again.key.revoked_at, done.key.revoked_at);
+            // A key revoked earlier (before this rule) still takes its predecessors along.
+            let (a0, ta0) = m.create("old", &[], None, Map::new()).unwrap();
+            let (a1, _) = m.rotate(&a0.id, chrono::Duration::hours(1)).unwrap();
+            m.revoke_one(&a1.id).unwrap();
+            m.verify(&ta0, None).unwrap();
+            let done = m.revoke_lineage(&a1.id).unwrap();
+            assert_eq!(done.predecessors.len(), 1);
+            assert!(m.verify(&ta0, None).is_err());
+            // A successor is never touched.
+            let (b0, _) = m.create("b", &[], None, Map::new()).unwrap();
+            let (_, tb1) = m.rotate(&b0.id, chrono::Duration::hours(1)).unwrap();
+            assert!(m.revoke_lineage(&b0.id).unwrap().predecessors.is_empty());
+            m.verify(&tb1, None).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_key_can_be_created_already_expired_when_asked() {
+        let m = KeyManager::memory(opts()).unwrap();
+        let past = Utc::now() - chrono::Duration::days(1);
+        assert!(matches!(
+            m.create("k", &[], Some(past), Map::new()),
+            Err(KeyError::InvalidInput {
+                field: "expires_at",
+                ..
+            })
+        ));
+        let (rec, token) = m
+            .create_allowing_past_expiry("k", &[], Some(past), Map::new())
+            .unwrap();
+        assert!(rec.is_expired_at(Utc::now()));
+        assert!(matches!(
+            m.verify(&token, None),
+            Err(VerifyError::Expired { .. })
+        ));
+        assert_eq!(m.stats().argon2_runs, 0, "refused before hashing");
+    }
+
     // -- verifications in flight while keys change ----------------------------------------
 
     /// A memory backend whose next read of one key (by id, or by 0.2 selector) stops after
     /// reading the record: it reports the read, then waits for the test to let it return.
     /// What the test does meanwhile happens while that verification is in flight.
+    ///
+    /// Its reads can also report another stored hash than the one written (`hash`), as a
+    /// restore of another key's record under the same id would.
     #[derive(Default)]
     struct GatedBackend {
         inner: MemoryBackend,
         gate: Mutex<Option<Gate>>,
+        hash: Mutex<Option<String>>,
     }
 
     struct Gate {
@@ -2662,7 +3211,10 @@ mod tests {
             self.inner.insert(record)
         }
         fn get(&self, id: &str) -> Result<Option<KeyRecord>, KeyError> {
-            let found = self.inner.get(id);
+            let mut found = self.inner.get(id);
+            if let (Ok(Some(r)), Some(h)) = (found.as_mut(), self.hash.lock().as_ref()) {
+                r.phc_hash.clone_from(h);
+            }
             self.pass(id);
             found
         }
@@ -2814,7 +3366,9 @@ mod tests {
         assert!(!is_hit(&m, &token_a));
         m.verify(&token_a, None).unwrap();
         assert!(is_hit(&m, &token_a));
-        assert_eq!(m.stats().argon2_runs, 2);
+        // The second verification re-read the record; the digest was proven already.
+        assert_eq!(m.stats().argon2_runs, 1);
+        assert_eq!(m.stats().proof_refreshes, 1);
     }
 
     #[test]
@@ -3010,6 +3564,7 @@ mod tests {
                 fail_throttle: FailThrottle {
                     max_failures: 2,
                     window: Duration::from_secs(60),
+                    ..FailThrottle::default()
                 },
                 ..opts()
             },

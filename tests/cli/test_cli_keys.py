@@ -175,8 +175,11 @@ def test_lifecycle_events_name_the_actor(tmp_path: Path) -> None:
         ("created", key["id"], os_user()),
         ("rotated", rotated["id"], "ops-bot"),
         ("revoked", rotated["id"], "carol"),
+        ("revoked", key["id"], "carol"),  # still in its grace period: revoked with it
     ]
     assert events[1]["rotated_from"] == key["id"]
+    assert events[2]["revoked_predecessors"] == [key["id"]]
+    assert events[3]["revoked_with"] == rotated["id"]
     assert all(e["key_name"] == "alice" for e in events)
 
 

@@ -121,6 +121,27 @@ def test_lifecycle_matches_the_other_stores_and_no_token_is_stored(store_url: st
     assert "$argon2id$" in dump
 
 
+def test_revoking_a_key_revokes_its_predecessors_in_grace_on_every_node(
+    store_url: str,
+) -> None:
+    """Issue 10, finding 16, over PostgreSQL and Redis: the old token of a rotation does not
+    outlive the revocation of its successor, on this node or another."""
+    a, b = node(store_url), node(store_url, watch_interval_seconds=3600)  # b: notified only
+    first = a.create("svc")
+    second = a.rotate(first.id, grace_period_hours=24)
+    third = a.rotate(second.id, grace_period_hours=1)
+    for key in (first, second, third):
+        assert b.verify(str(key.token)) is not None  # cached on b
+    revoked = a.revoke(third.id)
+    for key in (third, second, first):
+        wait_refused(b, str(key.token))
+        assert a.verify(str(key.token)) is None
+        assert a.get(key.id).status == "revoked"
+    assert revoked.revoked_predecessors == [second.id, first.id]
+    a.close()
+    b.close()
+
+
 def test_a_key_made_on_one_node_works_on_another_and_revocation_is_fleet_wide(
     store_url: str,
 ) -> None:

@@ -231,5 +231,6 @@ def test_clear_cache_during_a_verification_stops_it_caching() -> None:
     assert km.verify_cached(token_a) is None
     km.verify(token_a, None)
     assert km.verify_cached(token_a) is not None
-    assert km.stats()["argon2_runs"] == 2
+    # The second verification re-read the record; the digest was proven already.
+    assert (km.stats()["argon2_runs"], km.stats()["proof_refreshes"]) == (1, 1)
     km.close()

@@ -216,11 +216,17 @@ def _revoke(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         store = _open_store(config, stack, audited=False, ref=args.key)
         key = _resolve(store, args.key, config)
-        if key.status == "revoked":
+        already = key.status == "revoked"
+        if already and key.rotated_from:
+            # Revoked before predecessors were revoked with it: finish the job.
+            attach_audit(store, config, stack)
+            key = store.revoke(key.id, actor=args.actor)
+        if already:
             if want_json(args):
-                print_json(_key_dict(key))
+                print_json(_revoke_dict(key))
             else:
                 say(f"Key {key.id} ({key.name}) is already revoked.")
+                _say_predecessors(key)
             return 0
         if not args.force:
             if not sys.stdin.isatty():
@@ -237,10 +243,24 @@ def _revoke(args: argparse.Namespace) -> int:
         attach_audit(store, config, stack)
         key = store.revoke(key.id, actor=args.actor)
     if want_json(args):
-        print_json(_key_dict(key))
+        print_json(_revoke_dict(key))
     else:
         say(f"Revoked key {key.id} ({key.name}): its token is refused from the next request on.")
+        _say_predecessors(key)
     return 0
+
+
+def _revoke_dict(key: ApiKey) -> dict[str, Any]:
+    return {**_key_dict(key), "revoked_predecessors": list(key.revoked_predecessors)}
+
+
+def _say_predecessors(key: ApiKey) -> None:
+    """Name the keys revoked with ``key`` (its predecessors still in their grace period)."""
+    if key.revoked_predecessors:
+        n = len(key.revoked_predecessors)
+        which = ("the key it replaced, still in its" if n == 1
+                 else f"the {n} keys it replaced, still in their")  # fmt: skip
+        say(f"Also revoked {which} rotation grace period: {', '.join(key.revoked_predecessors)}")
 
 
 # -- helpers -------------------------------------------------------------------------

@@ -11,6 +11,7 @@ repeated verification cost about a microsecond.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Sequence
@@ -21,14 +22,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio.to_thread
 
-from fastmcp_guard._core import Identity, KeyInfo, KeyManager
+from fastmcp_guard._core import Identity, KeyInfo, KeyManager, VerifyLimits
 from fastmcp_guard._util import os_user
 from fastmcp_guard.errors import ConfigError
 
 if TYPE_CHECKING:
     from fastmcp_guard.audit import AuditLog
 
-__all__ = ["APIKey", "ApiKey", "KeyStatus", "KeyStore"]
+__all__ = ["APIKey", "ApiKey", "KeyStatus", "KeyStore", "VerifyLimits"]
 
 BackendName = Literal["memory", "sqlite", "postgres", "redis"]
 _FLEET_BACKENDS = {"postgres": "postgres", "postgresql": "postgres", "redis": "redis"}
@@ -51,7 +52,9 @@ class ApiKey:
     """One API key as the store reports it.
 
     ``token`` is set only on the object returned by :meth:`KeyStore.create` and
-    :meth:`KeyStore.rotate`; it cannot be recovered afterwards.
+    :meth:`KeyStore.rotate`; it cannot be recovered afterwards. ``revoked_predecessors``
+    is set only on the object returned by :meth:`KeyStore.revoke`: the ids of the keys this
+    one replaced that were still in their grace period and were revoked with it.
     """
 
     id: str
@@ -68,6 +71,7 @@ class ApiKey:
     rotated_to: str | None = None
     revoked_at: datetime | None = None
     token: str | None = field(default=None, repr=False, compare=False)
+    revoked_predecessors: list[str] = field(default_factory=list, repr=False, compare=False)
 
     @classmethod
     def _from_info(cls, info: KeyInfo, token: str | None = None) -> ApiKey:
@@ -119,7 +123,12 @@ class KeyStore:
         cache_ttl_seconds: how long a verified token is trusted without looking at
             the store again. Revocations made in this process apply at once; a
             revocation made by another process sharing the SQLite file is seen
-            within ``watch_interval_seconds``.
+            within ``watch_interval_seconds``. After the TTL the record is read again,
+            but a token already verified on this node is not hashed again (nor stopped
+            by the failure budgets) while its stored hash is unchanged.
+        limits: the failure budgets for tokens not yet verified on this node and the
+            negative cache of unknown key ids (:class:`VerifyLimits`; default: 10
+            failures per minute per address and key id, 100 per key id, 600 in all).
 
     Example:
         ```python
@@ -138,6 +147,7 @@ class KeyStore:
         cache_ttl_seconds: float = 60.0,
         watch_interval_seconds: float = 0.25,
         touch_interval_seconds: float = 5.0,
+        limits: VerifyLimits | None = None,
     ) -> None:
         self.backend = backend
         self._dsn = dsn
@@ -147,6 +157,7 @@ class KeyStore:
             "cache_ttl_seconds": cache_ttl_seconds,
             "watch_interval_seconds": watch_interval_seconds,
             "touch_interval_seconds": touch_interval_seconds,
+            "limits": limits,
         }
         if backend == "memory":
             self.path: str | None = None
@@ -193,7 +204,9 @@ class KeyStore:
         Args:
             name: a label such as ``"alice"`` or ``"ci-bot"``.
             scopes: scopes granted (they become ``AccessToken.scopes``).
-            expires_in_days: expire this many days from now.
+            expires_in_days: expire this many days from now; 0 or less makes a key that
+                is already expired (its token is refused), as a negative value did in
+                fastmcp-guard 0.2 (0.2 read 0 as "no expiry"; here it fails closed).
             metadata: JSON-serialisable key/value pairs, shown in audit records.
             expires_at: an absolute expiry (timezone-aware); exclusive with ``expires_in_days``.
             actor: who did it, for the lifecycle audit event (default: the OS user).
@@ -201,15 +214,18 @@ class KeyStore:
         if expires_in_days is not None and expires_at is not None:
             raise ConfigError("give expires_in_days or expires_at, not both")
         exp: float | None = None
+        already_expired = False
         if expires_in_days is not None:
             exp = (datetime.now(timezone.utc) + timedelta(days=expires_in_days)).timestamp()
+            already_expired = expires_in_days <= 0
         elif expires_at is not None:
             if expires_at.tzinfo is None:
                 raise ConfigError("expires_at must be timezone-aware (e.g. tzinfo=timezone.utc)")
             exp = expires_at.timestamp()
         info, token = self._core.create(
-            name, scopes=list(scopes or []), expires_at=exp, metadata=metadata
-        )
+            name, scopes=list(scopes or []), expires_at=exp, metadata=metadata,
+            allow_past_expiry=already_expired,
+        )  # fmt: skip
         self._lifecycle("created", info, actor)
         return ApiKey._from_info(info, token)
 
@@ -247,10 +263,19 @@ class KeyStore:
         return ApiKey._from_info(info, token)
 
     def revoke(self, key_id: str, *, actor: str | None = None) -> ApiKey:
-        """Revoke now: the token is refused from the next request on, in every process."""
-        info = self._core.revoke(key_id)
-        self._lifecycle("revoked", info, actor)
-        return ApiKey._from_info(info)
+        """Revoke now: the token is refused from the next request on, in every process.
+
+        The keys this one replaced by rotation that are still in their grace period are
+        revoked with it (their ids are in the result's ``revoked_predecessors`` and in
+        the lifecycle event; each also gets its own ``revoked`` event).
+        """
+        info, predecessors = self._core.revoke_lineage(key_id)
+        revoked_with = [p.id for p in predecessors]
+        self._lifecycle("revoked", info, actor,
+                        {"revoked_predecessors": revoked_with} if revoked_with else None)  # fmt: skip
+        for p in predecessors:
+            self._lifecycle("revoked", p, actor, {"revoked_with": info.id})
+        return dataclasses.replace(ApiKey._from_info(info), revoked_predecessors=revoked_with)
 
     def _lifecycle(
         self, status: str, info: KeyInfo, actor: str | None, extra: dict[str, Any] | None = None
@@ -267,7 +292,9 @@ class KeyStore:
     def verify(self, token: str, client_ip: str | None = None) -> ApiKey | None:
         """Check a token; the key (without token) or ``None``. Blocking: may run argon2id.
 
-        Records ``last_used_at`` (written to the store in batches).
+        Records the use: the returned key's ``last_used_at`` is now (and its
+        ``last_used_ip`` ``client_ip``, if given), as in fastmcp-guard 0.2, although the
+        store is written in batches (within ``touch_interval_seconds``).
         """
         from fastmcp_guard.errors import VerifyError
 
@@ -275,7 +302,13 @@ class KeyStore:
             ident = self._core.verify(token, client_ip)
         except VerifyError:
             return None
-        return self.get(ident.key_id)
+        key = self.get(ident.key_id)
+        if key is None:
+            return None
+        now = datetime.now(timezone.utc)
+        used = now.replace(microsecond=now.microsecond // 1000 * 1000)  # the store's precision
+        return dataclasses.replace(key, last_used_at=used,
+                                   last_used_ip=client_ip or key.last_used_ip)  # fmt: skip
 
     def verify_identity(self, token: str, client_ip: str | None = None) -> Identity:
         """Full verification returning the core identity; raises ``VerifyError``."""
