@@ -200,18 +200,25 @@ def parse_duration(
     unit = match.group(2).lower() if match else ""
     if match is None or (unit and unit not in _UNITS):
         raise UsageError(
-            f"argument {option}: bad duration {text!r}; expected a number of {bare_unit}s "
+            f"argument {option}: bad duration {_shown(text)}; expected a number of {bare_unit}s "
             "or a number with a unit s, m, h, d or w (e.g. 30d, 12h, 90m)"
         )
     seconds = float(match.group(1)) * _UNITS[unit or bare_unit]
     if seconds == 0 and not allow_zero:
-        raise UsageError(f"argument {option}: the duration must be more than 0, got {text!r}")
+        raise UsageError(f"argument {option}: the duration must be more than 0, got {_shown(text)}")
     if not seconds <= maximum:  # also refuses inf (a number too long for a float)
         raise UsageError(
-            f"argument {option}: the duration {text.strip()!r} is too long; the most is "
+            f"argument {option}: the duration {_shown(text)} is too long; the most is "
             f"{_human_seconds(maximum)}"
         )
     return seconds
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """``text`` quoted for a message, cut to ``limit`` characters (one line, whatever the
+    input)."""
+    text = text.strip()
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def _human_seconds(seconds: float) -> str:
@@ -247,7 +254,7 @@ def parse_instant(text: str, *, option: str, now: float | None = None) -> float:
         stamp = float("nan")
     if not _MIN_INSTANT <= stamp <= _MAX_INSTANT:
         raise UsageError(
-            f"argument {option}: {text!r} is out of range; give a time between years 1 and "
+            f"argument {option}: {_shown(text)} is out of range; give a time between years 1 and "
             "9999, or a duration ago such as 7d"
         )
     return stamp
@@ -258,12 +265,12 @@ def bounded_int(low: int, high: int) -> Callable[[str], int]:
 
     def parse(text: str) -> int:
         t = text.strip()
-        digits = t[1:] if t.startswith("-") else t
+        digits = t.removeprefix("-")
         if not (0 < len(digits) <= 30 and digits.isascii() and digits.isdigit()):
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {_shown(text)}")
         value = int(t)
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be from {low} to {high:,}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high:,}, got {_shown(text)}")
         return value
 
     parse.__name__ = "integer"  # how argparse names the type in messages

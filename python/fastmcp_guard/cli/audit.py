@@ -157,8 +157,8 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _query(args: argparse.Namespace) -> int:
+    filters = _filters(args)  # bad input is a usage error (2), whether or not there is a log
     target = _target(args)
-    filters = _filters(args)
     if want_json(args):
         if target.kind == "sqlite":
             for rec in _sqlite_records(target.path or "", filters, args.limit):
@@ -186,8 +186,8 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    target = _target(args)
     filters = _filters(args)
+    target = _target(args)
     from fastmcp_guard._core import audit_scan
 
     out: Any = sys.stdout.buffer if args.out == "-" else args.out
