@@ -5,7 +5,13 @@ Every call the guard sees ends in exactly one event whose ``status`` is one of
 Key lifecycle actions add ``created``, ``rotated`` and ``revoked`` events. Fields:
 ``ts`` (RFC 3339, UTC), ``key_id``, ``key_name``, ``tool``, ``scopes``,
 ``duration_ms``, ``status``, ``error``, ``input_args``, ``output_preview``,
-``client_ip``, ``metadata``. Tokens never appear.
+``client_ip``, ``metadata``. Tokens never appear: as a last line of defence the core
+masks anything token-shaped in every field of every backend (``fmg_sk_<id>_***``; 0.2's
+tokens ``fmg_sk_<hex>.***``).
+
+Refusals made before there is an identity go through :meth:`AuditLog.log_refusal`,
+which aggregates a flood into one summary event per client address (an IPv6 /64),
+status and reason per minute, with a ``count``: a flood costs counts, not disk.
 
 The request path only enqueues (about a microsecond); a Rust thread batches the
 events into the file and flushes at most ``flush_interval_ms`` later, on
@@ -69,7 +75,10 @@ class FileBackend:
         chain: end every line with ``"id"`` (a unique, time-ordered event id) and
             ``"chain"`` (a BLAKE3 hash linking it to the line before), so that
             ``fastmcp-guard audit verify`` finds edited, deleted, inserted or reordered
-            lines. The chain continues across rotation and restarts.
+            lines. The chain continues across rotation and restarts. A line cut short
+            by a crash is acknowledged, when the writer next appends, by a chained
+            restart record (``"record": "restart"``, ``torn_bytes``, ``torn_blake3``);
+            an incomplete line anywhere else fails verification.
         chain_key: a secret (bytes or str) keying the chain hash. Without a key the
             chain detects accidental damage and naive edits only: whoever can edit the
             file can recompute it. With a key they also need the key.
