@@ -23,6 +23,8 @@ seconds are spawn to reaped, so they include process start (and the wrapper's
   (3) keys create: ``fastmcp-guard keys create --name bench --scopes a,b --db DB``
       in a fresh directory per run, beside the floor: ``python -c pass`` (the
       interpreter the console script runs on) and ``fastmcp-guard --version``.
+  (4) audit verify: ``fastmcp-guard audit verify LOG`` over the same chained log (every
+      line's BLAKE3 link recomputed), beside ``wc -l LOG`` (reading the file: the floor).
 
 The log is written by the real audit writer (``fastmcp_guard._core.AuditWriter``),
 about 345 bytes a line: 50 key names, 20 tools, statuses mostly ``ok``.
@@ -499,6 +501,40 @@ def bench_keys_create(args: argparse.Namespace, tmp: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# (4) audit verify
+# ---------------------------------------------------------------------------------------
+
+
+def bench_verify(args: argparse.Namespace, tmp: Path, log: Path, n: int) -> None:
+    section(f"(4) audit verify of the same {n:,} chained lines, beside reading the file")
+    cmds = {
+        "fastmcp-guard audit verify LOG": [str(GUARD), "audit", "verify", str(log)],
+        "wc -l LOG (reading it: the floor)": ["wc", "-l", str(log)],
+    }
+    for argv in cmds.values():  # warm-up: the file in the page cache
+        spawn(argv, tmp / "verify-warm.out")
+    runs: dict[str, list[Run]] = {k: [] for k in cmds}
+    for _ in range(args.rounds):
+        for k, argv in cmds.items():
+            runs[k].append(spawn(argv, tmp / "verify.out"))
+    spawn(cmds["fastmcp-guard audit verify LOG"], tmp / "verify-check.out")
+    text = (tmp / "verify-check.out").read_text()
+    if not text.startswith(f"OK: {n} events"):
+        raise RuntimeError(f"audit verify did not verify the log: {text[:300]}")
+    s = {k: [r.seconds for r in v] for k, v in runs.items()}
+    print(f"{args.rounds} interleaved rounds, process start included.")
+    table(
+        ["command", "median", "min", "max", "lines/s", "peak RSS"],
+        [[k, secs(med(v)), secs(min(v)), secs(max(v)), f"{n / med(v):,.0f}",
+          f"{max(r.maxrss_mb for r in runs[k]):.1f} MB"] for k, v in s.items()],
+        "lrrrrr",
+    )  # fmt: skip
+    g = n / med(s["fastmcp-guard audit verify LOG"])
+    SUMMARY.append((f"(4) audit verify, {n:,} lines", "(no target: kept)", f"{g:,.0f} lines/s",
+                    "-"))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------
 
@@ -508,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="200,000 lines, fewer rounds")
-    ap.add_argument("--sections", default="123", help="which sections to run (default: 123)")
+    ap.add_argument("--sections", default="1234", help="which sections to run (default: 1234)")
     ap.add_argument("--lines", type=int, help="log lines (default 1,000,000; quick 200,000)")
     ap.add_argument("--rounds", type=int, help="rounds for (1) and (2) (default 5; quick 3)")
     ap.add_argument("--runs", type=int, help="rounds for (3) (default 30; quick 20)")
@@ -541,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="fmg-bench-cli-"))
     try:
         print(f"rss     : {wrapper_cost(tmp)}")
-        if "1" in args.sections or "2" in args.sections:
+        if any(c in args.sections for c in "124"):
             log = tmp / "audit.jsonl"
             t = time.perf_counter()
             expected = generate_log(log, n)
@@ -557,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
                 bench_query(args, tmp, log, n, expected)
             if "2" in args.sections:
                 bench_export(args, tmp, log, n)
+            if "4" in args.sections:
+                bench_verify(args, tmp, log, n)
         if "3" in args.sections:
             bench_keys_create(args, tmp)
 

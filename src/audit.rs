@@ -57,7 +57,9 @@ use serde_json::{Map, Value};
 pub mod chain;
 pub mod fan;
 mod jsonl;
+pub mod mask;
 pub mod redact;
+pub mod refusals;
 pub mod scan;
 pub mod spool;
 mod sqlite;
@@ -65,7 +67,9 @@ mod sqlite;
 pub use chain::{verify_files, ChainKey, VerifyReport};
 pub use fan::{FanSink, SlotCounts, SlotLoss, SlotStats};
 pub use jsonl::{log_files, rotated_files, JsonlFileSink, JsonlOptions};
+pub use mask::{mask_str, mask_tokens};
 pub use redact::Redactor;
+pub use refusals::{Refusal, RefusalAggregator, RefusalCounts, RefusalOptions};
 pub use sqlite::{query, AuditQuery, AuditRecord, SqliteSink, SQLITE_SCHEMA_VERSION};
 
 /// Errors of the audit module.
@@ -513,6 +517,10 @@ pub fn is_reserved_field(name: &str) -> bool {
 /// and zero or more extra fields, each as `,"key":value`, skipping names for
 /// which [`is_reserved_field`] holds. Each must write valid JSON with no raw
 /// newline ([`write_json_str`] escapes strings).
+///
+/// The finished line goes through [`mask_tokens`]: a token-shaped string in any
+/// field (a value, a key, the error, the tool name) is masked before the line
+/// leaves this function, whoever wrote the field.
 pub fn write_line_parts(
     buf: &mut Vec<u8>,
     head: &LineHead<'_>,
@@ -521,6 +529,7 @@ pub fn write_line_parts(
     metadata: impl FnOnce(&mut Vec<u8>),
     extra: impl FnOnce(&mut Vec<u8>),
 ) {
+    let start = buf.len();
     buf.reserve(320 + head.key_id.len() + head.key_name.len() + head.tool.len());
     buf.extend_from_slice(b"{\"ts\":\"");
     write_ts(buf, &head.ts);
@@ -548,6 +557,7 @@ pub fn write_line_parts(
     metadata(buf);
     extra(buf);
     buf.extend_from_slice(b"}\n");
+    mask::mask_tail(buf, start);
 }
 
 /// Formats `ts` as RFC 3339 UTC with milliseconds and `Z`
@@ -935,6 +945,18 @@ pub trait Sink: Send {
 // Writer
 // ---------------------------------------------------------------------------
 
+/// What became of a refusal given to [`AuditWriter::enqueue_refusal_line_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admitted {
+    /// Written one by one: its line was queued.
+    Queued,
+    /// Counted: a summary event will carry it.
+    Counted,
+    /// Lost: the queue was full, or the writer closed or paused (counted in
+    /// [`WriterStats::dropped`]).
+    Dropped,
+}
+
 /// What [`AuditWriter::enqueue`] does when the queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnFull {
@@ -960,6 +982,9 @@ pub struct WriterOptions {
     pub flush_interval: Duration,
     /// Queue full: drop (default) or wait a bounded time.
     pub on_full: OnFull,
+    /// How refusals logged with [`AuditWriter::enqueue_refusal_line_with`] are
+    /// aggregated ([`refusals`]).
+    pub refusals: RefusalOptions,
 }
 
 impl Default for WriterOptions {
@@ -969,6 +994,7 @@ impl Default for WriterOptions {
             batch_max: 4096,
             flush_interval: Duration::from_millis(100),
             on_full: OnFull::Drop,
+            refusals: RefusalOptions::default(),
         }
     }
 }
@@ -1005,7 +1031,7 @@ impl WriterOptions {
                 });
             }
         }
-        Ok(())
+        self.refusals.validate()
     }
 }
 
@@ -1027,6 +1053,11 @@ pub struct WriterStats {
     pub failed: u64,
     /// Events waiting in the queue now.
     pub queue_depth: usize,
+    /// Refusals only counted, not written one by one (their summaries carry them;
+    /// see [`refusals`]).
+    pub refusals_suppressed: u64,
+    /// Summary events the writer added (counted in `enqueued` too).
+    pub refusal_summaries: u64,
 }
 
 /// The bounded wait of [`OnFull::Block`], handed to the `around` hook of
@@ -1168,6 +1199,7 @@ pub struct AuditWriter {
     pool: Receiver<Box<Entry>>,
     on_full: OnFull,
     shared: Arc<Shared>,
+    refusals: Arc<RefusalAggregator>,
     thread: Mutex<Option<JoinHandle<Result<(), AuditError>>>>,
 }
 
@@ -1251,6 +1283,7 @@ impl AuditWriter {
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let (pool_tx, pool_rx) = crossbeam_channel::bounded(opts.queue_capacity.min(POOL_MAX));
         let shared = Arc::new(Shared::default());
+        let refusals = Arc::new(RefusalAggregator::new(opts.refusals)?);
         let format = sink.format();
         let jsonl = format == BatchFormat::Jsonl;
         let worker = Worker {
@@ -1266,6 +1299,7 @@ impl AuditWriter {
             batch_max: opts.batch_max,
             unreported: None,
             pool: pool_tx,
+            refusals: Arc::clone(&refusals),
         };
         let interval = opts.flush_interval;
         let handle = std::thread::Builder::new()
@@ -1278,6 +1312,7 @@ impl AuditWriter {
             control: control_tx,
             pool: pool_rx,
             shared,
+            refusals,
             thread: Mutex::new(Some(handle)),
         })
     }
@@ -1353,41 +1388,87 @@ impl AuditWriter {
         *held = reason;
     }
 
-    /// Fills a (reused) entry and queues it; see [`enqueue`](Self::enqueue).
-    fn push(&self, fill: impl FnOnce(&mut Entry), around: impl FnOnce(Wait<'_>) -> bool) -> bool {
+    /// Logs a refusal made before there is an identity, aggregated ([`refusals`]):
+    /// the first [`RefusalOptions::burst`] of its group in an interval are rendered
+    /// by `render` and queued as [`enqueue_line_with`](Self::enqueue_line_with) does
+    /// ([`Admitted::Queued`], or [`Admitted::Dropped`] as that would be); the others
+    /// are only counted ([`Admitted::Counted`]: `render` is not called), and the
+    /// writer thread writes one summary event per group with their `count` when the
+    /// interval ends, on flush and on close. A closed or paused writer drops it.
+    pub fn enqueue_refusal_line_with(
+        &self,
+        refusal: &Refusal<'_>,
+        render: impl FnOnce(&mut Vec<u8>),
+        around: impl FnOnce(Wait<'_>) -> bool,
+    ) -> Admitted {
         let sh = &*self.shared;
         let prev = sh.state.0.fetch_add(1, Ordering::AcqRel);
-        let accepted = prev & FLAGS == 0 && {
-            let boxed = match self.pool.try_recv() {
-                Ok(mut reused) => {
-                    fill(&mut reused);
-                    reused
-                }
-                Err(_) => {
-                    let mut fresh = Box::new(Entry::from(AuditEvent::new(
-                        String::new(),
-                        String::new(),
-                        String::new(),
-                        Status::Ok,
-                    )));
-                    fill(&mut fresh);
-                    fresh
-                }
-            };
-            match self.events.try_send(boxed) {
-                Ok(()) => true,
-                Err(TrySendError::Full(boxed)) => match self.on_full {
-                    OnFull::Drop => false,
-                    OnFull::Block(limit) => {
-                        // The thread does not watch the queue between its ticks: wake it.
-                        self.control.send(Control::Wake).ok();
-                        let events = &self.events;
-                        around(Box::new(move || events.send_timeout(boxed, limit).is_ok()))
-                    }
+        if prev & FLAGS == 0 && !self.refusals.admit(refusal) {
+            // Counted inside the fence: close's final summaries include it.
+            sh.state.0.fetch_sub(1, Ordering::Release);
+            return Admitted::Counted;
+        }
+        let accepted = prev & FLAGS == 0
+            && self.send(
+                |entry| {
+                    entry.line.clear();
+                    render(&mut entry.line);
                 },
-                Err(TrySendError::Disconnected(_)) => false,
+                around,
+            );
+        self.settle(prev, accepted);
+        if accepted {
+            Admitted::Queued
+        } else {
+            Admitted::Dropped
+        }
+    }
+
+    /// Fills a (reused) entry and queues it; see [`enqueue`](Self::enqueue).
+    fn push(&self, fill: impl FnOnce(&mut Entry), around: impl FnOnce(Wait<'_>) -> bool) -> bool {
+        let prev = self.shared.state.0.fetch_add(1, Ordering::AcqRel);
+        let accepted = prev & FLAGS == 0 && self.send(fill, around);
+        self.settle(prev, accepted);
+        accepted
+    }
+
+    /// Takes a box (from the pool if one is there), fills it and queues it: whether it
+    /// got in. Call inside the fence (`state` incremented, no flag set).
+    fn send(&self, fill: impl FnOnce(&mut Entry), around: impl FnOnce(Wait<'_>) -> bool) -> bool {
+        let boxed = match self.pool.try_recv() {
+            Ok(mut reused) => {
+                fill(&mut reused);
+                reused
+            }
+            Err(_) => {
+                let mut fresh = Box::new(Entry::from(AuditEvent::new(
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    Status::Ok,
+                )));
+                fill(&mut fresh);
+                fresh
             }
         };
+        match self.events.try_send(boxed) {
+            Ok(()) => true,
+            Err(TrySendError::Full(boxed)) => match self.on_full {
+                OnFull::Drop => false,
+                OnFull::Block(limit) => {
+                    // The thread does not watch the queue between its ticks: wake it.
+                    self.control.send(Control::Wake).ok();
+                    let events = &self.events;
+                    around(Box::new(move || events.send_timeout(boxed, limit).is_ok()))
+                }
+            },
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Counts an event accepted or refused and leaves the fence.
+    fn settle(&self, prev: usize, accepted: bool) {
+        let sh = &*self.shared;
         if accepted {
             sh.enqueued.0.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -1397,7 +1478,6 @@ impl AuditWriter {
             }
         }
         sh.state.0.fetch_sub(1, Ordering::Release);
-        accepted
     }
 
     /// Whether an event enqueued now would reach the sink: the writer is open,
@@ -1485,6 +1565,7 @@ impl AuditWriter {
     #[must_use]
     pub fn stats(&self) -> WriterStats {
         let sh = &*self.shared;
+        let r = self.refusals.counts();
         WriterStats {
             enqueued: sh.enqueued.0.load(Ordering::Relaxed),
             written: sh.written.0.load(Ordering::Relaxed),
@@ -1493,6 +1574,8 @@ impl AuditWriter {
             write_errors: sh.write_errors.load(Ordering::Relaxed),
             failed: sh.failed.load(Ordering::Relaxed),
             queue_depth: self.events.len(),
+            refusals_suppressed: r.suppressed,
+            refusal_summaries: r.summaries,
         }
     }
 
@@ -1537,6 +1620,9 @@ struct Worker<S> {
     unreported: Option<AuditError>,
     /// Written boxes go back to the producers through here.
     pool: Sender<Box<Entry>>,
+    /// Refusals aggregated for [`AuditWriter::enqueue_refusal_line_with`]: the
+    /// thread writes their summaries.
+    refusals: Arc<RefusalAggregator>,
 }
 
 impl<S: Sink> Worker<S> {
@@ -1565,6 +1651,9 @@ impl<S: Sink> Worker<S> {
                 }
                 Ok(Control::Wake) => {}
                 Err(RecvTimeoutError::Timeout) => {}
+            }
+            if self.refusals.due() {
+                self.write_summaries(false);
             }
             let mut drained = 0;
             let mut backlog = false;
@@ -1711,8 +1800,34 @@ impl<S: Sink> Worker<S> {
             let Ok(first) = events.recv() else { break };
             remaining = remaining.saturating_sub(self.batch(events, first, remaining));
         }
+        self.write_summaries(true);
         self.sink_flush();
         self.unreported.take().map_or(Ok(()), Err)
+    }
+
+    /// Ends the refusal interval if it is over (whatever its age with `force`) and
+    /// writes its summary events, in batches (counted as enqueued and written).
+    fn write_summaries(&mut self, force: bool) {
+        let summaries = self.refusals.take_summaries(force);
+        if summaries.is_empty() {
+            return;
+        }
+        self.shared
+            .enqueued
+            .0
+            .fetch_add(summaries.len() as u64, Ordering::Relaxed);
+        let mut n = 0;
+        for ev in summaries {
+            self.push(Box::new(Entry::from(ev)));
+            n += 1;
+            if n == self.batch_max || self.buf.len() >= BATCH_BYTES {
+                self.write_pending(n);
+                n = 0;
+            }
+        }
+        if n > 0 {
+            self.write_pending(n);
+        }
     }
 
     /// Drains the queue (producers are fenced out by now), writes, syncs.
@@ -1720,6 +1835,7 @@ impl<S: Sink> Worker<S> {
         while let Ok(first) = events.try_recv() {
             self.batch(events, first, usize::MAX);
         }
+        self.write_summaries(true);
         self.sink_flush();
         if let Err(source) = self.sink.sync() {
             let err = AuditError::Sync { source };
@@ -2321,9 +2437,19 @@ mod tests {
         w.enqueue(sample());
         w.close().unwrap();
         let lines = read_lines(&path);
-        assert_eq!(lines.len(), 3);
+        assert_eq!(lines.len(), 4);
         assert_eq!(lines[1], "{\"torn");
-        serde_json::from_str::<Value>(&lines[2]).unwrap();
+        // The restart record acknowledging it comes first, chained like any line.
+        let restart: Value = serde_json::from_str(&lines[2]).unwrap();
+        assert_eq!(restart["record"], "restart");
+        assert_eq!(restart["torn_bytes"], 6);
+        assert_eq!(
+            restart["torn_blake3"],
+            blake3::hash(b"{\"torn").to_hex().as_str()
+        );
+        assert!(restart["chain"].is_string());
+        let ev: Value = serde_json::from_str(&lines[3]).unwrap();
+        assert_eq!(ev["key_id"], "fmg_key_abc");
     }
 
     /// Signals "inside `write_batch`", then waits for a release token.

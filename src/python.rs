@@ -14,11 +14,12 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use serde_json::{Map, Value};
 
+use crate::audit::mask::{mask_str, mask_tail};
 use crate::audit::redact::{Cursor, Step, REDACTED};
 use crate::audit::{
-    is_reserved_field, write_json_str, write_line_parts, AuditQuery, AuditRecord, AuditWriter,
-    ChainKey, FanSink, JsonlFileSink, JsonlOptions, LineHead, OnFull, Redactor, Sink, SlotStats,
-    SqliteSink, Status, WriterOptions,
+    is_reserved_field, write_json_str, write_line_parts, Admitted, AuditQuery, AuditRecord,
+    AuditWriter, ChainKey, FanSink, JsonlFileSink, JsonlOptions, LineHead, OnFull, Redactor,
+    Refusal, RefusalOptions, Sink, SlotStats, SqliteSink, Status, WriterOptions,
 };
 use crate::errors::{self, Exc};
 use crate::hashing::CachedKey;
@@ -1167,6 +1168,7 @@ impl Recording {
         py: Python<'py>,
         writer: &AuditWriter,
         c: &LogCall<'_, 'py>,
+        refusal: Option<&str>,
     ) -> PyResult<bool> {
         let preview = c
             .output_preview
@@ -1205,7 +1207,21 @@ impl Recording {
                 self.redact.as_ref(),
             );
         };
-        let queued = writer.enqueue_line_with(render, |wait| py.detach(wait));
+        let queued = match refusal {
+            None => writer.enqueue_line_with(render, |wait| py.detach(wait)),
+            Some(reason) => {
+                let r = Refusal {
+                    status,
+                    client_ip: head.client_ip,
+                    reason,
+                    key_id: head.key_id,
+                    error: head.error,
+                };
+                // A refusal only counted is accounted for (its group's summary has it).
+                writer.enqueue_refusal_line_with(&r, render, |wait| py.detach(wait))
+                    != Admitted::Dropped
+            }
+        };
         let taps: Vec<Py<PyAny>> = {
             let held = self.taps.read();
             if held.is_empty() {
@@ -1249,6 +1265,47 @@ impl Recording {
 
     fn add_tap(&self, tap: Py<PyAny>) {
         self.taps.write().push(tap);
+    }
+
+    /// `log_refusal` of the writers: the refusal as an event with `reason` first among
+    /// its extra fields, aggregated by the core writer; every tap sees every refusal
+    /// (the metrics count them all), whether its line is written or only counted.
+    #[allow(clippy::too_many_arguments, reason = "the refusal's fields, as given")]
+    fn refusal<'py>(
+        &self,
+        py: Python<'py>,
+        writer: &AuditWriter,
+        status: &Bound<'py, PyString>,
+        client_ip: Option<&Bound<'py, PyString>>,
+        reason: &Bound<'py, PyString>,
+        key_id: Option<&Bound<'py, PyString>>,
+        error: Option<&Bound<'py, PyString>>,
+        extra: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<bool> {
+        let fields = PyDict::new(py);
+        fields.set_item(pyo3::intern!(py, "reason"), reason)?;
+        if let Some(extra) = extra {
+            for (k, v) in extra.iter() {
+                if !k.eq(pyo3::intern!(py, "reason"))? {
+                    fields.set_item(k, v)?;
+                }
+            }
+        }
+        let call = LogCall {
+            status,
+            key_id,
+            key_name: None,
+            tool: None,
+            scopes: None,
+            duration_ms: 0.0,
+            error,
+            input_args: None,
+            output_preview: None,
+            client_ip,
+            metadata: None,
+            extra: Some(&fields),
+        };
+        self.enqueue(py, writer, &call, Some(reason.to_str()?))
     }
 }
 
@@ -1328,12 +1385,31 @@ fn warn_slot_losses(py: Python<'_>, path: &str, slot: &SlotStats, interval: Dura
 /// Logger of the lost-events warnings.
 const AUDIT_LOGGER: &str = "fastmcp_guard.audit";
 
+/// The `refusal_*` keyword options of the writers.
+#[derive(Debug, Clone, Copy)]
+struct RefusalArgs {
+    burst: u32,
+    interval_ms: u64,
+    max_groups: usize,
+}
+
+impl From<RefusalArgs> for RefusalOptions {
+    fn from(a: RefusalArgs) -> Self {
+        RefusalOptions {
+            burst: a.burst,
+            interval: Duration::from_millis(a.interval_ms),
+            max_groups: a.max_groups,
+        }
+    }
+}
+
 fn writer_options(
     queue_capacity: usize,
     batch_max: usize,
     flush_interval_ms: u64,
     on_full: &str,
     block_ms: u64,
+    refusals: RefusalArgs,
 ) -> PyResult<WriterOptions> {
     let on_full = match on_full {
         "drop" => OnFull::Drop,
@@ -1349,6 +1425,7 @@ fn writer_options(
         batch_max,
         flush_interval: Duration::from_millis(flush_interval_ms),
         on_full,
+        refusals: refusals.into(),
     })
 }
 
@@ -1384,9 +1461,21 @@ impl PyJsonText {
             None => write_py_json(&mut buf, value, 0),
             Some(r) => write_py_json_redacted(&mut buf, value, 0, r, r.root()),
         }
+        mask_tail(&mut buf, 0);
         // The writer emits UTF-8 (strings are copied from Python's UTF-8, escapes ASCII).
         String::from_utf8(buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into())
     }
+}
+
+/// `text` with every token-shaped string masked as audit lines are (`fmg_sk_<id>_***`):
+/// for what Python hands to a backend the core does not render (OpenTelemetry attributes).
+#[pyfunction]
+fn mask_tokens<'py>(text: &Bound<'py, PyString>) -> PyResult<Bound<'py, PyString>> {
+    let s = text.to_str()?;
+    Ok(match mask_str(s) {
+        std::borrow::Cow::Borrowed(_) => text.clone(),
+        std::borrow::Cow::Owned(m) => PyString::new(text.py(), &m),
+    })
 }
 
 /// A chain key given as `bytes` or `str` (its UTF-8).
@@ -1672,7 +1761,8 @@ impl PyAuditFanout {
     #[pyo3(signature = (sinks, *, queue_capacity=65_536, batch_max=4096, flush_interval_ms=100,
                         redact=None, on_full="drop", block_ms=1000,
                         loss_warning_interval_ms=10_000, log_inputs=true, log_outputs=true,
-                        output_preview_chars=200))]
+                        output_preview_chars=200, refusal_burst=5,
+                        refusal_interval_ms=60_000, refusal_max_groups=1024))]
     #[allow(clippy::too_many_arguments, reason = "keyword-only options")]
     fn new(
         sinks: Vec<Py<PyAuditSink>>,
@@ -1686,6 +1776,9 @@ impl PyAuditFanout {
         log_inputs: bool,
         log_outputs: bool,
         output_preview_chars: usize,
+        refusal_burst: u32,
+        refusal_interval_ms: u64,
+        refusal_max_groups: usize,
     ) -> PyResult<Self> {
         if sinks.is_empty() {
             return Err(PyValueError::new_err(
@@ -1698,6 +1791,11 @@ impl PyAuditFanout {
             flush_interval_ms,
             on_full,
             block_ms,
+            RefusalArgs {
+                burst: refusal_burst,
+                interval_ms: refusal_interval_ms,
+                max_groups: refusal_max_groups,
+            },
         )?;
         let rec = Recording::new(redact, log_inputs, log_outputs, output_preview_chars)?;
         let mut boxed = Vec::with_capacity(sinks.len());
@@ -1774,7 +1872,37 @@ impl PyAuditFanout {
             metadata,
             extra,
         };
-        let queued = self.rec.enqueue(py, &self.inner, &call)?;
+        let queued = self.rec.enqueue(py, &self.inner, &call, None)?;
+        self.warn_losses(py, false);
+        Ok(queued)
+    }
+
+    /// Logs a refusal made before there is an identity (as `AuditWriter.log_refusal`).
+    #[pyo3(signature = (status, *, client_ip, reason, key_id=None, error=None, extra=None))]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the refusal's fields, keyword-only"
+    )]
+    fn log_refusal(
+        &self,
+        py: Python<'_>,
+        status: &Bound<'_, PyString>,
+        client_ip: Option<&Bound<'_, PyString>>,
+        reason: &Bound<'_, PyString>,
+        key_id: Option<&Bound<'_, PyString>>,
+        error: Option<&Bound<'_, PyString>>,
+        extra: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<bool> {
+        let queued = self.rec.refusal(
+            py,
+            &self.inner,
+            status,
+            client_ip,
+            reason,
+            key_id,
+            error,
+            extra,
+        )?;
         self.warn_losses(py, false);
         Ok(queued)
     }
@@ -1828,6 +1956,8 @@ impl PyAuditFanout {
         d.set_item("write_errors", q.write_errors + sum.write_errors)?;
         d.set_item("failed", sum.failed)?;
         d.set_item("queue_depth", q.queue_depth)?;
+        d.set_item("refusals_suppressed", q.refusals_suppressed)?;
+        d.set_item("refusal_summaries", q.refusal_summaries)?;
         Ok(d)
     }
 }
@@ -1852,7 +1982,8 @@ impl PyAuditWriter {
                         rotate_bytes=None, rotate_daily=false, retention=None, chain=true,
                         chain_key=None, redact=None, on_full="drop", block_ms=1000,
                         loss_warning_interval_ms=10_000, log_inputs=true, log_outputs=true,
-                        output_preview_chars=usize::MAX))]
+                        output_preview_chars=usize::MAX, refusal_burst=5,
+                        refusal_interval_ms=60_000, refusal_max_groups=1024))]
     #[allow(clippy::too_many_arguments, reason = "keyword-only options")]
     fn new(
         py: Python<'_>,
@@ -1872,6 +2003,9 @@ impl PyAuditWriter {
         log_inputs: bool,
         log_outputs: bool,
         output_preview_chars: usize,
+        refusal_burst: u32,
+        refusal_interval_ms: u64,
+        refusal_max_groups: usize,
     ) -> PyResult<Self> {
         let opts = writer_options(
             queue_capacity,
@@ -1879,6 +2013,11 @@ impl PyAuditWriter {
             flush_interval_ms,
             on_full,
             block_ms,
+            RefusalArgs {
+                burst: refusal_burst,
+                interval_ms: refusal_interval_ms,
+                max_groups: refusal_max_groups,
+            },
         )?;
         let rec = Recording::new(redact, log_inputs, log_outputs, output_preview_chars)?;
         let jsonl = JsonlOptions {
@@ -1904,7 +2043,8 @@ impl PyAuditWriter {
     #[pyo3(signature = (path, *, queue_capacity=65_536, batch_max=4096, flush_interval_ms=100,
                         redact=None, on_full="drop", block_ms=1000, loss_warning_interval_ms=10_000,
                         retention_days=None, log_inputs=true, log_outputs=true,
-                        output_preview_chars=usize::MAX))]
+                        output_preview_chars=usize::MAX, refusal_burst=5,
+                        refusal_interval_ms=60_000, refusal_max_groups=1024))]
     #[allow(clippy::too_many_arguments, reason = "keyword-only options")]
     fn sqlite(
         py: Python<'_>,
@@ -1920,6 +2060,9 @@ impl PyAuditWriter {
         log_inputs: bool,
         log_outputs: bool,
         output_preview_chars: usize,
+        refusal_burst: u32,
+        refusal_interval_ms: u64,
+        refusal_max_groups: usize,
     ) -> PyResult<Self> {
         let opts = writer_options(
             queue_capacity,
@@ -1927,6 +2070,11 @@ impl PyAuditWriter {
             flush_interval_ms,
             on_full,
             block_ms,
+            RefusalArgs {
+                burst: refusal_burst,
+                interval_ms: refusal_interval_ms,
+                max_groups: refusal_max_groups,
+            },
         )?;
         let rec = Recording::new(redact, log_inputs, log_outputs, output_preview_chars)?;
         let shown = path.display().to_string();
@@ -1989,7 +2137,43 @@ impl PyAuditWriter {
             metadata,
             extra,
         };
-        let queued = self.rec.enqueue(py, &self.inner, &call)?;
+        let queued = self.rec.enqueue(py, &self.inner, &call, None)?;
+        self.warn_losses(py, false);
+        Ok(queued)
+    }
+
+    /// Logs a refusal made before there is an identity (`unauthorized`, `ip_denied`, a
+    /// throttled attempt), aggregated per (status, `reason`, `key_id`, client address; an
+    /// IPv6 address per /64) and interval: the first `refusal_burst` of a group in an
+    /// interval are written as usual lines (with `reason` as an extra field), the others
+    /// counted and written as one summary event per group (`"summary": true`, `"count"`)
+    /// when the interval ends, on `flush` and on `close`. Taps see every refusal. `False`
+    /// only if it was lost (queue full, writer closed or paused).
+    #[pyo3(signature = (status, *, client_ip, reason, key_id=None, error=None, extra=None))]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the refusal's fields, keyword-only"
+    )]
+    fn log_refusal(
+        &self,
+        py: Python<'_>,
+        status: &Bound<'_, PyString>,
+        client_ip: Option<&Bound<'_, PyString>>,
+        reason: &Bound<'_, PyString>,
+        key_id: Option<&Bound<'_, PyString>>,
+        error: Option<&Bound<'_, PyString>>,
+        extra: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<bool> {
+        let queued = self.rec.refusal(
+            py,
+            &self.inner,
+            status,
+            client_ip,
+            reason,
+            key_id,
+            error,
+            extra,
+        )?;
         self.warn_losses(py, false);
         Ok(queued)
     }
@@ -2034,6 +2218,8 @@ impl PyAuditWriter {
         d.set_item("write_errors", s.write_errors)?;
         d.set_item("failed", s.failed)?;
         d.set_item("queue_depth", s.queue_depth)?;
+        d.set_item("refusals_suppressed", s.refusals_suppressed)?;
+        d.set_item("refusal_summaries", s.refusal_summaries)?;
         Ok(d)
     }
 
@@ -2412,6 +2598,14 @@ fn audit_verify<'py>(
     d.set_item("unchained", report.unchained)?;
     d.set_item("torn", report.torn)?;
     d.set_item(
+        "torn_at_end",
+        report
+            .torn_at_end
+            .iter()
+            .map(|(p, l)| format!("{}:{l}", p.display()))
+            .collect::<Vec<_>>(),
+    )?;
+    d.set_item(
         "continues_from",
         report
             .continues_from
@@ -2481,6 +2675,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(token_key_id, m)?)?;
     m.add_function(wrap_pyfunction!(audit_scan, m)?)?;
     m.add_class::<PyJsonText>()?;
+    m.add_function(wrap_pyfunction!(mask_tokens, m)?)?;
     m.add(
         "AUDIT_STATUSES",
         PyTuple::new(m.py(), Status::ALL.iter().map(|s| s.as_str()))?,

@@ -332,6 +332,9 @@ class AuditWriter:
         log_inputs: bool = True,
         log_outputs: bool = True,
         output_preview_chars: int = ...,
+        refusal_burst: int = 5,
+        refusal_interval_ms: int = 60000,
+        refusal_max_groups: int = 1024,
     ) -> AuditWriter: ...
     @staticmethod
     def sqlite(
@@ -348,6 +351,9 @@ class AuditWriter:
         log_inputs: bool = True,
         log_outputs: bool = True,
         output_preview_chars: int = ...,
+        refusal_burst: int = 5,
+        refusal_interval_ms: int = 60000,
+        refusal_max_groups: int = 1024,
     ) -> AuditWriter:
         """Open (create, migrate; a fastmcp-guard 0.2 file is taken over) the SQLite
         audit database at ``path``. Raises :class:`AuditWriteError` naming the path.
@@ -382,7 +388,32 @@ class AuditWriter:
         ``repr``. A SQLite writer reads it back into columns on its own thread. Raises
         ``TypeError`` for scopes that are not a list or tuple of ``str``, ``ValueError``
         for an unknown status.
+
+        Every string of the line (values, keys, the error, the tool name) is searched
+        for tokens: ``fmg_sk_<id>_<secret>`` is written ``fmg_sk_<id>_***`` (0.2's
+        ``fmg_sk_<hex>.<secret>``: ``fmg_sk_<hex>.***``); see :func:`mask_tokens`.
         """
+    def log_refusal(
+        self,
+        status: str,
+        *,
+        client_ip: str | None,
+        reason: str,
+        key_id: str | None = None,
+        error: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> bool:
+        """Log a refusal made before there is an identity, aggregated per (status,
+        ``reason``, ``key_id``, client address; IPv6 per /64) and interval of
+        ``refusal_interval_ms``: the first ``refusal_burst`` of a group are written as
+        usual lines (``reason`` among the extra fields); the others are counted, and one
+        summary event per group is written when the interval ends, on ``flush`` and on
+        ``close``: the group's status, key id and address (none for the overflow groups
+        past ``refusal_max_groups``), the first counted refusal's error, and the extra
+        fields ``reason``, ``summary`` (true), ``count`` (refusals it stands for),
+        ``since`` (when the interval started) and ``overflow`` (true, overflow groups
+        only). Taps see every refusal. ``False`` only if it was lost (queue full, writer
+        closed or paused)."""
     def add_tap(self, tap: Callable[..., object]) -> None:
         """Also call ``tap(*fields)`` for every event after it is queued: the fields as
         ``log`` takes them, positionally, after ``log_inputs`` / ``log_outputs`` / the
@@ -399,8 +430,9 @@ class AuditWriter:
         the queue, and the last batch written (false from a failed batch to the next
         success)."""
     def stats(self) -> dict[str, int]:
-        """``enqueued``, ``written``, ``dropped`` (of which ``paused_dropped``),
-        ``write_errors``, ``failed``, ``queue_depth``."""
+        """``enqueued`` (summary events included), ``written``, ``dropped`` (of which
+        ``paused_dropped``), ``write_errors``, ``failed``, ``queue_depth``,
+        ``refusals_suppressed`` (refusals only counted) and ``refusal_summaries``."""
     def last_error(self) -> str | None: ...
 
 @final
@@ -464,6 +496,9 @@ class AuditFanout:
         log_inputs: bool = True,
         log_outputs: bool = True,
         output_preview_chars: int = 200,
+        refusal_burst: int = 5,
+        refusal_interval_ms: int = 60000,
+        refusal_max_groups: int = 1024,
     ) -> AuditFanout: ...
     @property
     def sinks(self) -> list[AuditSink]: ...
@@ -483,6 +518,17 @@ class AuditFanout:
         extra: dict[str, Any] | None = None,
     ) -> bool:
         """Queue one event for every backend; ``False`` if it was dropped."""
+    def log_refusal(
+        self,
+        status: str,
+        *,
+        client_ip: str | None,
+        reason: str,
+        key_id: str | None = None,
+        error: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> bool:
+        """As :meth:`AuditWriter.log_refusal`."""
     def add_tap(self, tap: Callable[..., object]) -> None:
         """As :meth:`AuditWriter.add_tap`."""
     def flush(self) -> None:
@@ -497,7 +543,8 @@ class AuditFanout:
     def stats(self) -> dict[str, int]:
         """The queue's ``enqueued`` and ``queue_depth``; ``written``, ``failed``,
         ``paused_dropped`` summed over backends; ``dropped`` (refused by the queue or
-        skipped while paused); ``write_errors``."""
+        skipped while paused); ``write_errors``; ``refusals_suppressed`` and
+        ``refusal_summaries`` (as :meth:`AuditWriter.stats`)."""
 
 #: Every audit status name, in the core's order.
 AUDIT_STATUSES: tuple[str, ...]
@@ -509,6 +556,12 @@ class JsonText:
 
     def __new__(cls, redact: Sequence[str] | None = None) -> JsonText: ...
     def __call__(self, value: Any) -> str: ...
+
+def mask_tokens(text: str) -> str:
+    """``text`` with every token-shaped string masked as audit lines are: what follows
+    ``fmg_sk_`` (the run of ``[A-Za-z0-9_.-]``) becomes ``<16-character id>_***`` for a
+    current token, ``<16 hex>.***`` for a 0.2 token, ``***`` otherwise. ``text`` itself
+    when there is nothing to mask."""
 
 def audit_spool_read(
     path: str | os.PathLike[str],
@@ -579,7 +632,10 @@ def audit_verify(
 
     ``path_or_paths``: the live file (its rotated files are read first) or a list of
     files in order. ``key``: the chain key the log was written with. Returns ``{"ok",
-    "events", "files", "paths", "unchained", "torn", "continues_from", "last_chain",
-    "broken"}``; ``broken`` is ``None`` or ``{"file", "line", "reason"}`` for the first
-    line that fails. Raises ``FileNotFoundError`` / ``PermissionError`` for a file.
+    "events", "files", "paths", "unchained", "torn", "torn_at_end", "continues_from",
+    "last_chain", "broken"}``; ``broken`` is ``None`` or ``{"file", "line", "reason"}``
+    for the first line that fails. An incomplete line (a torn write) passes only at the
+    end of a file (listed in ``torn_at_end`` as ``"file:line"``) or right before the
+    restart record acknowledging it. Raises ``FileNotFoundError`` / ``PermissionError``
+    for a file.
     """

@@ -50,6 +50,7 @@ __all__ = [
     "CONFIG_ENV",
     "CONFIG_FILE_NAME",
     "ENV_PREFIX",
+    "OTHER_ENV",
     "SETTINGS",
     "AuditTarget",
     "GuardConfig",
@@ -57,6 +58,7 @@ __all__ = [
     "KeysTarget",
     "Profile",
     "SettingView",
+    "known_env_names",
     "load_config",
     "mask_url",
 ]
@@ -112,6 +114,22 @@ SETTINGS: dict[str, str] = {
     "transport": "transport of fastmcp-guard run: http or stdio",
 }
 
+#: ``FASTMCP_GUARD_*`` variables that are not settings: name -> what it holds. With the
+#: settings' variables (``ENV_PREFIX`` + the upper-case setting name) these are every
+#: variable of the prefix the package reads; any other one fails :meth:`GuardConfig.load`
+#: (a misspelling such as ``FASTMCP_GUARD_ALLOWED`` must not be ignored silently).
+OTHER_ENV: dict[str, str] = {
+    CONFIG_ENV: "the config file to read (off: none)",
+    # fastmcp_guard.guard.ENV_KEY (not imported here: this module stays light).
+    "FASTMCP_GUARD_KEY": "the API key that identifies stdio and in-process callers",
+}
+
+
+def known_env_names() -> frozenset[str]:
+    """Every ``FASTMCP_GUARD_*`` variable the package reads."""
+    return frozenset(ENV_PREFIX + name.upper() for name in SETTINGS) | frozenset(OTHER_ENV)
+
+
 _SECRET_SETTINGS = frozenset({"admin_key", "audit_chain_key", "audit_http_secret"})
 #: How an unset setting whose ``None`` is not "off" is shown.
 _UNSET = {"audit_http_ca_file": "(system trust store)"}
@@ -132,6 +150,14 @@ DEFAULT_AUDIT_SPOOL = "fastmcp-guard-audit-spool"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
+#: The embedded profile's JSONL rotation: 100 MB per file, 10 rotated files kept.
+DEFAULT_ROTATE_BYTES = 100 * 10**6
+DEFAULT_RETENTION = 10
+
+#: Bounds of the numeric settings (inclusive).
+MAX_ROTATE_BYTES = 2**40  # 1 TiB
+MAX_RETENTION = 100_000
+MIN_FLUSH_INTERVAL_MS, MAX_FLUSH_INTERVAL_MS = 1, 60_000
 
 
 class InvalidSettingError(ConfigError):
@@ -306,6 +332,7 @@ class GuardConfig:
         base = Path(os.getcwd() if cwd is None else cwd).absolute()
         labels = labels or {}
 
+        _check_env_names(env)
         raw: dict[str, _Raw] = {}
         for name, value in cls._defaults(profile).items():
             raw[name] = _Raw(value, "default", base)
@@ -378,9 +405,11 @@ class GuardConfig:
             "audit_redact": [],
             "audit_on_failure": "drop",
             "audit_flush_interval_ms": 100,
-            "audit_rotate_bytes": "off",
+            # Embedded (the CLI, `fastmcp-guard run`): a flood of refusals must not fill
+            # the disk, so the JSONL log rotates at 100 MB and keeps 10 rotated files.
+            "audit_rotate_bytes": DEFAULT_ROTATE_BYTES if embedded else "off",
             "audit_rotate_daily": False,
-            "audit_retention": "off",
+            "audit_retention": DEFAULT_RETENTION if embedded else "off",
             "audit_chain_key": None,
             "audit_http_secret": None,
             "audit_http_spool": DEFAULT_AUDIT_SPOOL,
@@ -695,6 +724,30 @@ def _read_config_file(path: Path, cwd: Path) -> tuple[dict[str, Any], str]:
         if key not in SETTINGS:
             raise ConfigError(f"unknown setting {key!r} in config file {path}{_did_you_mean(key)}")
     return values, label
+
+
+def _check_env_names(env: Mapping[str, str]) -> None:
+    """Refuse a ``FASTMCP_GUARD_*`` variable the package does not read, naming the closest
+    known one: a misspelt variable would otherwise leave its setting at its default."""
+    known = known_env_names()
+    unknown = sorted(n for n in env if n.startswith(ENV_PREFIX) and n not in known)
+    if not unknown:
+        return
+    import difflib
+
+    name = unknown[0]
+    suffixes = {n[len(ENV_PREFIX) :]: n for n in known}
+    close = difflib.get_close_matches(name[len(ENV_PREFIX) :], suffixes, n=1)
+    hint = (
+        f"did you mean {suffixes[close[0]]}?"
+        if close
+        else f"known variables: {', '.join(sorted(known))}"
+    )
+    more = f" (and {len(unknown) - 1} more: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""
+    raise ConfigError(
+        f"unknown environment variable {name}{more}: no setting reads it; {hint} "
+        "(see `fastmcp-guard config` for every setting and its variable)"
+    )
 
 
 def _did_you_mean(name: str) -> str:
@@ -1078,6 +1131,16 @@ _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
                "kib": 2**10, "mib": 2**20, "gib": 2**30}  # fmt: skip
 
 
+def _int_text(text: str) -> int | None:
+    """The value of ``text`` if it is a plain decimal integer of ASCII digits (at most 30:
+    larger ones are out of every bound anyway), else ``None``. ``str.isdigit`` would let
+    through digits ``int`` refuses (``"²"``)."""
+    text = text.strip()
+    if not 0 < len(text) <= 30 or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
+
+
 def _parse_size(item: _Raw, name: str) -> int | None:
     value = item.value
     if isinstance(value, int) and not isinstance(value, bool):
@@ -1088,11 +1151,14 @@ def _parse_size(item: _Raw, name: str) -> int | None:
             return None
         digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
         unit = text[len(digits) :]
-        size = int(digits) * _SIZE_UNITS[unit] if digits.isdigit() and unit in _SIZE_UNITS else None
-    if size is None or size < 1:
+        number = _int_text(digits) if digits else None
+        size = number * _SIZE_UNITS[unit] if number is not None and unit in _SIZE_UNITS else None
+    if size is None or not 1 <= size <= MAX_ROTATE_BYTES:
         raise InvalidSettingError(
-            name, item.source, f"expected a size such as 100MB, 1GiB or 1048576, got {value!r}"
-        )
+            name, item.source,
+            f"expected a size from 1 byte to 1TiB such as 100MB, 1GiB or 1048576, or off; "
+            f"got {value!r}",
+        )  # fmt: skip
     return size
 
 
@@ -1103,12 +1169,13 @@ def _parse_count(item: _Raw, name: str) -> int | None:
     count: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         count = value
-    elif isinstance(value, str) and value.strip().isdigit():
-        count = int(value.strip())
-    if count is None or count < 0:
+    elif isinstance(value, str):
+        count = _int_text(value)
+    if count is None or not 0 <= count <= MAX_RETENTION:
         raise InvalidSettingError(
-            name, item.source, f"expected a number of files (0 or more) or off, got {value!r}"
-        )
+            name, item.source,
+            f"expected a number of files from 0 to {MAX_RETENTION:,} or off, got {value!r}",
+        )  # fmt: skip
     return count
 
 
@@ -1117,12 +1184,14 @@ def _parse_millis(item: _Raw, name: str) -> int:
     ms: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         ms = value
-    elif isinstance(value, str) and value.strip().isdigit():
-        ms = int(value.strip())
-    if ms is None or not 1 <= ms <= 60_000:
+    elif isinstance(value, str):
+        ms = _int_text(value)
+    if ms is None or not MIN_FLUSH_INTERVAL_MS <= ms <= MAX_FLUSH_INTERVAL_MS:
         raise InvalidSettingError(
-            name, item.source, f"expected milliseconds from 1 to 60000, got {value!r}"
-        )
+            name, item.source,
+            f"expected milliseconds from {MIN_FLUSH_INTERVAL_MS} to {MAX_FLUSH_INTERVAL_MS}, "
+            f"got {value!r}",
+        )  # fmt: skip
     return ms
 
 
@@ -1149,8 +1218,8 @@ def _parse_port(item: _Raw, name: str) -> int:
     port: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         port = value
-    elif isinstance(value, str) and value.strip().isdigit():
-        port = int(value.strip())
+    elif isinstance(value, str):
+        port = _int_text(value)
     if port is None or not 1 <= port <= 65535:
         raise InvalidSettingError(name, item.source, f"expected a port 1-65535, got {value!r}")
     return port

@@ -27,6 +27,24 @@
 //! The chain continues across rotation and restarts: on open, the sink reads
 //! the chain value of the last complete line of the newest file ([`tail_state`]).
 //!
+//! **Torn lines.** A crash (or a full disk) can leave an incomplete line, which
+//! carries no chain. Such a line is accepted only where a crash leaves one: at
+//! the end of a file, or in the middle when the very next line is the **restart
+//! record** the writer puts after it when it next writes to that file
+//! ([`scan_tail`], [`restart_line`]):
+//!
+//! ```text
+//! {"ts":"2026-03-09T14:00:00.123Z","record":"restart","torn_bytes":57,"torn_blake3":"<64 hex>","id":...,"chain":...}
+//! ```
+//!
+//! `torn_bytes` and `torn_blake3` (unkeyed BLAKE3, lowercase hex) cover the bytes
+//! from the start of the first incomplete line after the last complete one to the
+//! end of the last, their newlines in between included (the newline ending the last
+//! one, which the writer adds, is not). The record is chained like any line, so
+//! with a chain key nobody else can write one: an incomplete line inserted
+//! anywhere else, a restart record that does not match the bytes before it, or one
+//! whose incomplete line was removed, breaks verification at that line.
+//!
 //! **What it proves.** Without a key, the chain detects accidental damage and
 //! naive edits (a changed, deleted, inserted or reordered line, a truncated last
 //! line, a missing file between two others); anyone who can edit the file can
@@ -60,6 +78,12 @@ const PREV_FIELD: &[u8] = b",\"prev\":\"";
 const CHAIN_SUFFIX_LEN: usize = CHAIN_FIELD.len() + 64 + 2;
 /// `,"prev":"` + 64 hex + `"`.
 const PREV_LEN: usize = PREV_FIELD.len() + 64 + 1;
+/// How a restart record starts: `{"ts":"` + 24 characters of time + `"`, then this.
+const RESTART_HEAD: &[u8] = b",\"record\":\"restart\",\"torn_bytes\":";
+/// The field after `torn_bytes`.
+const RESTART_HASH: &[u8] = b",\"torn_blake3\":\"";
+/// `{"ts":"` + a canonical time (24 characters) + `"`.
+const TS_PREFIX_LEN: usize = 7 + 24 + 1;
 
 const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -182,6 +206,56 @@ pub fn parse_sealed(line: &[u8]) -> Option<Sealed> {
         chain,
         prev,
     })
+}
+
+/// Incomplete lines at the end of a log file, as [`scan_tail`] finds them: the
+/// bytes a restart record acknowledges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TornRegion {
+    /// Offset of the first incomplete line.
+    pub start: u64,
+    /// Bytes from `start` to the end of the last incomplete line (without the
+    /// newline that ends it, if the file has one).
+    pub len: u64,
+    /// Unkeyed BLAKE3 of those bytes.
+    pub hash: [u8; 32],
+}
+
+/// Appends the restart record acknowledging `torn` (one line, ending with `\n`,
+/// not yet sealed: the sealer chains it like any line).
+pub fn restart_line(out: &mut Vec<u8>, ts: &chrono::DateTime<chrono::Utc>, torn: &TornRegion) {
+    out.extend_from_slice(b"{\"ts\":\"");
+    out.extend_from_slice(super::format_ts(ts).as_bytes());
+    out.push(b'"');
+    out.extend_from_slice(RESTART_HEAD);
+    out.extend_from_slice(torn.len.to_string().as_bytes());
+    out.extend_from_slice(RESTART_HASH);
+    push_hex(out, &torn.hash);
+    out.extend_from_slice(b"\"}\n");
+}
+
+/// Whether `line` is a restart record (see the module docs).
+#[must_use]
+pub fn is_restart(line: &[u8]) -> bool {
+    line.starts_with(b"{\"ts\":\"")
+        && line
+            .get(TS_PREFIX_LEN..)
+            .is_some_and(|rest| rest.starts_with(RESTART_HEAD))
+}
+
+/// The `(torn_bytes, torn_blake3)` of a restart record; `None` if `line` is not
+/// one, or is a damaged one.
+#[must_use]
+pub fn parse_restart(line: &[u8]) -> Option<(u64, [u8; 32])> {
+    if !is_restart(line) {
+        return None;
+    }
+    let rest = &line[TS_PREFIX_LEN + RESTART_HEAD.len()..];
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let len: u64 = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+    let rest = rest[digits..].strip_prefix(RESTART_HASH)?;
+    let hash = parse_hex(rest.get(..64)?)?;
+    (rest.get(64) == Some(&b'"')).then_some((len, hash))
 }
 
 // ---------------------------------------------------------------------------
@@ -319,46 +393,93 @@ pub enum Tail {
 }
 
 /// Reads the end of the log file at `path`: the chain value of its last
-/// complete line. A torn last line (no `\n`) is skipped, unless it is a whole
-/// chained line that only lacks its newline. Not a regular file: [`Tail::Empty`].
+/// complete line, skipping the incomplete lines after it (see [`scan_tail`]).
+/// Not a regular file: [`Tail::Empty`].
 ///
 /// # Errors
 /// The I/O error (a missing file is [`Tail::Empty`]).
 pub fn tail_state(path: &Path) -> io::Result<Tail> {
-    /// Enough bytes to hold the end of a chained line (`"prev"`, `"chain"`).
-    const WINDOW: u64 = 256;
+    Ok(scan_tail(path)?.tail)
+}
+
+/// What the end of a log file holds: see [`scan_tail`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TailScan {
+    /// The last complete line's chain state.
+    pub tail: Tail,
+    /// The incomplete lines after it, if any: what a restart record must
+    /// acknowledge before anything else is appended.
+    pub torn: Option<TornRegion>,
+}
+
+/// Most bytes [`scan_tail`] reads back from the end of a file: past this, what
+/// is left unread stays unacknowledged (a file no writer of ours leaves).
+const TAIL_SCAN_MAX: u64 = 64 << 20;
+
+/// Reads the end of the log file at `path` line by line, backwards: the last
+/// *complete* line (one JSON object, chained or not; a whole chained line that
+/// only lacks its newline counts), and the incomplete lines after it (anything
+/// else that is not blank: a torn write, or a restart record cut short by a
+/// second crash). Blank lines are skipped (inside the torn region they are part
+/// of its bytes). Not a regular file, or empty: [`Tail::Empty`], nothing torn.
+///
+/// # Errors
+/// The I/O error (a missing file is [`Tail::Empty`]).
+pub fn scan_tail(path: &Path) -> io::Result<TailScan> {
+    let none = TailScan {
+        tail: Tail::Empty,
+        torn: None,
+    };
     let mut f = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Tail::Empty),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(none),
         Err(e) => return Err(e),
     };
     let meta = f.metadata()?;
     if !meta.is_file() || meta.len() == 0 {
-        return Ok(Tail::Empty);
+        return Ok(none);
     }
     let len = meta.len();
-    let last_nl = last_newline(&mut f, len)?;
-    let seg_start = last_nl.map_or(0, |p| p + 1);
-    if seg_start < len {
-        // A torn tail: a prefix of a line. If it ends like a chained line, it is
-        // the whole line, only without its newline.
-        let tail = read_range(&mut f, len.saturating_sub(WINDOW).max(seg_start), len)?;
-        if let Some(s) = parse_sealed(&tail) {
-            return Ok(Tail::Sealed(s.chain));
+    let last = read_range(&mut f, len - 1, len)?;
+    // End of the region's bytes: the file's end, less the newline ending the last line.
+    let content_end = if last == b"\n" { len - 1 } else { len };
+    let mut end = content_end;
+    let mut first_torn: Option<u64> = None;
+    let tail = loop {
+        let start = last_newline(&mut f, end)?.map_or(0, |p| p + 1);
+        if len - start > TAIL_SCAN_MAX {
+            break Tail::Empty;
         }
-    }
-    let Some(nl) = last_nl else {
-        return Ok(Tail::Empty);
+        let line = read_range(&mut f, start, end)?;
+        if !line.iter().all(u8::is_ascii_whitespace) {
+            if is_json_object(&line) {
+                break classify(&line);
+            }
+            first_torn = Some(start);
+        }
+        if start == 0 {
+            break Tail::Empty;
+        }
+        end = start - 1;
     };
-    let window = read_range(&mut f, nl.saturating_sub(WINDOW), nl)?;
-    // Blank lines at the end (never written by the writer) are skipped.
-    let end = window.len() - window.iter().rev().take_while(|&&b| b == b'\n').count();
-    let window = &window[..end];
-    let line = match memchr::memrchr(b'\n', window) {
-        Some(i) => &window[i + 1..],
-        None => window,
+    let torn = match first_torn {
+        None => None,
+        Some(start) => {
+            let bytes = read_range(&mut f, start, content_end)?;
+            Some(TornRegion {
+                start,
+                len: content_end - start,
+                hash: *blake3::hash(&bytes).as_bytes(),
+            })
+        }
     };
-    Ok(classify(line))
+    Ok(TailScan { tail, torn })
+}
+
+/// Whether `line` is one complete JSON object (what every writer writes).
+fn is_json_object(line: &[u8]) -> bool {
+    line.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+        && serde_json::from_slice::<serde::de::IgnoredAny>(line).is_ok()
 }
 
 /// Offset of the last `\n` in the first `len` bytes of `f`, read backwards in blocks.
@@ -415,9 +536,13 @@ pub struct VerifyReport {
     /// Lines without a chain before the first chained line (written before
     /// the chain was on); not covered by the check.
     pub unchained: u64,
-    /// Torn lines (an incomplete write, ended by the writer's next start)
-    /// that the chain skips over correctly.
+    /// Incomplete lines (torn writes) accepted: each acknowledged by the restart
+    /// record after it, or at the end of a file.
     pub torn: u64,
+    /// Where incomplete lines end a file (file, first line of them): a crash
+    /// while writing, not yet acknowledged by a restart record (the writer adds
+    /// one when it next writes to that file).
+    pub torn_at_end: Vec<(PathBuf, u64)>,
     /// The first chained line, when it continues from a chain value that is
     /// not [`GENESIS`]: earlier files are gone (removed by retention, or not
     /// given). Its own hash is still checked.
@@ -445,10 +570,15 @@ struct Verifier<'k> {
     key: Option<&'k ChainKey>,
     report: VerifyReport,
     prev: Option<[u8; 32]>,
-    /// A line that is not JSON, waiting to be judged by the next chained line.
+    /// The first of the incomplete lines (not one JSON object) just read, waiting
+    /// for the restart record that must acknowledge them (or the end of the file).
     torn: Option<(usize, u64)>,
     /// How many such lines in a row.
     torn_run: u64,
+    /// Their bytes, the newlines between them included (what a restart record's
+    /// `torn_bytes` and `torn_blake3` cover).
+    torn_len: u64,
+    torn_hash: blake3::Hasher,
     /// Where the lines without a chain start.
     first_unchained: Option<(usize, u64)>,
     recent: VecDeque<([u8; 32], usize, u64)>,
@@ -470,8 +600,30 @@ impl Verifier<'_> {
 
     /// Checks one line (without its `\n`); returns false once broken.
     fn line(&mut self, file: usize, n: u64, line: &[u8]) -> bool {
-        if line.iter().all(u8::is_ascii_whitespace) {
+        let blank = line.iter().all(u8::is_ascii_whitespace);
+        if self.torn.is_some() {
+            if blank || !is_json_object(line) {
+                self.torn_hash.update(b"\n");
+                self.torn_hash.update(line);
+                self.torn_len += 1 + line.len() as u64;
+                self.torn_run += u64::from(!blank);
+                return true;
+            }
+            // A complete line after incomplete ones: the restart record, or forgery.
+            if !self.acknowledge(file, n, line) {
+                return false;
+            }
+        } else if blank {
             return true;
+        } else if is_restart(line) {
+            self.brk(
+                file,
+                n,
+                "a restart record with no incomplete line before it: the line it acknowledges \
+                 was removed"
+                    .to_owned(),
+            );
+            return false;
         }
         let Some(s) = parse_sealed(line) else {
             return self.unsealed(file, n, line);
@@ -480,15 +632,6 @@ impl Verifier<'_> {
         let Some(prev) = self.prev else {
             // The first chained line: it must say what it continues from.
             let Some(recorded) = s.prev else {
-                if let Some((tf, tn)) = self.torn {
-                    let reason = format!(
-                        "the line is not valid JSON and the next line does not chain past it: \
-                         it was edited or cut short (next line {})",
-                        self.place(file, n)
-                    );
-                    self.brk(tf, tn, reason);
-                    return false;
-                }
                 self.brk(
                     file,
                     n,
@@ -526,18 +669,6 @@ impl Verifier<'_> {
             return self.accept(file, n, s.chain);
         }
         // Broken: say as much as can be told.
-        if let Some((tf, tn)) = self.torn {
-            self.brk(
-                tf,
-                tn,
-                format!(
-                    "the line is not valid JSON and the next line does not chain past it: \
-                     it was edited or cut short (next line {})",
-                    self.place(file, n)
-                ),
-            );
-            return false;
-        }
         if let Some(&(_, f, l)) = self.recent.iter().find(|(c, _, _)| *c == s.chain) {
             let reason = format!(
                 "the line is a copy of {}: it was inserted (or moved) here",
@@ -591,10 +722,64 @@ impl Verifier<'_> {
         false
     }
 
-    fn accept(&mut self, file: usize, n: u64, chain: [u8; 32]) -> bool {
-        if self.torn.take().is_some() {
-            self.report.torn += std::mem::take(&mut self.torn_run);
+    /// Judges the incomplete lines before `line` (a complete one, at `file:n`): fine
+    /// only if `line` is the restart record acknowledging exactly their bytes.
+    fn acknowledge(&mut self, file: usize, n: u64, line: &[u8]) -> bool {
+        let Some((tf, tn)) = self.torn.take() else {
+            return true;
+        };
+        let run = std::mem::take(&mut self.torn_run);
+        let (len, hash) = (self.torn_len, *self.torn_hash.finalize().as_bytes());
+        let why = match parse_restart(line) {
+            Some((l, h)) if l == len && h == hash => {
+                self.report.torn += run;
+                return true;
+            }
+            Some((l, _)) => format!(
+                "the restart record at {} does not acknowledge it ({}): the incomplete line \
+                 was edited, or inserted before the record",
+                self.place(file, n),
+                if l == len {
+                    "its torn_blake3 differs".to_owned()
+                } else {
+                    format!("it says {l} bytes, the incomplete line has {len}")
+                }
+            ),
+            None => format!(
+                "an incomplete line in the middle of the log, and the next line ({}) is not \
+                 the restart record that would acknowledge it: it was inserted (a crash leaves \
+                 one only at the end of a file, and the writer acknowledges it when it next \
+                 writes there)",
+                self.place(file, n)
+            ),
+        };
+        self.brk(tf, tn, why);
+        false
+    }
+
+    /// The end of a file (`newline`: its last byte is `\n`). Incomplete lines pending
+    /// there are what a crash leaves, if the file ends in the middle of a line: a write
+    /// cut short never ends with a newline. False once broken.
+    fn end_of_file(&mut self, newline: bool) -> bool {
+        let Some((f, n)) = self.torn.take() else {
+            return true;
+        };
+        if newline {
+            self.brk(
+                f,
+                n,
+                "the file ends with an incomplete line that ends with a newline: a crash \
+                 leaves a line cut short, without one; the line was edited or inserted"
+                    .to_owned(),
+            );
+            return false;
         }
+        self.report.torn += std::mem::take(&mut self.torn_run);
+        self.report.torn_at_end.push((self.paths[f].clone(), n));
+        true
+    }
+
+    fn accept(&mut self, file: usize, n: u64, chain: [u8; 32]) -> bool {
         self.prev = Some(chain);
         self.report.events += 1;
         self.report.last_chain = Some(chain);
@@ -606,20 +791,19 @@ impl Verifier<'_> {
     }
 
     fn unsealed(&mut self, file: usize, n: u64, line: &[u8]) -> bool {
-        let is_object = serde_json::from_slice::<serde::de::IgnoredAny>(line).is_ok()
-            && line.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-        if !is_object {
-            // Torn (or damaged): fine only if the next chained line chains past it
-            // (and any torn lines right after it, from writes that failed in a row).
-            if self.torn.is_none() {
-                self.torn = Some((file, n));
-            }
-            self.torn_run += 1;
+        if !is_json_object(line) {
+            // Incomplete (or damaged): fine at the end of the file, or if the next
+            // complete line is the restart record acknowledging it (see `line`).
+            self.torn = Some((file, n));
+            self.torn_run = 1;
+            self.torn_len = line.len() as u64;
+            self.torn_hash = blake3::Hasher::new();
+            self.torn_hash.update(line);
             return true;
         }
         let has_field = memchr::memmem::find(line, b"\"chain\"").is_some()
             || memchr::memmem::find(line, b"\"prev\"").is_some();
-        if self.prev.is_none() && self.torn.is_none() && !has_field {
+        if self.prev.is_none() && !has_field {
             // Written before the chain was on: allowed before the first chained line.
             self.report.unchained += 1;
             self.first_unchained.get_or_insert((file, n));
@@ -664,6 +848,8 @@ pub fn verify_files(paths: &[PathBuf], key: Option<&ChainKey>) -> Result<VerifyR
         prev: None,
         torn: None,
         torn_run: 0,
+        torn_len: 0,
+        torn_hash: blake3::Hasher::new(),
         first_unchained: None,
         recent: VecDeque::with_capacity(RECENT),
         paths: paths.to_vec(),
@@ -681,27 +867,24 @@ pub fn verify_files(paths: &[PathBuf], key: Option<&ChainKey>) -> Result<VerifyR
         v.report.files += 1;
         let mut r = BufReader::with_capacity(1 << 20, file);
         let mut n = 0u64;
+        let mut newline = false;
         loop {
             buf.clear();
             if r.read_until(b'\n', &mut buf).map_err(read_err)? == 0 {
                 break;
             }
             n += 1;
+            newline = buf.last() == Some(&b'\n');
             let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
             if !v.line(i, n, line) {
                 return Ok(v.report);
             }
         }
+        if !v.end_of_file(newline) {
+            return Ok(v.report);
+        }
     }
-    if let Some((f, n)) = v.torn {
-        v.brk(
-            f,
-            n,
-            "the last line is incomplete: a torn write or a truncation (a writer that \
-             starts again ends it and chains past it)"
-                .to_owned(),
-        );
-    } else if let (None, Some((f, n))) = (v.prev, v.first_unchained) {
+    if let (None, Some((f, n))) = (v.prev, v.first_unchained) {
         v.brk(
             f,
             n,

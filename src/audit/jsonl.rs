@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, NaiveDate, Utc};
 
-use super::chain::{tail_state, ChainKey, Sealer, Tail, GENESIS};
+use super::chain::{restart_line, scan_tail, tail_state, ChainKey, Sealer, Tail, GENESIS};
 use super::{AuditError, Batch, Sink};
 
 /// Options of the JSONL sink beyond the path. `Default`: chain on, no key,
@@ -90,6 +90,11 @@ pub struct JsonlFileSink {
     /// The file ends in the middle of a line (a torn write, ours or a crashed
     /// previous process's): end it before writing the next batch.
     partial_line: bool,
+    /// The live file may end with incomplete lines (at open, after another writer
+    /// appended, after a failed write): look before the next batch, and if it does,
+    /// write the restart record that acknowledges them first (see
+    /// [`chain`](super::chain)).
+    torn_check: bool,
     opts: JsonlOptions,
     /// A regular file: may be rotated.
     regular: bool,
@@ -164,6 +169,7 @@ impl JsonlFileSink {
             file,
             path: path.to_path_buf(),
             partial_line,
+            torn_check: regular,
             opts,
             regular,
             size,
@@ -284,6 +290,7 @@ impl JsonlFileSink {
     fn catch_up(&mut self, len: u64) -> io::Result<()> {
         self.size = len;
         self.partial_line = ends_mid_line(&self.file, &self.path);
+        self.torn_check = true;
         if let Some(sealer) = &mut self.sealer {
             let (prev, at_start) = recover_chain(&self.path, &rotated_files(&self.path)?)?;
             sealer.set_state(prev, at_start);
@@ -291,23 +298,47 @@ impl JsonlFileSink {
         Ok(())
     }
 
-    /// Seals the batch's lines into `self.out` (and their ends into `marks`).
-    fn seal(&mut self, lines: &[u8], now: &DateTime<Utc>) {
+    /// Lays out what the batch writes into `self.out`: a newline ending a torn last
+    /// line (`lead`), the restart record (`restart`, possibly empty), then the batch's
+    /// lines, each sealed into the chain (their ends into `marks`). Without the chain
+    /// the lines are copied as they are.
+    fn seal(&mut self, restart: &[u8], lines: &[u8], now: &DateTime<Utc>, lead: bool) {
+        self.out.clear();
+        self.marks.clear();
+        if lead {
+            self.out.push(b'\n');
+        }
         let Some(sealer) = &mut self.sealer else {
+            self.out.extend_from_slice(restart);
+            self.out.extend_from_slice(lines);
             return;
         };
         self.batch_start = sealer.state();
-        self.out.clear();
-        self.marks.clear();
         sealer.set_time(u64::try_from(now.timestamp_millis()).unwrap_or(0));
-        let mut rest = lines;
-        while !rest.is_empty() {
-            let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
-            if let Some(chain) = sealer.seal(&mut self.out, &rest[..end]) {
-                self.marks.push((self.out.len(), chain));
+        for part in [restart, lines] {
+            let mut rest = part;
+            while !rest.is_empty() {
+                let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
+                if let Some(chain) = sealer.seal(&mut self.out, &rest[..end]) {
+                    self.marks.push((self.out.len(), chain));
+                }
+                rest = &rest[end..];
             }
-            rest = &rest[end..];
         }
+    }
+
+    /// The restart record for the incomplete lines the live file ends with, if it
+    /// does (empty otherwise). Best effort: a file that cannot be read back gets none.
+    fn restart_record(&self, now: &DateTime<Utc>) -> Vec<u8> {
+        let mut record = Vec::new();
+        if self.regular {
+            if let Ok(scan) = scan_tail(&self.path) {
+                if let Some(torn) = scan.torn {
+                    restart_line(&mut record, now, &torn);
+                }
+            }
+        }
+        record
     }
 }
 
@@ -462,31 +493,42 @@ impl JsonlFileSink {
     fn write_locked(&mut self, batch: &Batch<'_>) -> io::Result<()> {
         let now = Utc::now();
         let lines = batch.jsonl();
-        self.seal(lines, &now);
-        let incoming = if self.sealer.is_some() {
-            self.out.len()
+        let mut restart = if self.torn_check {
+            self.restart_record(&now)
         } else {
-            lines.len()
+            Vec::new()
         };
+        self.seal(&restart, lines, &now, self.partial_line);
+        let incoming = self.out.len().max(lines.len());
         if self.due(&now, incoming) && self.rotate(&now) {
-            // Another writer may have got into the new file before it was locked.
+            // The incomplete lines stay at the end of the old file, where a crash
+            // leaves them: no restart record for them in the new one. Another writer
+            // may have got into the new file before it was locked.
             let len = self.file.metadata().map_or(0, |m| m.len());
             let caught_up = len > 0 && self.catch_up(len).is_ok();
-            if let Some(sealer) = &mut self.sealer {
-                if !caught_up {
+            restart = if caught_up {
+                self.restart_record(&now)
+            } else {
+                Vec::new()
+            };
+            if !caught_up {
+                if let Some(sealer) = &mut self.sealer {
                     // The first line of the new file records where it continues from.
                     sealer.set_state(self.batch_start.0, true);
                 }
-                self.seal(lines, &now);
             }
+            self.seal(&restart, lines, &now, self.partial_line);
         }
-        let was_partial = self.partial_line;
-        let mut written = 0;
-        let data = if self.sealer.is_some() {
+        let lead = self.partial_line;
+        // Without the chain, and with nothing to add before the lines, they go as they are.
+        let data = if self.sealer.is_some() || lead || !restart.is_empty() {
             &self.out[..]
         } else {
             lines
         };
+        // One write: the newline ending a torn line, the restart record and the batch.
+        let mut torn_now = false;
+        let mut written = 0;
         #[cfg(test)]
         let res = match self.fail_after.take() {
             Some(left) => {
@@ -494,16 +536,24 @@ impl JsonlFileSink {
                     inner: &mut self.file,
                     left,
                 };
-                append_lines(&mut w, data, &mut self.partial_line, &mut written)
+                append_lines(&mut w, data, &mut torn_now, &mut written)
             }
-            None => append_lines(&mut self.file, data, &mut self.partial_line, &mut written),
+            None => append_lines(&mut self.file, data, &mut torn_now, &mut written),
         };
         #[cfg(not(test))]
-        let res = append_lines(&mut self.file, data, &mut self.partial_line, &mut written);
+        let res = append_lines(&mut self.file, data, &mut torn_now, &mut written);
         if self.regular {
-            self.size += written as u64 + u64::from(was_partial && !self.partial_line);
+            self.size += written as u64;
         }
-        if res.is_err() {
+        if res.is_ok() {
+            self.partial_line = false;
+            self.torn_check = false;
+        } else {
+            // Nothing written: the file ends as it did. Else as the write left it.
+            self.partial_line = if written == 0 { lead } else { torn_now };
+            // What this write left (or the lines it was to acknowledge) needs a restart
+            // record next time.
+            self.torn_check = true;
             if let Some(sealer) = &mut self.sealer {
                 // Go on from the last line that reached the file (one missing only
                 // its newline counts: the next write ends it), else from before
@@ -622,7 +672,7 @@ fn prune(path: &Path, keep: usize) -> io::Result<()> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "a failing unwrap is a failing test")]
 pub(super) mod tests {
-    use super::super::chain::{parse_sealed, verify_files, VerifyReport};
+    use super::super::chain::{parse_restart, parse_sealed, verify_files, VerifyReport};
     use super::*;
     use serde_json::Value;
 
@@ -951,15 +1001,150 @@ pub(super) mod tests {
         let keep = data.len() - 30;
         data.truncate(keep); // the last line cut short, as by a crash mid-write
         std::fs::write(&path, &data).unwrap();
+        // At the end of the file, where a crash leaves it: accepted, and said.
         let r = verify(&path);
-        assert_eq!(broken_at(&r), ("audit.jsonl".to_owned(), 3));
-        assert!(r.broken.unwrap().reason.contains("incomplete"));
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!((r.events, r.torn), (2, 1));
+        assert_eq!(r.torn_at_end, [(path.clone(), 3)]);
         let mut sink = JsonlFileSink::open(&path).unwrap();
         write(&mut sink, 2, 3);
         drop(sink);
+        // The writer ended it and acknowledged it with a restart record (chained).
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 6);
+        let (n, hash) = parse_restart(lines[3].as_bytes()).unwrap();
+        assert_eq!(n, lines[2].len() as u64);
+        assert_eq!(&hash, blake3::hash(lines[2].as_bytes()).as_bytes());
+        let r = verify(&path);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!((r.events, r.torn), (5, 1));
+        assert!(r.torn_at_end.is_empty());
+    }
+
+    /// A chained log of 4 lines, then `torn` inserted after line `at` (0-based).
+    fn with_inserted(dir: &Path, key: Option<&ChainKey>, at: usize, torn: &[u8]) -> PathBuf {
+        let path = dir.join("audit.jsonl");
+        let opts = JsonlOptions {
+            chain_key: key.cloned(),
+            ..JsonlOptions::default()
+        };
+        let mut sink = JsonlFileSink::open_with(&path, opts).unwrap();
+        write(&mut sink, 4, 0);
+        drop(sink);
+        let mut ls = read(&path);
+        ls.insert(at, String::from_utf8(torn.to_vec()).unwrap());
+        std::fs::write(&path, ls.concat()).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_forged_incomplete_line_in_the_middle_breaks_with_or_without_a_key() {
+        let key = ChainKey::new(b"k").unwrap();
+        for k in [None, Some(&key)] {
+            for at in [0, 1, 3] {
+                let dir = tempfile::tempdir().unwrap();
+                let path = with_inserted(dir.path(), k, at, b"{\"ts\":\"2026\n");
+                let r = verify_files(&log_files(&path).unwrap(), k).unwrap();
+                assert_eq!(broken_at(&r), ("audit.jsonl".to_owned(), at as u64 + 1));
+                assert!(r.broken.unwrap().reason.contains("not the restart record"));
+            }
+            // At the end, but ending with a newline: not what a crash leaves.
+            let dir = tempfile::tempdir().unwrap();
+            let path = with_inserted(dir.path(), k, 4, b"{\"x\n");
+            let r = verify_files(&log_files(&path).unwrap(), k).unwrap();
+            assert_eq!(broken_at(&r), ("audit.jsonl".to_owned(), 5));
+        }
+    }
+
+    /// A log of 2 lines, then a third cut short as by a crash mid-write.
+    fn crashed(dir: &Path) -> PathBuf {
+        let path = dir.join("audit.jsonl");
+        let mut sink = JsonlFileSink::open(&path).unwrap();
+        write(&mut sink, 2, 0);
+        drop(sink);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"ts\":\"2026-03-09T14:").unwrap();
+        path
+    }
+
+    #[test]
+    fn a_restart_record_must_match_the_incomplete_line_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crashed(dir.path());
+        let mut sink = JsonlFileSink::open(&path).unwrap();
+        write(&mut sink, 1, 2);
+        drop(sink);
+        assert!(verify(&path).is_ok());
+        // The incomplete line edited (same length, then another length): found at it.
+        for forged in ["{\"ts\":\"2026-03-09T15:", "{\"ts\":\"2026-03-09T1"] {
+            let mut ls = read(&path);
+            ls[2] = format!("{forged}\n");
+            let p = dir.path().join("edited.jsonl");
+            std::fs::write(&p, ls.concat()).unwrap();
+            let r = verify_files(&[p], None).unwrap();
+            assert_eq!(broken_at(&r), ("edited.jsonl".to_owned(), 3));
+            assert!(r.broken.unwrap().reason.contains("does not acknowledge"));
+        }
+        // The incomplete line removed: its restart record has nothing to acknowledge.
+        let mut ls = read(&path);
+        ls.remove(2);
+        let p = dir.path().join("removed.jsonl");
+        std::fs::write(&p, ls.concat()).unwrap();
+        let r = verify_files(&[p], None).unwrap();
+        assert_eq!(broken_at(&r), ("removed.jsonl".to_owned(), 3));
+        assert!(r.broken.unwrap().reason.contains("restart record"));
+        // Another incomplete line inserted before the acknowledged one.
+        let mut ls = read(&path);
+        ls.insert(2, "{\"forged\n".to_owned());
+        let p = dir.path().join("inserted.jsonl");
+        std::fs::write(&p, ls.concat()).unwrap();
+        let r = verify_files(&[p], None).unwrap();
+        assert_eq!(broken_at(&r), ("inserted.jsonl".to_owned(), 3));
+    }
+
+    #[test]
+    fn a_second_crash_inside_the_restart_record_is_acknowledged_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crashed(dir.path());
+        // The next writer crashes in turn, part way through its restart record.
+        let mut sink = JsonlFileSink::open(&path).unwrap();
+        sink.fail_after = Some(40);
+        let data = lines(2, 2);
+        assert!(sink.write_batch(&Batch::of_jsonl(&data, 2)).is_err());
+        drop(sink);
+        assert!(
+            verify(&path).is_ok(),
+            "two incomplete lines at the end of the file"
+        );
+        let mut sink = JsonlFileSink::open(&path).unwrap();
+        write(&mut sink, 1, 4);
+        drop(sink);
+        let r = verify(&path);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!((r.events, r.torn), (4, 2));
+    }
+
+    #[test]
+    fn incomplete_lines_at_the_end_of_a_rotated_file_need_no_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut sink = rotating(&path);
+        write(&mut sink, 2, 0);
+        drop(sink);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"ts\":").unwrap();
+        drop(f);
+        let mut sink = rotating(&path);
+        write(&mut sink, 2, 2); // rotates first: the torn line stays where it is
+        drop(sink);
+        let files = log_files(&path).unwrap();
+        assert_eq!(files.len(), 2);
+        assert!(read(&files[0]).last().unwrap().ends_with("{\"ts\":"));
         let r = verify(&path);
         assert!(r.is_ok(), "{r:?}");
         assert_eq!((r.events, r.torn), (4, 1));
+        assert_eq!(r.torn_at_end, [(files[0].clone(), 3)]);
     }
 
     #[test]
@@ -1190,14 +1375,15 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn a_truncated_last_line_is_found() {
+    fn a_cut_last_line_is_a_crash_unless_it_keeps_its_newline() {
         let dir = tempfile::tempdir().unwrap();
         let (path, files) = three_files(dir.path());
         let data = std::fs::read(&files[2]).unwrap();
         std::fs::write(&files[2], &data[..data.len() - 20]).unwrap();
         let r = verify(&path);
-        assert_eq!(broken_at(&r), (name(&files[2]), 3));
-        // Cut inside the chain value, newline kept: also found.
+        assert!(r.is_ok(), "a crash mid-write leaves this: {r:?}");
+        assert_eq!(r.torn_at_end, [(files[2].clone(), 3)]);
+        // Cut inside the chain value, newline kept: not a crash, found.
         let (path, files) = three_files(&dir.path().join("x").tap_mkdir());
         edit(&files[2], |ls| {
             let l = ls[2].trim_end().to_owned();

@@ -3,13 +3,16 @@
 //!
 //! The spool is a chained JSONL log ([`chain`](super::chain)). A batch takes complete
 //! chained lines in order, up to a line count and a body size; anything else that is
-//! not blank (a torn line from a crash, ended by the writer) is skipped and counted.
+//! not blank (a torn line from a crash, ended by the writer) is skipped and counted, and
+//! the restart records that acknowledge such lines are skipped (they are not events).
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use memchr::{memchr, memmem};
+
+use super::chain::is_restart;
 
 /// Bytes read from a spool file at once, at least (more if the batch allows).
 pub const READ_CHUNK: usize = 1 << 20;
@@ -108,7 +111,9 @@ pub fn read_spool(
             break;
         }
         pos += k + 1;
-        if is_sealed(line) {
+        if is_restart(line) {
+            // The writer's acknowledgement of a torn line before it: not an event.
+        } else if is_sealed(line) {
             if out.lines == 0 {
                 out.first_id = event_id(line);
             } else {

@@ -32,6 +32,7 @@ use rusqlite::{
 };
 use serde_json::{Map, Value};
 
+use super::mask::mask_str;
 use super::{
     format_ts, is_reserved_field, write_json_str, write_ts, write_value, AuditError, AuditEvent,
     Batch, BatchFormat, Record, Sink, Status, FIXED_FIELDS,
@@ -386,7 +387,8 @@ fn insert_row(
     write_extra(buf, ev.extra.as_ref());
     let extra_end = buf.len();
 
-    let text = |a: usize, b: usize| std::str::from_utf8(&buf[a..b]);
+    // Every text column goes through the token mask, as a rendered line does.
+    let text = |a: usize, b: usize| std::str::from_utf8(&buf[a..b]).map(mask_str);
     let ts = text(0, ts_end)?;
     let scopes = text(ts_end, scopes_end)?;
     let args = ev
@@ -402,16 +404,16 @@ fn insert_row(
     };
     stmt.execute(params![
         ts,
-        ev.key_id,
-        ev.key_name,
-        ev.tool,
+        mask_str(&ev.key_id),
+        mask_str(&ev.key_name),
+        mask_str(&ev.tool),
         scopes,
         stored_duration(ev.duration_ms),
         ev.status.as_str(),
-        ev.error.as_deref(),
+        ev.error.as_deref().map(mask_str),
         args,
-        ev.output_preview.as_deref(),
-        ev.client_ip.as_deref(),
+        ev.output_preview.as_deref().map(mask_str),
+        ev.client_ip.as_deref().map(mask_str),
         meta,
         extra,
     ])?;

@@ -88,12 +88,18 @@ def test_each_kind_of_tampering_is_found_where_it_happened(
         assert code == 1, (name, out)
         assert out.startswith(f"broken at {files[index]}:{line}: "), (name, out)
 
-    # The last line cut short (a truncation, or a crash the writer has not repaired yet).
+    # The last line cut short: what a crash mid-write leaves (the writer acknowledges it
+    # with a restart record when it next writes); reported, not a break.
     path, files = fresh("truncate")
     data = files[-1].read_bytes()
     files[-1].write_bytes(data[:-40])
     code, out = verify(path, capsys=capsys)
-    assert code == 1 and out.startswith(f"broken at {files[-1]}:{len(lines(files[-1]))}: "), out
+    n = len(lines(files[-1]))
+    assert code == 0 and f"{files[-1]}:{n} ends with an incomplete line" in out, out
+    # Cut short but with its newline kept: no crash leaves that, so it is a break.
+    files[-1].write_bytes(data[:-40] + b"\n")
+    code, out = verify(path, capsys=capsys)
+    assert code == 1 and out.startswith(f"broken at {files[-1]}:{n}: "), out
     assert "incomplete" in out
 
     # A whole rotated file removed from the middle.

@@ -147,7 +147,8 @@ def test_fanout_checks_its_input_like_a_writer(tmp_path: Path) -> None:
     fan.close()
     assert not fan.log("ok")  # closed: dropped, no error
     assert fan.stats() == {"enqueued": 2, "written": 4, "dropped": 1, "paused_dropped": 0,
-                           "write_errors": 0, "failed": 0, "queue_depth": 0}  # fmt: skip
+                           "write_errors": 0, "failed": 0, "queue_depth": 0,
+                           "refusals_suppressed": 0, "refusal_summaries": 0}  # fmt: skip
     assert a.stats() == b.stats() == {"written": 2, "failed": 0, "write_errors": 0,
                                       "paused_dropped": 0}  # fmt: skip
 

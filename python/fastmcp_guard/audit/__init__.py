@@ -5,7 +5,13 @@ Every call the guard sees ends in exactly one event whose ``status`` is one of
 Key lifecycle actions add ``created``, ``rotated`` and ``revoked`` events. Fields:
 ``ts`` (RFC 3339, UTC), ``key_id``, ``key_name``, ``tool``, ``scopes``,
 ``duration_ms``, ``status``, ``error``, ``input_args``, ``output_preview``,
-``client_ip``, ``metadata``. Tokens never appear.
+``client_ip``, ``metadata``. Tokens never appear: as a last line of defence the core
+masks anything token-shaped in every field of every backend (``fmg_sk_<id>_***``; 0.2's
+tokens ``fmg_sk_<hex>.***``).
+
+Refusals made before there is an identity go through :meth:`AuditLog.log_refusal`,
+which aggregates a flood into one summary event per client address (an IPv6 /64),
+status and reason per minute, with a ``count``: a flood costs counts, not disk.
 
 The request path only enqueues (about a microsecond); a Rust thread batches the
 events into the file and flushes at most ``flush_interval_ms`` later, on
@@ -69,7 +75,10 @@ class FileBackend:
         chain: end every line with ``"id"`` (a unique, time-ordered event id) and
             ``"chain"`` (a BLAKE3 hash linking it to the line before), so that
             ``fastmcp-guard audit verify`` finds edited, deleted, inserted or reordered
-            lines. The chain continues across rotation and restarts.
+            lines. The chain continues across rotation and restarts. A line cut short
+            by a crash is acknowledged, when the writer next appends, by a chained
+            restart record (``"record": "restart"``, ``torn_bytes``, ``torn_blake3``);
+            an incomplete line anywhere else fails verification.
         chain_key: a secret (bytes or str) keying the chain hash. Without a key the
             chain detects accidental damage and naive edits only: whoever can edit the
             file can recompute it. With a key they also need the key.
@@ -127,6 +136,10 @@ class AuditLog:
             as ``"[redacted]"``: a bare name (``"password"``) at any depth, a dotted
             path (``"headers.authorization"``) from the top, ``*`` for any one key
             (``"*.token"``); lists are transparent; keys compare case-insensitively.
+        refusal_burst, refusal_interval_s, refusal_max_groups: how
+            :meth:`log_refusal` aggregates refusals made before there is an identity
+            (defaults: the first 5 per group per 60 s written one by one, at most 1024
+            groups per interval).
         on_failure: when an event cannot be recorded. ``"drop"`` (default): drop it,
             count it in :meth:`stats`, and log a warning on the ``fastmcp_guard.audit``
             logger at most every 10 s. ``"block"``: when the queue is full, wait up to
@@ -151,6 +164,9 @@ class AuditLog:
         output_preview_chars: int = 200,
         redact: Sequence[str] | None = None,
         on_failure: OnFailure = "drop",
+        refusal_burst: int = 5,
+        refusal_interval_s: float = 60.0,
+        refusal_max_groups: int = 1024,
     ) -> None:
         specs = list(backend) if isinstance(backend, (list, tuple)) else [backend]
         if not specs:
@@ -167,6 +183,9 @@ class AuditLog:
             )
         if isinstance(redact, str):
             raise ConfigError(f"redact must be a list of patterns, got the string {redact!r}")
+        self._refusals = _refusal_options(refusal_burst, refusal_interval_s, refusal_max_groups)
+        for b in resolved:
+            _check_backend(b)
         #: The first file / SQLite backend (what :attr:`path`, :meth:`query` and the CLI
         #: read), or the only backend.
         self.backend: Backend = next(
@@ -206,6 +225,7 @@ class AuditLog:
             "log_inputs": self.log_inputs,
             "log_outputs": self.log_outputs,
             "output_preview_chars": self.output_preview_chars,
+            **self._refusals,
         }
         opened: list[Any] = []  # closed again if a later one fails
         loggers: list[Any] = []  # what log() calls
@@ -287,6 +307,7 @@ class AuditLog:
         log.fail_closed = False
         log._writer = log._sqlite = None
         log._books = {}
+        log._refusals = _refusal_options(5, 60.0, 1024)
         log._targets = list(targets)
         log._loggers = list(targets)
         log._route()
@@ -329,8 +350,10 @@ class AuditLog:
         Python targets, OTel and metrics, as taps): no Python frame per event. Without
         one (OTel or metrics alone) the method below does that and fans out."""
         self.__dict__.pop("log", None)
+        self.__dict__.pop("log_refusal", None)
         if len(self._loggers) == 1 and isinstance(self._loggers[0], (AuditWriter, AuditFanout)):
             self.log = self._loggers[0].log  # type: ignore[method-assign]
+            self.log_refusal = self._loggers[0].log_refusal  # type: ignore[method-assign]
         self._log = self._loggers[0].log if len(self._loggers) == 1 else self._fan_out
 
     def _fan_out(self, *fields: Any) -> bool:
@@ -382,6 +405,41 @@ class AuditLog:
             status, key_id, key_name, tool, scopes, duration_ms, error,
             input_args, output_preview, client_ip, metadata, extra,
         )  # fmt: skip
+
+    def log_refusal(
+        self,
+        status: str,
+        *,
+        client_ip: str | None,
+        reason: str,
+        key_id: str = "",
+        error: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> bool:
+        """Record a refusal made before there is an identity (``unauthorized``,
+        ``ip_denied``, a throttled attempt), so that a flood of them costs counts, not
+        disk.
+
+        Refusals are grouped per (``status``, ``reason``, ``key_id``, client address; an
+        IPv6 address counts as its /64) and interval (``refusal_interval_s``). The first
+        ``refusal_burst`` of a group in an interval are written as usual events, with
+        ``reason`` as an extra field; the rest are counted, and when the interval ends
+        (also on :meth:`flush` and :meth:`close`) each group that had some is written as
+        one summary event: the group's ``status``, ``key_id`` and ``client_ip`` (the /64
+        for IPv6), the first counted refusal's ``error``, and the extra fields
+        ``reason``, ``summary: true``, ``count`` (the refusals it stands for) and
+        ``since`` (when the interval started). Past ``refusal_max_groups`` groups in an
+        interval, new addresses join one overflow group per (status, reason), written
+        with no address and ``overflow: true``. Written events plus the ``count`` of the
+        summaries equal the refusals logged. Targets that count (the guard's metrics)
+        see every refusal. ``key_id`` is the key id the token claimed (a real key's).
+
+        ``False`` only if the refusal was lost (queue full, log closed). When every
+        backend is written by the Rust core this is the core's own method.
+        """
+        fields = {"reason": reason, **{k: v for k, v in (extra or {}).items() if k != "reason"}}
+        return self._log(status, key_id, "", "", (), 0.0, error, None, None, client_ip, None,
+                         fields)  # fmt: skip
 
     async def write(self, record: Any) -> None:
         """fastmcp-guard 0.2 API: write a record object or dict with the event fields."""
@@ -545,6 +603,61 @@ def _resolve_backend(
             f"OTelBackend or a name, got {backend!r}"
         )
     return backend
+
+
+def _refusal_options(burst: Any, interval_s: Any, max_groups: Any) -> dict[str, int]:
+    """The core writers' ``refusal_*`` options, checked."""
+    if not _is_int(burst) or not 0 <= burst <= 1_000_000:
+        raise ConfigError(f"refusal_burst must be a whole number from 0 to 1000000, got {burst!r}")
+    if not _is_number(interval_s) or not 0.001 <= interval_s <= 3600:
+        raise ConfigError(
+            f"refusal_interval_s must be a number of seconds from 0.001 to 3600, got {interval_s!r}"
+        )
+    if not _is_int(max_groups) or not 1 <= max_groups <= 1_000_000:
+        raise ConfigError(
+            f"refusal_max_groups must be a whole number from 1 to 1000000, got {max_groups!r}"
+        )
+    return {"refusal_burst": burst, "refusal_interval_ms": max(1, round(interval_s * 1000)),
+            "refusal_max_groups": max_groups}  # fmt: skip
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+#: Bounds of the numeric options of the file and SQLite backends: name -> (low, high).
+#: Bounds of the whole-number options of the written backends: name -> (low, high).
+#: (``SQLiteBackend.retention_days`` is checked by the core: > 0 and at most 365,000.)
+_BACKEND_BOUNDS: dict[str, tuple[int, int]] = {
+    "queue_capacity": (1, 2**26),
+    "flush_interval_ms": (1, 60_000),
+    "rotate_bytes": (1, 2**40),
+    "retention": (0, 100_000),
+}
+
+
+def _check_backend(backend: Backend) -> None:
+    """Refuse a numeric backend option out of its bounds, naming it (the core would
+    refuse some with a bare overflow, and accept absurd others: a queue of 2**40 slots
+    is allocated up front)."""
+    if isinstance(backend, OTelBackend):
+        return
+    kind = type(backend).__name__
+    for name, (low, high) in _BACKEND_BOUNDS.items():
+        value = getattr(backend, name, None)
+        if value is None and name in ("rotate_bytes", "retention"):
+            continue
+        if not hasattr(backend, name):
+            continue
+        if not _is_int(value) or not low <= value <= high:
+            raise ConfigError(
+                f"{kind}({name}=...) must be a whole number from {low} to {high:,}, "
+                f"got {value!r}"
+            )
 
 
 def _options_error(make: Any) -> Any:

@@ -140,11 +140,18 @@ class HttpBackend:
         for name in ("spool_max_bytes", "spool_file_bytes", "batch_max", "batch_max_bytes"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"HttpBackend {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("timeout", "backoff_base", "backoff_cap", "poll_interval"):
-            if float(getattr(self, name)) <= 0:
-                raise ConfigError(f"HttpBackend {name} must be > 0 seconds")
-        if self.drain_timeout < 0:
-            raise ConfigError("HttpBackend drain_timeout must be >= 0 seconds")
+        # Durations: finite and bounded (NaN fails every comparison, so it is refused too).
+        for name, low, high in (("timeout", 0.0, 600.0), ("backoff_base", 0.0, 3600.0),
+                                ("backoff_cap", 0.0, 3600.0), ("poll_interval", 0.0, 60.0),
+                                ("drain_timeout", -1.0, 3600.0)):  # fmt: skip
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (ok and low < value <= high) or (name == "drain_timeout" and value < 0):
+                least = ">= 0" if name == "drain_timeout" else "> 0"
+                raise ConfigError(
+                    f"HttpBackend {name} must be a number of seconds {least} and at most "
+                    f"{high:g}, got {value!r}"
+                )
         if not 0 <= self.gzip_level <= 9:
             raise ConfigError(f"HttpBackend gzip_level must be 0..9, got {self.gzip_level}")
         if self.ca_file is not None:

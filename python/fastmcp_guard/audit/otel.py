@@ -16,7 +16,9 @@ decision it:
   opens one, a key lifecycle event), records a short span of its own,
   ``fastmcp_guard <status>``, so the event is not lost.
 
-Tokens never reach it: the audit fields carry key ids and names only.
+Tokens never reach it: the audit fields carry key ids and names only, and as a last
+line of defence every string it sets goes through the core's token mask, as audit lines
+do (``fmg_sk_<id>_***``; :func:`fastmcp_guard._core.mask_tokens`).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class OTelEmitter:
         self._tracer = trace.get_tracer(backend.tracer_name)
         from fastmcp_guard._core import JsonText
 
-        self._json = JsonText(list(redact) or None)
+        self._json = JsonText(list(redact) or None)  # masks tokens, as audit lines do
         self._emitted = 0
 
     # -- the audit target interface (AuditLog fans out to it) ---------------------------
@@ -92,26 +94,27 @@ class OTelEmitter:
                 return True  # not sampled: nothing to build
             span = own
         p = ATTRIBUTE_PREFIX
-        span.set_attributes({f"{p}decision": status, f"{p}key_id": key_id,
-                             f"{p}key_name": key_name, f"{p}scopes": list(scopes)})  # fmt: skip
+        span.set_attributes({f"{p}decision": status, f"{p}key_id": _masked(key_id),
+                             f"{p}key_name": _masked(key_name),
+                             f"{p}scopes": [_masked(s) for s in scopes]})  # fmt: skip
         event: dict[str, Any] = {
             f"{p}decision": status,
-            f"{p}tool": tool,
+            f"{p}tool": _masked(tool),
             f"{p}duration_ms": float(duration_ms),
         }
         if error:
-            event[f"{p}error"] = self._cut(error)
+            event[f"{p}error"] = self._cut(_masked(error))
         if client_ip:
-            event[f"{p}client_ip"] = client_ip
+            event[f"{p}client_ip"] = _masked(client_ip)
         if input_args is not None:
             event[f"{p}input_args"] = self._cut(self._json(input_args))
         if output_preview is not None:
-            event[f"{p}output_preview"] = self._cut(output_preview)
+            event[f"{p}output_preview"] = self._cut(_masked(output_preview))
         if metadata:
             event[f"{p}metadata"] = self._cut(self._json(metadata))
         for k, v in (extra or {}).items():
             if isinstance(v, (str, bool, int, float)):
-                event.setdefault(p + k, v)
+                event.setdefault(_masked(p + k), _masked(v) if isinstance(v, str) else v)
         if f"{p}retry_after" in event:
             span.set_attribute(f"{p}retry_after", event[f"{p}retry_after"])
         # The span's status is left to FastMCP: a refusal is the client's fault, and
@@ -135,5 +138,15 @@ class OTelEmitter:
         return True
 
     def _cut(self, text: str) -> str:
+        # Cut after masking: a cut through a token would leave part of its secret.
         limit = self.backend.max_attribute_chars
         return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _masked(text: str) -> str:
+    """``text`` with tokens masked (one substring test when there are none)."""
+    if "fmg_sk_" not in text:
+        return text
+    from fastmcp_guard._core import mask_tokens
+
+    return mask_tokens(text)

@@ -6,8 +6,10 @@ dependencies (the key store, rich) inside the command, so ``fastmcp-guard keys
 create`` starts without importing FastMCP.
 
 Exit codes: 0 ok; 1 not found or refused (unknown key, revoked key, declined
-confirmation, unreachable store); 2 usage or bad input (bad option, duration, rate,
-URL, config value). Errors are one line on stderr: ``fastmcp-guard: error: ...``.
+confirmation, unreachable store), or a broken installation (the Rust extension
+``fastmcp_guard._core`` cannot be loaded: reinstall, or ``make build-dev`` in a source
+checkout); 2 usage or bad input (bad option, duration, rate, URL, config value, unknown
+``FASTMCP_GUARD_*`` variable). Errors are one line on stderr: ``fastmcp-guard: error: ...``.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ def build_parser() -> GuardArgumentParser:
 
     parser = GuardArgumentParser(
         prog=PROG,
-        description="The operations CLI of fastmcp-guard: manage the API keys and see the "
-        "configuration of a guarded FastMCP server.",
+        description="The operations CLI of fastmcp-guard: manage the API keys (keys),\n"
+        "follow, search, export and verify the audit log (audit), see and reset live\n"
+        "rate limits (rate), serve a FastMCP server under the guard (run), and show the\n"
+        "configuration (config).",
         epilog=_EPILOG,
         parents=[COMMON],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -61,6 +65,10 @@ def build_parser() -> GuardArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    problem = _core_problem()
+    if problem is not None:
+        error(problem)
+        return 1
     try:
         parser = build_parser()
         if not (sys.argv[1:] if argv is None else argv):
@@ -92,6 +100,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_main() -> None:
     """Console-script entry point (``fastmcp-guard``)."""
     sys.exit(main())
+
+
+def _core_problem() -> str | None:
+    """Why the Rust extension cannot be loaded (one line saying what to do), or ``None``.
+
+    Every command needs it, and so does the error handling (the exception classes live
+    there): without this check a broken install or a rebuild in progress shows two
+    tracebacks."""
+    try:
+        import fastmcp_guard._core  # noqa: F401 - loading it is the check
+    except ImportError as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return (
+            f"the fastmcp-guard extension module (fastmcp_guard._core) cannot be loaded: "
+            f"{reason}; reinstall fastmcp-guard (pip install --force-reinstall "
+            "fastmcp-guard), or in a source checkout rebuild it with `make build-dev` "
+            "(wait for a rebuild in progress to finish)"
+        )
+    return None
 
 
 def _user_error_code(exc: BaseException) -> int | None:

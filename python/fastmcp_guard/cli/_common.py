@@ -10,6 +10,7 @@ import argparse
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +28,10 @@ __all__ = [
     "add_command",
     "add_group",
     "attach_audit",
+    "bounded_int",
     "cli_config",
     "parse_duration",
+    "parse_instant",
     "store_exists",
     "want_json",
 ]
@@ -163,7 +166,7 @@ def cli_config(args: argparse.Namespace, **settings: Any) -> GuardConfig:
                             config_file=config_file)  # fmt: skip
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE | re.ASCII)
 _UNITS = {
     "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0,
     "m": 60.0, "min": 60.0, "minute": 60.0, "minutes": 60.0,
@@ -172,23 +175,106 @@ _UNITS = {
     "w": 604800.0, "week": 604800.0, "weeks": 604800.0,
 }  # fmt: skip
 
+#: The longest duration any option takes: 36500 days (100 years). Key expiries, grace
+#: periods and ``--since 30d`` all fit; beyond it a date would leave what the store, the
+#: audit scanner and Python's ``datetime`` can hold.
+MAX_DURATION_DAYS = 36500
+MAX_DURATION_SECONDS = MAX_DURATION_DAYS * 86400.0
 
-def parse_duration(text: str, *, bare_unit: str, option: str, allow_zero: bool) -> float:
+
+def parse_duration(
+    text: str,
+    *,
+    bare_unit: str,
+    option: str,
+    allow_zero: bool,
+    maximum: float = MAX_DURATION_SECONDS,
+) -> float:
     """Seconds in ``30d``, ``12h``, ``90m``, ``45s``, ``2w``; a bare number is in ``bare_unit``.
 
-    Raises :class:`UsageError` naming the option for anything else (``3x``, ``-1``...).
+    The result is finite, at least 0 (more than 0 unless ``allow_zero``) and at most
+    ``maximum`` seconds (default :data:`MAX_DURATION_SECONDS`). Raises :class:`UsageError`
+    naming the option for anything else (``3x``, ``-1``, ``99999999d``...).
     """
     match = _DURATION.match(text)
     unit = match.group(2).lower() if match else ""
     if match is None or (unit and unit not in _UNITS):
         raise UsageError(
-            f"argument {option}: bad duration {text!r}; expected a number of {bare_unit}s "
+            f"argument {option}: bad duration {_shown(text)}; expected a number of {bare_unit}s "
             "or a number with a unit s, m, h, d or w (e.g. 30d, 12h, 90m)"
         )
     seconds = float(match.group(1)) * _UNITS[unit or bare_unit]
     if seconds == 0 and not allow_zero:
-        raise UsageError(f"argument {option}: the duration must be more than 0, got {text!r}")
+        raise UsageError(f"argument {option}: the duration must be more than 0, got {_shown(text)}")
+    if not seconds <= maximum:  # also refuses inf (a number too long for a float)
+        raise UsageError(
+            f"argument {option}: the duration {_shown(text)} is too long; the most is "
+            f"{_human_seconds(maximum)}"
+        )
     return seconds
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """``text`` quoted for a message, cut to ``limit`` characters (one line, whatever the
+    input)."""
+    text = text.strip()
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _human_seconds(seconds: float) -> str:
+    days = seconds / 86400.0
+    if days >= 1 and days == int(days):
+        return f"{int(days)}d"
+    return f"{seconds:g}s"
+
+
+#: What ``--since`` / ``--until`` may name: UTC instants within years 1 to 9999 (the
+#: audit scanner's range), a day kept clear of each end for time zone offsets.
+_MIN_INSTANT = -62135510400.0  # 0001-01-02T00:00:00Z
+_MAX_INSTANT = 253402128000.0  # 9999-12-30T00:00:00Z
+
+
+def parse_instant(text: str, *, option: str, now: float | None = None) -> float:
+    """Unix seconds of ``1h`` / ``7d`` (that long ago; a bare number is seconds) or of an
+    ISO 8601 time (naive = UTC), within years 1 to 9999. Raises :class:`UsageError`
+    naming the option for anything else."""
+    from datetime import datetime, timezone
+
+    text = text.strip()
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        seconds = parse_duration(text, bare_unit="second", option=option, allow_zero=True)
+        return (time.time() if now is None else now) - seconds
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    try:
+        stamp = when.timestamp()
+    except (OverflowError, ValueError):
+        stamp = float("nan")
+    if not _MIN_INSTANT <= stamp <= _MAX_INSTANT:
+        raise UsageError(
+            f"argument {option}: {_shown(text)} is out of range; give a time between years 1 and "
+            "9999, or a duration ago such as 7d"
+        )
+    return stamp
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type`` for an integer from ``low`` to ``high`` (ASCII digits)."""
+
+    def parse(text: str) -> int:
+        t = text.strip()
+        digits = t.removeprefix("-")
+        if not (0 < len(digits) <= 30 and digits.isascii() and digits.isdigit()):
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {_shown(text)}")
+        value = int(t)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high:,}, got {_shown(text)}")
+        return value
+
+    parse.__name__ = "integer"  # how argparse names the type in messages
+    return parse
 
 
 def store_exists(config: GuardConfig) -> bool:

@@ -31,8 +31,9 @@ from fastmcp_guard.cli._common import (
     UsageError,
     add_command,
     add_group,
+    bounded_int,
     cli_config,
-    parse_duration,
+    parse_instant,
     want_json,
 )
 from fastmcp_guard.cli._output import print_json, print_table, say, warn
@@ -54,6 +55,8 @@ examples:
 
 #: Rows shown by a human-readable ``query`` unless ``--limit`` says otherwise.
 _TABLE_ROWS = 100
+#: The most ``--limit`` / ``--lines`` take (more than any log holds).
+_MAX_ROWS = 2**62
 _STATUS_COLOURS = {"ok": "green", "error": "red", "rate_limited": "yellow",
                    "unauthorized": "red", "forbidden": "red", "ip_denied": "red"}  # fmt: skip
 
@@ -72,14 +75,15 @@ def register(subparsers: Any) -> None:
     group.add_argument("--until", help="before this time: 1h, 7d ago, or ISO 8601")
 
     tail = add_command(commands, "tail", epilog=_EPILOG, help="the latest events; -f follows")
-    tail.add_argument("-n", "--lines", type=int, default=20, help="events shown first (20)")
+    tail.add_argument("-n", "--lines", type=bounded_int(0, _MAX_ROWS), default=20,
+                      help="events shown first (20)")  # fmt: skip
     tail.add_argument("-f", "--follow", action="store_true",
                       help="keep printing new events (survives log rotation)")  # fmt: skip
     tail.set_defaults(func=_tail)
 
     query = add_command(commands, "query", parents=[filters], epilog=_EPILOG,
                         help="events matching filters (oldest first for JSONL)")  # fmt: skip
-    query.add_argument("--limit", type=int,
+    query.add_argument("--limit", type=bounded_int(0, _MAX_ROWS),
                        help=f"at most this many (table default {_TABLE_ROWS}; --json: all)")  # fmt: skip
     query.set_defaults(func=_query)
 
@@ -153,10 +157,8 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _query(args: argparse.Namespace) -> int:
-    if args.limit is not None and args.limit < 0:
-        raise UsageError(f"argument --limit: must be >= 0, got {args.limit}")
+    filters = _filters(args)  # bad input is a usage error (2), whether or not there is a log
     target = _target(args)
-    filters = _filters(args)
     if want_json(args):
         if target.kind == "sqlite":
             for rec in _sqlite_records(target.path or "", filters, args.limit):
@@ -184,8 +186,8 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    target = _target(args)
     filters = _filters(args)
+    target = _target(args)
     from fastmcp_guard._core import audit_scan
 
     out: Any = sys.stdout.buffer if args.out == "-" else args.out
@@ -213,8 +215,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _tail(args: argparse.Namespace) -> int:
-    if args.lines < 0:
-        raise UsageError(f"argument --lines: must be >= 0, got {args.lines}")
     target = _target(args)
     path = target.path or ""
     emit = _emitter(want_json(args))
@@ -285,7 +285,11 @@ def _verify(args: argparse.Namespace) -> int:
         say(f"  {report['unchained']} earlier lines carry no chain (written before it was "
             "on) and were not checked")  # fmt: skip
     if report["torn"]:
-        say(f"  {report['torn']} torn lines (incomplete writes the writer ended) were skipped")
+        say(f"  {report['torn']} incomplete lines (writes cut short by a crash) were skipped: "
+            "each acknowledged by the restart record after it, or at the end of a file")  # fmt: skip
+    for place in report["torn_at_end"]:
+        say(f"  {place} ends with an incomplete line (a crash while writing; the writer "
+            "acknowledges it with a restart record when it next writes there)")  # fmt: skip
     if key is None:
         say("  no chain key: this detects accidental damage and naive edits, not an "
             "attacker who recomputes the chain")  # fmt: skip
@@ -451,17 +455,7 @@ def _sqlite_records(
 
 def _instant(text: str | None, option: str) -> float | None:
     """Unix seconds of ``1h`` / ``7d`` (ago) or an ISO 8601 time (naive = UTC)."""
-    if text is None:
-        return None
-    text = text.strip()
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        seconds = parse_duration(text, bare_unit="second", option=option, allow_zero=True)
-        return time.time() - seconds
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.timestamp()
+    return None if text is None else parse_instant(text, option=option)
 
 
 def _iso_ms(seconds: float) -> str:
