@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     )
     from fastmcp_guard.guard import Guard
     from fastmcp_guard.ip import IPPolicy
-    from fastmcp_guard.keys import APIKey, ApiKey, KeyStatus, KeyStore
+    from fastmcp_guard.keys import APIKey, ApiKey, KeyStatus, KeyStore, VerifyLimits
     from fastmcp_guard.rate import RateLimit, RateLimitExceeded, rate_limit
 
 #: Public name -> the module that defines it.
@@ -59,6 +59,7 @@ _LAZY: dict[str, str] = {
     "ApiKey": "fastmcp_guard.keys",
     "KeyStatus": "fastmcp_guard.keys",
     "KeyStore": "fastmcp_guard.keys",
+    "VerifyLimits": "fastmcp_guard.keys",
     "RateLimit": "fastmcp_guard.rate",
     "RateLimitExceeded": "fastmcp_guard.rate",
     "rate_limit": "fastmcp_guard.rate",
@@ -83,6 +84,7 @@ __all__ = [
     "RateLimit",
     "RateLimitExceeded",
     "SQLiteBackend",
+    "VerifyLimits",
     "__version__",
     "rate_limit",
 ]

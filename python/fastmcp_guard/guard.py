@@ -17,6 +17,7 @@ from fastmcp_guard._util import os_user
 from fastmcp_guard.audit import AuditLog
 from fastmcp_guard.config import GuardConfig
 from fastmcp_guard.errors import ConfigError, GuardError
+from fastmcp_guard.http import mask_server_logs
 from fastmcp_guard.ip import IPPolicy
 from fastmcp_guard.keys import KeyStore
 from fastmcp_guard.keys.verifier import GuardTokenVerifier, access_token_for
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 __all__ = ["ENV_KEY", "Guard"]
 
 _log = logging.getLogger("fastmcp_guard")
+
+#: Refusal reasons where the claimed key id names no key (not recorded as the key id).
+_NO_SUCH_KEY = frozenset({"unknown_key", "malformed"})
 
 #: Environment variable holding the key that identifies stdio / in-process callers.
 ENV_KEY = "FASTMCP_GUARD_KEY"
@@ -176,6 +180,7 @@ class Guard:
             self.verifier = GuardTokenVerifier(self, fallback=existing)
         if self.verifier is not None:
             mcp.auth = self.verifier
+        mask_server_logs()
         self.middleware = GuardMiddleware(self)
         if admin_routes:
             from fastmcp_guard.admin import install_admin_routes
@@ -230,13 +235,16 @@ class Guard:
         path: str | None = None,
     ) -> None:
         """Record a refusal made before there is an identity (``unauthorized``,
-        ``forbidden``, ``ip_denied``, ``throttled``), attributed to the key id the token
-        claimed, if any."""
-        if self.audit is not None:
-            self.audit.log(
-                status, key_id=key_id, client_ip=client_ip, error=error,
-                extra={"reason": reason, "path": path},
-            )  # fmt: skip
+        ``forbidden``, ``ip_denied``; a throttled token as ``rate_limited``, as its 429
+        says), attributed to the key id the token claimed when that key exists, so that
+        ``audit query --key <id>`` shows the attacks on it. Aggregated per address,
+        status, reason and key id by the audit log: a flood costs counts, not disk."""
+        if self.audit is None:
+            return
+        if reason in _NO_SUCH_KEY:
+            key_id = ""  # an id nobody holds: attacker-chosen, it must not split groups
+        self.audit.log_refusal(status, client_ip=client_ip, reason=reason, key_id=key_id,
+                               error=error, extra=None if path is None else {"path": path})  # fmt: skip
 
     def http_middleware(self) -> list[Any]:
         """The guard's HTTP layer as Starlette middleware, for an app built by hand

@@ -26,12 +26,15 @@ It is pure ASGI (no Starlette request objects) to keep the per-request cost low.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastmcp.server.auth import TokenVerificationError
+
+from fastmcp_guard._core import mask_tokens
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -52,6 +55,7 @@ __all__ = [
     "admit",
     "client_of",
     "current_request_state",
+    "mask_server_logs",
     "verify_bearer",
 ]
 
@@ -61,6 +65,32 @@ CLIENT_IP_STATE = "fastmcp_guard_client_ip"
 ADMIN_SOCKET_STATE = "fastmcp_guard_admin_socket"
 #: The client address recorded for a request over the local admin socket.
 ADMIN_SOCKET_CLIENT = "unix:admin-socket"
+
+
+class _MaskTokens(logging.Filter):
+    """Masks anything shaped like a token in a log record (the audit log's own masking,
+    :func:`fastmcp_guard._core.mask_tokens`): a token sent where it does not belong (a
+    URL's query string) must not land in the server's access log either."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "fmg_sk_" in record.msg:
+            record.msg = mask_tokens(record.msg)
+        args = record.args
+        if isinstance(args, tuple) and any(isinstance(a, str) and "fmg_sk_" in a for a in args):
+            record.args = tuple(mask_tokens(a) if isinstance(a, str) else a for a in args)
+        return True
+
+
+#: The loggers of the HTTP server that can echo what a client sent.
+_SERVER_LOGGERS = ("uvicorn.access", "uvicorn.error")
+
+
+def mask_server_logs() -> None:
+    """Put the token mask on the HTTP server's loggers (idempotent)."""
+    for name in _SERVER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _MaskTokens) for f in logger.filters):
+            logger.addFilter(_MaskTokens())
 
 
 class TokenThrottled(TokenVerificationError):
@@ -235,7 +265,7 @@ class GuardASGIMiddleware:
             try:
                 await self.app(scope, receive, send_and_audit)
             except TokenThrottled as exc:
-                guard._refused("throttled", client_ip, req.reason or "throttled",
+                guard._refused("rate_limited", client_ip, req.reason or "throttled",
                                key_id=req.key_id, error=str(exc), path=path)  # fmt: skip
                 if started:
                     raise

@@ -16,7 +16,7 @@ import anyio.to_thread
 from fastmcp.server.auth import AccessToken, AuthProvider, TokenVerificationError, TokenVerifier
 
 from fastmcp_guard._core import Identity, VerifyError
-from fastmcp_guard.http import GuardASGIMiddleware, current_request_state
+from fastmcp_guard.http import GuardASGIMiddleware, TokenThrottled, current_request_state
 
 if TYPE_CHECKING:
     from starlette.middleware import Middleware as ASGIMiddleware
@@ -105,6 +105,11 @@ class GuardTokenVerifier(TokenVerifier):
                 if state is not None:
                     state.refusal = str(exc)
                     state.reason = exc.reason
+                    state.key_id = exc.key_id or ""
+                if exc.reason == "throttled":
+                    # The token may be valid: 429 with Retry-After, never a 401 that
+                    # would tell its owner the key is bad.
+                    raise TokenThrottled(str(exc), exc.retry_after or 1.0) from None
                 if exc.reason in _UNAVAILABLE:
                     # Not a verdict on the token: the store or the hashing pool is
                     # unavailable. FastMCP's contract for this is TokenVerificationError;
