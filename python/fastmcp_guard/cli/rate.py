@@ -26,7 +26,6 @@ from contextlib import ExitStack
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from fastmcp_guard.admin import RATE_PATH
 from fastmcp_guard.cli._common import (
     UsageError,
     add_command,
@@ -186,7 +185,7 @@ def _reachable(base: str) -> None:
     """Raise :class:`ServerError` unless a guarded server answers at ``base`` (asked
     without credentials: a guard answers 401), before any key is issued for it."""
     try:
-        _request(base, "GET", RATE_PATH, None, None)
+        _request(base, "GET", "/_guard/rate", None, None)
     except ServerError as exc:
         if "HTTP 401" not in str(exc):
             raise
