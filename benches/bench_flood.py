@@ -423,8 +423,8 @@ def section_flood(args: argparse.Namespace, tmp: Path) -> list[list[str]]:
            "legit p50", "legit p99"], out, "lrlrrrrlrrrr")  # fmt: skip
     print("argon2 runs and store reads include the legitimate client's (its token's first use")
     print("hashes once; each cache refresh reads the record). Server CPU: % of one core over")
-    print("the flood. statuses: what the attackers got (the refusals are 401 until the HTTP")
-    print("layer answers a throttled verification with 429).")
+    print("the flood. statuses: what the attackers got (401: a verdict on the token; 429:")
+    print("throttled before hashing, with Retry-After). The attackers run on the same cores.")
     return summary
 
 
