@@ -28,9 +28,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import traceback
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from fastmcp.server.auth import TokenVerificationError
 
@@ -67,30 +70,75 @@ ADMIN_SOCKET_STATE = "fastmcp_guard_admin_socket"
 ADMIN_SOCKET_CLIENT = "unix:admin-socket"
 
 
+def _suspect(text: str) -> bool:
+    """Could ``text`` hold a token, literally, in another case, or percent-encoded?"""
+    folded = text.casefold()
+    return "fmg_sk" in folded or ("%" in text and "fmg" in folded)
+
+
+def _mask_text(text: str) -> str:
+    """``text`` with every token masked. Percent-encoding (a token sent in a query string
+    is logged as the client sent it, ``fmg_sk%5F...``) and case are undone first, so
+    the mask sees the token; such a text is logged decoded."""
+    if "%" in text:
+        for _ in range(3):  # double encoding too
+            decoded = unquote(text)
+            if decoded == text:
+                break
+            text = decoded
+    if "fmg_sk_" not in text:
+        text = _ANY_CASE_PREFIX.sub("fmg_sk_", text)
+    return mask_tokens(text)
+
+
+_ANY_CASE_PREFIX = re.compile("fmg_sk_", re.IGNORECASE)
+
+
 class _MaskTokens(logging.Filter):
-    """Masks anything shaped like a token in a log record (the audit log's own masking,
-    :func:`fastmcp_guard._core.mask_tokens`): a token sent where it does not belong (a
-    URL's query string) must not land in the server's access log either."""
+    """Masks anything shaped like a token in a log record, its arguments and its
+    traceback (the audit log's own masking, :func:`fastmcp_guard._core.mask_tokens`): a
+    token sent where it does not belong (a URL's query string, a tool argument echoed by
+    an exception) must not land in the server's log either."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and "fmg_sk_" in record.msg:
-            record.msg = mask_tokens(record.msg)
+        if isinstance(record.msg, str) and _suspect(record.msg):
+            record.msg = _mask_text(record.msg)
         args = record.args
-        if isinstance(args, tuple) and any(isinstance(a, str) and "fmg_sk_" in a for a in args):
-            record.args = tuple(mask_tokens(a) if isinstance(a, str) else a for a in args)
+        if isinstance(args, tuple) and any(isinstance(a, str) and _suspect(a) for a in args):
+            # Masked one by one: formatters such as uvicorn's unpack the tuple.
+            record.args = tuple(_mask_text(a) if isinstance(a, str) and _suspect(a) else a
+                                for a in args)  # fmt: skip
+        elif isinstance(args, dict) or (isinstance(args, tuple) and args):
+            message = record.getMessage()
+            if _suspect(message):
+                record.msg, record.args = _mask_text(message), ()
+        if record.exc_info and record.exc_info[1] is not None:
+            text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+            if _suspect(text):
+                # Rendered here, masked, and kept as text: the formatter appends it.
+                record.exc_info, record.exc_text = None, _mask_text(text)
+        elif record.exc_text and _suspect(record.exc_text):
+            record.exc_text = _mask_text(record.exc_text)
         return True
 
 
-#: The loggers of the HTTP server that can echo what a client sent.
-_SERVER_LOGGERS = ("uvicorn.access", "uvicorn.error")
+#: Loggers whose records can echo what a client sent: the mask is put on them (records
+#: created there) and on the handlers of FastMCP's and the root logger (records their
+#: children propagate, such as FastMCP's "Error calling tool" with its traceback).
+_SERVER_LOGGERS = ("uvicorn.access", "uvicorn.error", "uvicorn")
+_HANDLER_LOGGERS = ("fastmcp", "")
 
 
 def mask_server_logs() -> None:
-    """Put the token mask on the HTTP server's loggers (idempotent)."""
+    """Put the token mask on the HTTP server's and FastMCP's log output (idempotent)."""
     for name in _SERVER_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _MaskTokens) for f in logger.filters):
             logger.addFilter(_MaskTokens())
+    for name in _HANDLER_LOGGERS:
+        for handler in logging.getLogger(name or None).handlers:
+            if not any(isinstance(f, _MaskTokens) for f in handler.filters):
+                handler.addFilter(_MaskTokens())
 
 
 class TokenThrottled(TokenVerificationError):
