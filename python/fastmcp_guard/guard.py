@@ -188,7 +188,9 @@ class Guard:
             install_admin_routes(self)
         if self.metrics is not None:
             _install_metrics(self, self.metrics)
-        mcp.add_middleware(self.middleware)
+        # First in the chain: limits and audit see every call, other middleware's
+        # refusals included, and the stdio identity is in place before any check runs.
+        mcp.middleware.insert(0, self.middleware)
         # Flushes the audit log when the server's lifespan ends: an in-process
         # ``Client(mcp)`` session closing (0.2 wrote each line before answering, and its
         # users read the file right after), or an HTTP server stopping. FastMCP asks

@@ -12,10 +12,12 @@ key, or another verifier's client id), then the client address; on transports
 without HTTP (stdio, in-process) by the key in ``FASTMCP_GUARD_KEY`` if one was
 given, else as the local user.
 
-On transports without HTTP FastMCP applies no component ``auth`` check (stdio trusts
-its environment). When ``FASTMCP_GUARD_KEY`` gives the caller an identity, the guard
-applies the tools', resources' and prompts' checks to it as FastMCP does over HTTP:
-hidden from listings, refused when called, audited ``forbidden``.
+On stdio FastMCP applies no ``auth`` check (it trusts its environment). When
+``FASTMCP_GUARD_KEY`` gives the caller an identity, every request runs as that key and
+is not marked stdio while it runs, so FastMCP applies its own checks to it as over HTTP
+(component ``auth``, ``AuthMiddleware`` such as ``restrict_tag``, mounted servers):
+hidden from listings, refused when called, audited ``forbidden``. The guard's
+middleware is first in the chain, so other middleware's refusals are audited too.
 
 Over HTTP, when the guard's HTTP layer did not run for a request (the server has no
 auth provider for it to ride on, see :class:`~fastmcp_guard.Guard`), every MCP request
@@ -26,11 +28,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fastmcp import FastMCP
 from fastmcp.exceptions import AuthorizationError, NotFoundError
 from fastmcp.server.auth import AuthContext, run_auth_checks
+from fastmcp.server.context import _current_transport, reset_transport, set_transport
 from fastmcp.server.dependencies import get_access_token, get_http_request
 from fastmcp.server.middleware import Middleware
 from fastmcp.tools.base import ToolResult
@@ -43,8 +46,6 @@ from fastmcp_guard.http import CLIENT_IP_STATE, admit, client_of
 from fastmcp_guard.rate import RateLimitExceeded, tool_rate_of
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from fastmcp.server.auth import AccessToken
     from fastmcp.server.middleware import CallNext, MiddlewareContext
 
@@ -86,20 +87,37 @@ class GuardMiddleware(Middleware):
     async def on_request(
         self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]
     ) -> Any:
-        ip = self.guard.ip
-        if ip is not None:
+        guard = self.guard
+        try:
+            scope = get_http_request().scope
+        except RuntimeError:
+            # stdio / in-process: no address. With FASTMCP_GUARD_KEY, every request runs
+            # as that key, and FastMCP's own checks (component auth, AuthMiddleware,
+            # mounted servers, listings) apply to it as over HTTP: FastMCP skips them on
+            # stdio, so the request is not marked stdio while it runs.
+            if guard._local_token is None:
+                return await call_next(context)
+            user = (await guard._local_caller()).sdk_user
+            as_user = auth_context_var.set(user)
+            on_stdio = _current_transport.get() == "stdio"
+            transport = set_transport(cast("Any", None)) if on_stdio else None
             try:
-                scope = get_http_request().scope
-            except RuntimeError:
-                return await call_next(context)  # stdio / in-process: no address
+                return await call_next(context)
+            finally:
+                if transport is not None:
+                    reset_transport(transport)
+                auth_context_var.reset(as_user)
+        ip = guard.ip
+        if ip is not None:
+            # The IP policy, where the guard's HTTP layer did not run for this request.
             state = scope.get("state")
             if state is None or CLIENT_IP_STATE not in state:
                 client_ip = client_of(ip, scope)
                 refused = admit(ip, client_ip)
                 if refused is not None:
-                    self.guard._refused("ip_denied", client_ip, refused,
-                                        error=f"client address refused ({refused})",
-                                        path=scope.get("path"))  # fmt: skip
+                    guard._refused("ip_denied", client_ip, refused,
+                                   error=f"client address refused ({refused})",
+                                   path=scope.get("path"))  # fmt: skip
                     raise MCPError(INVALID_REQUEST, f"client address not allowed ({refused})")
         return await call_next(context)
 
@@ -123,51 +141,6 @@ class GuardMiddleware(Middleware):
             return Caller(key_id, key_id, claims.get("key_name", ""), token.scopes, meta, client_ip)
         # Another verifier's identity: limited and audited under its client id.
         return Caller(key_id, key_id, "", token.scopes, {"auth": "external"}, client_ip)
-
-    # -- listings: component checks for the local identity (stdio skips FastMCP's) -------
-
-    async def on_list_tools(
-        self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]
-    ) -> Any:
-        return await self._listed(context, call_next)
-
-    async def on_list_resources(
-        self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]
-    ) -> Any:
-        return await self._listed(context, call_next)
-
-    async def on_list_resource_templates(
-        self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]
-    ) -> Any:
-        return await self._listed(context, call_next)
-
-    async def on_list_prompts(
-        self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]
-    ) -> Any:
-        return await self._listed(context, call_next)
-
-    async def _listed(self, context: MiddlewareContext[Any], call_next: CallNext[Any, Any]) -> Any:
-        token = await self._local_token()
-        if token is None:
-            return await call_next(context)
-        reset = auth_context_var.set(AuthenticatedUser(token))
-        try:
-            listed: Sequence[Any] = await call_next(context)
-        finally:
-            auth_context_var.reset(reset)
-        return [c for c in listed if not await _refused_by_auth(c, token)]
-
-    async def _local_token(self) -> AccessToken | None:
-        """The access token of the ``FASTMCP_GUARD_KEY`` identity on a transport without
-        HTTP; ``None`` over HTTP (FastMCP checks there) or without such a key."""
-        if self.guard._local_token is None:
-            return None
-        try:
-            get_http_request()
-        except RuntimeError:
-            user = (await self.guard._local_caller()).sdk_user
-            return None if user is None else user.access_token
-        return None
 
     # -- the three guarded calls -------------------------------------------------------
 
@@ -220,22 +193,6 @@ class GuardMiddleware(Middleware):
         audit = guard.audit
         if metrics is not None and context.fastmcp_context is not None:
             await metrics.labels.learn(context.fastmcp_context.fastmcp, target)
-        if caller.sdk_user is not None:
-            # A local identity (FASTMCP_GUARD_KEY): FastMCP applies no auth check on
-            # stdio, so the guard does, as FastMCP would over HTTP.
-            component = await _component(context, kind, target)
-            if component is not None and await _refused_by_auth(
-                component, caller.sdk_user.access_token
-            ):
-                unknown = NotFoundError(f"Unknown {kind}: {target!r}")  # FastMCP's answer
-                if audit is not None:
-                    audit.log(
-                        "forbidden", key_id=caller.key_id, key_name=caller.key_name,
-                        tool=target, scopes=caller.scopes, error=str(unknown),
-                        input_args=arguments, client_ip=caller.client_ip,
-                        metadata=caller.metadata,
-                    )  # fmt: skip
-                raise unknown
         if audit is not None and audit.fail_closed and not audit.healthy():
             # Recorded if it can be: that attempt is also what notices a recovered sink.
             audit.log(
@@ -266,13 +223,8 @@ class GuardMiddleware(Middleware):
                     is_error=True,
                 )
             raise exc.as_mcp_error()
-        sdk_token = None if caller.sdk_user is None else auth_context_var.set(caller.sdk_user)
         if audit is None:
-            try:
-                return await call_next(context)
-            finally:
-                if sdk_token is not None:
-                    auth_context_var.reset(sdk_token)
+            return await call_next(context)
 
         start = time.perf_counter()
         finished = 0.0
@@ -299,8 +251,6 @@ class GuardMiddleware(Middleware):
             raise
         finally:
             finished = time.perf_counter()
-            if sdk_token is not None:
-                auth_context_var.reset(sdk_token)
             # Positional: AuditLog.log's order, the cheapest call into the core.
             audit.log(
                 status, caller.key_id, caller.key_name, target, caller.scopes,

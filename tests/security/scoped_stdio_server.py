@@ -3,10 +3,30 @@
 import os
 
 from fastmcp import FastMCP
-from fastmcp.server.auth import require_scopes
+from fastmcp.server.auth import require_scopes, restrict_tag
+from fastmcp.server.middleware.authorization import AuthMiddleware
 from fastmcp_guard import AuditLog, FileBackend, Guard, KeyStore
 
-mcp = FastMCP("stdio-scoped")
+# Tag-based auth (FastMCP's AuthMiddleware) and a mounted server's scoped tool too.
+mcp = FastMCP(
+    "stdio-scoped", middleware=[AuthMiddleware(auth=restrict_tag("admin", scopes=["write:data"]))]
+)
+
+
+@mcp.tool(tags={"admin"})
+def drop_database() -> str:
+    return "database dropped"
+
+
+child = FastMCP("child")
+
+
+@child.tool(auth=require_scopes("write:data"))
+def child_admin() -> str:
+    return "child admin ran"
+
+
+mcp.mount(child, namespace="kid")
 
 
 @mcp.tool

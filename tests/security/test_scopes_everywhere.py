@@ -49,18 +49,24 @@ async def test_stdio_applies_the_components_scopes_to_the_env_key(tmp_path: Path
         assert await client.list_resource_templates() == []
         assert await client.list_prompts() == []
         assert (await client.call_tool("read_data", {})).data == "data"
-        with pytest.raises(ToolError, match="Unknown tool"):
+        with pytest.raises(ToolError, match="Unknown tool|not authorized"):
             await client.call_tool("write_data", {"item": "x"})
-        with pytest.raises(Exception, match="Unknown resource|Resource not found"):
+        with pytest.raises(Exception, match="Unknown resource|Resource not found|not authorized"):
             await client.read_resource("secret://vault")
-        with pytest.raises(Exception, match="Unknown resource|Resource not found"):
+        with pytest.raises(Exception, match="Unknown resource|Resource not found|not authorized"):
             await client.read_resource("users://42/private")
-        with pytest.raises(Exception, match="Unknown prompt"):
+        with pytest.raises(Exception, match="Unknown prompt|not authorized"):
             await client.get_prompt("admin_prompt", {})
-    events = wait_for(tmp_path / "a.jsonl", 5)
+        # FastMCP's AuthMiddleware (restrict_tag) and a mounted server's checks too.
+        for name in ("drop_database", "kid_child_admin"):
+            result = await client.call_tool(name, {}, raise_on_error=False)
+            assert result.is_error and "ran" not in str(result.content), name
+            assert "dropped" not in str(result.content), name
+    events = wait_for(tmp_path / "a.jsonl", 7)
     assert [(e["tool"], e["status"]) for e in events] == [
         ("read_data", "ok"), ("write_data", "forbidden"), ("secret://vault", "forbidden"),
         ("users://42/private", "forbidden"), ("admin_prompt", "forbidden"),
+        ("drop_database", "forbidden"), ("kid_child_admin", "forbidden"),
     ]  # fmt: skip
     assert {e["key_id"] for e in events} == {reader.id}
 
@@ -74,7 +80,10 @@ async def test_stdio_with_a_writer_key_sees_and_calls_everything(tmp_path: Path)
                FASTMCP_GUARD_KEY=str(writer.token))  # fmt: skip
     transport = PythonStdioTransport(SERVER, env=env, python_cmd=sys.executable)
     async with Client(transport) as client:
-        assert {t.name for t in await client.list_tools()} == {"read_data", "write_data"}
+        assert {t.name for t in await client.list_tools()} == {
+            "read_data", "write_data", "drop_database", "kid_child_admin"}  # fmt: skip
+        assert (await client.call_tool("drop_database", {})).data == "database dropped"
+        assert (await client.call_tool("kid_child_admin", {})).data == "child admin ran"
         assert (await client.call_tool("write_data", {"item": "x"})).data == "wrote x"
         assert "the vault" in str(await client.read_resource("secret://vault"))
         assert len(await client.list_prompts()) == 1
