@@ -84,17 +84,20 @@ def make_server() -> Callable[..., tuple[FastMCP[Any], Guard]]:
 
 
 @asynccontextmanager
-async def serve_http(mcp: FastMCP[Any], host: str = "127.0.0.1") -> AsyncIterator[str]:
+async def serve_http(
+    mcp: FastMCP[Any], host: str = "127.0.0.1", *, proxy_headers: bool = False
+) -> AsyncIterator[str]:
     """Serve ``mcp`` over streamable HTTP on a free loopback port; yield its URL.
 
     Like ``fastmcp.utilities.tests.run_server_async``, but with uvicorn's own
     proxy-header handling off (it trusts ``X-Forwarded-For`` from 127.0.0.1 by
-    default), so that the guard sees the real TCP peer.
+    default), so that the guard sees the real TCP peer (``proxy_headers=True``: uvicorn's
+    default, for the tests of what that does).
     """
     port = find_available_port()
     task = asyncio.create_task(
         mcp.run_http_async(host=host, port=port, show_banner=False,
-                           uvicorn_config={"proxy_headers": False})
+                           uvicorn_config={"proxy_headers": proxy_headers})
     )  # fmt: skip
     try:
         deadline = asyncio.get_running_loop().time() + 10

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,9 @@ __all__ = [
     "RATE_RESET_PATH",
     "admin_socket_path",
     "install_admin_routes",
+    "socket_dir_problem",
+    "socket_problem",
+    "store_owner",
 ]
 
 #: Scope a key needs to use the admin routes.
@@ -80,6 +84,51 @@ def admin_socket_path(config: GuardConfig, port: int) -> Path:
             return path
     tag = hashlib.blake2b(str(config.keys.masked()).encode(), digest_size=6).hexdigest()
     return Path(tempfile.gettempdir()) / f"fastmcp-guard-{os.getuid()}" / f"admin-{tag}-{port}.sock"
+
+
+def socket_dir_problem(directory: Path, owner: int) -> str | None:
+    """Why a socket in ``directory`` could be swapped by someone else, or ``None``: the
+    directory must not be a symlink, and must be writable by nobody but ``owner`` (or
+    root) unless it is sticky (as ``/tmp``: others cannot rename what is not theirs)."""
+    try:
+        st = os.lstat(directory)
+    except OSError as exc:
+        return f"cannot read {directory} ({exc.strerror})"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{directory} is not a directory"
+    if st.st_uid not in (owner, 0):
+        return f"{directory} belongs to uid {st.st_uid}"
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        return f"{directory} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def socket_problem(path: Path, owner: int) -> str | None:
+    """Why the socket at ``path`` must not be trusted as the server's admin socket, or
+    ``None``: it must be a socket owned by ``owner`` (the key store's owner), closed to
+    other users (0600), in a directory nobody else can swap it in."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"cannot read {path} ({exc.strerror})"
+    if not stat.S_ISSOCK(st.st_mode):
+        return f"{path} is not a socket"
+    if st.st_uid != owner:
+        return f"{path} belongs to uid {st.st_uid}, not to the key store's owner (uid {owner})"
+    if st.st_mode & 0o077:
+        return f"{path} is open to other users (mode {stat.S_IMODE(st.st_mode):o})"
+    return socket_dir_problem(path.parent, owner)
+
+
+def store_owner(config: GuardConfig) -> int:
+    """The OS user the admin socket must belong to: the SQLite key store file's owner
+    (the server writes it), else this process's user."""
+    if config.keys.backend == "sqlite" and config.keys.path:
+        try:
+            return os.stat(config.keys.path).st_uid
+        except OSError:
+            pass
+    return os.getuid()
 
 
 #: The answer to a token where a key id belongs (nothing of it is echoed or recorded).

@@ -32,6 +32,9 @@ __all__ = ["ENV_KEY", "Guard"]
 
 _log = logging.getLogger("fastmcp_guard")
 
+#: Longest request path recorded in a refusal line (characters).
+_MAX_PATH = 256
+
 #: Refusal reasons where the claimed key id names no key (not recorded as the key id).
 _NO_SUCH_KEY = frozenset({"unknown_key", "malformed"})
 
@@ -248,6 +251,8 @@ class Guard:
             return
         if reason in _NO_SUCH_KEY:
             key_id = ""  # an id nobody holds: attacker-chosen, it must not split groups
+        if path is not None and len(path) > _MAX_PATH:
+            path = path[:_MAX_PATH] + "…"  # the client's text: 100 KB paths get through uvicorn
         self.audit.log_refusal(status, client_ip=client_ip, reason=reason, key_id=key_id,
                                error=error, extra=None if path is None else {"path": path})  # fmt: skip
 

@@ -62,6 +62,8 @@ __all__ = [
     "verify_bearer",
 ]
 
+_log = logging.getLogger("fastmcp_guard")
+
 #: Key under ``scope["state"]`` holding the resolved client address (set once per request).
 CLIENT_IP_STATE = "fastmcp_guard_client_ip"
 #: Key under ``scope["state"]``: the request came over the server's local admin socket.
@@ -245,6 +247,26 @@ class GuardASGIMiddleware:
     def __init__(self, app: ASGIApp, guard: Guard) -> None:
         self.app = app
         self.guard = guard
+        self._warned_proxy_headers = False
+
+    def _check_server_proxy_headers(self, scope: Scope, client_ip: str | None) -> None:
+        """Warn once when the HTTP server itself took the client address from
+        ``X-Forwarded-For`` (uvicorn does for peers in ``FORWARDED_ALLOW_IPS``, 127.0.0.1
+        by default): the address the guard judges is then whatever such a peer claims."""
+        ip = self.guard.ip
+        if ip is not None and ip.trusted_proxies:
+            return  # the guard reads the header itself: the server should not
+        xff = forwarded_for(scope)
+        if xff is None or client_ip is None or xff.rsplit(",", 1)[-1].strip() != client_ip:
+            return
+        self._warned_proxy_headers = True
+        _log.warning(
+            "the HTTP server took the client address %s from X-Forwarded-For (uvicorn does "
+            "for peers in FORWARDED_ALLOW_IPS, 127.0.0.1 by default): any such peer can "
+            "choose the address the guard's IP policy and budgets see. Serve with "
+            "uvicorn_config={'proxy_headers': False} and list real proxies in "
+            "trusted_proxies (fastmcp-guard run does the first)", client_ip,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -275,6 +297,8 @@ class GuardASGIMiddleware:
             return
         client_ip = client_of(guard.ip, scope)
         state[CLIENT_IP_STATE] = client_ip
+        if not self._warned_proxy_headers:
+            self._check_server_proxy_headers(scope, client_ip)
         refused = admit(guard.ip, client_ip)
         if refused is not None:
             guard._refused("ip_denied", client_ip, refused,

@@ -15,3 +15,9 @@ def echo(text: str) -> str:
 def add(a: int, b: int) -> int:
     """Add two numbers."""
     return a + b
+
+
+@mcp.tool
+def fail(text: str) -> str:
+    """Fail, echoing the text in the error (and so in the server's log)."""
+    raise ValueError(f"cannot handle {text}")

@@ -43,10 +43,12 @@ class Server:
         return {"FASTMCP_GUARD_URL": self.url}
 
 
-def start_server(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Server:
+def start_server(
+    cwd: Path, *args: str, env: dict[str, str] | None = None, port: int | None = None
+) -> Server:
     """``fastmcp-guard run server.py`` in ``cwd``, configured by ``args`` and ``env`` only."""
     shutil.copy(HERE / "plain_server.py", cwd / "server.py")
-    port = find_available_port()
+    port = port or find_available_port()
     settings = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTMCP_GUARD_")}
     env.update(settings)

@@ -7,9 +7,11 @@ the proxy's own address; admin actions recorded the proxy.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import httpx2 as httpx
+import pytest
 from fastmcp import Client, FastMCP
 from fastmcp.client.transports import StreamableHttpTransport
 from fastmcp_guard import AuditLog, FileBackend, Guard, IPPolicy, KeyStore
@@ -83,3 +85,31 @@ async def test_calls_and_admin_actions_record_the_resolved_address(tmp_path: Pat
     assert by_tool["admin:rate.status"]["client_ip"] == "203.0.113.9"
     assert by_tool["admin:rate.reset"]["client_ip"] == "203.0.113.9"
     assert "127.0.0.1" not in {e["client_ip"] for e in events}
+
+
+async def test_a_huge_path_is_cut_in_the_refusal_line(tmp_path: Path) -> None:
+    mcp, guard, audit_file = guarded(tmp_path, deny=["127.0.0.1"])
+    async with serve_http(mcp) as url, httpx.AsyncClient() as h:
+        resp = await h.get(url.rsplit("/mcp", 1)[0] + "/" + "a" * 60_000)
+    guard.close()
+    assert resp.status_code == 403
+    line = audit_file.read_text()
+    assert len(line) < 2_000
+    (denied,) = read_audit(audit_file)
+    assert denied["path"].startswith("/aaaa") and len(denied["path"]) <= 257
+
+
+async def test_a_server_taking_the_address_from_the_header_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn's own proxy handling (on by default for 127.0.0.1 peers) lets a local peer
+    pick the address the guard judges: the guard cannot undo it, so it says so, once."""
+    mcp = FastMCP("uvicorn-default")
+    guard = Guard(mcp, keys=KeyStore(), ip=IPPolicy(allow=["10.0.0.0/8"]))
+    caplog.set_level(logging.WARNING, logger="fastmcp_guard")
+    async with serve_http(mcp, proxy_headers=True) as url, httpx.AsyncClient() as h:
+        for _ in range(3):
+            await h.post(url, json=INIT, headers=[*HEADERS, ("x-forwarded-for", "10.1.2.3")])
+    guard.close()
+    warnings = [r for r in caplog.records if "took the client address" in r.getMessage()]
+    assert len(warnings) == 1 and "proxy_headers" in warnings[0].getMessage()

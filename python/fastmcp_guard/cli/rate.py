@@ -35,7 +35,7 @@ from fastmcp_guard.cli._common import (
     store_exists,
     want_json,
 )
-from fastmcp_guard.cli._output import print_json, print_table, say
+from fastmcp_guard.cli._output import print_json, print_table, say, warn
 
 if TYPE_CHECKING:
     from fastmcp_guard.config import GuardConfig
@@ -172,13 +172,20 @@ def _local_admin_socket(config: GuardConfig) -> str | None:
     """The admin socket of the server at ``config.url`` when it is on this machine."""
     from urllib.parse import urlsplit
 
-    from fastmcp_guard.admin import admin_socket_path
+    from fastmcp_guard.admin import admin_socket_path, socket_problem, store_owner
 
     url = urlsplit(config.url)
     if url.hostname not in _LOCAL_HOSTS or url.port is None:
         return None
     path = admin_socket_path(config, url.port)
-    return str(path) if path.is_socket() else None
+    if not path.is_socket():
+        return None
+    problem = socket_problem(path, store_owner(config))
+    if problem is not None:
+        # Someone else's socket (a squatter in a shared directory): never talk to it.
+        warn(f"ignoring the admin socket: {problem}")
+        return None
+    return str(path)
 
 
 def _reachable(base: str) -> None:

@@ -140,14 +140,19 @@ def _admin_socket(config: Any, guard: Any) -> Any:
     import os
     import socket
 
-    from fastmcp_guard.admin import admin_socket_path
+    from fastmcp_guard.admin import admin_socket_path, socket_dir_problem
 
     path = admin_socket_path(config, config.port)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        problem = socket_dir_problem(path.parent, os.getuid())
+        if problem is not None:
+            raise OSError(f"another user could swap it: {problem}")
         if path.exists() or path.is_symlink():
             if not path.is_socket():
                 raise OSError(f"{path} exists and is not a socket")
+            if path.lstat().st_uid != os.getuid():
+                raise OSError(f"{path} belongs to uid {path.lstat().st_uid}")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(str(path))
