@@ -1080,6 +1080,7 @@ impl PyKeyManager {
         d.set_item("proof_refreshes", s.proof_refreshes)?;
         d.set_item("negative_hits", s.negative_hits)?;
         d.set_item("proven_len", s.proven_len)?;
+        d.set_item("known_ids", s.known_ids)?;
         d.set_item("hash_memory_bytes", s.hash_memory_bytes)?;
         d.set_item(
             "hash_threads",

@@ -186,11 +186,14 @@ class VerifyLimits:
 
     Failed hash runs per ``failure_window_seconds``: ``max_failures`` per (client address,
     key id) (IPv6 counted per /64), ``key_failure_budget`` per key id across addresses
-    (past it, only first tries from addresses not failing for that key, at most as many
-    again), ``global_failure_budget`` on this server; ``unknown_key_budget`` store reads
-    that found no key per client address. Unknown key ids are remembered for
-    ``unknown_key_ttl_seconds``. A verification waits ``verify_wait_seconds`` for a hashing
-    thread before ``busy``. Tokens proven on this node are never throttled."""
+    (past it, only first tries from networks not failing for that key, at most as many
+    again), ``global_failure_budget`` on this server (past it, only first tries from
+    networks with no failure at all, at most as many again); a network is an IPv4 address
+    or an IPv6 /48. ``unknown_key_budget`` store reads that found no key per client
+    network: past it, ids not known to exist are refused before the store is read (ids
+    that exist never are). Unknown key ids are remembered for ``unknown_key_ttl_seconds``.
+    A verification waits ``verify_wait_seconds`` for a hashing thread before ``busy``.
+    Tokens proven on this node are never throttled."""
 
     def __new__(
         cls,
