@@ -338,6 +338,7 @@ class AuditWriter:
         refusal_burst: int = 5,
         refusal_interval_ms: int = 60000,
         refusal_max_groups: int = 1024,
+        refusal_max_lines: int = 1000,
     ) -> AuditWriter: ...
     @staticmethod
     def sqlite(
@@ -357,6 +358,7 @@ class AuditWriter:
         refusal_burst: int = 5,
         refusal_interval_ms: int = 60000,
         refusal_max_groups: int = 1024,
+        refusal_max_lines: int = 1000,
     ) -> AuditWriter:
         """Open (create, migrate; a fastmcp-guard 0.2 file is taken over) the SQLite
         audit database at ``path``. Raises :class:`AuditWriteError` naming the path.
@@ -409,13 +411,19 @@ class AuditWriter:
         """Log a refusal made before there is an identity, aggregated per (status,
         ``reason``, ``key_id``, client address; IPv6 per /64) and interval of
         ``refusal_interval_ms``: the first ``refusal_burst`` of a group are written as
-        usual lines (``reason`` among the extra fields); the others are counted, and one
-        summary event per group is written when the interval ends, on ``flush`` and on
-        ``close``: the group's status, key id and address (none for the overflow groups
-        past ``refusal_max_groups``), the first counted refusal's error, and the extra
-        fields ``reason``, ``summary`` (true), ``count`` (refusals it stands for),
-        ``since`` (when the interval started) and ``overflow`` (true, overflow groups
-        only). Taps see every refusal. ``False`` only if it was lost (queue full, writer
+        usual lines (``reason`` among the extra fields), at most ``refusal_max_lines``
+        across all groups per interval; the others are counted, and one summary event per
+        group is written when the interval ends, on ``flush`` and on ``close``: the
+        group's status, key id and address (none for the overflow groups past
+        ``refusal_max_groups``), the first counted refusal's error, and the extra fields
+        ``reason``, ``summary`` (true), ``count`` (refusals it stands for), ``since``
+        (when the interval started) and ``overflow`` (true, overflow groups only).
+
+        Every string given (``client_ip``, ``reason``, ``key_id``, ``error``, the keys
+        and values of ``extra``) is cut at 256 UTF-8 bytes (at a character boundary), in
+        the lines, the summaries and what taps see; an ``extra`` value that is not a
+        string and renders to more than 256 bytes of JSON is recorded as that JSON text,
+        cut. Taps see every refusal. ``False`` only if it was lost (queue full, writer
         closed or paused)."""
     def add_tap(self, tap: Callable[..., object]) -> None:
         """Also call ``tap(*fields)`` for every event after it is queued: the fields as
@@ -502,6 +510,7 @@ class AuditFanout:
         refusal_burst: int = 5,
         refusal_interval_ms: int = 60000,
         refusal_max_groups: int = 1024,
+        refusal_max_lines: int = 1000,
     ) -> AuditFanout: ...
     @property
     def sinks(self) -> list[AuditSink]: ...
