@@ -1,6 +1,6 @@
 """Floods of failed verifications (issue 10, findings 5, 6, 8, 9): memory, CPU, hash runs.
 
-    .venv/bin/python benches/bench_flood.py                       # about 8 minutes
+    .venv/bin/python benches/bench_flood.py                       # about 10 minutes
     .venv/bin/python benches/bench_flood.py --sections flood --duration 10
     .venv/bin/python benches/bench_flood.py --sections rss --rss-verifications 2000
 
@@ -27,13 +27,19 @@ uvicorn's proxy headers are off) posting MCP ``initialize`` as fast as they can:
 (0) no flood (the same measurements alone, for comparison);
 (a) wrong secrets for the victim's key id from one address (20 connections);
 (b) wrong secrets for the victim's key id from ``--addresses`` (100) addresses;
-(c) tokens naming made-up key ids (a new random id each request) from those addresses.
+(c) tokens naming made-up key ids (a new random id each request) from those addresses;
+(d) wrong secrets for 60 other key ids from one address (20 connections): the server's
+    budget of failed runs (600 a minute) is spent within seconds (probe finding 2);
+(e) made-up key ids from the legitimate client's own address, 127.0.0.1 (20
+    connections): a NAT or an office proxy shared with the attacker (probe finding 3).
 
 The legitimate client is a real ``fastmcp.Client`` from 127.0.0.1 holding the *victim's*
-token, calling a tool every 50 ms. It starts ``--legit-delay`` (5 s) into the flood, so
-its first call is a brand-new token of a key under attack (past the key's budget in (b)),
-and then keeps going: with the 5 s cache TTL each refresh re-reads the record, which for
-a proven token costs no argon2 and passes every budget. Per row: requests the attackers
+token, calling a tool every 50 ms. It starts ``--legit-delay`` (5 s; in (d) at least 15 s,
+once the server's budget is spent) into the flood, so its first call is a brand-new token
+of a key under attack (past the key's budget in (b), past the server's in (d), from an
+address past its unknown-id budget in (e)), and then keeps going: with the 5 s cache TTL
+each refresh re-reads the record, which for a proven token costs no argon2 and passes
+every budget. Per row: requests the attackers
 made and the statuses they got, argon2 runs and store reads (the server's counters),
 server CPU over the flood (utime + stime of the server process, % of one core), server
 RSS at the start and end of the flood, and the legitimate client's calls, success rate and
@@ -74,6 +80,7 @@ from tests.security._tokens import wrong_secret
 
 M_COST_BYTES = 19_456 * 1024  # the default argon2id memory cost
 KEY_BUDGET = 100  # the default failures per key id and minute
+GLOBAL_BUDGET = 600  # the default failed runs per server and minute
 BASELINE_REF = "63d67ff"  # main before issue 10: argon2 in the caller's thread
 BASE62 = string.digits + string.ascii_letters
 INIT = {
@@ -224,7 +231,7 @@ def baseline(ref: str) -> Path:
 # ---------------------------------------------------------------------------------------
 
 
-def serve(directory: Path, port: int, cache_ttl: float) -> int:
+def serve(directory: Path, port: int, cache_ttl: float, decoys: int) -> int:
     from fastmcp import FastMCP
     from fastmcp_guard import AuditLog, FileBackend, Guard, IPPolicy, KeyStore, RateLimit
 
@@ -238,7 +245,8 @@ def serve(directory: Path, port: int, cache_ttl: float) -> int:
     guard = Guard(mcp, keys=store, rate_limit=RateLimit(), ip=IPPolicy(),
                   audit=AuditLog(backend=FileBackend(directory / "audit.jsonl")))  # fmt: skip
     victim = guard.keys.create(name="victim")
-    (directory / "tokens.json").write_text(json.dumps({"victim": victim.token}))
+    others = [str(guard.keys.create(name=f"decoy {i}").token) for i in range(decoys)]
+    (directory / "tokens.json").write_text(json.dumps({"victim": victim.token, "decoys": others}))
 
     def on_term(signum: int, frame: Any) -> None:
         stats = dict(guard.keys.core.stats())
@@ -261,6 +269,7 @@ def free_port() -> int:
 class Server:
     directory: Path
     cache_ttl: float
+    decoys: int = 0
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[str] | None = None
 
@@ -268,11 +277,12 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/mcp"
 
-    def start(self) -> str:
+    def start(self) -> dict[str, Any]:
+        """Starts the server; its tokens: ``victim`` and the ``decoys``."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--serve", str(self.directory), "--port", str(self.port),
-             "--cache-ttl", str(self.cache_ttl)],
+             "--cache-ttl", str(self.cache_ttl), "--decoys", str(self.decoys)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=self.directory,
         )  # fmt: skip
         deadline = time.monotonic() + 30
@@ -286,7 +296,8 @@ class Server:
                 if time.monotonic() > deadline:
                     raise SystemExit("server did not listen") from None
                 time.sleep(0.05)
-        return str(json.loads((self.directory / "tokens.json").read_text())["victim"])
+        tokens: dict[str, Any] = json.loads((self.directory / "tokens.json").read_text())
+        return tokens
 
     def stop(self) -> dict[str, Any]:
         assert self.proc is not None
@@ -348,15 +359,23 @@ class Row:
     calls: list[tuple[bool, float]] = field(default_factory=list)
 
 
-async def flood(kind: str, server: Server, token: str, args: argparse.Namespace) -> Row:
+async def flood(kind: str, server: Server, issued: dict[str, Any], args: argparse.Namespace) -> Row:
     assert server.proc is not None
     pid = server.proc.pid
     rng = random.Random(7)
     counter = iter(range(10**9))
+    token = str(issued["victim"])
+    decoys = [str(t) for t in issued["decoys"]]
 
     def wrong() -> Any:
         while True:
             yield wrong_secret(token, next(counter))
+
+    def wrong_decoys() -> Any:
+        # 10 wrong secrets per key id (its per-address budget), key after key.
+        while True:
+            n = next(counter)
+            yield wrong_secret(decoys[n // 10 % len(decoys)], n)
 
     def unknown() -> Any:
         while True:
@@ -364,14 +383,17 @@ async def flood(kind: str, server: Server, token: str, args: argparse.Namespace)
 
     sources = {"a": ["127.0.0.2"] * 20,
                "b": [f"127.0.0.{2 + i}" for i in range(args.addresses)],
-               "c": [f"127.0.0.{2 + i}" for i in range(args.addresses)]}.get(kind, [])  # fmt: skip
-    tokens = unknown() if kind == "c" else wrong()
+               "c": [f"127.0.0.{2 + i}" for i in range(args.addresses)],
+               "d": ["127.0.0.2"] * 20,
+               "e": ["127.0.0.1"] * 20}.get(kind, [])  # fmt: skip
+    tokens = {"c": unknown, "d": wrong_decoys, "e": unknown}.get(kind, wrong)()
+    legit_delay = max(args.legit_delay, 15.0) if kind == "d" else args.legit_delay
     row = Row(kind)
     start = time.monotonic()
     until = start + args.duration
     cpu0, row.rss_start = cpu_seconds(pid), rss_bytes(pid)
     await asyncio.gather(
-        legit(server.url, token, start + args.legit_delay, until, row.calls),
+        legit(server.url, token, start + legit_delay, until, row.calls),
         *(attacker(server.url, s, tokens, until, row.statuses) for s in sources),
     )
     row.cpu_pct = 100 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - start)
@@ -388,13 +410,15 @@ def section_flood(args: argparse.Namespace, tmp: Path) -> list[list[str]]:
     labels = {"0": "(0) no flood",
               "a": "(a) wrong secrets, 1 address",
               "b": f"(b) wrong secrets, {args.addresses} addresses",
-              "c": f"(c) unknown key ids, {args.addresses} addresses"}  # fmt: skip
+              "c": f"(c) unknown key ids, {args.addresses} addresses",
+              "d": "(d) wrong secrets, 60 key ids, 1 address",
+              "e": "(e) unknown key ids, the client's own address"}  # fmt: skip
     rows: list[Row] = []
     for kind in args.rows:
-        server = Server(tmp / f"server-{kind}", args.cache_ttl)
-        token = server.start()
+        server = Server(tmp / f"server-{kind}", args.cache_ttl, decoys=60 if kind == "d" else 0)
+        issued = server.start()
         try:
-            row = asyncio.run(flood(kind, server, token, args))
+            row = asyncio.run(flood(kind, server, issued, args))
         finally:
             stats = server.stop()
         row.stats, row.label = stats, labels[kind]
@@ -418,6 +442,11 @@ def section_flood(args: argparse.Namespace, tmp: Path) -> list[list[str]]:
             runs = r.stats["argon2_runs"] - 1  # the legitimate token's first use
             summary.append([f"{r.label}: argon2 runs (attack)", f"<= {2 * KEY_BUDGET}",
                             f"{runs:,}", "met" if runs <= 2 * KEY_BUDGET else "NOT met"])  # fmt: skip
+        if r.label.startswith("(d)"):
+            runs = r.stats["argon2_runs"] - 1
+            bound = 2 * GLOBAL_BUDGET * max(1, int(-(-args.duration // 60)))
+            summary.append([f"{r.label}: argon2 runs (attack)", f"<= {bound:,}",
+                            f"{runs:,}", "met" if runs <= bound else "NOT met"])  # fmt: skip
     table(["row", "attack requests", "statuses", "argon2 runs", "store reads", "throttled",
            "server CPU", "server RSS (flood start -> end)", "legit calls", "legit success",
            "legit p50", "legit p99"], out, "lrlrrrrlrrrr")  # fmt: skip
@@ -435,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--sections", default="rss,flood", help="rss, flood or both (default)")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per flood row")
-    parser.add_argument("--rows", default="0abc", help="flood rows to run (default 0abc)")
+    parser.add_argument("--rows", default="0abcde", help="flood rows to run (default 0abcde)")
     parser.add_argument("--addresses", type=int, default=100, help="source addresses in (b), (c)")
     parser.add_argument("--legit-delay", type=float, default=5.0,
                         help="seconds into the flood of the legitimate client's first call")  # fmt: skip
@@ -449,10 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--decoys", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--rss-worker", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve is not None:
-        return serve(args.serve, args.port, args.cache_ttl)
+        return serve(args.serve, args.port, args.cache_ttl, args.decoys)
     if args.rss_worker is not None:
         return rss_worker(*args.rss_worker)
 

@@ -10,6 +10,11 @@
 //! chain), on (the default: `id` + BLAKE3 `chain` on every line), and on with a
 //! key; the chained file is verified after the run.
 //!
+//! The start of a `KeyManager` over a `SQLite` store of 100,000 keys is timed too: it
+//! reads every key id into memory (the set of known ids that the unknown-id budget
+//! consults), against the same store with one key. The keys are copies of one real key
+//! (one argon2id hash), each with its own id, inserted in one transaction.
+//!
 //! Flags (after `--`): `--quick` (smaller n), `--json PATH` (write the numbers
 //! as JSON for `benches/bench_guard.py`), `--queue N` (audit queue capacity,
 //! default the writer's own). Cargo passes `--bench`; it is ignored.
@@ -26,7 +31,7 @@ use _core::audit::{
 };
 use _core::hashing::Now;
 use _core::ipmatch::IpMatcher;
-use _core::keystore::{CacheLookup, KeyManager, ManagerOptions};
+use _core::keystore::{CacheLookup, KeyBackend, KeyManager, ManagerOptions, SqliteBackend};
 use _core::limiter::{parse_rate, Limiter};
 use _core::tokens;
 use serde_json::{json, Map, Value};
@@ -133,6 +138,74 @@ fn audit_run(
         bytes,
         lines,
     }
+}
+
+/// Median start time of a `KeyManager` over a `SQLite` store of one key and of 100,000
+/// keys, the time to read the 100,000 ids alone (ms), and how many ids it knew.
+fn key_store_start() -> (f64, f64, f64, usize) {
+    const KEYS: usize = 100_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = || ManagerOptions {
+        background_thread: false,
+        ..ManagerOptions::default()
+    };
+    let time_start = |path: &std::path::Path| {
+        let mut known = 0;
+        let ms = median(
+            (0..5)
+                .map(|_| {
+                    let t = Instant::now();
+                    let m = KeyManager::sqlite(path, opts()).expect("open key store");
+                    let ms = t.elapsed().as_secs_f64() * 1e3;
+                    known = m.stats().known_ids;
+                    m.close().expect("close");
+                    ms
+                })
+                .collect(),
+        );
+        (ms, known)
+    };
+    let one = dir.path().join("one.db");
+    let many = dir.path().join("many.db");
+    for path in [&one, &many] {
+        let m = KeyManager::sqlite(path, opts()).expect("create key store");
+        m.create("template", &[], None, Map::new())
+            .expect("create key");
+        m.close().expect("close");
+    }
+    {
+        let mut conn = rusqlite::Connection::open(&many).expect("open");
+        let tx = conn.transaction().expect("transaction");
+        {
+            let mut copy = tx
+                .prepare(
+                    "INSERT INTO fmg_keys (id, name, phc_hash, scopes, metadata, status, \
+                     created_at, revision) SELECT ?1, name, phc_hash, scopes, metadata, status, \
+                     created_at, revision FROM fmg_keys WHERE name = 'template'",
+                )
+                .expect("prepare");
+            for _ in 1..KEYS {
+                let (_, id) = tokens::generate().expect("generate token");
+                copy.execute([&id]).expect("insert");
+            }
+        }
+        tx.commit().expect("commit");
+    }
+    let (start_1, _) = time_start(&one);
+    let (start_many, known) = time_start(&many);
+    let backend = SqliteBackend::open(&many).expect("open");
+    let ids_ms = median(
+        (0..5)
+            .map(|_| {
+                let mut n = 0usize;
+                let t = Instant::now();
+                backend.for_each_label(&mut |_| n += 1).expect("read ids");
+                assert_eq!(n, KEYS);
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect(),
+    );
+    (start_1, start_many, ids_ms, known)
 }
 
 fn cpu_model() -> String {
@@ -269,6 +342,9 @@ fn main() {
     );
     km.close().ok();
 
+    // -- manager start over a SQLite store of 100,000 keys: the known ids are loaded ----
+    let (start_1_ms, start_100k_ms, ids_100k_ms, known_100k) = key_store_start();
+
     // -- audit: the parts of one event's cost, single-threaded -------------------------
     let template = typical_event();
     let build_ns = ns_per_op(n, || {
@@ -389,6 +465,21 @@ fn main() {
         "median of 200; record read, no argon2id",
     );
     row(
+        "KeyManager start, SQLite store of 1 key",
+        format!("{start_1_ms:.2} ms"),
+        "median of 5; open, migrations checked, ids read",
+    );
+    row(
+        "KeyManager start, SQLite store of 100,000 keys",
+        format!("{start_100k_ms:.1} ms"),
+        &format!("median of 5; {known_100k} known ids loaded"),
+    );
+    row(
+        "  of which: reading the 100,000 ids",
+        format!("{ids_100k_ms:.1} ms"),
+        "median of 5; SqliteBackend::for_each_label alone",
+    );
+    row(
         "audit: build one event (clone + Utc::now)",
         format!("{build_ns:.1} ns"),
         "producer side, alone",
@@ -449,6 +540,9 @@ fn main() {
             "cached_verify_ns": cached_ns,
             "full_verify_ms": argon_ms,
             "proven_refresh_us": refresh_us,
+            "manager_start_1_key_ms": start_1_ms,
+            "manager_start_100k_keys_ms": start_100k_ms,
+            "read_100k_key_ids_ms": ids_100k_ms,
             "audit_enqueue_ns": enq_ns,
             "audit_build_event_ns": build_ns,
             "audit_write_line_ns": ser_ns,

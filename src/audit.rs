@@ -69,7 +69,7 @@ pub use fan::{FanSink, SlotCounts, SlotLoss, SlotStats};
 pub use jsonl::{log_files, rotated_files, JsonlFileSink, JsonlOptions};
 pub use mask::{mask_str, mask_tokens};
 pub use redact::Redactor;
-pub use refusals::{Refusal, RefusalAggregator, RefusalCounts, RefusalOptions};
+pub use refusals::{cut_field, Refusal, RefusalAggregator, RefusalCounts, RefusalOptions};
 pub use sqlite::{query, AuditQuery, AuditRecord, SqliteSink, SQLITE_SCHEMA_VERSION};
 
 /// Errors of the audit module.

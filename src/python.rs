@@ -17,9 +17,9 @@ use serde_json::{Map, Value};
 use crate::audit::mask::{mask_str, mask_tail};
 use crate::audit::redact::{Cursor, Step, REDACTED};
 use crate::audit::{
-    is_reserved_field, write_json_str, write_line_parts, Admitted, AuditQuery, AuditRecord,
-    AuditWriter, ChainKey, FanSink, JsonlFileSink, JsonlOptions, LineHead, OnFull, Redactor,
-    Refusal, RefusalOptions, Sink, SlotStats, SqliteSink, Status, WriterOptions,
+    cut_field, is_reserved_field, write_json_str, write_line_parts, Admitted, AuditQuery,
+    AuditRecord, AuditWriter, ChainKey, FanSink, JsonlFileSink, JsonlOptions, LineHead, OnFull,
+    Redactor, Refusal, RefusalOptions, Sink, SlotStats, SqliteSink, Status, WriterOptions,
 };
 use crate::errors::{self, Exc};
 use crate::hashing::CachedKey;
@@ -1080,6 +1080,7 @@ impl PyKeyManager {
         d.set_item("proof_refreshes", s.proof_refreshes)?;
         d.set_item("negative_hits", s.negative_hits)?;
         d.set_item("proven_len", s.proven_len)?;
+        d.set_item("known_ids", s.known_ids)?;
         d.set_item("hash_memory_bytes", s.hash_memory_bytes)?;
         d.set_item(
             "hash_threads",
@@ -1270,6 +1271,8 @@ impl Recording {
     /// `log_refusal` of the writers: the refusal as an event with `reason` first among
     /// its extra fields, aggregated by the core writer; every tap sees every refusal
     /// (the metrics count them all), whether its line is written or only counted.
+    /// Every string given is cut at [`cut_field`]'s bound first (the text is the
+    /// client's: a refusal line must stay small), for the line and the taps alike.
     #[allow(clippy::too_many_arguments, reason = "the refusal's fields, as given")]
     fn refusal<'py>(
         &self,
@@ -1282,31 +1285,65 @@ impl Recording {
         error: Option<&Bound<'py, PyString>>,
         extra: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<bool> {
+        let reason = cut_py(reason)?;
+        let client_ip = client_ip.map(cut_py).transpose()?;
+        let key_id = key_id.map(cut_py).transpose()?;
+        let error = error.map(cut_py).transpose()?;
         let fields = PyDict::new(py);
-        fields.set_item(pyo3::intern!(py, "reason"), reason)?;
+        fields.set_item(pyo3::intern!(py, "reason"), &reason)?;
         if let Some(extra) = extra {
             for (k, v) in extra.iter() {
                 if !k.eq(pyo3::intern!(py, "reason"))? {
-                    fields.set_item(k, v)?;
+                    let k = match k.cast::<PyString>() {
+                        Ok(name) => cut_py(name)?.into_any(),
+                        Err(_) => k,
+                    };
+                    fields.set_item(k, cut_value(&v)?)?;
                 }
             }
         }
         let call = LogCall {
             status,
-            key_id,
+            key_id: key_id.as_ref(),
             key_name: None,
             tool: None,
             scopes: None,
             duration_ms: 0.0,
-            error,
+            error: error.as_ref(),
             input_args: None,
             output_preview: None,
-            client_ip,
+            client_ip: client_ip.as_ref(),
             metadata: None,
             extra: Some(&fields),
         };
         self.enqueue(py, writer, &call, Some(reason.to_str()?))
     }
+}
+
+/// `s` cut as every string of a refusal is ([`cut_field`]): itself when short enough.
+fn cut_py<'py>(s: &Bound<'py, PyString>) -> PyResult<Bound<'py, PyString>> {
+    let text = s.to_str()?;
+    let cut = cut_field(text);
+    Ok(if cut.len() == text.len() {
+        s.clone()
+    } else {
+        PyString::new(s.py(), cut)
+    })
+}
+
+/// An `extra` value of a refusal, bounded: a string cut as [`cut_py`]; any other value
+/// kept if its JSON is short enough, else replaced by that JSON text, cut.
+fn cut_value<'py>(v: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    if let Ok(s) = v.cast::<PyString>() {
+        return Ok(cut_py(s)?.into_any());
+    }
+    let mut json = Vec::new();
+    write_py_json(&mut json, v, 0);
+    if json.len() <= crate::audit::refusals::MAX_FIELD_BYTES {
+        return Ok(v.clone());
+    }
+    let text = String::from_utf8_lossy(&json);
+    Ok(PyString::new(v.py(), cut_field(&text)).into_any())
 }
 
 /// The first `n` characters of `s` (as Python's `s[:n]`).
@@ -1391,6 +1428,7 @@ struct RefusalArgs {
     burst: u32,
     interval_ms: u64,
     max_groups: usize,
+    max_lines: u32,
 }
 
 impl From<RefusalArgs> for RefusalOptions {
@@ -1399,6 +1437,7 @@ impl From<RefusalArgs> for RefusalOptions {
             burst: a.burst,
             interval: Duration::from_millis(a.interval_ms),
             max_groups: a.max_groups,
+            max_lines: a.max_lines,
         }
     }
 }
@@ -1762,7 +1801,8 @@ impl PyAuditFanout {
                         redact=None, on_full="drop", block_ms=1000,
                         loss_warning_interval_ms=10_000, log_inputs=true, log_outputs=true,
                         output_preview_chars=200, refusal_burst=5,
-                        refusal_interval_ms=60_000, refusal_max_groups=1024))]
+                        refusal_interval_ms=60_000, refusal_max_groups=1024,
+                        refusal_max_lines=1000))]
     #[allow(clippy::too_many_arguments, reason = "keyword-only options")]
     fn new(
         sinks: Vec<Py<PyAuditSink>>,
@@ -1779,6 +1819,7 @@ impl PyAuditFanout {
         refusal_burst: u32,
         refusal_interval_ms: u64,
         refusal_max_groups: usize,
+        refusal_max_lines: u32,
     ) -> PyResult<Self> {
         if sinks.is_empty() {
             return Err(PyValueError::new_err(
@@ -1795,6 +1836,7 @@ impl PyAuditFanout {
                 burst: refusal_burst,
                 interval_ms: refusal_interval_ms,
                 max_groups: refusal_max_groups,
+                max_lines: refusal_max_lines,
             },
         )?;
         let rec = Recording::new(redact, log_inputs, log_outputs, output_preview_chars)?;
@@ -1983,7 +2025,8 @@ impl PyAuditWriter {
                         chain_key=None, redact=None, on_full="drop", block_ms=1000,
                         loss_warning_interval_ms=10_000, log_inputs=true, log_outputs=true,
                         output_preview_chars=usize::MAX, refusal_burst=5,
-                        refusal_interval_ms=60_000, refusal_max_groups=1024))]
+                        refusal_interval_ms=60_000, refusal_max_groups=1024,
+                        refusal_max_lines=1000))]
     #[allow(clippy::too_many_arguments, reason = "keyword-only options")]
     fn new(
         py: Python<'_>,
@@ -2006,6 +2049,7 @@ impl PyAuditWriter {
         refusal_burst: u32,
         refusal_interval_ms: u64,
         refusal_max_groups: usize,
+        refusal_max_lines: u32,
     ) -> PyResult<Self> {
         let opts = writer_options(
             queue_capacity,
@@ -2017,6 +2061,7 @@ impl PyAuditWriter {
                 burst: refusal_burst,
                 interval_ms: refusal_interval_ms,
                 max_groups: refusal_max_groups,
+                max_lines: refusal_max_lines,
             },
         )?;
         let rec = Recording::new(redact, log_inputs, log_outputs, output_preview_chars)?;
@@ -2044,7 +2089,8 @@ impl PyAuditWriter {
                         redact=None, on_full="drop", block_ms=1000, loss_warning_interval_ms=10_000,
                         retention_days=None, log_inputs=true, log_outputs=true,
                         output_preview_chars=usize::MAX, refusal_burst=5,
-                        refusal_interval_ms=60_000, refusal_max_groups=1024))]
+                        refusal_interval_ms=60_000, refusal_max_groups=1024,
+                        refusal_max_lines=1000))]
     #[allow(clippy::too_many_arguments, reason = "keyword-only options")]
     fn sqlite(
         py: Python<'_>,
@@ -2063,6 +2109,7 @@ impl PyAuditWriter {
         refusal_burst: u32,
         refusal_interval_ms: u64,
         refusal_max_groups: usize,
+        refusal_max_lines: u32,
     ) -> PyResult<Self> {
         let opts = writer_options(
             queue_capacity,
@@ -2074,6 +2121,7 @@ impl PyAuditWriter {
                 burst: refusal_burst,
                 interval_ms: refusal_interval_ms,
                 max_groups: refusal_max_groups,
+                max_lines: refusal_max_lines,
             },
         )?;
         let rec = Recording::new(redact, log_inputs, log_outputs, output_preview_chars)?;

@@ -186,11 +186,14 @@ class VerifyLimits:
 
     Failed hash runs per ``failure_window_seconds``: ``max_failures`` per (client address,
     key id) (IPv6 counted per /64), ``key_failure_budget`` per key id across addresses
-    (past it, only first tries from addresses not failing for that key, at most as many
-    again), ``global_failure_budget`` on this server; ``unknown_key_budget`` store reads
-    that found no key per client address. Unknown key ids are remembered for
-    ``unknown_key_ttl_seconds``. A verification waits ``verify_wait_seconds`` for a hashing
-    thread before ``busy``. Tokens proven on this node are never throttled."""
+    (past it, only first tries from networks not failing for that key, at most as many
+    again), ``global_failure_budget`` on this server (past it, only first tries from
+    networks with no failure at all, at most as many again); a network is an IPv4 address
+    or an IPv6 /48. ``unknown_key_budget`` store reads that found no key per client
+    network: past it, ids not known to exist are refused before the store is read (ids
+    that exist never are). Unknown key ids are remembered for ``unknown_key_ttl_seconds``.
+    A verification waits ``verify_wait_seconds`` for a hashing thread before ``busy``.
+    Tokens proven on this node are never throttled."""
 
     def __new__(
         cls,
@@ -335,6 +338,7 @@ class AuditWriter:
         refusal_burst: int = 5,
         refusal_interval_ms: int = 60000,
         refusal_max_groups: int = 1024,
+        refusal_max_lines: int = 1000,
     ) -> AuditWriter: ...
     @staticmethod
     def sqlite(
@@ -354,6 +358,7 @@ class AuditWriter:
         refusal_burst: int = 5,
         refusal_interval_ms: int = 60000,
         refusal_max_groups: int = 1024,
+        refusal_max_lines: int = 1000,
     ) -> AuditWriter:
         """Open (create, migrate; a fastmcp-guard 0.2 file is taken over) the SQLite
         audit database at ``path``. Raises :class:`AuditWriteError` naming the path.
@@ -406,13 +411,19 @@ class AuditWriter:
         """Log a refusal made before there is an identity, aggregated per (status,
         ``reason``, ``key_id``, client address; IPv6 per /64) and interval of
         ``refusal_interval_ms``: the first ``refusal_burst`` of a group are written as
-        usual lines (``reason`` among the extra fields); the others are counted, and one
-        summary event per group is written when the interval ends, on ``flush`` and on
-        ``close``: the group's status, key id and address (none for the overflow groups
-        past ``refusal_max_groups``), the first counted refusal's error, and the extra
-        fields ``reason``, ``summary`` (true), ``count`` (refusals it stands for),
-        ``since`` (when the interval started) and ``overflow`` (true, overflow groups
-        only). Taps see every refusal. ``False`` only if it was lost (queue full, writer
+        usual lines (``reason`` among the extra fields), at most ``refusal_max_lines``
+        across all groups per interval; the others are counted, and one summary event per
+        group is written when the interval ends, on ``flush`` and on ``close``: the
+        group's status, key id and address (none for the overflow groups past
+        ``refusal_max_groups``), the first counted refusal's error, and the extra fields
+        ``reason``, ``summary`` (true), ``count`` (refusals it stands for), ``since``
+        (when the interval started) and ``overflow`` (true, overflow groups only).
+
+        Every string given (``client_ip``, ``reason``, ``key_id``, ``error``, the keys
+        and values of ``extra``) is cut at 256 UTF-8 bytes (at a character boundary), in
+        the lines, the summaries and what taps see; an ``extra`` value that is not a
+        string and renders to more than 256 bytes of JSON is recorded as that JSON text,
+        cut. Taps see every refusal. ``False`` only if it was lost (queue full, writer
         closed or paused)."""
     def add_tap(self, tap: Callable[..., object]) -> None:
         """Also call ``tap(*fields)`` for every event after it is queued: the fields as
@@ -499,6 +510,7 @@ class AuditFanout:
         refusal_burst: int = 5,
         refusal_interval_ms: int = 60000,
         refusal_max_groups: int = 1024,
+        refusal_max_lines: int = 1000,
     ) -> AuditFanout: ...
     @property
     def sinks(self) -> list[AuditSink]: ...

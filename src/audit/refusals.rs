@@ -4,18 +4,22 @@
 //!
 //! Refusals are grouped per interval by (status, reason, claimed key id, client
 //! address), an IPv6 address counting as its /64 network. In each group the first
-//! [`RefusalOptions::burst`] refusals of an interval are written as usual lines; the
-//! others are only counted. When the interval ends (the writer thread looks at
-//! every tick), and on flush and close, each group that had refusals counted
-//! becomes one **summary event** ([`summary_event`]) carrying their number in a
-//! `count` field. So every attempt is accounted for: written lines plus the
-//! `count` of the summaries equal the refusals logged.
+//! [`RefusalOptions::burst`] refusals of an interval are written as usual lines,
+//! and at most [`RefusalOptions::max_lines`] across all groups; the others are
+//! only counted. When the interval ends (the writer thread looks at every tick),
+//! and on flush and close, each group that had refusals counted becomes one
+//! **summary event** ([`summary_event`]) carrying their number in a `count` field.
+//! So every attempt is accounted for: written lines plus the `count` of the
+//! summaries equal the refusals logged.
 //!
-//! Memory is bounded: past [`RefusalOptions::max_groups`] groups in an interval,
-//! a new (address, key id) pair joins an overflow group per (status, reason)
-//! (written with no address and `"overflow": true`); past [`MAX_OVERFLOW_GROUPS`]
-//! of those, per status only (reason `"*"`). Strings kept per group are cut at
-//! [`MAX_FIELD_BYTES`].
+//! Memory and disk are bounded: past [`RefusalOptions::max_groups`] groups in an
+//! interval, a new (address, key id) pair joins an overflow group per (status,
+//! reason) (written with no address and `"overflow": true`); past
+//! [`MAX_OVERFLOW_GROUPS`] of those, per status only (reason `"*"`). So an interval
+//! writes at most `max_lines` refusal lines and `max_groups + MAX_OVERFLOW_GROUPS +
+//! 9` summaries. Every string of a group, of a summary and (cut by the binding with
+//! [`cut_field`] before it renders) of a written refusal line is cut at
+//! [`MAX_FIELD_BYTES`], so each line is bounded too.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -29,8 +33,9 @@ use super::{format_ts, AuditError, AuditEvent, Status};
 
 /// Most overflow groups (per status and reason) in an interval; past it, per status.
 pub const MAX_OVERFLOW_GROUPS: usize = 64;
-/// Longest address, reason, key id or error kept for a group (bytes; cut at a
-/// character boundary).
+/// Longest address, reason, key id, error or other string of a refusal line or
+/// summary: bytes it takes in the JSON line, escapes included (cut at a character
+/// boundary by [`cut_field`]).
 pub const MAX_FIELD_BYTES: usize = 256;
 
 /// How refusals are aggregated (see the module docs).
@@ -44,6 +49,10 @@ pub struct RefusalOptions {
     /// Most groups per interval before new ones go to the overflow groups
     /// (default 1024; from 1 to 1,000,000).
     pub max_groups: usize,
+    /// Most refusal lines written per interval across all groups (default 1000;
+    /// at most 1,000,000; 0 writes only summaries). Past it, refusals are only
+    /// counted, and their groups' summaries carry them.
+    pub max_lines: u32,
 }
 
 impl Default for RefusalOptions {
@@ -52,6 +61,7 @@ impl Default for RefusalOptions {
             burst: 5,
             interval: Duration::from_secs(60),
             max_groups: 1024,
+            max_lines: 1000,
         }
     }
 }
@@ -74,6 +84,13 @@ impl RefusalOptions {
                 name: "refusal_max_groups",
                 value: self.max_groups.to_string(),
                 fix: "use from 1 to 1000000 groups (default 1024)",
+            });
+        }
+        if self.max_lines > 1_000_000 {
+            return Err(AuditError::InvalidOption {
+                name: "refusal_max_lines",
+                value: self.max_lines.to_string(),
+                fix: "use from 0 to 1000000 lines per interval (default 1000)",
             });
         }
         Ok(())
@@ -107,6 +124,8 @@ struct Group {
     overflow: bool,
     /// Refusals seen this interval.
     seen: u64,
+    /// Of them, written one by one.
+    written: u64,
     /// The error of the first refusal that was counted, not written.
     error: Option<String>,
 }
@@ -118,6 +137,8 @@ struct Window {
     started_at: Instant,
     groups: HashMap<String, Group>,
     overflow: HashMap<String, Group>,
+    /// Refusal lines written this interval, across groups.
+    lines: u32,
 }
 
 impl Window {
@@ -127,6 +148,7 @@ impl Window {
             started_at: Instant::now(),
             groups: HashMap::new(),
             overflow: HashMap::new(),
+            lines: 0,
         }
     }
 }
@@ -173,12 +195,12 @@ impl RefusalAggregator {
     }
 
     /// Counts `r` in its group: `true` if it is to be written as a line (one of the
-    /// first `burst` of its group in this interval), `false` if it was only counted
-    /// (a later summary carries it).
+    /// first `burst` of its group in this interval, and within `max_lines` across
+    /// groups), `false` if it was only counted (a later summary carries it).
     pub fn admit(&self, r: &Refusal<'_>) -> bool {
         let client = r.client_ip.map(group_address);
-        let reason = cut(r.reason);
-        let key_id = cut(r.key_id);
+        let reason = cut_field(r.reason);
+        let key_id = cut_field(r.key_id);
         let mut key = String::with_capacity(
             16 + reason.len() + key_id.len() + client.as_ref().map_or(0, String::len),
         );
@@ -193,7 +215,9 @@ impl RefusalAggregator {
             key.push_str(c);
         }
         let burst = u64::from(self.opts.burst);
-        let mut w = self.window.lock();
+        let mut guard = self.window.lock();
+        let w = &mut *guard;
+        let lines_left = w.lines < self.opts.max_lines;
         let at_cap = w.groups.len() >= self.opts.max_groups;
         let group = if let Some(g) = w.groups.get_mut(&key) {
             g
@@ -205,6 +229,7 @@ impl RefusalAggregator {
                 client,
                 overflow: false,
                 seen: 0,
+                written: 0,
                 error: None,
             })
         } else {
@@ -220,15 +245,19 @@ impl RefusalAggregator {
                 client: None,
                 overflow: true,
                 seen: 0,
+                written: 0,
                 error: None,
             })
         };
         group.seen += 1;
-        let write = group.seen <= burst;
-        if !write && group.error.is_none() {
-            group.error = r.error.map(|e| cut(e).to_owned());
+        let write = group.written < burst && lines_left;
+        if write {
+            group.written += 1;
+            w.lines += 1;
+        } else if group.error.is_none() {
+            group.error = r.error.map(|e| cut_field(e).to_owned());
         }
-        drop(w);
+        drop(guard);
         let mut c = self.counts.lock();
         if write {
             c.written += 1;
@@ -255,14 +284,13 @@ impl RefusalAggregator {
             }
             std::mem::replace(&mut *w, Window::new())
         };
-        let burst = u64::from(self.opts.burst);
         let now = Utc::now();
         let mut out: Vec<AuditEvent> = ended
             .groups
             .into_values()
             .chain(ended.overflow.into_values())
-            .filter(|g| g.seen > burst)
-            .map(|g| summary_event(&g, g.seen - burst, ended.started, now))
+            .filter(|g| g.seen > g.written)
+            .map(|g| summary_event(&g, g.seen - g.written, ended.started, now))
             .collect();
         // A stable order: by status, then the group's fields.
         out.sort_by(|a, b| {
@@ -324,20 +352,32 @@ fn group_address(ip: &str) -> String {
                 format!("{}/64", Ipv6Addr::from(net))
             }
         },
-        Err(_) => cut(ip).to_owned(),
+        Err(_) => cut_field(ip).to_owned(),
     }
 }
 
-/// `s` cut at [`MAX_FIELD_BYTES`] (at a character boundary).
-fn cut(s: &str) -> &str {
-    if s.len() <= MAX_FIELD_BYTES {
+/// `s` cut so that it takes at most [`MAX_FIELD_BYTES`] bytes in a JSON line, its
+/// escapes counted (`"` and `\\` take 2 bytes, a control character up to 6), at a
+/// character boundary: what every string of a refusal line or summary is cut to.
+#[must_use]
+pub fn cut_field(s: &str) -> &str {
+    // Fast path: no character takes more than 6 bytes per byte of text.
+    if s.len().saturating_mul(6) <= MAX_FIELD_BYTES {
         return s;
     }
-    let mut end = MAX_FIELD_BYTES;
-    while !s.is_char_boundary(end) {
-        end -= 1;
+    let mut used = 0usize;
+    for (i, c) in s.char_indices() {
+        let cost = match c {
+            '"' | '\\' => 2,
+            c if u32::from(c) < 0x20 => 6,
+            c => c.len_utf8(),
+        };
+        used += cost;
+        if used > MAX_FIELD_BYTES {
+            return &s[..i];
+        }
     }
-    &s[..end]
+    s
 }
 
 #[cfg(test)]
@@ -360,6 +400,7 @@ mod tests {
             burst,
             interval: Duration::from_secs(3600),
             max_groups,
+            max_lines: 1000,
         })
         .unwrap()
     }
@@ -507,6 +548,74 @@ mod tests {
     }
 
     #[test]
+    fn lines_are_bounded_across_groups_and_the_rest_is_counted() {
+        let a = RefusalAggregator::new(RefusalOptions {
+            burst: 5,
+            interval: Duration::from_secs(3600),
+            max_groups: 1024,
+            max_lines: 100,
+        })
+        .unwrap();
+        let n = 40 * 6 * 10;
+        let mut written = 0u64;
+        // 40 /64s, 6 groups each (status x reason), 10 refusals per group.
+        for i in 0..n {
+            let ip = format!("2001:db8:{:x}::1", i % 40);
+            let mut r = refusal(&ip, ["a", "b", "c"][i / 40 % 3]);
+            if i / 120 % 2 == 1 {
+                r.status = Status::IpDenied;
+            }
+            written += u64::from(a.admit(&r));
+        }
+        assert_eq!(written, 100, "the line cap, not 240 x 5");
+        let s = a.take_summaries(true);
+        assert_eq!(s.len(), 240, "every group that had refusals counted");
+        assert_eq!(written + s.iter().map(count_of).sum::<u64>(), n as u64);
+        assert_eq!(
+            a.counts(),
+            RefusalCounts {
+                written: 100,
+                suppressed: n as u64 - 100,
+                summaries: 240
+            }
+        );
+        // The next interval starts with the whole allowance again; 0 writes summaries only.
+        assert!(a.admit(&refusal("10.0.0.1", "a")));
+        let none = RefusalAggregator::new(RefusalOptions {
+            max_lines: 0,
+            ..RefusalOptions::default()
+        })
+        .unwrap();
+        assert!(!none.admit(&refusal("10.0.0.1", "a")));
+        assert_eq!(count_of(&none.take_summaries(true)[0]), 1);
+    }
+
+    #[test]
+    fn summaries_carry_only_cut_strings() {
+        let a = agg(0, 4);
+        let long = "x".repeat(60_000);
+        let r = Refusal {
+            status: Status::IpDenied,
+            client_ip: Some(&long),
+            reason: &long,
+            key_id: &long,
+            error: Some(&long),
+        };
+        a.admit(&r);
+        let s = a.take_summaries(true);
+        let ev = &s[0];
+        assert_eq!(ev.key_id.len(), MAX_FIELD_BYTES);
+        assert_eq!(ev.client_ip.as_ref().unwrap().len(), MAX_FIELD_BYTES);
+        assert_eq!(ev.error.as_ref().unwrap().len(), MAX_FIELD_BYTES);
+        assert_eq!(
+            ev.extra.as_ref().unwrap()["reason"].as_str().unwrap().len(),
+            MAX_FIELD_BYTES
+        );
+        assert_eq!(cut_field("é".repeat(200).as_str()).len(), 256);
+        assert_eq!(cut_field("ab"), "ab");
+    }
+
+    #[test]
     fn options_are_bounded() {
         let bad = [
             RefusalOptions {
@@ -519,6 +628,10 @@ mod tests {
             },
             RefusalOptions {
                 max_groups: 0,
+                ..RefusalOptions::default()
+            },
+            RefusalOptions {
+                max_lines: 1_000_001,
                 ..RefusalOptions::default()
             },
         ];

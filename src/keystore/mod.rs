@@ -23,17 +23,19 @@
 //! expiry, grace periods, the throttle, revoke and rotate — is the same. Rotating one issues
 //! a current-format token.
 
+mod known;
 pub mod legacy;
 pub mod memory;
 mod negative;
 pub mod sqlite;
 pub mod throttle;
 
+pub use known::DEFAULT_KNOWN_IDS_CAPACITY;
 pub use legacy::LegacyImport;
 pub use memory::MemoryBackend;
 pub use negative::{DEFAULT_NEGATIVE_CAPACITY, DEFAULT_NEGATIVE_TTL};
 pub use sqlite::SqliteBackend;
-pub use throttle::{client_bucket, FailThrottle, ThrottleScope};
+pub use throttle::{client_bucket, client_network, FailThrottle, ThrottleScope};
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -396,6 +398,23 @@ pub trait KeyBackend: Send + Sync {
     /// Store errors.
     fn list(&self, include_revoked: bool) -> Result<Vec<KeyRecord>, KeyError>;
 
+    /// Calls `each` with every key's id and, for a key imported from fastmcp-guard 0.2,
+    /// its token's public part `fmg_sk_<selector>`: what a [`KeyManager`] loads when it
+    /// starts, to know which ids exist. The default goes through
+    /// [`list`](KeyBackend::list); a backend can read the ids alone.
+    ///
+    /// # Errors
+    /// Store errors.
+    fn for_each_label(&self, each: &mut dyn FnMut(&str)) -> Result<(), KeyError> {
+        for record in self.list(true)? {
+            each(&record.id);
+            if let Some(selector) = &record.legacy_selector {
+                each(&legacy_label(selector));
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `record`'s management fields (`name`, `scopes`, `metadata`, `status`,
     /// `expires_at`, `grace_until`, `rotated_from`, `rotated_to`, `revoked_at`) if the stored
     /// revision still equals `record.revision`; returns the new revision.
@@ -434,6 +453,11 @@ pub trait KeyBackend: Send + Sync {
     fn changed_since(&self, revision: u64) -> Result<(u64, Vec<Change>), KeyError>;
 }
 
+/// The label a 0.2 token names its key by: its public part `fmg_sk_<selector>`.
+fn legacy_label(selector: &str) -> String {
+    format!("{}{selector}", tokens::TOKEN_PREFIX)
+}
+
 /// Options of a [`KeyManager`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManagerOptions {
@@ -463,6 +487,10 @@ pub struct ManagerOptions {
     /// Maximum number of digests remembered as proven (a proven token's refresh reads the
     /// record but never hashes; 0 keeps none).
     pub proven_capacity: usize,
+    /// Maximum number of key ids remembered as existing (default 1,000,000, about 16 MB):
+    /// the unknown-id budget never refuses an id known to exist, and past this many (or
+    /// with 0) it no longer applies at all rather than refuse a key that exists.
+    pub known_ids_capacity: usize,
     /// Run the `fmg-keys` thread that writes `last_used_at` every `touch_interval` and
     /// polls for changes every `watch_interval` (default). Off for a store implemented in
     /// Python: its owner calls [`KeyManager::flush`] and [`KeyManager::sync_changes`] from
@@ -486,6 +514,7 @@ impl Default for ManagerOptions {
             negative_ttl: DEFAULT_NEGATIVE_TTL,
             negative_capacity: DEFAULT_NEGATIVE_CAPACITY,
             proven_capacity: hashing::DEFAULT_PROVEN_CAPACITY,
+            known_ids_capacity: known::DEFAULT_KNOWN_IDS_CAPACITY,
             background_thread: true,
         }
     }
@@ -668,6 +697,8 @@ pub struct ManagerStats {
     pub negative_hits: u64,
     /// Digests remembered as proven.
     pub proven_len: usize,
+    /// Key ids (and 0.2 labels) known to exist.
+    pub known_ids: usize,
     /// Bytes of argon2 memory held by the hashing threads.
     pub hash_memory_bytes: usize,
     /// Errors in the background thread (see [`KeyManager::last_background_error`]).
@@ -844,6 +875,8 @@ struct Inner {
     proven: ProvenDigests,
     /// Key ids (0.2 selectors) the store did not have, for a few seconds.
     negative: negative::NegativeCache,
+    /// Key ids (and 0.2 labels) known to exist: never refused by the unknown-id budget.
+    known: known::KnownIds,
     throttle: throttle::Throttle,
     inflight: DashMap<TokenDigest, Arc<Mutex<()>>>,
     /// The only place argon2 and bcrypt run.
@@ -915,13 +948,17 @@ impl KeyManager {
         opts: ManagerOptions,
     ) -> Result<Self, KeyError> {
         opts.validate()?;
+        // The revision first: a key created after the ids are read is a change after it.
         let revision = backend.current_revision()?;
+        let known = known::KnownIds::new(opts.known_ids_capacity);
+        known.extend_with(|each| backend.for_each_label(each))?;
         let inner = Arc::new(Inner {
             backend,
             cache: VerifiedCache::new(opts.cache_capacity, opts.cache_ttl),
             touches: DashMap::new(),
             proven: ProvenDigests::new(opts.proven_capacity),
             negative: negative::NegativeCache::new(opts.negative_capacity, opts.negative_ttl),
+            known,
             throttle: throttle::Throttle::new(opts.fail_throttle),
             inflight: DashMap::new(),
             pool: HashPool::new(opts.max_concurrent_verifications).map_err(|e| {
@@ -1043,6 +1080,7 @@ impl KeyManager {
         };
         record.revision = self.inner.backend.insert(&record)?;
         self.inner.note_own_write(&record.id, record.revision);
+        self.inner.known.insert(&record.id);
         self.inner.negative.remove(&record.id);
         Ok((record, token))
     }
@@ -1221,6 +1259,7 @@ impl KeyManager {
                     self.inner.invalidate(&id);
                     self.inner.note_own_write(&id, old_rev);
                     self.inner.note_own_write(new_id, new_rev);
+                    self.inner.known.insert(new_id);
                     self.inner.negative.remove(new_id);
                     new.revision = new_rev;
                     return Ok((new, token.clone()));
@@ -1396,8 +1435,14 @@ impl KeyManager {
     /// Store errors; [`KeyError::Corrupt`] naming a 0.2 row that cannot be read.
     pub fn import_legacy(&self) -> Result<LegacyImport, KeyError> {
         let imported = self.inner.backend.import_legacy()?;
-        // Their selectors may have been remembered as unknown.
+        // Their selectors may have been remembered as unknown; they exist now.
         self.inner.negative.clear();
+        if imported.imported > 0 {
+            let known = &self.inner.known;
+            self.inner
+                .backend
+                .for_each_label(&mut |l| known.insert(l))?;
+        }
         Ok(imported)
     }
 
@@ -1424,8 +1469,8 @@ impl KeyManager {
         self.inner.cache.clear();
     }
 
-    /// Drops the cached verifications of one key: what a store's change notification
-    /// (PostgreSQL `NOTIFY`, Redis pub/sub) triggers on every node.
+    /// Drops the cached verifications of one key, and notes that it exists: what a store's
+    /// change notification (PostgreSQL `NOTIFY`, Redis pub/sub) triggers on every node.
     pub fn invalidate(&self, key_id: &str) {
         self.inner.invalidate(key_id);
     }
@@ -1465,6 +1510,7 @@ impl KeyManager {
             proof_refreshes: get(&c.proof_refreshes),
             negative_hits: get(&c.negative_hits),
             proven_len: self.inner.proven.len(),
+            known_ids: self.inner.known.len(),
             hash_memory_bytes: self.inner.pool.memory_bytes(),
             background_errors: get(&c.background_errors),
             cache_len: self.inner.cache.len(),
@@ -1490,6 +1536,7 @@ impl Inner {
     fn invalidate(&self, key_id: &str) {
         self.cache.invalidate_key(key_id);
         // The key may have just been created elsewhere (a change notification).
+        self.known.insert(key_id);
         self.negative.remove(key_id);
         bump(&self.counters.invalidations);
     }
@@ -1515,7 +1562,8 @@ impl Inner {
                     key_id: label.to_owned(),
                 });
             }
-            reservation = Some(self.reserve(client, label, now)?);
+            let may_exist = self.known.may_exist(label);
+            reservation = Some(self.reserve(client, label, may_exist, now)?);
         }
         // Read before the store: an invalidation of this key (or a clear) after this point
         // stops us caching. The epoch does not name the key, so it serves 0.2 tokens too,
@@ -1537,6 +1585,10 @@ impl Inner {
             });
         };
         let key_id = record.id.clone();
+        self.known.insert(&key_id);
+        if let Claim::Legacy { label, .. } = claim {
+            self.known.insert(label);
+        }
         let now_dt = utc_from_ms(now.unix_ms);
         if record.effective_status_at(now_dt) == KeyStatus::Revoked {
             return Err(VerifyError::Revoked { key_id });
@@ -1551,7 +1603,7 @@ impl Inner {
             if proven {
                 // The stored hash changed since: the proof is void.
                 self.proven.remove(&digest);
-                reservation = Some(self.reserve(client, label, now)?);
+                reservation = Some(self.reserve(client, label, true, now)?);
             }
             self.check_secret(claim, &record)?
         };
@@ -1614,20 +1666,30 @@ impl Inner {
         }
     }
 
-    /// A place in the failure budgets for one hash run, or the refusal.
+    /// A place in the failure budgets for one hash run, or the refusal. `may_exist`: the
+    /// key may exist (see [`known::KnownIds::may_exist`]).
     fn reserve(
         &self,
         client: Option<&str>,
         label: &str,
+        may_exist: bool,
         now: Now,
     ) -> Result<throttle::Reservation<'_>, VerifyError> {
         self.throttle
-            .reserve(client.unwrap_or(""), label, now.instant)
+            .reserve(client.unwrap_or(""), label, may_exist, now.instant)
             .map_err(|refused| {
                 bump(&self.counters.throttled);
+                let retry_after = match refused.scope {
+                    // The id may be a key made on another node that this one has not seen
+                    // yet: retry once the watcher has looked (refusing again costs nothing).
+                    ThrottleScope::UnknownKeys => refused
+                        .retry_after
+                        .min(self.opts.watch_interval.max(Duration::from_secs(1))),
+                    _ => refused.retry_after,
+                };
                 VerifyError::Throttled {
                     key_id: label.to_owned(),
-                    retry_after: refused.retry_after,
+                    retry_after,
                     scope: refused.scope,
                 }
             })
@@ -1719,10 +1781,15 @@ impl Inner {
         let (next, changed) = self.backend.changed_since(*revision)?;
         let next = next.max(*revision);
         let mut invalidated = 0;
+        let mut new_ids = Vec::new();
         {
             let mut own = self.own_writes.lock();
             for change in &changed {
                 // A key created elsewhere is known from now on.
+                if !self.known.may_exist(&change.id) {
+                    self.known.insert(&change.id);
+                    new_ids.push(change.id.as_str());
+                }
                 self.negative.remove(&change.id);
                 if own.get(&change.id) != Some(&change.revision) {
                     // Entries built from this revision or a later one are current: a key
@@ -1735,8 +1802,29 @@ impl Inner {
             }
             own.retain(|_, rev| *rev > next);
         }
+        // Outside the lock of own writes: this reads the store.
+        for id in new_ids {
+            self.note_legacy_label(id);
+        }
         *revision = next;
         Ok(invalidated)
+    }
+
+    /// Reads the record of a key first seen in a change, for the label of a key imported
+    /// from 0.2 (`fmg_sk_<selector>`), which the change does not name. A failed read is
+    /// reported as a background error (it never stops the watcher); the id is known anyway.
+    fn note_legacy_label(&self, id: &str) {
+        match self.backend.get(id) {
+            Ok(Some(record)) => {
+                if let Some(selector) = &record.legacy_selector {
+                    let label = legacy_label(selector);
+                    self.known.insert(&label);
+                    self.negative.remove(&label);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => self.note_error("reading a key created elsewhere", &e),
+        }
     }
 
     fn note_error(&self, what: &str, e: &KeyError) {
@@ -2970,6 +3058,7 @@ mod tests {
         let keys: Vec<_> = (0..4)
             .map(|i| m.create(&format!("k{i}"), &[], None, Map::new()).unwrap())
             .collect();
+        // 20 clean addresses: 6 failures within the budget, then 6 first tries.
         for (i, (rec, _)) in keys.iter().cycle().take(20).enumerate() {
             let _ = m.verify_at(
                 &wrong_secret_n(&rec.id, i),
@@ -2977,7 +3066,7 @@ mod tests {
                 now,
             );
         }
-        assert_eq!(m.stats().argon2_runs, 6);
+        assert_eq!(m.stats().argon2_runs, 12, "2 x the server budget");
         let err = m.verify_at(&keys[0].1, Some("10.4.0.1"), now).unwrap_err();
         assert!(
             matches!(err, VerifyError::Throttled { scope: ThrottleScope::Server, retry_after, .. }
@@ -2992,6 +3081,35 @@ mod tests {
             m.clear_cache();
             m.verify_at(&token, None, now).unwrap();
         }
+    }
+
+    #[test]
+    fn failures_from_one_address_across_keys_never_refuse_another_networks_first_try() {
+        // The default budgets: 10 per (address, key id), 600 per server.
+        let m = KeyManager::memory(opts()).unwrap();
+        let now = Now::system();
+        let keys: Vec<_> = (0..60)
+            .map(|i| m.create(&format!("k{i}"), &[], None, Map::new()).unwrap().0)
+            .collect();
+        let mut bad = 0;
+        for (k, rec) in keys.iter().enumerate() {
+            for i in 0..10 {
+                let r = m.verify_at(&wrong_secret_n(&rec.id, k * 10 + i), Some("10.6.0.1"), now);
+                bad += usize::from(reason(&r) == "bad_secret");
+            }
+        }
+        assert_eq!(bad, 600, "the server budget is spent");
+        let r = m.verify_at(&wrong_secret_n(&keys[0].id, 9999), Some("10.6.0.1"), now);
+        assert_eq!(reason(&r), "throttled");
+        // A brand-new key from another address verifies (a first try)...
+        let (new, token) = m.create("new", &[], None, Map::new()).unwrap();
+        assert_eq!(
+            m.verify_at(&token, Some("10.7.0.1"), now).unwrap().key_id,
+            new.id
+        );
+        // ...and so does an attacked key's own unproven token, from IPv6 too.
+        let (_, victim) = m.create("victim", &[], None, Map::new()).unwrap();
+        m.verify_at(&victim, Some("2001:db8:aa::1"), now).unwrap();
     }
 
     #[test]
@@ -3044,8 +3162,22 @@ mod tests {
     }
 
     #[test]
-    fn an_address_naming_many_unknown_ids_is_refused_before_the_store() {
-        let m = KeyManager::memory(opts()).unwrap(); // 20 unknown ids per address and minute
+    fn a_network_naming_many_unknown_ids_is_refused_before_the_store_for_those_only() {
+        let backend = Arc::new(MemoryBackend::new());
+        let quiet = ManagerOptions {
+            background_thread: false,
+            ..opts()
+        };
+        let elsewhere =
+            KeyManager::with_backend(Arc::clone(&backend) as Arc<dyn KeyBackend>, quiet.clone())
+                .unwrap();
+        let (colleague, colleague_token) = elsewhere
+            .create("made before", &[], None, Map::new())
+            .unwrap();
+        // 20 unknown ids per network and minute.
+        let m =
+            KeyManager::with_backend(Arc::clone(&backend) as Arc<dyn KeyBackend>, quiet).unwrap();
+        assert_eq!(m.stats().known_ids, 1, "loaded when it started");
         let (_, token) = m.create("k", &[], None, Map::new()).unwrap();
         let now = Now::system();
         for _ in 0..25 {
@@ -3053,22 +3185,60 @@ mod tests {
             let _ = m.verify_at(&unknown, Some("10.5.0.1"), now);
         }
         assert_eq!(m.stats().store_reads, 20);
-        let err = m.verify_at(&token, Some("10.5.0.1"), now).unwrap_err();
+        let (unknown, _) = tokens::generate().unwrap();
+        let err = m.verify_at(&unknown, Some("10.5.0.1"), now).unwrap_err();
         assert!(
             matches!(
                 err,
                 VerifyError::Throttled {
                     scope: ThrottleScope::UnknownKeys,
+                    retry_after,
                     ..
-                }
+                } if retry_after <= Duration::from_secs(1)
             ),
             "{err}"
         );
         assert!(err.to_string().contains("unknown key ids"), "{err}");
-        m.verify_at(&token, Some("10.5.0.2"), now).unwrap();
-        // Once proven, that address's refreshes pass.
-        m.clear_cache();
+        assert_eq!(m.stats().store_reads, 20);
+        // Keys that exist are never refused by it: made here, or before this node started.
         m.verify_at(&token, Some("10.5.0.1"), now).unwrap();
+        m.verify_at(&colleague_token, Some("10.5.0.1"), now)
+            .unwrap();
+        assert_eq!(
+            colleague.id,
+            m.verify_at(&colleague_token, None, now).unwrap().key_id
+        );
+        // Made on another node after the flood: refused until this node sees the change.
+        let (later, later_token) = elsewhere
+            .create("made after", &[], None, Map::new())
+            .unwrap();
+        let err = m
+            .verify_at(&later_token, Some("10.5.0.1"), now)
+            .unwrap_err();
+        assert!(matches!(err, VerifyError::Throttled { .. }), "{err}");
+        m.sync_changes().unwrap();
+        assert_eq!(
+            m.verify_at(&later_token, Some("10.5.0.1"), now)
+                .unwrap()
+                .key_id,
+            later.id
+        );
+        // A change notification does the same.
+        let (noted, noted_token) = elsewhere.create("notified", &[], None, Map::new()).unwrap();
+        m.invalidate(&noted.id);
+        m.verify_at(&noted_token, Some("10.5.0.1"), now).unwrap();
+        assert_eq!(m.stats().known_ids, 4);
+        // Past the capacity of known ids the budget no longer applies.
+        let full = KeyManager::memory(ManagerOptions {
+            known_ids_capacity: 0,
+            ..opts()
+        })
+        .unwrap();
+        for _ in 0..25 {
+            let (unknown, _) = tokens::generate().unwrap();
+            let r = full.verify_at(&unknown, Some("10.5.0.1"), now);
+            assert!(matches!(r, Err(VerifyError::UnknownKey { .. })));
+        }
     }
 
     #[test]
@@ -3697,6 +3867,41 @@ mod tests {
             KeyManager::memory(opts()).unwrap().import_legacy().unwrap(),
             LegacyImport::default()
         );
+    }
+
+    #[test]
+    fn legacy_labels_are_known_from_the_start_an_import_and_another_nodes_import() {
+        let early = Key02::new("early");
+        let (a, dir) = manager_02(&[&early]);
+        let path = dir.path().join("keys.db");
+        let quiet = ManagerOptions {
+            background_thread: false,
+            ..opts()
+        };
+        let b = KeyManager::sqlite(&path, quiet).unwrap();
+        // An id and a 0.2 label per key, read when the manager starts.
+        assert_eq!(b.stats().known_ids, 2);
+        let label = |k: &Key02| format!("{}{}", tokens::TOKEN_PREFIX, k.selector);
+        assert!(b.inner.known.may_exist(&label(&early)));
+        assert!(b.inner.known.may_exist(&early.id));
+        // Added to the 0.2 file later and imported by node a: a knows it at once, b when
+        // its watcher sees the import (its record read once for the label).
+        let late = Key02::new("late");
+        late.insert(&rusqlite::Connection::open(&path).unwrap());
+        a.import_legacy().unwrap();
+        assert!(a.inner.known.may_exist(&label(&late)));
+        assert!(!b.inner.known.may_exist(&label(&late)));
+        let reads = b.stats().store_reads;
+        b.sync_changes().unwrap();
+        assert!(b.inner.known.may_exist(&late.id));
+        assert!(b.inner.known.may_exist(&label(&late)));
+        assert_eq!(b.stats().known_ids, 4);
+        assert_eq!(
+            b.stats().store_reads,
+            reads,
+            "the watcher's read is not a verification"
+        );
+        assert_eq!(b.last_background_error(), None);
     }
 
     #[test]

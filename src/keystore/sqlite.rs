@@ -686,6 +686,27 @@ impl KeyBackend for SqliteBackend {
         raws.into_iter().map(|r| self.decode(r)).collect()
     }
 
+    fn for_each_label(&self, each: &mut dyn FnMut(&str)) -> Result<(), KeyError> {
+        let state = self.state.lock();
+        let mut stmt = state
+            .conn
+            .prepare("SELECT id, legacy_selector FROM fmg_keys")
+            .map_err(|e| self.err(e))?;
+        let mut rows = stmt.query([]).map_err(|e| self.err(e))?;
+        let mut label = String::from(crate::tokens::TOKEN_PREFIX);
+        while let Some(row) = rows.next().map_err(|e| self.err(e))? {
+            let id = row.get_ref(0).map_err(|e| self.err(e))?;
+            each(id.as_str().map_err(|e| self.err(e.into()))?);
+            let selector = row.get_ref(1).map_err(|e| self.err(e))?;
+            if let Some(selector) = selector.as_str_or_null().map_err(|e| self.err(e.into()))? {
+                label.truncate(crate::tokens::TOKEN_PREFIX.len());
+                label.push_str(selector);
+                each(&label);
+            }
+        }
+        Ok(())
+    }
+
     fn update(&self, record: &KeyRecord) -> Result<u64, KeyError> {
         let mut state = self.state.lock();
         let tx = state

@@ -1,4 +1,4 @@
-"""Threat: unauthenticated floods fill the disk (issue 10, finding 11).
+"""Threat: unauthenticated floods fill the disk (issue 10, finding 11; probe finding 4).
 
 Every refusal made before there is an identity used to be one ~500-byte line, and the
 embedded defaults did not rotate. Now :meth:`AuditLog.log_refusal` aggregates them per
@@ -7,20 +7,31 @@ few are written, the rest counted into one summary event per group (``count``), 
 file stays small and every attempt is still accounted for; the guard's metrics still
 count every refusal; the chain still verifies. The CLI's and ``fastmcp-guard run``'s
 defaults rotate the JSONL log at 100 MB x 10 files.
+
+The bound was on lines per group, not on bytes: a refused request's path went into its
+line uncut (a 100 KB path, a 100 KB line; 40 /64s x 6 requests of 60 KB paths wrote
+12.1 MB). Now every string of a refusal line and of a summary is cut in the core (at
+most 256 bytes as written, escapes included), and at most ``refusal_max_lines`` (1,000)
+refusal lines are written per interval across all groups; past it refusals are only
+counted, and their groups' summaries carry them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fastmcp_guard import AuditLog, FileBackend, SQLiteBackend
+from fastmcp import FastMCP
+from fastmcp_guard import AuditLog, FileBackend, Guard, KeyStore, SQLiteBackend
+from fastmcp_guard._core import AuditWriter
 from fastmcp_guard.audit import OTelBackend
 from fastmcp_guard.config import GuardConfig
 from fastmcp_guard.errors import ConfigError
+from fastmcp_guard.ip import IPPolicy
 from fastmcp_guard.metrics import GuardMetrics
 
 from tests.cli.test_cli_keys import cli
@@ -117,6 +128,106 @@ def test_a_flood_from_one_address_is_a_few_lines(tmp_path: Path) -> None:
     assert len(events(path)) == 6  # nothing more to summarise at close
 
 
+#: The longest refusal line or summary the guard's fields can make: five strings of at
+#: most 256 bytes as written (address, reason, key id, error, path) and the fixed fields.
+MAX_LINE_BYTES = 2048
+
+
+def test_60_kb_paths_from_40_64s_write_bounded_bytes_and_every_attempt_counts(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(backend=FileBackend(path, chain_key=CHAIN_KEY))
+    long_path = "/" + "x" * 60_000
+    n = 0
+    # 40 /64s x 6 claimed key ids: 240 groups, 6 refusals each (the burst is 5: 1,200
+    # lines without a cap across groups).
+    for net in range(40):
+        for k in range(6):
+            for i in range(6):
+                assert audit.log_refusal(
+                    "unauthorized", client_ip=f"2001:db8:0:{net:x}::{i + 1}",
+                    reason="bad_secret", key_id=f"fmg_key_{net:08d}{k:08d}",
+                    error="invalid secret " + "!" * 60_000, extra={"path": f"{long_path}{i}"},
+                )  # fmt: skip
+                n += 1
+    audit.close()
+    data = path.read_bytes()
+    evs = events(path)
+    lines = [e for e in evs if not e.get("summary")]
+    summaries = [e for e in evs if e.get("summary")]
+    assert len(lines) == 1000, "refusal_max_lines across all groups"
+    assert len(summaries) == 240
+    assert attempts_accounted(evs) == n == 1440
+    assert max(len(line) for line in data.splitlines()) <= MAX_LINE_BYTES
+    assert len(data) <= (1000 + 240) * MAX_LINE_BYTES  # 12 MB for 240 lines before
+    assert all(len(e["path"]) <= 256 and len(e["error"]) <= 256 for e in lines)
+    assert all(len(e["error"]) <= 256 for e in summaries)
+    stats = audit.stats()
+    assert stats["refusals_suppressed"] == sum(e["count"] for e in summaries) == 440
+
+
+def test_every_string_of_a_refusal_is_cut_in_the_core(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    writer = AuditWriter(str(path), refusal_burst=1)
+    seen: list[tuple[Any, ...]] = []
+    writer.add_tap(lambda *fields: seen.append(fields) or True)
+    huge = '"\\\x01' * 20_000  # each character escaped when written: 2, 2 and 6 bytes
+    extra = {"path": huge, huge: "key", "headers": {"x": "y" * 60_000}, "n": 10**700}
+    for _ in range(2):  # one written line, one summary
+        assert writer.log_refusal("ip_denied", client_ip=huge, reason=huge, key_id=huge,
+                                  error=huge, extra=extra)  # fmt: skip
+    writer.close()
+    raw = path.read_bytes().splitlines()
+    # Nine strings of at most 256 bytes as written, and the fixed fields.
+    assert len(raw) == 2 and max(len(line) for line in raw) <= 9 * 258 + 400
+    line, summary = (json.loads(r) for r in raw)
+    for field in ("client_ip", "key_id", "error", "reason", "path"):
+        written = json.dumps(line[field], ensure_ascii=False)
+        assert 0 < len(written.encode()) <= 256 + 2, field  # as written, quotes included
+    assert all(len(k.encode()) <= 256 for k in line)
+    # Values that are not strings and render long are kept as their JSON text, cut.
+    assert isinstance(line["headers"], str) and line["headers"].startswith('{"x":"yyy')
+    assert isinstance(line["n"], str) and len(line["n"]) <= 256
+    assert summary["count"] == 1 and len(summary["error"]) <= 256
+    # The taps (OpenTelemetry, metrics) see the same cut values.
+    assert len(seen) == 2
+    key_id, error, client_ip, extra_seen = seen[0][1], seen[0][6], seen[0][9], seen[0][11]
+    assert all(0 < len(v) <= 256 for v in (key_id, error, client_ip, extra_seen["path"]))
+
+
+@pytest.mark.http
+async def test_over_http_denied_requests_with_60_kb_paths_write_bounded_bytes(
+    serve, tmp_path: Path
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    mcp: FastMCP = FastMCP("denied")
+    audit = AuditLog(backend=FileBackend(path, flush_interval_ms=20))
+    guard = Guard(mcp, keys=KeyStore(), audit=audit,
+                  ip=IPPolicy(deny=["2001:db8::/32"], trusted_proxies=["127.0.0.1"]))  # fmt: skip
+    sent = 0
+    async with serve(mcp) as url:
+        port = int(url.split(":")[2].split("/")[0])
+        for net in range(40):
+            for i in range(6):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(f"GET /{'x' * 60_000}{i} HTTP/1.1\r\nHost: a\r\n"
+                             f"X-Forwarded-For: 2001:db8:0:{net:x}::1\r\n"
+                             "Connection: close\r\n\r\n".encode())  # fmt: skip
+                await writer.drain()
+                status = (await reader.readline()).split()[1]
+                writer.close()
+                assert status == b"403", status
+                sent += 1
+    audit.close()
+    data = path.read_bytes()
+    evs = events(path)
+    assert attempts_accounted(evs) == sent == 240
+    assert max(len(line) for line in data.splitlines()) <= MAX_LINE_BYTES
+    assert len(data) <= 240 * MAX_LINE_BYTES  # 12.1 MB before
+    guard.keys.close()
+
+
 def test_the_writer_thread_writes_the_summary_when_the_interval_ends(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     audit = AuditLog(backend=FileBackend(path, flush_interval_ms=5), refusal_interval_s=0.05)
@@ -148,6 +259,17 @@ def test_refusal_options_are_bounded() -> None:
                    {"refusal_max_groups": 0}, {"refusal_max_groups": True}):  # fmt: skip
         with pytest.raises(ConfigError, match=next(iter(kwargs))):
             AuditLog(backend=OTelBackend(), **kwargs)
+
+
+def test_the_core_bounds_refusal_max_lines(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="refusal_max_lines"):
+        AuditWriter(str(tmp_path / "a.jsonl"), refusal_max_lines=1_000_001)
+    # 0: summaries only.
+    writer = AuditWriter(str(tmp_path / "b.jsonl"), refusal_max_lines=0)
+    for _ in range(3):
+        assert writer.log_refusal("unauthorized", client_ip="192.0.2.1", reason="x")
+    writer.close()
+    assert [(e.get("summary"), e.get("count")) for e in events(tmp_path / "b.jsonl")] == [(True, 3)]
 
 
 def test_the_embedded_defaults_rotate_at_100_mb_times_10(tmp_path: Path) -> None:

@@ -128,7 +128,8 @@ class KeyStore:
             by the failure budgets) while its stored hash is unchanged.
         limits: the failure budgets for tokens not yet verified on this node and the
             negative cache of unknown key ids (:class:`VerifyLimits`; default: 10
-            failures per minute per address and key id, 100 per key id, 600 in all).
+            failures per minute per address and key id, 100 per key id, 600 in all,
+            each then followed by as many first tries from networks not failing).
 
     Example:
         ```python
