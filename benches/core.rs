@@ -181,7 +181,7 @@ fn key_store_start() -> (f64, f64, f64, usize) {
                 .prepare(
                     "INSERT INTO fmg_keys (id, name, phc_hash, scopes, metadata, status, \
                      created_at, revision) SELECT ?1, name, phc_hash, scopes, metadata, status, \
-                     created_at, revision FROM fmg_keys WHERE name = 'template'",
+                     created_at, revision FROM fmg_keys WHERE name = 'template' LIMIT 1",
                 )
                 .expect("prepare");
             for _ in 1..KEYS {
