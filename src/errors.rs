@@ -13,7 +13,7 @@ use pyo3::types::{PyDict, PyTuple, PyType};
 
 use crate::audit::AuditError;
 use crate::ipmatch::IpError;
-use crate::keystore::{KeyError, VerifyError};
+use crate::keystore::{KeyError, ThrottleScope, VerifyError};
 use crate::limiter::RateError;
 use crate::tokens::TokenError;
 
@@ -232,6 +232,15 @@ impl From<VerifyError> for PyErr {
             VerifyError::Store { .. } => "store",
         };
         let retry_after = e.retry_after().map(|d| d.as_secs_f64());
-        verify_err(reason, e.to_string(), e.key_id(), retry_after)
+        // An id refused by the unknown-id budget is not known to exist: attacker-chosen,
+        // it must not name anything (nor split the audit's refusal groups).
+        let key_id = match &e {
+            VerifyError::Throttled {
+                scope: ThrottleScope::UnknownKeys,
+                ..
+            } => None,
+            _ => e.key_id(),
+        };
+        verify_err(reason, e.to_string(), key_id, retry_after)
     }
 }

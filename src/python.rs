@@ -1321,8 +1321,13 @@ impl Recording {
 }
 
 /// `s` cut as every string of a refusal is ([`cut_field`]): itself when short enough.
+/// A string Python cannot encode (a lone surrogate) is taken lossily, as the renderer
+/// does: a refusal is recorded, never raised.
 fn cut_py<'py>(s: &Bound<'py, PyString>) -> PyResult<Bound<'py, PyString>> {
-    let text = s.to_str()?;
+    let Ok(text) = s.to_str() else {
+        let lossy = s.to_string_lossy();
+        return Ok(PyString::new(s.py(), cut_field(&lossy)));
+    };
     let cut = cut_field(text);
     Ok(if cut.len() == text.len() {
         s.clone()

@@ -1439,9 +1439,13 @@ impl KeyManager {
         self.inner.negative.clear();
         if imported.imported > 0 {
             let known = &self.inner.known;
-            self.inner
-                .backend
-                .for_each_label(&mut |l| known.insert(l))?;
+            // The import is committed: a failed read of the labels is a background error
+            // (the imported keys are then read from the store like unknown ones), not a
+            // failed import.
+            if let Err(e) = self.inner.backend.for_each_label(&mut |l| known.insert(l)) {
+                self.inner
+                    .note_error("reading the imported keys' labels", &e);
+            }
         }
         Ok(imported)
     }

@@ -196,6 +196,18 @@ def test_every_string_of_a_refusal_is_cut_in_the_core(tmp_path: Path) -> None:
     assert all(0 < len(v) <= 256 for v in (key_id, error, client_ip, extra_seen["path"]))
 
 
+def test_a_string_python_cannot_encode_is_recorded_not_raised(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    writer = AuditWriter(str(path))
+    lone = "bad\ud800path"  # a lone surrogate: no UTF-8 for it
+    assert writer.log_refusal("unauthorized", client_ip=lone, reason="bad_secret",
+                              key_id=lone, error=lone, extra={"path": lone})  # fmt: skip
+    writer.close()
+    (line,) = events(path)
+    assert line["status"] == "unauthorized" and line["reason"] == "bad_secret"
+    assert line["path"].startswith("bad") and line["path"].endswith("path")
+
+
 @pytest.mark.http
 async def test_over_http_denied_requests_with_60_kb_paths_write_bounded_bytes(
     serve, tmp_path: Path

@@ -67,6 +67,9 @@ def test_an_address_naming_many_unknown_ids_stops_costing_store_reads(key_db: Pa
     err = refused(store.core, unknown_key_token(999), "192.0.2.9")
     assert err.reason == "throttled" and err.retry_after is not None
     assert "unknown key ids" in str(err)
+    # The id is not known to exist: attacker-chosen, it names nothing (and so cannot
+    # split the audit's refusal groups into one per made-up id).
+    assert err.key_id is None
     assert store.core.stats()["store_reads"] == 1 + 20, "refused before the store"
     # Keys that exist are never refused by it: the address's working token, a new key,
     # and a colleague's key never used on this node.
