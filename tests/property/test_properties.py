@@ -29,14 +29,33 @@ def test_rate_parser_never_crashes(text: str) -> None:
 
 
 _manager = KeyManager.memory()
+_info, _token = _manager.create("property")
+assert _manager.verify(_token).key_id == _info.id  # proven: in the verified cache
 
 
 @settings(max_examples=300)
 @given(st.one_of(st.text(max_size=200), st.text(max_size=20).map(lambda s: "fmg_sk_" + s)))
 def test_token_parser_never_crashes(text: str) -> None:
-    assert _manager.verify_cached(text) is None
     result = token_key_id(text)
-    assert result is None or result.startswith("fmg_key_")
+    # Only a well-formed token names a key id, and it is the token's own kid part.
+    assert result is None or (
+        text.startswith("fmg_sk_") and result.startswith("fmg_key_")
+        and text[len("fmg_sk_"):].startswith(result[len("fmg_key_"):])
+    )  # fmt: skip
+
+
+@settings(max_examples=300)
+@given(st.integers(0, len(_token) - 1), st.characters(codec="utf-8"))
+def test_a_token_differing_in_one_character_is_not_served_from_the_cache(
+    pos: int, char: str
+) -> None:
+    # The verified cache holds whole tokens (a keyed digest), not key ids: a token that
+    # differs anywhere, the key id part included, is never taken for the proven one.
+    assert _manager.verify_cached(_token) is not None
+    changed = _token[:pos] + char + _token[pos + 1 :]
+    if changed != _token:
+        assert _manager.verify_cached(changed) is None
+    assert token_key_id(_token) == _info.id
 
 
 @settings(max_examples=200, deadline=None)
