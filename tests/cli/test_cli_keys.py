@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -18,16 +20,50 @@ from fastmcp_guard._util import os_user
 from tests.conftest import read_audit
 
 
-def cli(cwd: Path, *args: str, env: dict[str, str] | None = None,
-        stdin: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    """Run ``fastmcp-guard ARGS`` in ``cwd``; stdin is not a terminal (``/dev/null`` or text)."""
+def cli(cwd: Path, *args: str, env: dict[str, str] | None = None, stdin: str | None = None,
+        process: bool = False) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """Run ``fastmcp-guard ARGS`` in ``cwd``; stdin is not a terminal (``/dev/null`` or text).
+
+    In this process, through ``main(argv)``, with the environment, working directory and
+    standard streams swapped for the call; ``process=True`` runs a real process instead
+    (for what only a process shows: signals, start-up imports, the server)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FASTMCP_GUARD_")}
     clean.update(env or {})
+    if not process:
+        return _in_process(cwd, list(args), clean, stdin)
     return subprocess.run(
         [sys.executable, "-m", "fastmcp_guard.cli", *args],
         cwd=cwd, env=clean, capture_output=True, text=True, timeout=60, check=False,
         input=stdin, stdin=subprocess.DEVNULL if stdin is None else None,
     )  # fmt: skip
+
+
+def _stream() -> io.TextIOWrapper:
+    # Text over bytes: commands write rows to ``sys.stdout.buffer`` too.
+    return io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
+
+
+def _in_process(
+    cwd: Path, args: list[str], env: dict[str, str], stdin: str | None
+) -> subprocess.CompletedProcess[str]:
+    from fastmcp_guard.cli import main
+
+    out, err = _stream(), _stream()
+    saved_env, saved_cwd, saved_stdin = dict(os.environ), os.getcwd(), sys.stdin
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    sys.stdin = io.StringIO(stdin or "")
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(args)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        sys.stdin = saved_stdin
+    text = [s.buffer.getvalue().decode() for s in (out, err)]  # type: ignore[attr-defined]
+    return subprocess.CompletedProcess(["fastmcp-guard", *args], code, *text)
 
 
 def ok(cwd: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
