@@ -1,4 +1,4 @@
-"""The ``fastmcp-guard`` CLI, driven as a real process in a temporary directory."""
+"""The ``fastmcp-guard`` CLI in a temporary directory, called through ``main(argv)`` (see :func:`cli`)."""
 
 from __future__ import annotations
 
