@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 SCRIPT = textwrap.dedent(
     """
     import json, sys, threading
-    from fastmcp_guard._core import KeyManager, VerifyError
+    from fastmcp_guard._core import KeyManager, VerifyError, VerifyLimits
     from tests.security._tokens import wrong_secret
 
     def rss_bytes():
@@ -34,7 +34,10 @@ SCRIPT = textwrap.dedent(
                     return int(line.split()[1]) * 1024
 
     threads, per_thread, pool = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    manager = KeyManager.memory(max_concurrent_verifications=pool)
+    # Waits for a hashing thread as long as it takes: this measures memory, not latency
+    # (96 runs queue on 2 threads; a loaded machine must not turn them into `busy`).
+    manager = KeyManager.memory(max_concurrent_verifications=pool,
+                                limits=VerifyLimits(verify_wait_seconds=120.0))
     start = rss_bytes()
     _, token = manager.create("victim")
     failures = []
