@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import selectors
 import subprocess
 import sys
 import time
@@ -184,15 +185,27 @@ def test_tail_follows_across_rotation(tmp_path: Path) -> None:
                              "-n", "0", "--json"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        time.sleep(1.0)  # let it open the file and reach the end
-        with path.open("a") as f:
-            f.write(json.dumps(event(100, rng)) + "\n")
-        path.rename(tmp_path / "rotated.jsonl")
-        time.sleep(0.5)
-        path.write_text(json.dumps(event(200, rng)) + "\n")
         assert proc.stdout is not None
-        got = [json.loads(proc.stdout.readline())["ts"] for _ in range(2)]
-        assert got == [ts(100), ts(200)]
+        printed = selectors.DefaultSelector()
+        printed.register(proc.stdout, selectors.EVENT_READ)
+        # It follows once it has opened the file and reached its end: append until a
+        # line shows.
+        n, deadline = 100, time.monotonic() + 30
+        while not printed.select(timeout=0.05):
+            assert time.monotonic() < deadline, "tail -f printed nothing in 30 s"
+            with path.open("a") as f:
+                f.write(json.dumps(event(n, rng)) + "\n")
+            n += 1
+        # A line appended right before the rotation is printed, then the new file's.
+        with path.open("a") as f:
+            f.write(json.dumps(event(n, rng)) + "\n")
+        path.rename(tmp_path / "rotated.jsonl")
+        path.write_text(json.dumps(event(200, rng)) + "\n")
+        got: list[str] = []
+        while ts(200) not in got:
+            got.append(json.loads(proc.stdout.readline())["ts"])
+        first = next(i for i in range(100, n + 1) if ts(i) == got[0])
+        assert got == [ts(i) for i in range(first, n + 1)] + [ts(200)]
     finally:
         proc.terminate()
         proc.wait(timeout=10)

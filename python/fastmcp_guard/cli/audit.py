@@ -373,6 +373,10 @@ def _follow(f: IO[bytes], path: str, emit: Any) -> None:
             except FileNotFoundError:
                 continue  # between rotation's rename and the new file
             if st.st_ino != inode or st.st_size < f.tell():
+                if st.st_ino != inode:
+                    # Rotated: what was appended before the rename is printed first.
+                    for line in (partial + f.read()).split(b"\n"):
+                        _emit_line(emit, line)
                 f.close()
                 f = open(path, "rb")  # noqa: SIM115 - replaced on the next rotation
                 inode, partial = os.fstat(f.fileno()).st_ino, b""
