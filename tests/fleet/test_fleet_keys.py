@@ -108,9 +108,9 @@ def test_lifecycle_matches_the_other_stores_and_no_token_is_stored(store_url: st
     store.revoke(key.id)
     assert store.verify(str(new.token)) is None and store.verify(key.token) is None
     assert store.list() == [] and len(store.list(include_revoked=True)) == 2
-    with pytest.raises(KeyRevokedError):
+    with pytest.raises(KeyRevokedError, match=key.id):
         store.rotate(key.id)
-    with pytest.raises(KeyNotFoundError):
+    with pytest.raises(KeyNotFoundError, match="fmg_key_0000000000000000"):
         store.revoke("fmg_key_0000000000000000")
     store.flush()  # last_used_at written in a batch
     assert store.get(key.id).last_used_at is not None

@@ -122,7 +122,7 @@ async def test_handshake_and_listing_do_not_consume_budget(make_server, serve):
         async with http_client(url, key.token) as client:
             await client.call_tool("echo", {"text": "1"})
             await client.call_tool("echo", {"text": "2"})
-            with pytest.raises(ToolError):
+            with pytest.raises(ToolError, match="Rate limit exceeded"):
                 await client.call_tool("echo", {"text": "3"})
 
 
@@ -193,7 +193,7 @@ async def test_tool_error_is_audited_as_error(make_server, serve, audit, audit_p
     mcp, guard = make_server(audit=audit)
     key = guard.keys.create(name="err")
     async with serve(mcp) as url, http_client(url, key.token) as client:
-        with pytest.raises(ToolError):
+        with pytest.raises(ToolError, match="tool failed on purpose"):
             await client.call_tool("boom", {})
     audit.flush()
     ev = next(e for e in read_audit(audit_path) if e["tool"] == "boom")

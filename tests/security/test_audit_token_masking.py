@@ -133,7 +133,7 @@ async def test_a_token_in_a_tool_call_through_a_guarded_server_is_masked(tmp_pat
     token, secret, masked = new_token()
     async with Client(mcp) as client:
         assert (await client.call_tool("echo", {"text": token})).data == f"you said {token}"
-        with pytest.raises(ToolError):
+        with pytest.raises(ToolError, match="was refused upstream"):
             await client.call_tool("login", {"token": token})
     guard.close()
     data = all_bytes(tmp_path)

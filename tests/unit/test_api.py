@@ -122,13 +122,13 @@ def test_key_lifecycle_0_2_surface(tmp_path: Path) -> None:
     store.revoke(b.id)
     assert [k.id for k in store.list()] == [a.id]
     assert [k.id for k in store.list(include_revoked=True)] == [a.id, b.id]
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="fmg_key_doesnotexist"):
         store.revoke("fmg_key_doesnotexist")
-    with pytest.raises(KeyNotFoundError):
+    with pytest.raises(KeyNotFoundError, match="fmg_key_doesnotexist"):
         store.rotate("fmg_key_doesnotexist")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=b.id):
         store.rotate(b.id)
-    with pytest.raises(KeyRevokedError):
+    with pytest.raises(KeyRevokedError, match=b.id):
         store.rotate(b.id)
     assert store.verify(b.token) is None
     assert (
