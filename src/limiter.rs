@@ -625,7 +625,8 @@ impl Limiter {
         }
     }
 
-    /// The per-(key, tool) rate of `tool`, if any.
+    /// The per-(key, tool) rate of `tool`, if any (tests).
+    #[cfg(test)]
     #[must_use]
     pub fn tool_rate(&self, tool: &str) -> Option<Rate> {
         self.tool_rates.get(tool).map(|g| g.rate)
@@ -823,7 +824,8 @@ impl Limiter {
         self.keys.remove(key);
     }
 
-    /// Forget every bucket, the global one included.
+    /// Forget every bucket, the global one included (tests).
+    #[cfg(test)]
     pub fn reset_all(&self) {
         self.keys.clear();
         self.global_tat.store(0, Ordering::Release);
@@ -873,7 +875,8 @@ impl Limiter {
     }
 
     /// Number of stored per-key and per-(key, tool) buckets (the global bucket is not
-    /// counted). For tests and diagnostics; locks every entry.
+    /// counted). For tests; locks every entry.
+    #[cfg(test)]
     #[must_use]
     pub fn bucket_count(&self) -> usize {
         let per_key = usize::from(self.per_key.is_some());

@@ -501,10 +501,6 @@ impl PyLimiter {
         Ok(())
     }
 
-    fn tool_rate(&self, tool: &str) -> Option<String> {
-        self.0.tool_rate(tool).map(|r| r.to_string())
-    }
-
     #[pyo3(signature = (key, tool=None))]
     fn check(&self, key: &str, tool: Option<&str>) -> Option<PyRefusal> {
         refusal(self.0.check(key, tool))
@@ -532,14 +528,6 @@ impl PyLimiter {
     }
     fn reset(&self, key: &str) {
         self.0.reset(key);
-    }
-
-    fn reset_all(&self) {
-        self.0.reset_all();
-    }
-
-    fn bucket_count(&self) -> usize {
-        self.0.bucket_count()
     }
 
     /// Keys that have buckets now (seen and not yet evicted as idle), sorted.
