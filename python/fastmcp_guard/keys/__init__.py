@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio.to_thread
 
-from fastmcp_guard._core import Identity, KeyInfo, KeyManager, VerifyLimits
+from fastmcp_guard._core import KeyInfo, KeyManager, VerifyLimits
 from fastmcp_guard._util import mask_url, os_user
 from fastmcp_guard.errors import ConfigError
 
@@ -310,10 +310,6 @@ class KeyStore:
         used = now.replace(microsecond=now.microsecond // 1000 * 1000)  # the store's precision
         return dataclasses.replace(key, last_used_at=used,
                                    last_used_ip=client_ip or key.last_used_ip)  # fmt: skip
-
-    def verify_identity(self, token: str, client_ip: str | None = None) -> Identity:
-        """Full verification returning the core identity; raises ``VerifyError``."""
-        return self._core.verify(token, client_ip)
 
     # -- async twins: the same operations from async code, off the event loop -----------
     # (create / rotate hash with argon2id, tens of milliseconds; all touch the store)
