@@ -1,9 +1,23 @@
-"""Small helpers shared by several modules."""
+"""Small helpers shared by several modules.
+
+A leaf: it imports nothing of the package, so any module may import it (see
+``tests/unit/test_import_cycles.py``).
+"""
 
 from __future__ import annotations
 
 import getpass
 import os
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+__all__ = ["MASK", "ca_file_problem", "mask_url", "os_user"]
+
+#: What a secret is shown as (in URLs, ``fastmcp-guard config``, error messages).
+MASK = "****"
+#: Query parameters whose values :func:`mask_url` masks (case-insensitive).
+_SECRET_QUERY_PARAMS = frozenset({"password", "pass", "pwd", "secret", "token", "sslpassword",
+                                  "access_token", "api_key", "apikey", "key", "sig",
+                                  "code"})  # fmt: skip
 
 
 def os_user() -> str:
@@ -30,3 +44,34 @@ def ca_file_problem(path: str) -> str | None:
     except OSError as exc:
         return f"cannot read CA file {path}: {exc.strerror or exc}"
     return None
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password (``user:pw@``) and secret query parameters masked."""
+    if "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            if ":" in userinfo:
+                user = userinfo.split(":", 1)[0]
+                netloc = f"{user}:{MASK}@{hostport}"
+            elif parts.scheme in ("redis", "rediss", "http", "https"):
+                # redis://pw@host: some clients read a password there; https://token@host:
+                # HttpBackend sends it as basic authentication.
+                netloc = f"{MASK}@{hostport}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            if any(k.lower() in _SECRET_QUERY_PARAMS for k, _ in pairs):
+                query = urlencode(
+                    [(k, MASK if k.lower() in _SECRET_QUERY_PARAMS else v) for k, v in pairs],
+                    safe="*",
+                )
+        if netloc == parts.netloc and query == parts.query:
+            return url  # nothing secret (and urlunsplit would drop the slashes of sqlite:////)
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return MASK  # unparsable: show nothing that might be a secret

@@ -161,7 +161,7 @@ def install_admin_routes(guard: Guard, scope: str = ADMIN_SCOPE) -> None:
         return ident
 
     def audit_ok(request: Request, ident: AccessToken, tool: str, key: str | None) -> None:
-        guard._audit_event(
+        guard.record_event(
             "ok", tool=tool, key_id=ident.client_id,
             key_name=str((ident.claims or {}).get("key_name", "")),
             scopes=list(ident.scopes), input_args={"key": key},

@@ -36,8 +36,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
+from fastmcp_guard._util import MASK, mask_url
 from fastmcp_guard.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -60,7 +61,6 @@ __all__ = [
     "SettingView",
     "known_env_names",
     "load_config",
-    "mask_url",
 ]
 
 #: Prefix of every environment variable.
@@ -133,10 +133,6 @@ def known_env_names() -> frozenset[str]:
 _SECRET_SETTINGS = frozenset({"admin_key", "audit_chain_key", "audit_http_secret"})
 #: How an unset setting whose ``None`` is not "off" is shown.
 _UNSET = {"audit_http_ca_file": "(system trust store)"}
-_SECRET_QUERY_PARAMS = frozenset({"password", "pass", "pwd", "secret", "token", "sslpassword",
-                                  "access_token", "api_key", "apikey", "key", "sig",
-                                  "code"})  # fmt: skip
-_MASK = "****"
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _FLEET_SCHEMES = {"postgresql": "postgres", "postgres": "postgres", "redis": "redis",
                   "rediss": "redis"}  # fmt: skip
@@ -461,9 +457,9 @@ class GuardConfig:
             raise ConfigError(f"unknown setting {name!r}{_did_you_mean(name)}")
         value = getattr(self, name)
         if name in _SECRET_SETTINGS:
-            return None if value is None else _MASK
+            return None if value is None else MASK
         if name == "audit_http_headers":
-            return {header: _MASK for header, _ in value}
+            return {header: MASK for header, _ in value}
         if isinstance(value, KeysTarget):
             return value.masked()
         if name == "audit":
@@ -612,40 +608,6 @@ def _check_audit_settings(parsed: dict[str, Any], sources: dict[str, str]) -> No
 def load_config(arguments: Mapping[str, Any] | None = None, **kwargs: Any) -> GuardConfig:
     """Shorthand for :meth:`GuardConfig.load`."""
     return GuardConfig.load(arguments, **kwargs)
-
-
-# -- secrets ---------------------------------------------------------------------------
-
-
-def mask_url(url: str) -> str:
-    """``url`` with its password (``user:pw@``) and secret query parameters masked."""
-    if "://" not in url:
-        return url
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, hostport = netloc.rpartition("@")
-            if ":" in userinfo:
-                user = userinfo.split(":", 1)[0]
-                netloc = f"{user}:{_MASK}@{hostport}"
-            elif parts.scheme in ("redis", "rediss", "http", "https"):
-                # redis://pw@host: some clients read a password there; https://token@host:
-                # HttpBackend sends it as basic authentication.
-                netloc = f"{_MASK}@{hostport}"
-        query = parts.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            if any(k.lower() in _SECRET_QUERY_PARAMS for k, _ in pairs):
-                query = urlencode(
-                    [(k, _MASK if k.lower() in _SECRET_QUERY_PARAMS else v) for k, v in pairs],
-                    safe="*",
-                )
-        if netloc == parts.netloc and query == parts.query:
-            return url  # nothing secret (and urlunsplit would drop the slashes of sqlite:////)
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    except ValueError:
-        return _MASK  # unparsable: show nothing that might be a secret
 
 
 # -- config files ----------------------------------------------------------------------

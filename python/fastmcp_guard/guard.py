@@ -27,6 +27,7 @@ from fastmcp_guard.rate import RateLimit
 
 if TYPE_CHECKING:
     from fastmcp import FastMCP
+    from fastmcp.server.auth import AccessToken
 
 __all__ = ["ENV_KEY", "Guard"]
 
@@ -149,8 +150,10 @@ class Guard:
         self.ip = ip
         self.keys.audit = audit
         self.verifier: GuardTokenVerifier | None = None
-        #: The local admin socket's path when ``fastmcp-guard run`` serves one.
-        self._admin_socket: str | None = None
+        #: The path of the local admin socket ``fastmcp-guard run`` serves the admin routes
+        #: on (``None``: none). Requests over it are admitted to ``/_guard/`` without a key:
+        #: the socket's file mode is the credential (see :mod:`fastmcp_guard.admin`).
+        self.admin_socket: str | None = None
 
         self._local_token = os.environ.get(ENV_KEY) or None
         self._local_cached: tuple[str, float | None, Caller] | None = None
@@ -202,10 +205,19 @@ class Guard:
         if self.audit is not None and self.audit.backends:
             mcp.add_provider(_AuditFlush(self))
 
-    # -- used by the middleware and the ASGI layer ------------------------------------
+    # -- used by the middleware, the HTTP layer and the guard's routes -----------------
 
-    async def _local_caller(self) -> Caller:
-        """The caller on a transport without HTTP (stdio, in-process)."""
+    @property
+    def has_local_key(self) -> bool:
+        """Whether stdio and in-process callers run as the key in ``FASTMCP_GUARD_KEY``
+        (else as ``local:<os user>``, with no scopes)."""
+        return self._local_token is not None
+
+    async def local_caller(self) -> Caller:
+        """The caller on a transport without HTTP (stdio, in-process): the key in
+        ``FASTMCP_GUARD_KEY``, verified again (from the cache) on each call, or the local
+        OS user. Raises ``ToolError`` (and records ``unauthorized``) once that key is no
+        longer valid."""
         token = self._local_token
         if token is None:
             return Caller(rate_key=self._local_name, key_name=self._local_name)
@@ -217,7 +229,7 @@ class Guard:
             except VerifyError as exc:
                 from fastmcp.exceptions import ToolError
 
-                self._audit_event("unauthorized", error=f"{ENV_KEY} refused ({exc.reason})")
+                self.record_event("unauthorized", error=f"{ENV_KEY} refused ({exc.reason})")
                 raise ToolError(f"the key in {ENV_KEY} is no longer valid ({exc.reason})") from None
         cached = self._local_cached
         if cached is not None and cached[0] == ident.key_id and cached[1] == ident.expires_at:
@@ -228,11 +240,13 @@ class Guard:
         self._local_cached = (ident.key_id, ident.expires_at, caller)
         return caller
 
-    def _audit_event(self, status: str, **fields: Any) -> None:
+    def record_event(self, status: str, **fields: Any) -> None:
+        """Record one audit event (:meth:`AuditLog.log <fastmcp_guard.AuditLog.log>`'s
+        ``status`` and keyword fields); nothing when the guard has no audit log."""
         if self.audit is not None:
             self.audit.log(status, **fields)
 
-    def _refused(
+    def record_refusal(
         self,
         status: str,
         client_ip: str | None,
@@ -246,7 +260,10 @@ class Guard:
         ``forbidden``, ``ip_denied``; a throttled token as ``rate_limited``, as its 429
         says), attributed to the key id the token claimed when that key exists, so that
         ``audit query --key <id>`` shows the attacks on it. Aggregated per address,
-        status, reason and key id by the audit log: a flood costs counts, not disk."""
+        status, reason and key id by the audit log: a flood costs counts, not disk.
+        ``reason`` is the refusal's code (``bad_secret``, ``deny_listed``...), ``error``
+        its message, ``path`` the request path (cut to 256 characters); nothing is
+        recorded when the guard has no audit log."""
         if self.audit is None:
             return
         if reason in _NO_SUCH_KEY:
@@ -255,6 +272,13 @@ class Guard:
             path = path[:_MAX_PATH] + "…"  # the client's text: 100 KB paths get through uvicorn
         self.audit.log_refusal(status, client_ip=client_ip, reason=reason, key_id=key_id,
                                error=error, extra=None if path is None else {"path": path})  # fmt: skip
+
+    async def verify_key(self, token: str) -> AccessToken | None:
+        """The access token of a valid guard key, verified by the guard's own verifier
+        whatever ``mcp.auth`` is (the guard's routes: admin, metrics); ``None`` otherwise.
+        Raises what the verifier raises when it cannot decide (a throttled token, an
+        unavailable key store)."""
+        return await self._keys_verifier.verify_token(token)
 
     def http_middleware(self) -> list[Any]:
         """The guard's HTTP layer as Starlette middleware, for an app built by hand

@@ -226,7 +226,7 @@ async def verify_bearer(guard: Guard, scope: Scope) -> AccessToken | None:
         token = text[7:].strip() if text[:7].lower() == "bearer " else None
     if not token:
         return None
-    return await guard._keys_verifier.verify_token(token)
+    return await guard.verify_key(token)
 
 
 def add_route(
@@ -282,8 +282,8 @@ class GuardASGIMiddleware:
         path = scope.get("path")
         server = scope.get("server")
         if (
-            guard._admin_socket is not None and server is not None
-            and server[1] is None and server[0] == guard._admin_socket
+            guard.admin_socket is not None and server is not None
+            and server[1] is None and server[0] == guard.admin_socket
         ):  # fmt: skip
             # The local admin socket (the listening socket's own address: no client can
             # claim it). It serves the admin routes and nothing else.
@@ -301,8 +301,8 @@ class GuardASGIMiddleware:
             self._check_server_proxy_headers(scope, client_ip)
         refused = admit(guard.ip, client_ip)
         if refused is not None:
-            guard._refused("ip_denied", client_ip, refused,
-                           error=f"client address refused ({refused})", path=path)  # fmt: skip
+            guard.record_refusal("ip_denied", client_ip, refused,
+                                 error=f"client address refused ({refused})", path=path)  # fmt: skip
             await _send_json(send, 403, {"error": "forbidden",
                                          "error_description": "client address not allowed"})  # fmt: skip
             return
@@ -328,7 +328,7 @@ class GuardASGIMiddleware:
                         status = "unauthorized" if message["status"] == 401 else "forbidden"
                         reason = req.reason or ("invalid_token" if status == "unauthorized"
                                                 else "insufficient_scope")  # fmt: skip
-                        guard._refused(
+                        guard.record_refusal(
                             status, client_ip, reason, key_id=req.key_id,
                             error=req.refusal or "missing or invalid token", path=path,
                         )  # fmt: skip
@@ -337,8 +337,8 @@ class GuardASGIMiddleware:
             try:
                 await self.app(scope, receive, send_and_audit)
             except TokenThrottled as exc:
-                guard._refused("rate_limited", client_ip, req.reason or "throttled",
-                               key_id=req.key_id, error=str(exc), path=path)  # fmt: skip
+                guard.record_refusal("rate_limited", client_ip, req.reason or "throttled",
+                                     key_id=req.key_id, error=str(exc), path=path)  # fmt: skip
                 if started:
                     raise
                 wait = str(max(1, math.ceil(exc.retry_after))).encode()
@@ -348,9 +348,9 @@ class GuardASGIMiddleware:
             except TokenVerificationError as exc:
                 # The key store is down (or every hashing slot busy): a documented 503,
                 # not a crash and not a 401 (the token may be valid).
-                guard._refused("unauthorized", client_ip, req.reason or "store",
-                               key_id=req.key_id, error=f"key store unavailable: {exc}",
-                               path=path)  # fmt: skip
+                guard.record_refusal("unauthorized", client_ip, req.reason or "store",
+                                     key_id=req.key_id, error=f"key store unavailable: {exc}",
+                                     path=path)  # fmt: skip
                 if started:
                     raise
                 await _send_json(send, 503, {"error": "temporarily_unavailable",

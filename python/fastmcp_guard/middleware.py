@@ -95,9 +95,9 @@ class GuardMiddleware(Middleware):
             # as that key, and FastMCP's own checks (component auth, AuthMiddleware,
             # mounted servers, listings) apply to it as over HTTP: FastMCP skips them on
             # stdio, so the request is not marked stdio while it runs.
-            if guard._local_token is None:
+            if not guard.has_local_key:
                 return await call_next(context)
-            user = (await guard._local_caller()).sdk_user
+            user = (await guard.local_caller()).sdk_user
             as_user = auth_context_var.set(user)
             on_stdio = _current_transport.get() == "stdio"
             transport = set_transport(cast("Any", None)) if on_stdio else None
@@ -115,9 +115,9 @@ class GuardMiddleware(Middleware):
                 client_ip = client_of(ip, scope)
                 refused = admit(ip, client_ip)
                 if refused is not None:
-                    guard._refused("ip_denied", client_ip, refused,
-                                   error=f"client address refused ({refused})",
-                                   path=scope.get("path"))  # fmt: skip
+                    guard.record_refusal("ip_denied", client_ip, refused,
+                                         error=f"client address refused ({refused})",
+                                         path=scope.get("path"))  # fmt: skip
                     raise MCPError(INVALID_REQUEST, f"client address not allowed ({refused})")
         return await call_next(context)
 
@@ -127,7 +127,7 @@ class GuardMiddleware(Middleware):
         try:
             request = get_http_request()
         except RuntimeError:
-            return await self.guard._local_caller()
+            return await self.guard.local_caller()
         scope = request.scope
         client_ip = client_of(self.guard.ip, scope)
         user = scope.get("user")

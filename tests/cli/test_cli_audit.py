@@ -77,6 +77,9 @@ def test_query_json_matches_the_reference_filter(
          {"key": "alice", "tool": "get_data", "status": "ok"}),
         (["--key", 'al"ice'], {"key": 'al"ice'}),
         (["--key", "fmg_key_0000000000000001"], {"key": "fmg_key_0000000000000001"}),
+        # A token's public part, or a whole token: the key id it names.
+        (["--key", "fmg_sk_0000000000000001"], {"key": "fmg_key_0000000000000001"}),
+        (["--key", "fmg_sk_0000000000000001_" + "s" * 32], {"key": "fmg_key_0000000000000001"}),
         (["--since", "2026-03-05T00:00:00Z", "--until", "2026-03-08"],
          {"since": datetime(2026, 3, 5, tzinfo=timezone.utc),
           "until": datetime(2026, 3, 8, tzinfo=timezone.utc)}),

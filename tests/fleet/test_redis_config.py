@@ -119,13 +119,14 @@ async def test_guard_from_the_environment_limits_in_redis(
 
     guard = Guard(mcp)
     assert not guard.rate_limit.is_local
-    await guard.rate_limit.reset_async(guard._local_name)
+    local = (await guard.local_caller()).rate_key  # local:<os user>: no FASTMCP_GUARD_KEY
+    await guard.rate_limit.reset_async(local)
     async with Client(mcp) as client:
         for _ in range(2):
             assert (await client.call_tool("echo", {"text": "x"})).data == "x"
         refused = await client.call_tool("echo", {"text": "x"}, raise_on_error=False)
         assert refused.is_error and "per-key limit 2/hour" in refused.content[0].text
-    status = await guard.rate_limit.status_async(guard._local_name)
+    status = await guard.rate_limit.status_async(local)
     assert status["per_key"]["used"] == 2
-    await guard.rate_limit.reset_async(guard._local_name)
+    await guard.rate_limit.reset_async(local)
     guard.close()

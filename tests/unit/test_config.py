@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from fastmcp import FastMCP
 from fastmcp_guard import AuditLog, ConfigError, FileBackend, Guard, IPPolicy, KeyStore, RateLimit
+from fastmcp_guard._util import mask_url
 from fastmcp_guard.config import (
     AuditTarget,
     GuardConfig,
     InvalidSettingError,
     KeysTarget,
-    mask_url,
 )
 
 

@@ -55,7 +55,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fastmcp_guard._core import AuditSink, AuditWriter, audit_log_files, audit_spool_read
-from fastmcp_guard._util import ca_file_problem
+from fastmcp_guard._util import ca_file_problem, mask_url
 from fastmcp_guard.errors import ConfigError
 
 __all__ = [
@@ -135,7 +135,7 @@ class HttpBackend:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(
                 f"HttpBackend url must be http://host[:port]/path or https://..., "
-                f"got {_mask(self.url)!r}"
+                f"got {mask_url(self.url)!r}"
             )
         for name in ("spool_max_bytes", "spool_file_bytes", "batch_max", "batch_max_bytes"):
             if int(getattr(self, name)) < 1:
@@ -162,7 +162,7 @@ class HttpBackend:
             object.__setattr__(self, "ca_file", ca_file)  # frozen; read when connecting
 
     def __repr__(self) -> str:  # the URL may hold a password
-        return (f"HttpBackend({_mask(self.url)!r}, spool_dir={os.fspath(self.spool_dir)!r}, "
+        return (f"HttpBackend({mask_url(self.url)!r}, spool_dir={os.fspath(self.spool_dir)!r}, "
                 f"ca_file={self.ca_file!r})")  # fmt: skip
 
 
@@ -196,12 +196,6 @@ def verify_signature(
     if abs(age) > max_age:
         return False
     return hmac.compare_digest(sign(secret, ts, body), given)
-
-
-def _mask(url: str) -> str:
-    from fastmcp_guard.config import mask_url
-
-    return mask_url(url)
 
 
 class _Refused(Exception):
@@ -246,7 +240,7 @@ class HttpShipper:
         self.backend = backend
         self._fail_closed = on_failure == "fail_closed"
         self._url = urlsplit(backend.url)
-        self._shown_url = _mask(backend.url)
+        self._shown_url = mask_url(backend.url)
         self._secret = (
             backend.secret.encode() if isinstance(backend.secret, str) else backend.secret
         )

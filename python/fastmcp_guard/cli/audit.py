@@ -139,9 +139,9 @@ def _readable(
 def _filters(args: argparse.Namespace) -> dict[str, Any]:
     key = args.key.strip() if args.key else None
     if key and key.startswith("fmg_sk_"):
-        from fastmcp_guard.admin import normalise_key
+        from fastmcp_guard._core import token_key_id
 
-        key = normalise_key(key)
+        key = token_key_id(key) or key  # a token, or its public part: the key id it names
     since = _instant(args.since, "--since")
     until = _instant(args.until, "--until")
     if since is not None and until is not None and since >= until:

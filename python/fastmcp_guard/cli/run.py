@@ -130,8 +130,8 @@ def _serve_http(mcp: Any, guard: Any, config: Any) -> None:
     finally:
         for sock in sockets:
             sock.close()
-        if guard._admin_socket is not None:
-            Path(guard._admin_socket).unlink(missing_ok=True)
+        if guard.admin_socket is not None:
+            Path(guard.admin_socket).unlink(missing_ok=True)
 
 
 def _admin_socket(config: Any, guard: Any) -> Any:
@@ -175,7 +175,7 @@ def _admin_socket(config: Any, guard: Any) -> Any:
             "--admin-key for this server\n"
         )
         return None
-    guard._admin_socket = str(path)
+    guard.admin_socket = str(path)
     return sock
 
 

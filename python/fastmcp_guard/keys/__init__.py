@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio.to_thread
 
-from fastmcp_guard._core import Identity, KeyInfo, KeyManager, VerifyLimits
-from fastmcp_guard._util import os_user
+from fastmcp_guard._core import KeyInfo, KeyManager, VerifyLimits
+from fastmcp_guard._util import mask_url, os_user
 from fastmcp_guard.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -311,10 +311,6 @@ class KeyStore:
         return dataclasses.replace(key, last_used_at=used,
                                    last_used_ip=client_ip or key.last_used_ip)  # fmt: skip
 
-    def verify_identity(self, token: str, client_ip: str | None = None) -> Identity:
-        """Full verification returning the core identity; raises ``VerifyError``."""
-        return self._core.verify(token, client_ip)
-
     # -- async twins: the same operations from async code, off the event loop -----------
     # (create / rotate hash with argon2id, tens of milliseconds; all touch the store)
 
@@ -359,8 +355,6 @@ class KeyStore:
             backend.close()
 
     def __repr__(self) -> str:
-        from fastmcp_guard.config import mask_url
-
         where = f", path={self.path!r}" if self.path else ""
         if self._dsn:
             where = f", dsn={mask_url(self._dsn)!r}"
@@ -387,7 +381,7 @@ def _open_fleet(kind: str, dsn: str, opts: dict[str, Any]) -> tuple[KeyManager, 
         raise StoreError(str(exc)) from None
     except Exception as exc:
         if type(exc).__module__.split(".")[0] in ("psycopg", "redis"):
-            raise StoreError(f"key store {backend_name(dsn)}: {str(exc).strip()}") from None
+            raise StoreError(f"key store {mask_url(dsn)}: {str(exc).strip()}") from None
         raise
     manager = KeyManager.external(backend, **opts)
     return manager, listener(backend, manager)
@@ -398,10 +392,3 @@ def _housekeeper(manager: KeyManager, name: str, opts: dict[str, Any]) -> Any:
 
     return Housekeeper(manager, name, opts["touch_interval_seconds"],
                        opts["watch_interval_seconds"])  # fmt: skip
-
-
-def backend_name(dsn: str) -> str:
-    """``dsn`` with its password masked."""
-    from fastmcp_guard.config import mask_url
-
-    return mask_url(dsn)

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from fastmcp_guard._util import mask_url
 from fastmcp_guard.errors import MissingExtraError
 
 if TYPE_CHECKING:
@@ -108,8 +109,6 @@ class PostgresKeyBackend:
     """
 
     def __init__(self, dsn: str, *, connect_timeout: float = 5.0) -> None:
-        from fastmcp_guard.config import mask_url
-
         self._pg = _psycopg()
         self.dsn = dsn
         #: The DSN with its password masked (used in every message).

@@ -29,6 +29,7 @@ import threading
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from fastmcp_guard._util import mask_url
 from fastmcp_guard.errors import MissingExtraError
 
 if TYPE_CHECKING:
@@ -120,8 +121,6 @@ class RedisKeyBackend:
     """The key records in Redis, as the core's ``KeyManager.external`` calls them."""
 
     def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX, timeout: float = 2.0) -> None:
-        from fastmcp_guard.config import mask_url
-
         self._redis = _redis()
         self.url = url
         #: The URL with its password masked (used in every message).

@@ -25,6 +25,7 @@ from fastmcp.exceptions import ToolError
 from mcp import MCPError
 
 from fastmcp_guard._core import Limiter, parse_rate
+from fastmcp_guard._util import mask_url
 from fastmcp_guard.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -280,8 +281,6 @@ class RateLimit:
         args = f"per_key={self.per_key!r}, global_limit={self.global_limit!r}"
         if self._remote is None:
             return f"RateLimit({args})"
-        from fastmcp_guard.config import mask_url
-
         return (
             f"RateLimit({args}, backend='redis', url={mask_url(self._remote.url)!r}, "
             f"on_backend_error={self._remote.on_backend_error!r})"

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastmcp_guard._core import Limiter, Refusal, parse_rate
-from fastmcp_guard.config import mask_url
+from fastmcp_guard._util import mask_url
 from fastmcp_guard.errors import ConfigError, MissingExtraError, RateBackendError
 
 if TYPE_CHECKING:
