@@ -377,11 +377,6 @@ class HttpShipper:
         """The spool writer is healthy and the spool is under ``spool_max_bytes``."""
         return self._writer.healthy()
 
-    def pending_bytes(self) -> int:
-        """Unsent bytes in the spool, measured now."""
-        self._refresh_size()
-        return self._spooled_bytes
-
     # -- spool and cursor ------------------------------------------------------------
 
     def _take_lock(self) -> int:
