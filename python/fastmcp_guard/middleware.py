@@ -222,7 +222,7 @@ class GuardMiddleware(Middleware):
                     structured_content=exc.data,
                     is_error=True,
                 )
-            raise exc.as_mcp_error()
+            raise exc.as_mcp_error(rate.refusal_code)
         if audit is None:
             return await call_next(context)
 

@@ -9,6 +9,8 @@ import pytest
 from fastmcp import FastMCP
 from fastmcp.exceptions import ToolError
 from fastmcp_guard import AuditLog, FileBackend, Guard, IPPolicy, RateLimit, rate_limit
+from fastmcp_guard.errors import ConfigError
+from fastmcp_guard.rate import RATE_LIMITED_CODE
 
 from tests.conftest import http_client, read_audit
 from tests.integration.test_http_auth import HEADERS, INIT, raw_post
@@ -50,6 +52,27 @@ async def test_protocol_refusal_carries_data(make_server, serve):
     err = info.value
     assert "Rate limit exceeded" in str(err)
     assert err.error.data["retry_after"] > 0  # type: ignore[attr-defined]
+    # An application code, outside the range JSON-RPC reserves (-32768..-32000).
+    assert err.error.code == RATE_LIMITED_CODE == 429  # type: ignore[attr-defined]
+
+
+async def test_the_protocol_refusal_code_is_configurable_outside_the_reserved_range(
+    make_server, serve
+):
+    for reserved in (-32000, -32019, -32050, -32768):
+        with pytest.raises(ConfigError, match=f"refusal_code {reserved} is in the range"):
+            RateLimit(per_key="1/hour", refusal="protocol", refusal_code=reserved)
+    with pytest.raises(ConfigError, match="must be an integer"):
+        RateLimit(refusal_code=True)
+    mcp, guard = make_server(
+        rate_limit=RateLimit(per_key="1/hour", refusal="protocol", refusal_code=1429)
+    )
+    key = guard.keys.create(name="p")
+    async with serve(mcp) as url, http_client(url, key.token) as client:
+        await client.call_tool("echo", {"text": "x"})
+        with pytest.raises(Exception, match="Rate limit exceeded") as info:
+            await client.call_tool("echo", {"text": "x"})
+    assert info.value.error.code == 1429  # type: ignore[attr-defined]
 
 
 async def test_global_limit_spans_keys(make_server, serve):

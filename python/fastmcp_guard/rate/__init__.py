@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from fastmcp_guard.rate.redis import BackendErrorPolicy, RedisLimiter
 
 __all__ = [
+    "RATE_LIMITED_CODE",
     "RATE_LIMIT_ATTR",
     "RateLimit",
     "RateLimitExceeded",
@@ -57,6 +58,12 @@ class RefusalInfo(Protocol):
     def retry_after(self) -> float: ...
     @property
     def reset_after(self) -> float: ...
+
+
+#: JSON-RPC error code of a rate refusal answered as a protocol error (as HTTP's 429). An
+#: application code: JSON-RPC reserves -32768..-32000, and the MCP specification of
+#: 2026-07-28 calls -32000..-32019 legacy. ``RateLimit(refusal_code=...)`` changes it.
+RATE_LIMITED_CODE = 429
 
 
 class RateLimitExceeded(ToolError):
@@ -87,9 +94,10 @@ class RateLimitExceeded(ToolError):
             f"retry after {refusal.retry_after:.2f} s"
         )
 
-    def as_mcp_error(self) -> MCPError:
-        """The same refusal as a protocol-level MCP error (``error.data`` holds the numbers)."""
-        return MCPError(-32000, str(self), self.data)
+    def as_mcp_error(self, code: int = RATE_LIMITED_CODE) -> MCPError:
+        """The same refusal as a protocol-level MCP error with JSON-RPC error ``code``
+        (default :data:`RATE_LIMITED_CODE`); ``error.data`` holds the numbers."""
+        return MCPError(code, str(self), self.data)
 
     @property
     def data(self) -> dict[str, Any]:
@@ -118,8 +126,12 @@ class RateLimit:
             fastmcp-guard 0.2): a tool error result (``isError``) whose text names
             the limit and the wait and whose structured content carries
             ``retry_after``, ``limit``, ``remaining`` and ``reset``. ``"protocol"``:
-            a JSON-RPC error (code -32000) with the same message and ``data``.
+            a JSON-RPC error (code ``refusal_code``) with the same message and ``data``.
             Resource reads and prompts are always refused with the protocol error.
+        refusal_code: the JSON-RPC error code of a protocol refusal (default
+            :data:`RATE_LIMITED_CODE`, 429). An application code: JSON-RPC reserves
+            -32768..-32000 (the MCP specification of 2026-07-28 calls -32000..-32019
+            legacy and reserves -32020..-32099), so a code there is a ``ConfigError``.
         url: the Redis server (``backend="redis"`` only; default
             ``redis://127.0.0.1:6379/0``), e.g. ``redis://:password@redis:6379/0``,
             ``rediss://...`` for TLS.
@@ -147,6 +159,7 @@ class RateLimit:
         backend: Literal["memory", "redis"] | str = "memory",
         *,
         refusal: Literal["tool", "protocol"] = "tool",
+        refusal_code: int = RATE_LIMITED_CODE,
         url: str | None = None,
         on_backend_error: BackendErrorPolicy | str = "allow",
         key_prefix: str | None = None,
@@ -155,6 +168,13 @@ class RateLimit:
     ) -> None:
         if refusal not in ("tool", "protocol"):
             raise ConfigError(f"refusal must be 'tool' or 'protocol', got {refusal!r}")
+        if isinstance(refusal_code, bool) or not isinstance(refusal_code, int):
+            raise ConfigError(f"refusal_code must be an integer, got {refusal_code!r}")
+        if -32768 <= refusal_code <= -32000:
+            raise ConfigError(
+                f"refusal_code {refusal_code} is in the range JSON-RPC reserves "
+                f"(-32768..-32000); use an application code such as {RATE_LIMITED_CODE}"
+            )
         if backend not in ("memory", "redis"):
             raise ConfigError(
                 f"unknown rate limit backend {backend!r}; expected 'memory' or 'redis'"
@@ -168,6 +188,8 @@ class RateLimit:
         self.global_limit = global_limit
         self.backend = backend
         self.refusal = refusal
+        #: JSON-RPC error code of a protocol refusal.
+        self.refusal_code = refusal_code
         self._core = Limiter(per_key=per_key, global_limit=global_limit)
         #: True for the in-process backend: the middleware then calls ``core.check``
         #: inline (no await); otherwise it awaits :meth:`acquire`.
