@@ -23,19 +23,34 @@
 //! expiry, grace periods, the throttle, revoke and rotate — is the same. Rotating one issues
 //! a current-format token.
 
+mod backend;
+mod error;
 mod known;
 pub mod legacy;
 pub mod memory;
 mod negative;
+mod options;
+mod record;
 pub mod sqlite;
+#[cfg(test)]
+mod testing;
 pub mod throttle;
+mod validate;
 
+pub use backend::KeyBackend;
+pub use error::{KeyError, VerifyError};
 pub use known::DEFAULT_KNOWN_IDS_CAPACITY;
 pub use legacy::LegacyImport;
 pub use memory::MemoryBackend;
 pub use negative::{DEFAULT_NEGATIVE_CAPACITY, DEFAULT_NEGATIVE_TTL};
+pub use options::ManagerOptions;
+pub use record::{Change, KeyRecord, KeyStatus, Touch};
 pub use sqlite::SqliteBackend;
 pub use throttle::{client_bucket, client_network, FailThrottle, ThrottleScope};
+
+use backend::legacy_label;
+use record::{now_utc, truncate_ms, utc_from_ms};
+use validate::{echo_id, resolve_id, validate_name, validate_scopes};
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,504 +61,13 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
 use parking_lot::Mutex;
-use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::hashing::{
-    self, CachedKey, HashError, HashParams, HashPool, HashScheme, Now, PoolError, ProvenDigests,
-    TokenDigest, VerifiedCache,
+    CachedKey, HashError, HashPool, HashScheme, Now, PoolError, ProvenDigests, TokenDigest,
+    VerifiedCache,
 };
 use crate::tokens::{self, AnyToken, TokenError};
-
-/// Lifecycle status of a key, as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KeyStatus {
-    /// In use.
-    Active,
-    /// Replaced by a newer key; still valid until `grace_until`.
-    Rotating,
-    /// No longer valid.
-    Revoked,
-}
-
-impl KeyStatus {
-    /// `"active"`, `"rotating"` or `"revoked"`.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Active => "active",
-            Self::Rotating => "rotating",
-            Self::Revoked => "revoked",
-        }
-    }
-
-    /// The status named by [`KeyStatus::as_str`]'s output, or `None`.
-    #[must_use]
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "active" => Some(Self::Active),
-            "rotating" => Some(Self::Rotating),
-            "revoked" => Some(Self::Revoked),
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for KeyStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// One API key as stored. Timestamps have millisecond precision.
-///
-/// `Debug` and `Serialize` leave out `phc_hash`. Records imported from fastmcp-guard 0.2
-/// carry a bcrypt hash of the whole 0.2 token in `phc_hash` and set `legacy_selector`.
-#[derive(Clone, PartialEq, Serialize)]
-pub struct KeyRecord {
-    /// Public key id, `fmg_key_<kid>`.
-    pub id: String,
-    /// Human name.
-    pub name: String,
-    /// argon2id PHC string of the token's secret part; for a key imported from 0.2, the
-    /// bcrypt hash (`$2b$...`) of its whole token.
-    #[serde(skip_serializing)]
-    pub phc_hash: String,
-    /// Granted scopes.
-    pub scopes: Vec<String>,
-    /// Free-form metadata.
-    pub metadata: Map<String, Value>,
-    /// Stored lifecycle status (see [`KeyRecord::effective_status_at`]).
-    pub status: KeyStatus,
-    /// Creation time.
-    pub created_at: DateTime<Utc>,
-    /// The key stops working at this time, if set.
-    pub expires_at: Option<DateTime<Utc>>,
-    /// Last successful verification (written in batches).
-    pub last_used_at: Option<DateTime<Utc>>,
-    /// Client address of the last use, if known.
-    pub last_used_ip: Option<String>,
-    /// End of the grace period of a rotating key.
-    pub grace_until: Option<DateTime<Utc>>,
-    /// The key this one replaced.
-    pub rotated_from: Option<String>,
-    /// The key that replaced this one.
-    pub rotated_to: Option<String>,
-    /// When the key was revoked.
-    pub revoked_at: Option<DateTime<Utc>>,
-    /// Store revision of the last change (managed by the backend; used for optimistic
-    /// concurrency and cross-process invalidation).
-    pub revision: u64,
-    /// For a key imported from fastmcp-guard 0.2: the public selector of its token
-    /// (`fmg_sk_<selector>.<secret>`), by which that token is looked up. Set only on insert
-    /// (never changed by `update`); `None` for keys made by this version.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub legacy_selector: Option<String>,
-}
-
-impl std::fmt::Debug for KeyRecord {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyRecord")
-            .field("id", &self.id)
-            .field("name", &self.name)
-            .field("scopes", &self.scopes)
-            .field("metadata", &self.metadata)
-            .field("status", &self.status)
-            .field("created_at", &self.created_at)
-            .field("expires_at", &self.expires_at)
-            .field("last_used_at", &self.last_used_at)
-            .field("last_used_ip", &self.last_used_ip)
-            .field("grace_until", &self.grace_until)
-            .field("rotated_from", &self.rotated_from)
-            .field("rotated_to", &self.rotated_to)
-            .field("revoked_at", &self.revoked_at)
-            .field("revision", &self.revision)
-            .field("legacy_selector", &self.legacy_selector)
-            .finish_non_exhaustive()
-    }
-}
-
-impl KeyRecord {
-    /// Whether `expires_at` has passed at `now`.
-    #[must_use]
-    pub fn is_expired_at(&self, now: DateTime<Utc>) -> bool {
-        self.expires_at.is_some_and(|e| now >= e)
-    }
-
-    /// The status at `now`: a rotating key whose grace period has ended counts as revoked.
-    /// (Expiry is reported separately by [`KeyRecord::is_expired_at`].)
-    #[must_use]
-    pub fn effective_status_at(&self, now: DateTime<Utc>) -> KeyStatus {
-        match self.status {
-            KeyStatus::Rotating if self.grace_until.is_some_and(|g| now >= g) => KeyStatus::Revoked,
-            s => s,
-        }
-    }
-
-    /// Whether a token of this key is accepted at `now`.
-    #[must_use]
-    pub fn is_valid_at(&self, now: DateTime<Utc>) -> bool {
-        self.effective_status_at(now) != KeyStatus::Revoked && !self.is_expired_at(now)
-    }
-
-    /// When the key stops being valid: `min(expires_at, grace_until)` (grace only while
-    /// rotating). `None`: no end (until revoked).
-    #[must_use]
-    pub fn valid_until(&self) -> Option<DateTime<Utc>> {
-        let grace = match self.status {
-            KeyStatus::Rotating => self.grace_until,
-            _ => None,
-        };
-        match (self.expires_at, grace) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-}
-
-/// A batched `last_used_at` update.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Touch {
-    /// Key id.
-    pub id: String,
-    /// Time of use.
-    pub at: DateTime<Utc>,
-    /// Client address, if known (`None` keeps the stored one).
-    pub ip: Option<String>,
-}
-
-/// One changed record reported by [`KeyBackend::changed_since`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Change {
-    /// Key id.
-    pub id: String,
-    /// The record's revision now.
-    pub revision: u64,
-}
-
-/// Errors from key management and storage. Messages say what to fix; none contains a token.
-#[derive(Debug, thiserror::Error)]
-pub enum KeyError {
-    /// No key with this id.
-    #[error("no key with id `{id}`; list keys with `fastmcp-guard keys list`")]
-    NotFound {
-        /// The id asked for.
-        id: String,
-    },
-    /// The key is revoked (or its rotation grace period is over).
-    #[error("key `{id}` is revoked; create a new key instead")]
-    Revoked {
-        /// The key id.
-        id: String,
-    },
-    /// The key was already rotated and is in its grace period.
-    #[error("key `{id}` is already rotating to `{successor}`; rotate `{successor}` instead")]
-    AlreadyRotated {
-        /// The key id.
-        id: String,
-        /// The key that replaces it.
-        successor: String,
-    },
-    /// A bad argument.
-    #[error("invalid {field}: {reason}")]
-    InvalidInput {
-        /// The argument.
-        field: &'static str,
-        /// What is wrong and how to fix it.
-        reason: String,
-    },
-    /// Another writer changed the key between read and write (optimistic concurrency).
-    #[error("key `{id}` was changed concurrently by another writer; retry")]
-    Conflict {
-        /// The key id.
-        id: String,
-    },
-    /// An `SQLite` error.
-    #[error("key store {path}: {source}")]
-    Store {
-        /// Database path.
-        path: String,
-        /// The driver error.
-        #[source]
-        source: rusqlite::Error,
-    },
-    /// The database's directory does not exist.
-    #[error("key store {path}: directory {dir} does not exist; create the directory first")]
-    DirectoryMissing {
-        /// Database path.
-        path: String,
-        /// The missing directory.
-        dir: String,
-    },
-    /// The path exists but is not an `SQLite` database.
-    #[error(
-        "key store {path} is not an SQLite database ({reason}); give the path of a new file \
-         or of an existing key store"
-    )]
-    NotADatabase {
-        /// Database path.
-        path: String,
-        /// Why.
-        reason: String,
-    },
-    /// The database was written by a newer fastmcp-guard.
-    #[error(
-        "key store {path} has schema version {found}, newer than this fastmcp-guard supports \
-         ({supported}); upgrade fastmcp-guard"
-    )]
-    SchemaTooNew {
-        /// Database path.
-        path: String,
-        /// Version in the file.
-        found: i64,
-        /// Newest version this build knows.
-        supported: i64,
-    },
-    /// The file has an `api_keys` table that is not fastmcp-guard 0.2's, so its keys cannot
-    /// be imported.
-    #[error(
-        "key store {path}: table `api_keys` is not the key table of fastmcp-guard 0.2 \
-         ({reason}), so its keys cannot be imported; use a separate file for the key store, \
-         or rename that table if it holds nothing to keep"
-    )]
-    LegacyTable {
-        /// Database path.
-        path: String,
-        /// What does not match.
-        reason: String,
-    },
-    /// A stored row cannot be decoded.
-    #[error("key store {path}: record `{id}` is corrupt: {reason}")]
-    Corrupt {
-        /// Database path.
-        path: String,
-        /// Key id.
-        id: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A store implemented outside the core (PostgreSQL, Redis: through Python drivers)
-    /// failed; `reason` is the driver's message.
-    #[error("key store {store}: {reason}")]
-    Backend {
-        /// The store, as its owner names it (a DSN with the password masked).
-        store: String,
-        /// What went wrong.
-        reason: String,
-    },
-    /// A file-system error around the database.
-    #[error("key store {path}: {source}")]
-    Io {
-        /// Database path.
-        path: String,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Hashing failed, or a stored hash is malformed.
-    #[error(transparent)]
-    Hash(#[from] HashError),
-    /// Token generation failed.
-    #[error(transparent)]
-    Token(#[from] TokenError),
-    /// The background thread could not be started.
-    #[error("cannot start a key manager thread (fmg-keys, fmg-hash): {reason}")]
-    Thread {
-        /// The OS error.
-        reason: String,
-    },
-}
-
-/// Storage for key records. Implementations are shared across threads.
-///
-/// Every status change gets a new store-wide `revision` (monotonic), which both guards
-/// writes (optimistic concurrency) and lets other processes find what changed.
-pub trait KeyBackend: Send + Sync {
-    /// Stores a new record; returns the revision assigned to it.
-    ///
-    /// # Errors
-    /// Store errors (including a duplicate id).
-    fn insert(&self, record: &KeyRecord) -> Result<u64, KeyError>;
-
-    /// The record with this id, if any.
-    ///
-    /// # Errors
-    /// Store errors.
-    fn get(&self, id: &str) -> Result<Option<KeyRecord>, KeyError>;
-
-    /// The record imported from fastmcp-guard 0.2 whose token has this selector, if any
-    /// (an indexed lookup). The default, for backends that never hold 0.2 keys, is `None`.
-    ///
-    /// # Errors
-    /// Store errors.
-    fn get_by_legacy_selector(&self, selector: &str) -> Result<Option<KeyRecord>, KeyError> {
-        let _ = selector;
-        Ok(None)
-    }
-
-    /// Imports fastmcp-guard 0.2 keys from the store that were not imported yet (see
-    /// [`SqliteBackend::import_legacy`]). The default, for backends that cannot hold 0.2
-    /// keys, imports nothing.
-    ///
-    /// # Errors
-    /// Store errors; a 0.2 row that cannot be read.
-    fn import_legacy(&self) -> Result<LegacyImport, KeyError> {
-        Ok(LegacyImport::default())
-    }
-
-    /// All records, optionally without those stored as revoked.
-    ///
-    /// # Errors
-    /// Store errors.
-    fn list(&self, include_revoked: bool) -> Result<Vec<KeyRecord>, KeyError>;
-
-    /// Calls `each` with every key's id and, for a key imported from fastmcp-guard 0.2,
-    /// its token's public part `fmg_sk_<selector>`: what a [`KeyManager`] loads when it
-    /// starts, to know which ids exist. The default goes through
-    /// [`list`](KeyBackend::list); a backend can read the ids alone.
-    ///
-    /// # Errors
-    /// Store errors.
-    fn for_each_label(&self, each: &mut dyn FnMut(&str)) -> Result<(), KeyError> {
-        for record in self.list(true)? {
-            each(&record.id);
-            if let Some(selector) = &record.legacy_selector {
-                each(&legacy_label(selector));
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes `record`'s management fields (`name`, `scopes`, `metadata`, `status`,
-    /// `expires_at`, `grace_until`, `rotated_from`, `rotated_to`, `revoked_at`) if the stored
-    /// revision still equals `record.revision`; returns the new revision.
-    /// `phc_hash`, `legacy_selector`, `created_at` and `last_used_*` are never written by
-    /// `update`.
-    ///
-    /// # Errors
-    /// [`KeyError::NotFound`], [`KeyError::Conflict`], store errors.
-    fn update(&self, record: &KeyRecord) -> Result<u64, KeyError>;
-
-    /// Atomically [`update`](KeyBackend::update)s `old` and [`insert`](KeyBackend::insert)s
-    /// `new`; returns their new revisions.
-    ///
-    /// # Errors
-    /// As `update` and `insert`; on error nothing is written.
-    fn rotate(&self, old: &KeyRecord, new: &KeyRecord) -> Result<(u64, u64), KeyError>;
-
-    /// Records uses, in one transaction. A use never moves `last_used_at` backwards; unknown
-    /// ids are ignored. Does not change revisions.
-    ///
-    /// # Errors
-    /// Store errors.
-    fn touch_many(&self, touches: &[Touch]) -> Result<(), KeyError>;
-
-    /// The current store revision.
-    ///
-    /// # Errors
-    /// Store errors.
-    fn current_revision(&self) -> Result<u64, KeyError>;
-
-    /// Records changed after `revision` (with their current revision), and the revision to
-    /// ask from next time.
-    ///
-    /// # Errors
-    /// Store errors.
-    fn changed_since(&self, revision: u64) -> Result<(u64, Vec<Change>), KeyError>;
-}
-
-/// The label a 0.2 token names its key by: its public part `fmg_sk_<selector>`.
-fn legacy_label(selector: &str) -> String {
-    format!("{}{selector}", tokens::TOKEN_PREFIX)
-}
-
-/// Options of a [`KeyManager`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ManagerOptions {
-    /// argon2id cost of new keys (default: OWASP; verification uses each hash's own cost).
-    pub hash_params: HashParams,
-    /// Maximum number of cached verified tokens (0 disables the cache).
-    pub cache_capacity: usize,
-    /// How long a verified token is served from the cache before the store is read again.
-    pub cache_ttl: Duration,
-    /// How often pending `last_used_at` updates are written (default 5 s).
-    pub touch_interval: Duration,
-    /// How often the store is polled for changes by other processes (default 250 ms).
-    pub watch_interval: Duration,
-    /// Number of hashing threads (argon2, and bcrypt for 0.2 keys), each holding its own
-    /// argon2 memory (default: available parallelism). Hashing runs nowhere else.
-    pub max_concurrent_verifications: usize,
-    /// How long a verification waits for a hashing thread to start it before
-    /// [`VerifyError::Busy`] (default 2 s).
-    pub verify_wait: Duration,
-    /// Failure budgets per (client address, key id), per key id and per server.
-    pub fail_throttle: FailThrottle,
-    /// How long an unknown key id is remembered (default 5 s; 0 disables the negative
-    /// cache).
-    pub negative_ttl: Duration,
-    /// Maximum number of unknown key ids remembered.
-    pub negative_capacity: usize,
-    /// Maximum number of digests remembered as proven (a proven token's refresh reads the
-    /// record but never hashes; 0 keeps none).
-    pub proven_capacity: usize,
-    /// Maximum number of key ids remembered as existing (default 1,000,000, about 16 MB):
-    /// the unknown-id budget never refuses an id known to exist, and past this many (or
-    /// with 0) it no longer applies at all rather than refuse a key that exists.
-    pub known_ids_capacity: usize,
-    /// Run the `fmg-keys` thread that writes `last_used_at` every `touch_interval` and
-    /// polls for changes every `watch_interval` (default). Off for a store implemented in
-    /// Python: its owner calls [`KeyManager::flush`] and [`KeyManager::sync_changes`] from
-    /// a Python thread, which the interpreter can stop at exit (a Rust thread blocked on
-    /// the interpreter could not be joined then).
-    pub background_thread: bool,
-}
-
-impl Default for ManagerOptions {
-    fn default() -> Self {
-        Self {
-            hash_params: HashParams::default(),
-            cache_capacity: hashing::DEFAULT_CACHE_CAPACITY,
-            cache_ttl: hashing::DEFAULT_CACHE_TTL,
-            touch_interval: Duration::from_secs(5),
-            watch_interval: Duration::from_millis(250),
-            max_concurrent_verifications: std::thread::available_parallelism()
-                .map_or(1, std::num::NonZero::get),
-            verify_wait: Duration::from_secs(2),
-            fail_throttle: FailThrottle::default(),
-            negative_ttl: DEFAULT_NEGATIVE_TTL,
-            negative_capacity: DEFAULT_NEGATIVE_CAPACITY,
-            proven_capacity: hashing::DEFAULT_PROVEN_CAPACITY,
-            known_ids_capacity: known::DEFAULT_KNOWN_IDS_CAPACITY,
-            background_thread: true,
-        }
-    }
-}
-
-impl ManagerOptions {
-    fn validate(&self) -> Result<(), KeyError> {
-        let positive = [
-            ("touch_interval", self.touch_interval),
-            ("watch_interval", self.watch_interval),
-            ("fail_throttle.window", self.fail_throttle.window),
-        ];
-        for (field, d) in positive {
-            if d.is_zero() {
-                return Err(KeyError::InvalidInput {
-                    field,
-                    reason: "must be greater than zero".to_owned(),
-                });
-            }
-        }
-        if self.max_concurrent_verifications == 0 {
-            return Err(KeyError::InvalidInput {
-                field: "max_concurrent_verifications",
-                reason: "must be at least 1".to_owned(),
-            });
-        }
-        Ok(())
-    }
-}
 
 /// What [`KeyManager::revoke_lineage`] did.
 #[derive(Debug, Clone, PartialEq)]
@@ -564,112 +88,6 @@ pub enum CacheLookup {
     Miss,
     /// Refused without any lookup.
     Malformed(TokenError),
-}
-
-/// Why a token was refused. Messages name the key id (public), never the token.
-#[derive(Debug, thiserror::Error)]
-pub enum VerifyError {
-    /// Not a well-formed token (refused before any lookup).
-    #[error(transparent)]
-    Malformed(TokenError),
-    /// Well-formed, but no key has this id.
-    #[error("unknown key `{key_id}`")]
-    UnknownKey {
-        /// The key id in the token (for a 0.2 token, its public part `fmg_sk_<selector>`).
-        key_id: String,
-    },
-    /// The secret does not match.
-    #[error("invalid secret for key `{key_id}`")]
-    BadSecret {
-        /// The key id.
-        key_id: String,
-    },
-    /// The key is revoked, or its rotation grace period is over.
-    #[error("key `{key_id}` is revoked")]
-    Revoked {
-        /// The key id.
-        key_id: String,
-    },
-    /// The key has expired.
-    #[error("key `{key_id}` has expired")]
-    Expired {
-        /// The key id.
-        key_id: String,
-    },
-    /// A failure budget is spent (see [`throttle`]): refused without hashing. Only tokens
-    /// not yet proven on this node are ever refused this way.
-    #[error(
-        "{}; retry in {} s",
-        match scope {
-            ThrottleScope::Client =>
-                format!("too many failed attempts for key `{key_id}` from this client"),
-            ThrottleScope::Key =>
-                format!("too many failed attempts for key `{key_id}` from all clients"),
-            ThrottleScope::Server => "too many failed key verifications on this server".to_owned(),
-            ThrottleScope::UnknownKeys => "too many unknown key ids from this client".to_owned(),
-        },
-        retry_after_secs(*retry_after)
-    )]
-    Throttled {
-        /// The key id (for a 0.2 token, its public part `fmg_sk_<selector>`).
-        key_id: String,
-        /// Time until the budget's window ends.
-        retry_after: Duration,
-        /// Which budget refused.
-        scope: ThrottleScope,
-    },
-    /// No hashing thread started the verification within `verify_wait`.
-    #[error("too many key verifications in progress; retry shortly")]
-    Busy {
-        /// The key id the token claims (for a 0.2 token, its public part).
-        key_id: Option<String>,
-    },
-    /// The store failed (or holds a malformed hash).
-    #[error("key store error: {source}")]
-    Store {
-        /// The key id the token claims, if it was parsed (for a 0.2 token, its public part).
-        key_id: Option<String>,
-        /// What failed.
-        source: KeyError,
-    },
-}
-
-/// Whole seconds to wait, rounded up, at least 1 (what `Retry-After` carries).
-fn retry_after_secs(d: Duration) -> u64 {
-    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
-}
-
-impl VerifyError {
-    /// The key id the token claims: public, so it may be logged (for a 0.2 token, its public
-    /// part `fmg_sk_<selector>` unless the record was read). `None` for a malformed token.
-    #[must_use]
-    pub fn key_id(&self) -> Option<&str> {
-        match self {
-            Self::Malformed(_) => None,
-            Self::UnknownKey { key_id }
-            | Self::BadSecret { key_id }
-            | Self::Revoked { key_id }
-            | Self::Expired { key_id }
-            | Self::Throttled { key_id, .. } => Some(key_id),
-            Self::Busy { key_id } | Self::Store { key_id, .. } => key_id.as_deref(),
-        }
-    }
-
-    /// How long to wait before retrying, for a throttled attempt.
-    #[must_use]
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            Self::Throttled { retry_after, .. } => Some(*retry_after),
-            _ => None,
-        }
-    }
-
-    fn store(key_id: &str, source: KeyError) -> Self {
-        Self::Store {
-            key_id: Some(key_id.to_owned()),
-            source,
-        }
-    }
 }
 
 /// Counters of a [`KeyManager`] (since it was created).
@@ -782,89 +200,12 @@ struct PendingTouch {
 
 /// How long `create` and `rotate` wait for a hashing thread, at least.
 const MANAGEMENT_WAIT: Duration = Duration::from_secs(30);
+
 /// Predecessors followed by `revoke`, at most (a rotation chain is never this long).
 const MAX_LINEAGE: usize = 1_000;
+
 /// A cached token records a use at most once per this many ms (keeps the hit path read-only).
 const TOUCH_EVERY_MS: i64 = 1_000;
-
-fn now_utc() -> DateTime<Utc> {
-    truncate_ms(Utc::now())
-}
-
-fn truncate_ms(t: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
-}
-
-fn utc_from_ms(ms: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(ms).unwrap_or(DateTime::<Utc>::MAX_UTC)
-}
-
-/// An id given by a caller, safe to echo in an error (never a token).
-fn echo_id(input: &str) -> String {
-    if tokens::looks_like_guard_token(input.trim()) || input.chars().count() > 64 {
-        "<the given token or value>".to_owned()
-    } else {
-        input.to_owned()
-    }
-}
-
-fn resolve_id(input: &str) -> Result<String, KeyError> {
-    tokens::key_id_from_public_part(input).ok_or_else(|| KeyError::NotFound { id: echo_id(input) })
-}
-
-const MAX_NAME_CHARS: usize = 200;
-const MAX_SCOPE_CHARS: usize = 200;
-
-fn validate_name(name: &str) -> Result<String, KeyError> {
-    let trimmed = name.trim();
-    let invalid = |reason: String| KeyError::InvalidInput {
-        field: "name",
-        reason,
-    };
-    if trimmed.is_empty() {
-        return Err(invalid("is empty; give the key a name".to_owned()));
-    }
-    let chars = trimmed.chars().count();
-    if chars > MAX_NAME_CHARS {
-        return Err(invalid(format!(
-            "is {chars} characters long; use at most {MAX_NAME_CHARS}"
-        )));
-    }
-    if trimmed.chars().any(char::is_control) {
-        return Err(invalid(
-            "contains control characters (such as a newline); use plain text".to_owned(),
-        ));
-    }
-    Ok(trimmed.to_owned())
-}
-
-fn validate_scopes(scopes: &[String]) -> Result<Vec<String>, KeyError> {
-    let mut out: Vec<String> = Vec::with_capacity(scopes.len());
-    for scope in scopes {
-        let invalid = |reason: String| KeyError::InvalidInput {
-            field: "scopes",
-            reason,
-        };
-        if scope.is_empty() {
-            return Err(invalid("contains an empty scope; remove it".to_owned()));
-        }
-        if scope.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(invalid(format!(
-                "scope {scope:?} contains whitespace; scopes are single words such as `read` \
-                 or `tools:write`"
-            )));
-        }
-        if scope.chars().count() > MAX_SCOPE_CHARS {
-            return Err(invalid(format!(
-                "a scope is longer than {MAX_SCOPE_CHARS} characters"
-            )));
-        }
-        if !out.contains(scope) {
-            out.push(scope.clone());
-        }
-    }
-    Ok(out)
-}
 
 struct Inner {
     backend: Arc<dyn KeyBackend>,
@@ -1875,18 +1216,11 @@ fn run_worker(
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
+    use super::testing::*;
     use super::*;
+    use crate::hashing::{self, HashParams};
     use proptest::prelude::*;
     use std::time::Instant;
-
-    fn opts() -> ManagerOptions {
-        ManagerOptions {
-            hash_params: HashParams::insecure_fast(),
-            // Long: tests flush explicitly, so batching is observable.
-            touch_interval: Duration::from_secs(3600),
-            ..ManagerOptions::default()
-        }
-    }
 
     #[test]
     fn without_the_background_thread_the_owner_flushes_and_syncs() {
@@ -1948,36 +1282,6 @@ mod tests {
         b.close().unwrap();
     }
 
-    /// One manager per backend; the `TempDir` keeps the `SQLite` file alive.
-    fn managers() -> Vec<(&'static str, KeyManager, Option<tempfile::TempDir>)> {
-        let dir = tempfile::tempdir().unwrap();
-        let sqlite = KeyManager::sqlite(dir.path().join("keys.db"), opts()).unwrap();
-        vec![
-            ("memory", KeyManager::memory(opts()).unwrap(), None),
-            ("sqlite", sqlite, Some(dir)),
-        ]
-    }
-
-    fn scopes(s: &[&str]) -> Vec<String> {
-        s.iter().map(|&x| x.to_owned()).collect()
-    }
-
-    fn meta(k: &str, v: &str) -> Map<String, Value> {
-        let mut m = Map::new();
-        m.insert(k.to_owned(), Value::String(v.to_owned()));
-        m
-    }
-
-    fn hours(h: u64) -> Duration {
-        Duration::from_secs(h * 3600)
-    }
-
-    /// A well-formed token for `key_id` with a wrong secret.
-    fn wrong_secret(key_id: &str) -> String {
-        let kid = &key_id[tokens::KEY_ID_PREFIX.len()..];
-        tokens::from_parts(kid, &"x".repeat(tokens::SECRET_LEN)).unwrap()
-    }
-
     #[test]
     fn create_get_and_list() {
         for (backend, m, _dir) in managers() {
@@ -2036,35 +1340,6 @@ mod tests {
         let names: Vec<String> = m.list(true).unwrap().into_iter().map(|r| r.name).collect();
         // The three back-dated copies first (oldest first), then the three originals.
         assert_eq!(&names[..3], ["k0", "k2", "k1"]);
-    }
-
-    #[test]
-    fn create_validates_its_arguments() {
-        let m = KeyManager::memory(opts()).unwrap();
-        let field = |r: Result<(KeyRecord, String), KeyError>| match r {
-            Err(KeyError::InvalidInput { field, reason }) => (field, reason),
-            other => panic!("expected InvalidInput, got {other:?}"),
-        };
-        assert_eq!(field(m.create("  ", &[], None, Map::new())).0, "name");
-        assert_eq!(
-            field(m.create(&"x".repeat(201), &[], None, Map::new())).0,
-            "name"
-        );
-        assert!(m.create(&"é".repeat(200), &[], None, Map::new()).is_ok());
-        assert_eq!(field(m.create("a\nb", &[], None, Map::new())).0, "name");
-        assert_eq!(
-            field(m.create("a", &scopes(&[""]), None, Map::new())).0,
-            "scopes"
-        );
-        let (f, reason) = field(m.create("a", &scopes(&["read write"]), None, Map::new()));
-        assert_eq!(f, "scopes");
-        assert!(reason.contains("read write"), "{reason}");
-        let past = Utc::now() - chrono::Duration::seconds(1);
-        assert_eq!(
-            field(m.create("a", &[], Some(past), Map::new())).0,
-            "expires_at"
-        );
-        assert_eq!(m.list(true).unwrap().len(), 1);
     }
 
     #[test]
@@ -2445,50 +1720,6 @@ mod tests {
     }
 
     #[test]
-    fn token_and_secret_never_reach_the_sqlite_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.db");
-        let mut issued = Vec::new();
-        {
-            let m = KeyManager::sqlite(&path, opts()).unwrap();
-            for i in 0..5 {
-                let (rec, token) = m
-                    .create(&format!("k{i}"), &scopes(&["read"]), None, Map::new())
-                    .unwrap();
-                m.verify(&token, Some("10.1.1.1")).unwrap();
-                issued.push((rec.id, token));
-            }
-            let (_, rotated) = m.rotate(&issued[0].0, chrono::Duration::hours(1)).unwrap();
-            m.revoke(&issued[1].0).unwrap();
-            issued.push((String::new(), rotated));
-            m.flush().unwrap();
-            // Read the files while the WAL still holds the recent writes.
-            let mut bytes = Vec::new();
-            for entry in std::fs::read_dir(dir.path()).unwrap() {
-                bytes.extend(std::fs::read(entry.unwrap().path()).unwrap());
-            }
-            assert_secrets_absent(&bytes, &issued);
-        }
-        let mut bytes = Vec::new();
-        for entry in std::fs::read_dir(dir.path()).unwrap() {
-            bytes.extend(std::fs::read(entry.unwrap().path()).unwrap());
-        }
-        // Sanity: we read the right files.
-        let id = issued[2].0.as_bytes();
-        assert!(bytes.windows(id.len()).any(|w| w == id));
-        assert_secrets_absent(&bytes, &issued);
-    }
-
-    fn assert_secrets_absent(bytes: &[u8], issued: &[(String, String)]) {
-        for (_, token) in issued {
-            let secret = tokens::parse(token).unwrap().secret.as_bytes();
-            for needle in [token.as_bytes(), secret, &secret[..16]] {
-                assert!(!bytes.windows(needle.len()).any(|w| w == needle));
-            }
-        }
-    }
-
-    #[test]
     fn revoke_in_one_process_is_seen_by_another() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.db");
@@ -2575,245 +1806,6 @@ mod tests {
     }
 
     #[test]
-    fn backends_detect_conflicts_and_missing_keys() {
-        for (backend_name, m, _dir) in managers() {
-            let backend = &m.inner.backend;
-            let (rec, _) = m.create("a", &[], None, Map::new()).unwrap();
-            let mut stale = rec.clone();
-            m.revoke(&rec.id).unwrap();
-            stale.name = "renamed".to_owned();
-            assert!(
-                matches!(backend.update(&stale), Err(KeyError::Conflict { .. })),
-                "{backend_name}"
-            );
-            stale.id = "fmg_key_AAAAAAAAAAAAAAAA".to_owned();
-            assert!(matches!(
-                backend.update(&stale),
-                Err(KeyError::NotFound { .. })
-            ));
-            assert!(matches!(
-                backend.insert(&rec),
-                Err(KeyError::InvalidInput { field: "id", .. })
-            ));
-            // A failed rotate writes nothing.
-            let mut fresh = rec.clone();
-            fresh.id = tokens::generate().unwrap().1;
-            assert!(backend.rotate(&stale, &fresh).is_err());
-            assert!(backend.get(&fresh.id).unwrap().is_none());
-        }
-    }
-
-    #[test]
-    fn changed_since_reports_changed_ids() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.db");
-        let writer = SqliteBackend::open(&path).unwrap();
-        let watcher = SqliteBackend::open(&path).unwrap();
-        let mem = MemoryBackend::new();
-        for (name, w, r) in [
-            (
-                "sqlite",
-                &writer as &dyn KeyBackend,
-                &watcher as &dyn KeyBackend,
-            ),
-            ("memory", &mem, &mem),
-        ] {
-            let m_opts = opts();
-            let rev0 = r.current_revision().unwrap();
-            let (_, id) = tokens::generate().unwrap();
-            let mut rec = KeyRecord {
-                id: id.clone(),
-                name: "x".to_owned(),
-                phc_hash: hashing::hash_secret("s", &m_opts.hash_params).unwrap(),
-                scopes: vec![],
-                metadata: Map::new(),
-                status: KeyStatus::Active,
-                created_at: now_utc(),
-                expires_at: None,
-                last_used_at: None,
-                last_used_ip: None,
-                grace_until: None,
-                rotated_from: None,
-                rotated_to: None,
-                revoked_at: None,
-                revision: 0,
-                legacy_selector: None,
-            };
-            rec.revision = w.insert(&rec).unwrap();
-            let (rev1, changes) = r.changed_since(rev0).unwrap();
-            assert_eq!(
-                changes,
-                vec![Change {
-                    id: id.clone(),
-                    revision: rec.revision
-                }],
-                "{name}"
-            );
-            assert!(rev1 > rev0);
-            assert_eq!(r.changed_since(rev1).unwrap(), (rev1, vec![]), "{name}");
-            // Touches do not count as changes.
-            w.touch_many(&[Touch {
-                id: id.clone(),
-                at: now_utc(),
-                ip: None,
-            }])
-            .unwrap();
-            assert_eq!(r.changed_since(rev1).unwrap(), (rev1, vec![]), "{name}");
-            rec.status = KeyStatus::Revoked;
-            let rev_revoked = w.update(&rec).unwrap();
-            let (rev2, changes) = r.changed_since(rev1).unwrap();
-            assert_eq!(
-                changes,
-                vec![Change {
-                    id,
-                    revision: rev_revoked
-                }],
-                "{name}"
-            );
-            assert!(rev2 > rev1);
-        }
-    }
-
-    #[test]
-    fn touches_never_move_last_used_backwards() {
-        for (name, m, _dir) in managers() {
-            let (rec, _) = m.create("a", &[], None, Map::new()).unwrap();
-            let t1 = now_utc();
-            let t0 = t1 - chrono::Duration::seconds(10);
-            let b = &m.inner.backend;
-            b.touch_many(&[Touch {
-                id: rec.id.clone(),
-                at: t1,
-                ip: Some("1.1.1.1".into()),
-            }])
-            .unwrap();
-            b.touch_many(&[Touch {
-                id: rec.id.clone(),
-                at: t0,
-                ip: Some("2.2.2.2".into()),
-            }])
-            .unwrap();
-            let got = m.get(&rec.id).unwrap();
-            assert_eq!(got.last_used_at, Some(t1), "{name}");
-            assert_eq!(got.last_used_ip.as_deref(), Some("1.1.1.1"), "{name}");
-            b.touch_many(&[Touch {
-                id: "fmg_key_AAAAAAAAAAAAAAAA".into(),
-                at: t1,
-                ip: None,
-            }])
-            .unwrap();
-        }
-    }
-
-    #[test]
-    fn sqlite_open_errors_name_the_path() {
-        let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("nope").join("keys.db");
-        let err = SqliteBackend::open(&missing).unwrap_err();
-        let msg = err.to_string();
-        assert!(matches!(err, KeyError::DirectoryMissing { .. }), "{msg}");
-        assert!(
-            msg.contains("nope") && msg.contains("create the directory first"),
-            "{msg}"
-        );
-
-        let text = dir.path().join("notes.txt");
-        std::fs::write(
-            &text,
-            "this is not a database, just some text long enough ...".repeat(20),
-        )
-        .unwrap();
-        let err = SqliteBackend::open(&text).unwrap_err();
-        assert!(matches!(err, KeyError::NotADatabase { .. }), "{err}");
-        assert!(err.to_string().contains("notes.txt"));
-
-        let err = SqliteBackend::open(dir.path()).unwrap_err();
-        assert!(matches!(err, KeyError::NotADatabase { .. }), "{err}");
-
-        let future = dir.path().join("future.db");
-        drop(SqliteBackend::open(&future).unwrap());
-        let conn = rusqlite::Connection::open(&future).unwrap();
-        conn.execute("UPDATE schema_version SET version = 99", [])
-            .unwrap();
-        drop(conn);
-        let err = SqliteBackend::open(&future).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                KeyError::SchemaTooNew {
-                    found: 99,
-                    supported: 2,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn sqlite_file_is_reopened_with_its_keys_and_private_mode() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.db");
-        let (rec, token) = {
-            let m = KeyManager::sqlite(&path, opts()).unwrap();
-            m.create("persist", &scopes(&["read"]), None, meta("a", "b"))
-                .unwrap()
-        };
-        let m = KeyManager::sqlite(&path, opts()).unwrap();
-        assert_eq!(m.get(&rec.id).unwrap(), rec);
-        m.verify(&token, None).unwrap();
-        #[cfg(unix)]
-        for suffix in ["", "-wal", "-shm"] {
-            // The database and the files SQLite derives from it are private.
-            use std::os::unix::fs::PermissionsExt;
-            let file = format!("{}{suffix}", path.display());
-            let perms = std::fs::metadata(&file).unwrap().permissions().mode();
-            assert_eq!(perms & 0o777, 0o600, "{file}");
-        }
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        let version: i64 = conn
-            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, sqlite::schema_version());
-        assert_eq!(version, 2);
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(mode, "wal");
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let perms = std::fs::metadata(&path).unwrap().permissions().mode();
-            assert_eq!(perms & 0o777, 0o600);
-        }
-    }
-
-    #[test]
-    fn bad_options_are_refused() {
-        let err = KeyManager::memory(ManagerOptions {
-            watch_interval: Duration::ZERO,
-            ..opts()
-        })
-        .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                KeyError::InvalidInput {
-                    field: "watch_interval",
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        let err = KeyManager::memory(ManagerOptions {
-            max_concurrent_verifications: 0,
-            ..opts()
-        })
-        .unwrap_err();
-        assert!(matches!(err, KeyError::InvalidInput { .. }), "{err}");
-    }
-
-    #[test]
     fn busy_when_no_argon2_slot_frees_up() {
         let m = KeyManager::memory(ManagerOptions {
             max_concurrent_verifications: 1,
@@ -2833,82 +1825,6 @@ mod tests {
         drop(held);
         m.verify(&token, None).unwrap();
         assert_eq!(m.stats().argon2_runs, 1);
-    }
-
-    #[test]
-    fn records_do_not_leak_hashes() {
-        let m = KeyManager::memory(opts()).unwrap();
-        let (rec, _) = m.create("a", &[], None, Map::new()).unwrap();
-        assert!(!format!("{rec:?}").contains(&rec.phc_hash));
-        let json = serde_json::to_string(&rec).unwrap();
-        assert!(
-            !json.contains("phc_hash") && !json.contains("argon2"),
-            "{json}"
-        );
-        assert!(json.contains(r#""status":"active""#), "{json}");
-    }
-
-    #[test]
-    fn status_helpers() {
-        let now = Utc::now();
-        let mut rec = KeyManager::memory(opts())
-            .unwrap()
-            .create("a", &[], None, Map::new())
-            .unwrap()
-            .0;
-        assert!(rec.is_valid_at(now));
-        assert_eq!(rec.valid_until(), None);
-        rec.status = KeyStatus::Rotating;
-        rec.grace_until = Some(now + chrono::Duration::hours(1));
-        rec.expires_at = Some(now + chrono::Duration::hours(2));
-        assert_eq!(rec.valid_until(), rec.grace_until);
-        assert_eq!(rec.effective_status_at(now), KeyStatus::Rotating);
-        assert_eq!(
-            rec.effective_status_at(now + chrono::Duration::hours(1)),
-            KeyStatus::Revoked
-        );
-        assert!(!rec.is_valid_at(now + chrono::Duration::hours(1)));
-        rec.status = KeyStatus::Active;
-        assert_eq!(rec.valid_until(), rec.expires_at);
-        assert!(rec.is_expired_at(now + chrono::Duration::hours(2)));
-        for s in [KeyStatus::Active, KeyStatus::Rotating, KeyStatus::Revoked] {
-            assert_eq!(KeyStatus::parse(s.as_str()), Some(s));
-        }
-        assert_eq!(KeyStatus::parse("expired"), None);
-    }
-
-    // -- failure budgets, proofs, the negative cache ----------------------------------------
-
-    /// A manager with the given budgets (and the test hash cost).
-    fn budgeted(max_failures: u32, key_budget: u32, global_budget: u32) -> KeyManager {
-        KeyManager::memory(ManagerOptions {
-            fail_throttle: FailThrottle {
-                max_failures,
-                window: Duration::from_secs(60),
-                key_budget,
-                global_budget,
-                unknown_budget: 0,
-            },
-            ..opts()
-        })
-        .unwrap()
-    }
-
-    /// A well-formed token for `key_id` with a wrong secret of its own (distinct digests).
-    fn wrong_secret_n(key_id: &str, n: usize) -> String {
-        let kid = &key_id[tokens::KEY_ID_PREFIX.len()..];
-        let secret = format!("{n:0>width$}", width = tokens::SECRET_LEN);
-        tokens::from_parts(kid, &secret).unwrap()
-    }
-
-    fn reason(r: &Result<Arc<CachedKey>, VerifyError>) -> &'static str {
-        match r {
-            Ok(_) => "ok",
-            Err(VerifyError::BadSecret { .. }) => "bad_secret",
-            Err(VerifyError::Throttled { .. }) => "throttled",
-            Err(VerifyError::Busy { .. }) => "busy",
-            Err(_) => "other",
-        }
     }
 
     #[test]
@@ -3246,31 +2162,6 @@ mod tests {
     }
 
     #[test]
-    fn refusals_name_the_claimed_key_id_and_throttled_ones_when_to_retry() {
-        let m = budgeted(1, 0, 0);
-        let (rec, _) = m.create("k", &[], None, Map::new()).unwrap();
-        let bad = wrong_secret(&rec.id);
-        let first = m.verify(&bad, Some("1.2.3.4")).unwrap_err();
-        assert_eq!(first.key_id(), Some(rec.id.as_str()));
-        assert_eq!(first.retry_after(), None);
-        let second = m.verify(&bad, Some("1.2.3.4")).unwrap_err();
-        assert_eq!(second.key_id(), Some(rec.id.as_str()));
-        let after = second.retry_after().unwrap();
-        assert!(after > Duration::from_secs(55) && after <= Duration::from_secs(60));
-        assert!(second.to_string().contains("retry in 60 s"), "{second}");
-        let (unknown, _) = tokens::generate().unwrap();
-        let err = m.verify(&unknown, None).unwrap_err();
-        assert_eq!(
-            err.key_id(),
-            Some(tokens::parse(&unknown).unwrap().key_id().as_str())
-        );
-        assert_eq!(m.verify("fmg_sk_nope", None).unwrap_err().key_id(), None);
-        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
-        assert_eq!(retry_after_secs(Duration::ZERO), 1);
-        assert_eq!(retry_after_secs(Duration::from_millis(59_001)), 60);
-    }
-
-    #[test]
     fn revoking_a_key_revokes_its_predecessors_still_in_grace() {
         for (backend, m, _dir) in managers() {
             let (k0, t0) = m.create("svc", &[], None, Map::new()).unwrap();
@@ -3573,35 +2464,6 @@ mod tests {
         ));
     }
 
-    // -- keys imported from fastmcp-guard 0.2 ------------------------------------------
-
-    use legacy::testing::{iso, write_file, Key02};
-
-    /// A manager over a 0.2 file holding `keys` (imported on open).
-    fn manager_02(keys: &[&Key02]) -> (KeyManager, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.db");
-        write_file(&path, keys);
-        (KeyManager::sqlite(&path, opts()).unwrap(), dir)
-    }
-
-    /// The same keys in a memory backend (the verification path is backend-agnostic).
-    fn memory_02(keys: &[&Key02]) -> KeyManager {
-        let backend = Arc::new(MemoryBackend::new());
-        for k in keys {
-            backend.insert(&k.to_row_record()).unwrap();
-        }
-        KeyManager::with_backend(backend, opts()).unwrap()
-    }
-
-    fn both_02(keys: &[&Key02]) -> Vec<(&'static str, KeyManager, Option<tempfile::TempDir>)> {
-        let (sqlite, dir) = manager_02(keys);
-        vec![
-            ("memory", memory_02(keys), None),
-            ("sqlite", sqlite, Some(dir)),
-        ]
-    }
-
     #[test]
     fn legacy_token_verifies_once_with_bcrypt_then_from_the_cache() {
         let k = Key02::new("alice");
@@ -3813,19 +2675,6 @@ mod tests {
             let stats = m.stats();
             assert_eq!((stats.bcrypt_runs, stats.argon2_runs), (2, 1), "{backend}");
         }
-    }
-
-    /// Every byte the store wrote: the database and its WAL.
-    fn store_bytes(dir: &Path) -> Vec<u8> {
-        let mut all = Vec::new();
-        for entry in std::fs::read_dir(dir).unwrap() {
-            all.extend(std::fs::read(entry.unwrap().path()).unwrap());
-        }
-        all
-    }
-
-    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-        haystack.windows(needle.len()).any(|w| w == needle)
     }
 
     #[test]
