@@ -7,7 +7,7 @@ use crate::hashing::{self, HashParams};
 
 use super::{known, FailThrottle, KeyError, DEFAULT_NEGATIVE_CAPACITY, DEFAULT_NEGATIVE_TTL};
 
-/// Options of a [`KeyManager`].
+/// Options of a [`KeyManager`](super::KeyManager).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManagerOptions {
     /// argon2id cost of new keys (default: OWASP; verification uses each hash's own cost).
@@ -24,7 +24,7 @@ pub struct ManagerOptions {
     /// argon2 memory (default: available parallelism). Hashing runs nowhere else.
     pub max_concurrent_verifications: usize,
     /// How long a verification waits for a hashing thread to start it before
-    /// [`VerifyError::Busy`] (default 2 s).
+    /// [`VerifyError::Busy`](super::VerifyError::Busy) (default 2 s).
     pub verify_wait: Duration,
     /// Failure budgets per (client address, key id), per key id and per server.
     pub fail_throttle: FailThrottle,
@@ -42,7 +42,8 @@ pub struct ManagerOptions {
     pub known_ids_capacity: usize,
     /// Run the `fmg-keys` thread that writes `last_used_at` every `touch_interval` and
     /// polls for changes every `watch_interval` (default). Off for a store implemented in
-    /// Python: its owner calls [`KeyManager::flush`] and [`KeyManager::sync_changes`] from
+    /// Python: its owner calls [`KeyManager::flush`](super::KeyManager::flush) and
+    /// [`KeyManager::sync_changes`](super::KeyManager::sync_changes) from
     /// a Python thread, which the interpreter can stop at exit (a Rust thread blocked on
     /// the interpreter could not be joined then).
     pub background_thread: bool,

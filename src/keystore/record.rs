@@ -164,7 +164,7 @@ pub struct Touch {
     pub ip: Option<String>,
 }
 
-/// One changed record reported by [`KeyBackend::changed_since`].
+/// One changed record reported by [`KeyBackend::changed_since`](super::KeyBackend::changed_since).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
     /// Key id.

@@ -807,7 +807,9 @@ impl KeyBackend for SqliteBackend {
 #[allow(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use super::super::legacy::testing::{iso, write_file, Key02};
-    use super::super::testing::{assert_secrets_absent, meta, opts, scopes};
+    use super::super::testing::{
+        assert_secrets_absent, contains, manager_02, meta, opts, scopes, store_bytes,
+    };
     use super::super::{sqlite, KeyManager};
     use super::*;
     use serde_json::Map;
@@ -1221,6 +1223,29 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             let perms = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(perms & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn legacy_tokens_are_never_stored() {
+        let k = Key02::new("alice");
+        let (m, dir) = manager_02(&[&k]);
+        m.verify(&k.token, Some("10.1.1.1")).unwrap();
+        let (_, new_token) = m.rotate(&k.id, chrono::Duration::hours(1)).unwrap();
+        m.verify(&k.token, None).unwrap();
+        m.flush().unwrap();
+        m.close().unwrap();
+        drop(m);
+        let bytes = store_bytes(dir.path());
+        // The 0.2 file itself held only the bcrypt hash; neither we nor the import add
+        // the token or its secret anywhere.
+        assert!(
+            contains(&bytes, k.hash.as_bytes()),
+            "the bcrypt hash is kept"
+        );
+        assert!(contains(&bytes, k.selector.as_bytes()));
+        for secret in [&k.token[24..], &k.token[30..50], &new_token[23..66]] {
+            assert!(!contains(&bytes, secret.as_bytes()), "a secret was stored");
         }
     }
 }

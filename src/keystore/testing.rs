@@ -2,8 +2,16 @@
 //! cost, on every backend, and small builders.
 #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
 
-use super::*;
-use crate::hashing::HashParams;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::hashing::{CachedKey, HashParams};
+use crate::tokens;
+
+use super::{FailThrottle, KeyBackend, KeyManager, ManagerOptions, MemoryBackend, VerifyError};
 
 pub(super) fn opts() -> ManagerOptions {
     ManagerOptions {
