@@ -1,6 +1,5 @@
-//! Audit log: one event type for every decision, written by a background
-//! thread as JSON Lines ([`JsonlFileSink`]) or as rows of an `SQLite` table
-//! ([`SqliteSink`], queried with [`query`]).
+//! The audit writer: [`AuditWriter`], its bounded queue, the `fmg-audit` thread that
+//! batches events to a [`Sink`], flush and close.
 //!
 //! The request path only calls [`AuditWriter::enqueue`], which moves the event
 //! into a bounded queue and returns at once. One named thread (`fmg-audit`)
@@ -41,7 +40,6 @@
 //! futex wake-up and a quiet server wakes the thread 40 times a second.
 
 use std::fmt;
-use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -51,191 +49,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 use parking_lot::Mutex;
 
-pub mod chain;
-mod error;
-mod event;
-pub mod fan;
-mod jsonl;
-pub mod mask;
-pub mod redact;
-pub mod refusals;
-pub mod scan;
-pub mod spool;
-mod sqlite;
-#[cfg(test)]
-mod testing;
-
-pub use chain::{verify_files, ChainKey, VerifyReport};
-pub use error::AuditError;
-pub use event::{
-    format_ts, is_fixed_field, is_reserved_field, write_json_str, write_line, write_line_parts,
-    AuditEvent, LineHead, Status, FIXED_FIELDS, SEAL_FIELDS,
+use super::{
+    write_line, AuditError, AuditEvent, Batch, BatchFormat, Entry, JsonlFileSink, JsonlOptions,
+    Refusal, RefusalAggregator, RefusalOptions, Sink, SqliteSink, Status,
 };
-pub use fan::{FanSink, SlotCounts, SlotLoss, SlotStats};
-pub use jsonl::{log_files, rotated_files, JsonlFileSink, JsonlOptions};
-pub use mask::{mask_str, mask_tokens};
-pub use redact::Redactor;
-pub use refusals::{cut_field, Refusal, RefusalAggregator, RefusalCounts, RefusalOptions};
-pub use sqlite::{query, AuditQuery, AuditRecord, SqliteSink, SQLITE_SCHEMA_VERSION};
-
-use event::{write_ts, write_value};
-
-// ---------------------------------------------------------------------------
-// Queue entries
-// ---------------------------------------------------------------------------
-
-/// One slot of the writer's queue: an [`AuditEvent`], or that event's JSONL line
-/// already rendered by the producer ([`AuditWriter::enqueue_line`]). Entries are
-/// boxed and go back to the producers for reuse once written, so a steady stream
-/// of lines allocates nothing: the line buffer keeps its capacity.
-#[derive(Debug, Clone)]
-pub struct Entry {
-    event: AuditEvent,
-    /// Non-empty: the complete line, ending with `\n` (`event` is then stale).
-    line: Vec<u8>,
-}
-
-impl Entry {
-    /// The event (stale when the entry holds a rendered line).
-    #[must_use]
-    pub fn event(&self) -> &AuditEvent {
-        &self.event
-    }
-}
-
-impl From<AuditEvent> for Entry {
-    fn from(event: AuditEvent) -> Self {
-        Entry {
-            event,
-            line: Vec::new(),
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Sinks
-// ---------------------------------------------------------------------------
-
-/// What a [`Sink`] reads from each [`Batch`] (see [`Sink::format`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BatchFormat {
-    /// The events serialised by [`write_line`], one line each ([`Batch::jsonl`]).
-    /// The thread recycles each event as soon as it is serialised.
-    Jsonl,
-    /// The entries as they were queued ([`Batch::records`]): events, or lines
-    /// rendered by the producer; the thread serialises nothing.
-    Events,
-}
-
-/// One entry of a [`BatchFormat::Events`] batch, as it was queued.
-#[derive(Debug, Clone, Copy)]
-pub enum Record<'a> {
-    /// Queued by [`AuditWriter::enqueue`].
-    Event(&'a AuditEvent),
-    /// Queued by [`AuditWriter::enqueue_line`]: one complete line laid out by
-    /// [`write_line_parts`], ending with `\n` (never sealed).
-    Line(&'a [u8]),
-}
-
-/// One batch as the writer thread hands it to a [`Sink`]: `len` events in enqueue
-/// order, as JSONL bytes or as events, depending on the sink's [`Sink::format`].
-#[derive(Debug, Clone, Copy)]
-pub struct Batch<'a> {
-    events: &'a [Box<Entry>],
-    jsonl: &'a [u8],
-    len: usize,
-}
-
-impl<'a> Batch<'a> {
-    /// A [`BatchFormat::Jsonl`] batch: `jsonl` holds `len` complete lines.
-    #[must_use]
-    pub fn of_jsonl(jsonl: &'a [u8], len: usize) -> Self {
-        Batch {
-            events: &[],
-            jsonl,
-            len,
-        }
-    }
-
-    /// A [`BatchFormat::Events`] batch.
-    #[must_use]
-    pub fn of_events(events: &'a [Box<Entry>]) -> Self {
-        Batch {
-            events,
-            jsonl: &[],
-            len: events.len(),
-        }
-    }
-
-    /// The entries, in enqueue order (none in a [`BatchFormat::Jsonl`] batch).
-    #[must_use]
-    pub fn records(&self) -> impl ExactSizeIterator<Item = Record<'a>> + 'a {
-        self.events.iter().map(|b| {
-            if b.line.is_empty() {
-                Record::Event(&b.event)
-            } else {
-                Record::Line(&b.line)
-            }
-        })
-    }
-
-    /// The events as complete JSONL lines (empty in a [`BatchFormat::Events`] batch).
-    #[must_use]
-    pub fn jsonl(&self) -> &'a [u8] {
-        self.jsonl
-    }
-
-    /// Number of events in the batch, in either format.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the batch holds no event (the writer never sends one).
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-/// Where batches go. The writer thread calls these in order
-/// `write_batch` → `flush` for every batch, and `sync` once on close.
-/// Implement it to add a backend (rotation, `SQLite`, HTTP) without touching
-/// the queue logic; see [`AuditWriter::with_sink`].
-///
-/// A byte-oriented sink (a file, a socket) keeps the default
-/// [`BatchFormat::Jsonl`] and reads [`Batch::jsonl`]; a sink that stores the
-/// fields itself (such as [`SqliteSink`]) asks for [`BatchFormat::Events`]
-/// and reads [`Batch::records`], and the thread serialises nothing.
-pub trait Sink: Send {
-    /// What [`write_batch`](Self::write_batch) reads (default
-    /// [`BatchFormat::Jsonl`]). Asked once, when the writer starts.
-    fn format(&self) -> BatchFormat {
-        BatchFormat::Jsonl
-    }
-    /// Writes one batch (never empty).
-    ///
-    /// # Errors
-    /// The I/O error; the whole batch counts as lost.
-    fn write_batch(&mut self, batch: &Batch<'_>) -> io::Result<()>;
-    /// Pushes buffered data to the OS (not necessarily to disk).
-    ///
-    /// # Errors
-    /// The I/O error.
-    fn flush(&mut self) -> io::Result<()>;
-    /// Makes written data durable (called on close).
-    ///
-    /// # Errors
-    /// The I/O error.
-    fn sync(&mut self) -> io::Result<()>;
-    /// A failure that lost no event (a log rotation that could not be done),
-    /// taken once after each batch: the writer counts it in
-    /// [`WriterStats::write_errors`] and keeps it for
-    /// [`AuditWriter::last_error`]. Default: none.
-    fn take_warning(&mut self) -> Option<AuditError> {
-        None
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Writer
@@ -279,7 +96,7 @@ pub struct WriterOptions {
     /// Queue full: drop (default) or wait a bounded time.
     pub on_full: OnFull,
     /// How refusals logged with [`AuditWriter::enqueue_refusal_line_with`] are
-    /// aggregated ([`refusals`]).
+    /// aggregated ([`refusals`](super::refusals)).
     pub refusals: RefusalOptions,
 }
 
@@ -350,7 +167,7 @@ pub struct WriterStats {
     /// Events waiting in the queue now.
     pub queue_depth: usize,
     /// Refusals only counted, not written one by one (their summaries carry them;
-    /// see [`refusals`]).
+    /// see [`refusals`](super::refusals)).
     pub refusals_suppressed: u64,
     /// Summary events the writer added (counted in `enqueued` too).
     pub refusal_summaries: u64,
@@ -654,9 +471,10 @@ impl AuditWriter {
     /// allocation in the steady state. A JSONL sink's thread only copies the
     /// bytes; an events sink ([`SqliteSink`]) reads the line back into its
     /// columns, off the producer's path. `render` must append exactly one
-    /// complete line ending with `\n`, laid out by [`write_line_parts`]. Same
-    /// return value and policies as [`enqueue`](Self::enqueue); `render` is not
-    /// called if the writer is closed or paused.
+    /// complete line ending with `\n`, laid out by
+    /// [`write_line_parts`](super::write_line_parts). Same return value and policies as
+    /// [`enqueue`](Self::enqueue); `render` is not called if the writer is closed or
+    /// paused.
     pub fn enqueue_line(&self, render: impl FnOnce(&mut Vec<u8>)) -> bool {
         self.enqueue_line_with(render, |wait| wait())
     }
@@ -692,7 +510,7 @@ impl AuditWriter {
         *held = reason;
     }
 
-    /// Logs a refusal made before there is an identity, aggregated ([`refusals`]):
+    /// Logs a refusal made before there is an identity, aggregated ([`refusals`](super::refusals)):
     /// the first [`RefusalOptions::burst`] of its group in an interval are rendered
     /// by `render` and queued as [`enqueue_line_with`](Self::enqueue_line_with) does
     /// ([`Admitted::Queued`], or [`Admitted::Dropped`] as that would be); the others
@@ -1153,10 +971,12 @@ impl<S: Sink> Worker<S> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "a failing unwrap is a failing test")]
 mod tests {
-    use super::testing::*;
     use super::*;
+    use crate::audit::testing::*;
+    use crate::audit::{log_files, verify_files, Record};
     use chrono::Utc;
     use serde_json::Value;
+    use std::io;
     use std::sync::mpsc;
 
     #[test]
