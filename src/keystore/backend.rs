@@ -34,8 +34,8 @@ pub trait KeyBackend: Send + Sync {
     }
 
     /// Imports fastmcp-guard 0.2 keys from the store that were not imported yet (see
-    /// [`SqliteBackend::import_legacy`](super::SqliteBackend::import_legacy)). The default, for backends that cannot hold 0.2
-    /// keys, imports nothing.
+    /// [`SqliteBackend::import_legacy`](super::SqliteBackend::import_legacy)). The default,
+    /// for backends that cannot hold 0.2 keys, imports nothing.
     ///
     /// # Errors
     /// Store errors; a 0.2 row that cannot be read.
@@ -50,8 +50,9 @@ pub trait KeyBackend: Send + Sync {
     fn list(&self, include_revoked: bool) -> Result<Vec<KeyRecord>, KeyError>;
 
     /// Calls `each` with every key's id and, for a key imported from fastmcp-guard 0.2,
-    /// its token's public part `fmg_sk_<selector>`: what a [`KeyManager`](super::KeyManager) loads when it
-    /// starts, to know which ids exist. The default goes through
+    /// its token's public part `fmg_sk_<selector>`: what a
+    /// [`KeyManager`](super::KeyManager) loads when it starts, to know which ids exist.
+    /// The default goes through
     /// [`list`](KeyBackend::list); a backend can read the ids alone.
     ///
     /// # Errors

@@ -171,8 +171,8 @@ pub enum VerifyError {
         /// The key id.
         key_id: String,
     },
-    /// A failure budget is spent (see [`throttle`](super::throttle)): refused without hashing. Only tokens
-    /// not yet proven on this node are ever refused this way.
+    /// A failure budget is spent (see [`throttle`](super::throttle)): refused without
+    /// hashing. Only tokens not yet proven on this node are ever refused this way.
     #[error(
         "{}; retry in {} s",
         match scope {
