@@ -22,14 +22,6 @@ pub struct Entry {
     pub(super) line: Vec<u8>,
 }
 
-impl Entry {
-    /// The event (stale when the entry holds a rendered line).
-    #[must_use]
-    pub fn event(&self) -> &AuditEvent {
-        &self.event
-    }
-}
-
 impl From<AuditEvent> for Entry {
     fn from(event: AuditEvent) -> Self {
         Entry {
