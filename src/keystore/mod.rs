@@ -22,6 +22,12 @@
 //! with bcrypt (once per process, then cached like any token). Everything else — status,
 //! expiry, grace periods, the throttle, revoke and rotate — is the same. Rotating one issues
 //! a current-format token.
+//!
+//! Files: `record` (the record and its status), `error`, `backend` (the trait),
+//! [`memory`], [`sqlite`], [`legacy`] (0.2 import), `options`, `validate` (caller input),
+//! `manager` (the service and lifecycle), `verify` (token verification), `worker` (batched
+//! uses, change watch, the `fmg-keys` thread), [`throttle`], `negative` and `known` (what
+//! verification remembers about ids).
 
 mod backend;
 mod error;
