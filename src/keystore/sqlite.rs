@@ -807,7 +807,12 @@ impl KeyBackend for SqliteBackend {
 #[allow(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use super::super::legacy::testing::{iso, write_file, Key02};
+    use super::super::testing::{
+        assert_secrets_absent, contains, manager_02, meta, opts, scopes, store_bytes,
+    };
+    use super::super::{sqlite, KeyManager};
     use super::*;
+    use serde_json::Map;
 
     fn api_keys_dump(path: &Path) -> Vec<Vec<Option<String>>> {
         let conn = Connection::open(path).unwrap();
@@ -1101,5 +1106,146 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn token_and_secret_never_reach_the_sqlite_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let mut issued = Vec::new();
+        {
+            let m = KeyManager::sqlite(&path, opts()).unwrap();
+            for i in 0..5 {
+                let (rec, token) = m
+                    .create(&format!("k{i}"), &scopes(&["read"]), None, Map::new())
+                    .unwrap();
+                m.verify(&token, Some("10.1.1.1")).unwrap();
+                issued.push((rec.id, token));
+            }
+            let (_, rotated) = m.rotate(&issued[0].0, chrono::Duration::hours(1)).unwrap();
+            m.revoke(&issued[1].0).unwrap();
+            issued.push((String::new(), rotated));
+            m.flush().unwrap();
+            // Read the files while the WAL still holds the recent writes.
+            let mut bytes = Vec::new();
+            for entry in std::fs::read_dir(dir.path()).unwrap() {
+                bytes.extend(std::fs::read(entry.unwrap().path()).unwrap());
+            }
+            assert_secrets_absent(&bytes, &issued);
+        }
+        let mut bytes = Vec::new();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            bytes.extend(std::fs::read(entry.unwrap().path()).unwrap());
+        }
+        // Sanity: we read the right files.
+        let id = issued[2].0.as_bytes();
+        assert!(bytes.windows(id.len()).any(|w| w == id));
+        assert_secrets_absent(&bytes, &issued);
+    }
+
+    #[test]
+    fn sqlite_open_errors_name_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope").join("keys.db");
+        let err = SqliteBackend::open(&missing).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, KeyError::DirectoryMissing { .. }), "{msg}");
+        assert!(
+            msg.contains("nope") && msg.contains("create the directory first"),
+            "{msg}"
+        );
+
+        let text = dir.path().join("notes.txt");
+        std::fs::write(
+            &text,
+            "this is not a database, just some text long enough ...".repeat(20),
+        )
+        .unwrap();
+        let err = SqliteBackend::open(&text).unwrap_err();
+        assert!(matches!(err, KeyError::NotADatabase { .. }), "{err}");
+        assert!(err.to_string().contains("notes.txt"));
+
+        let err = SqliteBackend::open(dir.path()).unwrap_err();
+        assert!(matches!(err, KeyError::NotADatabase { .. }), "{err}");
+
+        let future = dir.path().join("future.db");
+        drop(SqliteBackend::open(&future).unwrap());
+        let conn = rusqlite::Connection::open(&future).unwrap();
+        conn.execute("UPDATE schema_version SET version = 99", [])
+            .unwrap();
+        drop(conn);
+        let err = SqliteBackend::open(&future).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KeyError::SchemaTooNew {
+                    found: 99,
+                    supported: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sqlite_file_is_reopened_with_its_keys_and_private_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let (rec, token) = {
+            let m = KeyManager::sqlite(&path, opts()).unwrap();
+            m.create("persist", &scopes(&["read"]), None, meta("a", "b"))
+                .unwrap()
+        };
+        let m = KeyManager::sqlite(&path, opts()).unwrap();
+        assert_eq!(m.get(&rec.id).unwrap(), rec);
+        m.verify(&token, None).unwrap();
+        #[cfg(unix)]
+        for suffix in ["", "-wal", "-shm"] {
+            // The database and the files SQLite derives from it are private.
+            use std::os::unix::fs::PermissionsExt;
+            let file = format!("{}{suffix}", path.display());
+            let perms = std::fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(perms & 0o777, 0o600, "{file}");
+        }
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, sqlite::schema_version());
+        assert_eq!(version, 2);
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let perms = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(perms & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn legacy_tokens_are_never_stored() {
+        let k = Key02::new("alice");
+        let (m, dir) = manager_02(&[&k]);
+        m.verify(&k.token, Some("10.1.1.1")).unwrap();
+        let (_, new_token) = m.rotate(&k.id, chrono::Duration::hours(1)).unwrap();
+        m.verify(&k.token, None).unwrap();
+        m.flush().unwrap();
+        m.close().unwrap();
+        drop(m);
+        let bytes = store_bytes(dir.path());
+        // The 0.2 file itself held only the bcrypt hash; neither we nor the import add
+        // the token or its secret anywhere.
+        assert!(
+            contains(&bytes, k.hash.as_bytes()),
+            "the bcrypt hash is kept"
+        );
+        assert!(contains(&bytes, k.selector.as_bytes()));
+        for secret in [&k.token[24..], &k.token[30..50], &new_token[23..66]] {
+            assert!(!contains(&bytes, secret.as_bytes()), "a secret was stored");
+        }
     }
 }
