@@ -466,9 +466,13 @@ pub struct LimiterStatus {
     pub tools: Vec<(String, BucketStatus)>,
 }
 
-/// A rate with its GCRA constants precomputed.
+/// The GCRA strategy of one rate: its constants, and the decision and status a stored
+/// TAT (theoretical arrival time, ns) gives at `now`. Storages keep the TATs: the
+/// in-process [`Limiter`] in its cells, the Redis limiter (Python) in Redis, where its
+/// Lua script applies [`Gcra::admit`]'s arithmetic to the `emission_ns` and `tau_ns`
+/// this gives it.
 #[derive(Clone, Copy, Debug)]
-struct Gcra {
+pub struct Gcra {
     rate: Rate,
     /// Emission interval `T = ceil(period / count)`, >= 1 ns.
     emission: u64,
@@ -479,14 +483,18 @@ struct Gcra {
 }
 
 /// A refusal from one bucket, in nanoseconds.
-#[derive(Clone, Copy, Debug)]
-struct Refusal {
-    retry: u64,
-    reset: u64,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BucketRefusal {
+    /// Until the call would conform.
+    pub retry: u64,
+    /// Until the bucket is full again.
+    pub reset: u64,
 }
 
 impl Gcra {
-    fn new(rate: Rate) -> Gcra {
+    /// The constants of `rate`.
+    #[must_use]
+    pub fn new(rate: Rate) -> Gcra {
         let limit = rate.count.max(1);
         let period = u64::try_from(rate.period.as_nanos())
             .unwrap_or(u64::MAX)
@@ -501,14 +509,42 @@ impl Gcra {
         }
     }
 
-    /// The new TAT if a call at `now` conforms, else how long to wait.
-    fn admit(&self, tat: u64, now: u64) -> Result<u64, Refusal> {
+    /// The rate.
+    #[must_use]
+    pub fn rate(&self) -> Rate {
+        self.rate
+    }
+
+    /// Calls a full bucket admits at once (the rate's count, at least 1).
+    #[must_use]
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Emission interval `T` in nanoseconds.
+    #[must_use]
+    pub fn emission_ns(&self) -> u64 {
+        self.emission
+    }
+
+    /// Tolerance `tau = (limit - 1) * T` in nanoseconds.
+    #[must_use]
+    pub fn tau_ns(&self) -> u64 {
+        self.tau
+    }
+
+    /// The new TAT if a call at `now` conforms to a bucket whose TAT is `tat`, else how
+    /// long to wait.
+    ///
+    /// # Errors
+    /// [`BucketRefusal`] when the call does not conform.
+    pub fn admit(&self, tat: u64, now: u64) -> Result<u64, BucketRefusal> {
         let tat = tat.max(now);
         let ahead = tat - now;
         if ahead <= self.tau {
             Ok(tat.saturating_add(self.emission))
         } else {
-            Err(Refusal {
+            Err(BucketRefusal {
                 retry: ahead - self.tau,
                 reset: ahead,
             })
@@ -527,7 +563,9 @@ impl Gcra {
         }
     }
 
-    fn status(&self, tat: u64, now: u64) -> BucketStatus {
+    /// The bucket whose TAT is `tat`, seen at `now`.
+    #[must_use]
+    pub fn status(&self, tat: u64, now: u64) -> BucketStatus {
         let remaining = self.remaining(tat, now);
         BucketStatus {
             limit: self.limit,
@@ -549,7 +587,12 @@ struct KeyState {
 }
 
 /// Keeps the worst refusal seen so far (largest retry).
-fn note_refusal(worst: &mut Option<(Scope, Gcra, Refusal)>, scope: Scope, gcra: Gcra, r: Refusal) {
+fn note_refusal(
+    worst: &mut Option<(Scope, Gcra, BucketRefusal)>,
+    scope: Scope,
+    gcra: Gcra,
+    r: BucketRefusal,
+) {
     if worst.is_none_or(|(_, _, w)| r.retry > w.retry) {
         *worst = Some((scope, gcra, r));
     }
@@ -672,7 +715,7 @@ impl Limiter {
     }
 
     /// CAS loop on the global TAT; returns the committed TAT.
-    fn consume_global(&self, g: Gcra, now: u64) -> Result<u64, Refusal> {
+    fn consume_global(&self, g: Gcra, now: u64) -> Result<u64, BucketRefusal> {
         let mut cur = self.global_tat.load(Ordering::Acquire);
         loop {
             let new = g.admit(cur, now)?;
@@ -692,7 +735,7 @@ impl Limiter {
         let entry = self.key_entry(key, now);
         let mut state = entry.lock();
         let mut remaining = u64::MAX;
-        let mut worst: Option<(Scope, Gcra, Refusal)> = None;
+        let mut worst: Option<(Scope, Gcra, BucketRefusal)> = None;
 
         let new_key_tat = self.per_key.and_then(|g| match g.admit(state.tat, now) {
             Ok(tat) => {
@@ -887,7 +930,7 @@ impl Limiter {
     }
 }
 
-fn limited(scope: Scope, g: Gcra, r: Refusal) -> Decision {
+fn limited(scope: Scope, g: Gcra, r: BucketRefusal) -> Decision {
     Decision::Limited {
         scope,
         rate: g.rate,

@@ -26,7 +26,7 @@ use crate::hashing::CachedKey;
 use crate::hashing::Now;
 use crate::ipmatch::{IpDecision, IpMatcher};
 use crate::keystore::{CacheLookup, FailThrottle, KeyError, KeyManager, KeyRecord, ManagerOptions};
-use crate::limiter::{parse_rate, BucketStatus, Decision, Limiter, LimiterStatus, Rate};
+use crate::limiter::{parse_rate, BucketStatus, Decision, Gcra, Limiter, LimiterStatus, Rate};
 use crate::tokens;
 
 // --------------------------------------------------------------------------------------
@@ -393,32 +393,66 @@ fn py_parse_rate(spec: &str) -> PyResult<PyRate> {
     PyRate::new(spec)
 }
 
-/// Why the limiter refused a call.
+/// Why the limiter refused a call: the in-process limiter's, the Redis limiter's, or an
+/// unreachable shared limiter's (scope `backend`).
 #[pyclass(frozen, module = "fastmcp_guard._core", name = "Refusal")]
 struct PyRefusal {
     scope: &'static str,
-    rate: Rate,
+    limit: String,
+    count: u64,
+    window_seconds: f64,
     retry_after: f64,
     reset_after: f64,
 }
 
+impl PyRefusal {
+    fn of(scope: &'static str, rate: Rate, retry_after: f64, reset_after: f64) -> Self {
+        PyRefusal {
+            scope,
+            limit: rate.to_string(),
+            count: rate.count,
+            window_seconds: rate.window_seconds(),
+            retry_after,
+            reset_after,
+        }
+    }
+}
+
 #[pymethods]
 impl PyRefusal {
+    /// The refusal of a call when the shared limiter cannot be reached and its policy is
+    /// `deny`: scope `backend`, retry after `retry_after` seconds.
+    #[staticmethod]
+    fn unavailable(retry_after: f64) -> PyResult<Self> {
+        if !(retry_after.is_finite() && retry_after >= 0.0) {
+            return Err(PyValueError::new_err(format!(
+                "retry_after must be a finite number of seconds >= 0, got {retry_after}"
+            )));
+        }
+        Ok(PyRefusal {
+            scope: "backend",
+            limit: "unavailable".to_owned(),
+            count: 0,
+            window_seconds: 0.0,
+            retry_after,
+            reset_after: retry_after,
+        })
+    }
     #[getter]
     fn scope(&self) -> &'static str {
         self.scope
     }
     #[getter]
-    fn limit(&self) -> String {
-        self.rate.to_string()
+    fn limit(&self) -> &str {
+        &self.limit
     }
     #[getter]
     fn count(&self) -> u64 {
-        self.rate.count
+        self.count
     }
     #[getter]
     fn window_seconds(&self) -> f64 {
-        self.rate.window_seconds()
+        self.window_seconds
     }
     #[getter]
     fn retry_after(&self) -> f64 {
@@ -431,8 +465,75 @@ impl PyRefusal {
     fn __repr__(&self) -> String {
         format!(
             "Refusal(scope='{}', limit='{}', retry_after={:.3})",
-            self.scope, self.rate, self.retry_after
+            self.scope, self.limit, self.retry_after
         )
+    }
+}
+
+/// The GCRA strategy of one rate (see `limiter::Gcra`): its constants for a storage that
+/// keeps TATs elsewhere (the Redis limiter's Lua script), and the status and refusal a
+/// stored TAT gives.
+#[pyclass(frozen, module = "fastmcp_guard._core", name = "Gcra")]
+struct PyGcra(Gcra);
+
+#[pymethods]
+impl PyGcra {
+    #[new]
+    fn new(rate: &str) -> PyResult<Self> {
+        Ok(PyGcra(Gcra::new(parse_rate(rate)?)))
+    }
+    /// The rate, canonical (`"10/minute"`).
+    #[getter]
+    fn rate(&self) -> String {
+        self.0.rate().to_string()
+    }
+    #[getter]
+    fn limit(&self) -> u64 {
+        self.0.limit()
+    }
+    #[getter]
+    fn window_seconds(&self) -> f64 {
+        self.0.rate().window_seconds()
+    }
+    #[getter]
+    fn emission_ns(&self) -> u64 {
+        self.0.emission_ns()
+    }
+    #[getter]
+    fn tau_ns(&self) -> u64 {
+        self.0.tau_ns()
+    }
+    /// The bucket whose TAT is `tat_ns`, at `now_ns` (as `Limiter.status` gives it).
+    fn status<'py>(
+        &self,
+        py: Python<'py>,
+        tat_ns: u64,
+        now_ns: u64,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        bucket_dict(py, &self.0.status(tat_ns, now_ns))
+    }
+    /// The refusal of a call by the bucket of `scope` (`per_key`, `global`, `tool`), to
+    /// retry in `retry_ns`, full again in `reset_ns`.
+    fn refusal(&self, scope: &str, retry_ns: u64, reset_ns: u64) -> PyResult<PyRefusal> {
+        let scope = match scope {
+            "per_key" => "per_key",
+            "global" => "global",
+            "tool" => "tool",
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown refusal scope {other:?}; expected 'per_key', 'global' or 'tool'"
+                )))
+            }
+        };
+        Ok(PyRefusal::of(
+            scope,
+            self.0.rate(),
+            retry_ns as f64 / 1e9,
+            reset_ns as f64 / 1e9,
+        ))
+    }
+    fn __repr__(&self) -> String {
+        format!("Gcra('{}')", self.0.rate())
     }
 }
 
@@ -458,12 +559,12 @@ fn refusal(decision: Decision) -> Option<PyRefusal> {
             rate,
             retry_after,
             reset_after,
-        } => Some(PyRefusal {
-            scope: scope.as_str(),
+        } => Some(PyRefusal::of(
+            scope.as_str(),
             rate,
             retry_after,
             reset_after,
-        }),
+        )),
     }
 }
 
@@ -2725,6 +2826,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_parse_rate, m)?)?;
     m.add_class::<PyRate>()?;
     m.add_class::<PyRefusal>()?;
+    m.add_class::<PyGcra>()?;
     m.add_class::<PyLimiter>()?;
     m.add_class::<PyIpMatcher>()?;
     m.add_class::<PyIdentity>()?;

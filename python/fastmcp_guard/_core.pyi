@@ -76,8 +76,13 @@ def parse_rate(spec: str) -> Rate:
 
 @final
 class Refusal:
-    """Why the limiter refused a call (returned, never raised)."""
+    """Why a limiter refused a call (returned, never raised): the in-process limiter's,
+    the Redis limiter's, or (scope ``backend``) an unreachable shared limiter's."""
 
+    @staticmethod
+    def unavailable(retry_after: float) -> Refusal:
+        """The refusal of a call while the shared limiter cannot be reached (policy
+        ``deny``): scope ``backend``, limit ``unavailable``."""
     @property
     def scope(self) -> str: ...
     @property
@@ -90,6 +95,28 @@ class Refusal:
     def retry_after(self) -> float: ...
     @property
     def reset_after(self) -> float: ...
+
+@final
+class Gcra:
+    """The GCRA strategy of one rate: its constants (for a storage that keeps the TATs
+    elsewhere, as the Redis limiter's script does) and what a stored TAT gives."""
+
+    def __new__(cls, rate: str) -> Gcra: ...
+    @property
+    def rate(self) -> str: ...
+    @property
+    def limit(self) -> int: ...
+    @property
+    def window_seconds(self) -> float: ...
+    @property
+    def emission_ns(self) -> int: ...
+    @property
+    def tau_ns(self) -> int: ...
+    def status(self, tat_ns: int, now_ns: int) -> dict[str, Any]:
+        """The bucket whose TAT is ``tat_ns`` at ``now_ns``: ``limit``, ``used``,
+        ``remaining``, ``window_seconds``, ``reset_after``."""
+    def refusal(self, scope: str, retry_ns: int, reset_ns: int) -> Refusal:
+        """The refusal by the bucket of ``scope`` (``per_key``, ``global``, ``tool``)."""
 
 @final
 class Limiter:

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from fastmcp.exceptions import ToolError
 from mcp import MCPError
 
-from fastmcp_guard._core import Limiter, parse_rate
+from fastmcp_guard._core import Limiter, Refusal, parse_rate
 from fastmcp_guard._util import mask_url
 from fastmcp_guard.errors import ConfigError
 
@@ -47,17 +47,9 @@ RATE_LIMIT_ATTR = "__fastmcp_guard_rate_limit__"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class RefusalInfo(Protocol):
-    """What a refusal carries: the core's ``Refusal`` and the Redis limiter's ``LimitRefusal``."""
-
-    @property
-    def scope(self) -> str: ...
-    @property
-    def limit(self) -> str: ...
-    @property
-    def retry_after(self) -> float: ...
-    @property
-    def reset_after(self) -> float: ...
+#: What a refusal carries: the core's :class:`~fastmcp_guard._core.Refusal`, whichever
+#: limiter (in-process or Redis) refused. The name stays for code that imported it.
+RefusalInfo = Refusal
 
 
 #: JSON-RPC error code of a rate refusal answered as a protocol error (as HTTP's 429). An

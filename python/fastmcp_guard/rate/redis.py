@@ -4,9 +4,11 @@ Every node of a fleet points its :class:`~fastmcp_guard.RateLimit` at the same R
 (``backend="redis"``), and a limit then holds across all of them: a per-key limit of
 L admits L calls in total, whichever nodes they reach.
 
-Semantics are the in-process limiter's (``src/limiter.rs``), bucket for bucket: GCRA
-with emission interval ``T = ceil(period / N)`` and tolerance ``tau = (N - 1) * T`` in
-nanoseconds; a call touches the per-key, global and per-(key, tool) buckets, is
+Semantics are the in-process limiter's (``src/limiter.rs``), bucket for bucket: one
+GCRA strategy, the core's :class:`~fastmcp_guard._core.Gcra` (emission interval
+``T = ceil(period / N)`` and tolerance ``tau = (N - 1) * T`` in nanoseconds, and the
+status and refusal a stored TAT gives); Redis is only its storage, and the script below
+applies ``Gcra.admit``'s arithmetic to the constants the core gives it. A call touches the per-key, global and per-(key, tool) buckets, is
 admitted only if all of them admit it, and a refused call consumes from none; the
 refusal reported is the bucket with the largest ``retry_after``, with the same
 ``retry_after`` / ``reset_after`` to the nanosecond. Given the same times, the two
@@ -55,10 +57,9 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from fastmcp_guard._core import Limiter, Refusal, parse_rate
+from fastmcp_guard._core import Gcra, Limiter, Refusal
 from fastmcp_guard._util import mask_url
 from fastmcp_guard.errors import ConfigError, MissingExtraError, RateBackendError
 
@@ -81,7 +82,6 @@ BackendErrorPolicy = Literal["allow", "deny", "local"]
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_KEY_PREFIX = "fmg:rl:"
 _POLICIES = ("allow", "deny", "local")
-_U64_MAX = 2**64 - 1
 _NANOS = 1_000_000_000
 _SCOPES = {1: "per_key", 2: "global", 3: "tool"}
 
@@ -163,61 +163,14 @@ return {0}
 LUA_CHECK_SHA = hashlib.sha1(LUA_CHECK.encode()).hexdigest()  # the script id Redis uses
 
 
-@dataclass(frozen=True, slots=True)
-class LimitRefusal:
-    """A refusal from a remote limiter: the same fields as the core's ``Refusal``.
+#: What a check returns: ``None`` (admitted) or the core's ``Refusal`` (from Redis, from
+#: the in-process limiter under the ``local`` policy while Redis is down, or scope
+#: ``backend`` under ``deny``). Kept for code written against earlier releases.
+AnyRefusal = Refusal | None
 
-    ``scope`` is ``"per_key"``, ``"global"`` or ``"tool"``, or ``"backend"`` when the
-    limiter could not be reached and the policy is ``"deny"``.
-    """
-
-    scope: str
-    limit: str
-    count: int
-    window_seconds: float
-    retry_after: float
-    reset_after: float
-
-
-#: What a check returns: ``None`` (admitted), a remote refusal or, under the ``local``
-#: policy while Redis is down, the in-process limiter's ``Refusal``.
-AnyRefusal = LimitRefusal | Refusal | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Gcra:
-    """A rate with its GCRA constants in nanoseconds (as the core computes them)."""
-
-    limit: int
-    emission: int
-    tau: int
-    canonical: str
-    window: float
-
-    @classmethod
-    def of(cls, spec: str) -> _Gcra:
-        rate = parse_rate(spec)
-        limit = max(rate.count, 1)
-        period = max(min(round(rate.period_seconds * _NANOS), _U64_MAX), 1)
-        emission = max(-(-period // limit), 1)
-        tau = min(emission * (limit - 1), _U64_MAX)
-        return cls(limit, emission, tau, str(rate), rate.period_seconds)
-
-    def status(self, tat: int, now: int) -> dict[str, Any]:
-        ahead = max(tat - now, 0)
-        remaining = 0 if ahead > self.tau else min((self.tau - ahead) // self.emission + 1,
-                                                     self.limit)  # fmt: skip
-        return {
-            "limit": self.limit,
-            "used": self.limit - remaining,
-            "remaining": remaining,
-            "window_seconds": self.window,
-            "reset_after": ahead / 1e9,
-        }
-
-    def refusal(self, scope: str, retry_ns: int, reset_ns: int) -> LimitRefusal:
-        return LimitRefusal(scope, self.canonical, self.limit, self.window,
-                            retry_ns / 1e9, reset_ns / 1e9)  # fmt: skip
+#: The Redis limiter's refusals are the core's :class:`~fastmcp_guard._core.Refusal`
+#: (one refusal type); this name stays for code that imported it.
+LimitRefusal = Refusal
 
 
 def _import_redis() -> tuple[Any, Any]:
@@ -297,13 +250,13 @@ class RedisLimiter:
         self.max_connections = max_connections
         self.retry_interval = retry_interval
         self.warn_interval = warn_interval
-        self._per_key = None if per_key is None else _Gcra.of(per_key)
-        self._global = None if global_limit is None else _Gcra.of(global_limit)
-        self._tools: dict[str, _Gcra] = {}
+        self._per_key = None if per_key is None else Gcra(per_key)
+        self._global = None if global_limit is None else Gcra(global_limit)
+        self._tools: dict[str, Gcra] = {}
         self._pk_args = ("", "") if self._per_key is None else (
-            str(self._per_key.emission), str(self._per_key.tau))  # fmt: skip
+            str(self._per_key.emission_ns), str(self._per_key.tau_ns))  # fmt: skip
         self._g_args = ("", "") if self._global is None else (
-            str(self._global.emission), str(self._global.tau))  # fmt: skip
+            str(self._global.emission_ns), str(self._global.tau_ns))  # fmt: skip
         self._global_key = f"{key_prefix}{{g}}:global"
         exc = self._redis.exceptions
         self._noscript: type[Exception] = exc.NoScriptError
@@ -357,7 +310,7 @@ class RedisLimiter:
         if rate is None:
             self._tools.pop(tool, None)
         else:
-            self._tools[tool] = _Gcra.of(rate)
+            self._tools[tool] = Gcra(rate)
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -383,10 +336,10 @@ class RedisLimiter:
         if tg is None:
             tool_args = ("", "", "")
         else:
-            tool_args = ("t:" + str(tool), str(tg.emission), str(tg.tau))
+            tool_args = ("t:" + str(tool), str(tg.emission_ns), str(tg.tau_ns))
         return [len(keys), *keys, now, *self._pk_args, *self._g_args, *tool_args]
 
-    def _decide(self, reply: list[int], tool: str | None) -> LimitRefusal | None:
+    def _decide(self, reply: list[int], tool: str | None) -> Refusal | None:
         if not reply[0]:
             return None
         scope = _SCOPES[int(reply[0])]
@@ -446,7 +399,7 @@ class RedisLimiter:
             return None
         if policy == "local":
             return self.local.check(key, tool)
-        return LimitRefusal("backend", "unavailable", 0, 0.0, 1.0, 1.0)
+        return Refusal.unavailable(1.0)
 
     def _recovered(self) -> None:
         if self._down_until:
