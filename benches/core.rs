@@ -25,7 +25,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::Command;
 use std::time::Instant;
 
-use _core::audit::chain::{Sealer, GENESIS};
+use _core::audit::chain::{LineChain, GENESIS};
 use _core::audit::{
     log_files, verify_files, AuditEvent, AuditWriter, ChainKey, JsonlOptions, Status, WriterOptions,
 };
@@ -361,7 +361,7 @@ fn main() {
     });
 
     // -- audit: sealing one line into the chain (id + BLAKE3), writer side ----------------
-    let mut sealer = Sealer::new(None, GENESIS, false);
+    let mut sealer = LineChain::new(None, GENESIS, false);
     let mut line_bytes = Vec::new();
     _core::audit::write_line(&mut line_bytes, &typical_event());
     let mut sealed = Vec::with_capacity(64 * 1024);
@@ -427,7 +427,7 @@ fn main() {
         .all(|(_, runs)| runs.iter().all(|r| r.lines == r.events));
     let sealed_len = {
         let mut out = Vec::new();
-        Sealer::new(None, GENESIS, false).seal(&mut out, &line_bytes);
+        LineChain::new(None, GENESIS, false).seal(&mut out, &line_bytes);
         out.len()
     };
 

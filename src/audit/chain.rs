@@ -307,7 +307,7 @@ impl IdGen {
 /// Appends `id` and `chain` (and `prev` at a file start) to lines: the
 /// writer-side state of one chained JSONL log.
 #[derive(Debug, Clone)]
-pub struct Sealer {
+pub struct LineChain {
     key: Option<ChainKey>,
     prev: [u8; 32],
     /// The next line starts a file (gets a `"prev"` field).
@@ -316,12 +316,12 @@ pub struct Sealer {
     now_ms: u64,
 }
 
-impl Sealer {
+impl LineChain {
     /// A sealer continuing from `prev`; `at_start`: the next line is the first
     /// chained line of its file.
     #[must_use]
-    pub fn new(key: Option<ChainKey>, prev: [u8; 32], at_start: bool) -> Sealer {
-        Sealer {
+    pub fn new(key: Option<ChainKey>, prev: [u8; 32], at_start: bool) -> LineChain {
+        LineChain {
             key,
             prev,
             at_start,
@@ -901,7 +901,7 @@ pub fn verify_files(paths: &[PathBuf], key: Option<&ChainKey>) -> Result<VerifyR
 mod tests {
     use super::*;
 
-    fn seal_all(s: &mut Sealer, lines: &[&str]) -> Vec<u8> {
+    fn seal_all(s: &mut LineChain, lines: &[&str]) -> Vec<u8> {
         let mut out = Vec::new();
         for l in lines {
             s.seal(&mut out, format!("{l}\n").as_bytes()).unwrap();
@@ -932,7 +932,7 @@ mod tests {
 
     #[test]
     fn sealed_lines_parse_back_and_chain() {
-        let mut s = Sealer::new(None, GENESIS, true);
+        let mut s = LineChain::new(None, GENESIS, true);
         s.set_time(1000);
         let out = seal_all(&mut s, &[r#"{"a":1}"#, r#"{"b":"x"}"#, "{}"]);
         let text = String::from_utf8(out.clone()).unwrap();
@@ -955,8 +955,8 @@ mod tests {
     #[test]
     fn a_key_changes_every_chain_value() {
         let key = ChainKey::new(b"secret").unwrap();
-        let mut a = Sealer::new(None, GENESIS, true);
-        let mut b = Sealer::new(Some(key.clone()), GENESIS, true);
+        let mut a = LineChain::new(None, GENESIS, true);
+        let mut b = LineChain::new(Some(key.clone()), GENESIS, true);
         let la = a.seal(&mut Vec::new(), b"{\"a\":1}\n").unwrap();
         let lb = b.seal(&mut Vec::new(), b"{\"a\":1}\n").unwrap();
         assert_ne!(la, lb);
@@ -966,7 +966,7 @@ mod tests {
 
     #[test]
     fn lines_that_are_not_objects_are_copied_unchanged() {
-        let mut s = Sealer::new(None, GENESIS, true);
+        let mut s = LineChain::new(None, GENESIS, true);
         let mut out = Vec::new();
         assert!(s.seal(&mut out, b"[1]\n").is_none());
         assert!(s.seal(&mut out, b"{\"a\":1}").is_none());
@@ -985,7 +985,7 @@ mod tests {
             xor in 1u8..=255,
         ) {
             let dir = tempfile::tempdir().unwrap();
-            let mut s = Sealer::new(None, GENESIS, true);
+            let mut s = LineChain::new(None, GENESIS, true);
             let src: Vec<String> = (0..n).map(|i| format!(r#"{{"n":{i},"s":"x\u00e9"}}"#)).collect();
             let refs: Vec<&str> = src.iter().map(String::as_str).collect();
             let out = seal_all(&mut s, &refs);
@@ -1012,7 +1012,7 @@ mod tests {
     #[test]
     fn tail_state_reads_the_last_complete_line() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Sealer::new(None, GENESIS, true);
+        let mut s = LineChain::new(None, GENESIS, true);
         let out = seal_all(&mut s, &[r#"{"a":1}"#, r#"{"a":2}"#]);
         let last = s.state().0;
         let p = write(dir.path(), "a.jsonl", &out);
@@ -1042,7 +1042,7 @@ mod tests {
         let p = write(dir.path(), "g.jsonl", &long);
         assert_eq!(tail_state(&p).unwrap(), Tail::Sealed(last));
         // A long last line.
-        let mut s2 = Sealer::new(None, GENESIS, true);
+        let mut s2 = LineChain::new(None, GENESIS, true);
         let big = format!("{{\"a\":\"{}\"}}", "y".repeat(150_000));
         let out2 = seal_all(&mut s2, &[r#"{"a":1}"#, &big]);
         let p = write(dir.path(), "h.jsonl", &out2);

@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, NaiveDate, Utc};
 
-use super::chain::{restart_line, scan_tail, tail_state, ChainKey, Sealer, Tail, GENESIS};
+use super::chain::{restart_line, scan_tail, tail_state, ChainKey, LineChain, Tail, GENESIS};
 use super::{AuditError, Batch, Sink};
 
 /// Options of the JSONL sink beyond the path. `Default`: chain on, no key,
@@ -104,7 +104,7 @@ pub struct JsonlFileSink {
     day: NaiveDate,
     /// Millisecond stamp of the newest rotated file (names never repeat).
     last_rotation_ms: i64,
-    sealer: Option<Sealer>,
+    sealer: Option<LineChain>,
     /// The sealed batch.
     out: Vec<u8>,
     /// End offset in `out` and chain value of each sealed line of the batch.
@@ -161,7 +161,7 @@ impl JsonlFileSink {
             } else {
                 (GENESIS, true)
             };
-            Some(Sealer::new(opts.chain_key.clone(), prev, at_start))
+            Some(LineChain::new(opts.chain_key.clone(), prev, at_start))
         } else {
             None
         };

@@ -149,10 +149,10 @@ fn inode(_f: &File) -> io::Result<u64> {
 #[allow(clippy::unwrap_used, reason = "a failing unwrap is a failing test")]
 mod tests {
     use super::*;
-    use crate::audit::chain::Sealer;
+    use crate::audit::chain::LineChain;
 
     fn sealed(n: usize) -> Vec<u8> {
-        let mut sealer = Sealer::new(None, crate::audit::chain::GENESIS, true);
+        let mut sealer = LineChain::new(None, crate::audit::chain::GENESIS, true);
         let mut out = Vec::new();
         for i in 0..n {
             let line = format!("{{\"ts\":\"t\",\"key_id\":\"k{i}\"}}\n");

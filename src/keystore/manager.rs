@@ -88,7 +88,7 @@ pub(super) struct Counters {
     pub(super) background_errors: AtomicU64,
 }
 
-pub(super) fn bump(counter: &AtomicU64) {
+pub(super) fn increment(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -612,7 +612,7 @@ impl KeyManager {
         if let Some(Worker { stop, handle }) = worker {
             drop(stop);
             if handle.join().is_err() {
-                bump(&self.inner.counters.background_errors);
+                increment(&self.inner.counters.background_errors);
             }
         }
         self.inner.flush_touches().map(|_| ())
@@ -663,7 +663,7 @@ impl Inner {
         // The key may have just been created elsewhere (a change notification).
         self.known.insert(key_id);
         self.negative.remove(key_id);
-        bump(&self.counters.invalidations);
+        increment(&self.counters.invalidations);
     }
 }
 

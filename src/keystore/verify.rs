@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use crate::hashing::{CachedKey, HashScheme, Now, PoolError, TokenDigest};
 use crate::tokens::{self, AnyToken, TokenError};
 
-use super::manager::{bump, Inner};
+use super::manager::{increment, Inner};
 use super::record::utc_from_ms;
 use super::{throttle, KeyError, KeyManager, KeyRecord, KeyStatus, ThrottleScope, VerifyError};
 
@@ -26,7 +26,7 @@ pub enum CacheLookup {
 }
 
 /// What a well-formed token names, before the store is read.
-enum Claim<'a> {
+enum TokenParts<'a> {
     /// A current token: its key id and secret part (argon2id).
     Current { key_id: String, secret: &'a str },
     /// A 0.2 token: its selector and the whole token (bcrypt), and its public part
@@ -38,7 +38,7 @@ enum Claim<'a> {
     },
 }
 
-impl<'a> From<AnyToken<'a>> for Claim<'a> {
+impl<'a> From<AnyToken<'a>> for TokenParts<'a> {
     fn from(t: AnyToken<'a>) -> Self {
         match t {
             AnyToken::Current(p) => Self::Current {
@@ -54,7 +54,7 @@ impl<'a> From<AnyToken<'a>> for Claim<'a> {
     }
 }
 
-impl Claim<'_> {
+impl TokenParts<'_> {
     /// The public name of the key the token claims: the key id, or for a 0.2 token its
     /// public part. The failure throttle is keyed by it (one per key either way).
     fn label(&self) -> &str {
@@ -116,7 +116,7 @@ impl KeyManager {
         let inner = &*self.inner;
         let parsed = tokens::parse_any(token).map_err(VerifyError::Malformed)?;
         let whole = parsed.token();
-        let claim = Claim::from(parsed);
+        let claim = TokenParts::from(parsed);
         let digest = TokenDigest::of(whole.as_bytes())
             .map_err(|e| VerifyError::store(claim.label(), KeyError::Hash(e)))?;
         if let Some(hit) = inner.cache.get(&digest, now) {
@@ -134,7 +134,7 @@ impl KeyManager {
         );
         let result = match flight.try_lock_for(inner.opts.verify_wait) {
             None => {
-                bump(&inner.counters.busy);
+                increment(&inner.counters.busy);
                 Err(VerifyError::Busy {
                     key_id: Some(claim.label().to_owned()),
                 })
@@ -162,7 +162,7 @@ impl Inner {
     /// budgets, then the store read, then a hash run on the pool.
     fn verify_uncached(
         &self,
-        claim: &Claim<'_>,
+        claim: &TokenParts<'_>,
         digest: TokenDigest,
         client: Option<&str>,
         now: Now,
@@ -172,7 +172,7 @@ impl Inner {
         let mut reservation = None;
         if !proven {
             if self.negative.contains(label, now.instant) {
-                bump(&self.counters.negative_hits);
+                increment(&self.counters.negative_hits);
                 return Err(VerifyError::UnknownKey {
                     key_id: label.to_owned(),
                 });
@@ -184,10 +184,10 @@ impl Inner {
         // stops us caching. The epoch does not name the key, so it serves 0.2 tokens too,
         // whose key id is only known from the store.
         let epoch = self.cache.epoch();
-        bump(&self.counters.store_reads);
+        increment(&self.counters.store_reads);
         let found = match claim {
-            Claim::Current { key_id, .. } => self.backend.get(key_id),
-            Claim::Legacy { selector, .. } => self.backend.get_by_legacy_selector(selector),
+            TokenParts::Current { key_id, .. } => self.backend.get(key_id),
+            TokenParts::Legacy { selector, .. } => self.backend.get_by_legacy_selector(selector),
         }
         .map_err(|e| VerifyError::store(label, e))?;
         let Some(record) = found else {
@@ -201,7 +201,7 @@ impl Inner {
         };
         let key_id = record.id.clone();
         self.known.insert(&key_id);
-        if let Claim::Legacy { label, .. } = claim {
+        if let TokenParts::Legacy { label, .. } = claim {
             self.known.insert(label);
         }
         let now_dt = utc_from_ms(now.unix_ms);
@@ -212,7 +212,7 @@ impl Inner {
             return Err(VerifyError::Expired { key_id });
         }
         let matches = if proven && self.proven.proves(&digest, &record.id, &record.phc_hash) {
-            bump(&self.counters.proof_refreshes);
+            increment(&self.counters.proof_refreshes);
             true
         } else {
             if proven {
@@ -249,10 +249,14 @@ impl Inner {
     }
 
     /// Whether the token's secret matches the record's hash: one hash run on the pool.
-    fn check_secret(&self, claim: &Claim<'_>, record: &KeyRecord) -> Result<bool, VerifyError> {
+    fn check_secret(
+        &self,
+        claim: &TokenParts<'_>,
+        record: &KeyRecord,
+    ) -> Result<bool, VerifyError> {
         let (input, scheme) = match claim {
-            Claim::Current { secret, .. } => (*secret, HashScheme::Argon2id),
-            Claim::Legacy { token, .. } => (*token, HashScheme::Bcrypt),
+            TokenParts::Current { secret, .. } => (*secret, HashScheme::Argon2id),
+            TokenParts::Legacy { token, .. } => (*token, HashScheme::Bcrypt),
         };
         // A token of one format never matches a hash of the other (a current-format token
         // naming an imported 0.2 key's id, say): refused without hashing. An unrecognised
@@ -265,14 +269,14 @@ impl Inner {
             .verify(input, &record.phc_hash, self.opts.verify_wait)
         {
             Ok(matches) => {
-                bump(match scheme {
+                increment(match scheme {
                     HashScheme::Argon2id => &self.counters.argon2_runs,
                     HashScheme::Bcrypt => &self.counters.bcrypt_runs,
                 });
                 Ok(matches)
             }
             Err(PoolError::Busy) => {
-                bump(&self.counters.busy);
+                increment(&self.counters.busy);
                 Err(VerifyError::Busy {
                     key_id: Some(record.id.clone()),
                 })
@@ -293,7 +297,7 @@ impl Inner {
         self.throttle
             .reserve(client.unwrap_or(""), label, may_exist, now.instant)
             .map_err(|refused| {
-                bump(&self.counters.throttled);
+                increment(&self.counters.throttled);
                 let retry_after = match refused.scope {
                     // The id may be a key made on another node that this one has not seen
                     // yet: retry once the watcher has looked (refusing again costs nothing).

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use crate::hashing::{CachedKey, Now};
 
 use super::backend::legacy_label;
-use super::manager::{bump, Inner};
+use super::manager::{increment, Inner};
 use super::record::utc_from_ms;
 use super::{KeyError, KeyManager, Touch};
 
-fn later(now: Instant, d: Duration) -> Instant {
+fn deadline_after(now: Instant, d: Duration) -> Instant {
     now.checked_add(d)
         .or_else(|| now.checked_add(Duration::from_secs(86_400 * 365)))
         .unwrap_or(now)
@@ -111,7 +111,7 @@ impl Inner {
         }
         match self.backend.touch_many(&batch) {
             Ok(()) => {
-                bump(&self.counters.touch_batches);
+                increment(&self.counters.touch_batches);
                 self.counters
                     .touches_written
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -156,7 +156,7 @@ impl Inner {
                     // created elsewhere and cached here since is not verified again.
                     self.cache
                         .invalidate_key_before(&change.id, change.revision);
-                    bump(&self.counters.invalidations);
+                    increment(&self.counters.invalidations);
                     invalidated += 1;
                 }
             }
@@ -188,7 +188,7 @@ impl Inner {
     }
 
     pub(super) fn note_error(&self, what: &str, e: &KeyError) {
-        bump(&self.counters.background_errors);
+        increment(&self.counters.background_errors);
         *self.last_error.lock() = Some(format!("{what}: {e}"));
     }
 }
@@ -200,8 +200,8 @@ pub(super) fn run_worker(
     watch_every: Duration,
 ) {
     let start = Instant::now();
-    let mut next_touch = later(start, touch_every);
-    let mut next_watch = later(start, watch_every);
+    let mut next_touch = deadline_after(start, touch_every);
+    let mut next_watch = deadline_after(start, watch_every);
     loop {
         let wait = next_touch
             .min(next_watch)
@@ -217,13 +217,13 @@ pub(super) fn run_worker(
             if let Err(e) = inner.poll_changes() {
                 inner.note_error("watching the key store", &e);
             }
-            next_watch = later(now, watch_every);
+            next_watch = deadline_after(now, watch_every);
         }
         if now >= next_touch {
             if let Err(e) = inner.flush_touches() {
                 inner.note_error("writing last_used_at", &e);
             }
-            next_touch = later(now, touch_every);
+            next_touch = deadline_after(now, touch_every);
         }
     }
 }
