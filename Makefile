@@ -1,9 +1,10 @@
 # One Makefile, also used by CI (.ci/run calls `make test`).
-.PHONY: help demo install build-dev test test-rust test-python bench lint
+.PHONY: help demo install build-dev wheel test test-rust test-python bench lint
 
 help:
 	@echo "make demo        install and start the guarded example server (SQLite keys + JSONL audit)"
-	@echo "make test        every test: cargo test, then pytest (installs what it needs)"
+	@echo "make test        every test: cargo test, then pytest against the installed wheel (installs what it needs)"
+	@echo "make wheel       build the release wheel (manylinux, abi3) into dist/"
 	@echo "make bench       the benchmarks in benches/ (release build), with baselines side by side"
 	@echo "make build-dev   rebuild the extension into .venv"
 	@echo "make lint        ruff, cargo fmt --check, clippy -D warnings"
@@ -13,6 +14,10 @@ demo:
 
 install build-dev:
 	scripts/bootstrap.sh
+
+wheel:
+	BOOTSTRAP_BUILD=0 scripts/bootstrap.sh
+	scripts/wheel.sh
 
 test:
 	scripts/test.sh
