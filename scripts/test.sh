@@ -19,10 +19,10 @@ if [ ${#fleet_apt[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${fleet_apt[@]}"
 fi
-echo "== cargo test"
+echo "== cargo test ($(date -u +%T) UTC, ${SECONDS}s in)"
 cargo test --locked
 
-echo "== wheel"
+echo "== wheel ($(date -u +%T) UTC, ${SECONDS}s in)"
 wheel=$(scripts/wheel.sh | tail -1)
 # Replace whatever is installed (the editable development build, or an older wheel)
 # with the wheel and the `test` extra's dependencies. pip must not build anything.
@@ -36,5 +36,7 @@ where = pathlib.Path(core.__file__).resolve()
 assert "site-packages" in where.parts, f"_core loaded from {where}, not from the installed wheel"
 print(f"== pytest against the wheel ({where})")
 PY
+echo "== pytest ($(date -u +%T) UTC, ${SECONDS}s in; load average $(cut -d' ' -f1-3 /proc/loadavg))"
 python -m pytest -q -p no:cacheprovider "$@"
+echo "== done in ${SECONDS}s"
 echo "(the venv now holds the wheel; scripts/bootstrap.sh puts the development build back)"
