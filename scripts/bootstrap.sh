@@ -18,20 +18,25 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 export VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH"
-python -m pip install -q --disable-pip-version-check "maturin>=1.8,<2" \
-  "fastmcp>=4.2.3,<5" "anyio>=4" "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.3" \
-  "hypothesis>=6.100" "bcrypt>=4" "mypy>=1.10" "ruff>=0.5" "psycopg[binary]>=3.2" \
-  "redis>=5.0.1" "opentelemetry-sdk>=1.20"
+python -m pip install -q --disable-pip-version-check "maturin>=1.8,<2"
 
 # The released fastmcp-guard 0.2.2 wheel: tests import its key files (drop-in check).
 if ! ls .cache/legacy/fastmcp_guard-0.2.2-*.whl >/dev/null 2>&1; then
   python -m pip download -q --disable-pip-version-check --no-deps "fastmcp-guard==0.2.2" -d .cache/legacy
 fi
 
-# Build the extension into the venv (the stale .so goes first).
+# BOOTSTRAP_BUILD=0: only the venv and maturin (scripts/test.sh installs the wheel).
+if [ "${BOOTSTRAP_BUILD:-1}" = "0" ]; then
+  exit 0
+fi
+
+# Build the extension into the venv as an editable install (the stale .so goes first).
+# maturin also installs the dependencies and the extras named in pyproject.toml: the
+# one list of what the tests, lint and benchmarks need.
 rm -f python/fastmcp_guard/_core*.so
+extras=(-E test,lint,bench)
 if [ "${PROFILE:-dev}" = "release" ]; then
-  maturin develop --release -q
+  maturin develop --release -q "${extras[@]}"
 else
-  maturin develop -q
+  maturin develop -q "${extras[@]}"
 fi
