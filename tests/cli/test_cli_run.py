@@ -79,7 +79,9 @@ def stop_server(server: Server) -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     cwd = tmp_path_factory.mktemp("run")
-    srv = start_server(cwd, "--rate", "3/minute")
+    # An hour: no call refills during a test however slow the machine (3/minute refilled one
+    # every 20 s, and a loaded run saw "used" drop).
+    srv = start_server(cwd, "--rate", "3/hour")
     yield srv
     stop_server(srv)
 
@@ -115,12 +117,12 @@ async def test_a_cli_key_works_and_rate_status_shows_the_calls_made(server: Serv
     (entry,) = status["keys"]
     assert entry["key"] == key["id"] and entry["name"] == "alice"
     assert entry["per_key"]["used"] == 2 and entry["per_key"]["limit"] == 3
-    assert status["per_key_rate"] == "3/minute"
+    assert status["per_key_rate"] == "3/hour"
     # Without a key: every tracked key, alice among them.
     listed = json.loads(ok(server.cwd, "rate", "status", "--json", env=server.env()).stdout)
     assert key["id"] in [k["key"] for k in listed["keys"]]
     human = ok(server.cwd, "rate", "status", env=server.env()).stdout
-    assert "alice" in human and "2/3 per min" in human
+    assert "alice" in human and "2/3 per h" in human
 
 
 async def test_rate_reset_lets_a_limited_key_through_again(server: Server) -> None:
