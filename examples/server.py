@@ -1,4 +1,4 @@
-"""An ordinary FastMCP server with no guard code in it.
+"""An ordinary FastMCP server: no guard code but one optional ``@rate_limit``.
 
     fastmcp-guard run examples/server.py          # serve it guarded (see `make demo`)
 
