@@ -202,11 +202,9 @@ class GuardMiddleware(Middleware):
             )  # fmt: skip
             raise MCPError(INTERNAL_ERROR, AUDIT_UNAVAILABLE)
         rate = guard.rate_limit  # always set: Guard supplies RateLimit() when none is given
-        refusal = (
-            rate.core.check(caller.rate_key, tool)
-            if rate.is_local  # in process: inline, no await
-            else await rate.acquire(caller.rate_key, tool)  # Redis: one round trip
-        )
+        decision = rate.check(caller.rate_key, tool)
+        # In process: decided inline, no await; Redis: one round trip.
+        refusal = decision.refusal if decision.settled else await decision.settle()
         if refusal is not None:
             exc = RateLimitExceeded(refusal, tool)
             if audit is not None:

@@ -39,6 +39,14 @@ async def test_allow_admits_while_redis_is_down_and_warns_once(
     limit = node(own_redis, "1/hour", "allow")
     assert await limit.acquire("k") is None
     assert await limit.acquire("k") is not None
+    # RateLimit.check: with Redis the decision is one round trip away.
+    wrapped = RateLimit(per_key="1/hour", backend="redis", url=own_redis.url,
+                        key_prefix="fmg:check:")  # fmt: skip
+    pending = wrapped.check("k")
+    assert not pending.settled and repr(pending) == "Decision(pending)"
+    assert await pending.settle() is None and pending.settled
+    assert not await wrapped.check("k"), "0.2's await check(): False when refused"
+    await wrapped.aclose()
     own_redis.stop()
     assert [await limit.acquire("k") for _ in range(5)] == [None] * 5
     (warning,) = warnings_of(caplog)

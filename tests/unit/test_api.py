@@ -22,6 +22,7 @@ from fastmcp_guard import (
     rate_limit,
 )
 from fastmcp_guard.errors import AuditWriteError, StoreError
+from fastmcp_guard.rate import ADMITTED
 
 
 @pytest.mark.parametrize("bad", ["abc", "0/minute", "-1/minute", "10/fortnight", "", "1.5/minute"])
@@ -160,6 +161,17 @@ async def test_rate_limit_0_2_surface() -> None:
     assert rl.status("k1")["per_key"]["used"] == 0
     assert await rl.check(key_id="k1")
     assert not await rl.check(key_id="k2")  # the global bucket (3/minute) is spent
+
+
+async def test_check_decides_in_process_without_awaiting() -> None:
+    rl = RateLimit(per_key="1/minute")
+    first = rl.check("k", "t")
+    assert first is ADMITTED and first.settled and first.refusal is None
+    second = rl.check("k", "t")
+    assert second.settled and second.refusal is not None
+    assert (second.refusal.scope, second.refusal.limit) == ("per_key", "1/minute")
+    assert await second.settle() is second.refusal and not await second
+    assert repr(second).startswith("Decision(Refusal(scope='per_key'")
 
 
 async def test_async_twins_run_off_the_event_loop(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ same semantics and one round trip per call.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from fastmcp.exceptions import ToolError
@@ -32,8 +32,10 @@ if TYPE_CHECKING:
     from fastmcp_guard.rate.redis import BackendErrorPolicy, RedisLimiter
 
 __all__ = [
+    "ADMITTED",
     "RATE_LIMITED_CODE",
     "RATE_LIMIT_ATTR",
+    "Decision",
     "RateLimit",
     "RateLimitExceeded",
     "RefusalInfo",
@@ -102,6 +104,48 @@ class RateLimitExceeded(ToolError):
             "retry_after": round(self.retry_after, 3),
             "reset": round(self.reset_after, 3),
         }
+
+
+class Decision:
+    """What :meth:`RateLimit.check` decided about one call.
+
+    ``settled``: decided already (the in-process limiter); ``refusal`` is then ``None``
+    (admitted) or the :class:`~fastmcp_guard._core.Refusal`. Otherwise (Redis) the
+    decision is one round trip away: ``await decision.settle()``. Awaiting the decision
+    itself gives ``True`` if the call was admitted (fastmcp-guard 0.2's
+    ``await check(...)``)."""
+
+    __slots__ = ("_pending", "refusal", "settled")
+
+    def __init__(self, refusal: Refusal | None, pending: Awaitable[Refusal | None] | None = None):
+        self.refusal = refusal
+        #: True once the decision is made (always, in process). A plain attribute: the
+        #: middleware reads it on every call.
+        self.settled = pending is None
+        self._pending = pending
+
+    async def settle(self) -> Refusal | None:
+        """The refusal, or ``None`` if the call was admitted (waits for Redis once)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.refusal = await pending
+            self.settled = True
+        return self.refusal
+
+    def __await__(self) -> Generator[Any, None, bool]:
+        return self._admitted().__await__()
+
+    async def _admitted(self) -> bool:
+        return await self.settle() is None
+
+    def __repr__(self) -> str:
+        if not self.settled:
+            return "Decision(pending)"
+        return "Decision(admitted)" if self.refusal is None else f"Decision({self.refusal!r})"
+
+
+#: The decision of every admitted in-process call (one object: nothing allocated).
+ADMITTED = Decision(None)
 
 
 class RateLimit:
@@ -183,8 +227,7 @@ class RateLimit:
         #: JSON-RPC error code of a protocol refusal.
         self.refusal_code = refusal_code
         self._core = Limiter(per_key=per_key, global_limit=global_limit)
-        #: True for the in-process backend: the middleware then calls ``core.check``
-        #: inline (no await); otherwise it awaits :meth:`acquire`.
+        #: True for the in-process backend (limits are per process).
         self.is_local = backend == "memory"
         self._remote: RedisLimiter | None = None
         if backend == "redis":
@@ -237,9 +280,18 @@ class RateLimit:
             return self._core.check(key_id, tool)
         return self._remote.check(key_id, tool)
 
-    async def check(self, key_id: str, tool: str | None = None) -> bool:
-        """fastmcp-guard 0.2 API: consume one call; ``True`` if admitted."""
-        return await self.acquire(key_id, tool) is None
+    def check(self, key_id: str, tool: str | None = None) -> Decision:
+        """Decide one call by ``key_id`` to ``tool`` (consuming it if admitted), without
+        blocking: in process the decision is made here (``decision.settled``, and
+        ``decision.refusal`` is ``None`` or why not); with Redis it is one round trip
+        away: ``await decision.settle()`` gives the refusal or ``None``.
+
+        fastmcp-guard 0.2's ``await check(key_id=...)`` still works: awaiting the decision
+        gives ``True`` if the call was admitted."""
+        if self._remote is None:
+            refusal = self._core.check(key_id, tool)
+            return ADMITTED if refusal is None else Decision(refusal)
+        return Decision(None, self._remote.acquire(key_id, tool))
 
     def status(self, key_id: str) -> dict[str, Any]:
         """``{"per_key": {"limit","used","remaining","window_seconds","reset_after"},
