@@ -30,7 +30,6 @@ def test_rate_parser_never_crashes(text: str) -> None:
 
 _manager = KeyManager.memory()
 _info, _token = _manager.create("property")
-assert _manager.verify(_token).key_id == _info.id  # proven: in the verified cache
 
 
 @settings(max_examples=300)
@@ -51,6 +50,9 @@ def test_a_token_differing_in_one_character_is_not_served_from_the_cache(
 ) -> None:
     # The verified cache holds whole tokens (a keyed digest), not key ids: a token that
     # differs anywhere, the key id part included, is never taken for the proven one.
+    # (Verified here: the suite may run this long after import, past the cache's TTL; a
+    # proven token is only re-read, not hashed.)
+    assert _manager.verify(_token).key_id == _info.id
     assert _manager.verify_cached(_token) is not None
     changed = _token[:pos] + char + _token[pos + 1 :]
     if changed != _token:
