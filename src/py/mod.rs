@@ -1,0 +1,3 @@
+//! Python bindings (`fastmcp_guard._core`), compiled only with the `python` feature.
+
+mod audit;
