@@ -1,8 +1,8 @@
 //! fastmcp-guard core: the hot path of the guard, in plain Rust.
 //!
 //! Domain modules know nothing of Python, so `cargo test` needs no interpreter;
-//! the bindings (`python`, `errors`) are compiled only with the `python` feature,
-//! which maturin turns on.
+//! the bindings (`py`, `errors`, `pystore`) are compiled only with the `python`
+//! feature, which maturin turns on.
 
 pub mod audit;
 pub mod hashing;
@@ -15,6 +15,6 @@ pub mod tokens;
 #[cfg(feature = "python")]
 mod errors;
 #[cfg(feature = "python")]
-mod pystore;
+mod py;
 #[cfg(feature = "python")]
-mod python;
+mod pystore;
