@@ -1,8 +1,8 @@
 """Type stubs for the Rust core, ``fastmcp_guard._core``.
 
-Everything here is implemented in ``src/python.rs``; the domain logic lives in the
-plain-Rust modules beside it (``tokens``, ``hashing``, ``keystore``, ``limiter``,
-``ipmatch``, ``audit``).
+Everything here is implemented in ``src/py/`` (one file per facade); the domain logic
+lives in the plain-Rust modules beside it (``tokens``, ``hashing``, ``keystore``,
+``limiter``, ``ipmatch``, ``audit``).
 """
 
 import builtins
