@@ -33,9 +33,6 @@ __all__ = ["ENV_KEY", "Guard"]
 
 _log = logging.getLogger("fastmcp_guard")
 
-#: Longest request path recorded in a refusal line (characters).
-_MAX_PATH = 256
-
 #: Refusal reasons where the claimed key id names no key (not recorded as the key id).
 _NO_SUCH_KEY = frozenset({"unknown_key", "malformed"})
 
@@ -262,14 +259,13 @@ class Guard:
         ``audit query --key <id>`` shows the attacks on it. Aggregated per address,
         status, reason and key id by the audit log: a flood costs counts, not disk.
         ``reason`` is the refusal's code (``bad_secret``, ``deny_listed``...), ``error``
-        its message, ``path`` the request path (cut to 256 characters); nothing is
+        its message, ``path`` the request path (the audit core cuts every string of a refusal to 256
+        bytes as written, so a 100 KB path costs no more than a short one); nothing is
         recorded when the guard has no audit log."""
         if self.audit is None:
             return
         if reason in _NO_SUCH_KEY:
             key_id = ""  # an id nobody holds: attacker-chosen, it must not split groups
-        if path is not None and len(path) > _MAX_PATH:
-            path = path[:_MAX_PATH] + "…"  # the client's text: 100 KB paths get through uvicorn
         self.audit.log_refusal(status, client_ip=client_ip, reason=reason, key_id=key_id,
                                error=error, extra=None if path is None else {"path": path})  # fmt: skip
 

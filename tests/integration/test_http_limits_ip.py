@@ -64,6 +64,9 @@ async def test_the_protocol_refusal_code_is_configurable_outside_the_reserved_ra
             RateLimit(per_key="1/hour", refusal="protocol", refusal_code=reserved)
     with pytest.raises(ConfigError, match="must be an integer"):
         RateLimit(refusal_code=True)
+    for huge in (2**31, -(2**31) - 1, 10**30):
+        with pytest.raises(ConfigError, match="does not fit a 32-bit integer"):
+            RateLimit(refusal_code=huge)
     mcp, guard = make_server(
         rate_limit=RateLimit(per_key="1/hour", refusal="protocol", refusal_code=1429)
     )

@@ -167,7 +167,8 @@ class RateLimit:
         refusal_code: the JSON-RPC error code of a protocol refusal (default
             :data:`RATE_LIMITED_CODE`, 429). An application code: JSON-RPC reserves
             -32768..-32000 (the MCP specification of 2026-07-28 calls -32000..-32019
-            legacy and reserves -32020..-32099), so a code there is a ``ConfigError``.
+            legacy and reserves -32020..-32099), so a code there, or one that does not fit a
+            32-bit integer, is a ``ConfigError``.
         url: the Redis server (``backend="redis"`` only; default
             ``redis://127.0.0.1:6379/0``), e.g. ``redis://:password@redis:6379/0``,
             ``rediss://...`` for TLS.
@@ -206,6 +207,13 @@ class RateLimit:
             raise ConfigError(f"refusal must be 'tool' or 'protocol', got {refusal!r}")
         if isinstance(refusal_code, bool) or not isinstance(refusal_code, int):
             raise ConfigError(f"refusal_code must be an integer, got {refusal_code!r}")
+        if not -(2**31) <= refusal_code < 2**31:
+            # JSON-RPC clients read codes as 32-bit integers (JavaScript loses precision
+            # past 2**53): a huge code would not reach them intact.
+            raise ConfigError(
+                f"refusal_code {refusal_code} does not fit a 32-bit integer; use an "
+                f"application code such as {RATE_LIMITED_CODE}"
+            )
         if -32768 <= refusal_code <= -32000:
             raise ConfigError(
                 f"refusal_code {refusal_code} is in the range JSON-RPC reserves "
