@@ -6,7 +6,7 @@
 //! made once at import with `type(name, bases, ns)`, since PyO3's `create_exception!`
 //! cannot express two bases.
 
-use pyo3::exceptions::{PyException, PyKeyError, PyOSError, PyValueError};
+use pyo3::exceptions::{PyException, PyKeyError, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
@@ -29,9 +29,11 @@ pub enum Exc {
     Store,
     AuditWrite,
     Verify,
+    InvalidArgument,
+    ArgumentType,
 }
 
-const ALL: [(Exc, &str, &str); 9] = [
+const ALL: [(Exc, &str, &str); 11] = [
     (
         Exc::Guard,
         "GuardError",
@@ -74,6 +76,16 @@ const ALL: [(Exc, &str, &str); 9] = [
         "A token was refused: `reason` says why, `key_id` names the key the token claims \
          (None if malformed), `retry_after` is set (seconds) when `reason` is 'throttled'.",
     ),
+    (
+        Exc::InvalidArgument,
+        "InvalidArgumentError",
+        "An argument or option was refused (out of range, unknown name, malformed value).",
+    ),
+    (
+        Exc::ArgumentType,
+        "ArgumentTypeError",
+        "An argument has the wrong type (for example a scope that is not a str).",
+    ),
 ];
 
 static CLASSES: PyOnceLock<Vec<Py<PyType>>> = PyOnceLock::new();
@@ -114,9 +126,12 @@ fn build(py: Python<'_>) -> PyResult<Vec<Py<PyType>>> {
     let mut out: Vec<Py<PyType>> = vec![root.clone().unbind()];
     for (exc, name, doc) in &ALL[1..] {
         let builtin = match exc {
-            Exc::InvalidRate | Exc::InvalidIp | Exc::InvalidKeyInput | Exc::KeyRevoked => {
-                Some(py.get_type::<PyValueError>())
-            }
+            Exc::InvalidRate
+            | Exc::InvalidIp
+            | Exc::InvalidKeyInput
+            | Exc::KeyRevoked
+            | Exc::InvalidArgument => Some(py.get_type::<PyValueError>()),
+            Exc::ArgumentType => Some(py.get_type::<PyTypeError>()),
             Exc::KeyNotFound => Some(py.get_type::<PyKeyError>()),
             Exc::Store | Exc::AuditWrite => Some(py.get_type::<PyOSError>()),
             Exc::Guard | Exc::Verify => None,
@@ -156,6 +171,18 @@ pub fn new_err(exc: Exc, msg: impl Into<String>) -> PyErr {
         Ok(cls) => PyErr::from_type(cls, msg),
         Err(e) => e,
     })
+}
+
+/// `InvalidArgumentError(msg)` (a `GuardError` and a `ValueError`): an argument or option
+/// was refused. The message says which and what to pass instead.
+pub fn invalid_argument(msg: impl Into<String>) -> PyErr {
+    new_err(Exc::InvalidArgument, msg)
+}
+
+/// `ArgumentTypeError(msg)` (a `GuardError` and a `TypeError`): an argument has the wrong
+/// type. The message names the argument, the type expected and the type given.
+pub fn wrong_type(msg: impl Into<String>) -> PyErr {
+    new_err(Exc::ArgumentType, msg)
 }
 
 /// `VerifyError(msg)` with its `reason`, `key_id` (the key id the token claims, public;
@@ -201,7 +228,7 @@ impl From<AuditError> for PyErr {
     fn from(e: AuditError) -> PyErr {
         match e {
             // A bad option is the caller's input, not an I/O failure.
-            AuditError::InvalidOption { .. } => PyValueError::new_err(e.to_string()),
+            AuditError::InvalidOption { .. } => invalid_argument(e.to_string()),
             _ => new_err(Exc::AuditWrite, e.to_string()),
         }
     }

@@ -51,6 +51,12 @@ class VerifyError(GuardError):
     key_id: str | None
     retry_after: float | None
 
+class InvalidArgumentError(GuardError, ValueError):
+    """An argument or option was refused (out of range, unknown name, malformed value)."""
+
+class ArgumentTypeError(GuardError, TypeError):
+    """An argument has the wrong type (for example a scope that is not a str)."""
+
 # --- tokens -----------------------------------------------------------------------
 
 def token_key_id(token_or_id: str) -> str | None:

@@ -6,8 +6,10 @@ catches ``ValueError`` / ``KeyError`` / ``OSError`` keeps working.
 """
 
 from fastmcp_guard._core import (
+    ArgumentTypeError,
     AuditWriteError,
     GuardError,
+    InvalidArgumentError,
     InvalidIPError,
     InvalidKeyInputError,
     InvalidRateError,
@@ -35,9 +37,11 @@ class RateBackendError(GuardError, ConnectionError):
 
 
 __all__ = [
+    "ArgumentTypeError",
     "AuditWriteError",
     "ConfigError",
     "GuardError",
+    "InvalidArgumentError",
     "InvalidIPError",
     "InvalidKeyInputError",
     "InvalidRateError",

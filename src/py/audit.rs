@@ -386,7 +386,7 @@ fn writer_options(
         "drop" => OnFull::Drop,
         "block" => OnFull::Block(Duration::from_millis(block_ms)),
         other => {
-            return Err(PyValueError::new_err(format!(
+            return Err(crate::errors::invalid_argument(format!(
                 "on_full must be 'drop' or 'block', got {other:?}"
             )))
         }

@@ -283,7 +283,7 @@ pub(super) fn py_to_json(obj: &Bound<'_, PyAny>, depth: u32) -> PyResult<Value> 
             .collect::<PyResult<Vec<_>>>()
             .map(Value::Array);
     }
-    Err(PyTypeError::new_err(format!(
+    Err(crate::errors::wrong_type(format!(
         "value of type {} is not JSON-serialisable (use str, int, float, bool, None, list, dict)",
         obj.get_type().name()?
     )))

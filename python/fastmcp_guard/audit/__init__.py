@@ -47,7 +47,12 @@ import anyio.to_thread
 from fastmcp_guard._core import AuditFanout, AuditSink, AuditWriter, audit_query
 from fastmcp_guard.audit.http import HttpBackend
 from fastmcp_guard.audit.otel import OTelBackend
-from fastmcp_guard.errors import ConfigError, GuardError
+from fastmcp_guard.errors import (
+    ArgumentTypeError,
+    ConfigError,
+    GuardError,
+    InvalidArgumentError,
+)
 
 __all__ = ["AuditLog", "Backend", "FileBackend", "HttpBackend", "OTelBackend", "SQLiteBackend"]
 
@@ -665,7 +670,9 @@ def _options_error(make: Any) -> Any:
     try:
         return make()
     except (ValueError, TypeError, OverflowError) as exc:
-        if isinstance(exc, GuardError):
+        if isinstance(exc, GuardError) and not isinstance(
+            exc, (InvalidArgumentError, ArgumentTypeError)
+        ):
             raise
         raise ConfigError(f"audit log options: {exc}") from None
 
