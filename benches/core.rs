@@ -71,12 +71,12 @@ fn typical_event() -> AuditEvent {
     let mut ev = AuditEvent::new("fmg_key_3kQxY7bT0pLm9ZaW", "alice", "get_data", Status::Ok);
     ev.scopes = vec!["read:data".to_owned(), "write:data".to_owned()];
     ev.duration_ms = 0.412;
-    ev.input_args = Some(json!({"query": "x"}));
+    ev.input_args = Some(json!({"query": "x"}).into());
     ev.output_preview = Some("Results for: x".to_owned());
     ev.client_ip = Some("10.0.0.7".to_owned());
     let mut meta = Map::new();
     meta.insert("team".to_owned(), Value::from("data"));
-    ev.metadata = Some(Value::Object(meta));
+    ev.metadata = Some(Value::Object(meta).into());
     ev
 }
 

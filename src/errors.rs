@@ -228,7 +228,9 @@ impl From<AuditError> for PyErr {
     fn from(e: AuditError) -> PyErr {
         match e {
             // A bad option is the caller's input, not an I/O failure.
-            AuditError::InvalidOption { .. } => invalid_argument(e.to_string()),
+            AuditError::InvalidOption { .. } | AuditError::InvalidStatus { .. } => {
+                invalid_argument(e.to_string())
+            }
             _ => new_err(Exc::AuditWrite, e.to_string()),
         }
     }

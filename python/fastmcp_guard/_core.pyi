@@ -333,8 +333,11 @@ class KeyManager:
 
 @final
 class AuditWriter:
-    """Bounded queue + background thread writing batches: JSONL lines (``AuditWriter(path)``)
-    or SQLite rows, one transaction per batch (``AuditWriter.sqlite(path)``).
+    """Bounded queue + one background thread writing batches to a list of
+    :class:`AuditSink`: ``AuditWriter(path)`` is a writer over one JSONL file,
+    ``AuditWriter.sqlite(path)`` over one SQLite database (one transaction per batch),
+    ``AuditWriter.of_sinks([...])`` over several (each keeps its own counters; one failing
+    sink does not stop the others) or none (only the observers see the events).
 
     JSONL options: ``rotate_bytes`` / ``rotate_daily`` rename the live file to
     ``<stem>-<UTC yyyymmddTHHMMSSmmm><ext>`` and start a new one (``retention``: rotated
@@ -393,11 +396,35 @@ class AuditWriter:
         """Open (create, migrate; a fastmcp-guard 0.2 file is taken over) the SQLite
         audit database at ``path``. Raises :class:`AuditWriteError` naming the path.
         ``retention_days``: delete older rows at open and about once a minute."""
+    @staticmethod
+    def of_sinks(
+        sinks: Sequence[AuditSink],
+        *,
+        queue_capacity: int = 65536,
+        batch_max: int = 4096,
+        flush_interval_ms: int = 100,
+        redact: Sequence[str] | None = None,
+        on_full: Literal["drop", "block"] = "drop",
+        block_ms: int = 1000,
+        loss_warning_interval_ms: int = 10000,
+        log_inputs: bool = True,
+        log_outputs: bool = True,
+        output_preview_chars: int = 200,
+        refusal_burst: int = 5,
+        refusal_interval_ms: int = 60000,
+        refusal_max_groups: int = 1024,
+        refusal_max_lines: int = 1000,
+    ) -> AuditWriter:
+        """A writer over ``sinks`` (each can belong to one writer only:
+        :class:`InvalidArgumentError` otherwise), or over none."""
     @property
-    def path(self) -> str: ...
+    def sinks(self) -> list[AuditSink]: ...
+    @property
+    def path(self) -> str:
+        """The first sink's path (``""`` without a sink)."""
     @property
     def kind(self) -> str:
-        """``"jsonl"`` or ``"sqlite"``."""
+        """The first sink's kind: ``"jsonl"`` or ``"sqlite"`` (``"none"`` without one)."""
     def log(
         self,
         status: str,
@@ -413,16 +440,19 @@ class AuditWriter:
         metadata: Any = None,
         extra: dict[str, Any] | None = None,
     ) -> bool:
-        """Enqueue one event; ``False`` if it was dropped (queue full, closed or paused).
-        Keyword or positional; ``log_inputs=False`` / ``log_outputs=False`` given at
-        construction record ``input_args`` / ``output_preview`` as null, and the preview
-        is cut to ``output_preview_chars`` characters.
+        """Enqueue one event for every sink, then call the observers; ``False`` if it was
+        dropped (queue full, closed or paused) or an observer returned false. Keyword or
+        positional; ``log_inputs=False`` / ``log_outputs=False`` given at construction
+        record ``input_args`` / ``output_preview`` as null, and the preview is cut to
+        ``output_preview_chars`` characters.
 
-        The line is rendered here, straight from the objects, into a reused buffer
-        (dict keys in insertion order); values JSON cannot hold are recorded as their
-        ``repr``. A SQLite writer reads it back into columns on its own thread. Raises
-        ``TypeError`` for scopes that are not a list or tuple of ``str``, ``ValueError``
-        for an unknown status.
+        The call becomes one event here, filled into a reused queue entry: its strings
+        copied, ``input_args`` / ``metadata`` / ``extra`` rendered as JSON straight from
+        the objects (dict keys in insertion order; values JSON cannot hold recorded as
+        their ``repr``). The writer thread renders the line for a JSONL sink and binds the
+        fields to columns for a SQLite one. Raises :class:`ArgumentTypeError` for scopes
+        that are not a list or tuple of ``str``, :class:`InvalidArgumentError` for an
+        unknown status.
 
         Every string of the line (values, keys, the error, the tool name) is searched
         for tokens: ``fmg_sk_<id>_<secret>`` is written ``fmg_sk_<id>_***`` (0.2's
@@ -453,34 +483,40 @@ class AuditWriter:
         and values of ``extra``) is cut at 256 UTF-8 bytes (at a character boundary), in
         the lines, the summaries and what taps see; an ``extra`` value that is not a
         string and renders to more than 256 bytes of JSON is recorded as that JSON text,
-        cut. Taps see every refusal. ``False`` only if it was lost (queue full, writer
-        closed or paused)."""
-    def add_tap(self, tap: Callable[..., object]) -> None:
-        """Also call ``tap(*fields)`` for every event after it is queued: the fields as
-        ``log`` takes them, positionally, after ``log_inputs`` / ``log_outputs`` / the
-        preview length. ``log`` returns false if a tap returns false; a tap's exception
-        propagates."""
+        cut. Observers see every refusal. ``False`` only if it was lost (queue full,
+        writer closed or paused)."""
+    def add_observer(self, observer: Callable[..., object]) -> None:
+        """Also call ``observer(*fields)`` for every event after it is queued: the fields
+        as ``log`` takes them, positionally, after ``log_inputs`` / ``log_outputs`` / the
+        preview length. ``log`` returns false if an observer returns false; an observer's
+        exception propagates."""
     def pause(self, reason: str | None) -> None:
         """Refuse new events (counted in ``dropped`` and ``paused_dropped``; ``reason``
         is named in the loss warning) until called with ``None``. Queued events are
         still written; ``healthy()`` is false while paused."""
-    def flush(self) -> None: ...
-    def close(self) -> None: ...
+    def flush(self) -> None:
+        """Block until everything logged so far is written to every sink; raises
+        :class:`AuditWriteError` if writes failed since the last ``flush`` / ``close``
+        (with several sinks, naming the first that failed)."""
+    def close(self) -> None:
+        """Write what is queued, sync every sink, stop (idempotent); raises as
+        ``flush``."""
     def healthy(self) -> bool:
-        """Whether an event logged now would reach the sink: open, not paused, room in
-        the queue, and the last batch written (false from a failed batch to the next
-        success)."""
+        """Whether an event logged now would be written: open, not paused, room in the
+        queue, and every sink healthy (its last batch written, not paused)."""
     def stats(self) -> dict[str, int]:
-        """``enqueued`` (summary events included), ``written``, ``dropped`` (of which
-        ``paused_dropped``), ``write_errors``, ``failed``, ``queue_depth``,
-        ``refusals_suppressed`` (refusals only counted) and ``refusal_summaries``."""
+        """``enqueued`` (summary events included), ``queue_depth``, ``write_errors`` (over
+        all sinks), ``refusals_suppressed`` (refusals only counted) and
+        ``refusal_summaries``; ``written``, ``failed`` and ``paused_dropped`` summed over
+        the sinks (an event written to three sinks counts three times in ``written``);
+        ``dropped``: refused by the queue or skipped by a paused sink."""
     def last_error(self) -> str | None: ...
 
 @final
 class AuditSink:
-    """One backend of an :class:`AuditFanout`, opened at construction (a bad path fails
-    here, naming it: :class:`AuditWriteError`). Once given to a fan-out it reports that
-    backend's own books; ``flush`` / ``close`` act on the whole fan-out."""
+    """One backend of an :class:`AuditWriter`, opened at construction (a bad path fails
+    here, naming it: :class:`AuditWriteError`). Once given to a writer it reports that
+    backend's own counters; ``flush`` / ``close`` act on the whole writer."""
 
     @staticmethod
     def jsonl(
@@ -504,89 +540,18 @@ class AuditSink:
     def stats(self) -> dict[str, int]:
         """``written``, ``failed``, ``write_errors``, ``paused_dropped`` of this backend."""
     def healthy(self) -> bool:
-        """The fan-out's queue is open with room, this backend's last write succeeded
+        """The writer's queue is open with room, this backend's last write succeeded
         and it is not paused."""
     def pause(self, reason: str | None) -> None:
         """Skip this backend (events count in ``paused_dropped``; ``reason`` is named in
-        the loss warning) until called with ``None``. Applied as batches are written."""
+        the loss warning) until called with ``None``. Applied as batches are written; the
+        only sink of its writer pauses the writer too (``log`` then returns false)."""
     def last_error(self) -> str | None: ...
     def flush(self) -> None:
-        """Flush the whole fan-out; raises :class:`AuditWriteError` if writes to this
+        """Flush the whole writer; raises :class:`AuditWriteError` if writes to this
         backend failed since the last ``flush`` / ``close``."""
     def close(self) -> None:
-        """Close the whole fan-out (idempotent); raises as ``flush``."""
-
-@final
-class AuditFanout:
-    """Several backends behind one queue and one writer thread: ``log`` renders the line
-    once and enqueues it once, whatever the number of backends; the thread writes each
-    batch to every :class:`AuditSink`, each keeping its own books (one failing backend
-    does not stop the others). Options as :class:`AuditWriter`."""
-
-    def __new__(
-        cls,
-        sinks: Sequence[AuditSink],
-        *,
-        queue_capacity: int = 65536,
-        batch_max: int = 4096,
-        flush_interval_ms: int = 100,
-        redact: Sequence[str] | None = None,
-        on_full: Literal["drop", "block"] = "drop",
-        block_ms: int = 1000,
-        loss_warning_interval_ms: int = 10000,
-        log_inputs: bool = True,
-        log_outputs: bool = True,
-        output_preview_chars: int = 200,
-        refusal_burst: int = 5,
-        refusal_interval_ms: int = 60000,
-        refusal_max_groups: int = 1024,
-        refusal_max_lines: int = 1000,
-    ) -> AuditFanout: ...
-    @property
-    def sinks(self) -> list[AuditSink]: ...
-    def log(
-        self,
-        status: str,
-        key_id: str | None = None,
-        key_name: str | None = None,
-        tool: str | None = None,
-        scopes: list[str] | tuple[str, ...] | None = None,
-        duration_ms: float = 0.0,
-        error: str | None = None,
-        input_args: Any = None,
-        output_preview: str | None = None,
-        client_ip: str | None = None,
-        metadata: Any = None,
-        extra: dict[str, Any] | None = None,
-    ) -> bool:
-        """Queue one event for every backend; ``False`` if it was dropped."""
-    def log_refusal(
-        self,
-        status: str,
-        *,
-        client_ip: str | None,
-        reason: str,
-        key_id: str | None = None,
-        error: str | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> bool:
-        """As :meth:`AuditWriter.log_refusal`."""
-    def add_tap(self, tap: Callable[..., object]) -> None:
-        """As :meth:`AuditWriter.add_tap`."""
-    def flush(self) -> None:
-        """Block until everything logged so far is written to every backend; raises
-        :class:`AuditWriteError` naming the backend if writes to one failed since the
-        last ``flush`` / ``close`` (as a single writer does)."""
-    def close(self) -> None:
-        """Write what is queued, sync every backend, stop (idempotent); raises as
-        ``flush``."""
-    def healthy(self) -> bool:
-        """The queue is open with room and every backend is healthy."""
-    def stats(self) -> dict[str, int]:
-        """The queue's ``enqueued`` and ``queue_depth``; ``written``, ``failed``,
-        ``paused_dropped`` summed over backends; ``dropped`` (refused by the queue or
-        skipped while paused); ``write_errors``; ``refusals_suppressed`` and
-        ``refusal_summaries`` (as :meth:`AuditWriter.stats`)."""
+        """Close the whole writer (idempotent); raises as ``flush``."""
 
 #: Every audit status name, in the core's order.
 AUDIT_STATUSES: tuple[str, ...]

@@ -141,9 +141,13 @@ class Guard:
         if metrics:
             self.metrics = metrics if isinstance(metrics, GuardMetrics) else GuardMetrics()
             if audit is None:
-                self.audit = audit = AuditLog._of_targets([self.metrics])
+                # Metrics without an audit log: events reach the metrics only, and tool
+                # arguments and results are not collected.
+                self.audit = audit = AuditLog(
+                    backend=[], observers=[self.metrics], log_inputs=False, log_outputs=False
+                )
             else:
-                audit._add_target(self.metrics)
+                audit.add_observer(self.metrics)
         self.ip = ip
         self.keys.audit = audit
         self.verifier: GuardTokenVerifier | None = None
@@ -323,7 +327,7 @@ class _AuditFlush(Provider):
             if audit is not None and audit.healthy():
                 try:
                     await anyio.to_thread.run_sync(audit.flush)
-                except GuardError as exc:  # reported by the log's own books as well
+                except GuardError as exc:  # counted by the log's own stats as well
                     _log.warning("audit log flush at the end of the server's lifespan: %s", exc)
 
 

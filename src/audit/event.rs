@@ -1,7 +1,7 @@
-//! The audit event ([`AuditEvent`], its [`Status`]) and its rendering as one JSON line:
-//! the fixed field order ([`FIXED_FIELDS`]), the serialiser used on the hot path
-//! ([`write_line`], [`write_line_parts`]), timestamps ([`format_ts`]) and the JSON string
-//! escaper ([`write_json_str`]).
+//! The audit event ([`AuditEvent`], its [`Status`], the [`RawJson`] of its free-form
+//! values) and its rendering as one JSON line: the fixed field order ([`FIXED_FIELDS`]),
+//! the serialiser the writer thread runs ([`write_line`]), timestamps ([`format_ts`]) and
+//! the one JSON string escaper ([`write_json_str`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -90,7 +90,99 @@ impl FromStr for Status {
     }
 }
 
-/// One audit record. Serialised by [`write_line`] as one JSON object per line.
+/// A JSON value already rendered as compact text: how an event carries the caller's
+/// free-form values (tool arguments, metadata, extra fields). They are converted once,
+/// where they are produced (the Python binding renders Python objects straight into one),
+/// and every sink uses the text as it is: the JSONL sink copies it into the line, the
+/// `SQLite` sink binds it to its column.
+///
+/// Invariant: the bytes are one valid JSON value with no raw newline (strings escaped
+/// by [`write_json_str`]). [`RawJson::write_with`] leaves that to its caller.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawJson(Vec<u8>);
+
+impl RawJson {
+    /// `v` rendered by `serde_json`.
+    #[must_use]
+    pub fn from_value(v: &Value) -> Self {
+        let mut buf = Vec::new();
+        write_value(&mut buf, v);
+        RawJson(buf)
+    }
+
+    /// The extra fields of an event as one JSON object, without those a line cannot
+    /// carry ([`is_reserved_field`]); `None` when none is left.
+    #[must_use]
+    pub fn extra(fields: &Map<String, Value>) -> Option<Self> {
+        let mut buf = Vec::new();
+        for (k, v) in fields {
+            if is_reserved_field(k) {
+                continue;
+            }
+            buf.push(if buf.is_empty() { b'{' } else { b',' });
+            write_json_str(&mut buf, k);
+            buf.push(b':');
+            write_value(&mut buf, v);
+        }
+        if buf.is_empty() {
+            return None;
+        }
+        buf.push(b'}');
+        Some(RawJson(buf))
+    }
+
+    /// Replaces the text with what `write` appends to the (cleared) buffer, keeping its
+    /// capacity. `write` must append exactly one valid JSON value with no raw newline.
+    pub fn write_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        self.0.clear();
+        write(&mut self.0);
+    }
+
+    /// The JSON text.
+    #[must_use]
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The JSON text as `&str` (`None` if a writer broke the invariant with invalid
+    /// UTF-8: never the case for [`from_value`](Self::from_value) / [`extra`](Self::extra)).
+    #[must_use]
+    pub fn as_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.0).ok()
+    }
+
+    /// The value parsed back (`Null` if the text is not JSON).
+    #[must_use]
+    pub fn to_value(&self) -> Value {
+        serde_json::from_slice(&self.0).unwrap_or(Value::Null)
+    }
+
+    /// Bytes held, for batch sizing.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no text is held (never a valid value: a cleared buffer).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<Value> for RawJson {
+    fn from(v: Value) -> Self {
+        RawJson::from_value(&v)
+    }
+}
+
+/// One audit event: the one type every producer fills (the Python binding, the
+/// refusal summaries, Rust callers) and every sink takes. Serialised by [`write_line`]
+/// as one JSON object per line; the `SQLite` sink binds its fields to columns.
+///
+/// Events travel to the writer thread in boxes that come back for reuse: a producer
+/// refills one in place ([`AuditEvent::set`] and friends keep the strings' capacity),
+/// so a steady stream of events allocates nothing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditEvent {
     /// When the decision was made (UTC; written with millisecond precision).
@@ -110,18 +202,19 @@ pub struct AuditEvent {
     /// Error message, if any.
     pub error: Option<String>,
     /// Tool arguments (only when input logging is on; already redacted).
-    pub input_args: Option<Value>,
-    /// Start of the output (only when output logging is on).
+    pub input_args: Option<RawJson>,
+    /// Start of the output (only when output logging is on; already cut).
     pub output_preview: Option<String>,
     /// Client address.
     pub client_ip: Option<String>,
     /// Free-form metadata; written as `{}` when `None`.
-    pub metadata: Option<Value>,
-    /// Extra top-level fields (e.g. `actor`, `method`, `retry_after`), written
-    /// after the fixed ones in key order. A key equal to a fixed field name or
-    /// to one the JSONL writer adds (`id`, `prev`, `chain`) is skipped: extras
-    /// can never shadow or duplicate those ([`is_reserved_field`]).
-    pub extra: Option<Map<String, Value>>,
+    pub metadata: Option<RawJson>,
+    /// Extra top-level fields (e.g. `actor`, `method`, `retry_after`) as one JSON
+    /// object, written after the fixed ones. Built by [`RawJson::extra`] (or the
+    /// binding's equivalent), which leaves out names equal to a fixed field or to one
+    /// the JSONL writer adds (`id`, `prev`, `chain`): extras never shadow or duplicate
+    /// those ([`is_reserved_field`]).
+    pub extra: Option<RawJson>,
 }
 
 impl AuditEvent {
@@ -147,6 +240,68 @@ impl AuditEvent {
             client_ip: None,
             metadata: None,
             extra: None,
+        }
+    }
+
+    /// An empty event (a fresh queue box before its first fill).
+    #[must_use]
+    pub fn blank() -> Self {
+        AuditEvent::new(String::new(), String::new(), String::new(), Status::Ok)
+    }
+
+    /// Bytes the event's text takes (about its line's length), for batch sizing.
+    #[must_use]
+    pub fn size_hint(&self) -> usize {
+        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        let raw = |s: &Option<RawJson>| s.as_ref().map_or(0, RawJson::len);
+        200 + self.key_id.len()
+            + self.key_name.len()
+            + self.tool.len()
+            + self.scopes.iter().map(|s| s.len() + 3).sum::<usize>()
+            + opt(&self.error)
+            + opt(&self.output_preview)
+            + opt(&self.client_ip)
+            + raw(&self.input_args)
+            + raw(&self.metadata)
+            + raw(&self.extra)
+    }
+
+    /// Sets `dst` to `src`, reusing `dst`'s buffer.
+    pub fn set(dst: &mut String, src: &str) {
+        dst.clear();
+        dst.push_str(src);
+    }
+
+    /// Sets an optional field, reusing its buffer when it holds one.
+    pub fn set_opt(dst: &mut Option<String>, src: Option<&str>) {
+        match (dst.as_mut(), src) {
+            (Some(d), Some(s)) => AuditEvent::set(d, s),
+            (None, Some(s)) => *dst = Some(s.to_owned()),
+            (_, None) => *dst = None,
+        }
+    }
+
+    /// Sets the scopes, reusing the list's strings.
+    pub fn set_scopes<'a>(&mut self, scopes: impl IntoIterator<Item = &'a str>) {
+        let mut n = 0;
+        for s in scopes {
+            match self.scopes.get_mut(n) {
+                Some(d) => AuditEvent::set(d, s),
+                None => self.scopes.push(s.to_owned()),
+            }
+            n += 1;
+        }
+        self.scopes.truncate(n);
+    }
+
+    /// Sets an optional JSON field with what `write` renders, reusing its buffer;
+    /// `write` returns `false` to leave the field `None`.
+    pub fn set_json(dst: &mut Option<RawJson>, write: impl FnOnce(&mut Vec<u8>) -> bool) {
+        let mut raw = dst.take().unwrap_or_default();
+        let mut keep = false;
+        raw.write_with(|buf| keep = write(buf));
+        if keep {
+            *dst = Some(raw);
         }
     }
 }
@@ -177,74 +332,60 @@ pub const FIXED_FIELDS: [&str; 12] = [
 /// escaped (quotes, backslashes, all control characters), so the only raw
 /// newline is the terminating one. Never fails: a value that cannot be
 /// represented (a non-finite `duration_ms`) is written as `null`.
+///
+/// The finished line goes through [`mask_tokens`](super::mask_tokens): a token-shaped
+/// string in any field (a value, a key, the error, the tool name) is masked before the
+/// line leaves this function, whoever filled the field.
 pub fn write_line(buf: &mut Vec<u8>, ev: &AuditEvent) {
-    let head = LineHead {
-        ts: ev.ts,
-        key_id: &ev.key_id,
-        key_name: &ev.key_name,
-        tool: &ev.tool,
-        duration_ms: ev.duration_ms,
-        status: ev.status,
-        error: ev.error.as_deref(),
-        output_preview: ev.output_preview.as_deref(),
-        client_ip: ev.client_ip.as_deref(),
-    };
-    write_line_parts(
-        buf,
-        &head,
-        |buf| {
-            for (i, scope) in ev.scopes.iter().enumerate() {
-                if i > 0 {
-                    buf.push(b',');
-                }
-                write_json_str(buf, scope);
-            }
-        },
-        |buf| match &ev.input_args {
-            Some(v) => write_value(buf, v),
-            None => buf.extend_from_slice(b"null"),
-        },
-        |buf| match &ev.metadata {
-            Some(v) => write_value(buf, v),
-            None => buf.extend_from_slice(b"{}"),
-        },
-        |buf| {
-            if let Some(extra) = &ev.extra {
-                for (k, v) in extra {
-                    if is_reserved_field(k) {
-                        continue;
-                    }
-                    buf.push(b',');
-                    write_json_str(buf, k);
-                    buf.push(b':');
-                    write_value(buf, v);
-                }
-            }
-        },
-    );
+    let start = buf.len();
+    buf.reserve(ev.size_hint());
+    buf.extend_from_slice(b"{\"ts\":\"");
+    write_ts(buf, &ev.ts);
+    buf.extend_from_slice(b"\",\"key_id\":");
+    write_json_str(buf, &ev.key_id);
+    buf.extend_from_slice(b",\"key_name\":");
+    write_json_str(buf, &ev.key_name);
+    buf.extend_from_slice(b",\"tool\":");
+    write_json_str(buf, &ev.tool);
+    buf.extend_from_slice(b",\"scopes\":[");
+    for (i, scope) in ev.scopes.iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        write_json_str(buf, scope);
+    }
+    buf.extend_from_slice(b"],\"duration_ms\":");
+    write_duration(buf, ev.duration_ms);
+    buf.extend_from_slice(b",\"status\":\"");
+    buf.extend_from_slice(ev.status.as_str().as_bytes());
+    buf.extend_from_slice(b"\",\"error\":");
+    write_opt_str(buf, ev.error.as_deref());
+    buf.extend_from_slice(b",\"input_args\":");
+    write_raw(buf, ev.input_args.as_ref(), b"null");
+    buf.extend_from_slice(b",\"output_preview\":");
+    write_opt_str(buf, ev.output_preview.as_deref());
+    buf.extend_from_slice(b",\"client_ip\":");
+    write_opt_str(buf, ev.client_ip.as_deref());
+    buf.extend_from_slice(b",\"metadata\":");
+    write_raw(buf, ev.metadata.as_ref(), b"{}");
+    if let Some(extra) = &ev.extra {
+        // The object's members, spliced in after the fixed fields.
+        let body = extra.as_bytes();
+        if body.len() > 2 && body[0] == b'{' {
+            buf.push(b',');
+            buf.extend_from_slice(&body[1..body.len() - 1]);
+        }
+    }
+    buf.extend_from_slice(b"}\n");
+    mask::mask_tail(buf, start);
 }
 
-/// The plain fields of one audit line, borrowed (see [`write_line_parts`]).
-#[derive(Debug, Clone, Copy)]
-pub struct LineHead<'a> {
-    /// When the decision was made.
-    pub ts: DateTime<Utc>,
-    /// Key id.
-    pub key_id: &'a str,
-    /// Key name.
-    pub key_name: &'a str,
-    /// Tool, resource or prompt name.
-    pub tool: &'a str,
-    /// Time spent, in milliseconds.
-    pub duration_ms: f64,
-    /// Outcome.
-    pub status: Status,
-    /// Error message.
-    pub error: Option<&'a str>,
-    /// Start of the output.
-    pub output_preview: Option<&'a str>,
-    /// Client address.
-    pub client_ip: Option<&'a str>,
+/// Writes `raw`'s text, or `absent` when there is none (or it is empty).
+fn write_raw(buf: &mut Vec<u8>, raw: Option<&RawJson>, absent: &[u8]) {
+    match raw {
+        Some(r) if !r.is_empty() => buf.extend_from_slice(r.as_bytes()),
+        _ => buf.extend_from_slice(absent),
+    }
 }
 
 /// Whether `name` is one of [`FIXED_FIELDS`].
@@ -261,57 +402,6 @@ pub const SEAL_FIELDS: [&str; 3] = ["id", "prev", "chain"];
 #[must_use]
 pub fn is_reserved_field(name: &str) -> bool {
     is_fixed_field(name) || SEAL_FIELDS.contains(&name)
-}
-
-/// The one place that lays out an audit line: [`write_line`] calls it for an
-/// [`AuditEvent`], the Python binding with the caller's objects (no
-/// intermediate event). The callbacks write, in this order: the scopes as
-/// comma-separated JSON strings (without brackets); `input_args` as one JSON
-/// value (`null` if absent); `metadata` as one JSON value (`{}` if absent);
-/// and zero or more extra fields, each as `,"key":value`, skipping names for
-/// which [`is_reserved_field`] holds. Each must write valid JSON with no raw
-/// newline ([`write_json_str`] escapes strings).
-///
-/// The finished line goes through [`mask_tokens`](super::mask_tokens): a token-shaped string in any
-/// field (a value, a key, the error, the tool name) is masked before the line
-/// leaves this function, whoever wrote the field.
-pub fn write_line_parts(
-    buf: &mut Vec<u8>,
-    head: &LineHead<'_>,
-    scopes: impl FnOnce(&mut Vec<u8>),
-    input_args: impl FnOnce(&mut Vec<u8>),
-    metadata: impl FnOnce(&mut Vec<u8>),
-    extra: impl FnOnce(&mut Vec<u8>),
-) {
-    let start = buf.len();
-    buf.reserve(320 + head.key_id.len() + head.key_name.len() + head.tool.len());
-    buf.extend_from_slice(b"{\"ts\":\"");
-    write_ts(buf, &head.ts);
-    buf.extend_from_slice(b"\",\"key_id\":");
-    write_json_str(buf, head.key_id);
-    buf.extend_from_slice(b",\"key_name\":");
-    write_json_str(buf, head.key_name);
-    buf.extend_from_slice(b",\"tool\":");
-    write_json_str(buf, head.tool);
-    buf.extend_from_slice(b",\"scopes\":[");
-    scopes(buf);
-    buf.extend_from_slice(b"],\"duration_ms\":");
-    write_duration(buf, head.duration_ms);
-    buf.extend_from_slice(b",\"status\":\"");
-    buf.extend_from_slice(head.status.as_str().as_bytes());
-    buf.extend_from_slice(b"\",\"error\":");
-    write_opt_str(buf, head.error);
-    buf.extend_from_slice(b",\"input_args\":");
-    input_args(buf);
-    buf.extend_from_slice(b",\"output_preview\":");
-    write_opt_str(buf, head.output_preview);
-    buf.extend_from_slice(b",\"client_ip\":");
-    write_opt_str(buf, head.client_ip);
-    buf.extend_from_slice(b",\"metadata\":");
-    metadata(buf);
-    extra(buf);
-    buf.extend_from_slice(b"}\n");
-    mask::mask_tail(buf, start);
 }
 
 /// Formats `ts` as RFC 3339 UTC with milliseconds and `Z`
@@ -616,13 +706,13 @@ mod tests {
     fn extra_fields_follow_fixed_ones_and_cannot_shadow_them() {
         let mut ev = sample();
         ev.status = Status::RateLimited;
-        ev.metadata = Some(serde_json::json!({"k": [1, 2]}));
+        ev.metadata = Some(serde_json::json!({"k": [1, 2]}).into());
         let mut extra = Map::new();
         extra.insert("retry_after".into(), serde_json::json!(1.5));
         extra.insert("actor".into(), serde_json::json!("admin"));
         extra.insert("status".into(), serde_json::json!("ok"));
         extra.insert("ts".into(), serde_json::json!(0));
-        ev.extra = Some(extra);
+        ev.extra = RawJson::extra(&extra);
         let line = line_of(&ev);
         let tail = line.split("\"metadata\":{\"k\":[1,2]}").nth(1).unwrap();
         assert_eq!(tail, ",\"actor\":\"admin\",\"retry_after\":1.5}\n");
@@ -633,9 +723,49 @@ mod tests {
     }
 
     #[test]
+    fn extra_without_a_field_left_is_none_and_reserved_names_are_dropped() {
+        let only_reserved = Map::from_iter([
+            ("status".to_owned(), Value::from("ok")),
+            ("chain".to_owned(), Value::from("x")),
+        ]);
+        assert_eq!(RawJson::extra(&only_reserved), None);
+        let mixed = Map::from_iter([
+            ("id".to_owned(), Value::from(1)),
+            ("reason".to_owned(), Value::from("bad")),
+        ]);
+        assert_eq!(
+            RawJson::extra(&mixed).unwrap().as_str(),
+            Some("{\"reason\":\"bad\"}")
+        );
+    }
+
+    #[test]
+    fn refilling_an_event_in_place_leaves_nothing_of_the_last_one() {
+        let mut ev = sample();
+        ev.error = Some("long error text".into());
+        ev.extra = RawJson::extra(&Map::from_iter([("a".to_owned(), Value::from(1))]));
+        AuditEvent::set(&mut ev.key_id, "k2");
+        AuditEvent::set_opt(&mut ev.error, Some("e"));
+        AuditEvent::set_opt(&mut ev.client_ip, None);
+        ev.set_scopes(["only"]);
+        AuditEvent::set_json(&mut ev.input_args, |buf| {
+            buf.extend_from_slice(b"[1]");
+            true
+        });
+        AuditEvent::set_json(&mut ev.extra, |_| false);
+        let v: Value = serde_json::from_str(&line_of(&ev)).unwrap();
+        assert_eq!(v["key_id"], "k2");
+        assert_eq!(v["error"], "e");
+        assert_eq!(v["client_ip"], Value::Null);
+        assert_eq!(v["scopes"], serde_json::json!(["only"]));
+        assert_eq!(v["input_args"], serde_json::json!([1]));
+        assert!(v.get("a").is_none(), "{v}");
+    }
+
+    #[test]
     fn keys_appear_in_the_documented_order() {
         let mut ev = sample();
-        ev.extra = Some(Map::from_iter([(
+        ev.extra = RawJson::extra(&Map::from_iter([(
             "method".to_owned(),
             Value::from("tools/call"),
         )]));
@@ -729,8 +859,8 @@ mod tests {
         ev.error = Some(nasty.into());
         ev.output_preview = Some(nasty.into());
         ev.client_ip = Some(nasty.into());
-        ev.input_args = Some(serde_json::json!({ nasty: nasty }));
-        ev.extra = Some(Map::from_iter([(nasty.to_owned(), Value::from(nasty))]));
+        ev.input_args = Some(serde_json::json!({ nasty: nasty }).into());
+        ev.extra = RawJson::extra(&Map::from_iter([(nasty.to_owned(), Value::from(nasty))]));
         let line = line_of(&ev);
         assert_eq!(line.matches('\n').count(), 1);
         assert!(line.ends_with('\n'));
@@ -789,11 +919,11 @@ mod tests {
                 duration_ms: duration,
                 status,
                 error,
-                input_args: Some(serde_json::json!({"s": extra_val.clone()})),
+                input_args: Some(serde_json::json!({"s": extra_val.clone()}).into()),
                 output_preview: preview,
                 client_ip: ip,
-                metadata: Some(serde_json::json!([extra_val.clone()])),
-                extra: Some(Map::from_iter([(extra_key.clone(), Value::from(extra_val.clone()))])),
+                metadata: Some(serde_json::json!([extra_val.clone()]).into()),
+                extra: RawJson::extra(&Map::from_iter([(extra_key.clone(), Value::from(extra_val.clone()))])),
             };
             let line = line_of(&ev);
             prop_assert_eq!(line.find('\n'), Some(line.len() - 1));
@@ -813,8 +943,8 @@ mod tests {
             prop_assert_eq!(&v["error"], &ev.error.clone().map_or(Value::Null, Value::from));
             prop_assert_eq!(&v["output_preview"], &ev.output_preview.clone().map_or(Value::Null, Value::from));
             prop_assert_eq!(&v["client_ip"], &ev.client_ip.clone().map_or(Value::Null, Value::from));
-            prop_assert_eq!(Some(&v["input_args"]), ev.input_args.as_ref());
-            prop_assert_eq!(Some(&v["metadata"]), ev.metadata.as_ref());
+            prop_assert_eq!(Some(v["input_args"].clone()), ev.input_args.as_ref().map(RawJson::to_value));
+            prop_assert_eq!(Some(v["metadata"].clone()), ev.metadata.as_ref().map(RawJson::to_value));
             if !FIXED_FIELDS.contains(&extra_key.as_str()) {
                 prop_assert_eq!(&v[&extra_key], &Value::from(extra_val));
             }

@@ -765,7 +765,7 @@ pub(super) mod tests {
 
     fn write(sink: &mut JsonlFileSink, n: usize, from: usize) {
         let data = lines(n, from);
-        sink.write_batch(&Batch::of_jsonl(&data, n)).unwrap();
+        sink.write_batch(&Batch::new(&[], &data, n)).unwrap();
     }
 
     fn rotating(path: &Path) -> JsonlFileSink {
@@ -1111,7 +1111,7 @@ pub(super) mod tests {
         let mut sink = JsonlFileSink::open(&path).unwrap();
         sink.fail_after = Some(40);
         let data = lines(2, 2);
-        assert!(sink.write_batch(&Batch::of_jsonl(&data, 2)).is_err());
+        assert!(sink.write_batch(&Batch::new(&[], &data, 2)).is_err());
         drop(sink);
         assert!(
             verify(&path).is_ok(),
@@ -1160,7 +1160,7 @@ pub(super) mod tests {
         for fail_at in [one + one / 2, 0, one - 1] {
             sink.fail_after = Some(fail_at);
             let data = lines(3, 100);
-            assert!(sink.write_batch(&Batch::of_jsonl(&data, 3)).is_err());
+            assert!(sink.write_batch(&Batch::new(&[], &data, 3)).is_err());
             write(&mut sink, 1, 200);
             let r = verify(&path);
             assert!(r.is_ok(), "fail at {fail_at}: {r:?}");

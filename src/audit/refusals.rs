@@ -29,7 +29,7 @@ use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
 
-use super::{format_ts, AuditError, AuditEvent, Status};
+use super::{format_ts, AuditError, AuditEvent, RawJson, Status};
 
 /// Most overflow groups (per status and reason) in an interval; past it, per status.
 pub const MAX_OVERFLOW_GROUPS: usize = 64;
@@ -335,7 +335,7 @@ fn summary_event(g: &Group, count: u64, since: DateTime<Utc>, now: DateTime<Utc>
     ev.ts = now;
     ev.error.clone_from(&g.error);
     ev.client_ip.clone_from(&g.client);
-    ev.extra = Some(extra);
+    ev.extra = RawJson::extra(&extra);
     ev
 }
 
@@ -406,7 +406,9 @@ mod tests {
     }
 
     fn count_of(ev: &AuditEvent) -> u64 {
-        ev.extra.as_ref().unwrap()["count"].as_u64().unwrap()
+        ev.extra.as_ref().unwrap().to_value()["count"]
+            .as_u64()
+            .unwrap()
     }
 
     #[test]
@@ -425,7 +427,7 @@ mod tests {
         assert_eq!(count_of(&s[0]), 995);
         assert_eq!(s[0].client_ip.as_deref(), Some("10.0.0.1"));
         assert_eq!(s[0].status, Status::Unauthorized);
-        let extra = s[0].extra.as_ref().unwrap();
+        let extra = s[0].extra.as_ref().unwrap().to_value();
         assert_eq!(extra["reason"], "missing_token");
         assert_eq!(extra["summary"], true);
         assert!(extra.get("overflow").is_none());
@@ -512,7 +514,14 @@ mod tests {
         assert_eq!(written + counted, n);
         let overflow: Vec<_> = s
             .iter()
-            .filter(|e| e.extra.as_ref().unwrap().get("overflow").is_some())
+            .filter(|e| {
+                e.extra
+                    .as_ref()
+                    .unwrap()
+                    .to_value()
+                    .get("overflow")
+                    .is_some()
+            })
             .collect();
         assert_eq!(overflow.len(), 2);
         assert!(overflow.iter().all(|e| e.client_ip.is_none()));
@@ -533,7 +542,9 @@ mod tests {
         assert_eq!(a.groups(), 1 + MAX_OVERFLOW_GROUPS + 1);
         let s = a.take_summaries(true);
         assert_eq!(s.iter().map(count_of).sum::<u64>(), 1001);
-        assert!(s.iter().any(|e| e.extra.as_ref().unwrap()["reason"] == "*"));
+        assert!(s
+            .iter()
+            .any(|e| e.extra.as_ref().unwrap().to_value()["reason"] == "*"));
     }
 
     #[test]
@@ -608,7 +619,10 @@ mod tests {
         assert_eq!(ev.client_ip.as_ref().unwrap().len(), MAX_FIELD_BYTES);
         assert_eq!(ev.error.as_ref().unwrap().len(), MAX_FIELD_BYTES);
         assert_eq!(
-            ev.extra.as_ref().unwrap()["reason"].as_str().unwrap().len(),
+            ev.extra.as_ref().unwrap().to_value()["reason"]
+                .as_str()
+                .unwrap()
+                .len(),
             MAX_FIELD_BYTES
         );
         assert_eq!(cut_field("é".repeat(200).as_str()).len(), 256);

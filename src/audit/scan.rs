@@ -64,7 +64,7 @@ use memchr::{memchr, memchr2, memmem};
 use serde::de::{self, DeserializeSeed, Deserializer as _, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::{format_ts, Status, FIXED_FIELDS};
+use super::{format_ts, write_json_str, Status, FIXED_FIELDS};
 
 /// Lines longer than this (in bytes, without the `\n`) are skipped as
 /// malformed, without ever being held in memory whole.
@@ -94,7 +94,8 @@ const CHUNK_BYTES: usize = 1 << 20;
 /// Output is handed to the writer in pieces of about this size.
 const OUT_FLUSH_BYTES: usize = 256 << 10;
 
-// Indexes into `FIXED_FIELDS` (checked by a test).
+// Indexes into `FIXED_FIELDS` of the fields read by name (checked by a test; `error`,
+// `output_preview` and `client_ip` are 7, 9 and 10).
 const TS: usize = 0;
 const KEY_ID: usize = 1;
 const KEY_NAME: usize = 2;
@@ -102,10 +103,7 @@ const TOOL: usize = 3;
 const SCOPES: usize = 4;
 const DURATION_MS: usize = 5;
 const STATUS: usize = 6;
-const ERROR: usize = 7;
 const INPUT_ARGS: usize = 8;
-const OUTPUT_PREVIEW: usize = 9;
-const CLIENT_IP: usize = 10;
 const METADATA: usize = 11;
 
 /// Errors of [`scan`] and [`scan_path`]. Malformed lines are not errors (see
@@ -853,7 +851,7 @@ impl<'de> Visitor<'de> for LineVisitor<'_, 'de> {
                     let value: &'de RawValue = map.next_value()?;
                     if let Some(buf) = self.extras.as_deref_mut() {
                         buf.push(if buf.is_empty() { b'{' } else { b',' });
-                        push_json_str(buf, &name);
+                        write_json_str(buf, &name);
                         buf.push(b':');
                         push_compact(buf, value.get());
                     }
@@ -904,100 +902,6 @@ fn str_value(raw: &RawValue) -> Option<Cow<'_, str>> {
     } else {
         serde_json::from_str::<String>(s).ok().map(Cow::Owned)
     }
-}
-
-/// One audit line read back into its columns (the `SQLite` sink stores lines that the
-/// producer rendered; see [`LineColumns::parse`]). Strings are borrowed from the line
-/// unless they had escapes.
-pub(crate) struct LineColumns<'a> {
-    fields: Fields<'a>,
-    /// The extra fields as one compact JSON object; empty when there are none.
-    pub extra: Vec<u8>,
-}
-
-impl<'a> LineColumns<'a> {
-    /// Parses `line` (with or without its `\n`); `None` if it is not one JSON object
-    /// with the fixed fields at most once each. Every other field is an extra.
-    pub fn parse(line: &'a str) -> Option<LineColumns<'a>> {
-        let mut fields = Fields::default();
-        let mut extra = Vec::new();
-        if !parse_line(line.trim_end_matches('\n'), &mut fields, Some(&mut extra)) {
-            return None;
-        }
-        if !extra.is_empty() {
-            extra.push(b'}');
-        }
-        Some(LineColumns { fields, extra })
-    }
-
-    fn text(&self, i: usize) -> Option<&str> {
-        match &self.fields[i] {
-            Val::Str(s) => Some(s),
-            Val::Raw(r) => Some(r.get()),
-            Val::Null | Val::Absent => None,
-        }
-    }
-
-    pub fn ts(&self) -> Option<&str> {
-        self.fields[TS].as_str()
-    }
-    pub fn key_id(&self) -> Option<&str> {
-        self.text(KEY_ID)
-    }
-    pub fn key_name(&self) -> Option<&str> {
-        self.text(KEY_NAME)
-    }
-    pub fn tool(&self) -> Option<&str> {
-        self.text(TOOL)
-    }
-    /// The scopes array as JSON text.
-    pub fn scopes(&self) -> Option<&str> {
-        self.text(SCOPES)
-    }
-    pub fn duration_ms(&self) -> Option<f64> {
-        self.text(DURATION_MS).and_then(|s| s.parse().ok())
-    }
-    pub fn status(&self) -> Option<&str> {
-        self.text(STATUS)
-    }
-    pub fn error(&self) -> Option<&str> {
-        self.text(ERROR)
-    }
-    /// `input_args` as JSON text (`None` for `null`).
-    pub fn input_args(&self) -> Option<&str> {
-        self.text(INPUT_ARGS)
-    }
-    pub fn output_preview(&self) -> Option<&str> {
-        self.text(OUTPUT_PREVIEW)
-    }
-    pub fn client_ip(&self) -> Option<&str> {
-        self.text(CLIENT_IP)
-    }
-    /// `metadata` as JSON text.
-    pub fn metadata(&self) -> Option<&str> {
-        self.text(METADATA)
-    }
-}
-
-/// Appends `s` as a JSON string.
-fn push_json_str(buf: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    buf.push(b'"');
-    for &b in s.as_bytes() {
-        match b {
-            b'"' | b'\\' => buf.extend_from_slice(&[b'\\', b]),
-            0..=0x1f => buf.extend_from_slice(&[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[usize::from(b >> 4)],
-                HEX[usize::from(b & 0xf)],
-            ]),
-            _ => buf.push(b),
-        }
-    }
-    buf.push(b'"');
 }
 
 /// Appends valid JSON text without the whitespace outside strings; with
@@ -1274,7 +1178,7 @@ fn write_csv_row(out: &mut Vec<u8>, cell: &mut Vec<u8>, fields: &Fields<'_>, ext
 #[allow(clippy::unwrap_used, reason = "a failing unwrap is a failing test")]
 mod tests {
     use super::*;
-    use crate::audit::{write_line, AuditEvent};
+    use crate::audit::{write_line, AuditEvent, RawJson};
     use chrono::TimeZone;
     use proptest::prelude::*;
     use serde_json::{json, Value};
@@ -1843,12 +1747,12 @@ mod tests {
     fn csv_header_rows_and_cells() {
         let mut e = ev("k1", "alice", "get_data", Status::Error, 0);
         e.error = Some("boom, \"bad\"\nline 2".into());
-        e.input_args = Some(json!({"q": "x, y", "n": [1, 2]}));
+        e.input_args = Some(json!({"q": "x, y", "n": [1, 2]}).into());
         e.client_ip = Some("10.0.0.1".into());
         let mut extra = serde_json::Map::new();
         extra.insert("actor".into(), json!("admin"));
         extra.insert("retry_after".into(), json!(3));
-        e.extra = Some(extra);
+        e.extra = RawJson::extra(&extra);
         let plain = ev("k2", "bob", "t", Status::Ok, 1);
         let (text, stats) = csv(&lines_of(&[e, plain]), &ScanFilter::default(), true);
         assert_eq!(stats.matched, 2);
@@ -1959,8 +1863,8 @@ mod tests {
         e.output_preview = Some("\tz".into());
         e.client_ip = Some("\r1,2".into());
         e.scopes = vec!["-admin".into()];
-        e.input_args = Some(json!(-5));
-        e.metadata = Some(json!("=not a cell string"));
+        e.input_args = Some(json!(-5).into());
+        e.metadata = Some(json!("=not a cell string").into());
         let (text, _) = csv(&lines_of(&[e]), &ScanFilter::default(), false);
         let r = &parse_csv(&text)[0];
         assert_eq!(r[1], "'=cmd|' /C calc'!A0");
@@ -2257,11 +2161,11 @@ mod tests {
             .prop_map(|(i, n, t, s, ms, err, args, extra)| {
                 let mut e = ev(NAMES[i], NAMES[n], TOOLS[t], Status::ALL[s], ms);
                 e.error = err;
-                e.input_args = args;
+                e.input_args = args.map(Into::into);
                 if extra {
                     let mut m = serde_json::Map::new();
                     m.insert("actor".into(), json!("alice"));
-                    e.extra = Some(m);
+                    e.extra = RawJson::extra(&m);
                 }
                 e
             })
@@ -2400,14 +2304,15 @@ mod tests {
             e.ts = at(BASE_MS + i64::try_from(i).unwrap() * 7);
             e.scopes = vec!["read".into(), "write".into()];
             e.duration_ms = f64::from(u32::try_from(i % 1000).unwrap()) * 0.731;
-            e.input_args =
-                Some(json!({"query": "quarterly report for region emea", "limit": 10 + i % 7}));
+            e.input_args = Some(
+                json!({"query": "quarterly report for region emea", "limit": 10 + i % 7}).into(),
+            );
             e.client_ip = Some(format!("10.0.{}.{}", i % 200, i % 250));
-            e.metadata = Some(json!({"request_id": format!("req-{i:012}")}));
+            e.metadata = Some(json!({"request_id": format!("req-{i:012}")}).into());
             if i % 17 == 0 {
                 let mut m = serde_json::Map::new();
                 m.insert("retry_after".into(), json!(1.5));
-                e.extra = Some(m);
+                e.extra = RawJson::extra(&m);
             }
             buf.clear();
             write_line(&mut buf, &e);

@@ -33,11 +33,12 @@ use rusqlite::{
 use serde_json::{Map, Value};
 
 use super::mask::mask_str;
+use std::borrow::Cow;
+
 use super::{
-    format_ts, is_reserved_field, write_json_str, write_ts, write_value, AuditError, AuditEvent,
-    Batch, BatchFormat, Record, Sink, Status, FIXED_FIELDS,
+    format_ts, write_json_str, write_ts, AuditError, AuditEvent, Batch, BatchFormat, RawJson, Sink,
+    Status, FIXED_FIELDS,
 };
-use crate::audit::scan::LineColumns;
 
 /// The schema version this build writes (`audit_schema_version`).
 pub const SQLITE_SCHEMA_VERSION: i64 = 2;
@@ -357,12 +358,15 @@ fn io_err(e: rusqlite::Error) -> io::Error {
     io::Error::other(e)
 }
 
-/// Binds one event and runs the cached `INSERT`.
+/// Binds one event's fields to the cached `INSERT` and runs it: the JSON columns are the
+/// event's own text ([`RawJson`]), so nothing is serialised twice. Every text column goes
+/// through the token mask, as a rendered line does. `Ok(false)`: a JSON field was not
+/// UTF-8 (a producer's bug): the row is skipped and counted.
 fn insert_row(
     stmt: &mut CachedStatement<'_>,
     buf: &mut Vec<u8>,
     ev: &AuditEvent,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<bool> {
     buf.clear();
     write_ts(buf, &ev.ts);
     let ts_end = buf.len();
@@ -374,33 +378,12 @@ fn insert_row(
         write_json_str(buf, scope);
     }
     buf.push(b']');
-    let scopes_end = buf.len();
-    if let Some(v) = &ev.input_args {
-        write_value(buf, v);
-    }
-    let args_end = buf.len();
-    match &ev.metadata {
-        Some(v) => write_value(buf, v),
-        None => buf.extend_from_slice(b"{}"),
-    }
-    let meta_end = buf.len();
-    write_extra(buf, ev.extra.as_ref());
-    let extra_end = buf.len();
-
-    // Every text column goes through the token mask, as a rendered line does.
     let text = |a: usize, b: usize| std::str::from_utf8(&buf[a..b]).map(mask_str);
     let ts = text(0, ts_end)?;
-    let scopes = text(ts_end, scopes_end)?;
-    let args = ev
-        .input_args
-        .as_ref()
-        .map(|_| text(scopes_end, args_end))
-        .transpose()?;
-    let meta = text(args_end, meta_end)?;
-    let extra = if extra_end > meta_end {
-        Some(text(meta_end, extra_end)?)
-    } else {
-        None
+    let scopes = text(ts_end, buf.len())?;
+    let (Ok(args), Ok(meta), Ok(extra)) = (raw(&ev.input_args), raw(&ev.metadata), raw(&ev.extra))
+    else {
+        return Ok(false);
     };
     stmt.execute(params![
         ts,
@@ -414,34 +397,18 @@ fn insert_row(
         args,
         ev.output_preview.as_deref().map(mask_str),
         ev.client_ip.as_deref().map(mask_str),
-        meta,
+        meta.as_deref().unwrap_or("{}"),
         extra,
     ])?;
-    Ok(())
+    Ok(true)
 }
 
-/// Inserts one row from a line rendered by the producer: the JSON columns are the
-/// line's own (compact) text, so nothing is re-serialised.
-fn insert_line(stmt: &mut CachedStatement<'_>, cols: &LineColumns<'_>) -> rusqlite::Result<()> {
-    let extra = (!cols.extra.is_empty())
-        .then(|| std::str::from_utf8(&cols.extra))
-        .transpose()?;
-    stmt.execute(params![
-        cols.ts(),
-        cols.key_id(),
-        cols.key_name(),
-        cols.tool(),
-        cols.scopes(),
-        cols.duration_ms().and_then(stored_duration),
-        cols.status(),
-        cols.error(),
-        cols.input_args(),
-        cols.output_preview(),
-        cols.client_ip(),
-        cols.metadata().unwrap_or("{}"),
-        extra,
-    ])?;
-    Ok(())
+/// A JSON field's text for its column, masked; `Err` if it is not UTF-8.
+fn raw(r: &Option<RawJson>) -> Result<Option<Cow<'_, str>>, ()> {
+    match r {
+        Some(r) if !r.is_empty() => r.as_str().map(|t| Some(mask_str(t))).ok_or(()),
+        _ => Ok(None),
+    }
 }
 
 /// `duration_ms` rounded to 3 decimals, as the JSONL log writes it; `NULL` if not finite.
@@ -451,26 +418,6 @@ fn stored_duration(d: f64) -> Option<f64> {
     }
     let r = (d * 1000.0).round() / 1000.0;
     Some(if r.is_finite() { r } else { d })
-}
-
-/// Writes the extra fields that do not shadow a fixed one as a JSON object; nothing if
-/// there are none.
-fn write_extra(buf: &mut Vec<u8>, extra: Option<&Map<String, Value>>) {
-    let Some(extra) = extra else { return };
-    let mut first = true;
-    for (k, v) in extra {
-        if is_reserved_field(k) {
-            continue;
-        }
-        buf.push(if first { b'{' } else { b',' });
-        first = false;
-        write_json_str(buf, k);
-        buf.push(b':');
-        write_value(buf, v);
-    }
-    if !first {
-        buf.push(b'}');
-    }
 }
 
 impl Sink for SqliteSink {
@@ -485,20 +432,10 @@ impl Sink for SqliteSink {
             .map_err(io_err)?;
         {
             let mut stmt = tx.prepare_cached(INSERT).map_err(io_err)?;
-            for record in batch.records() {
-                match record {
-                    Record::Event(ev) => insert_row(&mut stmt, &mut self.scratch, ev),
-                    Record::Line(line) => {
-                        match std::str::from_utf8(line).ok().and_then(LineColumns::parse) {
-                            Some(cols) => insert_line(&mut stmt, &cols),
-                            None => {
-                                self.unreadable += 1;
-                                Ok(())
-                            }
-                        }
-                    }
+            for ev in batch.events() {
+                if !insert_row(&mut stmt, &mut self.scratch, ev).map_err(io_err)? {
+                    self.unreadable += 1;
                 }
-                .map_err(io_err)?;
             }
         }
         // On any error above, dropping `tx` rolls the whole batch back.
@@ -522,7 +459,7 @@ impl Sink for SqliteSink {
         Some(AuditError::Write {
             source: io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{n} audit line(s) could not be read back into columns (a bug)"),
+                format!("{n} audit event(s) not stored: a JSON field was not UTF-8 (a bug)"),
             ),
         })
     }
@@ -784,7 +721,7 @@ fn decode(row: &Row<'_>) -> rusqlite::Result<AuditRecord> {
 #[allow(clippy::unwrap_used, reason = "a failing unwrap is a failing test")]
 mod tests {
     use super::*;
-    use crate::audit::{AuditWriter, Entry, WriterOptions};
+    use crate::audit::{AuditWriter, WriterOptions};
     use chrono::TimeZone;
     use serde_json::json;
 
@@ -851,14 +788,14 @@ mod tests {
         ev.scopes = vec!["read".into(), "we\"ird\n".into()];
         ev.duration_ms = 12.345_67;
         ev.error = Some("Rate limit exceeded".into());
-        ev.input_args = Some(json!({"q": "x\u{0}y", "n": [1, 2.5, null]}));
+        ev.input_args = Some(json!({"q": "x\u{0}y", "n": [1, 2.5, null]}).into());
         ev.output_preview = Some("r\u{e9}sultat".into());
         ev.client_ip = Some("10.0.0.7".into());
-        ev.metadata = Some(json!({"team": "ops"}));
+        ev.metadata = Some(json!({"team": "ops"}).into());
         let mut extra = Map::new();
         extra.insert("retry_after".into(), json!(1.5));
         extra.insert("status".into(), json!("ok")); // cannot shadow a fixed field
-        ev.extra = Some(extra);
+        ev.extra = RawJson::extra(&extra);
         write_all(&path, vec![ev, event(1, "k2", "t", Status::Ok)]);
 
         let recs = query(&path, &q()).unwrap();
@@ -909,67 +846,77 @@ mod tests {
     }
 
     /// Every column of every row, as text (`NULL` as `None`), in insertion order.
-    fn raw_rows(path: &Path) -> Vec<Vec<Option<String>>> {
-        let conn = Connection::open(path).unwrap();
-        let mut stmt = conn
-            .prepare(
-                "SELECT ts, key_id, key_name, tool, scopes, CAST(duration_ms AS TEXT), status, \
-                 error, input_args, output_preview, client_ip, metadata, extra \
-                 FROM audit_log ORDER BY id",
-            )
-            .unwrap();
-        let rows = stmt
-            .query_map([], |r| (0..13).map(|i| r.get(i)).collect())
-            .unwrap();
-        rows.collect::<rusqlite::Result<_>>().unwrap()
-    }
-
     #[test]
-    fn a_rendered_line_makes_the_same_row_as_the_event() {
+    fn a_row_holds_what_the_line_of_the_same_event_holds() {
         let dir = tempfile::tempdir().unwrap();
         let mut full = event(0, "fmg_key_abc", "se\"arch", Status::RateLimited);
         full.scopes = vec!["read".into(), "we\"ird\n".into()];
         full.duration_ms = 12.345_67;
         full.error = Some("Rate limit \u{1f600} exceeded".into());
-        full.input_args = Some(json!({"q": "x\u{0}y", "n": [1, 2.5, null, -0.0, 1e300]}));
+        full.input_args = Some(json!({"q": "x\u{0}y", "n": [1, 2.5, null, -0.0, 1e300]}).into());
         full.output_preview = Some("r\u{e9}sultat".into());
         full.client_ip = Some("10.0.0.7".into());
-        full.metadata = Some(json!({"team": "ops", "nested": {"a": []}}));
+        full.metadata = Some(json!({"team": "ops", "nested": {"a": []}}).into());
         let mut extra = Map::new();
         extra.insert("retry_after".into(), json!(1.5));
         extra.insert("status".into(), json!("ok")); // cannot shadow a fixed field
         extra.insert("id".into(), json!("x")); // nor a seal field
-        full.extra = Some(extra);
+        full.extra = RawJson::extra(&extra);
         let mut odd = event(1, "", "", Status::Ok);
         odd.duration_ms = f64::NAN;
-        odd.input_args = Some(json!("just a string"));
+        odd.input_args = Some(json!("just a string").into());
         let events = vec![full, odd, event(2, "k2", "t", Status::Error)];
-
-        let (as_events, as_lines) = (dir.path().join("e.db"), dir.path().join("l.db"));
-        write_all(&as_events, events.clone());
-        let w = AuditWriter::open_sqlite(&as_lines, WriterOptions::default()).unwrap();
-        for ev in &events {
-            assert!(w.enqueue_line(|buf| crate::audit::write_line(buf, ev)));
+        let path = dir.path().join("e.db");
+        write_all(&path, events.clone());
+        let mut rows = query(&path, &q()).unwrap();
+        rows.reverse();
+        assert_eq!(rows.len(), 3);
+        for (ev, row) in events.iter().zip(&rows) {
+            let mut line = Vec::new();
+            crate::audit::write_line(&mut line, ev);
+            let v: Value = serde_json::from_slice(&line).unwrap();
+            assert_eq!(row.ts, v["ts"].as_str().unwrap());
+            assert_eq!(row.key_id, v["key_id"].as_str().unwrap());
+            assert_eq!(row.tool, v["tool"].as_str().unwrap());
+            assert_eq!(json!(row.scopes), v["scopes"]);
+            assert_eq!(
+                row.input_args.clone().unwrap_or(Value::Null),
+                v["input_args"]
+            );
+            assert_eq!(row.metadata, v["metadata"]);
+            assert_eq!(row.error.as_deref(), v["error"].as_str());
+            assert_eq!(row.client_ip.as_deref(), v["client_ip"].as_str());
+            let extras: Vec<_> = v
+                .as_object()
+                .unwrap()
+                .keys()
+                .filter(|k| !FIXED_FIELDS.contains(&k.as_str()))
+                .cloned()
+                .collect();
+            let row_extras: Vec<_> = row.extra.keys().cloned().collect();
+            assert_eq!(row_extras, extras);
         }
-        w.close().unwrap();
-        let s = w.stats();
-        assert_eq!((s.written, s.failed, s.write_errors), (3, 0, 0));
-        assert_eq!(raw_rows(&as_lines), raw_rows(&as_events));
+        assert_eq!(rows[0].extra["retry_after"], json!(1.5));
     }
 
     #[test]
-    fn an_unreadable_line_is_skipped_and_reported_not_the_batch() {
+    fn an_unstorable_event_is_skipped_and_reported_not_the_batch() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.db");
         let w = AuditWriter::open_sqlite(&path, WriterOptions::default()).unwrap();
         assert!(w.enqueue(event(0, "a", "t", Status::Ok)));
-        assert!(w.enqueue_line(|buf| buf.extend_from_slice(b"not json\n")));
-        assert!(w.enqueue(event(1, "b", "t", Status::Ok)));
+        let mut broken = event(1, "b", "t", Status::Ok);
+        AuditEvent::set_json(&mut broken.input_args, |buf| {
+            buf.extend_from_slice(b"\"\xff\"");
+            true
+        });
+        assert!(w.enqueue(broken));
+        assert!(w.enqueue(event(2, "c", "t", Status::Ok)));
         w.close().unwrap();
         assert_eq!(query(&path, &q()).unwrap().len(), 2);
         assert_eq!(w.stats().write_errors, 1);
         let err = w.last_error().unwrap();
-        assert!(err.contains("could not be read back"), "{err}");
+        assert!(err.contains("not UTF-8"), "{err}");
     }
 
     #[test]
@@ -1015,12 +962,12 @@ mod tests {
         let old = |i: i64| {
             let mut ev = event(i, "k", "t", Status::Ok);
             ev.ts = Utc::now() - chrono::Duration::days(10) + chrono::Duration::milliseconds(i);
-            Box::new(Entry::from(ev))
+            Box::new(ev)
         };
         let fresh = |i: i64| {
             let mut ev = event(i, "k", "t", Status::Ok);
             ev.ts = Utc::now();
-            Box::new(Entry::from(ev))
+            Box::new(ev)
         };
         let mut sink = SqliteSink::open(&path).unwrap();
         sink.write_batch(&Batch::of_events(&[old(1), old(2), fresh(3)]))
@@ -1061,15 +1008,12 @@ mod tests {
                  BEGIN SELECT RAISE(ABORT, 'poisoned row'); END",
             )
             .unwrap();
-        let good: Vec<Box<Entry>> = (0..3)
-            .map(|i| Box::new(Entry::from(event(i, "k", "ok", Status::Ok))))
+        let good: Vec<Box<AuditEvent>> = (0..3)
+            .map(|i| Box::new(event(i, "k", "ok", Status::Ok)))
             .collect();
         sink.write_batch(&Batch::of_events(&good)).unwrap();
         let mut bad = good.clone();
-        bad.insert(
-            2,
-            Box::new(Entry::from(event(9, "k", "poison", Status::Ok))),
-        );
+        bad.insert(2, Box::new(event(9, "k", "poison", Status::Ok)));
         let err = sink.write_batch(&Batch::of_events(&bad)).unwrap_err();
         assert!(err.to_string().contains("poisoned row"), "{err}");
         // The rows before the failing one were rolled back with it.
@@ -1501,7 +1445,7 @@ mod tests {
                 Some(json!({"query": "quarterly report", "limit": 10})),
             ),
         ] {
-            ev.input_args = args;
+            ev.input_args = args.map(Into::into);
             let opts = WriterOptions::default();
             let cap = opts.queue_capacity;
             let w = AuditWriter::open_sqlite(&path, opts).unwrap();

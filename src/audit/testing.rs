@@ -25,7 +25,7 @@ pub(super) fn sample() -> AuditEvent {
         duration_ms: 12.345_67,
         status: Status::Ok,
         error: None,
-        input_args: Some(serde_json::json!({"q": "x", "limit": 10})),
+        input_args: Some(serde_json::json!({"q": "x", "limit": 10}).into()),
         output_preview: Some("result".into()),
         client_ip: Some("10.0.0.1".into()),
         metadata: None,

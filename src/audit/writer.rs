@@ -4,21 +4,22 @@
 //! The request path only calls [`AuditWriter::enqueue`], which moves the event
 //! into a bounded queue and returns at once. One named thread (`fmg-audit`)
 //! takes every event already queued (up to [`WriterOptions::batch_max`]) and
-//! hands them to a [`Sink`] as one [`Batch`]: for a JSONL sink the thread
-//! serialises them with [`write_line`] into one reused buffer (one write per
-//! batch), or only copies lines the producer already rendered
-//! ([`AuditWriter::enqueue_line`], which the Python binding uses: it writes the
-//! line straight from the Python objects); the `SQLite` sink inserts the events
-//! themselves in one transaction.
-//! The sink is flushed to the OS after every batch and synced to disk on
+//! hands them to each of its sinks as one [`Batch`] (a single sink is a list of
+//! one; see [`sinks`](super::sinks)): if a sink reads lines (JSONL, the HTTP
+//! spool) the thread renders the events with [`write_line`] into one reused buffer,
+//! once for all of them; the `SQLite` sink binds the events' fields itself, one
+//! transaction per batch. Producers fill reused events in place
+//! ([`AuditWriter::enqueue_fill`], which the Python binding uses).
+//! Each sink is flushed to the OS after every batch and synced to disk on
 //! [`AuditWriter::close`].
 //!
 //! Policies (documented here because callers depend on them):
 //! - **Queue full:** the event is dropped and counted in
 //!   [`WriterStats::dropped`]; `enqueue` returns `false`. It never blocks.
-//! - **Write errors** (disk full, file made unwritable): the batch is lost and
-//!   counted in [`WriterStats::write_errors`] / [`WriterStats::failed`], the
-//!   message is kept for [`AuditWriter::last_error`], and the thread goes on.
+//! - **Write errors** (disk full, file made unwritable): the batch is lost for
+//!   that sink (its [`SinkStats`]) and counted in [`WriterStats::write_errors`];
+//!   when no sink recorded it, also in [`WriterStats::failed`]. The message is
+//!   kept for [`AuditWriter::last_error`], and the thread goes on.
 //!   A torn line left by a failed write is ended with a newline before the
 //!   next batch, so one failure never glues two lines together.
 //! - **Flush:** a flush request travels on a separate, unbounded control
@@ -49,19 +50,20 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 use parking_lot::Mutex;
 
+use super::sinks::SinkList;
 use super::{
-    write_line, AuditError, AuditEvent, Batch, BatchFormat, Entry, JsonlFileSink, JsonlOptions,
-    Refusal, RefusalAggregator, RefusalOptions, Sink, SqliteSink, Status,
+    write_line, AuditError, AuditEvent, Batch, BatchFormat, JsonlFileSink, JsonlOptions, Refusal,
+    RefusalAggregator, RefusalOptions, Sink, SinkStats, SqliteSink,
 };
 
 // ---------------------------------------------------------------------------
 // Writer
 // ---------------------------------------------------------------------------
 
-/// What became of a refusal given to [`AuditWriter::enqueue_refusal_line_with`].
+/// What became of a refusal given to [`AuditWriter::enqueue_refusal_with`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admitted {
-    /// Written one by one: its line was queued.
+    /// Written one by one: its event was queued.
     Queued,
     /// Counted: a summary event will carry it.
     Counted,
@@ -77,8 +79,8 @@ pub enum OnFull {
     #[default]
     Drop,
     /// Wait up to this long for room, then drop and count. The wait goes
-    /// through the `wait` hook of [`AuditWriter::enqueue_with`] /
-    /// [`AuditWriter::enqueue_line_with`] (the Python binding releases the GIL there).
+    /// through the `around` hook of [`AuditWriter::enqueue_fill`] (the Python
+    /// binding releases the GIL there).
     Block(Duration),
 }
 
@@ -95,7 +97,7 @@ pub struct WriterOptions {
     pub flush_interval: Duration,
     /// Queue full: drop (default) or wait a bounded time.
     pub on_full: OnFull,
-    /// How refusals logged with [`AuditWriter::enqueue_refusal_line_with`] are
+    /// How refusals logged with [`AuditWriter::enqueue_refusal_with`] are
     /// aggregated ([`refusals`](super::refusals)).
     pub refusals: RefusalOptions,
 }
@@ -153,15 +155,16 @@ impl WriterOptions {
 pub struct WriterStats {
     /// Events accepted into the queue.
     pub enqueued: u64,
-    /// Events written to the sink.
+    /// Events written (by at least one sink: each sink's own count is in its
+    /// [`SinkStats`]).
     pub written: u64,
     /// Events refused by `enqueue` (queue full, writer closed or paused).
     pub dropped: u64,
     /// Of `dropped`: refused while [`AuditWriter::pause`]d.
     pub paused_dropped: u64,
-    /// Failed sink operations (writes, flushes, the final sync).
+    /// Failed sink operations (writes, flushes, the final sync), over all sinks.
     pub write_errors: u64,
-    /// Accepted events lost because their batch failed to write.
+    /// Accepted events lost because their batch failed to write to every sink.
     /// After close, `enqueued == written + failed`.
     pub failed: u64,
     /// Events waiting in the queue now.
@@ -174,7 +177,7 @@ pub struct WriterStats {
 }
 
 /// The bounded wait of [`OnFull::Block`], handed to the `around` hook of
-/// [`AuditWriter::enqueue_with`]: call it; it returns whether the event got in.
+/// [`AuditWriter::enqueue_fill`]: call it; it returns whether the event got in.
 pub type Wait<'a> = Box<dyn FnOnce() -> bool + Send + 'a>;
 
 /// What [`AuditWriter::take_loss_report`] tells.
@@ -192,6 +195,49 @@ pub struct LossReport {
     pub last_error: Option<String>,
     /// Why the writer is paused, if it is.
     pub paused: Option<String>,
+}
+
+impl LossReport {
+    /// The warning an operator reads, for the log at `path`: how many events were lost
+    /// since the last one, how (queue full, closed or paused; failed writes) and why.
+    #[must_use]
+    pub fn describe(&self, path: &str) -> String {
+        format!(
+            "audit log {path}: {} event{} lost since the last warning ({} dropped in all: queue \
+             full, writer closed or paused{}; {} lost to failed writes in all){}",
+            self.lost,
+            plural(self.lost),
+            self.dropped,
+            if self.paused_dropped > 0 {
+                format!(", {} of them while paused", self.paused_dropped)
+            } else {
+                String::new()
+            },
+            self.failed,
+            loss_context(self.paused.as_deref(), self.last_error.as_deref()),
+        )
+    }
+}
+
+/// `"s"` unless `n` is 1.
+pub(super) fn plural(n: u64) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// `; paused: <why>` and `; last error: <message>`, each when there is one.
+pub(super) fn loss_context(paused: Option<&str>, last_error: Option<&str>) -> String {
+    let mut out = String::new();
+    if let Some(p) = paused {
+        out += &format!("; paused: {p}");
+    }
+    if let Some(e) = last_error {
+        out += &format!("; last error: {e}");
+    }
+    out
 }
 
 /// Keeps a hot atomic on its own cache line.
@@ -214,7 +260,7 @@ struct Shared {
     enqueued: Padded<AtomicU64>,
     dropped: Padded<AtomicU64>,
     written: Padded<AtomicU64>,
-    /// The last batch reached the sink (false from a failure to the next success).
+    /// The last batch reached a sink (false from a failure to the next success).
     sink_ok: Padded<AtomicBool>,
     failed: AtomicU64,
     write_errors: AtomicU64,
@@ -314,10 +360,12 @@ const DRAIN_BATCHES: usize = 16;
 /// The asynchronous audit writer. `Send + Sync`: share it (e.g. in an `Arc`)
 /// and call [`enqueue`](Self::enqueue) from any thread.
 pub struct AuditWriter {
-    events: Sender<Box<Entry>>,
+    events: Sender<Box<AuditEvent>>,
     control: Sender<Control>,
-    /// Boxes of written entries, for `enqueue` to reuse (see there).
-    pool: Receiver<Box<Entry>>,
+    /// Boxes of written events, for `enqueue` to reuse (see there).
+    pool: Receiver<Box<AuditEvent>>,
+    /// Each sink's counters, in the order given.
+    sinks: Vec<Arc<SinkStats>>,
     on_full: OnFull,
     shared: Arc<Shared>,
     refusals: Arc<RefusalAggregator>,
@@ -391,7 +439,7 @@ impl AuditWriter {
         AuditWriter::with_sink(sink, opts)
     }
 
-    /// Starts the writer thread (`fmg-audit`) over any [`Sink`].
+    /// Starts the writer thread (`fmg-audit`) over one [`Sink`] (a list of one).
     ///
     /// # Errors
     /// [`AuditError::InvalidOption`], [`AuditError::Spawn`].
@@ -399,24 +447,44 @@ impl AuditWriter {
         sink: S,
         opts: WriterOptions,
     ) -> Result<AuditWriter, AuditError> {
+        AuditWriter::new(vec![Box::new(sink)], opts)
+    }
+
+    /// Starts the writer thread (`fmg-audit`) over `sinks`: every event goes to each,
+    /// in order ([`sinks`](super::sinks)); [`sink_stats`](Self::sink_stats) has each
+    /// one's counters.
+    ///
+    /// # Errors
+    /// [`AuditError::InvalidOption`] (also for an empty list), [`AuditError::Spawn`].
+    pub fn new(sinks: Vec<Box<dyn Sink>>, opts: WriterOptions) -> Result<AuditWriter, AuditError> {
         opts.validate()?;
+        if sinks.is_empty() {
+            return Err(AuditError::InvalidOption {
+                name: "sinks",
+                value: "[]".to_owned(),
+                fix: "give at least one sink",
+            });
+        }
         let (events_tx, events_rx) = crossbeam_channel::bounded(opts.queue_capacity);
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let (pool_tx, pool_rx) = crossbeam_channel::bounded(opts.queue_capacity.min(POOL_MAX));
         let shared = Arc::new(Shared::default());
         let refusals = Arc::new(RefusalAggregator::new(opts.refusals)?);
-        let format = sink.format();
-        let jsonl = format == BatchFormat::Jsonl;
+        let (sinks, stats) = SinkList::new(sinks);
+        let render = sinks.reads(BatchFormat::Jsonl);
+        let keep = sinks.reads(BatchFormat::Events);
         let worker = Worker {
-            sink,
+            sinks,
             shared: Arc::clone(&shared),
-            format,
-            pending: Vec::with_capacity(if jsonl {
-                0
-            } else {
+            render,
+            keep,
+            pending: Vec::with_capacity(if keep {
                 opts.batch_max.min(POOL_MAX)
+            } else {
+                0
             }),
-            buf: Vec::with_capacity(if jsonl { 64 * 1024 } else { 0 }),
+            pending_bytes: 0,
+            buf: Vec::with_capacity(if render { 64 * 1024 } else { 0 }),
             batch_max: opts.batch_max,
             unreported: None,
             pool: pool_tx,
@@ -432,67 +500,47 @@ impl AuditWriter {
             events: events_tx,
             control: control_tx,
             pool: pool_rx,
+            sinks: stats,
             shared,
             refusals,
             thread: Mutex::new(Some(handle)),
         })
     }
 
+    /// Each sink's counters, in the order given to [`new`](Self::new).
+    #[must_use]
+    pub fn sink_stats(&self) -> &[Arc<SinkStats>] {
+        &self.sinks
+    }
+
     /// Queues `ev`. Returns `false`, and counts the event in
     /// [`WriterStats::dropped`], when the queue is full or the writer is closed.
     /// With [`OnFull::Block`] a full queue is waited on (in this thread) first;
     /// with the default [`OnFull::Drop`] this never blocks.
-    ///
-    /// The queue holds boxes (16 bytes a slot, not the ~290-byte event), and
-    /// the writer hands written boxes back through a small pool: this call
-    /// reuses one, which also frees the previous event's strings here, on a
-    /// producer thread. glibc malloc is several times slower when one thread
-    /// allocates and another frees; this keeps both threads off that path.
     pub fn enqueue(&self, ev: AuditEvent) -> bool {
-        self.enqueue_with(ev, |wait| wait())
+        self.enqueue_fill(|slot| *slot = ev, |wait| wait())
     }
 
-    /// [`enqueue`](Self::enqueue), with `around` running the bounded wait of
-    /// [`OnFull::Block`] when the queue is full (it must call the closure it is
-    /// given and return its result; the Python binding releases the GIL there).
-    /// Not called when the event is queued at once.
-    pub fn enqueue_with(&self, ev: AuditEvent, around: impl FnOnce(Wait<'_>) -> bool) -> bool {
-        self.push(
-            |entry| {
-                entry.event = ev;
-                entry.line.clear();
-            },
-            around,
-        )
-    }
-
-    /// Queues one event rendered by `render` straight into a reused line buffer
-    /// (cleared first): the producer pays for one serialisation and no
-    /// allocation in the steady state. A JSONL sink's thread only copies the
-    /// bytes; an events sink ([`SqliteSink`]) reads the line back into its
-    /// columns, off the producer's path. `render` must append exactly one
-    /// complete line ending with `\n`, laid out by
-    /// [`write_line_parts`](super::write_line_parts). Same return value and policies as
-    /// [`enqueue`](Self::enqueue); `render` is not called if the writer is closed or
-    /// paused.
-    pub fn enqueue_line(&self, render: impl FnOnce(&mut Vec<u8>)) -> bool {
-        self.enqueue_line_with(render, |wait| wait())
-    }
-
-    /// [`enqueue_line`](Self::enqueue_line) with a hook around the bounded wait
-    /// of [`OnFull::Block`] (see [`enqueue_with`](Self::enqueue_with)).
-    pub fn enqueue_line_with(
+    /// Queues one event that `fill` writes into a reused box (the previous event's, with
+    /// its strings' capacity: see [`AuditEvent::set`]), so a steady stream of events
+    /// allocates nothing. `fill` must set every field (it finds the last event's values).
+    /// `around` runs the bounded wait of [`OnFull::Block`] when the queue is full (it
+    /// must call the closure it is given and return its result; the Python binding
+    /// releases the GIL there); it is not called when the event is queued at once.
+    /// `fill` is not called if the writer is closed or paused. Same return value and
+    /// policies as [`enqueue`](Self::enqueue).
+    ///
+    /// The queue holds boxes (8 bytes a slot, not the ~300-byte event), and the writer
+    /// hands written boxes back through a small pool: this reuses one, which also frees
+    /// whatever `fill` replaces here, on a producer thread. glibc malloc is several times
+    /// slower when one thread allocates and another frees; this keeps both threads off
+    /// that path.
+    pub fn enqueue_fill(
         &self,
-        render: impl FnOnce(&mut Vec<u8>),
+        fill: impl FnOnce(&mut AuditEvent),
         around: impl FnOnce(Wait<'_>) -> bool,
     ) -> bool {
-        self.push(
-            |entry| {
-                entry.line.clear();
-                render(&mut entry.line);
-            },
-            around,
-        )
+        self.push(fill, around)
     }
 
     /// Refuses new events (each counted in [`WriterStats::dropped`] and
@@ -511,16 +559,16 @@ impl AuditWriter {
     }
 
     /// Logs a refusal made before there is an identity, aggregated ([`refusals`](super::refusals)):
-    /// the first [`RefusalOptions::burst`] of its group in an interval are rendered
-    /// by `render` and queued as [`enqueue_line_with`](Self::enqueue_line_with) does
+    /// the first [`RefusalOptions::burst`] of its group in an interval are filled by
+    /// `fill` and queued as [`enqueue_fill`](Self::enqueue_fill) does
     /// ([`Admitted::Queued`], or [`Admitted::Dropped`] as that would be); the others
-    /// are only counted ([`Admitted::Counted`]: `render` is not called), and the
+    /// are only counted ([`Admitted::Counted`]: `fill` is not called), and the
     /// writer thread writes one summary event per group with their `count` when the
     /// interval ends, on flush and on close. A closed or paused writer drops it.
-    pub fn enqueue_refusal_line_with(
+    pub fn enqueue_refusal_with(
         &self,
         refusal: &Refusal<'_>,
-        render: impl FnOnce(&mut Vec<u8>),
+        fill: impl FnOnce(&mut AuditEvent),
         around: impl FnOnce(Wait<'_>) -> bool,
     ) -> Admitted {
         let sh = &*self.shared;
@@ -530,14 +578,7 @@ impl AuditWriter {
             sh.state.0.fetch_sub(1, Ordering::Release);
             return Admitted::Counted;
         }
-        let accepted = prev & FLAGS == 0
-            && self.send(
-                |entry| {
-                    entry.line.clear();
-                    render(&mut entry.line);
-                },
-                around,
-            );
+        let accepted = prev & FLAGS == 0 && self.send(fill, around);
         self.settle(prev, accepted);
         if accepted {
             Admitted::Queued
@@ -547,7 +588,11 @@ impl AuditWriter {
     }
 
     /// Fills a (reused) entry and queues it; see [`enqueue`](Self::enqueue).
-    fn push(&self, fill: impl FnOnce(&mut Entry), around: impl FnOnce(Wait<'_>) -> bool) -> bool {
+    fn push(
+        &self,
+        fill: impl FnOnce(&mut AuditEvent),
+        around: impl FnOnce(Wait<'_>) -> bool,
+    ) -> bool {
         let prev = self.shared.state.0.fetch_add(1, Ordering::AcqRel);
         let accepted = prev & FLAGS == 0 && self.send(fill, around);
         self.settle(prev, accepted);
@@ -556,23 +601,16 @@ impl AuditWriter {
 
     /// Takes a box (from the pool if one is there), fills it and queues it: whether it
     /// got in. Call inside the fence (`state` incremented, no flag set).
-    fn send(&self, fill: impl FnOnce(&mut Entry), around: impl FnOnce(Wait<'_>) -> bool) -> bool {
-        let boxed = match self.pool.try_recv() {
-            Ok(mut reused) => {
-                fill(&mut reused);
-                reused
-            }
-            Err(_) => {
-                let mut fresh = Box::new(Entry::from(AuditEvent::new(
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                    Status::Ok,
-                )));
-                fill(&mut fresh);
-                fresh
-            }
-        };
+    fn send(
+        &self,
+        fill: impl FnOnce(&mut AuditEvent),
+        around: impl FnOnce(Wait<'_>) -> bool,
+    ) -> bool {
+        let mut boxed = self
+            .pool
+            .try_recv()
+            .unwrap_or_else(|_| Box::new(AuditEvent::blank()));
+        fill(&mut boxed);
         match self.events.try_send(boxed) {
             Ok(()) => true,
             Err(TrySendError::Full(boxed)) => match self.on_full {
@@ -602,9 +640,9 @@ impl AuditWriter {
         sh.state.0.fetch_sub(1, Ordering::Release);
     }
 
-    /// Whether an event enqueued now would reach the sink: the writer is open,
-    /// the queue has room, and the last batch was written (a failure makes
-    /// this false until a batch succeeds again). Atomic loads only: cheap
+    /// Whether an event enqueued now would be written: the writer is open, the
+    /// queue has room, and the last batch was written by a sink (a failure of
+    /// every sink makes this false until a batch succeeds again). Atomic loads only: cheap
     /// enough to ask before every call (the `fail_closed` policy).
     #[must_use]
     pub fn healthy(&self) -> bool {
@@ -701,7 +739,7 @@ impl AuditWriter {
         }
     }
 
-    /// Message of the most recent sink error, if any ever happened.
+    /// Message of the most recent sink error (of any sink), if any ever happened.
     #[must_use]
     pub fn last_error(&self) -> Option<String> {
         self.shared.last_error.lock().clone()
@@ -726,31 +764,36 @@ impl Drop for AuditWriter {
 }
 
 /// State owned by the writer thread.
-struct Worker<S> {
-    sink: S,
+struct Worker {
+    sinks: SinkList,
     shared: Arc<Shared>,
-    format: BatchFormat,
-    /// `Events` format: the batch being gathered (boxes retired after the write).
+    /// Some sink reads lines: render each event into `buf`.
+    render: bool,
+    /// Some sink reads the events: keep them in `pending` until the batch is written.
+    keep: bool,
+    /// The batch being gathered (boxes retired after the write) when `keep`.
     #[allow(
         clippy::vec_box,
         reason = "the boxes go back to the producers through the pool"
     )]
-    pending: Vec<Box<Entry>>,
+    pending: Vec<Box<AuditEvent>>,
+    /// Size of `pending`'s events, to cut batches at `BATCH_BYTES` as `buf` does.
+    pending_bytes: usize,
     buf: Vec<u8>,
     batch_max: usize,
     /// A failure not yet returned by `flush`/`close`.
     unreported: Option<AuditError>,
     /// Written boxes go back to the producers through here.
-    pool: Sender<Box<Entry>>,
-    /// Refusals aggregated for [`AuditWriter::enqueue_refusal_line_with`]: the
+    pool: Sender<Box<AuditEvent>>,
+    /// Refusals aggregated for [`AuditWriter::enqueue_refusal_with`]: the
     /// thread writes their summaries.
     refusals: Arc<RefusalAggregator>,
 }
 
-impl<S: Sink> Worker<S> {
+impl Worker {
     fn run(
         mut self,
-        events: &Receiver<Box<Entry>>,
+        events: &Receiver<Box<AuditEvent>>,
         control: &Receiver<Control>,
         interval: Duration,
     ) -> Result<(), AuditError> {
@@ -812,11 +855,16 @@ impl<S: Sink> Worker<S> {
 
     /// Takes `first` and up to `min(batch_max, limit) - 1` already-queued
     /// events, writes them as one batch, and returns how many it took.
-    fn batch(&mut self, events: &Receiver<Box<Entry>>, first: Box<Entry>, limit: usize) -> usize {
+    fn batch(
+        &mut self,
+        events: &Receiver<Box<AuditEvent>>,
+        first: Box<AuditEvent>,
+        limit: usize,
+    ) -> usize {
         let max = self.batch_max.min(limit);
         self.push(first);
         let mut n = 1;
-        while n < max && self.buf.len() < BATCH_BYTES {
+        while n < max && self.batch_bytes() < BATCH_BYTES {
             match events.try_recv() {
                 Ok(ev) => {
                     self.push(ev);
@@ -829,73 +877,63 @@ impl<S: Sink> Worker<S> {
         n
     }
 
-    /// Adds one event to the batch: serialised and recycled at once in the
-    /// `Jsonl` format (the event is hot in cache and the pool refills
-    /// while the batch gathers), kept until the write in the `Events` format.
-    fn push(&mut self, ev: Box<Entry>) {
-        match self.format {
-            BatchFormat::Jsonl => {
-                if ev.line.is_empty() {
-                    write_line(&mut self.buf, &ev.event);
-                } else {
-                    self.buf.extend_from_slice(&ev.line);
-                }
-                self.retire(ev);
-            }
-            // `enqueue_line` refuses an events sink, so every entry here is an event.
-            BatchFormat::Events => self.pending.push(ev),
+    /// Bytes gathered for the batch (its lines, or its events' size).
+    fn batch_bytes(&self) -> usize {
+        if self.render {
+            self.buf.len()
+        } else {
+            self.pending_bytes
+        }
+    }
+
+    /// Adds one event to the batch: rendered into `buf` if a sink reads lines, then
+    /// kept until the write if a sink reads events, else recycled at once (the event
+    /// is hot in cache and the pool refills while the batch gathers).
+    fn push(&mut self, ev: Box<AuditEvent>) {
+        if self.render {
+            write_line(&mut self.buf, &ev);
+        }
+        if self.keep {
+            self.pending_bytes += ev.size_hint();
+            self.pending.push(ev);
+        } else {
+            self.retire(ev);
         }
     }
 
     /// Offers a written or serialised event's box to the producers for reuse;
     /// if the pool is full, `try_send` hands it back and it is freed here.
-    fn retire(&self, ev: Box<Entry>) {
+    fn retire(&self, ev: Box<AuditEvent>) {
         self.pool.try_send(ev).ok();
     }
 
-    /// Writes the gathered batch of `n` events, then retires kept events.
+    /// Writes the gathered batch of `n` events to every sink, then retires kept events.
     fn write_pending(&mut self, n: usize) {
         let n64 = n as u64;
-        let batch = match self.format {
-            BatchFormat::Jsonl => Batch::of_jsonl(&self.buf, n),
-            BatchFormat::Events => Batch::of_events(&self.pending),
-        };
-        match self.sink.write_batch(&batch) {
+        let batch = Batch::new(&self.pending, &self.buf, n);
+        let shared = &self.shared;
+        match self.sinks.write_batch(&batch, |e| shared.record_error(e)) {
             Ok(()) => {
                 self.shared.written.0.fetch_add(n64, Ordering::Relaxed);
-                if self.sink_flush() {
-                    self.set_sink_ok(true);
-                }
+                self.set_sink_ok(true);
             }
-            Err(source) => {
+            Err(err) => {
                 self.shared.failed.fetch_add(n64, Ordering::Relaxed);
                 self.set_sink_ok(false);
-                self.fail(AuditError::Write { source });
+                self.unreported = Some(err);
             }
-        }
-        if let Some(warning) = self.sink.take_warning() {
-            self.shared.record_error(&warning);
         }
         let mut pending = std::mem::take(&mut self.pending);
         for ev in pending.drain(..) {
             self.retire(ev);
         }
         self.pending = pending;
+        self.pending_bytes = 0;
         if self.buf.capacity() > BUF_RETAIN {
             self.buf = Vec::with_capacity(64 * 1024);
         } else {
             self.buf.clear();
         }
-    }
-
-    /// Flushes the sink; false (and recorded) on failure.
-    fn sink_flush(&mut self) -> bool {
-        if let Err(source) = self.sink.flush() {
-            self.set_sink_ok(false);
-            self.fail(AuditError::Write { source });
-            return false;
-        }
-        true
     }
 
     /// Stores the sink's health, writing the shared flag only when it changes
@@ -907,15 +945,10 @@ impl<S: Sink> Worker<S> {
         }
     }
 
-    fn fail(&mut self, err: AuditError) {
-        self.shared.record_error(&err);
-        self.unreported = Some(err);
-    }
-
     /// Writes exactly the events queued now (`len()` counts every claimed
     /// slot, so this covers all `enqueue` calls that returned before the
     /// flush request was sent), then flushes the sink.
-    fn flush_pending(&mut self, events: &Receiver<Box<Entry>>) -> Result<(), AuditError> {
+    fn flush_pending(&mut self, events: &Receiver<Box<AuditEvent>>) -> Result<(), AuditError> {
         let mut remaining = events.len();
         while remaining > 0 {
             // A claimed slot is always filled, so this returns promptly.
@@ -923,7 +956,6 @@ impl<S: Sink> Worker<S> {
             remaining = remaining.saturating_sub(self.batch(events, first, remaining));
         }
         self.write_summaries(true);
-        self.sink_flush();
         self.unreported.take().map_or(Ok(()), Err)
     }
 
@@ -940,9 +972,9 @@ impl<S: Sink> Worker<S> {
             .fetch_add(summaries.len() as u64, Ordering::Relaxed);
         let mut n = 0;
         for ev in summaries {
-            self.push(Box::new(Entry::from(ev)));
+            self.push(Box::new(ev));
             n += 1;
-            if n == self.batch_max || self.buf.len() >= BATCH_BYTES {
+            if n == self.batch_max || self.batch_bytes() >= BATCH_BYTES {
                 self.write_pending(n);
                 n = 0;
             }
@@ -953,15 +985,13 @@ impl<S: Sink> Worker<S> {
     }
 
     /// Drains the queue (producers are fenced out by now), writes, syncs.
-    fn finish(mut self, events: &Receiver<Box<Entry>>) -> Result<(), AuditError> {
+    fn finish(mut self, events: &Receiver<Box<AuditEvent>>) -> Result<(), AuditError> {
         while let Ok(first) = events.try_recv() {
             self.batch(events, first, usize::MAX);
         }
         self.write_summaries(true);
-        self.sink_flush();
-        if let Err(source) = self.sink.sync() {
-            let err = AuditError::Sync { source };
-            self.shared.record_error(&err);
+        let shared = &self.shared;
+        if let Err(err) = self.sinks.sync(|e| shared.record_error(e)) {
             self.unreported.get_or_insert(err);
         }
         self.unreported.take().map_or(Ok(()), Err)
@@ -973,58 +1003,117 @@ impl<S: Sink> Worker<S> {
 mod tests {
     use super::*;
     use crate::audit::testing::*;
-    use crate::audit::{log_files, verify_files, Record};
+    use crate::audit::{log_files, verify_files, RawJson};
     use chrono::Utc;
     use serde_json::Value;
     use std::io;
     use std::sync::mpsc;
 
     #[test]
-    fn rendered_lines_and_events_share_one_queue_in_order() {
+    fn refilled_boxes_carry_nothing_of_the_previous_event() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mixed.jsonl");
-        // A small pool and queue: entries are recycled between the two kinds.
+        // A small pool and queue: boxes are recycled many times.
         let opts = WriterOptions {
             queue_capacity: 64,
             ..WriterOptions::default()
         };
         let w = AuditWriter::open_jsonl(&path, opts).unwrap();
         let mut sent = 0;
+        let fill = |i: usize| {
+            move |e: &mut AuditEvent| {
+                let want = numbered(i);
+                e.ts = want.ts;
+                AuditEvent::set(&mut e.key_id, &want.key_id);
+                AuditEvent::set(&mut e.key_name, &want.key_name);
+                AuditEvent::set(&mut e.tool, &want.tool);
+                e.set_scopes(want.scopes.iter().map(String::as_str));
+                e.duration_ms = want.duration_ms;
+                e.status = want.status;
+                AuditEvent::set_opt(&mut e.error, want.error.as_deref());
+                AuditEvent::set_json(&mut e.input_args, |buf| {
+                    let Some(raw) = &want.input_args else {
+                        return false;
+                    };
+                    buf.extend_from_slice(raw.as_bytes());
+                    true
+                });
+                AuditEvent::set_opt(&mut e.output_preview, want.output_preview.as_deref());
+                AuditEvent::set_opt(&mut e.client_ip, want.client_ip.as_deref());
+                AuditEvent::set_json(&mut e.metadata, |_| false);
+                AuditEvent::set_json(&mut e.extra, |_| false);
+            }
+        };
         for i in 0..2000 {
             let ok = if i % 3 == 0 {
-                w.enqueue(numbered(i))
+                // A different shape now and then: error and extra set, then cleared.
+                let mut odd = numbered(i);
+                odd.error = Some("x".repeat(100));
+                odd.extra = RawJson::extra(&serde_json::Map::from_iter([(
+                    "n".to_owned(),
+                    Value::from(i),
+                )]));
+                w.enqueue(odd)
             } else {
-                w.enqueue_line(|buf| write_line(buf, &numbered(i)))
+                w.enqueue_fill(fill(i), |wait| wait())
             };
-            if ok {
-                sent += 1;
-            } else {
-                w.flush().unwrap();
-                // Retry once after the queue drained.
-                let again = w.enqueue_line(|buf| write_line(buf, &numbered(i)));
-                assert!(again);
-                sent += 1;
-            }
+            assert!(
+                ok || {
+                    w.flush().unwrap();
+                    w.enqueue_fill(fill(i), |wait| wait())
+                }
+            );
+            sent += 1;
         }
         w.close().unwrap();
         let lines = read_lines(&path);
         assert_eq!(lines.len(), sent);
         for (i, line) in lines.iter().enumerate() {
-            assert_eq!(unsealed(line), line_of(&numbered(i)), "line {i}");
+            let v: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["key_id"], format!("k{i}"), "line {i}");
+            if i % 3 != 0 {
+                assert_eq!(unsealed(line), line_of(&numbered(i)), "line {i}");
+                assert!(v.get("n").is_none(), "line {i}");
+            }
         }
     }
 
     #[test]
-    fn an_events_sink_gets_lines_and_events_in_queue_order() {
+    fn a_loss_report_says_how_many_how_and_why() {
+        let r = LossReport {
+            lost: 1,
+            dropped: 3,
+            paused_dropped: 2,
+            failed: 4,
+            last_error: Some("disk full".to_owned()),
+            paused: Some("spool over its limit".to_owned()),
+        };
+        assert_eq!(
+            r.describe("/var/log/a.jsonl"),
+            "audit log /var/log/a.jsonl: 1 event lost since the last warning (3 dropped in \
+             all: queue full, writer closed or paused, 2 of them while paused; 4 lost to failed \
+             writes in all); paused: spool over its limit; last error: disk full"
+        );
+        let quiet = LossReport {
+            lost: 2,
+            paused_dropped: 0,
+            last_error: None,
+            paused: None,
+            ..r
+        };
+        assert_eq!(
+            quiet.describe("x"),
+            "audit log x: 2 events lost since the last warning (3 dropped in all: queue full, \
+             writer closed or paused; 4 lost to failed writes in all)"
+        );
+    }
+
+    #[test]
+    fn an_events_sink_gets_the_events_in_queue_order() {
         let sink = EventSink::default();
         let w = AuditWriter::with_sink(sink.clone(), WriterOptions::default()).unwrap();
         for i in 0..40 {
-            let ok = if i % 2 == 0 {
-                w.enqueue(numbered(i))
-            } else {
-                w.enqueue_line(|buf| write_line(buf, &numbered(i)))
-            };
-            assert!(ok);
+            assert!(w.enqueue(numbered(i)));
         }
         w.close().unwrap();
         let ids: Vec<String> = sink.seen.lock().iter().flat_map(|s| s.2.clone()).collect();
@@ -1039,9 +1128,9 @@ mod tests {
         assert!(w.enqueue(numbered(0)));
         w.pause(Some("spool over its limit".to_owned()));
         assert!(!w.healthy());
-        let mut rendered = false;
-        assert!(!w.enqueue_line(|_| rendered = true));
-        assert!(!rendered, "a paused writer renders nothing");
+        let mut filled = false;
+        assert!(!w.enqueue_fill(|_| filled = true, |wait| wait()));
+        assert!(!filled, "a paused writer fills nothing");
         assert!(!w.enqueue(numbered(1)));
         let report = w.take_loss_report(Duration::ZERO).unwrap();
         assert_eq!(
@@ -1261,7 +1350,11 @@ mod tests {
     impl Sink for MemSink {
         fn write_batch(&mut self, batch: &Batch<'_>) -> io::Result<()> {
             let (buf, n) = (batch.jsonl(), batch.len());
-            assert_eq!(batch.records().len(), 0, "a Jsonl batch carries no events");
+            assert_eq!(
+                batch.events().len(),
+                0,
+                "no sink reads events: none are kept"
+            );
             if let Some((entered, release)) = &self.gate {
                 entered.send(()).unwrap();
                 release.lock().recv().unwrap();
@@ -1307,16 +1400,7 @@ mod tests {
             BatchFormat::Events
         }
         fn write_batch(&mut self, batch: &Batch<'_>) -> io::Result<()> {
-            let ids = batch
-                .records()
-                .map(|r| match r {
-                    Record::Event(e) => e.key_id.clone(),
-                    Record::Line(l) => {
-                        let v: Value = serde_json::from_slice(l).unwrap();
-                        v["key_id"].as_str().unwrap().to_owned()
-                    }
-                })
-                .collect();
+            let ids = batch.events().iter().map(|e| e.key_id.clone()).collect();
             self.seen
                 .lock()
                 .push((batch.len(), batch.jsonl().len(), ids));
@@ -1472,13 +1556,13 @@ mod tests {
             hooked.fetch_add(1, Ordering::SeqCst);
             wait()
         };
-        assert!(w.enqueue_with(numbered(0), around));
+        assert!(w.enqueue_fill(|e| *e = numbered(0), around));
         entered.recv().unwrap(); // the thread holds event 0
-        assert!(w.enqueue_with(numbered(1), around)); // room: no wait
+        assert!(w.enqueue_fill(|e| *e = numbered(1), around)); // room: no wait
         assert_eq!(hooked.load(Ordering::SeqCst), 0);
         // Full, and nobody makes room: waits the bound, then drops.
         let t = Instant::now();
-        assert!(!w.enqueue_with(numbered(2), around));
+        assert!(!w.enqueue_fill(|e| *e = numbered(2), around));
         assert!(
             t.elapsed() >= Duration::from_millis(140),
             "{:?}",
@@ -1623,7 +1707,7 @@ mod tests {
     }
 
     #[test]
-    fn full_queue_with_real_file_keeps_the_books_balanced() {
+    fn full_queue_with_real_file_keeps_the_counts_balanced() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.jsonl");
         let opts = WriterOptions {
@@ -1790,7 +1874,8 @@ mod tests {
         for (label, with_args) in [("no input_args", false), ("with input_args", true)] {
             let mut ev = realistic();
             if with_args {
-                ev.input_args = Some(serde_json::json!({"query": "quarterly report", "limit": 10}));
+                ev.input_args =
+                    Some(serde_json::json!({"query": "quarterly report", "limit": 10}).into());
             }
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("a.jsonl");

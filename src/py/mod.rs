@@ -4,7 +4,7 @@
 //! - `keys.rs`: the key manager, for `KeyStore` (`keys/`);
 //! - `limiter.rs`: rates, the limiter and its GCRA, for `RateLimit` (`rate/`);
 //! - `ip.rs`: the IP matcher, for `IPPolicy` (`ip/`);
-//! - `audit.rs`: the audit writers, for `AuditLog` and its backends (`audit/`);
+//! - `audit.rs`: the audit writer and its sinks, for `AuditLog` and its backends (`audit/`);
 //! - `scan.rs`: reading written audit logs (the `audit` CLI, `AuditLog.query`, the HTTP
 //!   backend's spool);
 //! - `tokens.rs`: token-format helpers for the CLI and the admin routes;
@@ -60,7 +60,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<keys::PyKeyManager>()?;
     m.add_class::<keys::PyVerifyLimits>()?;
     m.add_class::<audit::PyAuditWriter>()?;
-    m.add_class::<audit::PyAuditFanout>()?;
     m.add_class::<audit::PyAuditSink>()?;
     m.add_function(wrap_pyfunction!(scan::audit_query, m)?)?;
     m.add_function(wrap_pyfunction!(scan::audit_verify, m)?)?;

@@ -1,6 +1,6 @@
 """One AuditLog, every Rust-written backend at once (JSONL file, SQLite, the HTTP spool
 shipping to a real receiver on 127.0.0.1): one rendering and one queue feed them all,
-each backend keeps its own books and health, and one that is paused or failing does not
+each backend keeps its own counters and health, and one that is paused or failing does not
 starve the others."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from fastmcp_guard import AuditLog
-from fastmcp_guard._core import AuditFanout, AuditSink
+from fastmcp_guard._core import AuditSink, AuditWriter
 from fastmcp_guard.audit import FileBackend, HttpBackend, SQLiteBackend
 
 from tests.integration.audit_receiver import Receiver
@@ -55,8 +55,8 @@ async def test_one_rendering_feeds_file_sqlite_and_http_with_the_same_record(
     tmp_path: Path, receiver: Receiver
 ) -> None:
     audit = _every_backend(tmp_path, receiver)
-    [logger] = audit._loggers  # the three backends sit behind one queue
-    assert isinstance(logger, AuditFanout) and len(logger.sinks) == 3
+    logger = audit._core  # the three backends sit behind one queue
+    assert isinstance(logger, AuditWriter) and len(logger.sinks) == 3
     assert audit.log == logger.log  # no Python frame per event
     for i in range(200):
         assert audit.log(
@@ -85,9 +85,9 @@ async def test_one_rendering_feeds_file_sqlite_and_http_with_the_same_record(
     assert stats["enqueued"] == 200 and stats["written"] == 600  # one event, three backends
     assert stats["dropped"] == 0 and stats["failed"] == 0 and stats["shipped"] == 200
     assert [s.stats()["written"] for s in logger.sinks] == [200, 200, 200]
-    books = audit.backend_stats()
-    assert [books[k]["written"] for k in ("jsonl", "sqlite", "http")] == [200, 200, 200]
-    assert books["http"]["shipped"] == 200 and books["http"]["spool_dropped"] == 0
+    per_backend = audit.backend_stats()
+    assert [per_backend[k]["written"] for k in ("jsonl", "sqlite", "http")] == [200, 200, 200]
+    assert per_backend["http"]["shipped"] == 200 and per_backend["http"]["spool_dropped"] == 0
     for path in (tmp_path / "audit.jsonl", tmp_path / "audit.db", *(tmp_path / "spool").iterdir()):
         assert b"hunter2" not in path.read_bytes() and b"t0k" not in path.read_bytes()
 
@@ -127,16 +127,21 @@ def test_a_paused_spool_skips_only_its_own_copy(
     assert not any(k.startswith("late") for k in shipped)
 
 
-def test_fanout_checks_its_input_like_a_writer(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="at least one"):
-        AuditFanout([])
+def test_a_writer_over_several_sinks_checks_its_input(tmp_path: Path) -> None:
+    nothing = AuditWriter.of_sinks([])  # observers only: records nothing, never fails
+    seen: list[tuple[object, ...]] = []
+    nothing.add_observer(lambda *fields: seen.append(fields) or True)
+    assert nothing.log("ok", "k") and seen[0][:2] == ("ok", "k")
+    assert nothing.healthy() and nothing.path == "" and nothing.kind == "none"
+    nothing.flush()
+    nothing.close()
     a = AuditSink.jsonl(tmp_path / "a.jsonl")
     b = AuditSink.sqlite(tmp_path / "b.db")
-    with pytest.raises(ValueError, match="not part of an AuditFanout"):
+    with pytest.raises(ValueError, match="not given to an AuditWriter yet"):
         a.stats()
-    fan = AuditFanout([a, b])
-    with pytest.raises(ValueError, match="already belongs to an AuditFanout"):
-        AuditFanout([a])
+    fan = AuditWriter.of_sinks([a, b])
+    with pytest.raises(ValueError, match="already belongs to an AuditWriter"):
+        AuditWriter.of_sinks([a])
     with pytest.raises(ValueError, match="unknown audit status"):
         fan.log("nope", "k", "n", "t", [], 0.0)
     with pytest.raises(TypeError, match="scopes must be"):
@@ -177,11 +182,11 @@ def test_one_failing_backend_does_not_stop_the_others(tmp_path: Path) -> None:
     assert not audit.healthy()  # the file backend failed its last write
     stats = audit.stats()
     assert stats["failed"] == 10 and stats["written"] == 10 and stats["write_errors"] >= 1
-    file_sink, db_sink = audit._loggers[0].sinks
+    file_sink, db_sink = audit._core.sinks
     assert "No space left" in (file_sink.last_error() or "")
     assert db_sink.healthy() and db_sink.stats()["written"] == 10
-    books = audit.backend_stats()
-    assert books["jsonl"]["failed"] == 10 and books["sqlite"] == {
+    per_backend = audit.backend_stats()
+    assert per_backend["jsonl"]["failed"] == 10 and per_backend["sqlite"] == {
         "written": 10, "failed": 0, "write_errors": 0, "paused_dropped": 0}  # fmt: skip
     assert audit.log("ok", key_id="late")
     rows = asyncio.run(audit.query(limit=100))  # the file's failure does not block SQLite

@@ -36,10 +36,15 @@ _info, _token = _manager.create("property")
 @given(st.one_of(st.text(max_size=200), st.text(max_size=20).map(lambda s: "fmg_sk_" + s)))
 def test_token_parser_never_crashes(text: str) -> None:
     result = token_key_id(text)
-    # Only a well-formed token names a key id, and it is the token's own kid part.
-    assert result is None or (
-        text.startswith("fmg_sk_") and result.startswith("fmg_key_")
-        and text[len("fmg_sk_"):].startswith(result[len("fmg_key_"):])
+    if result is None:
+        return
+    # What names a key id is a token, a key id or a bare id, and the id is its own part:
+    # nothing is invented, and a token's secret never leaks into it.
+    assert result.startswith("fmg_key_") and len(result) == len("fmg_key_") + 16
+    kid, given = result[len("fmg_key_"):], text.strip()
+    assert given in (kid, result) or (
+        given.startswith("fmg_sk_") and given[len("fmg_sk_"):].startswith(kid)
+        and given[len("fmg_sk_") + 16:][:1] in ("", "_")
     )  # fmt: skip
 
 

@@ -75,7 +75,7 @@ def test_a_flood_writes_bounded_lines_counts_every_attempt_and_still_verifies(
     audit = AuditLog(backend=[FileBackend(path, chain_key=CHAIN_KEY),
                               SQLiteBackend(tmp_path / "audit.db")])  # fmt: skip
     metrics = GuardMetrics()
-    audit._add_target(metrics)  # as Guard(metrics=True) does
+    audit.add_observer(metrics)  # as Guard(metrics=True) does
     n = 20_000
     per_status = flood(audit, n)
     audit.close()
@@ -171,7 +171,7 @@ def test_every_string_of_a_refusal_is_cut_in_the_core(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     writer = AuditWriter(str(path), refusal_burst=1)
     seen: list[tuple[Any, ...]] = []
-    writer.add_tap(lambda *fields: seen.append(fields) or True)
+    writer.add_observer(lambda *fields: seen.append(fields) or True)
     huge = '"\\\x01' * 20_000  # each character escaped when written: 2, 2 and 6 bytes
     extra = {"path": huge, huge: "key", "headers": {"x": "y" * 60_000}, "n": 10**700}
     for _ in range(2):  # one written line, one summary
@@ -257,7 +257,8 @@ def test_the_writer_thread_writes_the_summary_when_the_interval_ends(tmp_path: P
 
 def test_without_a_written_backend_every_refusal_goes_to_the_targets() -> None:
     metrics = GuardMetrics()
-    audit = AuditLog._of_targets([metrics])  # what Guard(metrics=True) builds without a log
+    # What Guard(metrics=True) builds without a log.
+    audit = AuditLog(backend=[], observers=[metrics], log_inputs=False, log_outputs=False)
     for _ in range(30):
         assert audit.log_refusal("unauthorized", client_ip="192.0.2.7", reason="missing_token")
     assert 'fastmcp_guard_decisions_total{status="unauthorized",tool=""} 30' in metrics.render()

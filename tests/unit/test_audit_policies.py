@@ -237,9 +237,9 @@ async def test_fail_closed_refuses_when_the_writer_is_closed(tmp_path: Path) -> 
 def test_the_rust_log_path_applies_the_same_choices_as_the_python_one(
     tmp_path: Path, log_inputs: bool, log_outputs: bool, chars: int
 ) -> None:
-    """With a backend the core writes, ``AuditLog.log`` is the core's method and Python
-    targets are taps it calls; without one (OTel alone) it is the Python method. The
-    file, a tap and a Python-path target all see the same recorded fields."""
+    """``AuditLog.log`` is the core writer's method whatever the backends (OTel alone too:
+    a writer with no sink); observers are called by it. The file and an observer of a
+    log with or without a written backend all see the same recorded fields."""
     opts: dict[str, Any] = {"log_inputs": log_inputs, "log_outputs": log_outputs,
                             "output_preview_chars": chars}  # fmt: skip
 
@@ -262,10 +262,10 @@ def test_the_rust_log_path_applies_the_same_choices_as_the_python_one(
     rust = AuditLog(backend=FileBackend(tmp_path / "a.jsonl"), **opts)
     python = AuditLog(backend="otel", **opts)
     tap, target = Collector(), Collector()
-    rust._add_target(tap)
-    python._add_target(target)
-    assert type(rust.log).__name__ == "builtin_function_or_method"  # no Python frame
-    assert type(python.log).__name__ == "method"
+    rust.add_observer(tap)
+    python.add_observer(target)
+    for log in (rust, python):
+        assert type(log.log).__name__ == "builtin_function_or_method"  # no Python frame
     for log in (rust, python):
         assert log.log("ok", key_id="k", tool="t", scopes=["s"], input_args={"a": 1},
                        output_preview="héllo wörld", metadata={"m": 2})  # fmt: skip
@@ -285,17 +285,17 @@ def test_the_rust_log_path_applies_the_same_choices_as_the_python_one(
         rust.log_inputs = not log_inputs  # type: ignore[misc]  # fixed at construction
 
 
-def test_a_tap_that_raises_or_refuses_is_not_hidden(tmp_path: Path) -> None:
+def test_an_observer_that_raises_or_refuses_is_not_hidden(tmp_path: Path) -> None:
     w = AuditWriter(str(tmp_path / "a.jsonl"))
-    w.add_tap(lambda *f: False)
+    w.add_observer(lambda *f: False)
     assert w.log("ok") is False  # queued, but a target refused: not all recorded
     w2 = AuditWriter(str(tmp_path / "b.jsonl"))
 
     def boom(*fields: Any) -> bool:
-        raise RuntimeError("tap failed")
+        raise RuntimeError("observer failed")
 
-    w2.add_tap(boom)
-    with pytest.raises(RuntimeError, match="tap failed"):
+    w2.add_observer(boom)
+    with pytest.raises(RuntimeError, match="observer failed"):
         w2.log("ok")
     w.close()
     w2.close()

@@ -13,8 +13,10 @@ Refusals made before there is an identity go through :meth:`AuditLog.log_refusal
 which aggregates a flood into one summary event per client address (an IPv6 /64),
 status and reason per minute, with a ``count``: a flood costs counts, not disk.
 
-The request path only enqueues (about a microsecond); a Rust thread batches the
-events into the file and flushes at most ``flush_interval_ms`` later, on
+The request path turns the call into one event (the policy applied, tool arguments
+rendered as JSON once) and enqueues it (about a microsecond); a Rust thread renders and
+writes each batch to every backend (lines for a file, columns for SQLite) and flushes
+at most ``flush_interval_ms`` later, on
 :meth:`AuditLog.close`, and at interpreter exit. What happens when events cannot be
 recorded (queue full, disk full, file unwritable) is the ``on_failure`` policy of
 :class:`AuditLog`: ``drop`` (default: counted in ``stats()``, and a warning on the
@@ -44,7 +46,7 @@ from typing import Any, Literal
 
 import anyio.to_thread
 
-from fastmcp_guard._core import AuditFanout, AuditSink, AuditWriter, audit_query
+from fastmcp_guard._core import AuditSink, AuditWriter, audit_query
 from fastmcp_guard.audit.http import HttpBackend
 from fastmcp_guard.audit.otel import OTelBackend
 from fastmcp_guard.errors import (
@@ -152,6 +154,11 @@ class AuditLog:
             ``"fail_closed"``: the guard refuses calls (an MCP error "audit log
             unavailable") while :meth:`healthy` is false: the last batch failed to be
             written, or the queue is full.
+        observers: objects whose ``log(*fields)`` is also called with every event, as
+            recorded (after ``log_inputs`` / ``log_outputs``), in :meth:`log`'s
+            positional order, and which :meth:`flush`, :meth:`close`, :meth:`stats` and
+            :meth:`healthy` include (the guard's metrics). With observers, ``backend``
+            may be ``[]``: then nothing is written.
 
     The file is opened here, so a missing directory, an unwritable path or (for SQLite)
     a file that is not an audit database fails at construction with
@@ -172,10 +179,13 @@ class AuditLog:
         refusal_burst: int = 5,
         refusal_interval_s: float = 60.0,
         refusal_max_groups: int = 1024,
+        observers: Sequence[Any] = (),
     ) -> None:
         specs = list(backend) if isinstance(backend, (list, tuple)) else [backend]
-        if not specs:
-            raise ConfigError("AuditLog(backend=[]) needs at least one backend")
+        if not specs and not observers:
+            raise ConfigError(
+                "AuditLog(backend=[]) needs at least one backend (or observers=[...])"
+            )
         resolved = [_resolve_backend(b, path, url) for b in specs]
         kinds = [type(b) for b in resolved]
         if len(set(kinds)) != len(kinds):
@@ -188,13 +198,14 @@ class AuditLog:
             )
         if isinstance(redact, str):
             raise ConfigError(f"redact must be a list of patterns, got the string {redact!r}")
-        self._refusals = _refusal_options(refusal_burst, refusal_interval_s, refusal_max_groups)
+        refusals = _refusal_options(refusal_burst, refusal_interval_s, refusal_max_groups)
         for b in resolved:
             _check_backend(b)
         #: The first file / SQLite backend (what :attr:`path`, :meth:`query` and the CLI
         #: read), or the only backend.
-        self.backend: Backend = next(
-            (b for b in resolved if isinstance(b, (FileBackend, SQLiteBackend))), resolved[0]
+        self.backend: Backend | tuple[()] = next(
+            (b for b in resolved if isinstance(b, (FileBackend, SQLiteBackend))),
+            resolved[0] if resolved else (),
         )
         self.backends: tuple[Backend, ...] = tuple(resolved)
         self._log_inputs = log_inputs
@@ -204,121 +215,79 @@ class AuditLog:
         self.on_failure: OnFailure = on_failure
         #: ``on_failure == "fail_closed"``: the middleware asks :meth:`healthy` first.
         self.fail_closed = on_failure == "fail_closed"
-        #: The first file / SQLite backend's writer (an AuditWriter, or its AuditSink in a
-        #: fan-out): :attr:`path` and :attr:`writer`.
-        self._writer: Any = None
-        #: The SQLite backend's writer (what :meth:`query` reads), if there is one.
-        self._sqlite: Any = None
+        #: The first file / SQLite backend's sink: :attr:`path` and :attr:`writer`.
+        self._writer: AuditSink | None = None
+        #: The SQLite backend's sink (what :meth:`query` reads), if there is one.
+        self._sqlite: AuditSink | None = None
+        #: Per backend kind, what reports its own counters (see :meth:`backend_stats`).
+        self._backend_stats_from: dict[str, list[Any]] = {}
+        #: What :meth:`flush`, :meth:`close`, :meth:`stats` and :meth:`healthy` visit: the
+        #: core writer first, then the HTTP shipper, the OTel emitter and the observers.
         self._targets: list[Any] = []
-        self._open(resolved)
-        for target in self._targets:
-            if isinstance(target, (AuditWriter, AuditFanout)):
-                # Flush at interpreter exit without keeping the log alive.
-                atexit.register(_close_at_exit, weakref.ref(target))
+        self._core = self._open(resolved, refusals)
+        for observer in observers:
+            self.add_observer(observer)
+        # Flush at interpreter exit without keeping the log alive.
+        atexit.register(_close_at_exit, weakref.ref(self._core))
+        # ``log`` *is* the core's method: no Python frame per event.
+        self.log = self._core.log  # type: ignore[method-assign]
+        self.log_refusal = self._core.log_refusal  # type: ignore[method-assign]
 
-    def _open(self, backends: list[Backend]) -> None:
-        """Open every backend. The ones the Rust core writes (file, SQLite, the HTTP spool)
-        share one queue and one writer thread when there are several (an
-        :class:`AuditFanout`): the request path then pays one enqueue whatever their
-        number. The OTel backend is a tap of that writer (called after each enqueue), or
-        the only target when nothing else is configured."""
+    def _open(self, backends: list[Backend], refusals: dict[str, int]) -> AuditWriter:
+        """Open every backend and the one core writer over them: file, SQLite and the HTTP
+        spool are its sinks (one queue and one writer thread whatever their number); the
+        OTel backend is an observer of it. Backends opened before a failure are closed."""
         written = [b for b in backends if not isinstance(b, OTelBackend)]
-        common: dict[str, Any] = {
-            "redact": list(self.redact) or None,
-            "on_full": "block" if self.on_failure == "block" else "drop",
-            "block_ms": _BLOCK_MS,
-            "log_inputs": self.log_inputs,
-            "log_outputs": self.log_outputs,
-            "output_preview_chars": self.output_preview_chars,
-            **self._refusals,
-        }
         opened: list[Any] = []  # closed again if a later one fails
-        loggers: list[Any] = []  # what log() calls
-        #: Per backend kind, what reports its own books (see :meth:`backend_stats`).
-        self._books: dict[str, list[Any]] = {}
+        sinks: list[AuditSink] = []
+        shippers: list[Any] = []
         try:
-            if len(written) > 1:
-                sinks, shippers = [], []
-                for b in written:
-                    if isinstance(b, HttpBackend):
-                        from fastmcp_guard.audit.http import HttpShipper
-
-                        shipper = HttpShipper(b, on_failure=self.on_failure, shared=True)
-                        opened.append(shipper)
-                        shippers.append(shipper)
-                        sinks.append(shipper.writer)
-                        self._books["http"] = [shipper.writer, shipper]
-                    else:
-                        sinks.append(_open_sink(b))
-                        self._books[_kind(b)] = [sinks[-1]]
-                        if isinstance(b, SQLiteBackend):
-                            self._sqlite = sinks[-1]
-                        self._writer = self._writer or sinks[-1]
-                fanout = _options_error(lambda: AuditFanout(
-                    sinks,
-                    queue_capacity=max(b.queue_capacity for b in written),
-                    flush_interval_ms=min(b.flush_interval_ms for b in written),
-                    **common,
-                ))  # fmt: skip
-                opened.insert(0, fanout)  # closed first: shippers then drain their spool
-                loggers.append(fanout)
-                for shipper in shippers:
-                    shipper.start()
-            elif written:
-                b = written[0]
+            for b in written:
                 if isinstance(b, HttpBackend):
                     from fastmcp_guard.audit.http import HttpShipper
 
-                    shipper = HttpShipper(b, on_failure=self.on_failure, **common)
+                    shipper = HttpShipper(b, on_failure=self.on_failure, shared=True)
                     opened.append(shipper)
-                    loggers.append(shipper.writer)
-                    self._books["http"] = [shipper]
+                    shippers.append(shipper)
+                    sinks.append(shipper.writer)
+                    self._backend_stats_from["http"] = [shipper.writer, shipper]
                 else:
-                    writer = _open_writer(b, common)
-                    opened.append(writer)
-                    loggers.append(writer)
-                    self._books[_kind(b)] = [writer]
-                    self._writer = writer
+                    sinks.append(_open_sink(b))
+                    self._backend_stats_from[_kind(b)] = [sinks[-1]]
                     if isinstance(b, SQLiteBackend):
-                        self._sqlite = writer
+                        self._sqlite = sinks[-1]
+                    self._writer = self._writer or sinks[-1]
+            core = _options_error(lambda: AuditWriter.of_sinks(
+                sinks,
+                queue_capacity=max((b.queue_capacity for b in written), default=65536),
+                flush_interval_ms=min((b.flush_interval_ms for b in written), default=100),
+                redact=list(self.redact) or None,
+                on_full="block" if self.on_failure == "block" else "drop",
+                block_ms=_BLOCK_MS,
+                log_inputs=self.log_inputs,
+                log_outputs=self.log_outputs,
+                output_preview_chars=self.output_preview_chars,
+                **refusals,
+            ))  # fmt: skip
+            opened.insert(0, core)  # closed first: shippers then drain their spool
+            for shipper in shippers:
+                shipper.start()
             for b in backends:
                 if isinstance(b, OTelBackend):
                     from fastmcp_guard.audit.otel import OTelEmitter
 
-                    opened.append(OTelEmitter(b, redact=self.redact))
-                    self._books["otel"] = [opened[-1]]
-                    if loggers:  # the core's writer calls it after each enqueue
-                        loggers[0].add_tap(opened[-1].log)
-                    else:
-                        loggers.append(opened[-1])
+                    emitter = OTelEmitter(b, redact=self.redact)
+                    opened.append(emitter)
+                    self._backend_stats_from["otel"] = [emitter]
+                    core.add_observer(emitter.log)  # called by the core after each enqueue
         except BaseException:
             for target in opened:
                 target.close()
             raise
         self._targets = opened
-        self._loggers = loggers
-        self._route()
+        return core
 
-    @classmethod
-    def _of_targets(cls, targets: list[Any]) -> AuditLog:
-        """A log with no backend of its own, feeding only ``targets`` (the guard's metrics
-        when no audit log is configured): inputs and outputs are not collected."""
-        log = cls.__new__(cls)
-        log.backend = log.backends = ()  # type: ignore[assignment]
-        log._log_inputs = log._log_outputs = False
-        log._preview_chars = 0
-        log._redact = ()
-        log.on_failure = "drop"
-        log.fail_closed = False
-        log._writer = log._sqlite = None
-        log._books = {}
-        log._refusals = _refusal_options(5, 60.0, 1024)
-        log._targets = list(targets)
-        log._loggers = list(targets)
-        log._route()
-        return log
-
-    # Fixed at construction: the Rust writers apply them too.
+    # Fixed at construction: the core writer applies them.
     @property
     def log_inputs(self) -> bool:
         """Whether tool arguments are recorded."""
@@ -339,39 +308,17 @@ class AuditLog:
         """The ``redact=`` patterns."""
         return self._redact
 
-    def _add_target(self, target: Any) -> None:
-        """Also send every event to ``target`` (the guard's metrics)."""
-        self._targets.append(target)
-        if self._loggers and isinstance(self._loggers[0], (AuditWriter, AuditFanout)):
-            self._loggers[0].add_tap(target.log)  # called by the core after each enqueue
-        else:
-            self._loggers.append(target)
-        self._route()
-
-    def _route(self) -> None:
-        """Point ``log`` at the cheapest path. With a backend the Rust core writes,
-        ``log`` *is* the core's method (its :class:`AuditWriter` or :class:`AuditFanout`
-        applies ``log_inputs``, ``log_outputs`` and the preview length, then calls the
-        Python targets, OTel and metrics, as taps): no Python frame per event. Without
-        one (OTel or metrics alone) the method below does that and fans out."""
-        self.__dict__.pop("log", None)
-        self.__dict__.pop("log_refusal", None)
-        if len(self._loggers) == 1 and isinstance(self._loggers[0], (AuditWriter, AuditFanout)):
-            self.log = self._loggers[0].log  # type: ignore[method-assign]
-            self.log_refusal = self._loggers[0].log_refusal  # type: ignore[method-assign]
-        self._log = self._loggers[0].log if len(self._loggers) == 1 else self._fan_out
-
-    def _fan_out(self, *fields: Any) -> bool:
-        ok = True
-        for logger in self._loggers:
-            ok = logger.log(*fields) and ok
-        return ok
+    def add_observer(self, observer: Any) -> None:
+        """Also call ``observer.log(*fields)`` with every event, as recorded (see
+        ``observers=``); :meth:`flush`, :meth:`close`, :meth:`stats` and :meth:`healthy`
+        include it."""
+        self._targets.append(observer)
+        self._core.add_observer(observer.log)  # called by the core after each enqueue
 
     @property
-    def writer(self) -> AuditWriter | AuditSink:
-        """The Rust writer of the (first) file / SQLite backend: an :class:`AuditWriter`,
-        or in a log with several written backends that backend's :class:`AuditSink`
-        (its own books; the queue is the fan-out's)."""
+    def writer(self) -> AuditSink:
+        """The (first) file / SQLite backend's :class:`AuditSink`: its own counters (the queue
+        is the log's one writer's)."""
         if self._writer is None:
             raise ConfigError(f"this audit log writes no file ({self.backends!r})")
         return self._writer
@@ -396,17 +343,13 @@ class AuditLog:
         metadata: Any = None,
         extra: dict[str, Any] | None = None,
     ) -> bool:
-        """Enqueue one event (applies ``log_inputs`` / ``log_outputs`` and the preview
-        length); ``False`` if it was dropped. Keyword or positional (in this order: the
-        middleware passes them positionally, the cheapest call). When every backend is
-        written by the Rust core this is the core's own method (see :meth:`_route`)."""
-        if not self.log_inputs:
-            input_args = None
-        if not self.log_outputs:
-            output_preview = None
-        elif output_preview is not None:
-            output_preview = output_preview[: self.output_preview_chars]
-        return self._log(
+        """Enqueue one event for every backend (applies ``log_inputs`` / ``log_outputs``
+        and the preview length) and give it to the observers; ``False`` if it was
+        dropped. Keyword or positional (in this order: the middleware passes them
+        positionally, the cheapest call). Each instance's ``log`` is the core writer's
+        own method (:class:`~fastmcp_guard._core.AuditWriter`); this one only serves
+        calls through the class."""
+        return self._core.log(
             status, key_id, key_name, tool, scopes, duration_ms, error,
             input_args, output_preview, client_ip, metadata, extra,
         )  # fmt: skip
@@ -439,12 +382,12 @@ class AuditLog:
         summaries equal the refusals logged. Targets that count (the guard's metrics)
         see every refusal. ``key_id`` is the key id the token claimed (a real key's).
 
-        ``False`` only if the refusal was lost (queue full, log closed). When every
-        backend is written by the Rust core this is the core's own method.
+        ``False`` only if the refusal was lost (queue full, log closed). Each instance's
+        ``log_refusal`` is the core writer's own method.
         """
-        fields = {"reason": reason, **{k: v for k, v in (extra or {}).items() if k != "reason"}}
-        return self._log(status, key_id, "", "", (), 0.0, error, None, None, client_ip, None,
-                         fields)  # fmt: skip
+        return self._core.log_refusal(
+            status, client_ip=client_ip, reason=reason, key_id=key_id, error=error, extra=extra
+        )
 
     async def write(self, record: Any) -> None:
         """fastmcp-guard 0.2 API: write a record object or dict with the event fields."""
@@ -540,12 +483,12 @@ class AuditLog:
         return total
 
     def backend_stats(self) -> dict[str, dict[str, int]]:
-        """Each backend's own books, by kind (``jsonl``, ``sqlite``, ``http``, ``otel``):
+        """Each backend's own counters, by kind (``jsonl``, ``sqlite``, ``http``, ``otel``):
         ``written``, ``failed``, ``write_errors``, ``paused_dropped`` of what the core
         writes; the HTTP shipper's ``shipped``, ``retries``, ``spooled_bytes``...; the
         OTel backend's ``otel_events``."""
         out: dict[str, dict[str, int]] = {}
-        for kind, parts in self._books.items():
+        for kind, parts in self._backend_stats_from.items():
             merged: dict[str, int] = {}
             for part in parts:
                 merged.update(part.stats())
@@ -677,21 +620,8 @@ def _options_error(make: Any) -> Any:
         raise ConfigError(f"audit log options: {exc}") from None
 
 
-def _open_writer(backend: FileBackend | SQLiteBackend, common: dict[str, Any]) -> AuditWriter:
-    """The Rust writer (queue + thread) of a log with one file or SQLite backend."""
-    opts = {"queue_capacity": backend.queue_capacity,
-            "flush_interval_ms": backend.flush_interval_ms, **common}  # fmt: skip
-    if isinstance(backend, SQLiteBackend):
-        return _options_error(lambda: AuditWriter.sqlite(
-            os.fspath(backend.path), retention_days=backend.retention_days, **opts))  # fmt: skip
-    return _options_error(lambda: AuditWriter(
-        os.fspath(backend.path), rotate_bytes=backend.rotate_bytes,
-        rotate_daily=backend.rotate_daily, retention=backend.retention, chain=backend.chain,
-        chain_key=backend.chain_key, **opts))  # fmt: skip
-
-
 def _open_sink(backend: FileBackend | SQLiteBackend) -> AuditSink:
-    """A file or SQLite backend for a fan-out (opened now: a bad path fails here)."""
+    """A file or SQLite backend's sink (opened now: a bad path fails here)."""
     if isinstance(backend, SQLiteBackend):
         return _options_error(lambda: AuditSink.sqlite(
             os.fspath(backend.path), retention_days=backend.retention_days))  # fmt: skip

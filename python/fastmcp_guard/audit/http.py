@@ -223,9 +223,9 @@ class HttpShipper:
     """The audit target of an :class:`HttpBackend`: spool writer plus shipper thread
     (``log`` / ``flush`` / ``close`` / ``stats`` / ``healthy``, as ``AuditWriter``).
 
-    With ``shared=True`` the spool is an :class:`AuditSink` for an :class:`AuditFanout`
-    (one queue for every backend of the log): give :attr:`writer` to the fan-out, then
-    call :meth:`start`. Otherwise the spool has its own :class:`AuditWriter` (built with
+    With ``shared=True`` the spool is an :class:`AuditSink` for the audit log's one
+    :class:`AuditWriter` (one queue for every backend of the log): give :attr:`writer` to
+    ``AuditWriter.of_sinks``, then call :meth:`start`. Otherwise the spool has its own :class:`AuditWriter` (built with
     ``writer_options``: ``redact``, ``log_inputs``...) and shipping starts at once."""
 
     def __init__(
@@ -309,8 +309,8 @@ class HttpShipper:
             self.start()
 
     def start(self) -> None:
-        """Start shipping (once the spool's writer runs: a shared one belongs to a
-        fan-out by now)."""
+        """Start shipping (once the spool's writer runs: a shared sink belongs to the
+        log's writer by now)."""
         self._refresh_size()
         self._thread.start()
         atexit.register(_close_at_exit, weakref.ref(self))
@@ -324,16 +324,16 @@ class HttpShipper:
 
     @property
     def writer(self) -> AuditWriter | AuditSink:
-        """The spool's writer, or its sink in a fan-out. It is paused while the spool is
+        """The spool's writer, or its sink in the log's writer. It is paused while the spool is
         over ``spool_max_bytes``: events are then dropped and counted (``spool_dropped``),
         with a warning at most every 10 s."""
         return self._writer
 
     def log(self, *fields: Any) -> bool:
         """Spool one event (``AuditWriter.log``'s positional order); ``False`` if dropped.
-        Not in a fan-out: the fan-out's ``log`` feeds the spool there."""
+        Standalone only: a shared spool is fed by the log's writer."""
         if isinstance(self._writer, AuditSink):
-            raise TypeError("this spool is fed by its AuditFanout: log through the fan-out")
+            raise TypeError("this spool is fed by its audit log's writer: log through it")
         return self._writer.log(*fields)
 
     def flush(self) -> None:
@@ -365,7 +365,7 @@ class HttpShipper:
         """The spool writer's counters plus ``spooled_bytes`` (unsent), ``shipped``
         (events acknowledged), ``batches``, ``retries``, ``http_errors``, ``malformed``
         (unparsable spool lines skipped) and ``dropped`` (including spool-limit drops)."""
-        # In a fan-out the writer's counters are the fan-out's: only the spool's own here.
+        # Shared, the writer's counters are the log's: only the spool's own here.
         spool = dict(self._writer.stats())
         out = {} if self._shared else spool
         out["spool_dropped"] = spool.pop("paused_dropped", 0)

@@ -1,21 +1,19 @@
-//! One queue, several backends: [`FanSink`] writes every batch to each of its
-//! sinks (a JSONL file, `SQLite`, the HTTP spool...), so that an audit log with
-//! every backend on costs the request path one enqueue, as a single backend does.
+//! The writer's list of sinks: every batch goes to each sink of an [`AuditWriter`]
+//! (a JSONL file, `SQLite`, the HTTP spool...), so an audit log with every backend on
+//! costs the request path one enqueue, as a single backend does. A single sink is a
+//! list of one.
 //!
-//! The writer thread hands [`FanSink`] the batch as queued (lines rendered by the
-//! producer, or events). A JSONL sink gets the lines as one buffer, built once per
-//! batch and shared by every JSONL sink; an events sink (`SqliteSink`) gets the
-//! records and reads each line back into its columns.
+//! Each sink keeps its own counters in a [`SinkStats`]: written, failed, write errors,
+//! health and last error. One failing sink does not stop the others: an event counts
+//! as failed for the writer only when no sink recorded it; the sinks' counters say what
+//! each backend recorded.
 //!
-//! Each sink keeps its own books in a [`SlotStats`]: written, failed, write errors,
-//! health and last error. One failing sink does not stop the others, and does not
-//! make the batch count as failed for the writer: the writer's own counters then
-//! say what was *queued*, the slots what each backend *recorded*.
+//! A sink can be paused ([`SinkStats::pause`]): while it is, the batches written are
+//! not given to it and count in its `paused_dropped`. The pause is applied when a
+//! batch is written, so events queued just before the pause (within one flush
+//! interval) are dropped for that sink too.
 //!
-//! A slot can be paused ([`SlotStats::pause`]): while it is, the batches written
-//! are not given to that sink and count in its `paused_dropped`. The pause is
-//! applied when a batch is written, so events queued just before the pause
-//! (within one flush interval) are dropped for that sink too.
+//! [`AuditWriter`]: super::AuditWriter
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,11 +22,11 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::{write_line, AuditError, Batch, BatchFormat, LossClock, Record, Sink};
+use super::{AuditError, Batch, BatchFormat, LossClock, Sink};
 
-/// The books of one sink of a [`FanSink`], shared with the handles that report them.
+/// The counters of one sink of a writer, shared with the handles that report them.
 #[derive(Debug)]
-pub struct SlotStats {
+pub struct SinkStats {
     written: AtomicU64,
     failed: AtomicU64,
     write_errors: AtomicU64,
@@ -39,13 +37,13 @@ pub struct SlotStats {
     last_error: Mutex<Option<String>>,
     /// When `failed + paused_dropped` was last reported.
     losses: LossClock,
-    /// `failed` as of the last [`SlotStats::take_failure`].
+    /// `failed` as of the last [`SinkStats::take_failure`].
     failed_seen: AtomicU64,
 }
 
-impl Default for SlotStats {
+impl Default for SinkStats {
     fn default() -> Self {
-        SlotStats {
+        SinkStats {
             written: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
@@ -60,9 +58,9 @@ impl Default for SlotStats {
     }
 }
 
-/// A snapshot of a [`SlotStats`].
+/// A snapshot of a [`SinkStats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SlotCounts {
+pub struct SinkCounts {
     /// Events this sink recorded.
     pub written: u64,
     /// Events lost because a write to this sink failed.
@@ -73,9 +71,9 @@ pub struct SlotCounts {
     pub paused_dropped: u64,
 }
 
-/// What [`SlotStats::take_loss_report`] tells.
+/// What [`SinkStats::take_loss_report`] tells.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SlotLoss {
+pub struct SinkLoss {
     /// Events lost by this sink since the previous report.
     pub lost: u64,
     /// Of all losses so far: to failed writes.
@@ -88,11 +86,27 @@ pub struct SlotLoss {
     pub last_error: Option<String>,
 }
 
-impl SlotStats {
+impl SinkLoss {
+    /// The warning an operator reads, for the backend at `path`.
+    #[must_use]
+    pub fn describe(&self, path: &str) -> String {
+        format!(
+            "audit log {path}: {} event{} lost since the last warning ({} lost to failed \
+             writes in all; {} skipped while paused in all){}",
+            self.lost,
+            super::writer::plural(self.lost),
+            self.failed,
+            self.paused_dropped,
+            super::writer::loss_context(self.paused.as_deref(), self.last_error.as_deref()),
+        )
+    }
+}
+
+impl SinkStats {
     /// Current counters.
     #[must_use]
-    pub fn counts(&self) -> SlotCounts {
-        SlotCounts {
+    pub fn counts(&self) -> SinkCounts {
+        SinkCounts {
             written: self.written.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
             write_errors: self.write_errors.load(Ordering::Relaxed),
@@ -121,11 +135,11 @@ impl SlotStats {
 
     /// Events this sink lost since the previous report, at most one report per
     /// `interval`; `None` if nothing new was lost or the interval has not passed.
-    pub fn take_loss_report(&self, interval: Duration) -> Option<SlotLoss> {
+    pub fn take_loss_report(&self, interval: Duration) -> Option<SinkLoss> {
         let failed = self.failed.load(Ordering::Relaxed);
         let paused_dropped = self.paused_dropped.load(Ordering::Relaxed);
         let lost = self.losses.due(failed + paused_dropped, interval)?;
-        Some(SlotLoss {
+        Some(SinkLoss {
             lost,
             failed,
             paused_dropped,
@@ -156,84 +170,67 @@ impl SlotStats {
 struct Slot {
     sink: Box<dyn Sink>,
     format: BatchFormat,
-    stats: Arc<SlotStats>,
+    stats: Arc<SinkStats>,
 }
 
-/// A [`Sink`] that writes each batch to several sinks; see the module docs.
-pub struct FanSink {
+/// The sinks of one writer, in order, each with its counters.
+pub(super) struct SinkList {
     slots: Vec<Slot>,
-    /// The batch's lines, for the JSONL sinks (built once per batch).
-    lines: Vec<u8>,
 }
 
-impl std::fmt::Debug for FanSink {
+impl std::fmt::Debug for SinkList {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FanSink")
+        f.debug_struct("SinkList")
             .field("sinks", &self.slots.len())
             .finish_non_exhaustive()
     }
 }
 
-impl FanSink {
-    /// A fan-out over `sinks`, in order; returns it with each sink's books.
-    #[must_use]
-    pub fn new(sinks: Vec<Box<dyn Sink>>) -> (FanSink, Vec<Arc<SlotStats>>) {
+impl SinkList {
+    /// The list over `sinks` (at least one), and each sink's counters.
+    pub(super) fn new(sinks: Vec<Box<dyn Sink>>) -> (SinkList, Vec<Arc<SinkStats>>) {
         let slots: Vec<Slot> = sinks
             .into_iter()
             .map(|sink| Slot {
                 format: sink.format(),
                 sink,
-                stats: Arc::new(SlotStats::default()),
+                stats: Arc::new(SinkStats::default()),
             })
             .collect();
         let stats = slots.iter().map(|s| Arc::clone(&s.stats)).collect();
-        (
-            FanSink {
-                slots,
-                lines: Vec::new(),
-            },
-            stats,
-        )
-    }
-}
-
-/// Lowers the retained capacity of the shared line buffer after a huge batch.
-const LINES_RETAIN: usize = 8 << 20;
-
-impl Sink for FanSink {
-    fn format(&self) -> BatchFormat {
-        BatchFormat::Events
+        (SinkList { slots }, stats)
     }
 
-    fn write_batch(&mut self, batch: &Batch<'_>) -> io::Result<()> {
+    /// Whether some sink reads [`Batch::events`] / [`Batch::jsonl`].
+    pub(super) fn reads(&self, format: BatchFormat) -> bool {
+        self.slots.iter().any(|s| s.format == format)
+    }
+
+    /// Writes `batch` to every sink that is not paused, then flushes it; each sink's
+    /// outcome goes to its counters, and each error (or warning) to `on_error` too. `Err`
+    /// (the first sink's error) only when no sink recorded the batch: the events are
+    /// then lost.
+    pub(super) fn write_batch(
+        &mut self,
+        batch: &Batch<'_>,
+        mut on_error: impl FnMut(&AuditError),
+    ) -> Result<(), AuditError> {
         let n = batch.len() as u64;
-        let mut lines_ready = false;
+        let mut recorded = false;
+        let mut first_err = None;
         for slot in &mut self.slots {
             let st = &slot.stats;
             if st.paused.load(Ordering::Relaxed) {
                 st.paused_dropped.fetch_add(n, Ordering::Relaxed);
                 continue;
             }
-            let res = match slot.format {
-                BatchFormat::Events => slot.sink.write_batch(batch),
-                BatchFormat::Jsonl => {
-                    if !lines_ready {
-                        self.lines.clear();
-                        for record in batch.records() {
-                            match record {
-                                Record::Line(line) => self.lines.extend_from_slice(line),
-                                Record::Event(ev) => write_line(&mut self.lines, ev),
-                            }
-                        }
-                        lines_ready = true;
-                    }
-                    slot.sink
-                        .write_batch(&Batch::of_jsonl(&self.lines, batch.len()))
-                }
-            }
-            .and_then(|()| slot.sink.flush());
-            match res {
+            match slot
+                .sink
+                .write_batch(batch)
+                .and_then(|()| slot.sink.flush())
+            {
                 Ok(()) => {
+                    recorded = true;
                     st.written.fetch_add(n, Ordering::Relaxed);
                     if !st.sink_ok.load(Ordering::Relaxed) {
                         st.sink_ok.store(true, Ordering::Relaxed);
@@ -242,33 +239,35 @@ impl Sink for FanSink {
                 Err(source) => {
                     st.failed.fetch_add(n, Ordering::Relaxed);
                     st.sink_ok.store(false, Ordering::Relaxed);
-                    st.record_error(&AuditError::Write { source });
+                    let err = AuditError::Write { source };
+                    st.record_error(&err);
+                    on_error(&err);
+                    first_err.get_or_insert(err);
                 }
             }
             if let Some(warning) = slot.sink.take_warning() {
                 st.record_error(&warning);
+                on_error(&warning);
             }
         }
-        if self.lines.capacity() > LINES_RETAIN {
-            self.lines = Vec::new();
+        match first_err {
+            Some(err) if !recorded => Err(err),
+            _ => Ok(()),
         }
-        // Each sink's failures are in its own books; the queue did its part.
-        Ok(())
     }
 
-    fn flush(&mut self) -> io::Result<()> {
-        // Every sink was flushed after its write.
-        Ok(())
-    }
-
-    fn sync(&mut self) -> io::Result<()> {
+    /// Makes every sink's data durable (on close); the first error, each recorded in
+    /// its sink's counters and given to `on_error`.
+    pub(super) fn sync(&mut self, mut on_error: impl FnMut(&AuditError)) -> Result<(), AuditError> {
         let mut first = Ok(());
         for slot in &mut self.slots {
             if let Err(source) = slot.sink.sync() {
                 let again = io::Error::new(source.kind(), source.to_string());
-                slot.stats.record_error(&AuditError::Sync { source });
+                let err = AuditError::Sync { source };
+                slot.stats.record_error(&err);
+                on_error(&err);
                 if first.is_ok() {
-                    first = Err(again);
+                    first = Err(AuditError::Sync { source: again });
                 }
             }
         }
@@ -284,6 +283,7 @@ mod tests {
         query, AuditEvent, AuditQuery, AuditWriter, JsonlFileSink, SqliteSink, Status,
         WriterOptions,
     };
+    use std::sync::atomic::AtomicU64;
 
     fn ev(i: usize) -> AuditEvent {
         AuditEvent::new(format!("k{i}"), "alice", "search", Status::Ok)
@@ -315,18 +315,17 @@ mod tests {
     fn every_sink_gets_every_event_from_one_queue() {
         let dir = tempfile::tempdir().unwrap();
         let (jsonl, db) = (dir.path().join("a.jsonl"), dir.path().join("a.db"));
-        let (fan, stats) = FanSink::new(vec![
-            Box::new(JsonlFileSink::open(&jsonl).unwrap()),
-            Box::new(SqliteSink::open(&db).unwrap()),
-        ]);
-        let w = AuditWriter::with_sink(fan, WriterOptions::default()).unwrap();
+        let w = AuditWriter::new(
+            vec![
+                Box::new(JsonlFileSink::open(&jsonl).unwrap()),
+                Box::new(SqliteSink::open(&db).unwrap()),
+            ],
+            WriterOptions::default(),
+        )
+        .unwrap();
+        let stats = w.sink_stats().to_vec();
         for i in 0..500 {
-            let ok = if i % 2 == 0 {
-                w.enqueue(ev(i))
-            } else {
-                w.enqueue_line(|buf| write_line(buf, &ev(i)))
-            };
-            assert!(ok);
+            assert!(w.enqueue(ev(i)));
         }
         w.close().unwrap();
         assert_eq!(
@@ -351,21 +350,25 @@ mod tests {
     fn one_failing_sink_loses_only_its_copy_and_says_so() {
         let fail = Arc::new(AtomicBool::new(true));
         let (good, bad) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let (fan, stats) = FanSink::new(vec![
-            Box::new(Flaky {
-                fail: Arc::new(AtomicBool::new(false)),
-                got: Arc::clone(&good),
-            }),
-            Box::new(Flaky {
-                fail: Arc::clone(&fail),
-                got: Arc::clone(&bad),
-            }),
-        ]);
-        let w = AuditWriter::with_sink(fan, WriterOptions::default()).unwrap();
+        let w = AuditWriter::new(
+            vec![
+                Box::new(Flaky {
+                    fail: Arc::new(AtomicBool::new(false)),
+                    got: Arc::clone(&good),
+                }),
+                Box::new(Flaky {
+                    fail: Arc::clone(&fail),
+                    got: Arc::clone(&bad),
+                }),
+            ],
+            WriterOptions::default(),
+        )
+        .unwrap();
+        let stats = w.sink_stats().to_vec();
         for i in 0..10 {
             assert!(w.enqueue(ev(i)));
         }
-        w.flush().unwrap(); // the writer itself saw no failure
+        w.flush().unwrap(); // another sink recorded them: the writer lost nothing
         assert!(w.healthy());
         assert!(stats[0].take_failure().is_none());
         let err = stats[1].take_failure().unwrap();
@@ -383,7 +386,7 @@ mod tests {
         assert_eq!(bad.load(Ordering::SeqCst), 1);
         assert_eq!(
             stats[1].counts(),
-            SlotCounts {
+            SinkCounts {
                 written: 1,
                 failed: 10,
                 write_errors: 1,
@@ -401,8 +404,8 @@ mod tests {
                 got: Arc::clone(got),
             })
         };
-        let (fan, stats) = FanSink::new(vec![sink(&a), sink(&b)]);
-        let w = AuditWriter::with_sink(fan, WriterOptions::default()).unwrap();
+        let w = AuditWriter::new(vec![sink(&a), sink(&b)], WriterOptions::default()).unwrap();
+        let stats = w.sink_stats().to_vec();
         stats[1].pause(Some("spool full".to_owned()));
         assert!(!stats[1].healthy());
         for i in 0..5 {
@@ -421,5 +424,44 @@ mod tests {
         w.close().unwrap();
         assert_eq!((a.load(Ordering::SeqCst), b.load(Ordering::SeqCst)), (6, 1));
         assert_eq!(stats[1].counts().paused_dropped, 5);
+    }
+
+    #[test]
+    fn a_sink_loss_says_how_many_and_why() {
+        let loss = SinkLoss {
+            lost: 5,
+            failed: 2,
+            paused_dropped: 3,
+            paused: Some("spool full".to_owned()),
+            last_error: None,
+        };
+        assert_eq!(
+            loss.describe("spool/"),
+            "audit log spool/: 5 events lost since the last warning (2 lost to failed writes \
+             in all; 3 skipped while paused in all); paused: spool full"
+        );
+    }
+
+    #[test]
+    fn an_event_no_sink_recorded_is_a_failure_of_the_writer() {
+        let fail = Arc::new(AtomicBool::new(true));
+        let flaky = || -> Box<dyn Sink> {
+            Box::new(Flaky {
+                fail: Arc::clone(&fail),
+                got: Arc::new(AtomicU64::new(0)),
+            })
+        };
+        let w = AuditWriter::new(vec![flaky(), flaky()], WriterOptions::default()).unwrap();
+        for i in 0..3 {
+            assert!(w.enqueue(ev(i)));
+        }
+        let err = w.flush().unwrap_err().to_string();
+        assert!(err.contains("disk on fire"), "{err}");
+        assert!(!w.healthy());
+        let st = w.stats();
+        assert_eq!((st.enqueued, st.written, st.failed), (3, 0, 3));
+        for s in w.sink_stats() {
+            assert_eq!(s.counts().failed, 3);
+        }
     }
 }
