@@ -842,7 +842,7 @@ class GuardConfig:
                 raw[name] = _Raw(value, labels.get(name, f"argument {name}"), base)
 
         # None is only ever a default ("not set"): arguments drop theirs, TOML has none.
-        parsed = {
+        parsed: dict[str, Any] = {
             name: None if item.value is None else _SETTINGS[name].parse(item, name)
             for name, item in raw.items()
         }
