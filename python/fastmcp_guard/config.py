@@ -18,6 +18,11 @@ fail at load with a :class:`InvalidSettingError` naming the setting and its sour
 Relative paths from a config file resolve against that file's directory; from the
 environment, arguments and defaults against the current directory.
 
+Each setting is one row of the table ``_SETTINGS`` (after the parsers): its description,
+parser, raw defaults per profile, and whether it is secret or concerns one kind of audit
+target. Most rows share a generic parser (a choice of words, a bounded integer, a list, a
+boolean); :meth:`GuardConfig.load` runs the same loop over every row.
+
 ```python
 config = GuardConfig.load(profile="embedded")
 config.source("keys")        # 'env FASTMCP_GUARD_KEYS'
@@ -36,10 +41,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from fastmcp_guard._util import MASK, mask_url
 from fastmcp_guard.errors import ConfigError
+
+# Why not pydantic-settings (2.16, installed with FastMCP)? Tried as a BaseSettings with
+# env_prefix, a TOML source and extra="forbid": it records no source per value (only
+# model_fields_set), resolves no path against its config file's directory, parses lists
+# from the environment as JSON (`10.0.0.1, ::1` fails), keeps a blank variable as a value,
+# ignores a misspelt FASTMCP_GUARD_* variable, takes "y"/"t" as booleans, and its errors
+# name neither the variable nor the file and echo the input (secrets included). Keeping
+# today's behaviour meant rewrapping every source and error: more code than it saves, and
+# importing pydantic-settings adds ~0.4 s to every CLI start. So: a table of settings and
+# generic parsers.
 
 if TYPE_CHECKING:
     from fastmcp_guard.audit import AuditLog, Backend
@@ -75,45 +90,6 @@ PYPROJECT_TABLE = ("tool", "fastmcp-guard")
 Profile = Literal["library", "embedded"]
 Transport = Literal["http", "stdio"]
 
-#: Every setting: file key -> one-line description. The env name is ``FASTMCP_GUARD_`` + upper.
-SETTINGS: dict[str, str] = {
-    "keys": "key store URL: memory://, sqlite:///rel.db, sqlite:////abs.db or a path",
-    "audit": "audit targets, comma-separated (a list in TOML): a path (*.db|*.sqlite|"
-    "*.sqlite3: SQLite, else JSONL), jsonl:///path, sqlite:///path, http(s)://host/path "
-    "(an HTTP endpoint; password masked), otel; or off",
-    "rate": "per-key rate limit, e.g. 100/minute (off: none)",
-    "global_rate": "global rate limit across all callers (off: none)",
-    "rate_backend": "where rate limits live: memory (per process) or redis (shared by a fleet)",
-    "rate_url": "Redis URL of the shared rate limiter, e.g. redis://:password@host:6379/0 "
-    "(rate_backend redis; secret parts masked)",
-    "rate_on_backend_error": "when Redis is unreachable: allow, deny or local "
-    "(in-process limits until it answers)",
-    "allow": "client addresses / CIDRs admitted (empty: everyone not denied)",
-    "deny": "client addresses / CIDRs refused",
-    "trusted_proxies": "proxies whose X-Forwarded-For is honoured",
-    "log_inputs": "record tool arguments in the audit log",
-    "log_outputs": "record a preview of tool results in the audit log",
-    "audit_redact": "key paths of tool arguments recorded as [redacted] (password, *.token)",
-    "audit_on_failure": "when audit events cannot be recorded: drop, block or fail_closed",
-    "audit_flush_interval_ms": "longest an audit event waits before it is written (ms)",
-    "audit_rotate_bytes": "rotate the JSONL audit log at this size (100MB, 1GiB, bytes; off)",
-    "audit_rotate_daily": "rotate the JSONL audit log every UTC day",
-    "audit_retention": "rotated JSONL audit files kept (off: all)",
-    "audit_chain_key": "key of the JSONL audit log's hash chain (secret)",
-    "audit_http_secret": "HMAC-SHA256 key signing the batches POSTed to an http(s) audit "
-    "target (secret)",
-    "audit_http_spool": "spool directory of an http(s) audit target (unsent events wait there)",
-    "audit_http_headers": "extra request headers of an http(s) audit target: 'Name: value' "
-    "pairs separated by ';' (a table in TOML; values secret)",
-    "audit_http_ca_file": "PEM file of the CAs trusted for an https:// audit target "
-    "(default: the system trust store)",
-    "url": "base URL of the running server (for the CLI's rate commands)",
-    "admin_key": "admin key the CLI presents to the running server (secret)",
-    "host": "address fastmcp-guard run listens on",
-    "port": "port fastmcp-guard run listens on",
-    "transport": "transport of fastmcp-guard run: http or stdio",
-}
-
 #: ``FASTMCP_GUARD_*`` variables that are not settings: name -> what it holds. With the
 #: settings' variables (``ENV_PREFIX`` + the upper-case setting name) these are every
 #: variable of the prefix the package reads; any other one fails :meth:`GuardConfig.load`
@@ -130,9 +106,6 @@ def known_env_names() -> frozenset[str]:
     return frozenset(ENV_PREFIX + name.upper() for name in SETTINGS) | frozenset(OTHER_ENV)
 
 
-_SECRET_SETTINGS = frozenset({"admin_key", "audit_chain_key", "audit_http_secret"})
-#: How an unset setting whose ``None`` is not "off" is shown.
-_UNSET = {"audit_http_ca_file": "(system trust store)"}
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _FLEET_SCHEMES = {"postgresql": "postgres", "postgres": "postgres", "redis": "redis",
                   "rediss": "redis"}  # fmt: skip
@@ -241,6 +214,524 @@ class SettingView:
     source: str
 
 
+# -- parsers: raw value -> typed value, or InvalidSettingError --------------------------
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """An unparsed value, where it came from, and the directory relative paths start at."""
+
+    value: Any
+    source: str
+    base: Path
+
+
+#: A parser takes the raw value and the setting's name (for its errors).
+_Parser = Callable[[_Raw, str], Any]
+
+
+def _str(item: _Raw, name: str) -> str:
+    if not isinstance(item.value, str):
+        raise InvalidSettingError(name, item.source, f"expected a string, got {item.value!r}")
+    text = item.value.strip()
+    if not text:
+        raise InvalidSettingError(name, item.source, "empty value")
+    return text
+
+
+def _path(text: str, base: Path) -> str:
+    """``text`` (``~`` expanded) as a normalised absolute path, relative ones from ``base``."""
+    return os.path.abspath(os.path.join(base, os.path.expanduser(text)))
+
+
+def _int_text(text: str) -> int | None:
+    """The value of ``text`` if it is a plain decimal integer of ASCII digits (at most 30:
+    larger ones are out of every bound anyway), else ``None``. ``str.isdigit`` would let
+    through digits ``int`` refuses (``"²"``)."""
+    text = text.strip()
+    if not 0 < len(text) <= 30 or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
+
+
+# Generic parsers: each call makes the parser of one kind of setting.
+
+
+def _choice(*words: str, expected: str | None = None) -> _Parser:
+    """One of ``words`` (any case); the error says ``expected <expected>``."""
+    expected = expected or ", ".join(map(repr, words[:-1])) + f" or {words[-1]!r}"
+
+    def parse(item: _Raw, name: str) -> str:
+        text = _str(item, name).lower()
+        if text not in words:
+            raise InvalidSettingError(name, item.source,
+                                      f"expected {expected}, got {item.value!r}")  # fmt: skip
+        return text
+
+    return parse
+
+
+def _integer(
+    low: int, high: int, error: str, *, off: bool = False, units: Mapping[str, int] | None = None
+) -> _Parser:
+    """An integer from ``low`` to ``high``: a TOML integer or a decimal string; ``off`` /
+    ``none`` give ``None`` if ``off``; with ``units`` a string is a number and a unit
+    (``100MB``; spaces and ``_`` ignored, ``off`` allowed). ``error`` is the message, with
+    ``{value!r}`` for the value given."""
+
+    def parse(item: _Raw, name: str) -> int | None:
+        value = item.value
+        number: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif units is not None:
+            text = _str(item, name).lower().replace(" ", "").replace("_", "")
+            if text in _OFF:
+                return None
+            digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+            count, unit = _int_text(digits), text[len(digits) :]
+            number = count * units[unit] if count is not None and unit in units else None
+        elif isinstance(value, str):
+            if off and value.strip().lower() in _OFF:
+                return None
+            number = _int_text(value)
+        if number is None or not low <= number <= high:
+            raise InvalidSettingError(name, item.source, error.format(value=value))
+        return number
+
+    return parse
+
+
+def _list(what: str, check: Callable[[list[str], _Raw, str], None]) -> _Parser:
+    """A list of strings: comma-separated (empty entries dropped) or a TOML array; each
+    entry stripped, then the whole list passed to ``check``."""
+
+    def parse(item: _Raw, name: str) -> tuple[str, ...]:
+        value = item.value
+        if isinstance(value, str):
+            entries = [e.strip() for e in value.split(",") if e.strip()]
+        elif isinstance(value, (list, tuple)) and all(isinstance(e, str) for e in value):
+            entries = [e.strip() for e in value]
+        else:
+            raise InvalidSettingError(
+                name, item.source, f"expected a list of {what}, got {value!r}"
+            )
+        check(entries, item, name)
+        return tuple(entries)
+
+    return parse
+
+
+def _parse_bool(item: _Raw, name: str) -> bool:
+    value = item.value
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+    raise InvalidSettingError(
+        name, item.source, f"expected a boolean (1/0, true/false, yes/no, on/off), got {value!r}"
+    )
+
+
+def _parse_secret(item: _Raw, name: str) -> str | None:
+    if not isinstance(item.value, str):  # do not show it: it is a secret
+        raise InvalidSettingError(name, item.source,
+                                  f"expected a string, got {type(item.value).__name__}")  # fmt: skip
+    return _str(item, name)
+
+
+def _parse_dir(item: _Raw, name: str) -> str:
+    return _path(_str(item, name), item.base)
+
+
+def _parse_host(item: _Raw, name: str) -> str:
+    text = _str(item, name)
+    if any(c.isspace() for c in text):
+        raise InvalidSettingError(name, item.source,
+                                  f"expected a host name or address, got {text!r}")  # fmt: skip
+    return text
+
+
+# Parsers of one setting each: URLs, targets, rates, addresses, headers.
+
+
+def _url_parts(text: str, item: _Raw, name: str, hint: str = "") -> SplitResult:
+    """``urlsplit(text)`` with its port checked (the error masks the URL's secrets)."""
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 - validates the port
+    except ValueError as exc:
+        raise InvalidSettingError(name, item.source, f"{mask_url(text)!r}: {exc}{hint}") from None
+    return parts
+
+
+def _sqlite_path(url: str, item: _Raw, name: str) -> str:
+    """The file of ``sqlite:///rel`` / ``sqlite:////abs`` (SQLAlchemy style)."""
+    rest = url.split("://", 1)[1]
+    if not rest.startswith("/"):
+        raise InvalidSettingError(
+            name, item.source,
+            f"{url!r} has a host part; write sqlite:///relative/path.db or "
+            "sqlite:////absolute/path.db",
+        )  # fmt: skip
+    if not rest[1:]:
+        raise InvalidSettingError(name, item.source, f"{url!r} names no file")
+    return _path(rest[1:], item.base)
+
+
+def _parse_keys(item: _Raw, name: str) -> KeysTarget:
+    text = _str(item, name)
+    if "://" not in text:
+        if text.lower() == "memory":
+            return KeysTarget("memory")
+        return KeysTarget("sqlite", path=_path(text, item.base))
+    scheme = text.split("://", 1)[0].lower()
+    if scheme == "memory":
+        if text.split("://", 1)[1] not in ("", "/"):
+            raise InvalidSettingError(name, item.source, f"{text!r}: memory:// takes no path")
+        return KeysTarget("memory")
+    if scheme == "sqlite":
+        return KeysTarget("sqlite", path=_sqlite_path(text, item, name))
+    if scheme in _FLEET_SCHEMES:
+        if not urlsplit(text).hostname:
+            raise InvalidSettingError(name, item.source, f"{mask_url(text)!r} names no host")
+        backend: Literal["postgres", "redis"] = (
+            "postgres" if _FLEET_SCHEMES[scheme] == "postgres" else "redis"
+        )
+        return KeysTarget(backend, dsn=text)
+    raise InvalidSettingError(
+        name, item.source,
+        f"unknown key store URL scheme {scheme + '://'!r} in {mask_url(text)!r}; expected "
+        "memory://, sqlite:///path.db, postgresql://..., redis://... or a file path",
+    )  # fmt: skip
+
+
+_AUDIT_EXAMPLE = "e.g. ./audit.jsonl,https://siem.example/ingest,otel"
+
+
+def _parse_audit(item: _Raw, name: str) -> tuple[AuditTarget, ...]:
+    """``off``, or one or more targets: comma-separated in a string, or a TOML array."""
+    value = item.value
+    if isinstance(value, str):
+        if value.strip().lower() in _OFF:
+            return ()
+        elements = value.split(",")
+    elif isinstance(value, (list, tuple)) and all(isinstance(e, str) for e in value):
+        elements = list(value)
+        if not elements:
+            raise InvalidSettingError(
+                name, item.source,
+                "an empty list; give at least one target, or write audit = \"off\"",
+            )  # fmt: skip
+    else:
+        raise InvalidSettingError(
+            name, item.source,
+            "expected a target or a list of targets (strings: paths, jsonl:///..., "
+            f"sqlite:///..., http(s)://..., otel), got {type(value).__name__}",
+        )  # fmt: skip
+    targets: list[AuditTarget] = []
+    for position, element in enumerate(elements, 1):
+        text = element.strip()
+        if not text:
+            raise InvalidSettingError(
+                name, item.source,
+                f"target {position} of {len(elements)} is empty (a doubled or trailing "
+                f"comma?); separate targets with single commas, {_AUDIT_EXAMPLE}",
+            )  # fmt: skip
+        if text.lower() in _OFF:
+            if len(elements) == 1:  # ["off"]
+                return ()
+            raise InvalidSettingError(
+                name, item.source,
+                f"{text!r} cannot be combined with other targets; write it alone to turn the "
+                "audit log off, or drop it from the list",
+            )  # fmt: skip
+        target = _audit_target(text, item, name)
+        same = next((t for t in targets if t.kind == target.kind), None)
+        if same is not None:
+            raise InvalidSettingError(
+                name, item.source,
+                f"two {target.kind} targets ({same.masked()!r} and {target.masked()!r}); "
+                "give at most one of each kind (jsonl, sqlite, http, otel)",
+            )  # fmt: skip
+        targets.append(target)
+    return tuple(targets)
+
+
+def _audit_target(text: str, item: _Raw, name: str) -> AuditTarget:
+    if text.lower() == "otel":
+        return AuditTarget("otel")
+    if "://" not in text:
+        path = _path(text, item.base)
+        kind: AuditKind = "sqlite" if path.lower().endswith(_SQLITE_SUFFIXES) else "jsonl"
+        return AuditTarget(kind, path)
+    scheme = text.split("://", 1)[0].lower()
+    if scheme in ("jsonl", "sqlite"):
+        return AuditTarget("sqlite" if scheme == "sqlite" else "jsonl",
+                           _sqlite_path(text, item, name))  # fmt: skip
+    if scheme in ("http", "https"):
+        parts = _url_parts(text, item, name,
+                           f"; write {scheme}://host[:port]/path with a port 1-65535")  # fmt: skip
+        if not parts.hostname:
+            raise InvalidSettingError(
+                name, item.source,
+                f"{mask_url(text)!r} names no host; write {scheme}://host[:port]/path",
+            )  # fmt: skip
+        return AuditTarget("http", endpoint=text)
+    raise InvalidSettingError(
+        name, item.source,
+        f"unknown audit target scheme {scheme + '://'!r} in {mask_url(text)!r}; expected a "
+        "path, jsonl:///path, sqlite:///path, http://host/path, https://host/path, otel "
+        "(no URL) or off",
+    )  # fmt: skip
+
+
+#: A header name: an RFC 9110 token.
+_HEADER_NAME = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+                         "ABCDEFGHIJKLMNOPQRSTUVWXYZ")  # fmt: skip
+_HEADERS_EXAMPLE = "Authorization: Bearer <token>; X-Tenant: acme"
+
+
+def _parse_headers(item: _Raw, name: str) -> tuple[tuple[str, str], ...]:
+    """``Name: value`` pairs separated by ``;``, or a TOML table. Error messages never
+    show a value (they are secrets)."""
+    value = item.value
+    if isinstance(value, str):
+        pairs: list[tuple[str, Any]] = []
+        parts = [part for part in value.split(";") if part.strip()]  # a trailing ';' is fine
+        for position, part in enumerate(parts, 1):
+            header, colon, text = part.partition(":")
+            if not colon:
+                raise InvalidSettingError(
+                    name, item.source,
+                    f"header {position} has no ':' between its name and value; write "
+                    f"'Name: value' pairs separated by ';' ({_HEADERS_EXAMPLE})",
+                )  # fmt: skip
+            pairs.append((header.strip(), text))
+    elif isinstance(value, Mapping):
+        pairs = list(value.items())
+    else:
+        raise InvalidSettingError(
+            name, item.source,
+            f"expected 'Name: value' pairs separated by ';' ({_HEADERS_EXAMPLE}) or a TOML "
+            f"table, got {type(value).__name__}",
+        )  # fmt: skip
+    out: list[tuple[str, str]] = []
+    for position, (header, text) in enumerate(pairs, 1):
+        if not header or not set(header) <= _HEADER_NAME:  # not shown: it may hold a secret
+            raise InvalidSettingError(
+                name, item.source,
+                f"the name of header {position} is not a header name (letters, digits and "
+                f"!#$%&'*+-.^_`|~ only); write 'Name: value' pairs separated by ';' "
+                f"({_HEADERS_EXAMPLE})",
+            )  # fmt: skip
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidSettingError(name, item.source,
+                                      f"header {header!r} has no value (a string)")  # fmt: skip
+        if any(c in text for c in "\r\n\0"):
+            raise InvalidSettingError(
+                name, item.source, f"the value of header {header!r} holds a line break"
+            )
+        if any(h.lower() == header.lower() for h, _ in out):
+            raise InvalidSettingError(name, item.source, f"header {header!r} is given twice")
+        out.append((header, text.strip()))
+    return tuple(out)
+
+
+def _parse_ca_file(item: _Raw, name: str) -> str | None:
+    from fastmcp_guard._util import ca_file_problem
+
+    path = _path(_str(item, name), item.base)
+    problem = ca_file_problem(path)
+    if problem is not None:
+        raise InvalidSettingError(name, item.source, problem)
+    return path
+
+
+def _parse_rate(item: _Raw, name: str) -> str | None:
+    text = _str(item, name)
+    if text.lower() in _OFF:
+        return None
+    from fastmcp_guard._core import InvalidRateError, parse_rate
+
+    try:
+        parse_rate(text)
+    except InvalidRateError as exc:
+        raise InvalidSettingError(name, item.source, str(exc)) from None
+    return text
+
+
+def _parse_rate_url(item: _Raw, name: str) -> str | None:
+    text = _str(item, name)
+    if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
+        raise InvalidSettingError(
+            name, item.source,
+            f"{mask_url(text)!r} is not a Redis URL; expected redis://[[user]:password@]"
+            "host:port/db, rediss://... (TLS) or unix:///path/redis.sock",
+        )  # fmt: skip
+    parts = _url_parts(text, item, name)
+    if parts.scheme != "unix" and not parts.hostname:
+        raise InvalidSettingError(name, item.source, f"{mask_url(text)!r} names no host")
+    return text
+
+
+def _parse_url(item: _Raw, name: str) -> str:
+    text = _str(item, name)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidSettingError(
+            name, item.source,
+            f"{mask_url(text)!r} is not an http(s) URL; expected e.g. http://127.0.0.1:8000",
+        )  # fmt: skip
+    _url_parts(text, item, name)
+    return text.rstrip("/")
+
+
+def _check_addresses(entries: list[str], item: _Raw, name: str) -> None:
+    from fastmcp_guard._core import InvalidIPError, IPMatcher
+
+    try:
+        IPMatcher(**{name: entries})
+    except InvalidIPError as exc:
+        raise InvalidSettingError(name, item.source, str(exc)) from None
+
+
+def _check_key_paths(entries: list[str], item: _Raw, name: str) -> None:
+    for entry in entries:
+        segments = entry.split(".")
+        if not entry or any(not s or ("*" in s and s != "*") for s in segments):
+            raise InvalidSettingError(
+                name, item.source,
+                f"{entry!r} is not a key path; write names separated by dots, with * for any "
+                "one key (password, *.token, headers.authorization)",
+            )  # fmt: skip
+
+
+# -- the settings: one row each ---------------------------------------------------------
+
+#: ``_Setting.embedded`` when the embedded profile's default is the library one.
+_LIKE_LIBRARY: Any = object()
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """One setting: what it is, its parser, its raw defaults, and how it is shown."""
+
+    doc: str
+    parse: _Parser
+    #: The raw default (parsed like any other value) of the ``library`` profile...
+    default: Any
+    #: ...and of the ``embedded`` one.
+    embedded: Any = _LIKE_LIBRARY
+    #: Shown as ``****`` only.
+    secret: bool = False
+    #: How ``None`` is shown.
+    unset: str = "off"
+    #: The one kind of audit target the setting concerns: set while ``audit`` names none
+    #: of that kind, it is refused (it would do nothing).
+    only_for: AuditKind | None = None
+
+    def default_for(self, profile: Profile) -> Any:
+        if profile == "embedded" and self.embedded is not _LIKE_LIBRARY:
+            return self.embedded
+        return self.default
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30}  # fmt: skip
+_ADDRESSES = _list("addresses / CIDRs", _check_addresses)
+
+#: Every setting, in the order ``fastmcp-guard config`` shows them and they are checked.
+#: The file key is the name; the environment variable ``FASTMCP_GUARD_`` + the name in
+#: upper case. The embedded profile (the CLI, ``fastmcp-guard run``) keeps keys and the
+#: audit log in files, and rotates the JSONL log at 100 MB keeping 10 files (a flood of
+#: refusals must not fill the disk).
+_SETTINGS: dict[str, _Setting] = {
+    "keys": _Setting(
+        "key store URL: memory://, sqlite:///rel.db, sqlite:////abs.db or a path",
+        _parse_keys, "memory://", f"sqlite:///{DEFAULT_KEYS_FILE}"),
+    "audit": _Setting(
+        "audit targets, comma-separated (a list in TOML): a path (*.db|*.sqlite|"
+        "*.sqlite3: SQLite, else JSONL), jsonl:///path, sqlite:///path, http(s)://host/path "
+        "(an HTTP endpoint; password masked), otel; or off",
+        _parse_audit, "off", DEFAULT_AUDIT_FILE),
+    "rate": _Setting("per-key rate limit, e.g. 100/minute (off: none)", _parse_rate, "off"),
+    "global_rate": _Setting("global rate limit across all callers (off: none)", _parse_rate,
+                            "off"),
+    "rate_backend": _Setting(
+        "where rate limits live: memory (per process) or redis (shared by a fleet)",
+        _choice("memory", "redis", expected="'memory' (limits per process) or 'redis' (shared)"),
+        "memory"),
+    "rate_url": _Setting(
+        "Redis URL of the shared rate limiter, e.g. redis://:password@host:6379/0 "
+        "(rate_backend redis; secret parts masked)", _parse_rate_url, None),
+    "rate_on_backend_error": _Setting(
+        "when Redis is unreachable: allow, deny or local (in-process limits until it answers)",
+        _choice("allow", "deny", "local"), "allow"),
+    "allow": _Setting("client addresses / CIDRs admitted (empty: everyone not denied)",
+                      _ADDRESSES, ()),
+    "deny": _Setting("client addresses / CIDRs refused", _ADDRESSES, ()),
+    "trusted_proxies": _Setting("proxies whose X-Forwarded-For is honoured", _ADDRESSES, ()),
+    "log_inputs": _Setting("record tool arguments in the audit log", _parse_bool, True),
+    "log_outputs": _Setting("record a preview of tool results in the audit log", _parse_bool,
+                            True),
+    "audit_redact": _Setting(
+        "key paths of tool arguments recorded as [redacted] (password, *.token)",
+        _list("key paths", _check_key_paths), ()),
+    "audit_on_failure": _Setting(
+        "when audit events cannot be recorded: drop, block or fail_closed",
+        _choice("drop", "block", "fail_closed"), "drop"),
+    "audit_flush_interval_ms": _Setting(
+        "longest an audit event waits before it is written (ms)",
+        _integer(MIN_FLUSH_INTERVAL_MS, MAX_FLUSH_INTERVAL_MS,
+                 f"expected milliseconds from {MIN_FLUSH_INTERVAL_MS} to "
+                 f"{MAX_FLUSH_INTERVAL_MS}, got {{value!r}}"), 100),
+    "audit_rotate_bytes": _Setting(
+        "rotate the JSONL audit log at this size (100MB, 1GiB, bytes; off)",
+        _integer(1, MAX_ROTATE_BYTES, "expected a size from 1 byte to 1TiB such as 100MB, "
+                 "1GiB or 1048576, or off; got {value!r}", units=_SIZE_UNITS),
+        "off", DEFAULT_ROTATE_BYTES, only_for="jsonl"),
+    "audit_rotate_daily": _Setting("rotate the JSONL audit log every UTC day", _parse_bool,
+                                   False, only_for="jsonl"),
+    "audit_retention": _Setting(
+        "rotated JSONL audit files kept (off: all)",
+        _integer(0, MAX_RETENTION, f"expected a number of files from 0 to {MAX_RETENTION:,} "
+                 "or off, got {value!r}", off=True),
+        "off", DEFAULT_RETENTION, only_for="jsonl"),
+    "audit_chain_key": _Setting(
+        "key of the JSONL audit log's hash chain (secret)", _parse_secret, None,
+        secret=True, unset="(not set)", only_for="jsonl"),
+    "audit_http_secret": _Setting(
+        "HMAC-SHA256 key signing the batches POSTed to an http(s) audit target (secret)",
+        _parse_secret, None, secret=True, unset="(not set)", only_for="http"),
+    "audit_http_spool": _Setting(
+        "spool directory of an http(s) audit target (unsent events wait there)", _parse_dir,
+        DEFAULT_AUDIT_SPOOL, only_for="http"),
+    "audit_http_headers": _Setting(
+        "extra request headers of an http(s) audit target: 'Name: value' pairs separated "
+        "by ';' (a table in TOML; values secret)", _parse_headers, {}, only_for="http"),
+    "audit_http_ca_file": _Setting(
+        "PEM file of the CAs trusted for an https:// audit target (default: the system "
+        "trust store)", _parse_ca_file, None, unset="(system trust store)", only_for="http"),
+    "url": _Setting("base URL of the running server (for the CLI's rate commands)",
+                    _parse_url, DEFAULT_URL),
+    "admin_key": _Setting("admin key the CLI presents to the running server (secret)",
+                          _parse_secret, None, secret=True, unset="(not set)"),
+    "host": _Setting("address fastmcp-guard run listens on", _parse_host, DEFAULT_HOST),
+    "port": _Setting("port fastmcp-guard run listens on",
+                     _integer(1, 65535, "expected a port 1-65535, got {value!r}"), DEFAULT_PORT),
+    "transport": _Setting("transport of fastmcp-guard run: http or stdio",
+                          _choice("http", "stdio"), "http"),
+}  # fmt: skip
+
+#: Every setting: file key -> one-line description. The env name is ``FASTMCP_GUARD_`` + upper.
+SETTINGS: dict[str, str] = {name: setting.doc for name, setting in _SETTINGS.items()}
+
+
 # -- the model -------------------------------------------------------------------------
 
 
@@ -330,8 +821,8 @@ class GuardConfig:
 
         _check_env_names(env)
         raw: dict[str, _Raw] = {}
-        for name, value in cls._defaults(profile).items():
-            raw[name] = _Raw(value, "default", base)
+        for name, setting in _SETTINGS.items():
+            raw[name] = _Raw(setting.default_for(profile), "default", base)
 
         file_path, file_source = _choose_config_file(config_file, config_file_label, env, base)
         if file_path is not None:
@@ -350,9 +841,11 @@ class GuardConfig:
             if value is not None:
                 raw[name] = _Raw(value, labels.get(name, f"argument {name}"), base)
 
-        parsed: dict[str, Any] = {}
-        for name, item in raw.items():
-            parsed[name] = _PARSERS[name](item, name)
+        # None is only ever a default ("not set"): arguments drop theirs, TOML has none.
+        parsed: dict[str, Any] = {
+            name: None if item.value is None else _SETTINGS[name].parse(item, name)
+            for name, item in raw.items()
+        }
         sources = {name: item.source for name, item in raw.items()}
 
         if parsed["rate_url"] is not None and parsed["rate_backend"] != "redis":
@@ -382,42 +875,6 @@ class GuardConfig:
             sources=sources,
         )
 
-    @staticmethod
-    def _defaults(profile: Profile) -> dict[str, Any]:
-        embedded = profile == "embedded"
-        return {
-            "keys": f"sqlite:///{DEFAULT_KEYS_FILE}" if embedded else "memory://",
-            "audit": DEFAULT_AUDIT_FILE if embedded else "off",
-            "rate": "off",
-            "global_rate": "off",
-            "rate_backend": "memory",
-            "rate_url": None,
-            "rate_on_backend_error": "allow",
-            "allow": [],
-            "deny": [],
-            "trusted_proxies": [],
-            "log_inputs": True,
-            "log_outputs": True,
-            "audit_redact": [],
-            "audit_on_failure": "drop",
-            "audit_flush_interval_ms": 100,
-            # Embedded (the CLI, `fastmcp-guard run`): a flood of refusals must not fill
-            # the disk, so the JSONL log rotates at 100 MB and keeps 10 rotated files.
-            "audit_rotate_bytes": DEFAULT_ROTATE_BYTES if embedded else "off",
-            "audit_rotate_daily": False,
-            "audit_retention": DEFAULT_RETENTION if embedded else "off",
-            "audit_chain_key": None,
-            "audit_http_secret": None,
-            "audit_http_spool": DEFAULT_AUDIT_SPOOL,
-            "audit_http_headers": {},
-            "audit_http_ca_file": None,
-            "url": DEFAULT_URL,
-            "admin_key": None,
-            "host": DEFAULT_HOST,
-            "port": DEFAULT_PORT,
-            "transport": "http",
-        }
-
     # -- reporting ---------------------------------------------------------------------
 
     def source(self, name: str) -> str:
@@ -445,7 +902,7 @@ class GuardConfig:
         if isinstance(value, dict):
             return "; ".join(f"{k}: {v}" for k, v in value.items()) if value else "(none)"
         if value is None:
-            return _UNSET.get(name, "(not set)" if name in _SECRET_SETTINGS else "off")
+            return _SETTINGS[name].unset
         if isinstance(value, bool):
             return "true" if value else "false"
         return str(value)
@@ -456,7 +913,7 @@ class GuardConfig:
         if name not in SETTINGS:
             raise ConfigError(f"unknown setting {name!r}{_did_you_mean(name)}")
         value = getattr(self, name)
-        if name in _SECRET_SETTINGS:
+        if _SETTINGS[name].secret:
             return None if value is None else MASK
         if name == "audit_http_headers":
             return {header: MASK for header, _ in value}
@@ -570,14 +1027,6 @@ class GuardConfig:
         return IPPolicy(allow=self.allow, deny=self.deny, trusted_proxies=self.trusted_proxies)
 
 
-#: Settings that concern one kind of audit target only.
-_AUDIT_KIND_SETTINGS = {
-    "audit_rotate_bytes": "jsonl", "audit_rotate_daily": "jsonl", "audit_retention": "jsonl",
-    "audit_chain_key": "jsonl", "audit_http_secret": "http", "audit_http_spool": "http",
-    "audit_http_headers": "http", "audit_http_ca_file": "http",
-}  # fmt: skip
-
-
 def _check_audit_settings(parsed: dict[str, Any], sources: dict[str, str]) -> None:
     """A setting given for a kind of audit target that ``audit`` does not name would do
     nothing: refuse it rather than let it pass silently (``audit = off`` keeps them all:
@@ -586,8 +1035,9 @@ def _check_audit_settings(parsed: dict[str, Any], sources: dict[str, str]) -> No
     if not targets:
         return
     kinds = {t.kind for t in targets}
-    for name, kind in _AUDIT_KIND_SETTINGS.items():
-        if sources.get(name, "default").startswith("default") or kind in kinds:
+    for name, setting in _SETTINGS.items():
+        kind = setting.only_for
+        if kind is None or kind in kinds or sources.get(name, "default").startswith("default"):
             continue
         what = "a JSONL file" if kind == "jsonl" else "an http(s):// endpoint"
         raise InvalidSettingError(
@@ -611,15 +1061,6 @@ def load_config(arguments: Mapping[str, Any] | None = None, **kwargs: Any) -> Gu
 
 
 # -- config files ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Raw:
-    """An unparsed value, where it came from, and the directory relative paths start at."""
-
-    value: Any
-    source: str
-    base: Path
 
 
 def _choose_config_file(
@@ -730,499 +1171,3 @@ else:  # pragma: no cover - Python 3.10: the tomli backport (a dependency there)
         from tomli import loads as _toml_loads
     except ImportError:
         _toml_loads = None
-
-
-# -- parsers: raw value -> typed value, or InvalidSettingError --------------------------
-
-
-def _str(item: _Raw, name: str) -> str:
-    if not isinstance(item.value, str):
-        raise InvalidSettingError(name, item.source, f"expected a string, got {item.value!r}")
-    text = item.value.strip()
-    if not text:
-        raise InvalidSettingError(name, item.source, "empty value")
-    return text
-
-
-def _path(text: str, base: Path) -> str:
-    """``text`` (``~`` expanded) as a normalised absolute path, relative ones from ``base``."""
-    return os.path.abspath(os.path.join(base, os.path.expanduser(text)))
-
-
-def _sqlite_path(url: str, item: _Raw, name: str) -> str:
-    """The file of ``sqlite:///rel`` / ``sqlite:////abs`` (SQLAlchemy style)."""
-    rest = url.split("://", 1)[1]
-    if not rest.startswith("/"):
-        raise InvalidSettingError(
-            name, item.source,
-            f"{url!r} has a host part; write sqlite:///relative/path.db or "
-            "sqlite:////absolute/path.db",
-        )  # fmt: skip
-    rest = rest[1:]
-    if not rest:
-        raise InvalidSettingError(name, item.source, f"{url!r} names no file")
-    return _path(rest, item.base)
-
-
-def _parse_keys(item: _Raw, name: str) -> KeysTarget:
-    text = _str(item, name)
-    if "://" not in text:
-        if text.lower() == "memory":
-            return KeysTarget("memory")
-        return KeysTarget("sqlite", path=_path(text, item.base))
-    scheme = text.split("://", 1)[0].lower()
-    if scheme == "memory":
-        if text.split("://", 1)[1] not in ("", "/"):
-            raise InvalidSettingError(name, item.source, f"{text!r}: memory:// takes no path")
-        return KeysTarget("memory")
-    if scheme == "sqlite":
-        return KeysTarget("sqlite", path=_sqlite_path(text, item, name))
-    if scheme in _FLEET_SCHEMES:
-        if not urlsplit(text).hostname:
-            raise InvalidSettingError(name, item.source, f"{mask_url(text)!r} names no host")
-        backend: Literal["postgres", "redis"] = (
-            "postgres" if _FLEET_SCHEMES[scheme] == "postgres" else "redis"
-        )
-        return KeysTarget(backend, dsn=text)
-    raise InvalidSettingError(
-        name, item.source,
-        f"unknown key store URL scheme {scheme + '://'!r} in {mask_url(text)!r}; expected "
-        "memory://, sqlite:///path.db, postgresql://..., redis://... or a file path",
-    )  # fmt: skip
-
-
-_AUDIT_EXAMPLE = "e.g. ./audit.jsonl,https://siem.example/ingest,otel"
-
-
-def _parse_audit(item: _Raw, name: str) -> tuple[AuditTarget, ...]:
-    """``off``, or one or more targets: comma-separated in a string, or a TOML array."""
-    value = item.value
-    if isinstance(value, str):
-        if value.strip().lower() in _OFF:
-            return ()
-        elements = value.split(",")
-    elif isinstance(value, (list, tuple)) and all(isinstance(e, str) for e in value):
-        elements = list(value)
-        if not elements:
-            raise InvalidSettingError(
-                name, item.source,
-                "an empty list; give at least one target, or write audit = \"off\"",
-            )  # fmt: skip
-    else:
-        raise InvalidSettingError(
-            name, item.source,
-            "expected a target or a list of targets (strings: paths, jsonl:///..., "
-            f"sqlite:///..., http(s)://..., otel), got {type(value).__name__}",
-        )  # fmt: skip
-    targets: list[AuditTarget] = []
-    for position, element in enumerate(elements, 1):
-        text = element.strip()
-        if not text:
-            raise InvalidSettingError(
-                name, item.source,
-                f"target {position} of {len(elements)} is empty (a doubled or trailing "
-                f"comma?); separate targets with single commas, {_AUDIT_EXAMPLE}",
-            )  # fmt: skip
-        if text.lower() in _OFF:
-            if len(elements) == 1:  # ["off"]
-                return ()
-            raise InvalidSettingError(
-                name, item.source,
-                f"{text!r} cannot be combined with other targets; write it alone to turn the "
-                "audit log off, or drop it from the list",
-            )  # fmt: skip
-        target = _audit_target(text, item, name)
-        same = next((t for t in targets if t.kind == target.kind), None)
-        if same is not None:
-            raise InvalidSettingError(
-                name, item.source,
-                f"two {target.kind} targets ({same.masked()!r} and {target.masked()!r}); "
-                "give at most one of each kind (jsonl, sqlite, http, otel)",
-            )  # fmt: skip
-        targets.append(target)
-    return tuple(targets)
-
-
-def _audit_target(text: str, item: _Raw, name: str) -> AuditTarget:
-    if text.lower() == "otel":
-        return AuditTarget("otel")
-    if "://" not in text:
-        path = _path(text, item.base)
-        kind: AuditKind = "sqlite" if path.lower().endswith(_SQLITE_SUFFIXES) else "jsonl"
-        return AuditTarget(kind, path)
-    scheme = text.split("://", 1)[0].lower()
-    if scheme in ("jsonl", "sqlite"):
-        return AuditTarget("sqlite" if scheme == "sqlite" else "jsonl",
-                           _sqlite_path(text, item, name))  # fmt: skip
-    if scheme in ("http", "https"):
-        parts = urlsplit(text)
-        try:
-            parts.port  # noqa: B018 - validates the port
-        except ValueError as exc:
-            raise InvalidSettingError(
-                name, item.source,
-                f"{mask_url(text)!r}: {exc}; write {scheme}://host[:port]/path with a port "
-                "1-65535",
-            ) from None  # fmt: skip
-        if not parts.hostname:
-            raise InvalidSettingError(
-                name, item.source,
-                f"{mask_url(text)!r} names no host; write {scheme}://host[:port]/path",
-            )  # fmt: skip
-        return AuditTarget("http", endpoint=text)
-    raise InvalidSettingError(
-        name, item.source,
-        f"unknown audit target scheme {scheme + '://'!r} in {mask_url(text)!r}; expected a "
-        "path, jsonl:///path, sqlite:///path, http://host/path, https://host/path, otel "
-        "(no URL) or off",
-    )  # fmt: skip
-
-
-#: A header name: an RFC 9110 token.
-_HEADER_NAME = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
-                         "ABCDEFGHIJKLMNOPQRSTUVWXYZ")  # fmt: skip
-_HEADERS_EXAMPLE = "Authorization: Bearer <token>; X-Tenant: acme"
-
-
-def _parse_headers(item: _Raw, name: str) -> tuple[tuple[str, str], ...]:
-    """``Name: value`` pairs separated by ``;``, or a TOML table. Error messages never
-    show a value (they are secrets)."""
-    value = item.value
-    if isinstance(value, str):
-        pairs: list[tuple[str, Any]] = []
-        parts = [part for part in value.split(";") if part.strip()]  # a trailing ';' is fine
-        for position, part in enumerate(parts, 1):
-            header, colon, text = part.partition(":")
-            if not colon:
-                raise InvalidSettingError(
-                    name, item.source,
-                    f"header {position} has no ':' between its name and value; write "
-                    f"'Name: value' pairs separated by ';' ({_HEADERS_EXAMPLE})",
-                )  # fmt: skip
-            pairs.append((header.strip(), text))
-    elif isinstance(value, Mapping):
-        pairs = list(value.items())
-    else:
-        raise InvalidSettingError(
-            name, item.source,
-            f"expected 'Name: value' pairs separated by ';' ({_HEADERS_EXAMPLE}) or a TOML "
-            f"table, got {type(value).__name__}",
-        )  # fmt: skip
-    out: list[tuple[str, str]] = []
-    for position, (header, text) in enumerate(pairs, 1):
-        if not header or not set(header) <= _HEADER_NAME:  # not shown: it may hold a secret
-            raise InvalidSettingError(
-                name, item.source,
-                f"the name of header {position} is not a header name (letters, digits and "
-                f"!#$%&'*+-.^_`|~ only); write 'Name: value' pairs separated by ';' "
-                f"({_HEADERS_EXAMPLE})",
-            )  # fmt: skip
-        if not isinstance(text, str) or not text.strip():
-            raise InvalidSettingError(name, item.source,
-                                      f"header {header!r} has no value (a string)")  # fmt: skip
-        if any(c in text for c in "\r\n\0"):
-            raise InvalidSettingError(
-                name, item.source, f"the value of header {header!r} holds a line break"
-            )
-        if any(h.lower() == header.lower() for h, _ in out):
-            raise InvalidSettingError(name, item.source, f"header {header!r} is given twice")
-        out.append((header, text.strip()))
-    return tuple(out)
-
-
-def _parse_dir(item: _Raw, name: str) -> str:
-    return _path(_str(item, name), item.base)
-
-
-def _parse_ca_file(item: _Raw, name: str) -> str | None:
-    if item.value is None:
-        return None
-    from fastmcp_guard._util import ca_file_problem
-
-    path = _path(_str(item, name), item.base)
-    problem = ca_file_problem(path)
-    if problem is not None:
-        raise InvalidSettingError(name, item.source, problem)
-    return path
-
-
-def _parse_rate(item: _Raw, name: str) -> str | None:
-    text = _str(item, name)
-    if text.lower() in _OFF:
-        return None
-    from fastmcp_guard._core import InvalidRateError, parse_rate
-
-    try:
-        parse_rate(text)
-    except InvalidRateError as exc:
-        raise InvalidSettingError(name, item.source, str(exc)) from None
-    return text
-
-
-def _parse_rate_backend(item: _Raw, name: str) -> Literal["memory", "redis"]:
-    text = _str(item, name).lower()
-    if text == "memory":
-        return "memory"
-    if text == "redis":
-        return "redis"
-    raise InvalidSettingError(
-        name, item.source,
-        f"expected 'memory' (limits per process) or 'redis' (shared), got {item.value!r}",
-    )  # fmt: skip
-
-
-def _parse_rate_url(item: _Raw, name: str) -> str | None:
-    if item.value is None:
-        return None
-    text = _str(item, name)
-    parts = urlsplit(text)
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise InvalidSettingError(
-            name, item.source,
-            f"{mask_url(text)!r} is not a Redis URL; expected redis://[[user]:password@]"
-            "host:port/db, rediss://... (TLS) or unix:///path/redis.sock",
-        )  # fmt: skip
-    try:
-        parts.port  # noqa: B018 - validates the port
-    except ValueError as exc:
-        raise InvalidSettingError(name, item.source, f"{mask_url(text)!r}: {exc}") from None
-    if parts.scheme != "unix" and not parts.hostname:
-        raise InvalidSettingError(name, item.source, f"{mask_url(text)!r} names no host")
-    return text
-
-
-def _parse_backend_error(item: _Raw, name: str) -> Literal["allow", "deny", "local"]:
-    text = _str(item, name).lower()
-    if text == "allow":
-        return "allow"
-    if text == "deny":
-        return "deny"
-    if text == "local":
-        return "local"
-    raise InvalidSettingError(
-        name, item.source, f"expected 'allow', 'deny' or 'local', got {item.value!r}"
-    )
-
-
-def _parse_list(item: _Raw, name: str) -> tuple[str, ...]:
-    value = item.value
-    if isinstance(value, str):
-        entries = [e.strip() for e in value.split(",")]
-        entries = [e for e in entries if e]
-    elif isinstance(value, (list, tuple)) and all(isinstance(e, str) for e in value):
-        entries = [e.strip() for e in value]
-    else:
-        raise InvalidSettingError(
-            name, item.source, f"expected a list of addresses / CIDRs, got {value!r}"
-        )
-    from fastmcp_guard._core import InvalidIPError, IPMatcher
-
-    try:
-        IPMatcher(**{name: entries})
-    except InvalidIPError as exc:
-        raise InvalidSettingError(name, item.source, str(exc)) from None
-    return tuple(entries)
-
-
-def _parse_bool(item: _Raw, name: str) -> bool:
-    value = item.value
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in _TRUE:
-            return True
-        if word in _FALSE:
-            return False
-    raise InvalidSettingError(
-        name, item.source, f"expected a boolean (1/0, true/false, yes/no, on/off), got {value!r}"
-    )
-
-
-def _parse_url(item: _Raw, name: str) -> str:
-    text = _str(item, name)
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidSettingError(
-            name, item.source,
-            f"{mask_url(text)!r} is not an http(s) URL; expected e.g. http://127.0.0.1:8000",
-        )  # fmt: skip
-    try:
-        parts.port  # noqa: B018 - validates the port
-    except ValueError as exc:
-        raise InvalidSettingError(name, item.source, f"{text!r}: {exc}") from None
-    return text.rstrip("/")
-
-
-def _parse_patterns(item: _Raw, name: str) -> tuple[str, ...]:
-    value = item.value
-    if isinstance(value, str):
-        entries = [e.strip() for e in value.split(",") if e.strip()]
-    elif isinstance(value, (list, tuple)) and all(isinstance(e, str) for e in value):
-        entries = [e.strip() for e in value]
-    else:
-        raise InvalidSettingError(name, item.source, f"expected a list of key paths, got {value!r}")
-    for entry in entries:
-        if (
-            not entry
-            or any(not seg for seg in entry.split("."))
-            or any("*" in seg and seg != "*" for seg in entry.split("."))
-        ):
-            raise InvalidSettingError(
-                name, item.source,
-                f"{entry!r} is not a key path; write names separated by dots, with * for any "
-                "one key (password, *.token, headers.authorization)",
-            )  # fmt: skip
-    return tuple(entries)
-
-
-def _parse_on_failure(item: _Raw, name: str) -> Literal["drop", "block", "fail_closed"]:
-    text = _str(item, name).lower()
-    if text == "drop":
-        return "drop"
-    if text == "block":
-        return "block"
-    if text == "fail_closed":
-        return "fail_closed"
-    raise InvalidSettingError(
-        name, item.source, f"expected 'drop', 'block' or 'fail_closed', got {item.value!r}"
-    )
-
-
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30}  # fmt: skip
-
-
-def _int_text(text: str) -> int | None:
-    """The value of ``text`` if it is a plain decimal integer of ASCII digits (at most 30:
-    larger ones are out of every bound anyway), else ``None``. ``str.isdigit`` would let
-    through digits ``int`` refuses (``"²"``)."""
-    text = text.strip()
-    if not 0 < len(text) <= 30 or not text.isascii() or not text.isdigit():
-        return None
-    return int(text)
-
-
-def _parse_size(item: _Raw, name: str) -> int | None:
-    value = item.value
-    if isinstance(value, int) and not isinstance(value, bool):
-        size: int | None = value
-    else:
-        text = _str(item, name).lower().replace(" ", "").replace("_", "")
-        if text in _OFF:
-            return None
-        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-        unit = text[len(digits) :]
-        number = _int_text(digits) if digits else None
-        size = number * _SIZE_UNITS[unit] if number is not None and unit in _SIZE_UNITS else None
-    if size is None or not 1 <= size <= MAX_ROTATE_BYTES:
-        raise InvalidSettingError(
-            name, item.source,
-            f"expected a size from 1 byte to 1TiB such as 100MB, 1GiB or 1048576, or off; "
-            f"got {value!r}",
-        )  # fmt: skip
-    return size
-
-
-def _parse_count(item: _Raw, name: str) -> int | None:
-    value = item.value
-    if isinstance(value, str) and value.strip().lower() in _OFF:
-        return None
-    count: int | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        count = value
-    elif isinstance(value, str):
-        count = _int_text(value)
-    if count is None or not 0 <= count <= MAX_RETENTION:
-        raise InvalidSettingError(
-            name, item.source,
-            f"expected a number of files from 0 to {MAX_RETENTION:,} or off, got {value!r}",
-        )  # fmt: skip
-    return count
-
-
-def _parse_millis(item: _Raw, name: str) -> int:
-    value = item.value
-    ms: int | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        ms = value
-    elif isinstance(value, str):
-        ms = _int_text(value)
-    if ms is None or not MIN_FLUSH_INTERVAL_MS <= ms <= MAX_FLUSH_INTERVAL_MS:
-        raise InvalidSettingError(
-            name, item.source,
-            f"expected milliseconds from {MIN_FLUSH_INTERVAL_MS} to {MAX_FLUSH_INTERVAL_MS}, "
-            f"got {value!r}",
-        )  # fmt: skip
-    return ms
-
-
-def _parse_secret(item: _Raw, name: str) -> str | None:
-    if item.value is None:
-        return None
-    if not isinstance(item.value, str):  # do not show it: it is a secret
-        raise InvalidSettingError(name, item.source,
-                                  f"expected a string, got {type(item.value).__name__}")  # fmt: skip
-    return _str(item, name)
-
-
-def _parse_host(item: _Raw, name: str) -> str:
-    text = _str(item, name)
-    if any(c.isspace() for c in text):
-        raise InvalidSettingError(
-            name, item.source, f"expected a host name or address, got {text!r}"
-        )
-    return text
-
-
-def _parse_port(item: _Raw, name: str) -> int:
-    value = item.value
-    port: int | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        port = value
-    elif isinstance(value, str):
-        port = _int_text(value)
-    if port is None or not 1 <= port <= 65535:
-        raise InvalidSettingError(name, item.source, f"expected a port 1-65535, got {value!r}")
-    return port
-
-
-def _parse_transport(item: _Raw, name: str) -> Transport:
-    text = _str(item, name).lower()
-    if text == "http":
-        return "http"
-    if text == "stdio":
-        return "stdio"
-    raise InvalidSettingError(name, item.source, f"expected 'http' or 'stdio', got {item.value!r}")
-
-
-_PARSERS: dict[str, Callable[[_Raw, str], Any]] = {
-    "keys": _parse_keys,
-    "audit": _parse_audit,
-    "rate": _parse_rate,
-    "global_rate": _parse_rate,
-    "rate_backend": _parse_rate_backend,
-    "rate_url": _parse_rate_url,
-    "rate_on_backend_error": _parse_backend_error,
-    "allow": _parse_list,
-    "deny": _parse_list,
-    "trusted_proxies": _parse_list,
-    "log_inputs": _parse_bool,
-    "log_outputs": _parse_bool,
-    "audit_redact": _parse_patterns,
-    "audit_on_failure": _parse_on_failure,
-    "audit_flush_interval_ms": _parse_millis,
-    "audit_rotate_bytes": _parse_size,
-    "audit_rotate_daily": _parse_bool,
-    "audit_retention": _parse_count,
-    "audit_chain_key": _parse_secret,
-    "audit_http_secret": _parse_secret,
-    "audit_http_spool": _parse_dir,
-    "audit_http_headers": _parse_headers,
-    "audit_http_ca_file": _parse_ca_file,
-    "url": _parse_url,
-    "admin_key": _parse_secret,
-    "host": _parse_host,
-    "port": _parse_port,
-    "transport": _parse_transport,
-}
