@@ -1,16 +1,28 @@
 //! The one conversion point from the core's typed errors to Python exceptions.
 //!
 //! Every exception derives from `GuardError`; most also extend the built-in that fits
-//! (`ValueError` for bad input, `KeyError` for an unknown key, `OSError` for I/O), so
-//! code written for fastmcp-guard 0.2 that caught those keeps working. The classes are
+//! (`ValueError` for bad input, `TypeError` for a wrong type, `KeyError` for an unknown
+//! key, `OSError` for I/O), so code written for fastmcp-guard 0.2 that caught those keeps
+//! working. A file the audit reader cannot read gets a class per kind under
+//! `AuditReadError` (`AuditFileNotFoundError` is also a `FileNotFoundError`, and so on),
+//! with `errno` set: `except FileNotFoundError` still catches it. The bindings
+//! (`src/py/`) raise nothing else: a domain error converts here with `?`, and a refused
+//! argument goes through [`invalid_argument`] / [`wrong_type`]. (`KeyboardInterrupt`, when
+//! a scan's progress callback asks to stop, is a signal, not an error.) The classes are
 //! made once at import with `type(name, bases, ns)`, since PyO3's `create_exception!`
 //! cannot express two bases.
 
-use pyo3::exceptions::{PyException, PyKeyError, PyOSError, PyTypeError, PyValueError};
+use pyo3::exceptions::{
+    PyException, PyFileNotFoundError, PyIsADirectoryError, PyKeyError, PyKeyboardInterrupt,
+    PyOSError, PyPermissionError, PyTypeError, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
 
+use std::io;
+
+use crate::audit::scan::ScanError;
 use crate::audit::AuditError;
 use crate::ipmatch::IpError;
 use crate::keystore::{KeyError, ThrottleScope, VerifyError};
@@ -31,9 +43,13 @@ pub enum Exc {
     Verify,
     InvalidArgument,
     ArgumentType,
+    AuditRead,
+    AuditFileNotFound,
+    AuditPermission,
+    AuditIsADirectory,
 }
 
-const ALL: [(Exc, &str, &str); 11] = [
+const ALL: [(Exc, &str, &str); 15] = [
     (
         Exc::Guard,
         "GuardError",
@@ -74,7 +90,8 @@ const ALL: [(Exc, &str, &str); 11] = [
         Exc::Verify,
         "VerifyError",
         "A token was refused: `reason` says why, `key_id` names the key the token claims \
-         (None if malformed), `retry_after` is set (seconds) when `reason` is 'throttled'.",
+         (None if malformed), `retry_after` (seconds) and `scope` (the failure budget: \
+         'client', 'key', 'server' or 'unknown_keys') are set when `reason` is 'throttled'.",
     ),
     (
         Exc::InvalidArgument,
@@ -85,6 +102,28 @@ const ALL: [(Exc, &str, &str); 11] = [
         Exc::ArgumentType,
         "ArgumentTypeError",
         "An argument has the wrong type (for example a scope that is not a str).",
+    ),
+    (
+        Exc::AuditRead,
+        "AuditReadError",
+        "An audit log file could not be read (export, query, verify, the HTTP backend's \
+         spool); `errno` is set when the OS gave one.",
+    ),
+    (
+        Exc::AuditFileNotFound,
+        "AuditFileNotFoundError",
+        "An audit log file does not exist (an AuditReadError and a FileNotFoundError).",
+    ),
+    (
+        Exc::AuditPermission,
+        "AuditPermissionError",
+        "An audit log file may not be read by this user (an AuditReadError and a \
+         PermissionError).",
+    ),
+    (
+        Exc::AuditIsADirectory,
+        "AuditIsADirectoryError",
+        "An audit log path names a directory (an AuditReadError and an IsADirectoryError).",
     ),
 ];
 
@@ -105,6 +144,7 @@ fn build(py: Python<'_>) -> PyResult<Vec<Py<PyType>>> {
             // Also set on each instance the core raises; these serve one made elsewhere.
             ns.set_item("key_id", py.None())?;
             ns.set_item("retry_after", py.None())?;
+            ns.set_item("scope", py.None())?;
         }
         if plain_str {
             // KeyError's str() is the repr of its argument; keep the plain message.
@@ -123,22 +163,33 @@ fn build(py: Python<'_>) -> PyResult<Vec<Py<PyType>>> {
         PyTuple::new(py, [py.get_type::<PyException>()])?,
         false,
     )?;
-    let mut out: Vec<Py<PyType>> = vec![root.clone().unbind()];
+    let mut out: Vec<Py<PyType>> = vec![root.unbind()];
     for (exc, name, doc) in &ALL[1..] {
-        let builtin = match exc {
+        // The class it derives from (built before it: `ALL` lists parents first), and the
+        // built-in it also extends.
+        let (parent, builtin) = match exc {
             Exc::InvalidRate
             | Exc::InvalidIp
             | Exc::InvalidKeyInput
             | Exc::KeyRevoked
-            | Exc::InvalidArgument => Some(py.get_type::<PyValueError>()),
-            Exc::ArgumentType => Some(py.get_type::<PyTypeError>()),
-            Exc::KeyNotFound => Some(py.get_type::<PyKeyError>()),
-            Exc::Store | Exc::AuditWrite => Some(py.get_type::<PyOSError>()),
-            Exc::Guard | Exc::Verify => None,
+            | Exc::InvalidArgument => (Exc::Guard, Some(py.get_type::<PyValueError>())),
+            Exc::ArgumentType => (Exc::Guard, Some(py.get_type::<PyTypeError>())),
+            Exc::KeyNotFound => (Exc::Guard, Some(py.get_type::<PyKeyError>())),
+            Exc::Store | Exc::AuditWrite | Exc::AuditRead => {
+                (Exc::Guard, Some(py.get_type::<PyOSError>()))
+            }
+            Exc::AuditFileNotFound => (Exc::AuditRead, Some(py.get_type::<PyFileNotFoundError>())),
+            Exc::AuditPermission => (Exc::AuditRead, Some(py.get_type::<PyPermissionError>())),
+            Exc::AuditIsADirectory => (Exc::AuditRead, Some(py.get_type::<PyIsADirectoryError>())),
+            Exc::Guard | Exc::Verify => (Exc::Guard, None),
         };
+        let parent = out
+            .get(parent as usize)
+            .map(|c| c.bind(py).clone())
+            .ok_or_else(|| PyException::new_err("internal error: exception parent missing"))?;
         let bases = match builtin {
-            Some(b) => PyTuple::new(py, [root.clone(), b])?,
-            None => PyTuple::new(py, [root.clone()])?,
+            Some(b) => PyTuple::new(py, [parent, b])?,
+            None => PyTuple::new(py, [parent])?,
         };
         out.push(make(py, name, doc, bases, matches!(exc, Exc::KeyNotFound))?.unbind());
     }
@@ -185,6 +236,34 @@ pub fn wrong_type(msg: impl Into<String>) -> PyErr {
     new_err(Exc::ArgumentType, msg)
 }
 
+/// An exception of class `exc` (an `OSError` subclass) carrying `msg`, with `errno` set
+/// when the OS gave one (its `str()` stays `msg`).
+fn os_err(exc: Exc, msg: String, errno: Option<i32>) -> PyErr {
+    Python::attach(|py| {
+        let make = || -> PyResult<PyErr> {
+            let inst = class(py, exc)?.call1((msg.as_str(),))?;
+            if let Some(n) = errno {
+                inst.setattr("errno", n)?;
+            }
+            Ok(PyErr::from_value(inst))
+        };
+        make().unwrap_or_else(|e| e)
+    })
+}
+
+/// An audit file could not be read: `AuditFileNotFoundError`, `AuditPermissionError`,
+/// `AuditIsADirectoryError` (so `except FileNotFoundError` and its siblings keep
+/// working) or `AuditReadError`, by the kind of `source`, with its `errno`.
+pub fn audit_read_error(source: &io::Error, msg: impl Into<String>) -> PyErr {
+    let exc = match source.kind() {
+        io::ErrorKind::NotFound => Exc::AuditFileNotFound,
+        io::ErrorKind::PermissionDenied => Exc::AuditPermission,
+        io::ErrorKind::IsADirectory => Exc::AuditIsADirectory,
+        _ => Exc::AuditRead,
+    };
+    os_err(exc, msg.into(), source.raw_os_error())
+}
+
 /// `VerifyError(msg)` with its `reason`, `key_id` (the key id the token claims, public;
 /// `None` for a malformed token) and `retry_after` (seconds, for `throttled`; else `None`).
 pub fn verify_err(
@@ -193,13 +272,24 @@ pub fn verify_err(
     key_id: Option<&str>,
     retry_after: Option<f64>,
 ) -> PyErr {
-    let msg: String = msg.into();
+    verify_err_in(reason, msg.into(), key_id, retry_after, None)
+}
+
+/// [`verify_err`], with `scope`: the failure budget that refused a throttled token.
+fn verify_err_in(
+    reason: &str,
+    msg: String,
+    key_id: Option<&str>,
+    retry_after: Option<f64>,
+    scope: Option<&str>,
+) -> PyErr {
     Python::attach(|py| {
         let make = || -> PyResult<PyErr> {
             let inst = class(py, Exc::Verify)?.call1((msg.as_str(),))?;
             inst.setattr("reason", reason)?;
             inst.setattr("key_id", key_id)?;
             inst.setattr("retry_after", retry_after)?;
+            inst.setattr("scope", scope)?;
             Ok(PyErr::from_value(inst))
         };
         make().unwrap_or_else(|e| e)
@@ -226,12 +316,33 @@ impl From<TokenError> for PyErr {
 
 impl From<AuditError> for PyErr {
     fn from(e: AuditError) -> PyErr {
-        match e {
-            // A bad option is the caller's input, not an I/O failure.
-            AuditError::InvalidOption { .. } | AuditError::InvalidStatus { .. } => {
-                invalid_argument(e.to_string())
-            }
+        match &e {
+            // A bad option, status or pattern is the caller's input, not an I/O failure.
+            AuditError::InvalidOption { .. }
+            | AuditError::InvalidStatus { .. }
+            | AuditError::InvalidRedactPattern { .. } => invalid_argument(e.to_string()),
+            AuditError::Read { source, .. } => audit_read_error(source, e.to_string()),
             _ => new_err(Exc::AuditWrite, e.to_string()),
+        }
+    }
+}
+
+impl From<ScanError> for PyErr {
+    fn from(e: ScanError) -> PyErr {
+        let msg = e.to_string();
+        match &e {
+            ScanError::Open { source, .. }
+            | ScanError::Read { source, .. }
+            | ScanError::List { source, .. } => audit_read_error(source, msg),
+            ScanError::IsADirectory { .. } => {
+                audit_read_error(&io::Error::from(io::ErrorKind::IsADirectory), msg)
+            }
+            ScanError::Create { source, .. } | ScanError::Write { source } => {
+                os_err(Exc::AuditWrite, msg, source.raw_os_error())
+            }
+            // The progress callback asked to stop (Ctrl-C): not an error of ours.
+            ScanError::Interrupted { .. } => PyKeyboardInterrupt::new_err(msg),
+            ScanError::EmptyRange { .. } => invalid_argument(msg),
         }
     }
 }
@@ -270,6 +381,10 @@ impl From<VerifyError> for PyErr {
             } => None,
             _ => e.key_id(),
         };
-        verify_err(reason, e.to_string(), key_id, retry_after)
+        let scope = match &e {
+            VerifyError::Throttled { scope, .. } => Some(scope.as_str()),
+            _ => None,
+        };
+        verify_err_in(reason, e.to_string(), key_id, retry_after, scope)
     }
 }

@@ -43,15 +43,18 @@ pub enum DenyReason {
     DenyListed,
     /// The allow list is non-empty and does not contain the address.
     NotAllowListed,
+    /// The client is not an address at all (see [`IpMatcher::check_str`]).
+    Unparsable,
 }
 
 impl DenyReason {
-    /// `"deny_listed"` or `"not_allow_listed"`.
+    /// `"deny_listed"`, `"not_allow_listed"` or `"unparsable"`.
     #[must_use]
     pub const fn as_str(self) -> &'static str {
         match self {
             DenyReason::DenyListed => "deny_listed",
             DenyReason::NotAllowListed => "not_allow_listed",
+            DenyReason::Unparsable => "unparsable",
         }
     }
 }
@@ -314,6 +317,17 @@ impl IpMatcher {
             IpDecision::Allowed
         } else {
             IpDecision::Denied(DenyReason::NotAllowListed)
+        }
+    }
+
+    /// [`IpMatcher::check`] on a string (see [`parse_addr`] for accepted forms): a string
+    /// that is not an address (an unparsable client, see [`ClientAddr::text`]) is refused
+    /// as [`DenyReason::Unparsable`].
+    #[must_use]
+    pub fn check_str(&self, s: &str) -> IpDecision {
+        match parse_addr(s) {
+            Some(addr) => self.check(addr),
+            None => IpDecision::Denied(DenyReason::Unparsable),
         }
     }
 
@@ -712,6 +726,30 @@ mod tests {
         ] {
             assert!(IpMatcher::new(&[ok], NONE, NONE).is_ok(), "{ok}");
         }
+    }
+
+    #[test]
+    fn check_str_refuses_what_is_not_an_address_as_unparsable() {
+        let open = m(NONE, NONE, NONE);
+        for text in ["unknown", "", "10.0.0.300", "garbage…"] {
+            assert_eq!(
+                open.check_str(text),
+                IpDecision::Denied(DenyReason::Unparsable),
+                "{text:?}"
+            );
+        }
+        assert_eq!(DenyReason::Unparsable.as_str(), "unparsable");
+        // An address gets the decision of `check`, in any accepted spelling.
+        let matcher = m(&["10.0.0.0/8"], &["10.9.0.0/16"], NONE);
+        assert_eq!(matcher.check_str("10.1.2.3"), IpDecision::Allowed);
+        assert_eq!(
+            matcher.check_str("::ffff:10.9.1.1"),
+            IpDecision::Denied(DenyReason::DenyListed)
+        );
+        assert_eq!(
+            matcher.check_str("11.0.0.1"),
+            IpDecision::Denied(DenyReason::NotAllowListed)
+        );
     }
 
     #[test]

@@ -37,7 +37,7 @@ impl PyKeyBackend {
     /// Wraps `obj` (see the module docs for the methods it must have).
     ///
     /// # Errors
-    /// `TypeError` naming the first missing method.
+    /// `ArgumentTypeError` (a `TypeError`) naming the first missing method.
     pub fn new(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
         for method in [
             "insert",
@@ -50,7 +50,7 @@ impl PyKeyBackend {
             "changed_since",
         ] {
             if !obj.hasattr(method)? {
-                return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                return Err(crate::errors::wrong_type(format!(
                     "a key store backend needs a {method}() method; {} has none",
                     obj.get_type().name()?
                 )));

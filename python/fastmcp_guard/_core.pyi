@@ -45,17 +45,34 @@ class VerifyError(GuardError):
     ``key_id`` is the key id the token claims (public; for a 0.2 token its public part
     ``fmg_sk_<selector>`` unless the record was read), ``None`` for a malformed token.
     ``retry_after`` (seconds) is set when ``reason`` is ``throttled``: a failure budget is
-    spent (never for a token already proven on this node); answer 429, not 401."""
+    spent (never for a token already proven on this node); answer 429, not 401. ``scope``
+    then names the budget: ``client`` (per address and key id), ``key`` (per key id),
+    ``server`` or ``unknown_keys`` (per network, ids not in the store); else ``None``."""
 
     reason: str
     key_id: str | None
     retry_after: float | None
+    scope: str | None
 
 class InvalidArgumentError(GuardError, ValueError):
     """An argument or option was refused (out of range, unknown name, malformed value)."""
 
 class ArgumentTypeError(GuardError, TypeError):
     """An argument has the wrong type (for example a scope that is not a str)."""
+
+class AuditReadError(GuardError, OSError):
+    """An audit log file could not be read (export, query, verify, the HTTP backend's
+    spool); ``errno`` is set when the OS gave one."""
+
+class AuditFileNotFoundError(AuditReadError, FileNotFoundError):
+    """An audit log file does not exist (an AuditReadError and a FileNotFoundError)."""
+
+class AuditPermissionError(AuditReadError, PermissionError):
+    """An audit log file may not be read by this user (an AuditReadError and a
+    PermissionError)."""
+
+class AuditIsADirectoryError(AuditReadError, IsADirectoryError):
+    """An audit log path names a directory (an AuditReadError and an IsADirectoryError)."""
 
 # --- tokens -----------------------------------------------------------------------
 
@@ -606,9 +623,11 @@ def audit_scan(
     ``since`` inclusive, ``until`` exclusive (Unix seconds). ``progress(bytes_read)``
     is called about every 8 MiB; returning false stops (``KeyboardInterrupt``).
     Returns ``{"lines", "matched", "malformed", "bytes_read"}``. Raises
-    ``FileNotFoundError`` / ``PermissionError`` / ``IsADirectoryError`` for the log,
-    ``BrokenPipeError`` when the reader of ``out`` went away, ``ValueError`` for a bad
-    status or format or ``since >= until``.
+    :class:`AuditFileNotFoundError` / :class:`AuditPermissionError` /
+    :class:`AuditIsADirectoryError` (:class:`AuditReadError`) for the log,
+    :class:`AuditWriteError` when the output file cannot be created or written, what
+    ``out.write`` raised (``BrokenPipeError`` when its reader went away),
+    :class:`InvalidArgumentError` for a bad status or format or ``since >= until``.
     """
 
 def audit_query(
@@ -628,7 +647,8 @@ def audit_query(
 
 def audit_log_files(path: str | os.PathLike[str]) -> list[str]:
     """Every file of the JSONL audit log at ``path``, oldest first: its rotated files
-    (``<stem>-<yyyymmddTHHMMSSmmm><ext>`` beside it), then ``path`` if it exists."""
+    (``<stem>-<yyyymmddTHHMMSSmmm><ext>`` beside it), then ``path`` if it exists.
+    Raises :class:`AuditReadError` if its directory cannot be listed."""
 
 def audit_verify(
     path_or_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
@@ -643,6 +663,6 @@ def audit_verify(
     "last_chain", "broken"}``; ``broken`` is ``None`` or ``{"file", "line", "reason"}``
     for the first line that fails. An incomplete line (a torn write) passes only at the
     end of a file (listed in ``torn_at_end`` as ``"file:line"``) or right before the
-    restart record acknowledging it. Raises ``FileNotFoundError`` / ``PermissionError``
-    for a file.
+    restart record acknowledging it. Raises :class:`AuditFileNotFoundError` /
+    :class:`AuditPermissionError` (:class:`AuditReadError`) for a file.
     """

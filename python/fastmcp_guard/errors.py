@@ -2,11 +2,19 @@
 
 They are defined in the Rust core (one conversion point, ``src/errors.rs``) and
 re-exported here. Each also extends the built-in that fits, so existing code that
-catches ``ValueError`` / ``KeyError`` / ``OSError`` keeps working.
+catches ``ValueError`` / ``TypeError`` / ``KeyError`` / ``OSError`` (and, for audit
+files, ``FileNotFoundError`` / ``PermissionError`` / ``IsADirectoryError``) keeps
+working. The rate refusal :class:`~fastmcp_guard.rate.RateLimitExceeded` (a FastMCP
+``ToolError`` carrying ``retry_after``) is a ``GuardError`` too; it lives in
+:mod:`fastmcp_guard.rate`.
 """
 
 from fastmcp_guard._core import (
     ArgumentTypeError,
+    AuditFileNotFoundError,
+    AuditIsADirectoryError,
+    AuditPermissionError,
+    AuditReadError,
     AuditWriteError,
     GuardError,
     InvalidArgumentError,
@@ -38,6 +46,10 @@ class RateBackendError(GuardError, ConnectionError):
 
 __all__ = [
     "ArgumentTypeError",
+    "AuditFileNotFoundError",
+    "AuditIsADirectoryError",
+    "AuditPermissionError",
+    "AuditReadError",
     "AuditWriteError",
     "ConfigError",
     "GuardError",

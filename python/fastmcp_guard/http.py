@@ -9,9 +9,10 @@ For every HTTP request it:
    ``Authorization`` header is present (for clients that cannot set it);
 3. records one audit event for each refusal FastMCP answers with 401 / 403, with the
    key id the token claimed and the reason (``bad_secret``, ``unknown_key``...);
-4. answers 429 with ``Retry-After`` when the failure throttle stops a token (the token
-   may be valid: a 401 would tell its owner otherwise), and 503 with ``Retry-After``
-   when the key store cannot be read (cached keys keep working).
+4. answers 429 with ``Retry-After`` and the ``RateLimit`` / ``RateLimit-Policy`` fields
+   of the IETF draft (:func:`rate_limit_headers`) when the failure throttle stops a token
+   (the token may be valid: a 401 would tell its owner otherwise), and 503 with
+   ``Retry-After`` when the key store cannot be read (cached keys keep working).
 
 It is installed whatever the auth provider is (see :class:`~fastmcp_guard.Guard`): by
 the guard's token verifier when the guard owns ``mcp.auth`` or wraps the server's
@@ -59,6 +60,7 @@ __all__ = [
     "client_of",
     "current_request_state",
     "mask_server_logs",
+    "rate_limit_headers",
     "verify_bearer",
 ]
 
@@ -144,11 +146,60 @@ def mask_server_logs() -> None:
 
 
 class TokenThrottled(TokenVerificationError):
-    """The failure throttle refused a token before hashing it: answered 429, not 401."""
+    """The failure throttle refused a token before hashing it: answered 429, not 401.
 
-    def __init__(self, message: str, retry_after: float) -> None:
+    ``scope`` names the failure budget that refused (``client``, ``key``, ``server``,
+    ``unknown_keys``: the core's ``VerifyError.scope``)."""
+
+    def __init__(self, message: str, retry_after: float, scope: str | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.scope = scope
+
+
+#: The failure budget of each throttle scope, in :class:`~fastmcp_guard.VerifyLimits`.
+_BUDGET_OF_SCOPE = {
+    "client": "max_failures",
+    "key": "key_failure_budget",
+    "server": "global_failure_budget",
+    "unknown_keys": "unknown_key_budget",
+}
+
+
+def rate_limit_headers(
+    policy: str, retry_after: float, limit: int | None = None, window: float | None = None
+) -> list[tuple[bytes, bytes]]:
+    """The headers of a 429: ``Retry-After`` (whole seconds, at least 1) and the fields of
+    draft-ietf-httpapi-ratelimit-headers (its current form, -08 and later; the older
+    ``RateLimit-Limit`` / ``-Remaining`` / ``-Reset`` triple was dropped by the draft):
+    ``RateLimit: "<policy>";r=0;t=<seconds>`` (nothing remains until the reset), and, when
+    the quota is known, ``RateLimit-Policy: "<policy>";q=<limit>;w=<window seconds>``."""
+    wait = max(1, math.ceil(retry_after))
+    name = policy.replace("\\", "").replace('"', "")
+    headers = [
+        (b"retry-after", str(wait).encode()),
+        (b"ratelimit", f'"{name}";r=0;t={wait}'.encode()),
+    ]
+    if limit is not None and limit > 0:
+        policy_field = f'"{name}";q={limit}'
+        if window is not None and window > 0:
+            policy_field += f";w={max(1, math.ceil(window))}"
+        headers.append((b"ratelimit-policy", policy_field.encode()))
+    return headers
+
+
+def _throttle_headers(guard: Guard, exc: TokenThrottled) -> list[tuple[bytes, bytes]]:
+    """``rate_limit_headers`` of a throttled token: the policy is the failure budget that
+    refused (``failures-<scope>``), its quota and window from the key store's limits."""
+    # Until every verifier passes ``scope``, the core's VerifyError it was raised from
+    # (its ``__context__``) names it.
+    scope = exc.scope or getattr(exc.__context__, "scope", None)
+    if scope not in _BUDGET_OF_SCOPE:
+        return rate_limit_headers("failures", exc.retry_after)
+    limits = getattr(guard.keys, "limits", None)
+    limit = None if limits is None else getattr(limits, _BUDGET_OF_SCOPE[scope])
+    window = None if limits is None else limits.failure_window_seconds
+    return rate_limit_headers(f"failures-{scope}", exc.retry_after, limit, window)
 
 
 @dataclass
@@ -341,10 +392,9 @@ class GuardASGIMiddleware:
                                      key_id=req.key_id, error=str(exc), path=path)  # fmt: skip
                 if started:
                     raise
-                wait = str(max(1, math.ceil(exc.retry_after))).encode()
                 await _send_json(send, 429, {"error": "too_many_attempts",
                                              "error_description": str(exc)},
-                                 headers=[(b"retry-after", wait)])  # fmt: skip
+                                 headers=_throttle_headers(guard, exc))  # fmt: skip
             except TokenVerificationError as exc:
                 # The key store is down (or every hashing slot busy): a documented 503,
                 # not a crash and not a 401 (the token may be valid).

@@ -145,10 +145,13 @@ class GuardMetrics:
         """``path``: where the route is served. ``allow``: addresses / CIDRs (the
         scraper's) that may read it without a key; everyone else needs a guard key with
         a scope in :data:`METRICS_SCOPES`."""
-        from fastmcp_guard._core import IPMatcher
+        from fastmcp_guard._core import ArgumentTypeError, IPMatcher
 
         if isinstance(allow, str):
-            raise TypeError("GuardMetrics(allow=...) takes a list of strings, not one string")
+            raise ArgumentTypeError(
+                f"GuardMetrics(allow=...) takes a list of strings, not one string: "
+                f"write allow=[{allow!r}]"
+            )
         self.path = path
         self.allow = list(allow or [])
         self._allow = IPMatcher(allow=self.allow) if self.allow else None

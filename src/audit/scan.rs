@@ -164,6 +164,31 @@ pub enum ScanError {
         /// What was done before stopping.
         stats: ScanStats,
     },
+    /// The directory of a log could not be listed for its rotated files
+    /// ([`log_files`], [`whole_log`]).
+    #[error(
+        "cannot list the audit log files of {}: {source}; check that its directory is \
+         readable by this user",
+        .path.display()
+    )]
+    List {
+        /// The live log file whose directory was listed.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The export file could not be created ([`create_export`]).
+    #[error(
+        "cannot write {}: {source}; check that its directory exists and is writable, or \
+         choose another output file",
+        .path.display()
+    )]
+    Create {
+        /// The output path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
     /// `since` is not before `until`: the range holds no instant.
     #[error(
         "empty time range: since {} is not before until {}; swap them or widen the range",
@@ -326,6 +351,48 @@ pub fn scan_paths<W: Write>(
             source,
         },
         other => other,
+    })
+}
+
+/// Every file of the JSONL audit log at `path`, oldest first: its rotated
+/// files, then `path` itself if it exists (empty when there is no log).
+///
+/// # Errors
+/// [`ScanError::List`] when the directory cannot be read.
+pub fn log_files(path: &Path) -> Result<Vec<PathBuf>, ScanError> {
+    super::log_files(path).map_err(|source| ScanError::List {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The files to read for the whole log at `path` (see [`log_files`]), with the
+/// live file listed also when no file exists, so that opening it reports the
+/// missing path.
+///
+/// # Errors
+/// [`ScanError::List`] when the directory cannot be read.
+pub fn whole_log(path: &Path) -> Result<Vec<PathBuf>, ScanError> {
+    let mut files = log_files(path)?;
+    if files.is_empty() {
+        files.push(path.to_path_buf());
+    }
+    Ok(files)
+}
+
+/// Creates the export file at `path` (mode 0600 on Unix: audit lines may hold
+/// arguments), or truncates the file there.
+///
+/// # Errors
+/// [`ScanError::Create`] naming the path.
+pub fn create_export(path: &Path) -> Result<File, ScanError> {
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o.open(path).map_err(|source| ScanError::Create {
+        path: path.to_path_buf(),
+        source,
     })
 }
 
@@ -2073,6 +2140,85 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("secret.jsonl") && err.to_string().contains("permission"));
+    }
+
+    // ---- the files of a log, the export file ----
+
+    #[test]
+    fn log_files_lists_rotated_files_oldest_first_then_the_live_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("audit.jsonl");
+        assert!(log_files(&live).unwrap().is_empty(), "no log yet");
+        // The missing live file is still read (and reported missing) for a whole log.
+        assert_eq!(whole_log(&live).unwrap(), vec![live.clone()]);
+        let newer = dir.path().join("audit-20260309T140000123.jsonl");
+        let older = dir.path().join("audit-20260101T000000000.jsonl");
+        std::fs::write(&newer, b"").unwrap();
+        std::fs::write(&older, b"").unwrap();
+        std::fs::write(dir.path().join("other.jsonl"), b"").unwrap();
+        // Rotated files without the live one (removed, or not yet reopened).
+        assert_eq!(
+            whole_log(&live).unwrap(),
+            vec![older.clone(), newer.clone()]
+        );
+        std::fs::write(&live, b"").unwrap();
+        let all = vec![older, newer, live.clone()];
+        assert_eq!(log_files(&live).unwrap(), all);
+        assert_eq!(whole_log(&live).unwrap(), all);
+        // A log in a missing directory has no files; it is not an error.
+        let gone = dir.path().join("missing").join("audit.jsonl");
+        assert!(log_files(&gone).unwrap().is_empty());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn log_files_of_an_unreadable_directory_is_a_list_error_naming_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("locked");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o000)).unwrap();
+        let listed = log_files(&sub.join("audit.jsonl"));
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o700)).unwrap();
+        if std::fs::read_dir(&sub).is_ok() && listed.is_ok() {
+            return; // running as root: permissions are not enforced
+        }
+        let err = listed.unwrap_err();
+        assert!(
+            matches!(&err, ScanError::List { source, .. } if source.kind() == io::ErrorKind::PermissionDenied),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("locked") && msg.contains("readable"), "{msg}");
+    }
+
+    #[test]
+    fn create_export_makes_a_private_file_or_truncates_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("export.jsonl");
+        std::fs::write(&out, b"old content").unwrap();
+        let mut f = create_export(&out).unwrap();
+        f.write_all(b"new").unwrap();
+        drop(f);
+        assert_eq!(std::fs::read(&out).unwrap(), b"new");
+        let fresh = dir.path().join("fresh.csv");
+        drop(create_export(&fresh).unwrap());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        }
+        let err = create_export(&dir.path().join("no").join("dir.csv")).unwrap_err();
+        assert!(
+            matches!(&err, ScanError::Create { source, .. } if source.kind() == io::ErrorKind::NotFound),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("dir.csv") && msg.contains("choose another output file"),
+            "{msg}"
+        );
     }
 
     // ---- internals ----

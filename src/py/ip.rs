@@ -31,12 +31,9 @@ impl PyIpMatcher {
     }
 
     fn check(&self, ip: &str) -> Option<&'static str> {
-        match crate::ipmatch::parse_addr(ip) {
-            None => Some("unparsable"),
-            Some(addr) => match self.0.check(addr) {
-                IpDecision::Allowed => None,
-                IpDecision::Denied(reason) => Some(reason.as_str()),
-            },
+        match self.0.check_str(ip) {
+            IpDecision::Allowed => None,
+            IpDecision::Denied(reason) => Some(reason.as_str()),
         }
     }
 

@@ -4,7 +4,6 @@
 //! refusing what JSON cannot hold; the `write_py_*` writers render Python objects
 //! straight into the bytes of an audit line (`audit.rs`), never failing.
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use serde_json::{Map, Value};
@@ -229,7 +228,9 @@ pub(super) fn write_py_key(buf: &mut Vec<u8>, k: &Bound<'_, PyAny>) {
 /// JSON cannot hold.
 pub(super) fn py_to_json(obj: &Bound<'_, PyAny>, depth: u32) -> PyResult<Value> {
     if depth > 64 {
-        return Err(PyValueError::new_err("value nested deeper than 64 levels"));
+        return Err(crate::errors::invalid_argument(
+            "value nested deeper than 64 levels: flatten it (JSON depth is limited to 64)",
+        ));
     }
     if obj.is_none() {
         return Ok(Value::Null);
@@ -259,7 +260,7 @@ pub(super) fn py_to_json(obj: &Bound<'_, PyAny>, depth: u32) -> PyResult<Value> 
             let key = match k.cast::<PyString>() {
                 Ok(s) => s.to_str()?.to_owned(),
                 Err(_) => {
-                    return Err(PyTypeError::new_err(format!(
+                    return Err(crate::errors::wrong_type(format!(
                         "dictionary keys must be strings, got {}",
                         k.get_type().name()?
                     )))

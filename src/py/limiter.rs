@@ -2,9 +2,10 @@
 //! (`rate/__init__.py`) and the Redis limiter (`rate/redis.py`): `Rate` and
 //! `parse_rate` (also used by `config.py`), `Refusal`, `Gcra` and `Limiter`.
 
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+
+use crate::errors::invalid_argument;
 
 use crate::limiter::{parse_rate, BucketStatus, Decision, Gcra, Limiter, LimiterStatus, Rate};
 
@@ -72,7 +73,7 @@ impl PyRefusal {
     #[staticmethod]
     fn unavailable(retry_after: f64) -> PyResult<Self> {
         if !(retry_after.is_finite() && retry_after >= 0.0) {
-            return Err(PyValueError::new_err(format!(
+            return Err(invalid_argument(format!(
                 "retry_after must be a finite number of seconds >= 0, got {retry_after}"
             )));
         }
@@ -167,7 +168,7 @@ impl PyGcra {
             "global" => "global",
             "tool" => "tool",
             other => {
-                return Err(PyValueError::new_err(format!(
+                return Err(invalid_argument(format!(
                     "unknown refusal scope {other:?}; expected 'per_key', 'global' or 'tool'"
                 )))
             }

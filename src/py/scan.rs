@@ -8,18 +8,21 @@
 use std::path::PathBuf;
 
 use chrono::{DateTime, TimeZone, Utc};
-use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString};
 
 use super::audit::chain_key;
 use super::json::json_to_py;
+use crate::audit::scan::{
+    create_export, log_files, scan_paths, whole_log, OutputFormat, ScanFilter,
+};
 use crate::audit::{AuditQuery, AuditRecord, Status};
+use crate::errors::{audit_read_error, invalid_argument, wrong_type};
 
 /// Unix seconds to an instant truncated to the millisecond (as stored timestamps are).
 fn query_instant(secs: f64, what: &str) -> PyResult<DateTime<Utc>> {
     let bad = || {
-        PyValueError::new_err(format!(
+        invalid_argument(format!(
             "{what} must be a Unix time in seconds within years 1..9999, got {secs}"
         ))
     };
@@ -105,29 +108,6 @@ impl std::io::Write for ScanOut {
     }
 }
 
-fn scan_error(e: crate::audit::scan::ScanError) -> PyErr {
-    use crate::audit::scan::ScanError as E;
-    use pyo3::exceptions::{
-        PyBrokenPipeError, PyFileNotFoundError, PyIsADirectoryError, PyKeyboardInterrupt,
-        PyOSError, PyPermissionError,
-    };
-    let msg = e.to_string();
-    match &e {
-        E::Open { source, .. } => match source.kind() {
-            std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
-            std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),
-            _ => PyOSError::new_err(msg),
-        },
-        E::IsADirectory { .. } => PyIsADirectoryError::new_err(msg),
-        E::Write { source } if source.kind() == std::io::ErrorKind::BrokenPipe => {
-            PyBrokenPipeError::new_err(msg)
-        }
-        E::Interrupted { .. } => PyKeyboardInterrupt::new_err(msg),
-        E::EmptyRange { .. } => PyValueError::new_err(msg),
-        _ => PyOSError::new_err(msg),
-    }
-}
-
 /// Filters a JSONL audit log in one streaming pass (constant memory, the GIL released),
 /// writing matching lines as JSONL or CSV to `out`: a path (created, mode 0600, or
 /// truncated) or a binary stream with `write(bytes)`. `path` may be a list of files,
@@ -150,13 +130,12 @@ pub(super) fn audit_scan<'py>(
     header: bool,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    use crate::audit::scan::{scan_paths, OutputFormat, ScanFilter};
     let (paths, _) = log_paths(path)?;
     let format = match format {
         "jsonl" => OutputFormat::Jsonl,
         "csv" => OutputFormat::Csv { header },
         other => {
-            return Err(PyValueError::new_err(format!(
+            return Err(invalid_argument(format!(
                 "format must be 'jsonl' or 'csv', got {other:?}"
             )))
         }
@@ -164,24 +143,13 @@ pub(super) fn audit_scan<'py>(
     let filter = ScanFilter {
         key,
         tool,
-        status: status
-            .map(str::parse::<Status>)
-            .transpose()
-            .map_err(|e| PyValueError::new_err(e.to_string()))?,
+        status: status.map(str::parse::<Status>).transpose()?,
         since: since.map(|s| query_instant(s, "since")).transpose()?,
         until: until.map(|s| query_instant(s, "until")).transpose()?,
         limit,
     };
     let mut sink = if let Ok(p) = out.extract::<PathBuf>() {
-        let file = py.detach(|| {
-            let mut o = std::fs::OpenOptions::new();
-            o.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
-            o.open(&p).map_err(|e| {
-                pyo3::exceptions::PyOSError::new_err(format!("cannot write {}: {e}", p.display()))
-            })
-        })?;
+        let file = py.detach(|| create_export(&p))?;
         ScanOut::File(std::io::BufWriter::with_capacity(1 << 20, file))
     } else if out.hasattr("write")? {
         ScanOut::Stream {
@@ -189,7 +157,7 @@ pub(super) fn audit_scan<'py>(
             failed: None,
         }
     } else {
-        return Err(PyTypeError::new_err(format!(
+        return Err(wrong_type(format!(
             "out must be a path or a binary stream with write(), got {}",
             out.get_type().name()?
         )));
@@ -223,10 +191,10 @@ pub(super) fn audit_scan<'py>(
             return Err(e);
         }
     }
-    let stats = result.0.map_err(scan_error)?;
+    let stats = result.0?;
     result
         .1
-        .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("writing the output: {e}")))?;
+        .map_err(|source| crate::audit::scan::ScanError::Write { source })?;
     let d = PyDict::new(py);
     d.set_item("lines", stats.lines)?;
     d.set_item("matched", stats.matched)?;
@@ -246,34 +214,17 @@ fn log_paths(path_or_paths: &Bound<'_, PyAny>) -> PyResult<(Vec<PathBuf>, bool)>
             return Ok((list, false));
         }
     }
-    Err(PyTypeError::new_err(format!(
+    Err(wrong_type(format!(
         "expected a path or a list of paths, got {}",
         path_or_paths.get_type().name()?
     )))
-}
-
-fn io_to_py(e: &std::io::Error, msg: String) -> PyErr {
-    use pyo3::exceptions::{
-        PyFileNotFoundError, PyIsADirectoryError, PyOSError, PyPermissionError,
-    };
-    match e.kind() {
-        std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
-        std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),
-        std::io::ErrorKind::IsADirectory => PyIsADirectoryError::new_err(msg),
-        _ => PyOSError::new_err(msg),
-    }
 }
 
 /// Every file of the JSONL audit log at `path`, oldest first: its rotated files
 /// (`<stem>-<yyyymmddTHHMMSSmmm><ext>` beside it), then `path` itself if it exists.
 #[pyfunction]
 pub(super) fn audit_log_files(py: Python<'_>, path: PathBuf) -> PyResult<Vec<String>> {
-    let files = py.detach(|| crate::audit::log_files(&path)).map_err(|e| {
-        io_to_py(
-            &e,
-            format!("cannot list the audit log files of {}: {e}", path.display()),
-        )
-    })?;
+    let files = py.detach(|| log_files(&path))?;
     Ok(files.iter().map(|p| p.display().to_string()).collect())
 }
 
@@ -318,7 +269,7 @@ pub(super) fn audit_spool_read<'py>(
     let read = py
         .detach(|| crate::audit::spool::read_spool(&path, ino, offset, room))
         .map_err(|e| {
-            io_to_py(
+            audit_read_error(
                 &e,
                 format!("cannot read the audit spool file {}: {e}", path.display()),
             )
@@ -347,31 +298,14 @@ pub(super) fn audit_verify<'py>(
     path_or_paths: &Bound<'py, PyAny>,
     key: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let (given, whole_log) = log_paths(path_or_paths)?;
+    let (given, whole_log_given) = log_paths(path_or_paths)?;
     let key = chain_key(key)?;
-    let (paths, report) = py
-        .detach(move || {
-            let paths = if whole_log {
-                let live = &given[0];
-                let mut files = crate::audit::rotated_files(live).map_err(|e| {
-                    crate::audit::AuditError::Read {
-                        path: live.clone(),
-                        source: e,
-                    }
-                })?;
-                if live.exists() || files.is_empty() {
-                    files.push(live.clone());
-                }
-                files
-            } else {
-                given
-            };
-            crate::audit::verify_files(&paths, key.as_ref()).map(|r| (paths, r))
-        })
-        .map_err(|e| match &e {
-            crate::audit::AuditError::Read { source, .. } => io_to_py(source, e.to_string()),
-            _ => PyErr::from(e),
-        })?;
+    let paths = if whole_log_given {
+        py.detach(|| whole_log(&given[0]))?
+    } else {
+        given
+    };
+    let report = py.detach(|| crate::audit::verify_files(&paths, key.as_ref()))?;
     let d = PyDict::new(py);
     d.set_item("ok", report.is_ok())?;
     d.set_item("events", report.events)?;
@@ -433,12 +367,9 @@ pub(super) fn audit_query<'py>(
     until: Option<f64>,
     limit: i64,
 ) -> PyResult<Vec<Bound<'py, PyDict>>> {
-    let status = status
-        .map(str::parse::<Status>)
-        .transpose()
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let status = status.map(str::parse::<Status>).transpose()?;
     let limit = usize::try_from(limit)
-        .map_err(|_| PyValueError::new_err(format!("limit must be >= 0, got {limit}")))?;
+        .map_err(|_| invalid_argument(format!("limit must be >= 0, got {limit}")))?;
     let q = AuditQuery {
         key_id,
         key_name,

@@ -56,7 +56,7 @@ from urllib.parse import urlsplit
 
 from fastmcp_guard._core import AuditSink, AuditWriter, audit_log_files, audit_spool_read
 from fastmcp_guard._util import ca_file_problem, mask_url
-from fastmcp_guard.errors import ConfigError
+from fastmcp_guard.errors import ArgumentTypeError, ConfigError
 
 __all__ = [
     "SIGNATURE_HEADER",
@@ -333,7 +333,9 @@ class HttpShipper:
         """Spool one event (``AuditWriter.log``'s positional order); ``False`` if dropped.
         Standalone only: a shared spool is fed by the log's writer."""
         if isinstance(self._writer, AuditSink):
-            raise TypeError("this spool is fed by its audit log's writer: log through it")
+            raise ArgumentTypeError(
+                "this spool is fed by its audit log's writer: log through the AuditLog"
+            )
         return self._writer.log(*fields)
 
     def flush(self) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fastmcp_guard._core import IPMatcher
+from fastmcp_guard._core import ArgumentTypeError, IPMatcher
 
 __all__ = ["IPPolicy"]
 
@@ -50,7 +50,10 @@ class IPPolicy:
     ) -> None:
         for name, value in (("allow", allow), ("deny", deny), ("trusted_proxies", trusted_proxies)):
             if isinstance(value, str):
-                raise TypeError(f"IPPolicy({name}=...) takes a list of strings, not one string")
+                raise ArgumentTypeError(
+                    f"IPPolicy({name}=...) takes a list of strings, not one string: "
+                    f"write {name}=[{value!r}]"
+                )
         self.allow = list(allow or [])
         self.deny = list(deny or [])
         self.trusted_proxies = list(trusted_proxies or [])

@@ -152,6 +152,9 @@ class KeyStore:
     ) -> None:
         self.backend = backend
         self._dsn = dsn
+        #: The failure budgets in force (the HTTP layer names the one that refused in
+        #: its 429's ``RateLimit-Policy``).
+        self.limits = limits if limits is not None else VerifyLimits()
         #: Where lifecycle events (created / rotated / revoked) go; set by ``Guard``.
         self.audit: AuditLog | None = None
         opts: dict[str, Any] = {

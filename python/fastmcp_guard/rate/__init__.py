@@ -26,7 +26,7 @@ from mcp import MCPError
 
 from fastmcp_guard._core import Limiter, Refusal, parse_rate
 from fastmcp_guard._util import mask_url
-from fastmcp_guard.errors import ConfigError
+from fastmcp_guard.errors import ConfigError, GuardError
 
 if TYPE_CHECKING:
     from fastmcp_guard.rate.redis import BackendErrorPolicy, RedisLimiter
@@ -60,11 +60,13 @@ RefusalInfo = Refusal
 RATE_LIMITED_CODE = 429
 
 
-class RateLimitExceeded(ToolError):
+class RateLimitExceeded(GuardError, ToolError):
     """A call was refused by a rate limit.
 
-    Raised as a tool error so that the client (and the model) reads the message;
-    the numbers are also on the exception and in the result's structured content.
+    Raised as a tool error (FastMCP's ``ToolError``) so that the client (and the model)
+    reads the message; the numbers are also on the exception (``retry_after``,
+    ``reset_after``, ``scope``, ``limit``) and in the result's structured content. Like
+    every error of fastmcp-guard it is a :class:`~fastmcp_guard.errors.GuardError`.
     """
 
     def __init__(self, refusal: RefusalInfo, tool: str | None = None) -> None:
