@@ -450,12 +450,8 @@ class AuditLog:
     def _query_now(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         assert self._sqlite is not None  # checked by query()
         self._sqlite.flush()
-        try:
-            return audit_query(self._sqlite.path, **args)
-        except ValueError as exc:  # a bad status name or limit
-            if isinstance(exc, GuardError):
-                raise
-            raise ConfigError(str(exc)) from None
+        # A bad status name or limit: InvalidArgumentError from the core.
+        return audit_query(self._sqlite.path, **args)
 
     def flush(self) -> None:
         """Block until everything enqueued so far is written (by every backend)."""
