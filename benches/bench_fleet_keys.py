@@ -76,6 +76,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))  # tests.fleet: the fixtures' server classes
 
 import fastmcp_guard._core as core
+from _baseline import baseline_package
 from bench_guard import (
     cpu_model,
     interleave,
@@ -396,34 +397,6 @@ def bench_uncached(args: argparse.Namespace, stores: dict[str, KeyStore]) -> Non
 # ---------------------------------------------------------------------------------------
 # (4) argon2id runs under churn: one global epoch (baseline) vs per-key epochs
 # ---------------------------------------------------------------------------------------
-
-
-def baseline_package(ref: str) -> Path:
-    """fastmcp-guard built (release) from commit ``ref`` and installed into
-    ``.cache/bench-baseline/<commit>``, once; the directory goes first on ``sys.path``."""
-
-    def git(*args: str) -> bytes:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True,
-                              check=True).stdout  # fmt: skip
-
-    sha = git("rev-parse", "--verify", f"{ref}^{{commit}}").decode().strip()
-    dest = ROOT / ".cache" / "bench-baseline" / sha
-    if (dest / "fastmcp_guard").is_dir():
-        return dest
-    print(f"  building the baseline, commit {sha[:10]} (release; once) ...", flush=True)
-    with tempfile.TemporaryDirectory(prefix="fmg-baseline-") as tmp:
-        src, dist = Path(tmp) / "src", Path(tmp) / "dist"
-        src.mkdir()
-        subprocess.run(["tar", "-x", "-C", str(src)], input=git("archive", sha), check=True)
-        env = dict(os.environ, CARGO_TARGET_DIR=str(ROOT / "target" / "bench-baseline"))
-        maturin = Path(sys.executable).parent / "maturin"
-        subprocess.run([str(maturin), "build", "--release", "-q", "-o", str(dist), "-m",
-                        str(src / "Cargo.toml")], env=env, check=True)  # fmt: skip
-        wheel = next(dist.glob("*.whl"))
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                        "--disable-pip-version-check", "--target", str(dest), str(wheel)],
-                       check=True)  # fmt: skip
-    return dest
 
 
 class Churn:

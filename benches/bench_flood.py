@@ -75,6 +75,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))  # the tests' token helpers
 
+from _baseline import baseline_package
+
 from tests.integration.test_http_more import with_checksum
 from tests.security._tokens import wrong_secret
 
@@ -198,7 +200,7 @@ def section_rss(args: argparse.Namespace) -> list[list[str]]:
             f"{args.rss_threads} threads (default argon2id cost, real key id, wrong secrets)")  # fmt: skip
     variants: list[tuple[str, Path | None]] = [("this build: fixed hashing pool", None)]
     if not args.no_baseline:
-        base = Path(args.baseline_path) if args.baseline_path else baseline(args.baseline_ref)
+        base = Path(args.baseline_path) if args.baseline_path else baseline_package(args.baseline_ref)
         variants.append((f"baseline {args.baseline_ref}: argon2 in the calling thread", base))
     rows, summary = [], []
     for label, package in variants:
@@ -218,12 +220,6 @@ def section_rss(args: argparse.Namespace) -> list[list[str]]:
     print("RSS before: after the manager is made, before the key is created (its hash runs on")
     print("the pool too). argon2 runs: verifications that really hashed (a 'busy' one did not).")
     return summary
-
-
-def baseline(ref: str) -> Path:
-    from bench_fleet_keys import baseline_package
-
-    return baseline_package(ref)
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,6 +18,13 @@ Sections (see benches/README.md for what each table means):
 
 Every figure is a median over interleaved rounds (A B C A B C ...); ratios are
 computed from numbers measured in this run.
+
+    .venv/bin/python benches/bench_guard.py --against 2466e5b --against-path DIR
+
+times (a), (c) and (d) on this checkout and on the guard built from commit 2466e5b
+(built once, release, into DIR), in the same run, and prints this/2466e5b ratios. The
+old build runs in worker processes (this file with ``--worker``) and its own server
+process: two ``fastmcp_guard._core`` extensions cannot share a process.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import gc
 import importlib.metadata as md
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -219,6 +227,305 @@ def timed_loop(fn: Callable[..., Any], args: tuple[Any, ...], n: int) -> Callabl
 
 
 # ---------------------------------------------------------------------------------------
+# --against: the same timed code on another build, in worker processes
+# ---------------------------------------------------------------------------------------
+
+#: The (a) cases timed on both builds, in the order of the comparison table.
+COMPARED_OPS = ("empty", "verify", "verifier", "rate", "rate_mw", "ip", "audit", "auditlog")
+#: (a) the cache TTL of the KeyManager whose cached verify is timed.
+CACHE_TTL_S = 24 * 3600.0
+#: The (c) servers run by each worker.
+COMPARED_INPROC = ("bare", "guard", "guard+key")
+
+
+class GuardOps:
+    """The guard's side of (a): the core objects and one timed case per operation, using
+    only calls that both this tree and the baseline commits have, or branching on what the
+    loaded package has (a case it cannot make is left out and listed in ``missing``).
+
+    ``drain``: flush the audit writers before each timed audit round (outside the timing)
+    and size their queues for one round, so that every round measures the enqueue path
+    (the workers of ``--against``: a faster writer must not make the drop path look cheap)."""
+
+    def __init__(self, tmp: Path, n: int, drain: bool = False) -> None:
+        from fastmcp_guard import RateLimit
+        from fastmcp_guard.audit import AuditLog, FileBackend
+
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.missing: dict[str, str] = {}
+        cap = {"queue_capacity": n + 1} if drain else {}
+        # A long cache TTL: a run outlasts the default 60 s, and a verify_cached of an
+        # expired entry returns None at once (a miss would be timed as a hit).
+        self.km = core.KeyManager.memory(cache_ttl_seconds=CACHE_TTL_S)
+        _info, token = self.km.create("bench", scopes=["read:data"], metadata={"team": "data"})
+        self.km.verify(token, None)
+        assert self.km.verify_cached(token) is not None
+        lim = core.Limiter(per_key=HIGH, global_limit=HIGH)
+        assert lim.check("fmg_key_3kQxY7bT0pLm9ZaW") is None
+        ipm = core.IPMatcher(allow=IP_ALLOW, deny=IP_DENY)
+        assert ipm.is_allowed(IP_PROBE) and not ipm.is_allowed("10.99.0.1")
+        self.alog = AuditLog(backend=FileBackend(str(tmp / "auditlog-ops.jsonl"), **cap))
+        self.writer: Any = None
+        try:  # the positional core writer of issues 1-10 (the audit rewrite may replace it)
+            self.writer = core.AuditWriter(str(tmp / "audit-ops.jsonl"), **cap)
+            self.writer.log(*TYPICAL_LOG_ARGS)
+        except (AttributeError, TypeError, ValueError) as exc:
+            self.writer = None
+            self.missing["audit"] = f"core.AuditWriter(path).log(11 positional): {exc}"
+
+        # The rate check as the middleware makes it: 0.3 before issue 11 called the core
+        # limiter (``rate.core.check``) when ``rate.is_local``; issue 11 gives RateLimit a
+        # synchronous ``check`` returning a decision (0.2's coroutine before that).
+        rl = RateLimit(per_key=HIGH, global_limit=HIGH)
+        rate_mw: Callable[..., Any]
+        if asyncio.iscoroutinefunction(RateLimit.check):
+            rate_mw = rl.core.check
+        else:
+            rate_mw = rl.check
+        self.cases: dict[str, Callable[[], float]] = {
+            "empty": timed_loop(lambda: None, (), n),
+            "verify": self._still_cached(timed_loop(self.km.verify_cached, (token,), n), token),
+            "rate": timed_loop(lim.check, ("fmg_key_3kQxY7bT0pLm9ZaW",), n),
+            "rate_mw": timed_loop(rate_mw, ("fmg_key_3kQxY7bT0pLm9ZaW", "get_data"), n),
+            "ip": timed_loop(ipm.is_allowed, (IP_PROBE,), n),
+            "auditlog": self._drained(self._auditlog_case(n), self.alog) if drain
+            else self._auditlog_case(n),
+        }  # fmt: skip
+        try:
+            from fastmcp_guard.keys.verifier import access_token_for
+
+            def verifier_hot_path(tok: str) -> Any:
+                return access_token_for(tok, self.km.verify_cached(tok))
+
+            self.cases["verifier"] = timed_loop(verifier_hot_path, (token,), n)
+        except ImportError as exc:
+            self.missing["verifier"] = f"keys.verifier.access_token_for: {exc}"
+        if self.writer is not None:
+            audit = timed_loop(self.writer.log, TYPICAL_LOG_ARGS, n)
+            self.cases["audit"] = self._drained(audit, self.writer) if drain else audit
+
+    def _still_cached(self, case: Callable[[], float], token: str) -> Callable[[], float]:
+        def run() -> float:
+            ns = case()
+            if self.km.verify_cached(token) is None:
+                raise RuntimeError("the verified token left the cache: the round timed misses")
+            return ns
+
+        return run
+
+    @staticmethod
+    def _drained(case: Callable[[], float], writer: Any) -> Callable[[], float]:
+        def run() -> float:
+            writer.flush()
+            return case()
+
+        return run
+
+    def _auditlog_case(self, n: int) -> Callable[[], float]:
+        T = TYPICAL
+
+        def run() -> float:
+            log = self.alog.log
+            t = time.perf_counter_ns()
+            for _ in repeat(None, n):
+                log(
+                    "ok",
+                    key_id=T["key_id"],
+                    key_name=T["key_name"],
+                    tool=T["tool"],
+                    scopes=T["scopes"],
+                    duration_ms=T["duration_ms"],
+                    error=None,
+                    input_args=T["input_args"],
+                    output_preview=T["output_preview"],
+                    client_ip=T["client_ip"],
+                    metadata=T["metadata"],
+                )
+            return (time.perf_counter_ns() - t) / n
+
+        return run
+
+    def close(self) -> dict[str, int]:
+        """Close everything; the core writer's counters (the AuditLog's without it)."""
+        stats = dict(self.alog.stats())
+        if self.writer is not None:
+            stats = dict(self.writer.stats())
+            self.writer.close()
+        self.alog.close()
+        self.km.close()
+        return stats
+
+
+class Worker:
+    """This file run again as ``--worker SECTION`` in its own process, with ``package``
+    (a baseline build) first on its path, or none (this checkout's build, from .venv).
+    It sets up the same cases as this process and runs one when asked: the parent runs
+    them inside its own interleaved rounds, so both builds see the same moments of the
+    machine. Two ``fastmcp_guard._core`` extensions cannot share one process."""
+
+    def __init__(self, section: str, tag: str, label: str, package: Path | None,
+                 args: argparse.Namespace, tmp: Path) -> None:  # fmt: skip
+        self.tag, self.label = tag, label
+        self.dir = tmp / f"worker-{section}-{tag}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [*([str(package)] if package else []), str(HERE)])}  # fmt: skip
+        env.pop("FASTMCP_GUARD_KEY", None)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", section,
+               "--worker-dir", str(self.dir), "--ops-calls", str(args.ops_calls),
+               "--inproc-calls", str(args.inproc_calls)]  # fmt: skip
+        self.stderr = open(self.dir / "stderr.txt", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True, bufsize=1, cwd=self.dir,
+                                     env=env)  # fmt: skip
+        hello = self._read()
+        self.core_file: str = hello["core"]
+        self.build: str = hello["build"]
+        self.cases: list[str] = hello["cases"]
+        self.missing: dict[str, str] = hello["missing"]
+
+    def _read(self) -> Any:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"worker {self.label} exited:\n"
+                               f"{(self.dir / 'stderr.txt').read_text()[-3000:]}")  # fmt: skip
+        return json.loads(line)
+
+    def run(self, case: str) -> Any:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(case + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> Any:
+        """Ask the worker to close its objects; what it reports (its audit counters)."""
+        if self.proc.poll() is None:
+            try:
+                return self.run("quit")
+            finally:
+                self.proc.wait(30)
+                self.stderr.close()
+        return None
+
+
+def against_package(args: argparse.Namespace) -> Path:
+    """The baseline directory of ``--against`` / ``--against-path`` (built once)."""
+    from _baseline import baseline_package
+
+    if args.against_path and not args.against:
+        path = Path(args.against_path)
+        if not (path / "fastmcp_guard").is_dir():
+            raise SystemExit(f"--against-path {path}: no fastmcp_guard package there "
+                             "(give --against REF as well to build it there)")  # fmt: skip
+        return path
+    return baseline_package(args.against, Path(args.against_path) if args.against_path else None)
+
+
+def start_workers(section: str, args: argparse.Namespace, tmp: Path) -> list[Worker]:
+    """With ``--against``: a worker of this checkout's build and one of the baseline's."""
+    if args.against_dir is None or core is None:
+        return []
+    return [Worker(section, "this", "this checkout", None, args, tmp),
+            Worker(section, "ref", f"@{args.against_label}", args.against_dir, args, tmp)]  # fmt: skip
+
+
+def run_pair(workers: list[Worker], name: str, out: dict[str, list[Any]]) -> Callable[[], float]:
+    """A case of ``interleave``: run ``name`` in both workers, one right after the other,
+    the first one first in even rounds and second in odd ones (so that neither build is
+    always the one that runs just after the other); their figures go to ``out``."""
+    turn = [0]
+
+    def run() -> float:
+        order = workers if turn[0] % 2 == 0 else workers[::-1]
+        turn[0] += 1
+        for w in order:
+            out.setdefault(f"{w.tag}:{name}", []).append(
+                w.run(name) if name in w.cases else float("nan")
+            )
+        return 0.0
+
+    return run
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, str]:
+    """Median of the per-round ratios a/b, and the ratios themselves."""
+    rs = [x / y for x, y in zip(a, b, strict=True) if y and not (math.isnan(x) or math.isnan(y))]
+    if not rs:
+        return float("nan"), "-"
+    return med(rs), " ".join(f"{x:.2f}" for x in rs)
+
+
+def compare_header(what: str, workers: list[Worker]) -> None:
+    print()
+    print(f"Against {workers[1].label}: {what}, each build in its own worker process "
+          f"(identical but for the package on its path), its rounds interleaved with the ones "
+          f"above; load average now {loadavg()}.")  # fmt: skip
+    for w in workers:
+        print(f"  {w.tag:>4}: {w.label}: {w.core_file} ({w.build})")
+    for w in workers:
+        for k, why in w.missing.items():
+            print(f"  {w.label} has no case {k!r}: {why}")
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    """``--worker a|c``: set up that section's guard cases, say which, then run each case
+    named on stdin and answer with its figure as one JSON line; ``quit`` closes."""
+    logging.getLogger("fastmcp_guard.audit").setLevel(logging.ERROR)
+    tmp = Path(args.worker_dir)
+    hello: dict[str, Any] = {"core": core.__file__, "build": so_build(core.__file__)}
+    if args.worker == "a":
+        ops = GuardOps(tmp, args.ops_calls, drain=True)
+        cases = ops.cases
+        hello.update(cases=list(cases), missing=ops.missing)
+        print(json.dumps(hello), flush=True)
+        for line in sys.stdin:
+            name = line.strip()
+            if name == "quit":
+                print(json.dumps(ops.close()), flush=True)
+                return 0
+            gc.collect()
+            print(json.dumps(cases[name]()), flush=True)
+        return 0
+    from fastmcp import Client
+
+    servers, guards = inproc_servers(tmp, COMPARED_INPROC)
+    n = args.inproc_calls
+
+    async def serve() -> int:
+        loop = asyncio.get_running_loop()
+        async with contextlib.AsyncExitStack() as stack:
+            clients = {k: await stack.enter_async_context(Client(s)) for k, s in servers.items()}
+            for c in clients.values():
+                for _ in range(50):
+                    await c.call_tool("echo", {"text": "hi"})
+            hello.update(cases=list(clients), missing={})
+            print(json.dumps(hello), flush=True)
+            while True:
+                name = (await loop.run_in_executor(None, sys.stdin.readline)).strip()
+                if name in ("quit", ""):
+                    break
+                gc.collect()
+                call = clients[name].call_tool
+                c0 = time.process_time()
+                t = time.perf_counter()
+                for _ in repeat(None, n):
+                    await call("echo", {"text": "hi"})
+                wall = (time.perf_counter() - t) / n * 1e6
+                print(json.dumps([wall, (time.process_time() - c0) / n * 1e6]), flush=True)
+        stats = {}
+        for kind, g in guards.items():
+            g.close()
+            if g.audit is not None:
+                stats[kind] = dict(g.audit.stats())
+        print(json.dumps(stats), flush=True)
+        return 0
+
+    return asyncio.run(serve())
+
+
+# ---------------------------------------------------------------------------------------
 # (a) core operations from Python
 # ---------------------------------------------------------------------------------------
 
@@ -278,56 +585,14 @@ def bench_core_ops(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
         "twin_audit": twin_audit_case,
     }
 
-    if core is not None:
-        from fastmcp_guard.audit import AuditLog, FileBackend
-        from fastmcp_guard.keys.verifier import access_token_for
-
-        km = core.KeyManager.memory()
-        _info, token = km.create("bench", scopes=["read:data"], metadata={"team": "data"})
-        km.verify(token, None)
-        assert km.verify_cached(token) is not None
-
-        def verifier_hot_path(tok: str) -> Any:
-            return access_token_for(tok, km.verify_cached(tok))
-
-        lim = core.Limiter(per_key=HIGH, global_limit=HIGH)
-        assert lim.check("fmg_key_3kQxY7bT0pLm9ZaW") is None
-        ipm = core.IPMatcher(allow=IP_ALLOW, deny=IP_DENY)
-        assert ipm.is_allowed(IP_PROBE) and not ipm.is_allowed("10.99.0.1")
-        writer = core.AuditWriter(str(tmp / "audit-ops.jsonl"))
-        alog = AuditLog(backend=FileBackend(str(tmp / "auditlog-ops.jsonl")))
-        T = TYPICAL
-        wargs = TYPICAL_LOG_ARGS
-
-        def alog_case() -> float:
-            log = alog.log
-            t = time.perf_counter_ns()
-            for _ in repeat(None, n):
-                log(
-                    "ok",
-                    key_id=T["key_id"],
-                    key_name=T["key_name"],
-                    tool=T["tool"],
-                    scopes=T["scopes"],
-                    duration_ms=T["duration_ms"],
-                    error=None,
-                    input_args=T["input_args"],
-                    output_preview=T["output_preview"],
-                    client_ip=T["client_ip"],
-                    metadata=T["metadata"],
-                )
-            return (time.perf_counter_ns() - t) / n
-
-        cases.update(
-            {
-                "ours_verify": timed_loop(km.verify_cached, (token,), n),
-                "ours_verifier": timed_loop(verifier_hot_path, (token,), n),
-                "ours_rate": timed_loop(lim.check, ("fmg_key_3kQxY7bT0pLm9ZaW",), n),
-                "ours_ip": timed_loop(ipm.is_allowed, (IP_PROBE,), n),
-                "ours_audit": timed_loop(writer.log, wargs, n),
-                "ours_auditlog": alog_case,
-            }
-        )
+    ops = GuardOps(tmp / "ops", n) if core is not None else None
+    if ops is not None:
+        cases.update({f"ours_{k}": fn for k, fn in ops.cases.items()})
+    workers = start_workers("a", args, tmp)
+    against: dict[str, list[float]] = {}
+    for name in COMPARED_OPS:
+        if workers:
+            cases[f"against:{name}"] = run_pair(workers, name, against)
     r = interleave(cases, rounds)
     loop.close()
     audit02.close()
@@ -395,36 +660,38 @@ def bench_core_ops(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
         rows,
         "lrlrrl",
     )
-    if core is not None:
+    if ops is not None:
         print()
         print(
             "Hot-path wrappers around the same calls (what the middleware/verifier actually run):"
         )
+
+        def wrapper(label: str, key: str, under: str) -> list[str]:
+            if key not in m:
+                return [label, "n/a", ops.missing.get(key.removeprefix("ours_"), "-")]
+            extra = f"+{m[key] - m[under]:,.0f} ns" if under in m else "-"
+            return [label, ns_fmt(m[key]), extra]
+
         table(
             ["call", "ns/call", "vs core call"],
             [
-                [
-                    "GuardTokenVerifier path: verify_cached + access_token_for",
-                    ns_fmt(m["ours_verifier"]),
-                    f"+{m['ours_verifier'] - m['ours_verify']:,.0f} ns",
-                ],
-                [
-                    "AuditLog.log (Python wrapper, keyword args)",
-                    ns_fmt(m["ours_auditlog"]),
-                    f"+{m['ours_auditlog'] - m['ours_audit']:,.0f} ns",
-                ],
+                wrapper("GuardTokenVerifier path: verify_cached + access_token_for",
+                        "ours_verifier", "ours_verify"),
+                wrapper("RateLimit check as the middleware makes it (in process)",
+                        "ours_rate_mw", "ours_rate"),
+                wrapper("AuditLog.log (Python wrapper, keyword args)", "ours_auditlog",
+                        "ours_audit"),
             ],
             "lrr",
-        )
-        st = writer.stats()
-        writer.close()
-        alog.close()
+        )  # fmt: skip
+        st = ops.close()
         print(
             f"(AuditWriter during these rounds: enqueued {st['enqueued']:,}, dropped {st['dropped']:,})"
         )
-        km.close()
     else:
         print(f"ours: skipped ({GUARD_IMPORT_ERROR})")
+    if workers:
+        compare_ops(workers, against, n, rounds)
 
     # -- audit at a request-like rate -------------------------------------------------------
     if core is not None:
@@ -527,6 +794,41 @@ def bench_core_ops(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     )
     print("waiter's wake-up (it is scheduled on the other thread's loop).")
     return res
+
+
+def compare_ops(workers: list[Worker], r: dict[str, list[float]], n: int, rounds: int) -> None:
+    """(a) --against: each operation on the two builds, and this/ref per round."""
+    closing = {w.tag: w.close() or {} for w in workers}
+    this, ref = workers
+    compare_header(f"(a) the same calls, {n:,} per round, {rounds} rounds", workers)
+    labels = {
+        "empty": "empty loop (no guard: the workers' noise floor)",
+        "verify": "cached verify: KeyManager.verify_cached",
+        "verifier": "verifier path: verify_cached + access_token_for",
+        "rate": "rate check: Limiter.check (per-key+global)",
+        "rate_mw": "rate check as the middleware makes it",
+        "ip": f"IP check: IPMatcher.is_allowed({IP_PROBE})",
+        "audit": "audit enqueue: AuditWriter.log (11 positional)",
+        "auditlog": "audit: AuditLog.log (keyword args)",
+    }
+    rows = []
+    for k in COMPARED_OPS:
+        a, b = r[f"this:{k}"], r[f"ref:{k}"]
+        if k not in this.cases or k not in ref.cases:
+            rows.append([labels[k], ns_fmt(med(a)) if k in this.cases else "n/a",
+                         ns_fmt(med(b)) if k in ref.cases else "n/a", "not comparable", "-"])  # fmt: skip
+            continue
+        ratio, per_round = paired(a, b)
+        rows.append([labels[k], ns_fmt(med(a)), ns_fmt(med(b)), f"{ratio:.3f}x", per_round])
+    table(["call", "this", ref.label, "this/ref", "per round"], rows, "lrrrl")
+    print(
+        "ns per call, loop overhead included; this/ref: median of the per-round ratios. The audit"
+    )
+    print("rows flush the writer before each round (outside the timing) and queue a round without")
+    print("dropping: they measure the enqueue path on both builds.")
+    for tag, st in closing.items():
+        print(f"  audit counters of the {tag} worker: enqueued {st.get('enqueued', '-')}, "
+              f"dropped {st.get('dropped', '-')}")  # fmt: skip
 
 
 def trickle_audit(args: argparse.Namespace, tmp: Path) -> None:
@@ -992,58 +1294,25 @@ def _echo_server(name: str) -> Any:
     return mcp
 
 
-def bench_inprocess(args: argparse.Namespace, tmp: Path) -> None:
-    section("(c) in process: fastmcp.Client(mcp), one-line tool, us per call")
-    from fastmcp import Client
-    from fastmcp.server.middleware.logging import StructuredLoggingMiddleware
-    from fastmcp.server.middleware.rate_limiting import RateLimitingMiddleware
+def inproc_servers(tmp: Path, kinds: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (c) servers named in ``kinds``, in that order, and the guards among them. Only
+    public API that fastmcp-guard has had since 0.3 (the ``--against`` workers use it)."""
+    servers: dict[str, Any] = {}
+    guards: dict[str, Any] = {}
+    for kind in kinds:
+        mcp = servers[kind] = _echo_server(kind)
+        if kind == "fastmcp-own":
+            from fastmcp.server.middleware.logging import StructuredLoggingMiddleware
+            from fastmcp.server.middleware.rate_limiting import RateLimitingMiddleware
 
-    n, rounds = args.inproc_calls, args.rounds_inproc
-    servers: dict[str, Any] = {"bare": _echo_server("bare")}
-
-    own = _echo_server("fastmcp-own")
-    lg = logging.getLogger("bench.structured")
-    lg.propagate = False
-    lg.setLevel(logging.INFO)
-    lg.addHandler(logging.FileHandler(tmp / "structured.log"))
-    own.add_middleware(RateLimitingMiddleware(max_requests_per_second=1e9, burst_capacity=10**9))
-    own.add_middleware(StructuredLoggingMiddleware(logger=lg))
-    servers["fastmcp-own"] = own
-
-    guards = []
-    if core is not None:
-        from fastmcp_guard import AuditLog, FileBackend, Guard, IPPolicy, KeyStore, RateLimit
-
-        g = _echo_server("guard")
-        guards.append(
-            Guard(
-                g,
-                rate_limit=RateLimit(per_key=HIGH, global_limit=HIGH),
-                ip=IPPolicy(allow=IP_ALLOW, deny=IP_DENY),
-                audit=AuditLog(backend=FileBackend(str(tmp / "inproc-audit.jsonl"))),
-            )
-        )
-        servers["guard"] = g
-
-        gk = _echo_server("guard-key")
-        ks = KeyStore(backend="memory")
-        key = ks.create(name="alice", scopes=["read:data"])
-        os.environ["FASTMCP_GUARD_KEY"] = key.token or ""
-        try:
-            guards.append(
-                Guard(
-                    gk,
-                    keys=ks,
-                    rate_limit=RateLimit(per_key=HIGH, global_limit=HIGH),
-                    ip=IPPolicy(allow=IP_ALLOW, deny=IP_DENY),
-                    audit=AuditLog(backend=FileBackend(str(tmp / "inproc-audit-key.jsonl"))),
-                )
-            )
-        finally:
-            del os.environ["FASTMCP_GUARD_KEY"]
-        servers["guard+key"] = gk
-
-        if args.breakdown:
+            lg = logging.getLogger("bench.structured")
+            lg.propagate = False
+            lg.setLevel(logging.INFO)
+            lg.addHandler(logging.FileHandler(tmp / "structured.log"))
+            mcp.add_middleware(RateLimitingMiddleware(max_requests_per_second=1e9,
+                                                      burst_capacity=10**9))  # fmt: skip
+            mcp.add_middleware(StructuredLoggingMiddleware(logger=lg))
+        elif kind == "empty-mw":
             from fastmcp.server.middleware import Middleware
 
             class EmptyMiddleware(Middleware):
@@ -1056,23 +1325,52 @@ def bench_inprocess(args: argparse.Namespace, tmp: Path) -> None:
                 async def on_get_prompt(self, context: Any, call_next: Any) -> Any:
                     return await call_next(context)
 
-            em = _echo_server("empty-mw")
-            em.add_middleware(EmptyMiddleware())
-            servers["empty-mw"] = em
-            gn = _echo_server("guard-noaudit")
-            guards.append(
-                Guard(
-                    gn,
-                    rate_limit=RateLimit(per_key=HIGH, global_limit=HIGH),
-                    ip=IPPolicy(allow=IP_ALLOW, deny=IP_DENY),
-                )
-            )
-            servers["guard-noaudit"] = gn
-            ga = _echo_server("guard-auditonly")
-            guards.append(
-                Guard(ga, audit=AuditLog(backend=FileBackend(str(tmp / "inproc-audit-only.jsonl"))))
-            )
-            servers["guard-auditonly"] = ga
+            mcp.add_middleware(EmptyMiddleware())
+        elif kind != "bare":
+            guards[kind] = _inproc_guard(kind, mcp, tmp)
+    return servers, guards
+
+
+def _inproc_guard(kind: str, mcp: Any, tmp: Path) -> Any:
+    from fastmcp_guard import AuditLog, FileBackend, Guard, IPPolicy, KeyStore, RateLimit
+
+    def audit(name: str) -> Any:
+        return AuditLog(backend=FileBackend(str(tmp / f"{name}.jsonl")))
+
+    def limits() -> dict[str, Any]:
+        return {"rate_limit": RateLimit(per_key=HIGH, global_limit=HIGH),
+                "ip": IPPolicy(allow=IP_ALLOW, deny=IP_DENY)}  # fmt: skip
+
+    if kind == "guard":
+        return Guard(mcp, **limits(), audit=audit("inproc-audit"))
+    if kind == "guard+key":
+        ks = KeyStore(backend="memory")
+        key = ks.create(name="alice", scopes=["read:data"])
+        os.environ["FASTMCP_GUARD_KEY"] = key.token or ""
+        try:
+            return Guard(mcp, keys=ks, **limits(), audit=audit("inproc-audit-key"))
+        finally:
+            del os.environ["FASTMCP_GUARD_KEY"]
+    if kind == "guard-noaudit":
+        return Guard(mcp, **limits())
+    if kind == "guard-auditonly":
+        return Guard(mcp, audit=audit("inproc-audit-only"))
+    raise ValueError(f"unknown in-process server {kind!r}")
+
+
+def bench_inprocess(args: argparse.Namespace, tmp: Path) -> None:
+    section("(c) in process: fastmcp.Client(mcp), one-line tool, us per call")
+    from fastmcp import Client
+
+    n, rounds = args.inproc_calls, args.rounds_inproc
+    kinds: tuple[str, ...] = ("bare", "fastmcp-own")
+    if core is not None:
+        kinds += ("guard", "guard+key")
+        if args.breakdown:
+            kinds += ("empty-mw", "guard-noaudit", "guard-auditonly")
+    servers, guard_of = inproc_servers(tmp, kinds)
+    guards = list(guard_of.values())
+    workers = start_workers("c", args, tmp)
 
     async def main() -> dict[str, list[float]]:
         async with contextlib.AsyncExitStack() as stack:
@@ -1091,9 +1389,13 @@ def bench_inprocess(args: argparse.Namespace, tmp: Path) -> None:
                         await call("echo", {"text": "hi"})
                     out[k].append((time.perf_counter() - t) / n * 1e6)
                     cpu[k].append((time.process_time() - c0) / n * 1e6)
+                for k in COMPARED_INPROC:  # --against: the two builds, side by side
+                    pairs[k]()
             return out
 
     cpu: dict[str, list[float]] = {k: [] for k in servers}
+    against: dict[str, list[tuple[float, float]]] = {}
+    pairs = {k: run_pair(workers, k, against) for k in COMPARED_INPROC}
     r = asyncio.run(main())
     for g in guards:
         g.close()
@@ -1153,6 +1455,8 @@ def bench_inprocess(args: argparse.Namespace, tmp: Path) -> None:
         rows,
         "lrrrrrr",
     )
+    if workers:
+        compare_inproc(workers, against, n, rounds)
     if "guard" in m:
         added = dw["guard"]
         SUMMARY.append(
@@ -1165,11 +1469,45 @@ def bench_inprocess(args: argparse.Namespace, tmp: Path) -> None:
         )
 
 
+def compare_inproc(workers: list[Worker], figures: dict[str, list[tuple[float, float]]],
+                   n: int, rounds: int) -> None:  # fmt: skip
+    """(c) --against: each server of the two workers, and this/ref per round."""
+    wall = {k: [f[0] for f in v] for k, v in figures.items()}
+    cpu = {k: [f[1] for f in v] for k, v in figures.items()}
+    closing = {w.tag: w.close() or {} for w in workers}
+    ref = workers[1]
+    compare_header(f"(c) the same servers, {n:,} calls per round, {rounds} rounds", workers)
+    labels = {"bare": "bare FastMCP (no guard: the workers' noise floor)",
+              "guard": "Guard: limits + IP + audit (local caller)",
+              "guard+key": "Guard: same + FASTMCP_GUARD_KEY (cached verify per call)"}  # fmt: skip
+    rows = []
+    for k in COMPARED_INPROC:
+        a, b = wall[f"this:{k}"], wall[f"ref:{k}"]
+        ca, cb = cpu[f"this:{k}"], cpu[f"ref:{k}"]
+        ratio, per_round = paired(a, b)
+        cratio, _ = paired(ca, cb)
+        rows.append([labels[k], f"{med(a):.1f}", f"{med(b):.1f}", f"{ratio:.3f}x",
+                     f"{med(ca):.1f}", f"{med(cb):.1f}", f"{cratio:.3f}x", per_round])  # fmt: skip
+        if k != "bare":
+            SUMMARY.append((f"(c) {k}: this / {ref.label} (wall, paired)", "<= 1.05x",
+                            f"{ratio:.3f}x", verdict(ratio <= 1.05)))  # fmt: skip
+    table(["server", "this us/call", f"{ref.label} us/call", "this/ref",
+           "this CPU us", f"{ref.label} CPU us", "CPU this/ref", "wall this/ref per round"],
+          rows, "lrrrrrrl")  # fmt: skip
+    print("this/ref: median of the per-round ratios (both builds in the same round, one after the")
+    print("other); CPU is the worker's whole process (client + server + the guard's threads).")
+    for tag, st in closing.items():
+        dropped = {k: v.get("dropped", 0) for k, v in st.items()}
+        print(f"  audit events dropped in the {tag} worker: {dropped}")
+
+
 # ---------------------------------------------------------------------------------------
 # (d) over loopback HTTP
 # ---------------------------------------------------------------------------------------
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: (d) with --against: the guard server on the baseline build.
+REF = "guard@ref"
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -1185,9 +1523,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, kind: str, base: Path, profile: str | None = None) -> None:
+    """One ``_server.py`` process; ``package`` (a baseline build) goes first on its path."""
+
+    def __init__(self, kind: str, base: Path, profile: str | None = None,
+                 package: Path | None = None, name: str | None = None) -> None:  # fmt: skip
         self.kind = kind
-        self.dir = base / f"{kind}{'-' + profile if profile else ''}"
+        self.dir = base / f"{name or kind}{'-' + profile if profile else ''}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/mcp"
@@ -1203,7 +1544,8 @@ class Server:
         if profile:
             cmd += ["--profile", profile]
         self.stderr = open(self.dir / "stderr.txt", "w")  # noqa: SIM115
-        env = {**os.environ, "PYTHONPATH": str(HERE)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [*([str(package)] if package else []), str(HERE)])}  # fmt: skip
         env.pop("FASTMCP_GUARD_KEY", None)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.stderr, env=env)
         self.token = ""
@@ -1274,9 +1616,14 @@ def bench_http(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     kinds = ["bare", "static"]
     if core is not None:
         kinds.append("guard")
+        if args.against_dir is not None:
+            kinds.append(REF)
         if args.breakdown:
             kinds += ["guard-keys", "guard-noaudit"]
-    servers = {k: Server(k, tmp / "http") for k in kinds}
+    servers = {k: Server(k, tmp / "http") for k in kinds if k != REF}
+    if REF in kinds:  # the same guard server, on the baseline build
+        servers[REF] = Server("guard", tmp / "http", package=args.against_dir, name="guard-ref")
+    servers = {k: servers[k] for k in kinds}
     try:
         for s in servers.values():
             s.wait_ready()
@@ -1305,6 +1652,7 @@ def bench_http(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "guard": "Guard: keys(SQLite) + limits + IP + audit",
         "guard-keys": "Guard: keys(SQLite) only",
         "guard-noaudit": "Guard: keys(SQLite) + limits + IP, no audit",
+        REF: f"Guard @{args.against_label}: the same server, baseline build",
     }
     rows = []
     for k in kinds:
@@ -1409,20 +1757,53 @@ def bench_http(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 else ""
             )
         )
-        g = servers["guard"]
-        audit = g.dir / "audit.jsonl"
-        if audit.exists():
-            recs = [json.loads(x) for x in audit.read_text(encoding="utf-8").splitlines()]
-            calls = sum(1 for x in recs if x.get("tool") == "echo" and x.get("status") == "ok")
-            print(
-                f"Guard audit log: {len(recs):,} lines, {calls:,} of them 'ok' calls of echo, for "
-                f"{g.calls:,} tool calls made ({'every call recorded' if calls == g.calls else 'MISMATCH'}; "
-                f"other lines: {sorted({x.get('status') for x in recs if x.get('tool') != 'echo'})})"
-            )
-        for line in stats_text.get("guard", "").splitlines():
-            if line.startswith("GUARD_STATS "):
-                print("Guard counters at shutdown: " + line.removeprefix("GUARD_STATS "))
+        for k in ("guard", REF):
+            if k not in servers:
+                continue
+            g, who = servers[k], "Guard" if k == "guard" else f"Guard @{args.against_label}"
+            audit = g.dir / "audit.jsonl"
+            if audit.exists():
+                recs = [json.loads(x) for x in audit.read_text(encoding="utf-8").splitlines()]
+                calls = sum(1 for x in recs if x.get("tool") == "echo" and x.get("status") == "ok")
+                print(
+                    f"{who} audit log: {len(recs):,} lines, {calls:,} of them 'ok' calls of echo, for "
+                    f"{g.calls:,} tool calls made ({'every call recorded' if calls == g.calls else 'MISMATCH'}; "
+                    f"other lines: {sorted({x.get('status') for x in recs if x.get('tool') != 'echo'})})"
+                )
+            for line in stats_text.get(k, "").splitlines():
+                if line.startswith("GUARD_STATS "):
+                    print(f"{who} counters at shutdown: " + line.removeprefix("GUARD_STATS "))
+        if REF in kinds:
+            compare_http(args, results)
     return out
+
+
+def compare_http(args: argparse.Namespace, results: dict[str, list[dict[str, float]]]) -> None:
+    """(d) --against: the guard server on this build and on the baseline's, per round."""
+    label = args.against_label
+    print()
+    print(f"Against @{label}: the guard server (_server.py guard) on this build and on the baseline's "
+          f"({args.against_dir}), adjacent in every round above; load average now {loadavg()}.")  # fmt: skip
+    pairs = list(zip(results["guard"], results[REF], strict=True))
+    rows = []
+    for field, name, better in (("calls_s", "calls/s", "higher"), ("p50_ms", "p50 ms", "lower"),
+                                ("p99_ms", "p99 ms", "lower"),
+                                ("cpu_us", "server CPU us/call", "lower")):  # fmt: skip
+        this = med([g[field] for g, _ in pairs])
+        ref = med([b[field] for _, b in pairs])
+        ratio, per_round = paired([g[field] for g, _ in pairs], [b[field] for _, b in pairs])
+        rows.append([name, f"{this:,.3f}" if field.endswith("ms") else f"{this:,.0f}",
+                     f"{ref:,.3f}" if field.endswith("ms") else f"{ref:,.0f}",
+                     f"{ratio:.3f}x", better, per_round])  # fmt: skip
+        if field == "calls_s":
+            SUMMARY.append((f"(d) HTTP throughput this / @{label} (paired)", ">= 0.95x",
+                            f"{ratio:.3f}x", verdict(ratio >= 0.95)))  # fmt: skip
+        elif field == "cpu_us":
+            SUMMARY.append((f"(d) HTTP server CPU/call this / @{label} (paired)", "<= 1.05x",
+                            f"{ratio:.3f}x", verdict(ratio <= 1.05)))  # fmt: skip
+    table(["guard server", "this", f"@{label}", "this/ref", "better", "this/ref per round"],
+          rows, "lrrrll")  # fmt: skip
+    print("this/ref: median of the per-round ratios; medians of the rounds in the other columns.")
 
 
 # ---------------------------------------------------------------------------------------
@@ -1768,7 +2149,24 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="smaller counts (about 1.5 minutes)")
-    ap.add_argument("--sections", default="abcdef", help="which sections to run (default: abcdef)")
+    ap.add_argument(
+        "--sections", help="which sections to run (default: abcdef; acd with --against)"
+    )
+    ap.add_argument(
+        "--against",
+        metavar="REF",
+        help="(a), (c), (d): also time the guard built from commit REF, in the same run, and print "
+        "this/REF ratios (REF is built once, release, into .cache/bench-baseline/<commit>, or "
+        "into --against-path)",
+    )
+    ap.add_argument(
+        "--against-path",
+        metavar="DIR",
+        help="the baseline build's directory (a built fastmcp_guard package, as --against leaves "
+        "it); alone: use it as it is; with --against: build REF there if it is not there yet",
+    )
+    ap.add_argument("--worker", choices=["a", "c"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker-dir", help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, help="interleaved rounds for (d) (default 8; quick 3)")
     ap.add_argument(
         "--rounds-inproc", type=int, help="interleaved rounds for (c) (default 12; quick 5)"
@@ -1812,6 +2210,10 @@ def main(argv: list[str] | None = None) -> int:
         "--keep", action="store_true", help="keep the temporary directory (profiles, logs)"
     )
     args = ap.parse_args(argv)
+    if args.worker:
+        return worker_main(args)
+    against = args.against or args.against_path
+    args.sections = args.sections or ("acd" if against else "abcdef")
     q = args.quick
     args.rounds = args.rounds or (3 if q else 8)
     args.rounds_inproc = args.rounds_inproc or (5 if q else 12)
@@ -1856,6 +2258,16 @@ def main(argv: list[str] | None = None) -> int:
         f"load    : {loadavg()} (1/5/15 min load average at start; other work on the machine skews absolutes, "
         f"interleaving protects the ratios)"
     )
+
+    args.against_dir = against_package(args) if against else None
+    if args.against_dir is not None:
+        from _baseline import describe
+
+        args.against_label = describe(args.against_dir)
+        print(
+            f"against : fastmcp-guard @{args.against_label} from {args.against_dir} "
+            f"(rows marked @{args.against_label} / ref: its build, in worker and server processes)"
+        )
 
     tmp = Path(tempfile.mkdtemp(prefix="fmg-bench-"))
     try:
