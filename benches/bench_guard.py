@@ -1206,7 +1206,7 @@ def bench_every_backend(args: argparse.Namespace, tmp: Path) -> None:
         receiver.close()
     print(f"back to back, {n:,} calls per round, median of {rounds} interleaved rounds; "
           "keyword args unless said; queues sized so nothing drops; file, SQLite and the "
-          "HTTP spool share one queue and one writer thread (AuditFanout); OTel through "
+          "HTTP spool share one queue and one writer thread (one AuditWriter over their sinks); OTel through "
           "the API with no tracer provider set (a host without tracing)")  # fmt: skip
     base = mm["AuditWriter.log (foundation, positional)"]
     table(
