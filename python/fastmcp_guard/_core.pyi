@@ -149,6 +149,13 @@ class Limiter:
     def set_tool_rate(self, tool: str, rate: str | None) -> None: ...
     def check(self, key: str, tool: str | None = None) -> Refusal | None:
         """Admit (``None``) or refuse (a :class:`Refusal`) one call; a refused call consumes nothing."""
+    def set_decisions(self, admitted: object, decision: Callable[[Refusal], object]) -> None:
+        """What :meth:`decide` answers: ``admitted`` for an admitted call,
+        ``decision(refusal)`` for a refused one. Once per limiter
+        (:class:`InvalidArgumentError` the second time)."""
+    def decide(self, key_id: str, tool: str | None = None) -> object:
+        """``check``, answered with the objects given to :meth:`set_decisions`
+        (``RateLimit.check``'s ``ADMITTED`` / ``Decision``)."""
     def check_at(self, key: str, tool: str | None, now_ns: int) -> Refusal | None:
         """``check`` at an explicit time in nanoseconds (tests and simulations; one clock per limiter)."""
     def status(self, key: str) -> dict[str, Any]: ...

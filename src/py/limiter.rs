@@ -187,7 +187,11 @@ impl PyGcra {
 
 /// GCRA token buckets: per key, global, and per (key, tool).
 #[pyclass(frozen, module = "fastmcp_guard._core", name = "Limiter")]
-pub(super) struct PyLimiter(Limiter);
+pub(super) struct PyLimiter {
+    inner: Limiter,
+    /// `RateLimit`'s admitted decision and its `Decision` type, for [`Self::decide`].
+    decisions: std::sync::OnceLock<(Py<PyAny>, Py<PyAny>)>,
+}
 
 fn bucket_dict<'py>(py: Python<'py>, b: &BucketStatus) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
@@ -241,29 +245,56 @@ impl PyLimiter {
     fn new(per_key: Option<&str>, global_limit: Option<&str>) -> PyResult<Self> {
         let pk = per_key.map(parse_rate).transpose()?;
         let gl = global_limit.map(parse_rate).transpose()?;
-        Ok(PyLimiter(Limiter::new(pk, gl)))
+        Ok(PyLimiter {
+            inner: Limiter::new(pk, gl),
+            decisions: std::sync::OnceLock::new(),
+        })
     }
 
     fn set_tool_rate(&self, tool: &str, rate: Option<&str>) -> PyResult<()> {
         let r = rate.map(parse_rate).transpose()?;
-        self.0.set_tool_rate(tool, r);
+        self.inner.set_tool_rate(tool, r);
         Ok(())
     }
 
     #[pyo3(signature = (key, tool=None))]
     fn check(&self, key: &str, tool: Option<&str>) -> Option<PyRefusal> {
-        refusal(self.0.check(key, tool))
+        refusal(self.inner.check(key, tool))
+    }
+
+    /// Gives [`decide`](Self::decide) what it returns: `admitted` for an admitted call,
+    /// `decision(refusal)` for a refused one (`RateLimit`'s `ADMITTED` and `Decision`).
+    /// Once per limiter.
+    fn set_decisions(&self, admitted: Py<PyAny>, decision: Py<PyAny>) -> PyResult<()> {
+        self.decisions.set((admitted, decision)).map_err(|_| {
+            crate::errors::invalid_argument("this limiter's decisions are set already")
+        })
+    }
+
+    /// `check` answered as `RateLimit.check` answers: the objects given to
+    /// `set_decisions` (no Python frame on the request path).
+    #[pyo3(signature = (key_id, tool=None))]
+    fn decide(&self, py: Python<'_>, key_id: &str, tool: Option<&str>) -> PyResult<Py<PyAny>> {
+        let Some((admitted, decision)) = self.decisions.get() else {
+            return Err(crate::errors::invalid_argument(
+                "call set_decisions(admitted, decision) before decide()",
+            ));
+        };
+        match refusal(self.inner.check(key_id, tool)) {
+            None => Ok(admitted.clone_ref(py)),
+            Some(r) => decision.call1(py, (r,)),
+        }
     }
 
     /// `check` at an explicit time (nanoseconds on one clock of the caller's choosing; never
     /// mix it with `check` on one limiter). For tests and simulations.
     #[pyo3(signature = (key, tool, now_ns))]
     fn check_at(&self, key: &str, tool: Option<&str>, now_ns: u64) -> Option<PyRefusal> {
-        refusal(self.0.check_at(key, tool, now_ns))
+        refusal(self.inner.check_at(key, tool, now_ns))
     }
 
     fn status<'py>(&self, py: Python<'py>, key: &str) -> PyResult<Bound<'py, PyDict>> {
-        status_dict(py, &self.0.status(key))
+        status_dict(py, &self.inner.status(key))
     }
 
     /// `status` at an explicit time (see `check_at`).
@@ -273,14 +304,14 @@ impl PyLimiter {
         key: &str,
         now_ns: u64,
     ) -> PyResult<Bound<'py, PyDict>> {
-        status_dict(py, &self.0.status_at(key, now_ns))
+        status_dict(py, &self.inner.status_at(key, now_ns))
     }
     fn reset(&self, key: &str) {
-        self.0.reset(key);
+        self.inner.reset(key);
     }
 
     /// Keys that have buckets now (seen and not yet evicted as idle), sorted.
     fn tracked_keys(&self) -> Vec<String> {
-        self.0.tracked_keys()
+        self.inner.tracked_keys()
     }
 }

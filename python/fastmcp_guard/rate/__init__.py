@@ -253,6 +253,11 @@ class RateLimit:
             )  # fmt: skip
         elif on_backend_error != "allow":
             raise ConfigError("on_backend_error applies to RateLimit(backend='redis') only")
+        else:
+            # In process, ``check`` is the core's own method: it answers with ADMITTED or a
+            # Decision itself, so the request path pays no Python frame for the wrapper.
+            self._core.set_decisions(ADMITTED, Decision)
+            self.check = self._core.decide  # type: ignore[method-assign]
 
     @property
     def core(self) -> Limiter:
@@ -297,7 +302,8 @@ class RateLimit:
         away: ``await decision.settle()`` gives the refusal or ``None``.
 
         fastmcp-guard 0.2's ``await check(key_id=...)`` still works: awaiting the decision
-        gives ``True`` if the call was admitted."""
+        gives ``True`` if the call was admitted. In process, each instance's ``check`` is
+        the core limiter's ``decide`` (the same answers, no Python frame)."""
         if self._remote is None:
             refusal = self._core.check(key_id, tool)
             return ADMITTED if refusal is None else Decision(refusal)
