@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use serde_json::{Map, Value};
@@ -17,7 +16,9 @@ use serde_json::{Map, Value};
 use super::json::{map_to_py, py_to_json};
 use crate::errors::{self, Exc};
 use crate::hashing::{CachedKey, Now};
-use crate::keystore::{CacheLookup, FailThrottle, KeyError, KeyManager, KeyRecord, ManagerOptions};
+use crate::keystore::{
+    grace_from_secs, CacheLookup, FailThrottle, KeyError, KeyManager, KeyRecord, ManagerOptions,
+};
 
 fn ts_to_f64(ts: DateTime<Utc>) -> f64 {
     #[allow(clippy::cast_precision_loss, reason = "Unix seconds as a Python float")]
@@ -47,7 +48,7 @@ fn f64_to_ts(secs: f64, what: &str) -> PyResult<DateTime<Utc>> {
 
 fn secs(d: f64, what: &str) -> PyResult<Duration> {
     Duration::try_from_secs_f64(d).map_err(|_| {
-        PyValueError::new_err(format!(
+        errors::invalid_argument(format!(
             "{what} must be a non-negative number of seconds, got {d}"
         ))
     })
@@ -199,7 +200,7 @@ impl PyVerifyLimits {
     ) -> PyResult<Self> {
         let window = secs(failure_window_seconds, "failure_window_seconds")?;
         if window.is_zero() {
-            return Err(PyValueError::new_err(
+            return Err(errors::invalid_argument(
                 "failure_window_seconds must be greater than 0",
             ));
         }
@@ -433,17 +434,7 @@ impl PyKeyManager {
         key_id: &str,
         grace_seconds: f64,
     ) -> PyResult<(PyKeyInfo, String)> {
-        if !grace_seconds.is_finite() || grace_seconds < 0.0 {
-            return Err(errors::new_err(
-                Exc::InvalidKeyInput,
-                format!("grace period must be >= 0, got {grace_seconds}"),
-            ));
-        }
-        #[allow(
-            clippy::cast_possible_truncation,
-            reason = "grace periods are far below i64 ms"
-        )]
-        let grace = chrono::Duration::milliseconds((grace_seconds * 1000.0).round() as i64);
+        let grace = grace_from_secs(grace_seconds)?;
         let m = Arc::clone(&self.0);
         let id = key_id.to_owned();
         let (rec, token) = py.detach(move || m.rotate(&id, grace))?;
