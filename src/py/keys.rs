@@ -3,6 +3,13 @@
 //! `KeyManager.external`, see `src/pystore.rs`): `KeyManager`, `KeyInfo`, `Identity`
 //! (what the verifier and `guard.py` see) and `VerifyLimits`. Argon2id, `SQLite` and the
 //! store calls run with the GIL released; a cache hit stays attached.
+//!
+//! An `Identity` is a verified-token cache entry. The verifier attaches the FastMCP
+//! `AccessToken` it builds to that entry (`Identity.attach`) and finds it on the next hit
+//! (`Identity.attached`): the Python object lives in the core's cache entry and goes with
+//! it, so tokens live in one place (the cache), keyed by their digest. An entry dropped
+//! without the GIL (by a revocation, or the background thread) hands its object to PyO3's
+//! deferred reference pool, released the next time any thread attaches.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -81,6 +88,23 @@ impl PyIdentity {
     fn expires_at(&self) -> Option<f64> {
         #[allow(clippy::cast_precision_loss, reason = "Unix seconds as a Python float")]
         self.0.valid_until.map(|ms| ms as f64 / 1000.0)
+    }
+    /// The object attached to this entry (the verifier's `AccessToken`), or `None`.
+    #[getter]
+    fn attached(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.0
+            .attachment
+            .get::<Py<PyAny>>()
+            .map(|obj| obj.clone_ref(py))
+    }
+    /// Attaches `obj` to this entry unless an object is attached already, and returns the
+    /// attached one (the first attach wins). It lives as long as the entry.
+    fn attach(&self, py: Python<'_>, obj: Py<PyAny>) -> Py<PyAny> {
+        let given = obj.clone_ref(py);
+        self.0
+            .attachment
+            .get_or_attach(obj)
+            .map_or(given, |attached| attached.clone_ref(py))
     }
     fn __repr__(&self) -> String {
         format!(
