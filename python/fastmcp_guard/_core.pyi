@@ -184,7 +184,7 @@ class Identity:
         ``AccessToken``), or ``None``. It leaves the cache with the entry."""
     def attach(self, obj: object) -> Any:
         """Attaches ``obj`` to this entry unless one is attached already; returns the
-        attached object (the first attach wins)."""
+        attached object (the first attach wins). ``obj`` must not hold the Identity."""
 
 @final
 class KeyInfo:

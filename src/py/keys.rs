@@ -98,7 +98,8 @@ impl PyIdentity {
             .map(|obj| obj.clone_ref(py))
     }
     /// Attaches `obj` to this entry unless an object is attached already, and returns the
-    /// attached one (the first attach wins). It lives as long as the entry.
+    /// attached one (the first attach wins). It lives as long as the entry, so it must not
+    /// hold the `Identity` (a cycle the garbage collector cannot see).
     fn attach(&self, py: Python<'_>, obj: Py<PyAny>) -> Py<PyAny> {
         let given = obj.clone_ref(py);
         self.0
