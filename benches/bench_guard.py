@@ -231,7 +231,8 @@ def timed_loop(fn: Callable[..., Any], args: tuple[Any, ...], n: int) -> Callabl
 # ---------------------------------------------------------------------------------------
 
 #: The (a) cases timed on both builds, in the order of the comparison table.
-COMPARED_OPS = ("empty", "verify", "verifier", "rate", "rate_mw", "ip", "audit", "auditlog")
+COMPARED_OPS = ("empty", "verify", "verifier", "verify_token", "rate", "rate_mw", "ip", "audit",
+                "auditlog")  # fmt: skip
 #: (a) the cache TTL of the KeyManager whose cached verify is timed.
 CACHE_TTL_S = 24 * 3600.0
 #: The (c) servers run by each worker.
@@ -266,6 +267,7 @@ class GuardOps:
         assert ipm.is_allowed(IP_PROBE) and not ipm.is_allowed("10.99.0.1")
         self.alog = AuditLog(backend=FileBackend(str(tmp / "auditlog-ops.jsonl"), **cap))
         self.writer: Any = None
+        self.vstore: Any = None
         try:  # the positional core writer of issues 1-10 (the audit rewrite may replace it)
             self.writer = core.AuditWriter(str(tmp / "audit-ops.jsonl"), **cap)
             self.writer.log(*TYPICAL_LOG_ARGS)
@@ -298,11 +300,67 @@ class GuardOps:
                 return access_token_for(tok, self.km.verify_cached(tok))
 
             self.cases["verifier"] = timed_loop(verifier_hot_path, (token,), n)
+            try:
+                self._verifier_rows(token, n, access_token_for)
+            except Exception as exc:  # noqa: BLE001 - another build: leave the rows out
+                self.missing["verify_token"] = f"GuardTokenVerifier.verify_token: {exc!r}"
         except ImportError as exc:
             self.missing["verifier"] = f"keys.verifier.access_token_for: {exc}"
         if self.writer is not None:
             audit = timed_loop(self.writer.log, TYPICAL_LOG_ARGS, n)
             self.cases["audit"] = self._drained(audit, self.writer) if drain else audit
+
+    def _verifier_rows(self, token: str, n: int, access_token_for: Any) -> None:
+        """The verifier's cache hit three ways: with the dict of AccessTokens keyed by the
+        raw token it kept before issue 11, with the AccessToken attached to the core's
+        cache entry (issue 11), and the real ``GuardTokenVerifier.verify_token``."""
+        ident0 = self.km.verify_cached(token)
+        dict_tokens = {token: (ident0.key_id, ident0.expires_at, access_token_for(token, ident0))}
+
+        def verifier_dict_path(tok: str) -> Any:
+            ident = self.km.verify_cached(tok)
+            if ident is not None:
+                hit = dict_tokens.get(tok)
+                if hit is not None and hit[0] == ident.key_id and hit[1] == ident.expires_at:
+                    return hit[2]
+            return None
+
+        assert verifier_dict_path(token) is not None
+        self.cases["verifier_dict"] = timed_loop(verifier_dict_path, (token,), n)
+        if not hasattr(ident0, "attach"):
+            self.missing["verifier_attached"] = "Identity.attach: not in this build"
+        else:
+            ident0.attach(access_token_for(token, ident0))
+
+            def verifier_attached_path(tok: str) -> Any:
+                ident = self.km.verify_cached(tok)
+                return None if ident is None else ident.attached
+
+            assert verifier_attached_path(token) is verifier_attached_path(token) is not None
+            self.cases["verifier_attached"] = timed_loop(verifier_attached_path, (token,), n)
+        del ident0
+        # The verifier itself: its coroutine completes without suspending on a cache hit.
+        from fastmcp import FastMCP
+        from fastmcp_guard import Guard, KeyStore
+
+        self.vstore = KeyStore(backend="memory", cache_ttl_seconds=CACHE_TTL_S)
+        vguard = Guard(FastMCP("bench"), keys=self.vstore)
+        vtoken = str(self.vstore.create("bench", scopes=["read:data"]).token)
+        assert vguard.verifier is not None
+        verify_token = vguard.verifier.verify_token
+
+        def real_verifier(tok: str) -> Any:
+            coro = verify_token(tok)
+            try:
+                coro.send(None)
+            except StopIteration as done:
+                return done.value
+            coro.close()
+            raise AssertionError("verify_token suspended on a cache hit")
+
+        asyncio.run(verify_token(vtoken))  # first use: argon2 on a thread
+        assert real_verifier(vtoken) is not None
+        self.cases["verify_token"] = timed_loop(real_verifier, (vtoken,), n)
 
     def _still_cached(self, case: Callable[[], float], token: str) -> Callable[[], float]:
         def run() -> float:
@@ -353,6 +411,8 @@ class GuardOps:
             self.writer.close()
         self.alog.close()
         self.km.close()
+        if self.vstore is not None:
+            self.vstore.close()
         return stats
 
 
@@ -675,8 +735,14 @@ def bench_core_ops(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
         table(
             ["call", "ns/call", "vs core call"],
             [
-                wrapper("GuardTokenVerifier path: verify_cached + access_token_for",
+                wrapper("verify_cached + access_token_for (AccessToken built every time)",
                         "ours_verifier", "ours_verify"),
+                wrapper("verify_cached + dict of AccessTokens by raw token (before issue 11)",
+                        "ours_verifier_dict", "ours_verify"),
+                wrapper("verify_cached + Identity.attached (the verifier now)",
+                        "ours_verifier_attached", "ours_verify"),
+                wrapper("GuardTokenVerifier.verify_token, cache hit (coroutine driven inline)",
+                        "ours_verify_token", "ours_verify"),
                 wrapper("RateLimit check as the middleware makes it (in process)",
                         "ours_rate_mw", "ours_rate"),
                 wrapper("AuditLog.log (Python wrapper, keyword args)", "ours_auditlog",
@@ -804,7 +870,8 @@ def compare_ops(workers: list[Worker], r: dict[str, list[float]], n: int, rounds
     labels = {
         "empty": "empty loop (no guard: the workers' noise floor)",
         "verify": "cached verify: KeyManager.verify_cached",
-        "verifier": "verifier path: verify_cached + access_token_for",
+        "verifier": "verify_cached + access_token_for (built every time)",
+        "verify_token": "GuardTokenVerifier.verify_token, cache hit",
         "rate": "rate check: Limiter.check (per-key+global)",
         "rate_mw": "rate check as the middleware makes it",
         "ip": f"IP check: IPMatcher.is_allowed({IP_PROBE})",

@@ -202,6 +202,13 @@ class Identity:
     def metadata(self) -> dict[str, Any]: ...
     @property
     def expires_at(self) -> float | None: ...
+    @property
+    def attached(self) -> Any:
+        """The object attached to this verified token's cache entry (the verifier's
+        ``AccessToken``), or ``None``. It leaves the cache with the entry."""
+    def attach(self, obj: object) -> Any:
+        """Attaches ``obj`` to this entry unless one is attached already; returns the
+        attached object (the first attach wins). ``obj`` must not hold the Identity."""
 
 @final
 class KeyInfo:

@@ -1,7 +1,8 @@
 //! The cache of verified tokens: a valid key costs microseconds after its first use.
 
+use std::any::Any;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -30,6 +31,39 @@ pub struct CachedKey {
     /// Store revision of the record this entry was built from (0: unknown, i.e. older
     /// than any change): a change notice for an older revision leaves it alone.
     pub revision: u64,
+    /// What the layer above built from this entry (the Python binding: the FastMCP
+    /// `AccessToken`), so that it is built once per entry and goes with it.
+    pub attachment: Attachment,
+}
+
+/// One object attached to a [`CachedKey`] by the layer above, built from the entry once
+/// and reused while the entry is served.
+///
+/// It lives exactly as long as its entry: every way an entry leaves the cache (its key
+/// revoked, rotated or changed in the store, the TTL, eviction, a clear) drops the
+/// attachment with it, and a re-verified token gets a new entry with an empty attachment.
+/// So nothing built from an entry can outlive it in the cache, and the attachments are
+/// bounded by the cache's capacity.
+///
+/// Each entry is dropped after the cache's locks are released (see
+/// [`VerifiedCache`]): dropping an attachment may run code of the layer above.
+#[derive(Debug, Default)]
+pub struct Attachment(OnceLock<Box<dyn Any + Send + Sync>>);
+
+impl Attachment {
+    /// The attached object, if one of type `T` is attached.
+    #[must_use]
+    pub fn get<T: Any>(&self) -> Option<&T> {
+        self.0.get()?.downcast_ref()
+    }
+
+    /// Attaches `value` unless an object is attached already (the first attach wins; a
+    /// later `value` is dropped). Returns the attached object, `None` if it is not a `T`.
+    pub fn get_or_attach<T: Any + Send + Sync>(&self, value: T) -> Option<&T> {
+        // `set` fails when another attach came first: `value` is dropped, theirs is kept.
+        drop(self.0.set(Box::new(value)));
+        self.get()
+    }
 }
 
 impl CachedKey {
@@ -52,6 +86,7 @@ impl CachedKey {
             inserted,
             last_touch_ms: AtomicI64::new(i64::MIN),
             revision: 0,
+            attachment: Attachment::default(),
         }
     }
 
@@ -95,6 +130,9 @@ pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
 ///   Because entries are placed by a keyed random digest, "arbitrary" is effectively random
 ///   (random eviction; no LRU bookkeeping on the read path).
 /// * Capacity 0 disables caching.
+/// * An entry's [`Attachment`] goes with it, however it leaves. Removed entries are dropped
+///   after the locks are released, so dropping an attachment (the binding's Python object)
+///   may use the cache again.
 #[derive(Debug)]
 pub struct VerifiedCache {
     map: DashMap<TokenDigest, Arc<CachedKey>, DigestBuildHasher>,
@@ -209,10 +247,12 @@ impl VerifiedCache {
             }
             return false;
         }
-        self.map.insert(digest, entry);
+        let replaced = self.map.insert(digest, entry);
         if !slot.contains(&digest) {
             slot.push(digest);
         }
+        drop(slot);
+        drop(replaced);
         true
     }
 
@@ -222,16 +262,15 @@ impl VerifiedCache {
     /// read the [`epoch`](Self::epoch) before) from caching their result.
     pub fn invalidate_key(&self, key_id: &str) -> usize {
         self.record_change(key_id);
-        let mut removed = 0;
+        let mut removed = Vec::new();
         if let Some(mut slot) = self.index.get_mut(key_id) {
             for digest in slot.drain(..) {
-                if self.map.remove(&digest).is_some() {
-                    removed += 1;
-                }
+                removed.extend(self.map.remove(&digest).map(|(_, entry)| entry));
             }
         }
         self.index.remove_if(key_id, |_, v| v.is_empty());
-        removed
+        // The entries (and their attachments) are dropped here, with no lock held.
+        removed.len()
     }
 
     /// Applies a change notice: removes the entries of `key_id` built from a record
@@ -241,21 +280,22 @@ impl VerifiedCache {
     /// result. Returns how many were removed.
     pub fn invalidate_key_before(&self, key_id: &str, revision: u64) -> usize {
         self.record_change(key_id);
-        let mut removed = 0;
+        let mut removed = Vec::new();
         if let Some(mut slot) = self.index.get_mut(key_id) {
             slot.retain(|digest| {
                 let stale = self
                     .map
                     .get(digest)
                     .is_none_or(|entry| entry.revision < revision);
-                if stale && self.map.remove(digest).is_some() {
-                    removed += 1;
+                if stale {
+                    removed.extend(self.map.remove(digest).map(|(_, entry)| entry));
                 }
                 !stale
             });
         }
         self.index.remove_if(key_id, |_, v| v.is_empty());
-        removed
+        // The entries (and their attachments) are dropped here, with no lock held.
+        removed.len()
     }
 
     /// Removes everything, and stops every verification in flight (of any key) from caching
@@ -266,9 +306,16 @@ impl VerifiedCache {
         // The floor now covers these; a concurrent invalidation's later number stays.
         self.changed.retain(|_, at| *at > n);
         // Inserts hold an index shard lock while touching the map, so clearing the index
-        // first waits for them; the map is cleared after.
+        // first waits for them; the map is emptied after (an insert that comes later was
+        // refused, or read its epoch after this clear). The entries are removed one by
+        // one and dropped after, with no lock held.
         self.index.clear();
-        self.map.clear();
+        let digests: Vec<TokenDigest> = self.map.iter().map(|e| *e.key()).collect();
+        let removed: Vec<Arc<CachedKey>> = digests
+            .iter()
+            .filter_map(|digest| self.map.remove(digest).map(|(_, entry)| entry))
+            .collect();
+        drop(removed);
     }
 
     /// Number of cached entries (including expired ones not yet evicted).
@@ -317,18 +364,22 @@ impl VerifiedCache {
         self.changed.retain(|_, at| *at > cutoff);
     }
 
-    /// Removes one entry, keeping the index consistent (index slot locked first).
-    fn remove_digest(&self, digest: &TokenDigest, key_id: &str) {
-        if let Some(mut slot) = self.index.get_mut(key_id) {
-            self.map.remove(digest);
+    /// Removes one entry, keeping the index consistent (index slot locked first). Returns
+    /// it, for the caller to drop once no lock is held.
+    #[must_use]
+    fn remove_digest(&self, digest: &TokenDigest, key_id: &str) -> Option<Arc<CachedKey>> {
+        let removed = if let Some(mut slot) = self.index.get_mut(key_id) {
             slot.retain(|d| d != digest);
+            self.map.remove(digest)
         } else {
-            self.map.remove(digest);
-        }
+            self.map.remove(digest)
+        };
         self.index.remove_if(key_id, |_, v| v.is_empty());
+        removed.map(|(_, entry)| entry)
     }
 
     fn make_room(&self, now: Instant) {
+        let mut evicted = Vec::new();
         let ttl = self.ttl;
         let expired: Vec<(TokenDigest, String)> = self
             .map
@@ -337,13 +388,13 @@ impl VerifiedCache {
             .map(|e| (*e.key(), e.key_id.clone()))
             .collect();
         for (digest, key_id) in &expired {
-            self.remove_digest(digest, key_id);
+            evicted.extend(self.remove_digest(digest, key_id));
         }
         while self.map.len() >= self.capacity {
             // The iterator (and its shard lock) is dropped at the end of this statement.
             let victim = self.map.iter().next().map(|e| (*e.key(), e.key_id.clone()));
             match victim {
-                Some((digest, key_id)) => self.remove_digest(&digest, &key_id),
+                Some((digest, key_id)) => evicted.extend(self.remove_digest(&digest, &key_id)),
                 None => break,
             }
         }
@@ -355,6 +406,7 @@ impl VerifiedCache {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
+    use std::sync::{mpsc, Weak};
     use std::thread;
 
     fn entry(key_id: &str, now: Now, valid_until: Option<i64>) -> Arc<CachedKey> {
@@ -366,6 +418,121 @@ mod tests {
             valid_until,
             now.instant,
         ))
+    }
+
+    /// An attachment that notes when it is dropped, and then uses the cache (as a Python
+    /// object's finaliser may): that would deadlock if it were dropped under a cache lock.
+    struct Probe {
+        dropped: Arc<AtomicBool>,
+        cache: Weak<VerifiedCache>,
+        digest: TokenDigest,
+        key_id: String,
+    }
+
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            if let Some(cache) = self.cache.upgrade() {
+                let _ = cache.get(&self.digest, Now::system());
+                cache.invalidate_key(&self.key_id);
+            }
+            self.dropped.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Attaches a [`Probe`] to the entry of `d`; the flag it sets when dropped.
+    fn probe(cache: &Arc<VerifiedCache>, d: TokenDigest, now: Now) -> Arc<AtomicBool> {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let entry = cache.get(&d, now).unwrap();
+        let p = Probe {
+            dropped: Arc::clone(&dropped),
+            cache: Arc::downgrade(cache),
+            digest: d,
+            key_id: entry.key_id.clone(),
+        };
+        assert!(entry.attachment.get_or_attach(p).is_some());
+        dropped
+    }
+
+    #[test]
+    fn the_first_attach_wins_and_is_shared_by_every_hit() {
+        let cache = VerifiedCache::default();
+        let now = Now::system();
+        cache.insert(digest(1), entry("k", now, None));
+        let hit = cache.get(&digest(1), now).unwrap();
+        assert_eq!(hit.attachment.get::<u32>(), None);
+        assert_eq!(hit.attachment.get_or_attach(7u32), Some(&7));
+        assert_eq!(hit.attachment.get_or_attach(8u32), Some(&7));
+        let again = cache.get(&digest(1), now).unwrap();
+        assert_eq!(again.attachment.get::<u32>(), Some(&7));
+        // Another type is neither served nor attached over it.
+        assert_eq!(again.attachment.get::<String>(), None);
+        assert_eq!(again.attachment.get_or_attach(String::from("x")), None);
+        assert_eq!(again.attachment.get::<u32>(), Some(&7));
+    }
+
+    #[test]
+    fn every_way_an_entry_leaves_the_cache_drops_its_attachment_with_no_lock_held() {
+        type Leave = fn(&VerifiedCache, Now);
+        let ways: [(&str, Leave); 6] = [
+            ("invalidate_key", |c, _| {
+                c.invalidate_key("k");
+            }),
+            ("invalidate_key_before", |c, _| {
+                c.invalidate_key_before("k", 1);
+            }),
+            ("clear", |c, _| c.clear()),
+            ("evicted when the cache is full", |c, now| {
+                // Full, and past its TTL: evicted first (other evictions are random).
+                for i in 10..13 {
+                    c.insert(digest(i), entry("other", now, None));
+                }
+                let later = now.after(Duration::from_secs(61));
+                c.insert(digest(20), entry("other", later, None));
+                assert_eq!(c.len(), 1);
+            }),
+            ("replaced after its TTL by a new verification", |c, now| {
+                let later = now.after(Duration::from_secs(61));
+                assert!(c.get(&digest(1), later).is_none(), "served past its TTL");
+                c.insert(digest(1), entry("k", later, None));
+            }),
+            ("the cache dropped", |_, _| {}),
+        ];
+        for (name, leave) in ways {
+            let mut cache = Some(Arc::new(VerifiedCache::new(4, Duration::from_secs(60))));
+            let c = Arc::clone(cache.as_ref().unwrap());
+            let now = Now::system();
+            c.insert(digest(1), entry("k", now, None));
+            let dropped = probe(&c, digest(1), now);
+            assert!(!dropped.load(Ordering::SeqCst), "{name}");
+            // Run where a deadlock fails the test instead of hanging it.
+            let (tx, rx) = mpsc::channel();
+            let worker = {
+                let c = Arc::clone(&c);
+                thread::spawn(move || {
+                    leave(&c, now);
+                    tx.send(()).unwrap();
+                })
+            };
+            rx.recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("{name}: deadlocked dropping the attachment"));
+            worker.join().unwrap();
+            drop(c);
+            if name == "the cache dropped" {
+                cache = None;
+            }
+            assert!(
+                dropped.load(Ordering::SeqCst),
+                "{name}: attachment outlived its entry"
+            );
+            if let Some(cache) = cache {
+                assert!(
+                    cache
+                        .get(&digest(1), now)
+                        .is_none_or(|e| e.attachment.get::<Probe>().is_none()),
+                    "{name}"
+                );
+            }
+        }
     }
 
     #[test]

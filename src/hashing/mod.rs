@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 pub use self::argon2id::{hash_secret, verify_secret};
 pub use self::bcrypt::{verify_bcrypt, MAX_BCRYPT_COST, MIN_BCRYPT_COST};
 pub use self::cache::{
-    CachedKey, VerifiedCache, CHANGES_KEPT, DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL,
+    Attachment, CachedKey, VerifiedCache, CHANGES_KEPT, DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL,
 };
 pub use self::digest::{DigestHasher, TokenDigest};
 pub use self::pool::{HashPool, PoolError};

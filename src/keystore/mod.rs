@@ -57,4 +57,5 @@ pub use options::ManagerOptions;
 pub use record::{Change, KeyRecord, KeyStatus, Touch};
 pub use sqlite::SqliteBackend;
 pub use throttle::{client_bucket, client_network, FailThrottle, ThrottleScope};
+pub use validate::grace_from_secs;
 pub use verify::CacheLookup;

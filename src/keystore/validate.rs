@@ -73,6 +73,37 @@ pub(super) fn validate_scopes(scopes: &[String]) -> Result<Vec<String>, KeyError
     Ok(out)
 }
 
+/// Milliseconds a grace period may not reach (2^63: past it an `i64` overflows).
+const GRACE_MS_LIMIT: f64 = 9_223_372_036_854_775_808.0;
+
+/// The rotation grace period given as a number of seconds (what the bindings take), to
+/// the millisecond. 0 revokes the old key at once.
+///
+/// # Errors
+/// [`KeyError::InvalidInput`] (field `grace`) for a negative or non-finite number, or
+/// one too large to be a duration.
+pub fn grace_from_secs(secs: f64) -> Result<chrono::Duration, KeyError> {
+    let invalid = |reason: String| KeyError::InvalidInput {
+        field: "grace",
+        reason,
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(invalid(format!(
+            "must be a number of seconds >= 0 (0 revokes the old key at once), got {secs}"
+        )));
+    }
+    let too_long = || invalid(format!("is too long ({secs} seconds)"));
+    let ms = (secs * 1000.0).round();
+    if ms >= GRACE_MS_LIMIT {
+        return Err(too_long());
+    }
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "0 <= ms < 2^63, checked above"
+    )]
+    chrono::Duration::try_milliseconds(ms as i64).ok_or_else(too_long)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
@@ -81,6 +112,42 @@ mod tests {
     use crate::keystore::{KeyManager, KeyRecord};
     use chrono::Utc;
     use serde_json::Map;
+
+    #[test]
+    fn a_grace_period_in_seconds_is_checked_and_kept_to_the_millisecond() {
+        assert_eq!(grace_from_secs(0.0).unwrap(), chrono::Duration::zero());
+        assert_eq!(grace_from_secs(-0.0).unwrap(), chrono::Duration::zero());
+        assert_eq!(
+            grace_from_secs(86_400.0).unwrap(),
+            chrono::Duration::days(1)
+        );
+        assert_eq!(
+            grace_from_secs(1.2345).unwrap(),
+            chrono::Duration::milliseconds(1235)
+        );
+        let refused = |secs: f64| match grace_from_secs(secs) {
+            Err(KeyError::InvalidInput { field, reason }) => {
+                assert_eq!(field, "grace");
+                reason
+            }
+            other => panic!("{secs}: expected InvalidInput, got {other:?}"),
+        };
+        for bad in [-1.0, -0.001, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert!(refused(bad).contains(">= 0"), "{bad}");
+        }
+        for huge in [9.3e15, 1e300, f64::MAX] {
+            assert!(refused(huge).contains("too long"), "{huge}");
+        }
+        // The largest period that converts still fails cleanly in `rotate` (too long to add
+        // to now), never panics.
+        let longest = grace_from_secs(9.2e15).unwrap();
+        let m = KeyManager::memory(opts()).unwrap();
+        let (rec, _) = m.create("a", &[], None, Map::new()).unwrap();
+        match m.rotate(&rec.id, longest) {
+            Err(KeyError::InvalidInput { field: "grace", .. }) => {}
+            other => panic!("expected InvalidInput, got {other:?}"),
+        }
+    }
 
     #[test]
     fn create_validates_its_arguments() {

@@ -375,6 +375,49 @@ mod tests {
     }
 
     #[test]
+    fn an_attachment_is_served_with_its_cache_entry_only() {
+        for (backend, m, _dir) in managers() {
+            let (rec, token) = m
+                .create("svc", &scopes(&["read"]), None, Map::new())
+                .unwrap();
+            let now = Now::system();
+            let key = m.verify_at(&token, None, now).unwrap();
+            key.attachment.get_or_attach(String::from("built once"));
+            let CacheLookup::Hit(hit) = m.verify_cached(&token, now) else {
+                panic!("{backend}: not cached");
+            };
+            assert_eq!(
+                hit.attachment.get::<String>().map(String::as_str),
+                Some("built once"),
+                "{backend}"
+            );
+            // Past the cache TTL the record is read again: a new entry, nothing attached.
+            let later = now.after(m.options().cache_ttl + Duration::from_secs(1));
+            assert!(
+                matches!(m.verify_cached(&token, later), CacheLookup::Miss),
+                "{backend}"
+            );
+            let fresh = m.verify_at(&token, None, later).unwrap();
+            assert!(!Arc::ptr_eq(&fresh, &key), "{backend}");
+            assert!(fresh.attachment.get::<String>().is_none(), "{backend}");
+            fresh.attachment.get_or_attach(String::from("again"));
+            // Revoked: the entry is gone, and with it what was attached.
+            m.revoke(&rec.id).unwrap();
+            assert!(
+                matches!(m.verify_cached(&token, later), CacheLookup::Miss),
+                "{backend}"
+            );
+            assert!(
+                matches!(
+                    m.verify_at(&token, None, later),
+                    Err(VerifyError::Revoked { .. })
+                ),
+                "{backend}"
+            );
+        }
+    }
+
+    #[test]
     fn default_owasp_params_work_end_to_end() {
         let m = KeyManager::memory(ManagerOptions {
             touch_interval: Duration::from_secs(3600),

@@ -3,13 +3,19 @@
 //! `KeyManager.external`, see `src/pystore.rs`): `KeyManager`, `KeyInfo`, `Identity`
 //! (what the verifier and `guard.py` see) and `VerifyLimits`. Argon2id, `SQLite` and the
 //! store calls run with the GIL released; a cache hit stays attached.
+//!
+//! An `Identity` is a verified-token cache entry. The verifier attaches the FastMCP
+//! `AccessToken` it builds to that entry (`Identity.attach`) and finds it on the next hit
+//! (`Identity.attached`): the Python object lives in the core's cache entry and goes with
+//! it, so tokens live in one place (the cache), keyed by their digest. An entry dropped
+//! without the GIL (by a revocation, or the background thread) hands its object to PyO3's
+//! deferred reference pool, released the next time any thread attaches.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use serde_json::{Map, Value};
@@ -17,7 +23,9 @@ use serde_json::{Map, Value};
 use super::json::{map_to_py, py_to_json};
 use crate::errors::{self, Exc};
 use crate::hashing::{CachedKey, Now};
-use crate::keystore::{CacheLookup, FailThrottle, KeyError, KeyManager, KeyRecord, ManagerOptions};
+use crate::keystore::{
+    grace_from_secs, CacheLookup, FailThrottle, KeyError, KeyManager, KeyRecord, ManagerOptions,
+};
 
 fn ts_to_f64(ts: DateTime<Utc>) -> f64 {
     #[allow(clippy::cast_precision_loss, reason = "Unix seconds as a Python float")]
@@ -47,7 +55,7 @@ fn f64_to_ts(secs: f64, what: &str) -> PyResult<DateTime<Utc>> {
 
 fn secs(d: f64, what: &str) -> PyResult<Duration> {
     Duration::try_from_secs_f64(d).map_err(|_| {
-        PyValueError::new_err(format!(
+        errors::invalid_argument(format!(
             "{what} must be a non-negative number of seconds, got {d}"
         ))
     })
@@ -80,6 +88,24 @@ impl PyIdentity {
     fn expires_at(&self) -> Option<f64> {
         #[allow(clippy::cast_precision_loss, reason = "Unix seconds as a Python float")]
         self.0.valid_until.map(|ms| ms as f64 / 1000.0)
+    }
+    /// The object attached to this entry (the verifier's `AccessToken`), or `None`.
+    #[getter]
+    fn attached(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.0
+            .attachment
+            .get::<Py<PyAny>>()
+            .map(|obj| obj.clone_ref(py))
+    }
+    /// Attaches `obj` to this entry unless an object is attached already, and returns the
+    /// attached one (the first attach wins). It lives as long as the entry, so it must not
+    /// hold the `Identity` (a cycle the garbage collector cannot see).
+    fn attach(&self, py: Python<'_>, obj: Py<PyAny>) -> Py<PyAny> {
+        let given = obj.clone_ref(py);
+        self.0
+            .attachment
+            .get_or_attach(obj)
+            .map_or(given, |attached| attached.clone_ref(py))
     }
     fn __repr__(&self) -> String {
         format!(
@@ -199,7 +225,7 @@ impl PyVerifyLimits {
     ) -> PyResult<Self> {
         let window = secs(failure_window_seconds, "failure_window_seconds")?;
         if window.is_zero() {
-            return Err(PyValueError::new_err(
+            return Err(errors::invalid_argument(
                 "failure_window_seconds must be greater than 0",
             ));
         }
@@ -433,17 +459,7 @@ impl PyKeyManager {
         key_id: &str,
         grace_seconds: f64,
     ) -> PyResult<(PyKeyInfo, String)> {
-        if !grace_seconds.is_finite() || grace_seconds < 0.0 {
-            return Err(errors::new_err(
-                Exc::InvalidKeyInput,
-                format!("grace period must be >= 0, got {grace_seconds}"),
-            ));
-        }
-        #[allow(
-            clippy::cast_possible_truncation,
-            reason = "grace periods are far below i64 ms"
-        )]
-        let grace = chrono::Duration::milliseconds((grace_seconds * 1000.0).round() as i64);
+        let grace = grace_from_secs(grace_seconds)?;
         let m = Arc::clone(&self.0);
         let id = key_id.to_owned();
         let (rec, token) = py.detach(move || m.rotate(&id, grace))?;

@@ -4,6 +4,11 @@ A token the verified-token cache knows costs about a microsecond, inline. Anythi
 else (first sight of a key, or a token that will be refused) goes to a worker
 thread: argon2id and SQLite never run on the event loop.
 
+The ``AccessToken`` of a verified key is built once per cache entry and attached to
+it (``Identity.attach``): it lives in the core's cache and leaves it with the entry
+(revocation, rotation, expiry, a change in the store, the cache TTL), so a token is
+never served an object built from an older state of its key.
+
 If the server already had an auth provider, tokens without the ``fmg_sk_`` prefix
 are passed to it unchanged, so both kinds of identity reach the guard middleware.
 """
@@ -27,8 +32,6 @@ if TYPE_CHECKING:
 __all__ = ["GuardTokenVerifier", "access_token_for"]
 
 _PREFIX = "fmg_sk_"
-#: Bound of the AccessToken reuse table (cleared when full).
-_MAX_TOKENS = 4096
 #: Refusal reasons that mean "cannot decide now", not "invalid token".
 _UNAVAILABLE = frozenset({"store", "busy"})
 
@@ -72,10 +75,6 @@ class GuardTokenVerifier(TokenVerifier):
         #: False (``manage_auth=False``): every token goes to ``fallback``; this verifier
         #: only puts the guard's HTTP layer in front of it.
         self.own_keys = own_keys or fallback is None
-        # AccessToken objects by token, so a cached key costs no model construction.
-        # Validity is still decided by the core on every request (verify_cached); an
-        # entry is reused only for the same key id and expiry.
-        self._tokens: dict[str, tuple[str, float | None, AccessToken]] = {}
 
     async def verify_token(self, token: str) -> AccessToken | None:
         """An ``AccessToken`` for a valid key; ``None`` otherwise (never raises for bad input).
@@ -94,14 +93,14 @@ class GuardTokenVerifier(TokenVerifier):
         client = state.client_ip if state is not None else None
         ident = self._core.verify_cached(token, client)
         if ident is not None:
-            hit = self._tokens.get(token)
-            if hit is not None and hit[0] == ident.key_id and hit[1] == ident.expires_at:
-                return hit[2]
+            access = ident.attached
+            if access is not None:
+                return access
         else:
             try:
-                ident = await anyio.to_thread.run_sync(self._core.verify, token, client)
+                handed = await anyio.to_thread.run_sync(self._verify_on_thread, token, client)
+                ident = handed.pop()
             except VerifyError as exc:
-                self._tokens.pop(token, None)
                 if state is not None:
                     state.refusal = str(exc)
                     state.reason = exc.reason
@@ -116,11 +115,14 @@ class GuardTokenVerifier(TokenVerifier):
                     # the guard's ASGI layer answers 503 with Retry-After.
                     raise TokenVerificationError(str(exc)) from None
                 return None
-        access = access_token_for(token, ident)
-        if len(self._tokens) >= _MAX_TOKENS:
-            self._tokens.clear()
-        self._tokens[token] = (ident.key_id, ident.expires_at, access)
-        return access
+        # Built once per cache entry; the first of concurrent builds is kept.
+        return ident.attach(access_token_for(token, ident))
+
+    def _verify_on_thread(self, token: str, client: str | None) -> list[Identity]:
+        # The Identity comes back in a list emptied on the loop: anyio's worker keeps its
+        # last result until its next job, and must not keep the cache entry (and the
+        # AccessToken attached to it) alive once the entry leaves the cache.
+        return [self._core.verify(token, client)]
 
     # -- delegate what a previous provider contributes over HTTP ------------------------
 
