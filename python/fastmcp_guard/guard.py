@@ -157,7 +157,9 @@ class Guard:
         self.admin_socket: str | None = None
 
         self._local_token = os.environ.get(ENV_KEY) or None
-        self._local_cached: tuple[str, float | None, Caller] | None = None
+        #: The local key's Caller and the AccessToken it was built from (the one attached to
+        #: the core's cache entry: a new entry, after a change to the key, has another).
+        self._local_cached: tuple[Any, Caller] | None = None
         self._local_name = f"local:{os_user()}"
         if self._local_token is not None:
             try:
@@ -232,13 +234,13 @@ class Guard:
 
                 self.record_event("unauthorized", error=f"{ENV_KEY} refused ({exc.reason})")
                 raise ToolError(f"the key in {ENV_KEY} is no longer valid ({exc.reason})") from None
+        access = ident.attached or ident.attach(access_token_for(token, ident))
         cached = self._local_cached
-        if cached is not None and cached[0] == ident.key_id and cached[1] == ident.expires_at:
-            return cached[2]  # same key, same validity: reuse (callers never mutate it)
-        user = AuthenticatedUser(access_token_for(token, ident))
+        if cached is not None and cached[0] is access:
+            return cached[1]  # the same cache entry: same key state (callers never mutate it)
         caller = Caller(ident.key_id, ident.key_id, ident.key_name, ident.scopes,
-                        ident.metadata, None, user)  # fmt: skip
-        self._local_cached = (ident.key_id, ident.expires_at, caller)
+                        ident.metadata, None, AuthenticatedUser(access))  # fmt: skip
+        self._local_cached = (access, caller)
         return caller
 
     def record_event(self, status: str, **fields: Any) -> None:

@@ -255,3 +255,25 @@ def test_an_identity_held_past_a_revocation_does_not_bring_its_object_back() -> 
     assert km.verify_cached(token) is None
     assert held.attached is not None
     km.close()
+
+
+async def test_the_local_key_of_a_stdio_server_follows_a_scope_change_in_the_store(
+    key_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FASTMCP_GUARD_KEY (stdio, in-process): the guard's Caller for it is reused only while
+    the core's cache entry is the same; a change seen in the store builds a new one."""
+    store = KeyStore(backend="sqlite", path=key_db, watch_interval_seconds=3600)
+    key = store.create("local-bot", scopes=["read", "admin"])
+    monkeypatch.setenv("FASTMCP_GUARD_KEY", str(key.token))
+    guard = Guard(FastMCP("t"), keys=store)
+    try:
+        first = await guard.local_caller()
+        assert first.scopes == ["read", "admin"]
+        assert await guard.local_caller() is first  # the same entry: reused
+        change_in_store(key_db, key.id, scopes='["read"]')
+        assert store.core.sync_changes() == 1
+        after = await guard.local_caller()
+        assert after is not first and after.scopes == ["read"]
+        assert after.sdk_user is not None and after.sdk_user.access_token.scopes == ["read"]
+    finally:
+        store.close()
