@@ -116,6 +116,9 @@ pub struct JsonlFileSink {
     /// Tests: the next write fails after this many bytes.
     #[cfg(test)]
     fail_after: Option<usize>,
+    /// Tests: run in `rotate` between opening the new live file and locking it.
+    #[cfg(test)]
+    after_open: Option<tests::Hook>,
 }
 
 impl JsonlFileSink {
@@ -182,6 +185,8 @@ impl JsonlFileSink {
             warning: None,
             #[cfg(test)]
             fail_after: None,
+            #[cfg(test)]
+            after_open: None,
         })
     }
 
@@ -226,6 +231,10 @@ impl JsonlFileSink {
         }
         match open_append(&self.path) {
             Ok(f) => {
+                #[cfg(test)]
+                if let Some(hook) = &mut self.after_open {
+                    (hook.0)();
+                }
                 // Lock the new file before the old one's lock goes (with its handle):
                 // a writer waiting on the old file then finds the new one taken.
                 lock(&f).ok();
@@ -242,6 +251,15 @@ impl JsonlFileSink {
         self.size = 0;
         self.partial_line = false;
         self.day = now.date_naive();
+        // Another writer may have created the new file first (it found no live file
+        // between the rename and the open above), taken its lock before this one, and
+        // rotated it away in turn: then the handle is on a rotated file. Follow it to the
+        // live file, as `lock_live` does; the caller catches up with what is there.
+        if !self.is_live() {
+            if let Err(e) = self.lock_live() {
+                self.warning = Some(fail(&self.path, e));
+            }
+        }
         if let Some(keep) = self.opts.retention {
             if let Err(e) = prune(&self.path, keep) {
                 self.warning = Some(fail(&self.path, e));
@@ -284,6 +302,15 @@ impl JsonlFileSink {
             "the live audit log kept being replaced while this writer waited for it; \
              is another program renaming it?",
         ))
+    }
+
+    /// Whether the handle is on the file at the live path (best effort: `false` when
+    /// either cannot be read).
+    fn is_live(&self) -> bool {
+        match (self.file.metadata(), fs::metadata(&self.path)) {
+            (Ok(ours), Ok(live)) => same_file(&ours, &live),
+            _ => false,
+        }
     }
 
     /// Re-reads the state of the live file (`len` bytes) after others wrote to it.
@@ -768,6 +795,15 @@ pub(super) mod tests {
         sink.write_batch(&Batch::new(&[], &data, n)).unwrap();
     }
 
+    /// A test's code run inside the sink (see `after_open`).
+    pub(super) struct Hook(pub(super) Box<dyn FnMut() + Send>);
+
+    impl std::fmt::Debug for Hook {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Hook")
+        }
+    }
+
     fn rotating(path: &Path) -> JsonlFileSink {
         let opts = JsonlOptions {
             rotate_bytes: Some(1),
@@ -1247,6 +1283,38 @@ pub(super) mod tests {
         let r = verify(&path);
         assert!(r.is_ok(), "{r:?}");
         assert_eq!(r.events, 20);
+    }
+
+    #[test]
+    fn a_writer_whose_new_file_is_rotated_away_before_it_locks_it_follows_the_live_file() {
+        // C and A append to one log that rotates at every batch. A rotates L2 away and
+        // creates L3; before A locks L3, C (its handle on an older file whose lock is
+        // free) writes to L3 and then rotates it away in turn (to L4). A must not append
+        // to the rotated L3 with a chain taken from L4: it follows the live file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut c = rotating(&path);
+        write(&mut c, 1, 0); // L1: 0
+        let mut a = rotating(&path);
+        write(&mut a, 1, 1); // L1 rotated; L2: 1 (C's handle is on the rotated L1 now)
+        let c = std::sync::Arc::new(parking_lot::Mutex::new(Some(c)));
+        let c_in_hook = std::sync::Arc::clone(&c);
+        a.after_open = Some(Hook(Box::new(move || {
+            if let Some(mut c) = c_in_hook.lock().take() {
+                write(&mut c, 1, 2); // into L3, which A created and has not locked yet
+                write(&mut c, 1, 3); // rotates L3 away; L4: 3
+            }
+        })));
+        write(&mut a, 1, 4); // rotates L2; its hook runs C; then A writes 4
+        a.after_open = None;
+        write(&mut a, 1, 5);
+        let files = log_files(&path).unwrap();
+        let mut seen = numbers(&files);
+        seen.sort_unstable();
+        assert_eq!(seen, (0..6).collect::<Vec<u64>>(), "{files:?}");
+        let r = verify(&path);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(r.events, 6);
     }
 
     #[test]
