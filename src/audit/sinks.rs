@@ -207,14 +207,15 @@ impl SinkList {
     }
 
     /// Writes `batch` to every sink that is not paused, then flushes it; each sink's
-    /// outcome goes to its counters, and each error (or warning) to `on_error` too. `Err`
-    /// (the first sink's error) only when no sink recorded the batch: the events are
-    /// then lost.
+    /// outcome goes to its counters, and each error (or warning) to `on_error` too.
+    /// `Ok(true)`: a sink recorded the batch; `Ok(false)`: every sink was paused (each
+    /// counted it in its `paused_dropped`); `Err` (the first sink's error): no sink
+    /// recorded it and one failed: the events are lost.
     pub(super) fn write_batch(
         &mut self,
         batch: &Batch<'_>,
         mut on_error: impl FnMut(&AuditError),
-    ) -> Result<(), AuditError> {
+    ) -> Result<bool, AuditError> {
         let n = batch.len() as u64;
         let mut recorded = false;
         let mut first_err = None;
@@ -252,7 +253,7 @@ impl SinkList {
         }
         match first_err {
             Some(err) if !recorded => Err(err),
-            _ => Ok(()),
+            _ => Ok(recorded),
         }
     }
 
@@ -440,6 +441,31 @@ mod tests {
             "audit log spool/: 5 events lost since the last warning (2 lost to failed writes \
              in all; 3 skipped while paused in all); paused: spool full"
         );
+    }
+
+    #[test]
+    fn events_no_sink_was_given_are_skipped_not_written() {
+        let got = Arc::new(AtomicU64::new(0));
+        let w = AuditWriter::new(
+            vec![Box::new(Flaky {
+                fail: Arc::new(AtomicBool::new(false)),
+                got: Arc::clone(&got),
+            })],
+            WriterOptions::default(),
+        )
+        .unwrap();
+        w.sink_stats()[0].pause(Some("spool full".to_owned()));
+        for i in 0..4 {
+            assert!(w.enqueue(ev(i))); // queued: the writer itself is not paused
+        }
+        w.close().unwrap();
+        let st = w.stats();
+        assert_eq!(
+            (st.enqueued, st.written, st.failed, st.skipped),
+            (4, 0, 0, 4)
+        );
+        assert_eq!(w.sink_stats()[0].counts().paused_dropped, 4);
+        assert_eq!(got.load(Ordering::SeqCst), 0);
     }
 
     #[test]

@@ -31,7 +31,8 @@
 //! - **Close:** producers are fenced out first (an in-flight counter shares
 //!   one atomic with the closed flag), then the thread drains the queue,
 //!   writes, syncs and exits. Nothing accepted by `enqueue` is lost silently:
-//!   after `close`, `enqueued == written + failed`.
+//!   after `close`, `enqueued == written + failed + skipped` (`skipped`: every
+//!   sink was paused).
 //!
 //! Throughput notes (the thread must sustain > 1 M events/s on two cores):
 //! the queue carries boxes that the writer hands back for reuse, so event
@@ -165,8 +166,11 @@ pub struct WriterStats {
     /// Failed sink operations (writes, flushes, the final sync), over all sinks.
     pub write_errors: u64,
     /// Accepted events lost because their batch failed to write to every sink.
-    /// After close, `enqueued == written + failed`.
+    /// After close, `enqueued == written + failed + skipped`.
     pub failed: u64,
+    /// Accepted events no sink was given because every sink was paused (each sink
+    /// counts them in its `paused_dropped`).
+    pub skipped: u64,
     /// Events waiting in the queue now.
     pub queue_depth: usize,
     /// Refusals only counted, not written one by one (their summaries carry them;
@@ -263,6 +267,8 @@ struct Shared {
     /// The last batch reached a sink (false from a failure to the next success).
     sink_ok: Padded<AtomicBool>,
     failed: AtomicU64,
+    /// Accepted events no sink was given: every sink was paused when they were written.
+    skipped: AtomicU64,
     write_errors: AtomicU64,
     /// Of `dropped`: refused while paused.
     paused_dropped: AtomicU64,
@@ -307,6 +313,7 @@ impl Default for Shared {
             written: Padded::default(),
             sink_ok: Padded(AtomicBool::new(true)),
             failed: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
             paused_dropped: AtomicU64::new(0),
             pause_reason: Mutex::new(None),
@@ -733,6 +740,7 @@ impl AuditWriter {
             paused_dropped: sh.paused_dropped.load(Ordering::Relaxed),
             write_errors: sh.write_errors.load(Ordering::Relaxed),
             failed: sh.failed.load(Ordering::Relaxed),
+            skipped: sh.skipped.load(Ordering::Relaxed),
             queue_depth: self.events.len(),
             refusals_suppressed: r.suppressed,
             refusal_summaries: r.summaries,
@@ -913,8 +921,13 @@ impl Worker {
         let batch = Batch::new(&self.pending, &self.buf, n);
         let shared = &self.shared;
         match self.sinks.write_batch(&batch, |e| shared.record_error(e)) {
-            Ok(()) => {
-                self.shared.written.0.fetch_add(n64, Ordering::Relaxed);
+            Ok(recorded) => {
+                if recorded {
+                    self.shared.written.0.fetch_add(n64, Ordering::Relaxed);
+                } else {
+                    // Every sink paused: they counted the batch as skipped.
+                    self.shared.skipped.fetch_add(n64, Ordering::Relaxed);
+                }
                 self.set_sink_ok(true);
             }
             Err(err) => {

@@ -372,6 +372,18 @@ fn write_extra(buf: &mut Vec<u8>, extra: Option<&Bound<'_, PyDict>>) -> bool {
     true
 }
 
+/// A writer's `flush` / `close` result seen from one of its sinks: write and sync
+/// failures are each sink's own (reported by [`sink_failure`]); anything else (the
+/// writer thread gone) is raised.
+fn not_this_sinks(res: Result<(), crate::audit::AuditError>) -> PyResult<()> {
+    match res {
+        Err(crate::audit::AuditError::Write { .. } | crate::audit::AuditError::Sync { .. }) => {
+            Ok(())
+        }
+        other => other.map_err(Into::into),
+    }
+}
+
 /// `AuditWriteError` naming the backend at `path` if its writes failed since last asked.
 fn sink_failure(path: &str, slot: &SinkStats) -> PyResult<()> {
     match slot.take_failure() {
@@ -845,15 +857,17 @@ impl PyAuditSink {
     /// another backend's failures).
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
         let (writer, slot) = self.bound()?;
-        py.detach(|| writer.flush()).ok();
-        sink_failure(&self.path, slot)
+        let res = py.detach(|| writer.flush());
+        sink_failure(&self.path, slot)?;
+        not_this_sinks(res)
     }
 
     /// Closes the whole writer (every backend). Idempotent.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         let (writer, slot) = self.bound()?;
-        py.detach(|| writer.close()).ok();
-        sink_failure(&self.path, slot)
+        let res = py.detach(|| writer.close());
+        sink_failure(&self.path, slot)?;
+        not_this_sinks(res)
     }
 }
 
