@@ -11,6 +11,7 @@
 //! `otel.py`. Flushes and opening files run with the GIL released. The read side
 //! (query, export, verify) is in `scan.rs`.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,9 +66,16 @@ struct LogCall<'a, 'py> {
     extra: Option<&'a Bound<'py, PyDict>>,
 }
 
-/// `s` as `&str` (`""` when absent).
-fn text<'a>(s: Option<&'a Bound<'_, PyString>>) -> PyResult<&'a str> {
-    s.map_or(Ok(""), |s| s.to_str())
+/// `s` as text (`""` when absent); a `str` Python cannot encode (a lone surrogate) is
+/// taken lossily, as the scopes and the JSON values are: an event is recorded, never
+/// refused for its text.
+fn text<'a>(s: Option<&'a Bound<'_, PyString>>) -> Cow<'a, str> {
+    s.map_or(Cow::Borrowed(""), lossy)
+}
+
+/// `s`'s text, lossily (see [`text`]).
+fn lossy<'a>(s: &'a Bound<'_, PyString>) -> Cow<'a, str> {
+    s.to_cow().unwrap_or_else(|_| s.to_string_lossy())
 }
 
 /// The keyword options every writer takes.
@@ -135,16 +143,20 @@ impl PyAuditWriter {
         refusal: Option<&str>,
     ) -> PyResult<bool> {
         let status: Status = c.status.to_str()?.parse()?;
-        let preview = match c.output_preview {
-            Some(p) => self.policy.preview(p.to_str()?).map(|cut| (p, cut)),
-            None => None,
-        };
+        // Read only if recorded: an output not logged is never looked at.
+        let output = c
+            .output_preview
+            .filter(|_| self.policy.log_outputs)
+            .map(|p| (p, lossy(p)));
+        let preview = output
+            .as_ref()
+            .and_then(|(p, full)| self.policy.preview(full).map(|cut| (*p, full, cut)));
         let input_args = c
             .input_args
             .filter(|v| self.policy.keeps_inputs() && !v.is_none());
-        let (key_id, key_name, tool) = (text(c.key_id)?, text(c.key_name)?, text(c.tool)?);
-        let error = c.error.map(|e| e.to_str()).transpose()?;
-        let client_ip = c.client_ip.map(|e| e.to_str()).transpose()?;
+        let (key_id, key_name, tool) = (text(c.key_id), text(c.key_name), text(c.tool));
+        let error = c.error.map(lossy);
+        let client_ip = c.client_ip.map(lossy);
         let scopes = match c.scopes {
             Some(s) => scopes_tuple(s)?,
             None => PyTuple::empty(py),
@@ -157,21 +169,21 @@ impl PyAuditWriter {
         };
         let fill = |ev: &mut AuditEvent| {
             ev.ts = Utc::now();
-            AuditEvent::set(&mut ev.key_id, key_id);
-            AuditEvent::set(&mut ev.key_name, key_name);
-            AuditEvent::set(&mut ev.tool, tool);
+            AuditEvent::set(&mut ev.key_id, &key_id);
+            AuditEvent::set(&mut ev.key_name, &key_name);
+            AuditEvent::set(&mut ev.tool, &tool);
             fill_scopes(ev, &scopes);
             ev.duration_ms = c.duration_ms;
             ev.status = status;
-            AuditEvent::set_opt(&mut ev.error, error);
+            AuditEvent::set_opt(&mut ev.error, error.as_deref());
             AuditEvent::set_json(&mut ev.input_args, |buf| {
                 input_args.is_some_and(|v| {
                     json(buf, v);
                     true
                 })
             });
-            AuditEvent::set_opt(&mut ev.output_preview, preview.map(|(_, cut)| cut));
-            AuditEvent::set_opt(&mut ev.client_ip, client_ip);
+            AuditEvent::set_opt(&mut ev.output_preview, preview.map(|(_, _, cut)| cut));
+            AuditEvent::set_opt(&mut ev.client_ip, client_ip.as_deref());
             AuditEvent::set_json(&mut ev.metadata, |buf| {
                 metadata.is_some_and(|v| {
                     json(buf, v);
@@ -186,10 +198,10 @@ impl PyAuditWriter {
             (Some(w), Some(reason)) => {
                 let r = Refusal {
                     status,
-                    client_ip,
+                    client_ip: client_ip.as_deref(),
                     reason,
-                    key_id,
-                    error,
+                    key_id: &key_id,
+                    error: error.as_deref(),
                 };
                 // A refusal only counted is accounted for (its group's summary has it).
                 w.enqueue_refusal_with(&r, fill, |wait| py.detach(wait)) != Admitted::Dropped
@@ -209,8 +221,8 @@ impl PyAuditWriter {
         };
         let preview_obj = match preview {
             None => none.clone(),
-            Some((orig, cut)) if cut.len() == orig.to_str()?.len() => orig.clone().into_any(),
-            Some((_, cut)) => PyString::new(py, cut).into_any(),
+            Some((orig, full, cut)) if cut.len() == full.len() => orig.clone().into_any(),
+            Some((_, _, cut)) => PyString::new(py, cut).into_any(),
         };
         let args = PyTuple::new(
             py,

@@ -300,3 +300,23 @@ def test_an_observer_that_raises_or_refuses_is_not_hidden(tmp_path: Path) -> Non
     w.close()
     w2.close()
     assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 1  # queued first
+
+
+def test_text_python_cannot_encode_is_recorded_lossily_never_refused(tmp_path: Path) -> None:
+    """A lone surrogate (a str Python cannot encode as UTF-8) in the result, the error or
+    the key fields: the event is recorded with U+FFFD in its place; with outputs off the
+    result is not even read."""
+    off = AuditLog(backend=FileBackend(tmp_path / "off.jsonl"), log_outputs=False)
+    assert off.log("ok", key_id="k", output_preview="bad \ud800 text")
+    off.close()
+    (line,) = [json.loads(x) for x in (tmp_path / "off.jsonl").read_text().splitlines()]
+    assert line["output_preview"] is None and line["key_id"] == "k"
+    on = AuditLog(backend=FileBackend(tmp_path / "on.jsonl"))
+    bad = "bad \ud800 text"
+    assert on.log("error", key_id=bad, tool=bad, error=bad, output_preview=bad, client_ip=bad)
+    on.close()
+    (line,) = [json.loads(x) for x in (tmp_path / "on.jsonl").read_text().splitlines()]
+    for field in ("key_id", "tool", "error", "output_preview", "client_ip"):
+        # The surrogate became U+FFFD (one per byte of its invalid UTF-8 form).
+        assert line[field].startswith("bad \ufffd") and line[field].endswith("\ufffd text")
+        assert line[field].replace("\ufffd", "") == "bad  text", field
