@@ -483,7 +483,8 @@ class AuditWriter:
         their ``repr``). The writer thread renders the line for a JSONL sink and binds the
         fields to columns for a SQLite one. Raises :class:`ArgumentTypeError` for scopes
         that are not a list or tuple of ``str``, :class:`InvalidArgumentError` for an
-        unknown status.
+        unknown status; a ``str`` Python cannot encode (a lone surrogate) is recorded
+        with U+FFFD in its place, never raised.
 
         Every string of the line (values, keys, the error, the tool name) is searched
         for tokens: ``fmg_sk_<id>_<secret>`` is written ``fmg_sk_<id>_***`` (0.2's
