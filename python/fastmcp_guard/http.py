@@ -191,9 +191,7 @@ def rate_limit_headers(
 def _throttle_headers(guard: Guard, exc: TokenThrottled) -> list[tuple[bytes, bytes]]:
     """``rate_limit_headers`` of a throttled token: the policy is the failure budget that
     refused (``failures-<scope>``), its quota and window from the key store's limits."""
-    # Until every verifier passes ``scope``, the core's VerifyError it was raised from
-    # (its ``__context__``) names it.
-    scope = exc.scope or getattr(exc.__context__, "scope", None)
+    scope = exc.scope
     if scope not in _BUDGET_OF_SCOPE:
         return rate_limit_headers("failures", exc.retry_after)
     limits = getattr(guard.keys, "limits", None)

@@ -108,7 +108,7 @@ class GuardTokenVerifier(TokenVerifier):
                 if exc.reason == "throttled":
                     # The token may be valid: 429 with Retry-After, never a 401 that
                     # would tell its owner the key is bad.
-                    raise TokenThrottled(str(exc), exc.retry_after or 1.0) from None
+                    raise TokenThrottled(str(exc), exc.retry_after or 1.0, exc.scope) from None
                 if exc.reason in _UNAVAILABLE:
                     # Not a verdict on the token: the store or the hashing pool is
                     # unavailable. FastMCP's contract for this is TokenVerificationError;
