@@ -513,7 +513,7 @@ class AuditWriter:
 
         Every string given (``client_ip``, ``reason``, ``key_id``, ``error``, the keys
         and values of ``extra``) is cut at 256 UTF-8 bytes (at a character boundary), in
-        the lines, the summaries and what taps see; an ``extra`` value that is not a
+        the lines, the summaries and what observers see; an ``extra`` value that is not a
         string and renders to more than 256 bytes of JSON is recorded as that JSON text,
         cut. Observers see every refusal. ``False`` only if it was lost (queue full,
         writer closed or paused)."""

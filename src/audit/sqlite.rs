@@ -238,13 +238,13 @@ fn create_private(path: &Path) -> Result<(), AuditError> {
 // ---------------------------------------------------------------------------
 
 /// Inserts batches into `audit_log` of an `SQLite` file, one transaction per batch.
-/// Asks for [`BatchFormat::Events`]: nothing is serialised to JSONL on the way. Lines
-/// rendered by the producer ([`AuditWriter::enqueue_line`](super::AuditWriter::enqueue_line))
-/// are read back into their columns here, on the writer thread.
+/// Asks for [`BatchFormat::Events`]: each event's fields are bound to their columns
+/// (its JSON fields as the text the producer rendered); nothing is serialised to JSONL.
 pub struct SqliteSink {
     conn: Connection,
     path: PathBuf,
-    /// Lines that could not be read back since the last batch (a bug if ever non-zero).
+    /// Events not stored since the last batch: a JSON field was not UTF-8 (a bug if ever
+    /// non-zero).
     unreadable: u64,
     /// Reused for the text columns of one row (ts and the JSON columns).
     scratch: Vec<u8>,

@@ -120,7 +120,7 @@ class SQLiteBackend:
     retention_days: float | None = None
 
 
-#: What ``AuditLog(backend=...)`` takes (one, or several in a list: a fan-out).
+#: What ``AuditLog(backend=...)`` takes (one, or several in a list: one writer over them).
 Backend = FileBackend | SQLiteBackend | HttpBackend | OTelBackend
 
 
@@ -132,7 +132,8 @@ class AuditLog:
             :class:`~fastmcp_guard.audit.http.HttpBackend` or
             :class:`~fastmcp_guard.audit.otel.OTelBackend` (or ``"file"`` / ``"sqlite"``
             with ``path=``, ``"http"`` with ``url=``, or ``"otel"``), or a list of several:
-            every event goes to each (a fan-out; at most one of each kind).
+            every event goes to each (one queue and writer thread over them; at most one
+            of each kind).
         path: the JSONL file for ``backend="file"``, the database for ``backend="sqlite"``,
             the spool directory for ``backend="http"``.
         url: the endpoint for ``backend="http"``.
