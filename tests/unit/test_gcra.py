@@ -65,3 +65,23 @@ def test_refusals_are_one_type() -> None:
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="retry_after must be"):
             Refusal.unavailable(bad)
+
+
+def test_decide_answers_what_set_decisions_gave_and_only_once_set() -> None:
+    """RateLimit.check in process is the core's decide(): it must not answer before its
+    decisions are given, and they cannot be swapped afterwards (a second call is refused)."""
+    from fastmcp_guard import RateLimit
+    from fastmcp_guard.errors import InvalidArgumentError
+    from fastmcp_guard.rate import ADMITTED, Decision
+
+    bare = Limiter(per_key="1/minute")
+    with pytest.raises(InvalidArgumentError, match="set_decisions"):
+        bare.decide("k")
+    rate = RateLimit(per_key="1/minute")
+    assert rate.check("k") is ADMITTED
+    refused = rate.check("k")
+    assert isinstance(refused, Decision) and refused.settled
+    assert refused.refusal is not None and refused.refusal.scope == "per_key"
+    with pytest.raises(InvalidArgumentError, match="set already"):
+        rate.core.set_decisions(object(), Decision)
+    assert rate.check("other") is ADMITTED  # still the guard's own decisions
