@@ -85,7 +85,7 @@
 //! buckets when an insertion finds it at twice its size after the last pruning (at least 16),
 //! so it holds at most `max(16, 2 * W)` buckets, where `W` is the number of the key's calls
 //! admitted within one loop window: an attacker varying the arguments grows memory only as
-//! far as the limits that admit his calls allow (about 100 bytes per bucket). Idle keys go
+//! far as the limits that admit his calls allow (under 80 bytes per bucket). Idle keys go
 //! with all their loop buckets in the key sweep below.
 //!
 //! # Argument hash
@@ -904,6 +904,8 @@ pub struct Limiter {
     /// Whether any loop breaker is configured (default or per tool), so calls skip the
     /// loop logic entirely otherwise.
     loop_any: AtomicBool,
+    /// Serialises configuration changes (so `tool_count` and `loop_any` stay exact).
+    config: Mutex<()>,
     keys: DashMap<Box<str>, Mutex<KeyState>>,
     inserts_since_sweep: AtomicUsize,
     sweep_threshold: AtomicUsize,
@@ -926,6 +928,7 @@ impl Limiter {
             tool_count: AtomicUsize::new(0),
             loop_default: RwLock::new(None),
             loop_any: AtomicBool::new(false),
+            config: Mutex::new(()),
             keys: DashMap::new(),
             inserts_since_sweep: AtomicUsize::new(0),
             sweep_threshold: AtomicUsize::new(MIN_SWEEP_INTERVAL),
@@ -967,6 +970,7 @@ impl Limiter {
 
     /// Changes `tool`'s configuration with `f`, keeping `tool_count` in step.
     fn update_tool(&self, tool: &str, f: impl FnOnce(&mut ToolConfig)) {
+        let _config = self.config.lock();
         let mut entry = self.tools.entry(Box::from(tool)).or_insert_with(|| {
             self.tool_count.fetch_add(1, Ordering::AcqRel);
             ToolConfig::default()
@@ -977,6 +981,7 @@ impl Limiter {
         if empty && self.tools.remove_if(tool, |_, c| c.is_empty()).is_some() {
             self.tool_count.fetch_sub(1, Ordering::AcqRel);
         }
+        self.refresh_loop_any();
     }
 
     /// Set (`Some`) or clear (`None`) the per-(key, tool) rate of `tool`, enforced or in
@@ -995,6 +1000,7 @@ impl Limiter {
             .map(|r| (r.gcra.rate, r.shadow))
     }
 
+    /// Recomputes `loop_any`; called with the `config` lock held.
     fn refresh_loop_any(&self) {
         let any = self.loop_default.read().is_some()
             || self
@@ -1008,6 +1014,7 @@ impl Limiter {
     /// argument hash) per period, enforced or in shadow; `None` turns it off (tools with
     /// their own loop breaker keep it).
     pub fn set_loop_breaker(&self, rate: Option<Rate>, shadow: bool) {
+        let _config = self.config.lock();
         *self.loop_default.write() = rate.map(|r| Rule::new(r, shadow));
         self.refresh_loop_any();
     }
@@ -1018,7 +1025,6 @@ impl Limiter {
         self.update_tool(tool, |c| {
             c.loop_override = Some(rate.map(|r| Rule::new(r, shadow)));
         });
-        self.refresh_loop_any();
     }
 
     /// Drops `tool`'s own loop breaker: the limiter-wide one applies again.
@@ -1026,7 +1032,6 @@ impl Limiter {
         if self.tools.contains_key(tool) {
             self.update_tool(tool, |c| c.loop_override = None);
         }
-        self.refresh_loop_any();
     }
 
     /// The loop breaker that applies to `tool` (rate and shadow), if any.
@@ -1412,9 +1417,14 @@ pub const ARGS_TRUNCATED_MARKER: &str = "\0truncated";
 #[derive(Debug, Default)]
 pub struct ArgsHasher {
     hasher: blake3::Hasher,
+    /// Text not yet hashed: small writes are batched (one `update` per chunk).
+    buf: Vec<u8>,
     written: usize,
     truncated: bool,
 }
+
+/// Bytes gathered before they are fed to blake3.
+const ARGS_CHUNK: usize = 16 * 1024;
 
 impl ArgsHasher {
     /// An empty text.
@@ -1435,13 +1445,17 @@ impl ArgsHasher {
             return;
         }
         let room = ARGS_MAX_BYTES - self.written;
-        if bytes.len() > room {
-            self.hasher.update(&bytes[..room]);
-            self.written = ARGS_MAX_BYTES;
+        let bytes = if bytes.len() > room {
             self.truncated = true;
+            &bytes[..room]
         } else {
-            self.hasher.update(bytes);
-            self.written += bytes.len();
+            bytes
+        };
+        self.written += bytes.len();
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= ARGS_CHUNK {
+            self.hasher.update(&self.buf);
+            self.buf.clear();
         }
     }
 
@@ -1452,7 +1466,21 @@ impl ArgsHasher {
 
     /// Appends a whole number in decimal.
     pub fn int(&mut self, v: i64) {
-        self.raw(v.to_string().as_bytes());
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        let mut n = v.unsigned_abs();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + u8::try_from(n % 10).unwrap_or(0);
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        if v < 0 {
+            self.raw(b"-");
+        }
+        self.raw(&digits[i..]);
     }
 
     /// Appends `s` as a JSON string: `"` and `\` escaped, `\n \r \t \b \f` as such, other
@@ -1489,6 +1517,7 @@ impl ArgsHasher {
     /// lowercase hex is the digest's first 16 hex digits).
     #[must_use]
     pub fn finish(mut self) -> u64 {
+        self.hasher.update(&self.buf);
         if self.truncated {
             self.hasher.update(ARGS_TRUNCATED_MARKER.as_bytes());
         }
@@ -2486,9 +2515,11 @@ mod tests {
         assert!(!exact.is_full(), "exactly the budget is not truncated");
         exact.depth_marker();
         assert!(exact.is_full());
-        let mut n = ArgsHasher::new();
-        n.int(-42);
-        assert_eq!(n.finish(), hash_text("-42"));
+        for v in [0, 7, -42, i64::MAX, i64::MIN] {
+            let mut n = ArgsHasher::new();
+            n.int(v);
+            assert_eq!(n.finish(), hash_text(&v.to_string()), "{v}");
+        }
     }
 
     #[test]
@@ -2550,6 +2581,26 @@ mod tests {
         let used = |s: &LimiterStatus| s.per_key.map_or(0, |p| p.used);
         assert_eq!(used(&a) + used(&b), 150);
         assert!(a.tools[0].1.used <= 30 && b.tools[0].1.used <= 30);
+    }
+
+    #[test]
+    fn sixteen_threads_with_cost_and_shadow_stay_exact() {
+        // Per key 100 enforced, global 50 in shadow, cost 3: exactly 33 calls (99 units).
+        let lim = Arc::new(Limiter::new(Some(rate(100, 60)), Some(rate(50, 60))));
+        lim.set_modes(false, true);
+        lim.set_loop_breaker(Some(rate(1000, 60)), true);
+        let admitted = hammer(&lim, 16, 500, |l, t, i| {
+            l.check_call_at("k", Some("t"), 3, Some(((t * 500 + i) % 7) as u64), 7 * SEC)
+                .is_allowed()
+        });
+        assert_eq!(admitted, 33);
+        let st = lim.status_at("k", 7 * SEC);
+        assert_eq!(st.per_key.map(|b| b.used), Some(99));
+        assert_eq!(
+            st.global.map(|b| b.used),
+            Some(48),
+            "the shadow global bucket took what enforcement would have: 16 calls of 3"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! `parse_rate` (also used by `config.py`), `Refusal`, `Verdict`, `Gcra`, `Limiter` and
 //! `args_hash`.
 
+use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use pyo3::prelude::*;
@@ -375,24 +376,24 @@ fn int_text(obj: &Bound<'_, PyAny>) -> String {
 
 /// A dict key as `json.dumps` writes it (a string), with a type rank for sorting keys that
 /// read alike (`1` and `"1"`).
-fn key_text(k: &Bound<'_, PyAny>) -> (String, u8) {
+fn key_text<'a>(k: &'a Bound<'_, PyAny>) -> (Cow<'a, str>, u8) {
     if let Ok(s) = k.cast::<PyString>() {
-        (s.to_string_lossy().into_owned(), 0)
+        (s.to_cow().unwrap_or_else(|_| s.to_string_lossy()), 0)
     } else if k.is_exact_instance_of::<PyBool>() {
         let t = if k.is_truthy().unwrap_or(false) {
             "true"
         } else {
             "false"
         };
-        (t.to_owned(), 3)
+        (Cow::Borrowed(t), 3)
     } else if k.cast::<PyInt>().is_ok() {
-        (int_text(k), 1)
+        (Cow::Owned(int_text(k)), 1)
     } else if let Ok(f) = k.cast::<PyFloat>() {
-        (float_text(k.py(), f.value()), 2)
+        (Cow::Owned(float_text(k.py(), f.value())), 2)
     } else if k.is_none() {
-        ("null".to_owned(), 4)
+        (Cow::Borrowed("null"), 4)
     } else {
-        (str_of(k), 5)
+        (Cow::Owned(str_of(k)), 5)
     }
 }
 
@@ -424,17 +425,10 @@ fn walk(h: &mut ArgsHasher, obj: &Bound<'_, PyAny>, depth: usize) {
     } else if let Ok(f) = obj.cast::<PyFloat>() {
         h.raw(float_text(obj.py(), f.value()).as_bytes());
     } else if let Ok(d) = obj.cast::<PyDict>() {
-        // A snapshot of the items: `str()` of a key may run code that changes the dict.
-        let mut items: Vec<((String, u8), Bound<'_, PyAny>)> = Vec::with_capacity(d.len());
-        for item in d.items().iter() {
-            let Ok(pair) = item.cast::<PyTuple>() else {
-                continue;
-            };
-            let (Ok(k), Ok(v)) = (pair.get_item(0), pair.get_item(1)) else {
-                continue;
-            };
-            items.push((key_text(&k), v));
-        }
+        // A snapshot of the items first (no Python code runs while iterating): `str()` of
+        // a key may run code that changes the dict.
+        let pairs: Vec<_> = d.iter().collect();
+        let mut items: Vec<_> = pairs.iter().map(|(k, v)| (key_text(k), v)).collect();
         items.sort_by(|a, b| a.0.cmp(&b.0));
         h.raw(b"{");
         for (i, ((k, _), v)) in items.iter().enumerate() {
