@@ -35,9 +35,73 @@
 //! `N + floor(w * N / period)` calls. (Rates above 10^9 per second degrade to one call per
 //! nanosecond after the burst.)
 //!
-//! A call touches up to three buckets: per key, global, and per (key, tool) when the tool has
-//! a rate. It is admitted only if every touched bucket admits it; a refused call consumes from
-//! none. The per-key and per-(key, tool) buckets of one key live under one small mutex
+//! A call touches up to four buckets: per key, global, per (key, tool) when the tool has a
+//! rate, and the loop breaker's per (key, tool, argument hash) when one applies. It is
+//! admitted only if every touched enforced bucket admits it; a refused call consumes from
+//! none.
+//!
+//! # Cost
+//!
+//! A call has a cost `n >= 1` ([`Limiter::check_call_at`]; [`Limiter::check`] is cost 1).
+//! With quantity, a call at `now` on a bucket whose TAT is `tat` conforms when
+//! `max(tat, now) + n*T - now <= limit*T` (for `n = 1`: `max(tat, now) - now <= tau`), and
+//! then moves the TAT to `max(tat, now) + n*T`: a cost-5 call consumes 5 units from the
+//! per-key, global and tool buckets alike. A cost above a bucket's limit never conforms: it
+//! is refused with `retry_after = reset_after` (see [`Gcra::admit_n`]). `remaining` is
+//! always in calls of cost 1. The loop breaker counts repetitions: it charges 1 whatever the
+//! cost.
+//!
+//! # Shadow rules
+//!
+//! Each rule (per key, global, each tool's rate, the loop breaker) is enforced or in shadow
+//! ([`Limiter::set_modes`], [`Limiter::set_tool_rate`], [`Limiter::set_loop_breaker`]). A
+//! shadow bucket decides as usual but never refuses. When the call is admitted (no enforced
+//! bucket refused), every bucket advances exactly as an enforcing one would: a shadow bucket
+//! that admits consumes, a shadow bucket that would refuse consumes nothing (enforcement
+//! would not have consumed either), so its would-be refusals are the refusals enforcement
+//! would have made, and its status the enforcing bucket's. When an enforced bucket refuses,
+//! nothing is consumed anywhere. An admitted call reports the shadow bucket that would have
+//! refused it ([`Decision::Allowed`]'s `shadow`: the largest `retry_after`), so the caller
+//! can audit it as `would_refuse`.
+//!
+//! # Loop breaker
+//!
+//! A bucket per (caller key, tool, argument hash), of the rate given by
+//! [`Limiter::set_loop_breaker`] (limiter-wide; none by default) or the tool's own
+//! ([`Limiter::set_tool_loop_breaker`], `None` = off for that tool; undone with
+//! [`Limiter::clear_tool_loop_breaker`]); scope [`Scope::Loop`]. It applies only to tool
+//! calls whose arguments are given, and the argument hash is computed only then
+//! ([`Limiter::check_call_with`]). A rate of `N/period` admits N identical calls at once,
+//! then one per `period / N`.
+//!
+//! Loop buckets live in the caller's key state, next to its per-key and tool buckets: the
+//! key's lock already held by every call guards them too (the commit stays all-or-none, no
+//! second map or shard lock), the lookup is one probe of a small per-key hash map keyed by
+//! (tool digest, argument hash), and [`Limiter::reset`] and eviction drop them with the key.
+//!
+//! Memory bound: a loop bucket is created only by an admitted call, and is idle (and
+//! dropped) once its TAT passes, at most one loop window after its last admitted call (one
+//! emission interval after it for a bucket used once). A key's loop map is pruned of idle
+//! buckets when an insertion finds it at twice its size after the last pruning (at least 16),
+//! so it holds at most `max(16, 2 * W)` buckets, where `W` is the number of the key's calls
+//! admitted within one loop window: an attacker varying the arguments grows memory only as
+//! far as the limits that admit his calls allow (under 80 bytes per bucket). Idle keys go
+//! with all their loop buckets in the key sweep below.
+//!
+//! # Argument hash
+//!
+//! [`ArgsHasher`] hashes a canonical JSON text of the arguments: blake3, first 8 bytes,
+//! shown as 16 lowercase hex digits ([`args_hash_hex`]). The text is what Python's
+//! `json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)` writes for
+//! JSON values: objects with keys sorted by code point, no whitespace, strings in UTF-8 with
+//! only `"`, `\`, and control characters escaped, integers in decimal, finite floats in
+//! Python's `repr`, `true`/`false`/`null`; non-finite floats `NaN`, `Infinity`, `-Infinity`.
+//! Beyond JSON (the Python walker in `src/py/limiter.rs`): tuples are lists, non-string keys
+//! are written as `json.dumps` writes them (`1` -> `"1"`, `True` -> `"true"`) and other
+//! objects as the JSON string of their `str()` (or `<unprintable TYPE>` if that raises).
+//! Values nested deeper than [`ARGS_MAX_DEPTH`] are written as [`ARGS_DEPTH_MARKER`], and a
+//! text longer than [`ARGS_MAX_BYTES`] (1 MiB) is hashed up to that length followed by
+//! [`ARGS_TRUNCATED_MARKER`]; both markers contain a NUL byte, which no canonical text does. The per-key and per-(key, tool) buckets of one key live under one small mutex
 //! (held while the shard read lock of the key map is held, so eviction and reset never race a
 //! check); the global bucket is a single atomic updated by compare-and-swap while that mutex
 //! is held, so commit is all-or-none and exact under any number of threads.
@@ -50,6 +114,7 @@
 //!
 //! Limits are per process: with several worker processes they multiply.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -58,7 +123,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::mapref::one::Ref;
 use dashmap::DashMap;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 /// Longest period whose nanoseconds fit in a `u64`.
@@ -389,16 +454,19 @@ pub enum Scope {
     Global,
     /// The per-(key, tool) limit of the called tool.
     Tool,
+    /// The loop breaker: the per-(key, tool, arguments) limit on identical calls.
+    Loop,
 }
 
 impl Scope {
-    /// `"per_key"`, `"global"` or `"tool"`.
+    /// `"per_key"`, `"global"`, `"tool"` or `"loop"`.
     #[must_use]
     pub const fn as_str(self) -> &'static str {
         match self {
             Scope::PerKey => "per_key",
             Scope::Global => "global",
             Scope::Tool => "tool",
+            Scope::Loop => "loop",
         }
     }
 }
@@ -409,17 +477,40 @@ impl fmt::Display for Scope {
     }
 }
 
-/// The outcome of [`Limiter::check`].
+/// The would-be refusal of a bucket in shadow mode, on an admitted call: what enforcing
+/// that rule would have answered.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ShadowHit {
+    /// The shadow bucket that would have refused.
+    pub scope: Scope,
+    /// That bucket's rate.
+    pub rate: Rate,
+    /// Seconds until the call would have been admitted.
+    pub retry_after: f64,
+    /// Seconds until that bucket is full again.
+    pub reset_after: f64,
+}
+
+/// The outcome of [`Limiter::check`] and [`Limiter::check_call_at`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Decision {
-    /// The call was admitted and consumed one unit from every touched bucket.
+    /// The call was admitted and consumed its cost from every touched bucket (a shadow
+    /// bucket that would have refused consumed nothing: see the module notes).
     Allowed {
-        /// Calls still admissible right now: the minimum over the touched buckets
-        /// (`u64::MAX` when no bucket applies).
+        /// Calls of cost 1 still admissible right now by the tightest enforced bucket (the
+        /// fewest remaining; on a tie the longest `reset_after`); `u64::MAX` when no
+        /// enforced bucket applies.
         remaining: u64,
+        /// Seconds until that bucket is full again (0 when no enforced bucket applies).
+        reset_after: f64,
+        /// That bucket's rate (`None` when no enforced bucket applies).
+        limit: Option<Rate>,
+        /// The shadow bucket that would have refused this call (the largest
+        /// `retry_after` among them), if any.
+        shadow: Option<ShadowHit>,
     },
-    /// The call was refused and consumed nothing. When several buckets refuse, this is the
-    /// one with the largest `retry_after`.
+    /// The call was refused by an enforced bucket and consumed nothing. When several
+    /// enforced buckets refuse, this is the one with the largest `retry_after`.
     Limited {
         /// The refusing bucket.
         scope: Scope,
@@ -437,6 +528,24 @@ impl Decision {
     #[must_use]
     pub const fn is_allowed(&self) -> bool {
         matches!(self, Decision::Allowed { .. })
+    }
+
+    /// `remaining` of an admitted call, `None` for a refused one.
+    #[must_use]
+    pub const fn remaining(&self) -> Option<u64> {
+        match self {
+            Decision::Allowed { remaining, .. } => Some(*remaining),
+            Decision::Limited { .. } => None,
+        }
+    }
+
+    /// The shadow hit of an admitted call.
+    #[must_use]
+    pub const fn shadow(&self) -> Option<ShadowHit> {
+        match self {
+            Decision::Allowed { shadow, .. } => *shadow,
+            Decision::Limited { .. } => None,
+        }
     }
 }
 
@@ -469,7 +578,7 @@ pub struct LimiterStatus {
 /// The GCRA strategy of one rate: its constants, and the decision and status a stored
 /// TAT (theoretical arrival time, ns) gives at `now`. Storages keep the TATs: the
 /// in-process [`Limiter`] in its cells, the Redis limiter (Python) in Redis, where its
-/// Lua script applies [`Gcra::admit`]'s arithmetic to the `emission_ns` and `tau_ns`
+/// Lua script applies [`Gcra::admit_n`]'s arithmetic to the `emission_ns` and `tau_ns`
 /// this gives it.
 #[derive(Clone, Copy, Debug)]
 pub struct Gcra {
@@ -533,26 +642,53 @@ impl Gcra {
         self.tau
     }
 
-    /// The new TAT if a call at `now` conforms to a bucket whose TAT is `tat`, else how
-    /// long to wait.
+    /// The new TAT if a call of cost 1 at `now` conforms to a bucket whose TAT is `tat`,
+    /// else how long to wait.
     ///
     /// # Errors
     /// [`BucketRefusal`] when the call does not conform.
     pub fn admit(&self, tat: u64, now: u64) -> Result<u64, BucketRefusal> {
+        self.admit_n(tat, now, 1)
+    }
+
+    /// The new TAT if a call of cost `n` (0 counts as 1) at `now` conforms to a bucket
+    /// whose TAT is `tat`, else how long to wait.
+    ///
+    /// The call conforms when `max(tat, now) + n*T - now <= limit*T`, i.e. when
+    /// `max(tat, now) - now <= tau - (n - 1)*T`; the TAT then moves to
+    /// `max(tat, now) + n*T`. For `n = 1` this is the plain GCRA test.
+    ///
+    /// A cost above the bucket's limit can never conform, however long the caller waits:
+    /// it is refused with `retry` equal to `reset` (the time until the bucket is full,
+    /// which is 0 for a fresh bucket), since the formula's wait would promise an admission
+    /// that never comes. The Python side refuses such configurations at set-up.
+    ///
+    /// # Errors
+    /// [`BucketRefusal`] when the call does not conform.
+    pub fn admit_n(&self, tat: u64, now: u64, n: u64) -> Result<u64, BucketRefusal> {
+        let n = n.max(1);
         let tat = tat.max(now);
         let ahead = tat - now;
-        if ahead <= self.tau {
-            Ok(tat.saturating_add(self.emission))
+        if n > self.limit {
+            return Err(BucketRefusal {
+                retry: ahead,
+                reset: ahead,
+            });
+        }
+        let tolerance = self.tau.saturating_sub(self.emission.saturating_mul(n - 1));
+        if ahead <= tolerance {
+            Ok(tat.saturating_add(self.emission.saturating_mul(n)))
         } else {
             Err(BucketRefusal {
-                retry: ahead - self.tau,
+                retry: ahead - tolerance,
                 reset: ahead,
             })
         }
     }
 
-    /// Calls that would conform at `now`.
-    fn remaining(&self, tat: u64, now: u64) -> u64 {
+    /// Calls of cost 1 that would conform at `now`.
+    #[must_use]
+    pub fn remaining(&self, tat: u64, now: u64) -> u64 {
         let ahead = tat.saturating_sub(now);
         if ahead > self.tau {
             0
@@ -577,16 +713,70 @@ impl Gcra {
     }
 }
 
-/// The buckets of one key: its per-key TAT and its per-(key, tool) TATs.
+/// One configured rule: its GCRA constants and whether it only runs in shadow.
+#[derive(Clone, Copy, Debug)]
+struct Rule {
+    gcra: Gcra,
+    shadow: bool,
+}
+
+impl Rule {
+    fn new(rate: Rate, shadow: bool) -> Rule {
+        Rule {
+            gcra: Gcra::new(rate),
+            shadow,
+        }
+    }
+}
+
+/// What is configured for one tool: its per-(key, tool) rate, and its loop breaker
+/// override (`None`: the limiter-wide default; `Some(None)`: off for this tool).
+#[derive(Clone, Copy, Debug, Default)]
+struct ToolConfig {
+    rate: Option<Rule>,
+    loop_override: Option<Option<Rule>>,
+}
+
+impl ToolConfig {
+    const fn is_empty(&self) -> bool {
+        self.rate.is_none() && self.loop_override.is_none()
+    }
+}
+
+/// A key's loop-breaker buckets: TAT by (tool digest, argument hash).
+#[derive(Debug, Default)]
+struct LoopBuckets {
+    tats: HashMap<u128, u64>,
+    /// Size at which the next insertion first drops idle buckets (amortised O(1)).
+    prune_at: usize,
+}
+
+/// Minimum size of a key's loop map before an insertion prunes it.
+const MIN_LOOP_PRUNE: usize = 16;
+
+impl LoopBuckets {
+    fn insert(&mut self, id: u128, tat: u64, now: u64) {
+        if self.tats.len() >= self.prune_at.max(MIN_LOOP_PRUNE) && !self.tats.contains_key(&id) {
+            self.tats.retain(|_, t| *t > now);
+            self.prune_at = (2 * self.tats.len()).max(MIN_LOOP_PRUNE);
+        }
+        self.tats.insert(id, tat);
+    }
+}
+
+/// The buckets of one key: its per-key TAT, its per-(key, tool) TATs and its loop-breaker
+/// TATs.
 #[derive(Default, Debug)]
 struct KeyState {
     /// Per-key TAT (unused, and 0, when no per-key rate is configured).
     tat: u64,
     /// Per-(key, tool) TATs; small, scanned linearly.
     tools: Vec<(Box<str>, u64)>,
+    /// Loop-breaker TATs, allocated on the key's first call under a loop breaker.
+    loops: Option<Box<LoopBuckets>>,
 }
 
-/// Keeps the worst refusal seen so far (largest retry).
+/// Keeps the worst refusal seen so far (largest retry; the first on a tie).
 fn note_refusal(
     worst: &mut Option<(Scope, Gcra, BucketRefusal)>,
     scope: Scope,
@@ -598,18 +788,124 @@ fn note_refusal(
     }
 }
 
-/// In-process GCRA rate limiter with per-key, global and per-(key, tool) buckets.
+/// What the buckets of one call said so far.
+#[derive(Default)]
+struct Tally {
+    /// The worst refusal of an enforced bucket: the call is refused.
+    refused: Option<(Scope, Gcra, BucketRefusal)>,
+    /// The worst would-be refusal of a shadow bucket.
+    shadow: Option<(Scope, Gcra, BucketRefusal)>,
+    /// The tightest enforced bucket after the call: (remaining, ns until full, rate).
+    tightest: Option<(u64, u64, Rate)>,
+}
+
+impl Tally {
+    /// Applies `rule` to a bucket at `tat`: the new TAT if it admits the call.
+    fn bucket(&mut self, scope: Scope, rule: Rule, tat: u64, now: u64, n: u64) -> Option<u64> {
+        match rule.gcra.admit_n(tat, now, n) {
+            Ok(new) => {
+                if !rule.shadow && scope != Scope::Loop {
+                    self.tighten(rule.gcra, new, now);
+                }
+                Some(new)
+            }
+            Err(r) => {
+                let slot = if rule.shadow {
+                    &mut self.shadow
+                } else {
+                    &mut self.refused
+                };
+                note_refusal(slot, scope, rule.gcra, r);
+                None
+            }
+        }
+    }
+
+    fn tighten(&mut self, g: Gcra, tat: u64, now: u64) {
+        self.tighten_to((g.remaining(tat, now), tat.saturating_sub(now), g.rate));
+    }
+
+    fn tighten_to(&mut self, (remaining, reset, rate): (u64, u64, Rate)) {
+        if self
+            .tightest
+            .is_none_or(|(r, s, _)| remaining < r || (remaining == r && reset > s))
+        {
+            self.tightest = Some((remaining, reset, rate));
+        }
+    }
+
+    /// Adds the global bucket's tally (evaluated last) to this one.
+    fn merge(&mut self, other: Tally) {
+        if let Some((scope, g, r)) = other.refused {
+            note_refusal(&mut self.refused, scope, g, r);
+        }
+        if let Some((scope, g, r)) = other.shadow {
+            note_refusal(&mut self.shadow, scope, g, r);
+        }
+        if let Some(t) = other.tightest {
+            self.tighten_to(t);
+        }
+    }
+
+    fn decision(&self) -> Decision {
+        if let Some((scope, g, r)) = self.refused {
+            return limited(scope, g, r);
+        }
+        let (remaining, reset, limit) = match self.tightest {
+            Some((remaining, reset, rate)) => (remaining, nanos_to_secs(reset), Some(rate)),
+            None => (u64::MAX, 0.0, None),
+        };
+        Decision::Allowed {
+            remaining,
+            reset_after: reset,
+            limit,
+            shadow: self.shadow.map(|(scope, g, r)| ShadowHit {
+                scope,
+                rate: g.rate,
+                retry_after: nanos_to_secs(r.retry),
+                reset_after: nanos_to_secs(r.reset),
+            }),
+        }
+    }
+}
+
+/// A 64-bit digest of a tool name for the loop map (FNV-1a; tool names are the server's,
+/// not the caller's).
+fn tool_digest(tool: &str) -> u64 {
+    tool.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The loop bucket of one call: its rule and its id in the key's loop map.
+#[derive(Clone, Copy)]
+struct LoopCall {
+    rule: Rule,
+    id: u128,
+}
+
+/// In-process GCRA rate limiter with per-key, global, per-(key, tool) and loop-breaker
+/// buckets.
 ///
 /// `Send + Sync`; all methods take `&self`. See the module documentation for the algorithm
 /// and the concurrency design.
 #[derive(Debug)]
 pub struct Limiter {
     per_key: Option<Gcra>,
+    per_key_shadow: AtomicBool,
     global: Option<Gcra>,
+    global_shadow: AtomicBool,
     global_tat: AtomicU64,
-    tool_rates: DashMap<Box<str>, Gcra>,
-    /// Number of entries in `tool_rates`, so checks skip the lookup when there are none.
-    tool_rate_count: AtomicUsize,
+    tools: DashMap<Box<str>, ToolConfig>,
+    /// Number of entries in `tools`, so checks skip the lookup when there are none.
+    tool_count: AtomicUsize,
+    /// The limiter-wide loop breaker (`None`: off unless a tool sets its own).
+    loop_default: RwLock<Option<Rule>>,
+    /// Whether any loop breaker is configured (default or per tool), so calls skip the
+    /// loop logic entirely otherwise.
+    loop_any: AtomicBool,
+    /// Serialises configuration changes (so `tool_count` and `loop_any` stay exact).
+    config: Mutex<()>,
     keys: DashMap<Box<str>, Mutex<KeyState>>,
     inserts_since_sweep: AtomicUsize,
     sweep_threshold: AtomicUsize,
@@ -617,21 +913,33 @@ pub struct Limiter {
 }
 
 impl Limiter {
-    /// A limiter with an optional per-key rate and an optional global rate. Per-tool rates
-    /// are added with [`Limiter::set_tool_rate`].
+    /// A limiter with an optional per-key rate and an optional global rate, both enforced.
+    /// Per-tool rates are added with [`Limiter::set_tool_rate`], modes changed with
+    /// [`Limiter::set_modes`], loop breakers with [`Limiter::set_loop_breaker`].
     #[must_use]
     pub fn new(per_key: Option<Rate>, global: Option<Rate>) -> Limiter {
         Limiter {
             per_key: per_key.map(Gcra::new),
+            per_key_shadow: AtomicBool::new(false),
             global: global.map(Gcra::new),
+            global_shadow: AtomicBool::new(false),
             global_tat: AtomicU64::new(0),
-            tool_rates: DashMap::new(),
-            tool_rate_count: AtomicUsize::new(0),
+            tools: DashMap::new(),
+            tool_count: AtomicUsize::new(0),
+            loop_default: RwLock::new(None),
+            loop_any: AtomicBool::new(false),
+            config: Mutex::new(()),
             keys: DashMap::new(),
             inserts_since_sweep: AtomicUsize::new(0),
             sweep_threshold: AtomicUsize::new(MIN_SWEEP_INTERVAL),
             sweeping: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the per-key and the global rules run in shadow (decide, never refuse).
+    pub fn set_modes(&self, per_key_shadow: bool, global_shadow: bool) {
+        self.per_key_shadow.store(per_key_shadow, Ordering::Release);
+        self.global_shadow.store(global_shadow, Ordering::Release);
     }
 
     /// The configured per-key rate.
@@ -646,37 +954,97 @@ impl Limiter {
         self.global.map(|g| g.rate)
     }
 
-    /// Set (`Some`) or clear (`None`) the per-(key, tool) rate of `tool`. Existing buckets
-    /// keep their state and are read with the new rate; buckets of a cleared tool are dropped
-    /// by the next eviction.
-    pub fn set_tool_rate(&self, tool: &str, rate: Option<Rate>) {
-        match rate {
-            Some(rate) => {
-                if self
-                    .tool_rates
-                    .insert(Box::from(tool), Gcra::new(rate))
-                    .is_none()
-                {
-                    self.tool_rate_count.fetch_add(1, Ordering::AcqRel);
-                }
-            }
-            None => {
-                if self.tool_rates.remove(tool).is_some() {
-                    self.tool_rate_count.fetch_sub(1, Ordering::AcqRel);
-                }
-            }
+    fn per_key_rule(&self) -> Option<Rule> {
+        self.per_key.map(|gcra| Rule {
+            gcra,
+            shadow: self.per_key_shadow.load(Ordering::Relaxed),
+        })
+    }
+
+    fn global_rule(&self) -> Option<Rule> {
+        self.global.map(|gcra| Rule {
+            gcra,
+            shadow: self.global_shadow.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Changes `tool`'s configuration with `f`, keeping `tool_count` in step.
+    fn update_tool(&self, tool: &str, f: impl FnOnce(&mut ToolConfig)) {
+        let _config = self.config.lock();
+        let mut entry = self.tools.entry(Box::from(tool)).or_insert_with(|| {
+            self.tool_count.fetch_add(1, Ordering::AcqRel);
+            ToolConfig::default()
+        });
+        f(&mut entry);
+        let empty = entry.is_empty();
+        drop(entry);
+        if empty && self.tools.remove_if(tool, |_, c| c.is_empty()).is_some() {
+            self.tool_count.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.refresh_loop_any();
+    }
+
+    /// Set (`Some`) or clear (`None`) the per-(key, tool) rate of `tool`, enforced or in
+    /// shadow. Existing buckets keep their state and are read with the new rate; buckets
+    /// of a cleared tool are dropped by the next eviction.
+    pub fn set_tool_rate(&self, tool: &str, rate: Option<Rate>, shadow: bool) {
+        self.update_tool(tool, |c| c.rate = rate.map(|r| Rule::new(r, shadow)));
+    }
+
+    /// The per-(key, tool) rate of `tool` and whether it runs in shadow.
+    #[must_use]
+    pub fn tool_rate(&self, tool: &str) -> Option<(Rate, bool)> {
+        self.tools
+            .get(tool)
+            .and_then(|c| c.rate)
+            .map(|r| (r.gcra.rate, r.shadow))
+    }
+
+    /// Recomputes `loop_any`; called with the `config` lock held.
+    fn refresh_loop_any(&self) {
+        let any = self.loop_default.read().is_some()
+            || self
+                .tools
+                .iter()
+                .any(|c| matches!(c.loop_override, Some(Some(_))));
+        self.loop_any.store(any, Ordering::Release);
+    }
+
+    /// The limiter-wide loop breaker: at most `rate` identical calls (same key, tool and
+    /// argument hash) per period, enforced or in shadow; `None` turns it off (tools with
+    /// their own loop breaker keep it).
+    pub fn set_loop_breaker(&self, rate: Option<Rate>, shadow: bool) {
+        let _config = self.config.lock();
+        *self.loop_default.write() = rate.map(|r| Rule::new(r, shadow));
+        self.refresh_loop_any();
+    }
+
+    /// `tool`'s own loop breaker, in place of the limiter-wide one: `None` turns it off
+    /// for this tool.
+    pub fn set_tool_loop_breaker(&self, tool: &str, rate: Option<Rate>, shadow: bool) {
+        self.update_tool(tool, |c| {
+            c.loop_override = Some(rate.map(|r| Rule::new(r, shadow)));
+        });
+    }
+
+    /// Drops `tool`'s own loop breaker: the limiter-wide one applies again.
+    pub fn clear_tool_loop_breaker(&self, tool: &str) {
+        if self.tools.contains_key(tool) {
+            self.update_tool(tool, |c| c.loop_override = None);
         }
     }
 
-    /// The per-(key, tool) rate of `tool`, if any (tests).
-    #[cfg(test)]
+    /// The loop breaker that applies to `tool` (rate and shadow), if any.
     #[must_use]
-    pub fn tool_rate(&self, tool: &str) -> Option<Rate> {
-        self.tool_rates.get(tool).map(|g| g.rate)
+    pub fn loop_breaker(&self, tool: &str) -> Option<(Rate, bool)> {
+        let own = self.tools.get(tool).and_then(|c| c.loop_override);
+        own.unwrap_or_else(|| *self.loop_default.read())
+            .map(|r| (r.gcra.rate, r.shadow))
     }
 
-    /// Check (and on success consume) one call by `key` to `tool` now, on the process-wide
-    /// monotonic clock ([`monotonic_nanos`]).
+    /// Check (and on success consume) one call of cost 1 by `key` to `tool` now, on the
+    /// process-wide monotonic clock ([`monotonic_nanos`]). No loop breaker applies (no
+    /// arguments).
     pub fn check(&self, key: &str, tool: Option<&str>) -> Decision {
         self.check_at(key, tool, monotonic_nanos())
     }
@@ -684,101 +1052,158 @@ impl Limiter {
     /// [`Limiter::check`] at an explicit time `now_nanos` (nanoseconds of a monotonic clock;
     /// callers must not mix clocks within one limiter).
     pub fn check_at(&self, key: &str, tool: Option<&str>, now_nanos: u64) -> Decision {
+        self.check_call_with(key, tool, 1, None::<fn() -> u64>, now_nanos)
+            .0
+    }
+
+    /// Check (and on success consume) one call of cost `cost` (0 counts as 1) by `key` to
+    /// `tool` with arguments hashed to `args_hash` (see [`ArgsHasher`]), at `now_nanos`.
+    /// The loop breaker applies when `tool` and `args_hash` are given and the tool has one.
+    pub fn check_call_at(
+        &self,
+        key: &str,
+        tool: Option<&str>,
+        cost: u64,
+        args_hash: Option<u64>,
+        now_nanos: u64,
+    ) -> Decision {
+        self.check_call_with(key, tool, cost, args_hash.map(|h| move || h), now_nanos)
+            .0
+    }
+
+    /// [`Limiter::check_call_at`] with the argument hash computed by `args` only when a
+    /// loop breaker applies to the tool (before any lock is taken, so `args` may run
+    /// arbitrary code). Returns the decision and the hash, if it was computed.
+    pub fn check_call_with<F: FnOnce() -> u64>(
+        &self,
+        key: &str,
+        tool: Option<&str>,
+        cost: u64,
+        args: Option<F>,
+        now_nanos: u64,
+    ) -> (Decision, Option<u64>) {
         let now = now_nanos;
-        let tool_gcra = match tool {
-            Some(name) if self.tool_rate_count.load(Ordering::Acquire) > 0 => {
-                self.tool_rates.get(name).map(|g| *g)
+        let n = cost.max(1);
+        let config = match tool {
+            Some(name) if self.tool_count.load(Ordering::Acquire) > 0 => {
+                self.tools.get(name).map(|c| *c)
             }
             _ => None,
         };
-        let Some(tool_name) = tool.filter(|_| tool_gcra.is_some()) else {
-            if self.per_key.is_none() {
-                return self.check_global_only(now);
-            }
-            return self.check_key(key, None, now);
+        let tool_rule = match (tool, config.and_then(|c| c.rate)) {
+            (Some(name), Some(rule)) => Some((name, rule)),
+            _ => None,
         };
-        self.check_key(key, tool_gcra.map(|g| (tool_name, g)), now)
+        let mut hash = None;
+        let mut loop_call = None;
+        if let (Some(name), Some(args)) = (tool, args) {
+            if self.loop_any.load(Ordering::Acquire) {
+                let rule = match config.and_then(|c| c.loop_override) {
+                    Some(own) => own,
+                    None => *self.loop_default.read(),
+                };
+                if let Some(rule) = rule {
+                    let h = args();
+                    hash = Some(h);
+                    loop_call = Some(LoopCall {
+                        rule,
+                        id: (u128::from(tool_digest(name)) << 64) | u128::from(h),
+                    });
+                }
+            }
+        }
+        let per_key = self.per_key_rule();
+        let decision = if per_key.is_none() && tool_rule.is_none() && loop_call.is_none() {
+            self.check_global_only(now, n)
+        } else {
+            self.check_key(key, per_key, tool_rule, loop_call, now, n)
+        };
+        (decision, hash)
     }
 
-    fn check_global_only(&self, now: u64) -> Decision {
-        let Some(g) = self.global else {
-            return Decision::Allowed {
-                remaining: u64::MAX,
-            };
-        };
-        match self.consume_global(g, now) {
-            Ok(tat) => Decision::Allowed {
-                remaining: g.remaining(tat, now),
-            },
-            Err(r) => limited(Scope::Global, g, r),
+    fn check_global_only(&self, now: u64, n: u64) -> Decision {
+        match self.global_rule() {
+            Some(rule) => self.global_bucket(rule, now, n).decision(),
+            None => Tally::default().decision(),
         }
     }
 
-    /// CAS loop on the global TAT; returns the committed TAT.
-    fn consume_global(&self, g: Gcra, now: u64) -> Result<u64, BucketRefusal> {
+    /// The global bucket's part of a call whose other buckets all admit it: CAS loop on
+    /// the global TAT, consuming unless the bucket refuses. Returns its own tally.
+    fn global_bucket(&self, rule: Rule, now: u64, n: u64) -> Tally {
         let mut cur = self.global_tat.load(Ordering::Acquire);
         loop {
-            let new = g.admit(cur, now)?;
+            let mut tally = Tally::default();
+            let Some(new) = tally.bucket(Scope::Global, rule, cur, now, n) else {
+                return tally;
+            };
             match self.global_tat.compare_exchange_weak(
                 cur,
                 new,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return Ok(new),
+                Ok(_) => return tally,
                 Err(actual) => cur = actual,
             }
         }
     }
 
-    fn check_key(&self, key: &str, tool: Option<(&str, Gcra)>, now: u64) -> Decision {
+    fn check_key(
+        &self,
+        key: &str,
+        per_key: Option<Rule>,
+        tool: Option<(&str, Rule)>,
+        loop_call: Option<LoopCall>,
+        now: u64,
+        n: u64,
+    ) -> Decision {
         let entry = self.key_entry(key, now);
         let mut state = entry.lock();
-        let mut remaining = u64::MAX;
-        let mut worst: Option<(Scope, Gcra, BucketRefusal)> = None;
+        let mut tally = Tally::default();
 
-        let new_key_tat = self.per_key.and_then(|g| match g.admit(state.tat, now) {
-            Ok(tat) => {
-                remaining = remaining.min(g.remaining(tat, now));
-                Some(tat)
-            }
-            Err(r) => {
-                note_refusal(&mut worst, Scope::PerKey, g, r);
-                None
-            }
-        });
+        let new_key_tat =
+            per_key.and_then(|rule| tally.bucket(Scope::PerKey, rule, state.tat, now, n));
 
         let mut new_tool = None;
-        if let Some((name, g)) = tool {
-            let idx = state.tools.iter().position(|(n, _)| **n == *name);
+        if let Some((name, rule)) = tool {
+            let idx = state.tools.iter().position(|(t, _)| **t == *name);
             let tat = idx.and_then(|i| state.tools.get(i)).map_or(0, |(_, t)| *t);
-            match g.admit(tat, now) {
-                Ok(tat) => {
-                    remaining = remaining.min(g.remaining(tat, now));
-                    new_tool = Some((idx, tat));
-                }
-                Err(r) => note_refusal(&mut worst, Scope::Tool, g, r),
-            }
+            new_tool = tally
+                .bucket(Scope::Tool, rule, tat, now, n)
+                .map(|tat| (idx, tat));
         }
 
-        if let Some(g) = self.global {
-            if worst.is_some() {
+        let new_loop = loop_call.and_then(|lc| {
+            let tat = state
+                .loops
+                .as_ref()
+                .and_then(|l| l.tats.get(&lc.id).copied())
+                .unwrap_or(0);
+            tally.bucket(Scope::Loop, lc.rule, tat, now, 1)
+        });
+
+        if let Some(rule) = self.global_rule() {
+            if tally.refused.is_some() {
                 // Refused anyway: only look, to report the largest retry.
-                if let Err(r) = g.admit(self.global_tat.load(Ordering::Acquire), now) {
-                    note_refusal(&mut worst, Scope::Global, g, r);
+                if !rule.shadow {
+                    if let Err(r) =
+                        rule.gcra
+                            .admit_n(self.global_tat.load(Ordering::Acquire), now, n)
+                    {
+                        note_refusal(&mut tally.refused, Scope::Global, rule.gcra, r);
+                    }
                 }
             } else {
-                // Every key bucket conforms and cannot change while we hold the key's lock,
-                // so a successful CAS here commits the call.
-                match self.consume_global(g, now) {
-                    Ok(tat) => remaining = remaining.min(g.remaining(tat, now)),
-                    Err(r) => note_refusal(&mut worst, Scope::Global, g, r),
-                }
+                // Every key bucket's verdict is final and cannot change while we hold the
+                // key's lock, so a successful CAS here commits the call.
+                let global = self.global_bucket(rule, now, n);
+                tally.merge(global);
             }
         }
 
-        if let Some((scope, g, r)) = worst {
-            return limited(scope, g, r);
+        if tally.refused.is_some() {
+            return tally.decision();
         }
         if let Some(tat) = new_key_tat {
             state.tat = tat;
@@ -795,7 +1220,13 @@ impl Limiter {
             }
             _ => {}
         }
-        Decision::Allowed { remaining }
+        if let (Some(tat), Some(lc)) = (new_loop, loop_call) {
+            state
+                .loops
+                .get_or_insert_with(Box::default)
+                .insert(lc.id, tat, now);
+        }
+        tally.decision()
     }
 
     /// The key's entry, inserted if missing. The returned guard holds the shard's read lock,
@@ -830,7 +1261,8 @@ impl Limiter {
         self.status_at(key, monotonic_nanos())
     }
 
-    /// [`Limiter::status`] at an explicit time. Read-only: consumes nothing.
+    /// [`Limiter::status`] at an explicit time. Read-only: consumes nothing. Loop-breaker
+    /// buckets are not listed (one per distinct arguments).
     #[must_use]
     pub fn status_at(&self, key: &str, now_nanos: u64) -> LimiterStatus {
         let now = now_nanos;
@@ -842,14 +1274,15 @@ impl Limiter {
             None => (0, Vec::new()),
         };
         let mut tools: Vec<(String, BucketStatus)> = self
-            .tool_rates
+            .tools
             .iter()
-            .map(|item| {
+            .filter_map(|item| {
+                let rule = item.value().rate?;
                 let tat = tool_tats
                     .iter()
                     .find(|(n, _)| n == item.key())
                     .map_or(0, |(_, t)| *t);
-                (item.key().to_string(), item.value().status(tat, now))
+                Some((item.key().to_string(), rule.gcra.status(tat, now)))
             })
             .collect();
         tools.sort_by(|a, b| a.0.cmp(&b.0));
@@ -862,7 +1295,8 @@ impl Limiter {
         }
     }
 
-    /// Forget `key`'s per-key bucket and all its per-(key, tool) buckets (not the global one).
+    /// Forget `key`'s per-key bucket, all its per-(key, tool) buckets and its loop-breaker
+    /// buckets (not the global one).
     pub fn reset(&self, key: &str) {
         self.keys.remove(key);
     }
@@ -886,7 +1320,8 @@ impl Limiter {
     }
 
     /// [`Limiter::evict_idle`] at an explicit time. Also drops buckets of tools whose rate
-    /// was cleared. Returns the number of per-key and per-(key, tool) buckets removed.
+    /// was cleared. Returns the number of per-key, per-(key, tool) and loop-breaker buckets
+    /// removed.
     pub fn evict_idle_at(&self, now_nanos: u64) -> usize {
         let now = now_nanos;
         let per_key = usize::from(self.per_key.is_some());
@@ -895,11 +1330,21 @@ impl Limiter {
             // `retain` holds the shard's write lock: no check holds this entry.
             let state = state.get_mut();
             let before = state.tools.len();
-            state
-                .tools
-                .retain(|(name, tat)| *tat > now && self.tool_rates.contains_key(name));
+            state.tools.retain(|(name, tat)| {
+                *tat > now && self.tools.get(&**name).is_some_and(|c| c.rate.is_some())
+            });
             removed += before - state.tools.len();
-            let keep = state.tat > now || !state.tools.is_empty();
+            if let Some(loops) = &mut state.loops {
+                let before = loops.tats.len();
+                loops.tats.retain(|_, t| *t > now);
+                removed += before - loops.tats.len();
+                if loops.tats.is_empty() {
+                    state.loops = None;
+                } else {
+                    loops.prune_at = (2 * loops.tats.len()).max(MIN_LOOP_PRUNE);
+                }
+            }
+            let keep = state.tat > now || !state.tools.is_empty() || state.loops.is_some();
             if !keep {
                 removed += per_key;
             }
@@ -917,16 +1362,28 @@ impl Limiter {
         keys
     }
 
-    /// Number of stored per-key and per-(key, tool) buckets (the global bucket is not
-    /// counted). For tests; locks every entry.
+    /// Number of stored per-key, per-(key, tool) and loop-breaker buckets (the global
+    /// bucket is not counted). For tests; locks every entry.
     #[cfg(test)]
     #[must_use]
     pub fn bucket_count(&self) -> usize {
         let per_key = usize::from(self.per_key.is_some());
         self.keys
             .iter()
-            .map(|entry| per_key + entry.lock().tools.len())
+            .map(|entry| {
+                let state = entry.lock();
+                per_key + state.tools.len() + state.loops.as_ref().map_or(0, |l| l.tats.len())
+            })
             .sum()
+    }
+
+    /// Number of loop-breaker buckets stored for `key` (tests).
+    #[cfg(test)]
+    #[must_use]
+    pub fn loop_bucket_count(&self, key: &str) -> usize {
+        self.keys
+            .get(key)
+            .map_or(0, |e| e.lock().loops.as_ref().map_or(0, |l| l.tats.len()))
     }
 }
 
@@ -937,6 +1394,144 @@ fn limited(scope: Scope, g: Gcra, r: BucketRefusal) -> Decision {
         retry_after: nanos_to_secs(r.retry),
         reset_after: nanos_to_secs(r.reset),
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Argument hash
+
+/// Deepest nesting [`ArgsHasher`] callers descend into; deeper values hash as
+/// [`ARGS_DEPTH_MARKER`].
+pub const ARGS_MAX_DEPTH: usize = 64;
+/// Most canonical text hashed; the rest is cut and [`ARGS_TRUNCATED_MARKER`] appended.
+pub const ARGS_MAX_BYTES: usize = 1 << 20;
+/// Stands for a value nested deeper than [`ARGS_MAX_DEPTH`] (a NUL byte never occurs in
+/// canonical JSON, so no complete text can look like it).
+pub const ARGS_DEPTH_MARKER: &str = "\0depth";
+/// Appended after the first [`ARGS_MAX_BYTES`] of a longer canonical text.
+pub const ARGS_TRUNCATED_MARKER: &str = "\0truncated";
+
+/// Streams a canonical JSON text into blake3, within [`ARGS_MAX_BYTES`]; the argument
+/// hash is the first 8 bytes of the digest. The walker over the values (Python objects,
+/// in `src/py/limiter.rs`) decides the text; this type writes it: raw tokens, and strings
+/// escaped as Python's `json.dumps(..., ensure_ascii=False)` escapes them.
+#[derive(Debug, Default)]
+pub struct ArgsHasher {
+    hasher: blake3::Hasher,
+    /// Text not yet hashed: small writes are batched (one `update` per chunk).
+    buf: Vec<u8>,
+    written: usize,
+    truncated: bool,
+}
+
+/// Bytes gathered before they are fed to blake3.
+const ARGS_CHUNK: usize = 16 * 1024;
+
+impl ArgsHasher {
+    /// An empty text.
+    #[must_use]
+    pub fn new() -> ArgsHasher {
+        ArgsHasher::default()
+    }
+
+    /// True once the byte budget is spent: callers stop walking.
+    #[must_use]
+    pub fn is_full(&self) -> bool {
+        self.truncated
+    }
+
+    /// Appends `bytes` as they are, up to the budget.
+    pub fn raw(&mut self, bytes: &[u8]) {
+        if self.truncated {
+            return;
+        }
+        let room = ARGS_MAX_BYTES - self.written;
+        let bytes = if bytes.len() > room {
+            self.truncated = true;
+            &bytes[..room]
+        } else {
+            bytes
+        };
+        self.written += bytes.len();
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= ARGS_CHUNK {
+            self.hasher.update(&self.buf);
+            self.buf.clear();
+        }
+    }
+
+    /// Appends a value nested too deep.
+    pub fn depth_marker(&mut self) {
+        self.raw(ARGS_DEPTH_MARKER.as_bytes());
+    }
+
+    /// Appends a whole number in decimal.
+    pub fn int(&mut self, v: i64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        let mut n = v.unsigned_abs();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + u8::try_from(n % 10).unwrap_or(0);
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        if v < 0 {
+            self.raw(b"-");
+        }
+        self.raw(&digits[i..]);
+    }
+
+    /// Appends `s` as a JSON string: `"` and `\` escaped, `\n \r \t \b \f` as such, other
+    /// control characters as `\u00xx`, everything else (non-ASCII too) as UTF-8.
+    pub fn string(&mut self, s: &str) {
+        self.raw(b"\"");
+        let bytes = s.as_bytes();
+        let mut start = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            let esc: &[u8] = match b {
+                b'"' => b"\\\"",
+                b'\\' => b"\\\\",
+                b'\n' => b"\\n",
+                b'\r' => b"\\r",
+                b'\t' => b"\\t",
+                0x08 => b"\\b",
+                0x0c => b"\\f",
+                0..=0x1f => b"",
+                _ => continue,
+            };
+            self.raw(&bytes[start..i]);
+            if esc.is_empty() {
+                self.raw(format!("\\u{b:04x}").as_bytes());
+            } else {
+                self.raw(esc);
+            }
+            start = i + 1;
+        }
+        self.raw(&bytes[start..]);
+        self.raw(b"\"");
+    }
+
+    /// The argument hash: the first 8 bytes of the digest, big-endian (so its 16-digit
+    /// lowercase hex is the digest's first 16 hex digits).
+    #[must_use]
+    pub fn finish(mut self) -> u64 {
+        self.hasher.update(&self.buf);
+        if self.truncated {
+            self.hasher.update(ARGS_TRUNCATED_MARKER.as_bytes());
+        }
+        let digest = self.hasher.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest.as_bytes()[..8]);
+        u64::from_be_bytes(first)
+    }
+}
+
+/// The 16 lowercase hex digits of an argument hash.
+#[must_use]
+pub fn args_hash_hex(hash: u64) -> String {
+    format!("{hash:016x}")
 }
 
 #[cfg(test)]
@@ -1199,10 +1794,8 @@ mod tests {
         let t0 = 10 * SEC;
         for expected_remaining in [2, 1, 0] {
             assert_eq!(
-                lim.check_at("k", None, t0),
-                Decision::Allowed {
-                    remaining: expected_remaining
-                }
+                lim.check_at("k", None, t0).remaining(),
+                Some(expected_remaining)
             );
         }
         match lim.check_at("k", None, t0) {
@@ -1221,10 +1814,7 @@ mod tests {
         }
         // One emission interval later exactly one more call.
         assert!(!lim.check_at("k", None, t0 + SEC - 1).is_allowed());
-        assert_eq!(
-            lim.check_at("k", None, t0 + SEC),
-            Decision::Allowed { remaining: 0 }
-        );
+        assert_eq!(lim.check_at("k", None, t0 + SEC).remaining(), Some(0));
         assert!(!lim.check_at("k", None, t0 + SEC).is_allowed());
         // Other keys are independent.
         assert!(lim.check_at("other", None, t0).is_allowed());
@@ -1252,29 +1842,18 @@ mod tests {
     #[test]
     fn no_limits_allows_everything() {
         let lim = Limiter::new(None, None);
-        assert_eq!(
-            lim.check_at("k", Some("t"), 0),
-            Decision::Allowed {
-                remaining: u64::MAX
-            }
-        );
+        assert_eq!(lim.check_at("k", Some("t"), 0).remaining(), Some(u64::MAX));
         assert_eq!(lim.bucket_count(), 0);
     }
 
     #[test]
     fn refused_tool_call_leaves_per_key_budget_intact() {
         let lim = Limiter::new(Some(rate(5, 60)), None);
-        lim.set_tool_rate("search", Some(rate(2, 60)));
-        assert_eq!(lim.tool_rate("search"), Some(rate(2, 60)));
+        lim.set_tool_rate("search", Some(rate(2, 60)), false);
+        assert_eq!(lim.tool_rate("search"), Some((rate(2, 60), false)));
         assert_eq!(lim.tool_rate("other"), None);
-        assert_eq!(
-            lim.check_at("k", Some("search"), 0),
-            Decision::Allowed { remaining: 1 }
-        );
-        assert_eq!(
-            lim.check_at("k", Some("search"), 0),
-            Decision::Allowed { remaining: 0 }
-        );
+        assert_eq!(lim.check_at("k", Some("search"), 0).remaining(), Some(1));
+        assert_eq!(lim.check_at("k", Some("search"), 0).remaining(), Some(0));
         for _ in 0..5 {
             match lim.check_at("k", Some("search"), 0) {
                 Decision::Limited { scope, .. } => assert_eq!(scope, Scope::Tool),
@@ -1320,7 +1899,7 @@ mod tests {
     #[test]
     fn reports_the_refusal_with_the_largest_retry() {
         let lim = Limiter::new(Some(rate(1, 60)), Some(rate(1, 10)));
-        lim.set_tool_rate("slow", Some(rate(1, 3600)));
+        lim.set_tool_rate("slow", Some(rate(1, 3600)), false);
         assert!(lim.check_at("k", Some("slow"), 0).is_allowed());
         match lim.check_at("k", Some("slow"), 0) {
             Decision::Limited {
@@ -1349,15 +1928,9 @@ mod tests {
     #[test]
     fn allowed_remaining_is_min_over_buckets() {
         let lim = Limiter::new(Some(rate(10, 60)), Some(rate(100, 60)));
-        lim.set_tool_rate("t", Some(rate(3, 60)));
-        assert_eq!(
-            lim.check_at("k", Some("t"), 0),
-            Decision::Allowed { remaining: 2 }
-        );
-        assert_eq!(
-            lim.check_at("k", None, 0),
-            Decision::Allowed { remaining: 8 }
-        );
+        lim.set_tool_rate("t", Some(rate(3, 60)), false);
+        assert_eq!(lim.check_at("k", Some("t"), 0).remaining(), Some(2));
+        assert_eq!(lim.check_at("k", None, 0).remaining(), Some(8));
         assert_eq!(Scope::PerKey.as_str(), "per_key");
         assert_eq!(Scope::Global.to_string(), "global");
         assert_eq!(Scope::Tool.as_str(), "tool");
@@ -1366,8 +1939,8 @@ mod tests {
     #[test]
     fn status_of_unknown_key_is_full() {
         let lim = Limiter::new(Some(rate(10, 60)), None);
-        lim.set_tool_rate("b", Some(rate(2, 1)));
-        lim.set_tool_rate("a", Some(rate(1, 1)));
+        lim.set_tool_rate("b", Some(rate(2, 1)), false);
+        lim.set_tool_rate("a", Some(rate(1, 1)), false);
         let st = lim.status_at("nobody", 5 * SEC);
         let full = |limit, window| BucketStatus {
             limit,
@@ -1417,7 +1990,7 @@ mod tests {
     #[test]
     fn reset_clears_key_and_its_tools_but_not_global() {
         let lim = Limiter::new(Some(rate(1, 60)), Some(rate(10, 60)));
-        lim.set_tool_rate("t", Some(rate(1, 60)));
+        lim.set_tool_rate("t", Some(rate(1, 60)), false);
         assert!(lim.check_at("k", Some("t"), 0).is_allowed());
         assert!(lim.check_at("j", None, 0).is_allowed());
         assert!(!lim.check_at("k", Some("t"), 0).is_allowed());
@@ -1441,10 +2014,10 @@ mod tests {
     #[test]
     fn clearing_a_tool_rate_stops_limiting_it() {
         let lim = Limiter::new(None, None);
-        lim.set_tool_rate("t", Some(rate(1, 60)));
+        lim.set_tool_rate("t", Some(rate(1, 60)), false);
         assert!(lim.check_at("k", Some("t"), 0).is_allowed());
         assert!(!lim.check_at("k", Some("t"), 0).is_allowed());
-        lim.set_tool_rate("t", None);
+        lim.set_tool_rate("t", None, false);
         assert_eq!(lim.tool_rate("t"), None);
         assert!(lim.check_at("k", Some("t"), 0).is_allowed());
         assert_eq!(
@@ -1458,7 +2031,7 @@ mod tests {
     #[test]
     fn eviction_removes_only_idle_buckets() {
         let lim = Limiter::new(Some(rate(2, 10)), None);
-        lim.set_tool_rate("t", Some(rate(1, 100)));
+        lim.set_tool_rate("t", Some(rate(1, 100)), false);
         assert!(lim.check_at("a", None, 0).is_allowed()); // TAT 5 s
         assert!(lim.check_at("b", Some("t"), 0).is_allowed()); // key TAT 5 s, tool TAT 100 s
         assert_eq!(lim.bucket_count(), 3);
@@ -1513,6 +2086,442 @@ mod tests {
         let _ = Rate::new(0, Duration::ZERO).to_string();
     }
 
+    // ---------------------------------------------------------------- cost, shadow, loop
+
+    fn used(lim: &Limiter, key: &str, now: u64) -> (Option<u64>, Option<u64>, Vec<u64>) {
+        let st = lim.status_at(key, now);
+        (
+            st.per_key.map(|b| b.used),
+            st.global.map(|b| b.used),
+            st.tools.iter().map(|(_, b)| b.used).collect(),
+        )
+    }
+
+    #[test]
+    fn a_call_consumes_its_cost_from_every_bucket() {
+        let lim = Limiter::new(Some(rate(10, 60)), Some(rate(20, 60)));
+        lim.set_tool_rate("t", Some(rate(8, 60)), false);
+        let d = lim.check_call_at("k", Some("t"), 5, None, 0);
+        assert_eq!(
+            d.remaining(),
+            Some(3),
+            "the tool bucket is the tightest: 8 - 5"
+        );
+        assert_eq!(used(&lim, "k", 0), (Some(5), Some(5), vec![5]));
+        match d {
+            Decision::Allowed {
+                limit, reset_after, ..
+            } => {
+                assert_eq!(limit, Some(rate(8, 60)));
+                assert!((reset_after - 37.5).abs() < 1e-9, "{reset_after}");
+            }
+            Decision::Limited { .. } => panic!("{d:?}"),
+        }
+        // 3 left in the tool bucket: a cost-4 call is refused and consumes nothing.
+        match lim.check_call_at("k", Some("t"), 4, None, 0) {
+            Decision::Limited {
+                scope,
+                retry_after,
+                reset_after,
+                ..
+            } => {
+                assert_eq!(scope, Scope::Tool);
+                // T = 7.5 s; one unit short: retry after one emission interval.
+                assert!((retry_after - 7.5).abs() < 1e-9, "{retry_after}");
+                assert!((reset_after - 37.5).abs() < 1e-9, "{reset_after}");
+            }
+            d @ Decision::Allowed { .. } => panic!("{d:?}"),
+        }
+        assert_eq!(used(&lim, "k", 0), (Some(5), Some(5), vec![5]));
+        assert!(lim.check_call_at("k", Some("t"), 3, None, 0).is_allowed());
+        assert_eq!(used(&lim, "k", 0), (Some(8), Some(8), vec![8]));
+        // After one tool emission interval (7.5 s) the tool bucket admits one unit again.
+        assert!(!lim
+            .check_call_at("k", Some("t"), 2, None, 7_500_000_000)
+            .is_allowed());
+        assert!(lim
+            .check_call_at("k", Some("t"), 1, None, 7_500_000_000)
+            .is_allowed());
+        // Cost 0 counts as 1.
+        assert_eq!(
+            lim.check_call_at("j", None, 0, None, 0).remaining(),
+            Some(9)
+        );
+    }
+
+    #[test]
+    fn a_cost_above_the_limit_is_refused_with_retry_equal_to_reset() {
+        let lim = Limiter::new(Some(rate(4, 60)), None);
+        match lim.check_call_at("k", None, 5, None, 0) {
+            Decision::Limited {
+                scope,
+                retry_after,
+                reset_after,
+                ..
+            } => {
+                assert_eq!(scope, Scope::PerKey);
+                assert!(retry_after == 0.0 && reset_after == 0.0, "a fresh bucket");
+            }
+            d @ Decision::Allowed { .. } => panic!("{d:?}"),
+        }
+        assert!(lim.check_call_at("k", None, 2, None, 0).is_allowed());
+        match lim.check_call_at("k", None, 5, None, 0) {
+            Decision::Limited {
+                retry_after,
+                reset_after,
+                ..
+            } => assert!((retry_after - 30.0).abs() < 1e-9 && retry_after == reset_after),
+            d @ Decision::Allowed { .. } => panic!("{d:?}"),
+        }
+        assert_eq!(used(&lim, "k", 0).0, Some(2));
+        let g = Gcra::new(rate(4, 60));
+        assert_eq!(g.admit_n(0, 0, 4), Ok(60 * SEC));
+        assert!(g.admit_n(0, 0, 5).is_err());
+        assert_eq!(g.admit(0, 0), g.admit_n(0, 0, 1));
+    }
+
+    #[test]
+    fn a_shadow_rule_never_refuses_and_counts_what_enforcement_would_refuse() {
+        let shadow = Limiter::new(Some(rate(10, 60)), None);
+        shadow.set_modes(true, false);
+        let enforced = Limiter::new(Some(rate(10, 60)), None);
+        let mut would_refuse = 0;
+        for i in 0..15 {
+            let d = shadow.check_at("k", None, i);
+            assert!(d.is_allowed(), "a shadow rule never refuses");
+            if let Some(hit) = d.shadow() {
+                assert_eq!((hit.scope, hit.rate), (Scope::PerKey, rate(10, 60)));
+                would_refuse += 1;
+            }
+            match d {
+                Decision::Allowed {
+                    remaining, limit, ..
+                } => assert_eq!((remaining, limit), (u64::MAX, None), "no enforced bucket"),
+                Decision::Limited { .. } => unreachable!(),
+            }
+            let _ = enforced.check_at("k", None, i);
+        }
+        assert_eq!(would_refuse, 5);
+        assert_eq!(
+            shadow.status_at("k", 20),
+            enforced.status_at("k", 20),
+            "the shadow bucket advanced exactly as the enforcing one"
+        );
+        assert_eq!(shadow.status_at("k", 20).per_key.map(|b| b.used), Some(10));
+    }
+
+    #[test]
+    fn an_enforced_refusal_consumes_nothing_from_shadow_buckets() {
+        let lim = Limiter::new(Some(rate(5, 60)), Some(rate(1, 60)));
+        lim.set_modes(true, false); // per key in shadow, global enforced
+        lim.set_tool_rate("t", Some(rate(5, 60)), true);
+        assert!(lim.check_at("a", Some("t"), 0).is_allowed());
+        match lim.check_at("b", Some("t"), 0) {
+            Decision::Limited { scope, .. } => assert_eq!(scope, Scope::Global),
+            d @ Decision::Allowed { .. } => panic!("{d:?}"),
+        }
+        assert_eq!(used(&lim, "b", 0), (Some(0), Some(1), vec![0]));
+        assert_eq!(used(&lim, "a", 0), (Some(1), Some(1), vec![1]));
+    }
+
+    #[test]
+    fn the_shadow_hit_reported_is_the_largest_retry() {
+        let lim = Limiter::new(Some(rate(1, 60)), Some(rate(1, 10)));
+        lim.set_modes(true, true);
+        lim.set_tool_rate("t", Some(rate(1, 3600)), true);
+        lim.set_tool_rate("e", Some(rate(100, 60)), false);
+        assert!(lim.check_at("k", Some("t"), 0).shadow().is_none());
+        let hit = lim
+            .check_at("k", Some("t"), 0)
+            .shadow()
+            .unwrap_or_else(|| panic!("a shadow hit"));
+        assert_eq!((hit.scope, hit.rate), (Scope::Tool, rate(1, 3600)));
+        assert!((hit.retry_after - 3600.0).abs() < 1e-9);
+        let d = lim.check_at("k", Some("e"), 0);
+        assert_eq!(d.shadow().map(|h| h.scope), Some(Scope::PerKey));
+        match d {
+            Decision::Allowed {
+                remaining, limit, ..
+            } => assert_eq!((remaining, limit), (99, Some(rate(100, 60)))),
+            Decision::Limited { .. } => panic!("{d:?}"),
+        }
+        // The global bucket (shadow) would refuse a new key's call.
+        assert_eq!(
+            lim.check_at("fresh", None, 0).shadow().map(|h| h.scope),
+            Some(Scope::Global)
+        );
+        assert_eq!(Scope::Loop.as_str(), "loop");
+    }
+
+    #[test]
+    fn the_loop_breaker_trips_at_n_plus_one_identical_calls_and_releases() {
+        let lim = Limiter::new(Some(rate(1000, 60)), None);
+        lim.set_loop_breaker(Some(rate(3, 60)), false);
+        let call = |args: u64, now: u64| lim.check_call_at("k", Some("t"), 1, Some(args), now);
+        for _ in 0..3 {
+            assert!(call(7, 0).is_allowed());
+        }
+        match call(7, 0) {
+            Decision::Limited {
+                scope,
+                rate: got,
+                retry_after,
+                ..
+            } => {
+                assert_eq!((scope, got), (Scope::Loop, rate(3, 60)));
+                assert!((retry_after - 20.0).abs() < 1e-9);
+            }
+            d @ Decision::Allowed { .. } => panic!("{d:?}"),
+        }
+        assert_eq!(
+            lim.status_at("k", 0).per_key.map(|b| b.used),
+            Some(3),
+            "the refused repetition consumed nothing"
+        );
+        assert!(call(8, 0).is_allowed(), "changed arguments pass");
+        assert!(
+            lim.check_call_at("k", Some("u"), 1, Some(7), 0)
+                .is_allowed(),
+            "another tool"
+        );
+        assert!(
+            lim.check_call_at("j", Some("t"), 1, Some(7), 0)
+                .is_allowed(),
+            "another key"
+        );
+        assert!(
+            lim.check_at("k", Some("t"), 0).is_allowed(),
+            "no arguments: no loop breaker"
+        );
+        assert!(
+            lim.check_call_at("k", None, 1, Some(7), 0).is_allowed(),
+            "no tool: no loop breaker"
+        );
+        assert!(!call(7, 20 * SEC - 1).is_allowed());
+        assert!(
+            call(7, 20 * SEC).is_allowed(),
+            "released after one emission interval"
+        );
+        // The loop bucket counts repetitions: cost does not matter.
+        let lim = Limiter::new(None, None);
+        lim.set_loop_breaker(Some(rate(2, 60)), false);
+        assert!(lim
+            .check_call_at("k", Some("t"), 50, Some(1), 0)
+            .is_allowed());
+        assert!(lim
+            .check_call_at("k", Some("t"), 50, Some(1), 0)
+            .is_allowed());
+        assert!(!lim
+            .check_call_at("k", Some("t"), 50, Some(1), 0)
+            .is_allowed());
+        lim.reset("k");
+        assert_eq!(lim.loop_bucket_count("k"), 0);
+        assert!(
+            lim.check_call_at("k", Some("t"), 1, Some(1), 0)
+                .is_allowed(),
+            "reset forgets the loop buckets"
+        );
+    }
+
+    #[test]
+    fn the_loop_breaker_in_shadow_reports_and_tool_overrides_apply() {
+        let lim = Limiter::new(None, None);
+        assert_eq!(lim.loop_breaker("t"), None, "none configured by default");
+        lim.set_loop_breaker(Some(rate(2, 60)), true);
+        let call = |tool: &str, now: u64| lim.check_call_with("k", Some(tool), 1, Some(|| 42), now);
+        assert_eq!(
+            call("t", 0),
+            (
+                Decision::Allowed {
+                    remaining: u64::MAX,
+                    reset_after: 0.0,
+                    limit: None,
+                    shadow: None
+                },
+                Some(42)
+            )
+        );
+        assert!(call("t", 0).0.shadow().is_none());
+        let (d, hash) = call("t", 0);
+        assert_eq!(hash, Some(42));
+        assert!(d.is_allowed());
+        assert_eq!(
+            d.shadow().map(|h| (h.scope, h.rate)),
+            Some((Scope::Loop, rate(2, 60)))
+        );
+        // Off for one tool: the hash is not even computed.
+        lim.set_tool_loop_breaker("off", None, false);
+        assert_eq!(lim.loop_breaker("off"), None);
+        let (d, hash) = lim.check_call_with(
+            "k",
+            Some("off"),
+            1,
+            Some(|| -> u64 { panic!("computed") }),
+            0,
+        );
+        assert!(d.is_allowed() && hash.is_none());
+        // Enforced for another.
+        lim.set_tool_loop_breaker("strict", Some(rate(1, 60)), false);
+        assert_eq!(lim.loop_breaker("strict"), Some((rate(1, 60), false)));
+        assert!(call("strict", 0).0.is_allowed());
+        assert!(!call("strict", 0).0.is_allowed());
+        lim.clear_tool_loop_breaker("strict");
+        assert_eq!(lim.loop_breaker("strict"), Some((rate(2, 60), true)));
+        lim.clear_tool_loop_breaker("never-set");
+        lim.set_loop_breaker(None, false);
+        assert_eq!(lim.loop_breaker("t"), None);
+        let (_, hash) =
+            lim.check_call_with("k", Some("t"), 1, Some(|| -> u64 { panic!("computed") }), 0);
+        assert!(hash.is_none(), "no loop breaker: no hashing");
+        assert_eq!(lim.loop_breaker("off"), None);
+    }
+
+    #[test]
+    fn loop_buckets_stay_bounded_by_the_admitted_calls_of_one_window() {
+        // An attacker varying the arguments: 20/minute loop breaker (T = 3 s), a per-key
+        // limit of 600/minute, one call every 10 ms for 100 s (10,000 calls).
+        let lim = Limiter::new(Some(rate(600, 60)), None);
+        lim.set_loop_breaker(Some(rate(20, 60)), false);
+        let mut admitted = Vec::new();
+        let mut peak = 0;
+        for i in 0..10_000u64 {
+            let now = i * 10_000_000;
+            if lim
+                .check_call_at("k", Some("t"), 1, Some(i), now)
+                .is_allowed()
+            {
+                admitted.push(now);
+            }
+            peak = peak.max(lim.loop_bucket_count("k"));
+        }
+        // A loop bucket with one call lives one emission interval (3 s); each is created by
+        // an admitted call, so at most the calls admitted in 3 s are live, and the map
+        // holds at most max(16, twice that).
+        let window = 3 * SEC;
+        let most_live = admitted
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                admitted[i..]
+                    .iter()
+                    .take_while(|&&u| u < t + window)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0);
+        assert!(most_live <= 600 + 30, "{most_live}");
+        assert!(
+            peak <= (2 * most_live).max(MIN_LOOP_PRUNE) + 1,
+            "peak {peak}, live {most_live}"
+        );
+        let stored = lim.bucket_count();
+        assert!(stored > 0);
+        assert_eq!(lim.evict_idle_at(200 * SEC), stored);
+        assert_eq!(lim.bucket_count(), 0);
+        assert!(
+            lim.tracked_keys().is_empty(),
+            "an idle key's loop buckets go with it"
+        );
+    }
+
+    #[test]
+    fn loop_only_keys_are_tracked_and_evicted() {
+        let lim = Limiter::new(None, None);
+        lim.set_loop_breaker(Some(rate(2, 10)), false);
+        assert!(lim
+            .check_call_at("k", Some("t"), 1, Some(1), 0)
+            .is_allowed());
+        assert!(lim
+            .check_call_at("k", Some("t"), 1, Some(2), 0)
+            .is_allowed());
+        assert_eq!(lim.tracked_keys(), ["k"]);
+        assert_eq!(lim.bucket_count(), 2);
+        assert_eq!(lim.evict_idle_at(5 * SEC - 1), 0);
+        assert_eq!(lim.evict_idle_at(5 * SEC), 2);
+        assert!(lim.tracked_keys().is_empty());
+    }
+
+    #[test]
+    fn tool_configuration_keeps_its_count() {
+        let lim = Limiter::new(None, None);
+        lim.set_tool_rate("t", Some(rate(1, 60)), true);
+        lim.set_tool_loop_breaker("t", Some(rate(1, 60)), false);
+        lim.set_tool_rate("t", None, false);
+        assert_eq!(
+            lim.tool_count.load(Ordering::Acquire),
+            1,
+            "the loop override stays"
+        );
+        assert_eq!(lim.tool_rate("t"), None);
+        lim.clear_tool_loop_breaker("t");
+        assert_eq!(lim.tool_count.load(Ordering::Acquire), 0);
+        assert!(lim.tools.is_empty());
+        lim.set_tool_rate("u", Some(rate(1, 60)), true);
+        assert_eq!(lim.tool_rate("u"), Some((rate(1, 60), true)));
+    }
+
+    // ---------------------------------------------------------------- argument hash
+
+    fn hash_text(text: &str) -> u64 {
+        let mut h = ArgsHasher::new();
+        h.raw(text.as_bytes());
+        h.finish()
+    }
+
+    #[test]
+    fn the_args_hash_is_the_first_8_bytes_of_blake3() {
+        let text = r#"{"a":[1.5,"x"],"b":1}"#;
+        let digest = blake3::hash(text.as_bytes()).to_hex();
+        assert_eq!(args_hash_hex(hash_text(text)), &digest.as_str()[..16]);
+        // The same vector is checked from Python (tests/unit/test_limiter_budgets.py).
+        assert_eq!(args_hash_hex(hash_text(text)), KNOWN_VECTOR);
+        assert_eq!(args_hash_hex(1), "0000000000000001");
+    }
+
+    const KNOWN_VECTOR: &str = "e0443edcc28e27e4";
+
+    #[test]
+    fn strings_are_escaped_as_python_json_does() {
+        let escaped = |s: &str| {
+            let mut h = ArgsHasher::new();
+            h.string(s);
+            h.finish()
+        };
+        for (raw, json) in [
+            ("plain", r#""plain""#),
+            ("q\"b\\", r#""q\"b\\""#),
+            ("\n\r\t\u{8}\u{c}", r#""\n\r\t\b\f""#),
+            ("\u{1}\u{1f}\u{7f}", "\"\\u0001\\u001f\u{7f}\""),
+            ("é漢😀", "\"é漢😀\""),
+        ] {
+            assert_eq!(escaped(raw), hash_text(json), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn the_hashed_text_is_cut_at_the_budget_with_a_marker() {
+        let mut h = ArgsHasher::new();
+        let chunk = vec![b'a'; 1000];
+        while !h.is_full() {
+            h.raw(&chunk);
+        }
+        let mut want = blake3::Hasher::new();
+        want.update(&vec![b'a'; ARGS_MAX_BYTES]);
+        want.update(ARGS_TRUNCATED_MARKER.as_bytes());
+        let digest = want.finalize();
+        assert_eq!(args_hash_hex(h.finish()), &digest.to_hex().as_str()[..16]);
+        let mut exact = ArgsHasher::new();
+        exact.raw(&vec![b'a'; ARGS_MAX_BYTES]);
+        assert!(!exact.is_full(), "exactly the budget is not truncated");
+        exact.depth_marker();
+        assert!(exact.is_full());
+        for v in [0, 7, -42, i64::MAX, i64::MIN] {
+            let mut n = ArgsHasher::new();
+            n.int(v);
+            assert_eq!(n.finish(), hash_text(&v.to_string()), "{v}");
+        }
+    }
+
     #[test]
     fn limiter_is_send_and_sync() {
         fn assert_send_sync<T: Send + Sync>() {}
@@ -1561,7 +2570,7 @@ mod tests {
     #[test]
     fn sixteen_threads_all_three_buckets_stay_exact() {
         let lim = Arc::new(Limiter::new(Some(rate(100, 60)), Some(rate(150, 60))));
-        lim.set_tool_rate("t", Some(rate(30, 60)));
+        lim.set_tool_rate("t", Some(rate(30, 60)), false);
         let admitted = hammer(&lim, 16, 1000, |l, t, i| {
             let key = if t % 2 == 0 { "a" } else { "b" };
             let tool = (i % 2 == 0).then_some("t");
@@ -1572,6 +2581,26 @@ mod tests {
         let used = |s: &LimiterStatus| s.per_key.map_or(0, |p| p.used);
         assert_eq!(used(&a) + used(&b), 150);
         assert!(a.tools[0].1.used <= 30 && b.tools[0].1.used <= 30);
+    }
+
+    #[test]
+    fn sixteen_threads_with_cost_and_shadow_stay_exact() {
+        // Per key 100 enforced, global 50 in shadow, cost 3: exactly 33 calls (99 units).
+        let lim = Arc::new(Limiter::new(Some(rate(100, 60)), Some(rate(50, 60))));
+        lim.set_modes(false, true);
+        lim.set_loop_breaker(Some(rate(1000, 60)), true);
+        let admitted = hammer(&lim, 16, 500, |l, t, i| {
+            l.check_call_at("k", Some("t"), 3, Some(((t * 500 + i) % 7) as u64), 7 * SEC)
+                .is_allowed()
+        });
+        assert_eq!(admitted, 33);
+        let st = lim.status_at("k", 7 * SEC);
+        assert_eq!(st.per_key.map(|b| b.used), Some(99));
+        assert_eq!(
+            st.global.map(|b| b.used),
+            Some(48),
+            "the shadow global bucket took what enforcement would have: 16 calls of 3"
+        );
     }
 
     #[test]
@@ -1603,18 +2632,27 @@ mod tests {
 
     // ---------------------------------------------------------------- reference model
 
-    /// Independent sequential model: u128 arithmetic, one map of TATs.
+    /// A rule of the model: its rate and whether it runs in shadow.
+    type MRule = (Rate, bool);
+
+    /// Independent sequential model: u128 arithmetic, one map of TATs. Covers cost,
+    /// shadow rules and the loop breaker.
     struct Model {
-        per_key: Option<Rate>,
-        global: Option<Rate>,
-        tools: HashMap<String, Rate>,
+        per_key: Option<MRule>,
+        global: Option<MRule>,
+        tools: HashMap<String, MRule>,
+        loop_rule: Option<MRule>,
         tats: HashMap<(u8, String, String), u128>,
     }
 
+    /// (scope, retry, reset) in ns.
+    type MRefusal = (Scope, u128, u128);
+
     #[derive(Debug, PartialEq)]
     enum ModelDecision {
-        Allowed(u64),
-        Limited(Scope, u128, u128),
+        /// remaining, reset ns, limit of the tightest enforced bucket; the shadow hit.
+        Allowed(u64, u128, Option<Rate>, Option<MRefusal>),
+        Limited(MRefusal),
     }
 
     impl Model {
@@ -1625,53 +2663,105 @@ mod tests {
             (n, t, t * (n - 1))
         }
 
-        fn check(&mut self, key: &str, tool: Option<&str>, now: u64) -> ModelDecision {
+        fn worst(list: &[MRefusal]) -> Option<MRefusal> {
+            // Largest retry; ties: the first in touch order per-key, tool, loop, global.
+            let mut best: Option<MRefusal> = None;
+            for &r in list {
+                if best.is_none_or(|b| r.1 > b.1) {
+                    best = Some(r);
+                }
+            }
+            best
+        }
+
+        fn check(
+            &mut self,
+            key: &str,
+            tool: Option<&str>,
+            cost: u64,
+            args: Option<u64>,
+            now: u64,
+        ) -> ModelDecision {
             let now = u128::from(now);
             let mut touched = Vec::new();
-            if let Some(rate) = self.per_key {
-                touched.push((Scope::PerKey, (0u8, key.to_owned(), String::new()), rate));
-            }
-            if let Some(rate) = self.global {
-                touched.push((Scope::Global, (1u8, String::new(), String::new()), rate));
+            if let Some(rule) = self.per_key {
+                touched.push((
+                    Scope::PerKey,
+                    (0u8, key.to_owned(), String::new()),
+                    rule,
+                    cost,
+                ));
             }
             if let Some(t) = tool {
-                if let Some(&rate) = self.tools.get(t) {
-                    touched.push((Scope::Tool, (2u8, key.to_owned(), t.to_owned()), rate));
+                if let Some(&rule) = self.tools.get(t) {
+                    touched.push((Scope::Tool, (2u8, key.to_owned(), t.to_owned()), rule, cost));
                 }
+                if let (Some(rule), Some(h)) = (self.loop_rule, args) {
+                    touched.push((
+                        Scope::Loop,
+                        (3u8, key.to_owned(), format!("{t}/{h}")),
+                        rule,
+                        1,
+                    ));
+                }
+            }
+            if let Some(rule) = self.global {
+                touched.push((
+                    Scope::Global,
+                    (1u8, String::new(), String::new()),
+                    rule,
+                    cost,
+                ));
             }
             let mut refusals = Vec::new();
+            let mut shadows = Vec::new();
             let mut updates = Vec::new();
-            let mut remaining = u128::from(u64::MAX);
-            for (scope, id, rate) in &touched {
-                let (n, t, tau) = Self::consts(*rate);
+            let mut tightest: Option<(u128, u128, Rate)> = None;
+            for (scope, id, (rate, shadow), cost) in &touched {
+                let (limit, t, tau) = Self::consts(*rate);
+                let n = u128::from(*cost);
                 let tat = self.tats.get(id).copied().unwrap_or(0).max(now);
-                if tat - now > tau {
-                    refusals.push((*scope, tat - now - tau, tat - now));
+                let ahead = tat - now;
+                let outcome = if n > limit {
+                    Err((*scope, ahead, ahead))
+                } else if ahead <= tau - (n - 1) * t {
+                    Ok(tat + n * t)
                 } else {
-                    let new = tat + t;
-                    remaining = remaining.min(((tau + t - (new - now)) / t).min(n));
-                    updates.push((id.clone(), new));
+                    Err((*scope, ahead - (tau - (n - 1) * t), ahead))
+                };
+                match outcome {
+                    Ok(new) => {
+                        if !shadow && *scope != Scope::Loop {
+                            let ahead = new - now;
+                            let remaining = if ahead > tau {
+                                0
+                            } else {
+                                ((tau - ahead) / t + 1).min(limit)
+                            };
+                            if tightest.is_none_or(|(r, s, _)| {
+                                remaining < r || (remaining == r && ahead > s)
+                            }) {
+                                tightest = Some((remaining, ahead, *rate));
+                            }
+                        }
+                        updates.push((id.clone(), new));
+                    }
+                    Err(r) if *shadow => shadows.push(r),
+                    Err(r) => refusals.push(r),
                 }
             }
-            if refusals.is_empty() {
-                self.tats.extend(updates);
-                ModelDecision::Allowed(u64::try_from(remaining).unwrap_or(u64::MAX))
-            } else {
-                // Largest retry; ties resolved in touch order per-key, tool, global like the
-                // limiter (first strictly larger wins): per-key, tool, then global.
-                let order = |s: Scope| match s {
-                    Scope::PerKey => 0,
-                    Scope::Tool => 1,
-                    Scope::Global => 2,
-                };
-                refusals.sort_by_key(|&(s, _, _)| order(s));
-                let mut best = refusals[0];
-                for &r in &refusals[1..] {
-                    if r.1 > best.1 {
-                        best = r;
-                    }
-                }
-                ModelDecision::Limited(best.0, best.1, best.2)
+            if let Some(r) = Self::worst(&refusals) {
+                return ModelDecision::Limited(r);
+            }
+            self.tats.extend(updates);
+            match tightest {
+                Some((remaining, reset, rate)) => ModelDecision::Allowed(
+                    u64::try_from(remaining).unwrap_or(u64::MAX),
+                    reset,
+                    Some(rate),
+                    Self::worst(&shadows),
+                ),
+                None => ModelDecision::Allowed(u64::MAX, 0, None, Self::worst(&shadows)),
             }
         }
     }
@@ -1681,6 +2771,8 @@ mod tests {
         Check {
             key: usize,
             tool: Option<usize>,
+            cost: u64,
+            args: Option<u64>,
             advance: u64,
         },
         Reset(usize),
@@ -1689,8 +2781,9 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            20 => (0usize..3, proptest::option::of(0usize..3), 0u64..3 * SEC)
-                .prop_map(|(key, tool, advance)| Op::Check { key, tool, advance }),
+            20 => (0usize..3, proptest::option::of(0usize..3), 1u64..4,
+                   proptest::option::of(0u64..3), 0u64..3 * SEC)
+                .prop_map(|(key, tool, cost, args, advance)| Op::Check { key, tool, cost, args, advance }),
             1 => (0usize..3).prop_map(Op::Reset),
             2 => Just(Op::Evict),
         ]
@@ -1700,20 +2793,32 @@ mod tests {
         (1u64..6, 1u64..8).prop_map(|(n, s)| rate(n, s))
     }
 
+    fn small_rule() -> impl Strategy<Value = MRule> {
+        (small_rate(), proptest::bool::weighted(0.3))
+    }
+
+    #[allow(clippy::cast_precision_loss, reason = "test tolerance")]
+    fn secs_close(a: f64, ns: u128) -> bool {
+        (a - ns as f64 / 1e9).abs() < 1e-9
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
         #[test]
         fn limiter_matches_reference_model(
-            per_key in proptest::option::of(small_rate()),
-            global in proptest::option::of(small_rate()),
-            tool_rates in proptest::collection::vec(proptest::option::of(small_rate()), 3),
+            per_key in proptest::option::of(small_rule()),
+            global in proptest::option::of(small_rule()),
+            tool_rates in proptest::collection::vec(proptest::option::of(small_rule()), 3),
+            loop_rule in proptest::option::of(small_rule()),
             ops in proptest::collection::vec(op(), 1..200),
         ) {
-            let lim = Limiter::new(per_key, global);
-            let mut model = Model { per_key, global, tools: HashMap::new(), tats: HashMap::new() };
+            let lim = Limiter::new(per_key.map(|r| r.0), global.map(|r| r.0));
+            lim.set_modes(per_key.is_some_and(|r| r.1), global.is_some_and(|r| r.1));
+            lim.set_loop_breaker(loop_rule.map(|r| r.0), loop_rule.is_some_and(|r| r.1));
+            let mut model = Model { per_key, global, tools: HashMap::new(), loop_rule, tats: HashMap::new() };
             for (i, tr) in tool_rates.iter().enumerate() {
-                lim.set_tool_rate(&format!("t{i}"), *tr);
+                lim.set_tool_rate(&format!("t{i}"), tr.map(|r| r.0), tr.is_some_and(|r| r.1));
                 if let Some(tr) = tr {
                     model.tools.insert(format!("t{i}"), *tr);
                 }
@@ -1721,23 +2826,33 @@ mod tests {
             let mut now = 1_000u64;
             for op in ops {
                 match op {
-                    Op::Check { key, tool, advance } => {
+                    Op::Check { key, tool, cost, args, advance } => {
                         now += advance;
                         let key = format!("k{key}");
                         let tool = tool.map(|t| format!("t{t}"));
-                        let got = lim.check_at(&key, tool.as_deref(), now);
-                        let want = model.check(&key, tool.as_deref(), now);
+                        let got = lim.check_call_at(&key, tool.as_deref(), cost, args, now);
+                        let want = model.check(&key, tool.as_deref(), cost, args, now);
                         match (got, &want) {
-                            (Decision::Allowed { remaining }, ModelDecision::Allowed(r)) => {
+                            (Decision::Allowed { remaining, reset_after, limit, shadow },
+                             ModelDecision::Allowed(r, reset, l, s)) => {
                                 prop_assert_eq!(remaining, *r);
+                                prop_assert!(secs_close(reset_after, *reset), "{} vs {}", reset_after, reset);
+                                prop_assert_eq!(limit, *l);
+                                match (shadow, s) {
+                                    (None, None) => {}
+                                    (Some(hit), Some((scope, retry, reset))) => {
+                                        prop_assert_eq!(hit.scope, *scope);
+                                        prop_assert!(secs_close(hit.retry_after, *retry));
+                                        prop_assert!(secs_close(hit.reset_after, *reset));
+                                    }
+                                    (a, b) => prop_assert!(false, "shadow {:?} vs model {:?}", a, b),
+                                }
                             }
                             (Decision::Limited { scope, retry_after, reset_after, .. },
-                             ModelDecision::Limited(s, retry, reset)) => {
+                             ModelDecision::Limited((s, retry, reset))) => {
                                 prop_assert_eq!(scope, *s);
-                                #[allow(clippy::cast_precision_loss, reason = "test tolerance")]
-                                let (retry, reset) = (*retry as f64 / 1e9, *reset as f64 / 1e9);
-                                prop_assert!((retry_after - retry).abs() < 1e-9);
-                                prop_assert!((reset_after - reset).abs() < 1e-9);
+                                prop_assert!(secs_close(retry_after, *retry));
+                                prop_assert!(secs_close(reset_after, *reset));
                             }
                             (got, want) => prop_assert!(false, "limiter {:?} vs model {:?}", got, want),
                         }

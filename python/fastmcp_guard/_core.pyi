@@ -139,14 +139,88 @@ class Gcra:
         """The bucket whose TAT is ``tat_ns`` at ``now_ns``: ``limit``, ``used``,
         ``remaining``, ``window_seconds``, ``reset_after``."""
     def refusal(self, scope: str, retry_ns: int, reset_ns: int) -> Refusal:
-        """The refusal by the bucket of ``scope`` (``per_key``, ``global``, ``tool``)."""
+        """The refusal by the bucket of ``scope`` (``per_key``, ``global``, ``tool``,
+        ``loop``)."""
+    def remaining(self, ahead_ns: int) -> int:
+        """Calls of cost 1 a bucket admits when its TAT is ``ahead_ns`` ahead of now."""
+
+@final
+class Verdict:
+    """The decision on one call (:meth:`Limiter.call`, or the Redis limiter's ``call``):
+    refused (``refusal``), or admitted, perhaps with a shadow rule's would-be refusal
+    (``shadow``), and the tightest enforced bucket's ``remaining`` / ``reset_after`` /
+    ``limit`` for the agent's budget."""
+
+    def __new__(
+        cls,
+        refusal: Refusal | None = None,
+        shadow: Refusal | None = None,
+        remaining: int | None = None,
+        reset_after: float = 0.0,
+        limit: str | None = None,
+        args_hash: str | None = None,
+    ) -> Verdict: ...
+    @property
+    def refusal(self) -> Refusal | None:
+        """The enforced refusal: the call is refused (``None``: admitted)."""
+    @property
+    def shadow(self) -> Refusal | None:
+        """On an admitted call, the shadow rule that would have refused it."""
+    @property
+    def remaining(self) -> int | None:
+        """Calls of cost 1 the tightest enforced bucket still admits (``None``: no enforced
+        bucket applies, or the call was refused)."""
+    @property
+    def reset_after(self) -> float:
+        """Seconds until that bucket is full again (0.0 if none)."""
+    @property
+    def limit(self) -> str | None:
+        """That bucket's rate, canonical (``"10/minute"``)."""
+    @property
+    def args_hash(self) -> str | None:
+        """The arguments' hash (16 hex digits) when a loop breaker applied."""
+    @property
+    def settled(self) -> bool:
+        """Always ``True``: the decision is final."""
+
+def args_hash(obj: object) -> str:
+    """The loop breaker's hash of a call's arguments: 16 lowercase hex digits, the first 8
+    bytes of blake3 over the canonical JSON of ``obj`` (keys sorted, no whitespace, UTF-8).
+    Never raises: deep nesting and huge values hash as far as the limits allow."""
 
 @final
 class Limiter:
-    """GCRA token buckets: per key, global, and per (key, tool)."""
+    """GCRA token buckets: per key, global, per (key, tool), and the loop breaker's per
+    (key, tool, arguments); each rule enforced or in shadow (decides, never refuses)."""
 
-    def __new__(cls, *, per_key: str | None = None, global_limit: str | None = None) -> Limiter: ...
-    def set_tool_rate(self, tool: str, rate: str | None) -> None: ...
+    def __new__(
+        cls,
+        *,
+        per_key: str | None = None,
+        global_limit: str | None = None,
+        per_key_shadow: bool = False,
+        global_shadow: bool = False,
+    ) -> Limiter: ...
+    def set_tool_rate(self, tool: str, rate: str | None, shadow: bool = False) -> None:
+        """Set (``rate``) or clear (``None``) ``tool``'s per-(key, tool) rate."""
+    def set_loop_breaker(self, rate: str | None, shadow: bool = True) -> None:
+        """The limiter-wide loop breaker (``None``: off; tools with their own keep it)."""
+    def set_tool_loop_breaker(self, tool: str, rate: str | None, shadow: bool = True) -> None:
+        """``tool``'s own loop breaker in place of the limiter-wide one (``None``: off)."""
+    def clear_tool_loop_breaker(self, tool: str) -> None:
+        """Drops ``tool``'s own loop breaker: the limiter-wide one applies again."""
+    def loop_breaker(self, tool: str) -> tuple[str, bool] | None:
+        """The loop breaker that applies to ``tool``: ``(rate, shadow)``, or ``None``."""
+    def call(
+        self, key: str, tool: str | None = None, cost: int = 1, args: object | None = None
+    ) -> Verdict:
+        """Decide (and on admission consume) one call of ``cost`` (1 to 1,000,000;
+        :class:`InvalidArgumentError` otherwise) by ``key`` to ``tool``; ``args`` feed the
+        loop breaker (hashed only when one applies to the tool)."""
+    def call_at(
+        self, key: str, tool: str | None, cost: int | None, args: object | None, now_ns: int
+    ) -> Verdict:
+        """``call`` at an explicit time in nanoseconds (tests; one clock per limiter)."""
     def check(self, key: str, tool: str | None = None) -> Refusal | None:
         """Admit (``None``) or refuse (a :class:`Refusal`) one call; a refused call consumes nothing."""
     def set_decisions(self, admitted: object, decision: Callable[[Refusal], object]) -> None:

@@ -54,6 +54,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<limiter::PyRefusal>()?;
     m.add_class::<limiter::PyGcra>()?;
     m.add_class::<limiter::PyLimiter>()?;
+    m.add_class::<limiter::PyVerdict>()?;
+    m.add_function(wrap_pyfunction!(limiter::args_hash, m)?)?;
     m.add_class::<ip::PyIpMatcher>()?;
     m.add_class::<keys::PyIdentity>()?;
     m.add_class::<keys::PyKeyInfo>()?;

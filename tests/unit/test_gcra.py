@@ -58,7 +58,7 @@ def test_status_and_refusals_are_the_in_process_limiters(
 
 def test_refusals_are_one_type() -> None:
     assert RefusalInfo is Refusal and LimitRefusal is Refusal
-    with pytest.raises(ValueError, match="expected 'per_key', 'global' or 'tool'"):
+    with pytest.raises(ValueError, match="expected 'per_key', 'global', 'tool' or 'loop'"):
         Gcra("1/second").refusal("backend", 1, 1)
     down = Refusal.unavailable(1.0)
     assert (down.scope, down.limit, down.count, down.retry_after) == ("backend", "unavailable", 0, 1.0)

@@ -22,11 +22,24 @@ One round trip per call
     since the Unix epoch; the script does its arithmetic on (seconds, nanoseconds)
     pairs, so it is exact while a bucket's period stays below 2**53 ns (104 days).
 
+Cost, shadow rules, the loop breaker (``call``)
+    As in the core: a call of cost ``n`` conforms to a bucket when its TAT's lead over now
+    is at most ``tau - (n - 1) * T`` and moves it by ``n * T``; a cost above a bucket's
+    limit is refused with ``retry_after == reset_after``. A shadow bucket never refuses;
+    on an admitted call it advances as an enforcing one would (consuming when it admits,
+    not when it would refuse), and the script reports its would-be refusal. The loop
+    breaker's bucket (per caller, tool and argument hash, charged 1 per call) is a key of
+    its own with a TTL, so Redis drops it once idle: a caller holds at most as many as
+    his calls admitted within one loop window. ``call`` returns the core's
+    :class:`~fastmcp_guard._core.Verdict`, with the tightest enforced bucket's
+    ``remaining`` computed by the core's ``Gcra`` from the leads the script returns.
+
 Keys (Redis Cluster compatible)
     ``<prefix>{<tag>}:k:<key id>``: a hash per caller, field ``k`` for its per-key
     bucket and ``t:<tool>`` for each per-(key, tool) bucket; ``<prefix>{g}:global``: the
-    global bucket. Every key of one call must hash to one cluster slot, and the global
-    bucket is in every call, so:
+    global bucket; ``<prefix>{<tag>}:l:<key digest>:<tool>:<argument hash>``: a loop
+    breaker bucket (the key digest is 24 hex digits of blake2b of the key id). Every key
+    of one call must hash to one cluster slot, and the global bucket is in every call, so:
 
     - with a global limit, the tag is ``g`` for all keys: the whole limiter lives in
       one slot (one shard). One shard runs tens of thousands of these scripts a
@@ -59,9 +72,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
-from fastmcp_guard._core import Gcra, Limiter, Refusal
+from fastmcp_guard._core import Gcra, Limiter, Refusal, Verdict, args_hash
 from fastmcp_guard._util import mask_url
-from fastmcp_guard.errors import ConfigError, MissingExtraError, RateBackendError
+from fastmcp_guard.errors import (
+    ArgumentTypeError,
+    ConfigError,
+    InvalidArgumentError,
+    MissingExtraError,
+    RateBackendError,
+)
 
 if TYPE_CHECKING:
     import redis as redis_sync
@@ -83,13 +102,20 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_KEY_PREFIX = "fmg:rl:"
 _POLICIES = ("allow", "deny", "local")
 _NANOS = 1_000_000_000
-_SCOPES = {1: "per_key", 2: "global", 3: "tool"}
+_SCOPES = {1: "per_key", 2: "global", 3: "tool", 4: "loop"}
+_MAX_COST = 1_000_000
 
-#: Checks and updates every bucket of one call. KEYS[1]: the caller's hash; KEYS[2]: the
-#: global bucket (only with a global limit). ARGV: now in ns ('' = Redis TIME), then
-#: T and tau of the per-key, global and tool buckets ('' = no such bucket), the tool's
-#: hash field before its T and tau. Returns {0} (admitted, all buckets updated) or
-#: {scope, retry_ns, reset_ns} (refused, nothing written); scope 1 per key, 2 global, 3 tool.
+#: Checks and updates every bucket of one call. KEYS[1]: the caller's hash; then the
+#: global bucket (only with a global limit); then the loop bucket (only when a loop breaker
+#: applies). ARGV: now in ns ('' = Redis TIME), the cost, then for the per-key, global,
+#: tool and loop buckets each T, tau, limit and shadow ('1') -- '' = no such bucket -- with
+#: the tool's hash field before its four. The loop bucket charges 1 whatever the cost.
+#: A bucket conforms when its TAT's lead over now is at most tau - (n - 1) * T (never if
+#: n > limit: retry is then the lead itself); a shadow bucket never refuses and, when it
+#: would, is not written. Returns {1, scope, retry_ns, reset_ns} (refused by an enforced
+#: bucket, nothing written) or {0, shadow scope, retry_ns, reset_ns, then the new lead in
+#: ns of the per-key, tool and global buckets, -1 when absent or not written} (admitted);
+#: scopes 1 per key, 2 global, 3 tool, 4 loop (0 = no shadow hit).
 LUA_CHECK = """
 local now_s, now_ns
 local function split(v)
@@ -117,29 +143,49 @@ local function stamp(d)
   if r < 0 then q = q - 1; r = r + 1e9 elseif r >= 1e9 then q = q + 1; r = r - 1e9 end
   return string.format('%d%09d', now_s + q, r)
 end
+local cost = tonumber(ARGV[2])
 local worst, wretry, wreset = 0, -1, 0
-local function try(scope, cur, T, tau)
-  if cur <= tau then return cur + T end
-  if cur - tau > wretry then worst, wretry, wreset = scope, cur - tau, cur end
+local sworst, sretry, sreset = 0, -1, 0
+local function rule(i)
+  local T = tonumber(ARGV[i])
+  if not T then return nil end
+  return {T, tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), ARGV[i + 3] == '1'}
+end
+local function try(scope, cur, r, n)
+  local retry
+  if n > r[3] then
+    retry = cur
+  else
+    local tol = r[2] - (n - 1) * r[1]
+    if cur <= tol then return cur + n * r[1] end
+    retry = cur - tol
+  end
+  if r[4] then
+    if retry > sretry then sworst, sretry, sreset = scope, retry, cur end
+  elseif retry > wretry then
+    worst, wretry, wreset = scope, retry, cur
+  end
   return nil
 end
 local hkey = KEYS[1]
-local pkT, pkTau = tonumber(ARGV[2]), tonumber(ARGV[3])
-local gT, gTau = tonumber(ARGV[4]), tonumber(ARGV[5])
-local field = ARGV[6]
-local tT, tTau = tonumber(ARGV[7]), tonumber(ARGV[8])
-local pk_new, t_new, g_new
-if pkT and tT then
+local pk, g = rule(3), rule(7)
+local field = ARGV[11]
+local t, l = rule(12), rule(16)
+local lkey = nil
+if l then lkey = KEYS[#KEYS] end
+local pk_new, t_new, l_new, g_new
+if pk and t then
   local v = redis.call('HMGET', hkey, 'k', field)
-  pk_new = try(1, ahead(v[1]), pkT, pkTau)
-  t_new = try(3, ahead(v[2]), tT, tTau)
-elseif pkT then
-  pk_new = try(1, ahead(redis.call('HGET', hkey, 'k')), pkT, pkTau)
-elseif tT then
-  t_new = try(3, ahead(redis.call('HGET', hkey, field)), tT, tTau)
+  pk_new = try(1, ahead(v[1]), pk, cost)
+  t_new = try(3, ahead(v[2]), t, cost)
+elseif pk then
+  pk_new = try(1, ahead(redis.call('HGET', hkey, 'k')), pk, cost)
+elseif t then
+  t_new = try(3, ahead(redis.call('HGET', hkey, field)), t, cost)
 end
-if gT then g_new = try(2, ahead(redis.call('GET', KEYS[2])), gT, gTau) end
-if worst ~= 0 then return {worst, wretry, wreset} end
+if l then l_new = try(4, ahead(redis.call('GET', lkey)), l, 1) end
+if g then g_new = try(2, ahead(redis.call('GET', KEYS[2])), g, cost) end
+if worst ~= 0 then return {1, worst, wretry, wreset} end
 local ttl = 0
 if pk_new and t_new then
   redis.call('HSET', hkey, 'k', stamp(pk_new), field, stamp(t_new))
@@ -155,10 +201,13 @@ if ttl > 0 then
   local ms = math.ceil(ttl / 1e6)
   if redis.call('PTTL', hkey) < ms then redis.call('PEXPIRE', hkey, string.format('%d', ms)) end
 end
+if l_new then
+  redis.call('SET', lkey, stamp(l_new), 'PX', string.format('%d', math.ceil(l_new / 1e6)))
+end
 if g_new then
   redis.call('SET', KEYS[2], stamp(g_new), 'PX', string.format('%d', math.ceil(g_new / 1e6)))
 end
-return {0}
+return {0, sworst, sretry, sreset, pk_new or -1, t_new or -1, g_new or -1}
 """
 LUA_CHECK_SHA = hashlib.sha1(LUA_CHECK.encode()).hexdigest()  # the script id Redis uses
 
@@ -200,6 +249,8 @@ class RedisLimiter:
         local: the in-process limiter of the same rates (fallback and tool-rate source).
         per_key: per-key rate string, or ``None``.
         global_limit: global rate string, or ``None``.
+        per_key_shadow: the per-key rule runs in shadow (decides, never refuses).
+        global_shadow: the global rule runs in shadow.
         url: ``redis://[[user]:password@]host:port/db``, ``rediss://...`` (TLS) or
             ``unix:///path.sock``.
         on_backend_error: ``"allow"``, ``"deny"`` or ``"local"`` (see the module notes).
@@ -218,6 +269,8 @@ class RedisLimiter:
         per_key: str | None,
         global_limit: str | None,
         *,
+        per_key_shadow: bool = False,
+        global_shadow: bool = False,
         url: str = DEFAULT_URL,
         on_backend_error: BackendErrorPolicy = "allow",
         key_prefix: str = DEFAULT_KEY_PREFIX,
@@ -252,11 +305,15 @@ class RedisLimiter:
         self.warn_interval = warn_interval
         self._per_key = None if per_key is None else Gcra(per_key)
         self._global = None if global_limit is None else Gcra(global_limit)
-        self._tools: dict[str, Gcra] = {}
-        self._pk_args = ("", "") if self._per_key is None else (
-            str(self._per_key.emission_ns), str(self._per_key.tau_ns))  # fmt: skip
-        self._g_args = ("", "") if self._global is None else (
-            str(self._global.emission_ns), str(self._global.tau_ns))  # fmt: skip
+        self._per_key_shadow = bool(per_key_shadow)
+        self._global_shadow = bool(global_shadow)
+        #: Tool rates: (strategy, shadow).
+        self._tools: dict[str, tuple[Gcra, bool]] = {}
+        #: The limiter-wide loop breaker, and the tools' own (``None``: off for the tool).
+        self._loop: tuple[Gcra, bool] | None = None
+        self._tool_loops: dict[str, tuple[Gcra, bool] | None] = {}
+        self._pk_args = _rule_args(self._per_key, self._per_key_shadow)
+        self._g_args = _rule_args(self._global, self._global_shadow)
         self._global_key = f"{key_prefix}{{g}}:global"
         exc = self._redis.exceptions
         self._noscript: type[Exception] = exc.NoScriptError
@@ -305,12 +362,39 @@ class RedisLimiter:
         )
         return module.Redis.from_pool(pool)
 
-    def set_tool_rate(self, tool: str, rate: str | None) -> None:
-        """Set (``rate``) or clear (``None``) the per-(key, tool) rate of ``tool``."""
+    def set_tool_rate(self, tool: str, rate: str | None, shadow: bool = False) -> None:
+        """Set (``rate``) or clear (``None``) the per-(key, tool) rate of ``tool``, enforced
+        or in shadow; ``local`` follows (setting it there too is harmless)."""
         if rate is None:
             self._tools.pop(tool, None)
         else:
-            self._tools[tool] = Gcra(rate)
+            self._tools[tool] = (Gcra(rate), bool(shadow))
+        self.local.set_tool_rate(tool, rate, shadow)
+
+    def set_loop_breaker(self, rate: str | None, shadow: bool = True) -> None:
+        """The limiter-wide loop breaker (``None``: off; tools with their own keep it)."""
+        self._loop = None if rate is None else (Gcra(rate), bool(shadow))
+        self.local.set_loop_breaker(rate, shadow)
+
+    def set_tool_loop_breaker(self, tool: str, rate: str | None, shadow: bool = True) -> None:
+        """``tool``'s own loop breaker in place of the limiter-wide one (``None``: off)."""
+        self._tool_loops[tool] = None if rate is None else (Gcra(rate), bool(shadow))
+        self.local.set_tool_loop_breaker(tool, rate, shadow)
+
+    def clear_tool_loop_breaker(self, tool: str) -> None:
+        """Drops ``tool``'s own loop breaker: the limiter-wide one applies again."""
+        self._tool_loops.pop(tool, None)
+        self.local.clear_tool_loop_breaker(tool)
+
+    def loop_breaker(self, tool: str) -> tuple[str, bool] | None:
+        """The loop breaker that applies to ``tool``: ``(rate, shadow)``, or ``None``."""
+        rule = self._loop_rule(tool)
+        return None if rule is None else (rule[0].rate, rule[1])
+
+    def _loop_rule(self, tool: str) -> tuple[Gcra, bool] | None:
+        if tool in self._tool_loops:
+            return self._tool_loops[tool]
+        return self._loop
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -326,29 +410,91 @@ class RedisLimiter:
         """The Redis key of the global bucket."""
         return self._global_key
 
-    def _script_call(self, key: str, tool: str | None, now_ns: int | None) -> list[Any]:
-        """``EVALSHA`` arguments after the sha: numkeys, keys, args."""
-        tg = self._tools.get(tool) if tool is not None and self._tools else None
+    def _loop_prefix(self, key: str) -> str:
+        """The start of every loop-breaker key of ``key`` (same hash tag as its hash)."""
+        head = self.hash_key(key)
+        head = head[: head.index("}:k:") + 1]
+        digest = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+        return f"{head}:l:{digest}:"
+
+    def loop_key(self, key: str, tool: str, hash_: str) -> str:
+        """The Redis key of ``key``'s loop-breaker bucket for ``tool`` and an argument hash."""
+        return f"{self._loop_prefix(key)}{tool}:{hash_}"
+
+    def _script_call(
+        self,
+        key: str,
+        tool: str | None,
+        now_ns: int | None,
+        cost: int = 1,
+        loop: tuple[Gcra, bool, str] | None = None,
+    ) -> list[Any]:
+        """``EVALSHA`` arguments after the sha: numkeys, keys, args. ``loop``: the loop
+        breaker's rule and the argument hash, when one applies."""
+        tr = self._tools.get(tool) if tool is not None and self._tools else None
         keys = [self.hash_key(key)]
         if self._global is not None:
             keys.append(self._global_key)
         now = "" if now_ns is None else str(now_ns)
-        if tg is None:
-            tool_args = ("", "", "")
+        tool_args = ("", *_NO_RULE) if tr is None else ("t:" + str(tool), *_rule_args(*tr))
+        if loop is None:
+            loop_args = _NO_RULE
         else:
-            tool_args = ("t:" + str(tool), str(tg.emission_ns), str(tg.tau_ns))
-        return [len(keys), *keys, now, *self._pk_args, *self._g_args, *tool_args]
+            keys.append(self.loop_key(key, str(tool), loop[2]))
+            loop_args = _rule_args(loop[0], loop[1])
+        return [len(keys), *keys, now, str(cost), *self._pk_args, *self._g_args, *tool_args,
+                *loop_args]  # fmt: skip
+
+    def _gcra(self, scope: str, tool: str | None) -> Gcra | None:
+        """The strategy of the bucket of ``scope`` (``None`` if its rate was cleared while
+        the call was in flight)."""
+        if scope == "per_key":
+            return self._per_key
+        if scope == "global":
+            return self._global
+        if scope == "tool":
+            rule = self._tools.get(str(tool))
+        else:
+            rule = self._loop_rule(str(tool))
+        return None if rule is None else rule[0]
 
     def _decide(self, reply: list[int], tool: str | None) -> Refusal | None:
         if not reply[0]:
             return None
-        scope = _SCOPES[int(reply[0])]
-        gcra = {"per_key": self._per_key, "global": self._global}.get(scope)
-        if scope == "tool":
-            gcra = self._tools.get(str(tool))
-        if gcra is None:  # the rate was cleared while the call was in flight
+        scope = _SCOPES[int(reply[1])]
+        gcra = self._gcra(scope, tool)
+        if gcra is None:
             return None
-        return gcra.refusal(scope, int(reply[1]), int(reply[2]))
+        return gcra.refusal(scope, int(reply[2]), int(reply[3]))
+
+    def _verdict(self, reply: list[int], tool: str | None, hash_: str | None) -> Verdict:
+        if reply[0]:
+            refusal = self._decide(reply, tool)
+            return Verdict(refusal=refusal, args_hash=hash_) if refusal else Verdict()
+        shadow = None
+        if reply[1]:
+            scope = _SCOPES[int(reply[1])]
+            gcra = self._gcra(scope, tool)
+            if gcra is not None:
+                shadow = gcra.refusal(scope, int(reply[2]), int(reply[3]))
+        # The tightest enforced bucket: fewest remaining, then the longest reset; in the
+        # order per key, tool, global (as the core).
+        best: tuple[int, int, Gcra] | None = None
+        tr = self._tools.get(tool) if tool is not None else None
+        for lead, gcra, shadowed in (
+            (int(reply[4]), self._per_key, self._per_key_shadow),
+            (int(reply[5]), None if tr is None else tr[0], tr is not None and tr[1]),
+            (int(reply[6]), self._global, self._global_shadow),
+        ):
+            if lead < 0 or gcra is None or shadowed:
+                continue
+            remaining = gcra.remaining(lead)
+            if best is None or remaining < best[0] or (remaining == best[0] and lead > best[1]):
+                best = (remaining, lead, gcra)
+        if best is None:
+            return Verdict(shadow=shadow, args_hash=hash_)
+        return Verdict(shadow=shadow, remaining=best[0], reset_after=best[1] / 1e9,
+                       limit=best[2].rate, args_hash=hash_)  # fmt: skip
 
     # -- clients -------------------------------------------------------------------------
 
@@ -380,6 +526,16 @@ class RedisLimiter:
 
     def _failed(self, exc: BaseException | None, key: str, tool: str | None) -> AnyRefusal:
         """Decide a call Redis could not (``exc`` is ``None`` while the circuit is open)."""
+        self._note_failure(exc)
+        policy = self.on_backend_error
+        if policy == "allow":
+            return None
+        if policy == "local":
+            return self.local.check(key, tool)
+        return Refusal.unavailable(1.0)
+
+    def _note_failure(self, exc: BaseException | None) -> None:
+        """Count a call decided without Redis; open the circuit and warn on a failure."""
         now = time.monotonic()
         self._failed_calls += 1
         if exc is not None:
@@ -394,12 +550,18 @@ class RedisLimiter:
                     mask_url(self.url), type(exc).__name__, exc, _POLICY_WORDS[self.on_backend_error],
                     self.on_backend_error, self._failed_calls,
                 )  # fmt: skip
+
+    def _failed_call(
+        self, exc: BaseException | None, key: str, tool: str | None, cost: int, args: object
+    ) -> Verdict:
+        """:meth:`_failed` for :meth:`call`: the same policies, as a :class:`Verdict`."""
+        self._note_failure(exc)
         policy = self.on_backend_error
         if policy == "allow":
-            return None
+            return Verdict()
         if policy == "local":
-            return self.local.check(key, tool)
-        return Refusal.unavailable(1.0)
+            return self.local.call(key, tool, cost, args)
+        return Verdict(refusal=Refusal.unavailable(1.0))
 
     def _recovered(self) -> None:
         if self._down_until:
@@ -450,17 +612,86 @@ class RedisLimiter:
             return self._failed(None, key, tool)
         call = self._script_call(key, tool, now_ns)
         try:
-            client = self._sync_client()
-            try:
-                reply = client.evalsha(LUA_CHECK_SHA, *call)
-            except self._noscript:
-                client.script_load(LUA_CHECK)
-                reply = client.evalsha(LUA_CHECK_SHA, *call)
+            reply = self._evalsha_sync(call)
         except self._errors as exc:
             return self._failed(exc, key, tool)
         if self._down_until:
             self._recovered()
         return self._decide(reply, tool)
+
+    def _prepare(
+        self, key: str, tool: str | None, cost: int, args: object, now_ns: int | None
+    ) -> tuple[list[Any], str | None]:
+        """The script call of :meth:`call` and the argument hash (when a loop breaker
+        applies to the tool: only then are the arguments hashed)."""
+        loop = None
+        hash_ = None
+        if tool is not None and args is not None:
+            rule = self._loop_rule(tool)
+            if rule is not None:
+                hash_ = args_hash(args)
+                loop = (rule[0], rule[1], hash_)
+        return self._script_call(key, tool, now_ns, cost, loop), hash_
+
+    async def call(
+        self,
+        key: str,
+        tool: str | None = None,
+        cost: int = 1,
+        args: object | None = None,
+        *,
+        now_ns: int | None = None,
+    ) -> Verdict:
+        """Decide (and on admission consume) one call of ``cost`` by ``key`` to ``tool``,
+        with ``args`` for the loop breaker: one ``EVALSHA``, one round trip (pipelined with
+        concurrent calls as :meth:`acquire`). Same decisions as the core's
+        :meth:`~fastmcp_guard._core.Limiter.call` given the same times; when Redis cannot
+        be reached the ``on_backend_error`` policy decides (``local``: the core's ``call``).
+        """
+        cost = _check_cost(cost)
+        if self._down_until and self._skip_remote():
+            return self._failed_call(None, key, tool, cost, args)
+        call, hash_ = self._prepare(key, tool, cost, args, now_ns)
+        try:
+            if self._async_loop is not asyncio.get_running_loop():
+                self._async_client()
+            assert self._pipeliner is not None
+            reply = await self._pipeliner.submit(call)
+        except self._errors as exc:
+            return self._failed_call(exc, key, tool, cost, args)
+        if self._down_until:
+            self._recovered()
+        return self._verdict(reply, tool, hash_)
+
+    def call_sync(
+        self,
+        key: str,
+        tool: str | None = None,
+        cost: int = 1,
+        args: object | None = None,
+        *,
+        now_ns: int | None = None,
+    ) -> Verdict:
+        """:meth:`call` with a blocking client (do not call it on an event loop)."""
+        cost = _check_cost(cost)
+        if self._down_until and self._skip_remote():
+            return self._failed_call(None, key, tool, cost, args)
+        call, hash_ = self._prepare(key, tool, cost, args, now_ns)
+        try:
+            reply = self._evalsha_sync(call)
+        except self._errors as exc:
+            return self._failed_call(exc, key, tool, cost, args)
+        if self._down_until:
+            self._recovered()
+        return self._verdict(reply, tool, hash_)
+
+    def _evalsha_sync(self, call: list[Any]) -> Any:
+        client = self._sync_client()
+        try:
+            return client.evalsha(LUA_CHECK_SHA, *call)
+        except self._noscript:
+            client.script_load(LUA_CHECK)
+            return client.evalsha(LUA_CHECK_SHA, *call)
 
     # -- status, reset, tracked keys -----------------------------------------------------
 
@@ -484,7 +715,7 @@ class RedisLimiter:
         if self._tools:
             out["tools"] = {
                 name: g.status(int(hash_.get(b"t:" + name.encode(), 0)), now)
-                for name, g in sorted(self._tools.items())
+                for name, (g, _) in sorted(self._tools.items())
             }
         return out
 
@@ -518,20 +749,29 @@ class RedisLimiter:
             now, (hash_, glob) = self._now(pipe.execute(), now_ns)
         return self._status(hash_, glob, now)
 
+    def _loop_match(self, key: str) -> str:
+        return _glob_escape(self._loop_prefix(key)) + "*"
+
     async def reset_async(self, key: str) -> bool:
-        """Forget ``key``'s per-key and per-tool buckets (not the global one), on every
-        node; ``True`` if it had live state."""
+        """Forget ``key``'s per-key, per-tool and loop-breaker buckets (not the global one),
+        on every node; ``True`` if it had live state. The loop buckets are found with a
+        ``SCAN`` (an admin operation)."""
         with self._admin_errors(f"reset {key!r}"):
-            return bool(await self._async_client().delete(self.hash_key(key)))
+            client = self._async_client()
+            names = [self.hash_key(key)]
+            names += [n async for n in client.scan_iter(match=self._loop_match(key), count=1000)]
+            return bool(await client.delete(*names))
 
     def reset(self, key: str) -> bool:
         """:meth:`reset_async` with a blocking client."""
         with self._admin_errors(f"reset {key!r}"):
-            return bool(self._sync_client().delete(self.hash_key(key)))
+            client = self._sync_client()
+            names = [self.hash_key(key)]
+            names += list(client.scan_iter(match=self._loop_match(key), count=1000))
+            return bool(client.delete(*names))
 
     def _match(self) -> str:
-        escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.key_prefix)
-        return escaped + "{*}:k:*"
+        return _glob_escape(self.key_prefix) + "{*}:k:*"
 
     def _key_of(self, name: bytes) -> str | None:
         text = name.decode("utf-8", "surrogateescape")
@@ -572,6 +812,32 @@ class RedisLimiter:
             f"RedisLimiter(url={mask_url(self.url)!r}, "
             f"on_backend_error={self.on_backend_error!r}, key_prefix={self.key_prefix!r})"
         )
+
+
+_NO_RULE = ("", "", "", "")
+
+
+def _rule_args(gcra: Gcra | None, shadow: bool) -> tuple[str, str, str, str]:
+    """A bucket's script arguments: T, tau, limit, shadow ('' when absent)."""
+    if gcra is None:
+        return _NO_RULE
+    return (str(gcra.emission_ns), str(gcra.tau_ns), str(gcra.limit), "1" if shadow else "0")
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis ``SCAN MATCH`` pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _check_cost(cost: object) -> int:
+    """A call's cost: a whole number from 1 to 1,000,000 (as the core's ``Limiter.call``)."""
+    if isinstance(cost, bool) or not isinstance(cost, int):
+        raise ArgumentTypeError(
+            f"cost must be an int from 1 to {_MAX_COST}, got {type(cost).__name__}"
+        )
+    if not 1 <= cost <= _MAX_COST:
+        raise InvalidArgumentError(f"cost must be a whole number from 1 to {_MAX_COST}, got {cost}")
+    return cost
 
 
 class _Pipeliner:
