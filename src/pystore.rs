@@ -274,6 +274,10 @@ fn revision(out: &Bound<'_, PyAny>) -> Result<u64, String> {
 
 impl KeyBackend for PyKeyBackend {
     fn insert(&self, record: &KeyRecord) -> Result<u64, KeyError> {
+        if record.credits.is_some() {
+            // A store that cannot keep credits must not make a limited key unlimited.
+            self.check_credit_support("write_credits")?;
+        }
         self.call(
             "insert",
             |py| PyTuple::new(py, [record_to_py(py, record)?]),

@@ -260,3 +260,19 @@ async def test_a_call_costing_more_than_is_left_is_refused_with_its_cost(keys: K
 def test_bad_book_options() -> None:
     with pytest.raises(ConfigError, match="lease_max"):
         CreditBook(KeyStore(), lease_max=0)
+
+
+def test_a_python_store_without_credit_methods_refuses_credits() -> None:
+    from fastmcp_guard._core import KeyManager
+
+    from tests.unit.test_external_backend import DictBackend
+
+    backend = DictBackend()
+    km = KeyManager.external(backend)
+    with pytest.raises(InvalidKeyInputError, match="cannot keep credits"):
+        km.create("agent", credits=5)
+    assert backend.rows == {}, "no key made unlimited by a store that cannot limit it"
+    info, _ = km.create("plain")
+    with pytest.raises(InvalidKeyInputError, match="write_credits"):
+        km.set_credits(info.id, 5)
+    km.close()
