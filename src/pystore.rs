@@ -15,7 +15,19 @@
 //! touch_many([(key_id, at_ms, ip | None)]) -> None
 //! current_revision() -> int
 //! changed_since(revision) -> tuple[int, list[tuple[str, int]]]
+//! # credits (optional: a store without them refuses keys with credits)
+//! lease_credits(key_id, want, bounds) -> dict | None   # bounds: now_ms, day_start_ms,
+//!                                                      # day_next_ms, month_start_ms,
+//!                                                      # month_next_ms; None: no credits
+//! return_credits(key_id, n, epoch) -> bool
+//! write_credits(key_id, expected, new) -> int | None   # expected/new: credit dicts or None
 //! ```
+//!
+//! A record's `credits` is `None` or a dict: `balance`, `refill` (`"N/day"`, `"N/month"`
+//! or `None`), `shadow`, `base`, `refilled_at`, `refill_at` (ms or `None`), `epoch`. A
+//! lease is a dict: `granted`, `balance_after`, `refill_at`, `epoch`, `base`, `shadow`.
+//! `write_credits` compares `balance` and `epoch` (or absence) with `expected`, writes
+//! `new` with a new revision and announces the change; `None` if they differ.
 //!
 //! Calls come from any thread (request workers, the `fmg-keys` thread); each attaches
 //! to the interpreter for the call. A Python exception becomes [`KeyError::Backend`].
@@ -25,7 +37,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 use serde_json::{Map, Value};
 
-use crate::keystore::{Change, KeyBackend, KeyError, KeyRecord, KeyStatus, Touch};
+use crate::keystore::{
+    Change, CreditLease, Credits, KeyBackend, KeyError, KeyRecord, KeyStatus, PeriodBounds, Refill,
+    Touch,
+};
 
 /// The Python store object, called with the interpreter attached.
 pub struct PyKeyBackend {
@@ -125,7 +140,66 @@ fn record_to_py<'py>(py: Python<'py>, r: &KeyRecord) -> PyResult<Bound<'py, PyDi
     d.set_item("revoked_at", opt_ms(r.revoked_at))?;
     d.set_item("revision", r.revision)?;
     d.set_item("legacy_selector", r.legacy_selector.as_deref())?;
+    d.set_item("credits", credits_to_py(py, r.credits.as_ref())?)?;
     Ok(d)
+}
+
+/// Credits as the dict the Python store keeps (`None`: no credits).
+fn credits_to_py<'py>(py: Python<'py>, c: Option<&Credits>) -> PyResult<Bound<'py, PyAny>> {
+    let Some(c) = c else {
+        return Ok(py.None().into_bound(py));
+    };
+    let d = PyDict::new(py);
+    d.set_item("balance", c.balance)?;
+    d.set_item("refill", c.refill.map(|r| r.canonical()))?;
+    d.set_item("shadow", c.shadow)?;
+    d.set_item("base", c.base)?;
+    d.set_item("refilled_at", ms(c.refilled_at))?;
+    d.set_item("refill_at", opt_ms(c.refill_at))?;
+    d.set_item("epoch", c.epoch)?;
+    Ok(d.into_any())
+}
+
+/// Credits from the dict the Python store returned (`None` or absent: no credits).
+fn credits_from_py(obj: Option<Bound<'_, PyAny>>) -> Result<Option<Credits>, String> {
+    let Some(obj) = obj.filter(|o| !o.is_none()) else {
+        return Ok(None);
+    };
+    let d = obj
+        .cast::<PyDict>()
+        .map_err(|_| format!("credits as a {} instead of a dict", type_name(&obj)))?;
+    let refill: Option<String> = extract(d, "refill")?;
+    let refill = refill
+        .as_deref()
+        .map(Refill::parse)
+        .transpose()
+        .map_err(|e| format!("a record whose credits are invalid ({e})"))?;
+    Ok(Some(Credits {
+        balance: extract(d, "balance")?,
+        refill,
+        shadow: extract(d, "shadow")?,
+        base: extract(d, "base")?,
+        refilled_at: time(extract(d, "refilled_at")?, "refilled_at")?.unwrap_or_default(),
+        refill_at: time(extract(d, "refill_at")?, "refill_at")?,
+        epoch: extract(d, "epoch")?,
+    }))
+}
+
+fn lease_from_py(out: &Bound<'_, PyAny>) -> Result<Option<CreditLease>, String> {
+    if out.is_none() {
+        return Ok(None);
+    }
+    let d = out
+        .cast::<PyDict>()
+        .map_err(|_| format!("a {} instead of a lease dict", type_name(out)))?;
+    Ok(Some(CreditLease {
+        granted: extract(d, "granted")?,
+        balance_after: extract(d, "balance_after")?,
+        refill_at: time(extract(d, "refill_at")?, "refill_at")?,
+        epoch: extract(d, "epoch")?,
+        base: extract(d, "base")?,
+        shadow: extract(d, "shadow")?,
+    }))
 }
 
 fn field<'py>(d: &Bound<'py, PyDict>, name: &str) -> Result<Bound<'py, PyAny>, String> {
@@ -183,6 +257,7 @@ fn record_from_py(obj: &Bound<'_, PyAny>) -> Result<KeyRecord, String> {
         revoked_at: time(extract(d, "revoked_at")?, "revoked_at")?,
         revision: extract(d, "revision")?,
         legacy_selector: extract(d, "legacy_selector")?,
+        credits: credits_from_py(d.get_item("credits").map_err(|e| e.to_string())?)?,
     })
 }
 
@@ -199,6 +274,10 @@ fn revision(out: &Bound<'_, PyAny>) -> Result<u64, String> {
 
 impl KeyBackend for PyKeyBackend {
     fn insert(&self, record: &KeyRecord) -> Result<u64, KeyError> {
+        if record.credits.is_some() {
+            // A store that cannot keep credits must not make a limited key unlimited.
+            self.check_credit_support("write_credits")?;
+        }
         self.call(
             "insert",
             |py| PyTuple::new(py, [record_to_py(py, record)?]),
@@ -282,6 +361,75 @@ impl KeyBackend for PyKeyBackend {
         )
     }
 
+    fn lease_credits(
+        &self,
+        id: &str,
+        want: u64,
+        now: DateTime<Utc>,
+    ) -> Result<Option<CreditLease>, KeyError> {
+        self.check_credit_support("lease_credits")?;
+        let b = PeriodBounds::at(now);
+        self.call(
+            "lease_credits",
+            |py| {
+                let bounds = PyDict::new(py);
+                bounds.set_item("now_ms", ms(b.now))?;
+                bounds.set_item("day_start_ms", ms(b.day_start))?;
+                bounds.set_item("day_next_ms", ms(b.day_next))?;
+                bounds.set_item("month_start_ms", ms(b.month_start))?;
+                bounds.set_item("month_next_ms", ms(b.month_next))?;
+                (id, want, bounds).into_pyobject(py)
+            },
+            lease_from_py,
+        )?
+        .map_or_else(
+            || {
+                // `None`: no credits, or no such key.
+                match self.get(id)? {
+                    None => Err(KeyError::NotFound { id: id.to_owned() }),
+                    Some(_) => Ok(None),
+                }
+            },
+            |lease| Ok(Some(lease)),
+        )
+    }
+
+    fn return_credits(&self, id: &str, n: u64, epoch: u64) -> Result<bool, KeyError> {
+        self.check_credit_support("return_credits")?;
+        self.call(
+            "return_credits",
+            |py| (id, n, epoch).into_pyobject(py),
+            |out| {
+                out.extract::<bool>()
+                    .map_err(|_| format!("{} instead of a bool", type_name(out)))
+            },
+        )
+    }
+
+    fn write_credits(
+        &self,
+        id: &str,
+        expected: Option<&Credits>,
+        new: Option<&Credits>,
+    ) -> Result<Option<u64>, KeyError> {
+        self.check_credit_support("write_credits")?;
+        let out = self.call(
+            "write_credits",
+            |py| (id, credits_to_py(py, expected)?, credits_to_py(py, new)?).into_pyobject(py),
+            |out| {
+                if out.is_none() {
+                    Ok(None)
+                } else {
+                    revision(out).map(Some)
+                }
+            },
+        )?;
+        if out.is_none() && self.get(id)?.is_none() {
+            return Err(KeyError::NotFound { id: id.to_owned() });
+        }
+        Ok(out)
+    }
+
     fn current_revision(&self) -> Result<u64, KeyError> {
         self.call("current_revision", |py| Ok(PyTuple::empty(py)), revision)
     }
@@ -307,6 +455,24 @@ impl KeyBackend for PyKeyBackend {
 }
 
 impl PyKeyBackend {
+    /// `KeyError::InvalidInput` if the store has no credit methods.
+    fn check_credit_support(&self, method: &str) -> Result<(), KeyError> {
+        let has = Python::try_attach(|py| self.obj.bind(py).hasattr(method).unwrap_or(false))
+            .unwrap_or(false);
+        if has {
+            Ok(())
+        } else {
+            Err(KeyError::InvalidInput {
+                field: "credits",
+                reason: format!(
+                    "key store {} has no {method}() method, so it cannot keep credits; use \
+                     the memory, sqlite, postgres or redis store",
+                    self.name
+                ),
+            })
+        }
+    }
+
     /// After an `update` / `rotate` refused by revision: the record is gone, or changed.
     fn missing_or_conflict(&self, id: &str) -> KeyError {
         match self.get(id) {

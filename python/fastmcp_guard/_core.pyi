@@ -277,6 +277,9 @@ class Identity:
     @property
     def expires_at(self) -> float | None: ...
     @property
+    def credits_shadow(self) -> bool | None:
+        """``None``: the key has no credits; else whether they run in shadow."""
+    @property
     def attached(self) -> Any:
         """The object attached to this verified token's cache entry (the verifier's
         ``AccessToken``), or ``None``. It leaves the cache with the entry."""
@@ -314,6 +317,46 @@ class KeyInfo:
     def rotated_to(self) -> str | None: ...
     @property
     def revoked_at(self) -> float | None: ...
+    @property
+    def credits(self) -> int | None:
+        """The store balance now (a top-up due now counted); ``None``: no credits."""
+    @property
+    def refill(self) -> str | None:
+        """``"5000/month"``, ``"100/day"`` or ``None``."""
+    @property
+    def credits_shadow(self) -> bool: ...
+    @property
+    def credits_base(self) -> int | None:
+        """What "below 10 %" is measured against."""
+    @property
+    def refilled_at(self) -> float | None:
+        """The start of the current refill period (or when the credits were last set)."""
+    @property
+    def refill_at(self) -> float | None:
+        """The next top-up; ``None`` without a refill."""
+
+@final
+class CreditLease:
+    """A block of credits taken from the store (``KeyManager.lease_credits``)."""
+
+    @property
+    def granted(self) -> int: ...
+    @property
+    def balance_after(self) -> int: ...
+    @property
+    def refill_at(self) -> float | None:
+        """The next top-up, Unix seconds; ``None`` without a refill."""
+    @property
+    def epoch(self) -> int:
+        """The refill period (or ``set``) the lease belongs to."""
+    @property
+    def base(self) -> int: ...
+    @property
+    def shadow(self) -> bool: ...
+
+def parse_refill(text: str) -> tuple[int, str]:
+    """``"5000/month"`` -> ``(5000, "month")``; ``InvalidKeyInputError`` naming the accepted
+    forms (``N/day``, ``N/month``, N from 1 to 2**53) otherwise."""
 
 @final
 class VerifyLimits:
@@ -408,9 +451,21 @@ class KeyManager:
         expires_at: float | None = None,
         metadata: dict[str, Any] | None = None,
         allow_past_expiry: bool = False,
+        credits: int | None = None,
+        refill: str | None = None,
+        credits_shadow: bool = False,
     ) -> tuple[KeyInfo, str]:
         """A new key and its token. ``expires_at`` must be in the future unless
         ``allow_past_expiry`` (then the key is created already expired, as 0.2 did)."""
+    def set_credits(self, key_id: str, credits: int | None) -> KeyInfo:
+        """Set the balance (``None``: remove the credits); a new revision."""
+    def add_credits(self, key_id: str, n: int) -> KeyInfo:
+        """Add ``n`` (may be negative; the balance stops at 0); a new revision."""
+    def lease_credits(self, key_id: str, want: int, now: float) -> CreditLease | None:
+        """Take ``min(want, balance)`` atomically after a top-up due at ``now`` (Unix
+        seconds); ``None``: the key has no credits. Blocking."""
+    def return_credits(self, key_id: str, n: int, epoch: int) -> bool:
+        """Give back unspent credits of a lease of ``epoch``. Blocking."""
     def get(self, key_id: str) -> KeyInfo | None: ...
     def list(self, *, include_revoked: bool = False) -> list[KeyInfo]: ...
     def rotate(self, key_id: str, *, grace_seconds: float) -> tuple[KeyInfo, str]: ...

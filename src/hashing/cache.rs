@@ -31,6 +31,9 @@ pub struct CachedKey {
     /// Store revision of the record this entry was built from (0: unknown, i.e. older
     /// than any change): a change notice for an older revision leaves it alone.
     pub revision: u64,
+    /// Whether the key has credits, and if so whether they run in shadow (`Some(shadow)`);
+    /// `None`: no credits.
+    pub credits: Option<bool>,
     /// What the layer above built from this entry (the Python binding: the FastMCP
     /// `AccessToken`), so that it is built once per entry and goes with it.
     pub attachment: Attachment,
@@ -86,6 +89,7 @@ impl CachedKey {
             inserted,
             last_touch_ms: AtomicI64::new(i64::MIN),
             revision: 0,
+            credits: None,
             attachment: Attachment::default(),
         }
     }
@@ -94,6 +98,13 @@ impl CachedKey {
     #[must_use]
     pub fn with_revision(mut self, revision: u64) -> Self {
         self.revision = revision;
+        self
+    }
+
+    /// The entry, noting the key's credits (see [`CachedKey::credits`]).
+    #[must_use]
+    pub fn with_credits(mut self, credits: Option<bool>) -> Self {
+        self.credits = credits;
         self
     }
 

@@ -2,9 +2,11 @@
 //! [`MemoryBackend`](super::MemoryBackend), [`SqliteBackend`](super::SqliteBackend) and the
 //! Python-provided stores implement.
 
+use chrono::{DateTime, Utc};
+
 use crate::tokens;
 
-use super::{Change, KeyError, KeyRecord, LegacyImport, Touch};
+use super::{Change, CreditLease, Credits, KeyError, KeyRecord, LegacyImport, Touch};
 
 /// Storage for key records. Implementations are shared across threads.
 ///
@@ -90,6 +92,39 @@ pub trait KeyBackend: Send + Sync {
     /// # Errors
     /// Store errors.
     fn touch_many(&self, touches: &[Touch]) -> Result<(), KeyError>;
+
+    /// Takes `min(want, balance)` credits of key `id` in one atomic step, after applying a
+    /// top-up due at `now` (see [`Credits::lease`]). `None`: the key has no credits. Does
+    /// not change the revision.
+    ///
+    /// # Errors
+    /// [`KeyError::NotFound`]; store errors.
+    fn lease_credits(
+        &self,
+        id: &str,
+        want: u64,
+        now: DateTime<Utc>,
+    ) -> Result<Option<CreditLease>, KeyError>;
+
+    /// Gives back `n` unspent credits of a lease of `epoch` (see [`Credits::give_back`]);
+    /// whether they were taken back (false: the epoch moved on, or no credits any more).
+    ///
+    /// # Errors
+    /// [`KeyError::NotFound`]; store errors.
+    fn return_credits(&self, id: &str, n: u64, epoch: u64) -> Result<bool, KeyError>;
+
+    /// Replaces the credits of key `id` by `new` if the stored ones are still `expected`
+    /// (see [`same_state`](super::credits::same_state)), with a new revision; `None` if
+    /// they changed since they were read.
+    ///
+    /// # Errors
+    /// [`KeyError::NotFound`]; store errors.
+    fn write_credits(
+        &self,
+        id: &str,
+        expected: Option<&Credits>,
+        new: Option<&Credits>,
+    ) -> Result<Option<u64>, KeyError>;
 
     /// The current store revision.
     ///
@@ -184,6 +219,7 @@ mod tests {
                 revoked_at: None,
                 revision: 0,
                 legacy_selector: None,
+                credits: None,
             };
             rec.revision = w.insert(&rec).unwrap();
             let (rev1, changes) = r.changed_since(rev0).unwrap();

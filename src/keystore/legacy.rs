@@ -207,6 +207,7 @@ impl LegacyRow {
             revoked_at: None,
             revision: 0,
             legacy_selector: Some(self.selector.clone()),
+            credits: None,
         })
     }
 }

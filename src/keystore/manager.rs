@@ -22,9 +22,24 @@ use super::record::{now_utc, truncate_ms};
 use super::validate::{echo_id, resolve_id, validate_name, validate_scopes};
 use super::worker::{run_worker, PendingTouch, Worker};
 use super::{
-    known, negative, throttle, KeyBackend, KeyError, KeyRecord, KeyStatus, LegacyImport,
-    ManagerOptions, MemoryBackend, SqliteBackend,
+    known, negative, throttle, CreditChange, CreditLease, Credits, KeyBackend, KeyError, KeyRecord,
+    KeyStatus, LegacyImport, ManagerOptions, MemoryBackend, Refill, SqliteBackend,
 };
+
+/// The credits a new key is created with (see [`Credits::initial`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CreditSpec {
+    /// The starting balance (`None` with a refill: start full).
+    pub credits: Option<u64>,
+    /// The refill, if any.
+    pub refill: Option<Refill>,
+    /// Running out is audited as "would refuse" instead of refusing.
+    pub shadow: bool,
+}
+
+/// Compare-and-set rounds of a credit change before giving up with a conflict (each lost
+/// round means another process leased or changed the same key's credits meanwhile).
+const CREDIT_CAS_ROUNDS: usize = 50;
 
 /// What [`KeyManager::revoke_lineage`] did.
 #[derive(Debug, Clone, PartialEq)]
@@ -243,7 +258,38 @@ impl KeyManager {
         expires_at: Option<DateTime<Utc>>,
         metadata: Map<String, Value>,
     ) -> Result<(KeyRecord, String), KeyError> {
-        self.create_key(name, scopes, expires_at, metadata, false)
+        self.create_key(
+            name,
+            scopes,
+            expires_at,
+            metadata,
+            false,
+            &CreditSpec::default(),
+        )
+    }
+
+    /// Like [`KeyManager::create`] (or, with `allow_past_expiry`,
+    /// [`KeyManager::create_allowing_past_expiry`]), with credits.
+    ///
+    /// # Errors
+    /// As [`KeyManager::create`]; [`KeyError::InvalidInput`] for bad credits.
+    pub fn create_with_credits(
+        &self,
+        name: &str,
+        scopes: &[String],
+        expires_at: Option<DateTime<Utc>>,
+        metadata: Map<String, Value>,
+        allow_past_expiry: bool,
+        credits: &CreditSpec,
+    ) -> Result<(KeyRecord, String), KeyError> {
+        self.create_key(
+            name,
+            scopes,
+            expires_at,
+            metadata,
+            allow_past_expiry,
+            credits,
+        )
     }
 
     /// Like [`KeyManager::create`], except that an `expires_at` not in the future makes a key
@@ -259,7 +305,14 @@ impl KeyManager {
         expires_at: Option<DateTime<Utc>>,
         metadata: Map<String, Value>,
     ) -> Result<(KeyRecord, String), KeyError> {
-        self.create_key(name, scopes, expires_at, metadata, true)
+        self.create_key(
+            name,
+            scopes,
+            expires_at,
+            metadata,
+            true,
+            &CreditSpec::default(),
+        )
     }
 
     fn create_key(
@@ -269,10 +322,12 @@ impl KeyManager {
         expires_at: Option<DateTime<Utc>>,
         metadata: Map<String, Value>,
         allow_past_expiry: bool,
+        spec: &CreditSpec,
     ) -> Result<(KeyRecord, String), KeyError> {
         let name = validate_name(name)?;
         let scopes = validate_scopes(scopes)?;
         let now = now_utc();
+        let credits = Credits::initial(spec.credits, spec.refill, spec.shadow, now)?;
         let expires_at = expires_at.map(truncate_ms);
         if let Some(e) = expires_at.filter(|_| !allow_past_expiry) {
             if e <= now {
@@ -304,6 +359,7 @@ impl KeyManager {
             revoked_at: None,
             revision: 0,
             legacy_selector: None,
+            credits,
         };
         record.revision = self.inner.backend.insert(&record)?;
         self.inner.note_own_write(&record.id, record.revision);
@@ -464,7 +520,10 @@ impl KeyManager {
                 revoked_at: None,
                 revision: 0,
                 legacy_selector: None,
+                // Moved from the old key once the rotation is written (below).
+                credits: None,
             };
+            let had_credits = old.credits.is_some();
             let mut updated = old;
             updated.rotated_to = Some(new_id.clone());
             if grace.is_zero() {
@@ -489,6 +548,11 @@ impl KeyManager {
                     self.inner.known.insert(new_id);
                     self.inner.negative.remove(new_id);
                     new.revision = new_rev;
+                    if had_credits {
+                        // The token is not out yet: nobody spends from the new key before
+                        // its credits are in place.
+                        new = self.move_credits(&id, new_id)?;
+                    }
                     return Ok((new, token.clone()));
                 }
                 Err(KeyError::Conflict { .. }) => {}
@@ -496,6 +560,97 @@ impl KeyManager {
             }
         }
         Err(KeyError::Conflict { id })
+    }
+
+    /// Moves the credits of `from` (a key just rotated) to `to`: `to` gets its balance,
+    /// refill and shadow setting; `from` keeps a balance of 0 without refill (its token,
+    /// valid during the grace period, spends nothing more than leases already taken).
+    fn move_credits(&self, from: &str, to: &str) -> Result<KeyRecord, KeyError> {
+        let backend = &self.inner.backend;
+        for _ in 0..CREDIT_CAS_ROUNDS {
+            let now = now_utc();
+            let old = backend.get(from)?.ok_or_else(|| KeyError::NotFound {
+                id: from.to_owned(),
+            })?;
+            let Some(stored) = old.credits else {
+                break;
+            };
+            let current = stored.view_at(now);
+            let emptied = Credits {
+                balance: 0,
+                refill: None,
+                refill_at: None,
+                refilled_at: now,
+                epoch: current.epoch + 1,
+                ..current.clone()
+            };
+            let Some(rev) = backend.write_credits(from, Some(&stored), Some(&emptied))? else {
+                continue;
+            };
+            self.inner.invalidate(from);
+            self.inner.note_own_write(from, rev);
+            let moved = Credits {
+                epoch: 0,
+                ..current
+            };
+            if let Some(rev) = backend.write_credits(to, None, Some(&moved))? {
+                self.inner.invalidate(to);
+                self.inner.note_own_write(to, rev);
+            }
+            break;
+        }
+        backend
+            .get(to)?
+            .ok_or_else(|| KeyError::NotFound { id: to.to_owned() })
+    }
+
+    /// Changes the credits of a key (see [`CreditChange`]); returns the record after the
+    /// change. A top-up due now is applied first. Leases other processes hold are not
+    /// recalled: they may still spend them (at most their size each).
+    ///
+    /// # Errors
+    /// [`KeyError::NotFound`]; [`KeyError::InvalidInput`] for a balance out of range;
+    /// [`KeyError::Conflict`] if other processes kept changing the credits; store errors.
+    pub fn change_credits(&self, id: &str, change: &CreditChange) -> Result<KeyRecord, KeyError> {
+        let id = self.resolve_key_id(id)?;
+        let backend = &self.inner.backend;
+        for _ in 0..CREDIT_CAS_ROUNDS {
+            let now = now_utc();
+            let mut record = backend
+                .get(&id)?
+                .ok_or_else(|| KeyError::NotFound { id: id.clone() })?;
+            let next = Credits::changed(record.credits.as_ref(), change, now)?;
+            if let Some(rev) = backend.write_credits(&id, record.credits.as_ref(), next.as_ref())? {
+                self.inner.invalidate(&id);
+                self.inner.note_own_write(&id, rev);
+                record.credits = next;
+                record.revision = rev;
+                return Ok(record);
+            }
+        }
+        Err(KeyError::Conflict { id })
+    }
+
+    /// Takes up to `want` credits of key `key_id` from the store (see
+    /// [`KeyBackend::lease_credits`]); `None` if the key has no credits.
+    ///
+    /// # Errors
+    /// [`KeyError::NotFound`]; store errors.
+    pub fn lease_credits(
+        &self,
+        key_id: &str,
+        want: u64,
+        now: DateTime<Utc>,
+    ) -> Result<Option<CreditLease>, KeyError> {
+        self.inner.backend.lease_credits(key_id, want, now)
+    }
+
+    /// Gives back unspent credits of a lease (see [`KeyBackend::return_credits`]).
+    ///
+    /// # Errors
+    /// [`KeyError::NotFound`]; store errors.
+    pub fn return_credits(&self, key_id: &str, n: u64, epoch: u64) -> Result<bool, KeyError> {
+        self.inner.backend.return_credits(key_id, n, epoch)
     }
 
     /// Revokes a key at once (also on cached and already-open connections of this process;

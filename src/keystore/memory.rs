@@ -9,9 +9,10 @@
 
 use std::collections::HashMap;
 
+use chrono::{DateTime, Utc};
 use parking_lot::RwLock;
 
-use super::{Change, KeyBackend, KeyError, KeyRecord, Touch};
+use super::{Change, CreditLease, Credits, KeyBackend, KeyError, KeyRecord, Touch};
 
 #[derive(Debug, Default)]
 struct State {
@@ -161,6 +162,54 @@ impl KeyBackend for MemoryBackend {
             }
         }
         Ok(())
+    }
+
+    fn lease_credits(
+        &self,
+        id: &str,
+        want: u64,
+        now: DateTime<Utc>,
+    ) -> Result<Option<CreditLease>, KeyError> {
+        let mut state = self.state.write();
+        let record = state
+            .records
+            .get_mut(id)
+            .ok_or_else(|| KeyError::NotFound { id: id.to_owned() })?;
+        Ok(record.credits.as_mut().map(|c| c.lease(want, now)))
+    }
+
+    fn return_credits(&self, id: &str, n: u64, epoch: u64) -> Result<bool, KeyError> {
+        let mut state = self.state.write();
+        let record = state
+            .records
+            .get_mut(id)
+            .ok_or_else(|| KeyError::NotFound { id: id.to_owned() })?;
+        Ok(record
+            .credits
+            .as_mut()
+            .is_some_and(|c| c.give_back(n, epoch)))
+    }
+
+    fn write_credits(
+        &self,
+        id: &str,
+        expected: Option<&Credits>,
+        new: Option<&Credits>,
+    ) -> Result<Option<u64>, KeyError> {
+        let mut state = self.state.write();
+        let current = state
+            .records
+            .get(id)
+            .ok_or_else(|| KeyError::NotFound { id: id.to_owned() })?;
+        if !super::credits::same_state(current.credits.as_ref(), expected) {
+            return Ok(None);
+        }
+        let rev = state.next_revision();
+        if let Some(record) = state.records.get_mut(id) {
+            record.credits = new.cloned();
+            record.revision = rev;
+        }
+        Ok(Some(rev))
     }
 
     fn current_revision(&self) -> Result<u64, KeyError> {

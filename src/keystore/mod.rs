@@ -23,6 +23,8 @@
 //! expiry, grace periods, the throttle, revoke and rotate — is the same. Rotating one issues
 //! a current-format token.
 //!
+//! Credits (a per-key balance calls spend, leased in blocks): [`credits`].
+//!
 //! Files: `record` (the record and its status), `error`, `backend` (the trait),
 //! [`memory`], [`sqlite`], [`legacy`] (0.2 import), `options`, `validate` (caller input),
 //! `manager` (the service and lifecycle), `verify` (token verification), `worker` (batched
@@ -30,6 +32,7 @@
 //! verification remembers about ids).
 
 mod backend;
+pub mod credits;
 mod error;
 mod known;
 pub mod legacy;
@@ -47,10 +50,13 @@ mod verify;
 mod worker;
 
 pub use backend::KeyBackend;
+pub use credits::{
+    CreditChange, CreditLease, Credits, PeriodBounds, Refill, RefillPeriod, MAX_CREDITS,
+};
 pub use error::{KeyError, VerifyError};
 pub use known::DEFAULT_KNOWN_IDS_CAPACITY;
 pub use legacy::LegacyImport;
-pub use manager::{KeyManager, ManagerStats, Revocation};
+pub use manager::{CreditSpec, KeyManager, ManagerStats, Revocation};
 pub use memory::MemoryBackend;
 pub use negative::{DEFAULT_NEGATIVE_CAPACITY, DEFAULT_NEGATIVE_TTL};
 pub use options::ManagerOptions;

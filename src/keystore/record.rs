@@ -6,6 +6,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use super::Credits;
+
 /// Lifecycle status of a key, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -91,6 +93,10 @@ pub struct KeyRecord {
     /// (never changed by `update`); `None` for keys made by this version.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub legacy_selector: Option<String>,
+    /// The key's credits, if it has any (`None`: unlimited). Written by `insert` and by
+    /// the credit operations ([`KeyBackend::lease_credits`](super::KeyBackend::lease_credits)
+    /// and friends), never by `update`.
+    pub credits: Option<Credits>,
 }
 
 impl std::fmt::Debug for KeyRecord {
@@ -111,6 +117,7 @@ impl std::fmt::Debug for KeyRecord {
             .field("revoked_at", &self.revoked_at)
             .field("revision", &self.revision)
             .field("legacy_selector", &self.legacy_selector)
+            .field("credits", &self.credits)
             .finish_non_exhaustive()
     }
 }

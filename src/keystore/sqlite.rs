@@ -25,7 +25,9 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
 use super::legacy::{self, LegacyImport, LegacyRow};
-use super::{Change, KeyBackend, KeyError, KeyRecord, KeyStatus, Touch};
+use super::{
+    Change, CreditLease, Credits, KeyBackend, KeyError, KeyRecord, KeyStatus, Refill, Touch,
+};
 
 /// A data step of a migration, run after its SQL in the same transaction.
 pub type DataStep = fn(&SqliteBackend, &Connection) -> Result<(), KeyError>;
@@ -41,12 +43,14 @@ pub struct Migration {
 
 /// Schema migrations; entry `i` brings the file from version `i` to version `i + 1`. All
 /// pending steps and the new `schema_version` commit in one transaction, so a failed step
-/// leaves the file as it was.
+/// leaves the file as it was. The SQL of every pending step runs before any data step
+/// (data steps write rows in the newest schema).
 ///
 /// * 1: `fmg_meta` (the revision counter) and `fmg_keys`.
 /// * 2: `fmg_keys.legacy_selector` (unique where set), `fmg_legacy_imports`, and the import
 ///   of a fastmcp-guard 0.2 `api_keys` table if the file has one (the tables have distinct
 ///   names, so both live in one file; `api_keys` is left as it was).
+/// * 3: the credit columns (`credits` NULL: no credits, as every key had before).
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
         sql: MIGRATION_1,
@@ -55,6 +59,10 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration {
         sql: MIGRATION_2,
         data: Some(import_legacy_step),
+    },
+    Migration {
+        sql: MIGRATION_3,
+        data: None,
     },
 ];
 
@@ -95,6 +103,16 @@ const MIGRATION_2: &str = "
     );
 ";
 
+const MIGRATION_3: &str = "
+    ALTER TABLE fmg_keys ADD COLUMN credits INTEGER;
+    ALTER TABLE fmg_keys ADD COLUMN refill TEXT;
+    ALTER TABLE fmg_keys ADD COLUMN credits_shadow INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE fmg_keys ADD COLUMN credits_base INTEGER;
+    ALTER TABLE fmg_keys ADD COLUMN refilled_at INTEGER;
+    ALTER TABLE fmg_keys ADD COLUMN refill_at INTEGER;
+    ALTER TABLE fmg_keys ADD COLUMN credits_epoch INTEGER NOT NULL DEFAULT 0;
+";
+
 fn import_legacy_step(backend: &SqliteBackend, tx: &Connection) -> Result<(), KeyError> {
     backend.import_legacy_in(tx).map(|_| ())
 }
@@ -107,7 +125,12 @@ pub fn schema_version() -> i64 {
 
 const COLUMNS: &str = "id, name, phc_hash, scopes, metadata, status, created_at, expires_at, \
                        last_used_at, last_used_ip, grace_until, rotated_from, rotated_to, \
-                       revoked_at, revision, legacy_selector";
+                       revoked_at, revision, legacy_selector, credits, refill, credits_shadow, \
+                       credits_base, refilled_at, refill_at, credits_epoch";
+
+/// The credit columns, in [`COLUMNS`] order.
+const CREDIT_COLUMNS: &str =
+    "credits, refill, credits_shadow, credits_base, refilled_at, refill_at, credits_epoch";
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -150,6 +173,92 @@ struct RawRow {
     revoked_at: Option<i64>,
     revision: i64,
     legacy_selector: Option<String>,
+    credits: RawCredits,
+}
+
+/// The credit columns as read.
+struct RawCredits {
+    balance: Option<i64>,
+    refill: Option<String>,
+    shadow: bool,
+    base: Option<i64>,
+    refilled_at: Option<i64>,
+    refill_at: Option<i64>,
+    epoch: i64,
+}
+
+impl RawCredits {
+    fn read(row: &rusqlite::Row<'_>, from: usize) -> rusqlite::Result<Self> {
+        Ok(Self {
+            balance: row.get(from)?,
+            refill: row.get(from + 1)?,
+            shadow: row.get(from + 2)?,
+            base: row.get(from + 3)?,
+            refilled_at: row.get(from + 4)?,
+            refill_at: row.get(from + 5)?,
+            epoch: row.get(from + 6)?,
+        })
+    }
+
+    /// The stored credits; `Err` says which column is bad.
+    fn decode(self) -> Result<Option<Credits>, String> {
+        let Some(balance) = self.balance else {
+            return Ok(None);
+        };
+        let count =
+            |v: i64, what: &str| u64::try_from(v).map_err(|_| format!("{what} {v} is negative"));
+        let time = |v: Option<i64>, what: &str| {
+            v.map(|v| {
+                DateTime::from_timestamp_millis(v)
+                    .ok_or_else(|| format!("{what} {v} is out of range"))
+            })
+            .transpose()
+        };
+        let refill = self
+            .refill
+            .as_deref()
+            .map(Refill::parse)
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        let balance = count(balance, "credits")?;
+        Ok(Some(Credits {
+            balance,
+            refill,
+            shadow: self.shadow,
+            base: self
+                .base
+                .map_or(Ok(balance), |b| count(b, "credits_base"))?,
+            refilled_at: time(self.refilled_at, "refilled_at")?.unwrap_or_default(),
+            refill_at: time(self.refill_at, "refill_at")?,
+            epoch: count(self.epoch, "credits_epoch")?,
+        }))
+    }
+}
+
+/// The credit columns' values to write (all NULL / default without credits).
+type CreditValues = (
+    Option<i64>,
+    Option<String>,
+    bool,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    i64,
+);
+
+fn credit_values(c: Option<&Credits>) -> CreditValues {
+    match c {
+        None => (None, None, false, None, None, None, 0),
+        Some(c) => (
+            Some(to_i64(c.balance)),
+            c.refill.map(|r| r.canonical()),
+            c.shadow,
+            Some(to_i64(c.base)),
+            Some(ms(c.refilled_at)),
+            opt_ms(c.refill_at),
+            to_i64(c.epoch),
+        ),
+    }
 }
 
 impl RawRow {
@@ -171,6 +280,7 @@ impl RawRow {
             revoked_at: row.get(13)?,
             revision: row.get(14)?,
             legacy_selector: row.get(15)?,
+            credits: RawCredits::read(row, 16)?,
         })
     }
 }
@@ -435,6 +545,7 @@ impl SqliteBackend {
             .ok_or_else(|| self.corrupt(&id, format!("unknown status {:?}", raw.status)))?;
         let revision = u64::try_from(raw.revision)
             .map_err(|_| self.corrupt(&id, format!("negative revision {}", raw.revision)))?;
+        let credits = raw.credits.decode().map_err(|why| self.corrupt(&id, why))?;
         Ok(KeyRecord {
             created_at: time(raw.created_at, "created_at")?,
             expires_at: opt_time(raw.expires_at, "expires_at")?,
@@ -451,6 +562,7 @@ impl SqliteBackend {
             rotated_to: raw.rotated_to,
             revision,
             legacy_selector: raw.legacy_selector,
+            credits,
             id,
         })
     }
@@ -465,11 +577,13 @@ impl SqliteBackend {
 
     fn insert_in(&self, tx: &Connection, record: &KeyRecord) -> Result<u64, KeyError> {
         let (scopes, metadata) = self.json(record)?;
+        let credit = credit_values(record.credits.as_ref());
         let rev = bump_revision(tx).map_err(|e| self.err(e))?;
         tx.execute(
             &format!(
                 "INSERT INTO fmg_keys ({COLUMNS}) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, \
+                 ?17, ?18, ?19, ?20, ?21, ?22, ?23)"
             ),
             params![
                 record.id,
@@ -488,6 +602,13 @@ impl SqliteBackend {
                 opt_ms(record.revoked_at),
                 to_i64(rev),
                 record.legacy_selector,
+                credit.0,
+                credit.1,
+                credit.2,
+                credit.3,
+                credit.4,
+                credit.5,
+                credit.6,
             ],
         )
         .map_err(|e| {
@@ -557,6 +678,64 @@ impl SqliteBackend {
     }
 }
 
+impl SqliteBackend {
+    /// The credits of key `id` in `tx` (`Err(NotFound)` if there is no such key).
+    fn credits_in(&self, tx: &Connection, id: &str) -> Result<Option<Credits>, KeyError> {
+        let raw = tx
+            .query_row(
+                &format!("SELECT {CREDIT_COLUMNS} FROM fmg_keys WHERE id = ?1"),
+                [id],
+                |r| RawCredits::read(r, 0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?
+            .ok_or_else(|| KeyError::NotFound { id: id.to_owned() })?;
+        raw.decode().map_err(|why| self.corrupt(id, why))
+    }
+
+    /// Writes the credit columns of `id` (a new revision only if `revision`).
+    fn put_credits_in(
+        &self,
+        tx: &Connection,
+        id: &str,
+        credits: Option<&Credits>,
+        revision: Option<u64>,
+    ) -> Result<(), KeyError> {
+        let v = credit_values(credits);
+        tx.execute(
+            "UPDATE fmg_keys SET credits = ?2, refill = ?3, credits_shadow = ?4, \
+             credits_base = ?5, refilled_at = ?6, refill_at = ?7, credits_epoch = ?8, \
+             revision = COALESCE(?9, revision) WHERE id = ?1",
+            params![id, v.0, v.1, v.2, v.3, v.4, v.5, v.6, revision.map(to_i64)],
+        )
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Runs `f` on the credits of `id` in one `BEGIN IMMEDIATE` transaction; writes them
+    /// back (without a new revision) when `f` says they changed.
+    fn with_credits<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Credits) -> (T, bool),
+    ) -> Result<Option<T>, KeyError> {
+        let mut state = self.state.lock();
+        let tx = state
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let Some(mut credits) = self.credits_in(&tx, id)? else {
+            return Ok(None);
+        };
+        let (out, changed) = f(&mut credits);
+        if changed {
+            self.put_credits_in(&tx, id, Some(&credits), None)?;
+            tx.commit().map_err(|e| self.err(e))?;
+        }
+        Ok(Some(out))
+    }
+}
+
 fn bump_revision(conn: &Connection) -> rusqlite::Result<u64> {
     let rev: i64 = conn.query_row(
         "UPDATE fmg_meta SET revision = revision + 1 WHERE id = 1 RETURNING revision",
@@ -603,8 +782,12 @@ fn migrate(backend: &SqliteBackend, conn: &mut Connection, display: &str) -> Res
         return Ok(());
     }
     let done = usize::try_from(found).unwrap_or(0);
+    // Every pending step's SQL first, then their data steps: a data step writes rows with
+    // the code of this build, i.e. in the newest schema.
     for step in MIGRATIONS.iter().skip(done) {
         tx.execute_batch(step.sql).map_err(store_err)?;
+    }
+    for step in MIGRATIONS.iter().skip(done) {
         if let Some(data) = step.data {
             data(backend, &tx)?;
         }
@@ -756,6 +939,49 @@ impl KeyBackend for SqliteBackend {
             }
         }
         tx.commit().map_err(|e| self.err(e))
+    }
+
+    fn lease_credits(
+        &self,
+        id: &str,
+        want: u64,
+        now: DateTime<Utc>,
+    ) -> Result<Option<CreditLease>, KeyError> {
+        self.with_credits(id, |c| {
+            let before = c.clone();
+            let lease = c.lease(want, now);
+            (lease, *c != before)
+        })
+    }
+
+    fn return_credits(&self, id: &str, n: u64, epoch: u64) -> Result<bool, KeyError> {
+        Ok(self
+            .with_credits(id, |c| {
+                let given = c.give_back(n, epoch);
+                (given, given)
+            })?
+            .unwrap_or(false))
+    }
+
+    fn write_credits(
+        &self,
+        id: &str,
+        expected: Option<&Credits>,
+        new: Option<&Credits>,
+    ) -> Result<Option<u64>, KeyError> {
+        let mut state = self.state.lock();
+        let tx = state
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let current = self.credits_in(&tx, id)?;
+        if !super::credits::same_state(current.as_ref(), expected) {
+            return Ok(None);
+        }
+        let rev = bump_revision(&tx).map_err(|e| self.err(e))?;
+        self.put_credits_in(&tx, id, new, Some(rev))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(Some(rev))
     }
 
     fn current_revision(&self) -> Result<u64, KeyError> {
@@ -925,7 +1151,7 @@ mod tests {
             .unwrap()
             .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, 3);
     }
 
     #[test]
@@ -1180,7 +1406,7 @@ mod tests {
                 err,
                 KeyError::SchemaTooNew {
                     found: 99,
-                    supported: 2,
+                    supported: 3,
                     ..
                 }
             ),
@@ -1213,7 +1439,7 @@ mod tests {
             .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, sqlite::schema_version());
-        assert_eq!(version, 2);
+        assert_eq!(version, 3);
         let mode: String = conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();

@@ -240,7 +240,8 @@ impl Inner {
                 valid_until,
                 now.instant,
             )
-            .with_revision(record.revision),
+            .with_revision(record.revision)
+            .with_credits(record.credits.as_ref().map(|c| c.shadow)),
         );
         self.cache
             .insert_if_epoch(digest, Arc::clone(&entry), epoch);
@@ -1013,6 +1014,25 @@ mod tests {
         }
         fn changed_since(&self, revision: u64) -> Result<(u64, Vec<Change>), KeyError> {
             self.inner.changed_since(revision)
+        }
+        fn lease_credits(
+            &self,
+            id: &str,
+            want: u64,
+            now: chrono::DateTime<chrono::Utc>,
+        ) -> Result<Option<crate::keystore::CreditLease>, KeyError> {
+            self.inner.lease_credits(id, want, now)
+        }
+        fn return_credits(&self, id: &str, n: u64, epoch: u64) -> Result<bool, KeyError> {
+            self.inner.return_credits(id, n, epoch)
+        }
+        fn write_credits(
+            &self,
+            id: &str,
+            expected: Option<&crate::keystore::Credits>,
+            new: Option<&crate::keystore::Credits>,
+        ) -> Result<Option<u64>, KeyError> {
+            self.inner.write_credits(id, expected, new)
         }
     }
 

@@ -23,8 +23,10 @@ use serde_json::{Map, Value};
 use super::json::{map_to_py, py_to_json};
 use crate::errors::{self, Exc};
 use crate::hashing::{CachedKey, Now};
+use crate::keystore::credits::check_amount;
 use crate::keystore::{
-    grace_from_secs, CacheLookup, FailThrottle, KeyError, KeyManager, KeyRecord, ManagerOptions,
+    grace_from_secs, CacheLookup, CreditChange, CreditLease, CreditSpec, Credits, FailThrottle,
+    KeyError, KeyManager, KeyRecord, ManagerOptions, Refill,
 };
 
 fn ts_to_f64(ts: DateTime<Utc>) -> f64 {
@@ -88,6 +90,12 @@ impl PyIdentity {
     fn expires_at(&self) -> Option<f64> {
         #[allow(clippy::cast_precision_loss, reason = "Unix seconds as a Python float")]
         self.0.valid_until.map(|ms| ms as f64 / 1000.0)
+    }
+    /// `None` if the key has no credits; else whether they run in shadow (running out
+    /// is audited as "would refuse" instead of refusing).
+    #[getter]
+    fn credits_shadow(&self) -> Option<bool> {
+        self.0.credits
     }
     /// The object attached to this entry (the verifier's `AccessToken`), or `None`.
     #[getter]
@@ -173,6 +181,37 @@ impl PyKeyInfo {
     fn revoked_at(&self) -> Option<f64> {
         self.0.revoked_at.map(ts_to_f64)
     }
+    /// The store balance now (a top-up due now counted), not what processes hold in
+    /// leases; `None`: no credits (unlimited).
+    #[getter]
+    fn credits(&self) -> Option<u64> {
+        self.credit_view().map(|c| c.balance)
+    }
+    /// `"5000/month"`, `"100/day"` or `None`.
+    #[getter]
+    fn refill(&self) -> Option<String> {
+        self.0.credits.as_ref()?.refill.map(|r| r.canonical())
+    }
+    #[getter]
+    fn credits_shadow(&self) -> bool {
+        self.0.credits.as_ref().is_some_and(|c| c.shadow)
+    }
+    /// What "below 10 %" is measured against (the refill amount; without one, the
+    /// balance right after the last create / set / add).
+    #[getter]
+    fn credits_base(&self) -> Option<u64> {
+        self.credit_view().map(|c| c.base)
+    }
+    /// The start of the current refill period (or when the credits were last set).
+    #[getter]
+    fn refilled_at(&self) -> Option<f64> {
+        self.credit_view().map(|c| ts_to_f64(c.refilled_at))
+    }
+    /// The next top-up, Unix seconds; `None` without a refill.
+    #[getter]
+    fn refill_at(&self) -> Option<f64> {
+        self.credit_view()?.refill_at.map(ts_to_f64)
+    }
     fn __repr__(&self) -> String {
         format!(
             "KeyInfo(id='{}', name={:?}, status='{}')",
@@ -181,6 +220,63 @@ impl PyKeyInfo {
             self.0.status.as_str()
         )
     }
+}
+
+impl PyKeyInfo {
+    fn credit_view(&self) -> Option<Credits> {
+        self.0.credits.as_ref().map(|c| c.view_at(Utc::now()))
+    }
+}
+
+/// A block of credits taken from the store (`KeyManager.lease_credits`).
+#[pyclass(frozen, module = "fastmcp_guard._core", name = "CreditLease")]
+pub(super) struct PyCreditLease(CreditLease);
+
+#[pymethods]
+impl PyCreditLease {
+    #[getter]
+    fn granted(&self) -> u64 {
+        self.0.granted
+    }
+    #[getter]
+    fn balance_after(&self) -> u64 {
+        self.0.balance_after
+    }
+    /// The next top-up, Unix seconds; `None` without a refill.
+    #[getter]
+    fn refill_at(&self) -> Option<f64> {
+        self.0.refill_at.map(ts_to_f64)
+    }
+    #[getter]
+    fn epoch(&self) -> u64 {
+        self.0.epoch
+    }
+    #[getter]
+    fn base(&self) -> u64 {
+        self.0.base
+    }
+    #[getter]
+    fn shadow(&self) -> bool {
+        self.0.shadow
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "CreditLease(granted={}, balance_after={}, epoch={})",
+            self.0.granted, self.0.balance_after, self.0.epoch
+        )
+    }
+}
+
+/// `"5000/month"` as `(5000, "month")`; `InvalidKeyInputError` (a `ValueError`) naming the
+/// accepted forms otherwise.
+#[pyfunction]
+pub(super) fn parse_refill(text: &str) -> PyResult<(u64, &'static str)> {
+    let r = Refill::parse(text)?;
+    Ok((r.amount, r.period.as_str()))
+}
+
+fn credit_amount(value: i128, field: &'static str) -> PyResult<u64> {
+    Ok(check_amount(value, field)?)
 }
 
 /// Key store + argon2id + verified-token cache.
@@ -396,7 +492,8 @@ impl PyKeyManager {
     }
 
     #[pyo3(signature = (name, *, scopes=None, expires_at=None, metadata=None,
-                        allow_past_expiry=false))]
+                        allow_past_expiry=false, credits=None, refill=None, credits_shadow=false))]
+    #[allow(clippy::too_many_arguments, reason = "keyword-only options")]
     fn create(
         &self,
         py: Python<'_>,
@@ -405,7 +502,15 @@ impl PyKeyManager {
         expires_at: Option<f64>,
         metadata: Option<&Bound<'_, PyDict>>,
         allow_past_expiry: bool,
+        credits: Option<i128>,
+        refill: Option<&str>,
+        credits_shadow: bool,
     ) -> PyResult<(PyKeyInfo, String)> {
+        let spec = CreditSpec {
+            credits: credits.map(|c| credit_amount(c, "credits")).transpose()?,
+            refill: refill.map(Refill::parse).transpose()?,
+            shadow: credits_shadow,
+        };
         let exp = expires_at.map(|s| f64_to_ts(s, "expires_at")).transpose()?;
         let meta = match metadata {
             None => Map::new(),
@@ -423,11 +528,7 @@ impl PyKeyManager {
         let scopes = scopes.unwrap_or_default();
         let m = Arc::clone(&self.0);
         let (rec, token) = py.detach(move || {
-            if allow_past_expiry {
-                m.create_allowing_past_expiry(&name, &scopes, exp, meta)
-            } else {
-                m.create(&name, &scopes, exp, meta)
-            }
+            m.create_with_credits(&name, &scopes, exp, meta, allow_past_expiry, &spec)
         })?;
         Ok((PyKeyInfo(rec), token))
     }
@@ -486,6 +587,60 @@ impl PyKeyManager {
             PyKeyInfo(done.key),
             done.predecessors.into_iter().map(PyKeyInfo).collect(),
         ))
+    }
+
+    /// Sets the balance of a key's credits (`None`: remove them; the key is unlimited).
+    fn set_credits(
+        &self,
+        py: Python<'_>,
+        key_id: &str,
+        credits: Option<i128>,
+    ) -> PyResult<PyKeyInfo> {
+        let n = credits.map(|c| credit_amount(c, "credits")).transpose()?;
+        let m = Arc::clone(&self.0);
+        let id = key_id.to_owned();
+        Ok(PyKeyInfo(py.detach(move || {
+            m.change_credits(&id, &CreditChange::Set(n))
+        })?))
+    }
+
+    /// Adds `n` (may be negative; the balance stops at 0) to a key's credits.
+    fn add_credits(&self, py: Python<'_>, key_id: &str, n: i128) -> PyResult<PyKeyInfo> {
+        let delta = i64::try_from(n).map_err(|_| {
+            errors::new_err(
+                Exc::InvalidKeyInput,
+                format!("invalid credits: {n} is out of range; add at most 2**53"),
+            )
+        })?;
+        let m = Arc::clone(&self.0);
+        let id = key_id.to_owned();
+        Ok(PyKeyInfo(py.detach(move || {
+            m.change_credits(&id, &CreditChange::Add(delta))
+        })?))
+    }
+
+    /// Takes up to `want` credits from the store after applying a top-up due at `now`
+    /// (Unix seconds); `None` if the key has no credits. Blocking (a store write).
+    fn lease_credits(
+        &self,
+        py: Python<'_>,
+        key_id: &str,
+        want: u64,
+        now: f64,
+    ) -> PyResult<Option<PyCreditLease>> {
+        let now = f64_to_ts(now, "now")?;
+        let m = Arc::clone(&self.0);
+        let id = key_id.to_owned();
+        Ok(py
+            .detach(move || m.lease_credits(&id, want, now))?
+            .map(PyCreditLease))
+    }
+
+    /// Gives back `n` unspent credits of a lease of `epoch`; whether they were taken back.
+    fn return_credits(&self, py: Python<'_>, key_id: &str, n: u64, epoch: u64) -> PyResult<bool> {
+        let m = Arc::clone(&self.0);
+        let id = key_id.to_owned();
+        Ok(py.detach(move || m.return_credits(&id, n, epoch))?)
     }
 
     #[pyo3(signature = (token, client=None))]

@@ -61,6 +61,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<keys::PyKeyInfo>()?;
     m.add_class::<keys::PyKeyManager>()?;
     m.add_class::<keys::PyVerifyLimits>()?;
+    m.add_class::<keys::PyCreditLease>()?;
+    m.add_function(wrap_pyfunction!(keys::parse_refill, m)?)?;
     m.add_class::<audit::PyAuditWriter>()?;
     m.add_class::<audit::PyAuditSink>()?;
     m.add_function(wrap_pyfunction!(scan::audit_query, m)?)?;

@@ -1,4 +1,4 @@
-"""``fastmcp-guard keys create|list|inspect|rotate|revoke``.
+"""``fastmcp-guard keys create|list|inspect|credits|rotate|revoke``.
 
 The key store is the one the configuration names (``--db`` / ``--keys`` /
 ``FASTMCP_GUARD_KEYS`` / config file / ``fastmcp-guard-keys.db``). Management actions
@@ -42,6 +42,8 @@ examples:
   fastmcp-guard keys inspect fmg_key_3kQ...
   fastmcp-guard keys rotate fmg_key_3kQ... --grace 24h
   fastmcp-guard keys revoke fmg_key_3kQ... --force
+  fastmcp-guard keys create --name agent --credits 5000 --refill 5000/month
+  fastmcp-guard keys credits fmg_key_3kQ... --add 1000
   fastmcp-guard --db keys.db keys list --json
 
 A key is named by its id (fmg_key_...) or its token's public part (fmg_sk_<id>).
@@ -72,7 +74,28 @@ def register(subparsers: Any) -> None:
                         help="expire after 30d, 12h, 90 (days)... (default: never)")  # fmt: skip
     create.add_argument("--meta", action="extend", nargs="+", default=[], metavar="K=V",
                         help="metadata shown in audit records (repeatable)")  # fmt: skip
+    create.add_argument("--credits", metavar="N",
+                        help="a balance calls spend (0 to 2**53; default: unlimited)")  # fmt: skip
+    create.add_argument("--refill", metavar="N/PERIOD",
+                        help="top up to N every day (N/day, 00:00 UTC) or month (N/month, "
+                        "the 1st); without --credits the key starts full")  # fmt: skip
+    create.add_argument("--shadow", action="store_true",
+                        help="running out of credits is audited as would_refuse, not refused")  # fmt: skip
     create.set_defaults(func=_create)
+
+    credits = add_command(
+        commands, "credits", help="set or add to a key's credits; prints the new balance",
+        epilog="examples:\n  fastmcp-guard keys credits fmg_key_3kQ... --set 5000\n"
+        "  fastmcp-guard keys credits fmg_key_3kQ... --add -100   # stops at 0\n\n"
+        "Server processes may still spend the credits they already leased (at most 256\n"
+        "per process); after --set those leases are not given back.",
+    )  # fmt: skip
+    credits.add_argument("key", help="key id (fmg_key_...) or token public part (fmg_sk_...)")
+    credits.add_argument("--set", dest="set_to", metavar="N",
+                         help="the balance becomes N (a key without credits gets them)")  # fmt: skip
+    credits.add_argument("--add", metavar="N",
+                         help="add N to the balance (negative: take away; stops at 0)")  # fmt: skip
+    credits.set_defaults(func=_credits)
 
     lst = add_command(
         commands, "list", help="list keys, oldest first",
@@ -123,17 +146,26 @@ def _create(args: argparse.Namespace) -> int:
                                  allow_zero=False)  # fmt: skip
         expires_days = seconds / 86400.0
     metadata = _parse_meta(args.meta)
+    credits = None if args.credits is None else _whole(args.credits, "--credits")
+    if args.shadow and credits is None and args.refill is None:
+        raise UsageError("argument --shadow: give --credits or --refill too (shadow applies "
+                         "to a key's credits)")  # fmt: skip
+    if args.refill is not None:
+        from fastmcp_guard._core import parse_refill
+
+        parse_refill(args.refill)  # before the store is opened: exit 2 with the forms
     config = cli_config(args)
     with ExitStack() as stack:
         store = _open_store(config, stack, audited=True, create=True)
         key = store.create(args.name, scopes=scopes, expires_in_days=expires_days,
-                           metadata=metadata or None, actor=args.actor)  # fmt: skip
+                           metadata=metadata or None, actor=args.actor, credits=credits,
+                           refill=args.refill, credits_shadow=args.shadow)  # fmt: skip
     if want_json(args):
         print_json({**_key_dict(key), "token": key.token})
         warn(_SHOWN_ONCE)
         return 0
     say(f"Created key {key.id} ({key.name})")
-    _print_fields(key, ("scopes", "expires", "metadata"))
+    _print_fields(key, ("scopes", "expires", "metadata", "credits", "refill", "next refill"))
     say()
     say(f"Token ({_SHOWN_ONCE}):")
     say(str(key.token))
@@ -181,8 +213,45 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     say(f"Key {key.id} ({key.name})")
     _print_fields(key, ("status", "scopes", "created", "expires", "last used", "last used ip",
-                        "grace until", "rotated from", "rotated to", "revoked", "metadata"))  # fmt: skip
+                        "grace until", "rotated from", "rotated to", "revoked", "metadata",
+                        "credits", "refill", "next refill", "shadow"))  # fmt: skip
     return 0
+
+
+def _credits(args: argparse.Namespace) -> int:
+    if (args.set_to is None) == (args.add is None):
+        raise UsageError("give exactly one of --set N or --add N", prog="keys credits")
+    if args.set_to is not None:
+        amount = _whole(args.set_to, "--set")
+    else:
+        amount = _whole(args.add, "--add", negative=True)
+    config = cli_config(args)
+    with ExitStack() as stack:
+        store = _open_store(config, stack, audited=False, ref=args.key)
+        key = _resolve(store, args.key, config)
+        if args.set_to is not None:
+            key = store.set_credits(key.id, amount)
+        else:
+            key = store.add_credits(key.id, amount)
+    if want_json(args):
+        print_json(_key_dict(key))
+        return 0
+    say(f"Credits of key {key.id} ({key.name}): {key.credits}")
+    _print_fields(key, ("refill", "next refill", "shadow"))
+    return 0
+
+
+def _whole(text: str, option: str, *, negative: bool = False) -> int:
+    """A whole number given on the command line (exit 2 naming the option otherwise)."""
+    try:
+        value = int(text.strip().replace("_", ""))
+    except ValueError:
+        raise UsageError(f"argument {option}: expected a whole number, got {text!r}") from None
+    if value < 0 and not negative:
+        raise UsageError(f"argument {option}: {value} is negative; give 0 to 2**53")
+    if abs(value) > 2**53:
+        raise UsageError(f"argument {option}: {value} is above the largest balance, 2**53")
+    return value
 
 
 def _rotate(args: argparse.Namespace) -> int:
@@ -352,7 +421,22 @@ def _key_dict(key: ApiKey) -> dict[str, Any]:
         "rotated_from": key.rotated_from,
         "rotated_to": key.rotated_to,
         "revoked_at": iso(key.revoked_at),
+        "credits": key.credits,
+        "refill": key.refill,
+        "refill_at": iso(key.refill_at),
+        "credits_shadow": key.credits_shadow,
     }
+
+
+_SHADOW_TEXT = "yes (running out is audited as would_refuse, not refused)"
+
+
+def _credits_text(key: ApiKey) -> str | None:
+    if key.credits is None:
+        return None
+    if key.credits_base and key.credits_base != key.credits:
+        return f"{key.credits} of {key.credits_base}"
+    return str(key.credits)
 
 
 def _print_fields(
@@ -372,6 +456,10 @@ def _print_fields(
         "rotated to": key.rotated_to,
         "revoked": human_time(key.revoked_at, none="") or None,
         "metadata": ", ".join(f"{k}={v}" for k, v in key.metadata.items()) or None,
+        "credits": _credits_text(key),
+        "refill": key.refill,
+        "next refill": human_time(key.refill_at, none="") or None,
+        "shadow": _SHADOW_TEXT if key.credits_shadow else None,
     }
     width = max(len(f) for f in fields) + 1
     for name in fields:

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio.to_thread
 
-from fastmcp_guard._core import KeyInfo, KeyManager, VerifyLimits
+from fastmcp_guard._core import CreditLease, KeyInfo, KeyManager, VerifyLimits
 from fastmcp_guard._util import mask_url, os_user
 from fastmcp_guard.errors import ConfigError
 
 if TYPE_CHECKING:
     from fastmcp_guard.audit import AuditLog
 
-__all__ = ["APIKey", "ApiKey", "KeyStatus", "KeyStore", "VerifyLimits"]
+__all__ = ["APIKey", "ApiKey", "CreditLease", "KeyStatus", "KeyStore", "VerifyLimits"]
 
 BackendName = Literal["memory", "sqlite", "postgres", "redis"]
 _FLEET_BACKENDS = {"postgres": "postgres", "postgresql": "postgres", "redis": "redis"}
@@ -51,6 +51,14 @@ def _dt(ts: float | None) -> datetime | None:
 class ApiKey:
     """One API key as the store reports it.
 
+    Credits: ``credits`` is the store balance now (a top-up due now counted; units that
+    server processes hold in leases are not in it), ``None`` for a key without credits
+    (unlimited); ``refill`` is ``"5000/month"`` / ``"100/day"`` or ``None``;
+    ``refill_at`` the next top-up; ``credits_shadow``: running out is audited as
+    ``would_refuse`` instead of refusing; ``credits_base``: what "below 10 %" is measured
+    against (the refill amount; without a refill, the balance right after the last
+    create / ``set_credits`` / ``add_credits``).
+
     ``token`` is set only on the object returned by :meth:`KeyStore.create` and
     :meth:`KeyStore.rotate`; it cannot be recovered afterwards. ``revoked_predecessors``
     is set only on the object returned by :meth:`KeyStore.revoke`: the ids of the keys this
@@ -70,6 +78,11 @@ class ApiKey:
     rotated_from: str | None = None
     rotated_to: str | None = None
     revoked_at: datetime | None = None
+    credits: int | None = None
+    refill: str | None = None
+    credits_shadow: bool = False
+    refill_at: datetime | None = None
+    credits_base: int | None = None
     token: str | None = field(default=None, repr=False, compare=False)
     revoked_predecessors: list[str] = field(default_factory=list, repr=False, compare=False)
 
@@ -89,6 +102,11 @@ class ApiKey:
             rotated_from=info.rotated_from,
             rotated_to=info.rotated_to,
             revoked_at=_dt(info.revoked_at),
+            credits=info.credits,
+            refill=info.refill,
+            credits_shadow=info.credits_shadow,
+            refill_at=_dt(info.refill_at),
+            credits_base=info.credits_base,
             token=token,
         )
 
@@ -202,6 +220,9 @@ class KeyStore:
         *,
         expires_at: datetime | None = None,
         actor: str | None = None,
+        credits: int | None = None,
+        refill: str | None = None,
+        credits_shadow: bool = False,
     ) -> ApiKey:
         """Create a key. The returned object's ``token`` is the only copy of the secret.
 
@@ -214,7 +235,20 @@ class KeyStore:
             metadata: JSON-serialisable key/value pairs, shown in audit records.
             expires_at: an absolute expiry (timezone-aware); exclusive with ``expires_in_days``.
             actor: who did it, for the lifecycle audit event (default: the OS user).
+            credits: a balance calls spend (a whole number from 0 to 2**53); ``None``:
+                unlimited (or, with ``refill``, start full).
+            refill: ``"N/day"`` (the balance becomes N at 00:00 UTC every day) or
+                ``"N/month"`` (on the 1st at 00:00 UTC); what is left is not carried over.
+            credits_shadow: running out is audited as ``would_refuse``, not refused.
+
+        Bad credits raise :class:`~fastmcp_guard.errors.InvalidKeyInputError` (a
+        ``ValueError``) saying what is accepted; nothing is created then.
         """
+        _check_credits(credits, "credits", allow_none=True)
+        if refill is not None and not isinstance(refill, str):
+            raise _bad_input(f"invalid refill: expected a str such as '5000/month', got {refill!r}")
+        if not isinstance(credits_shadow, bool):
+            raise _bad_input(f"invalid credits_shadow: expected True or False, got {credits_shadow!r}")
         if expires_in_days is not None and expires_at is not None:
             raise ConfigError("give expires_in_days or expires_at, not both")
         exp: float | None = None
@@ -228,7 +262,8 @@ class KeyStore:
             exp = expires_at.timestamp()
         info, token = self._core.create(
             name, scopes=list(scopes or []), expires_at=exp, metadata=metadata,
-            allow_past_expiry=already_expired,
+            allow_past_expiry=already_expired, credits=credits, refill=refill,
+            credits_shadow=credits_shadow,
         )  # fmt: skip
         self._lifecycle("created", info, actor)
         return ApiKey._from_info(info, token)
@@ -281,6 +316,44 @@ class KeyStore:
             self._lifecycle("revoked", p, actor, {"revoked_with": info.id})
         return dataclasses.replace(ApiKey._from_info(info), revoked_predecessors=revoked_with)
 
+    # -- credits -------------------------------------------------------------------------
+
+    def set_credits(self, key_id: str, credits: int | None) -> ApiKey:
+        """Set the balance of a key's credits (a key without credits gets them, without
+        refill); ``None`` removes them (the key is unlimited). A top-up due now is applied
+        first. Units that server processes hold in leases are not recalled (each may still
+        spend its lease, at most ``CreditBook.lease_max`` per key) and are not given back
+        afterwards. Returns the key as stored now."""
+        _check_credits(credits, "credits", allow_none=True)
+        return ApiKey._from_info(self._core.set_credits(key_id, credits))
+
+    def add_credits(self, key_id: str, credits: int) -> ApiKey:
+        """Add ``credits`` (negative: take away; the balance stops at 0, never below) to a
+        key's balance. A key without credits gets ``max(credits, 0)``. Returns the key as
+        stored now."""
+        _check_credits(credits, "credits", allow_negative=True)
+        return ApiKey._from_info(self._core.add_credits(key_id, credits))
+
+    async def set_credits_async(self, key_id: str, credits: int | None) -> ApiKey:
+        """:meth:`set_credits`, run in a worker thread."""
+        return await anyio.to_thread.run_sync(self.set_credits, key_id, credits)
+
+    async def add_credits_async(self, key_id: str, credits: int) -> ApiKey:
+        """:meth:`add_credits`, run in a worker thread."""
+        return await anyio.to_thread.run_sync(self.add_credits, key_id, credits)
+
+    def lease_credits(self, key_id: str, want: int, now: datetime) -> CreditLease | None:
+        """Take ``min(want, balance)`` credits from the store in one atomic step, after
+        applying a top-up due at ``now`` (aware UTC). ``None``: the key has no credits.
+        Blocking (a store write): :class:`~fastmcp_guard.keys.credits.CreditBook` calls it
+        in a worker thread."""
+        return self._core.lease_credits(key_id, want, _ts(now))
+
+    def return_credits(self, key_id: str, n: int, epoch: int) -> bool:
+        """Give back ``n`` unspent credits of a lease of ``epoch``; ignored (False) if a
+        top-up or ``set_credits`` started a new epoch since. Blocking."""
+        return self._core.return_credits(key_id, n, epoch)
+
     def _lifecycle(
         self, status: str, info: KeyInfo, actor: str | None, extra: dict[str, Any] | None = None
     ) -> None:
@@ -321,10 +394,13 @@ class KeyStore:
                            expires_in_days: float | None = None,
                            metadata: dict[str, Any] | None = None, *,
                            expires_at: datetime | None = None,
-                           actor: str | None = None) -> ApiKey:  # fmt: skip
+                           actor: str | None = None, credits: int | None = None,
+                           refill: str | None = None,
+                           credits_shadow: bool = False) -> ApiKey:  # fmt: skip
         """:meth:`create`, run in a worker thread."""
         call = functools.partial(self.create, name, scopes, expires_in_days, metadata,
-                                 expires_at=expires_at, actor=actor)  # fmt: skip
+                                 expires_at=expires_at, actor=actor, credits=credits,
+                                 refill=refill, credits_shadow=credits_shadow)  # fmt: skip
         return await anyio.to_thread.run_sync(call)
 
     async def rotate_async(
@@ -362,6 +438,32 @@ class KeyStore:
         if self._dsn:
             where = f", dsn={mask_url(self._dsn)!r}"
         return f"KeyStore(backend={self.backend!r}{where})"
+
+
+def _bad_input(message: str) -> Exception:
+    from fastmcp_guard.errors import InvalidKeyInputError
+
+    return InvalidKeyInputError(message)
+
+
+def _check_credits(value: object, what: str, *, allow_none: bool = False,
+                   allow_negative: bool = False) -> None:  # fmt: skip
+    """Type and range of a credit amount given by a caller (the core checks the range
+    too: this gives the message before anything reaches it)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad_input(f"invalid {what}: expected a whole number from 0 to 2**53, got {value!r}")
+    if value < 0 and not allow_negative:
+        raise _bad_input(f"invalid {what}: {value} is negative; give a whole number from 0 to 2**53")
+    if abs(value) > 2**53:
+        raise _bad_input(f"invalid {what}: {value} is above the largest balance, 2**53")
+
+
+def _ts(now: datetime) -> float:
+    if now.tzinfo is None:
+        raise _bad_input("now must be timezone-aware (e.g. datetime.now(timezone.utc))")
+    return now.timestamp()
 
 
 def _open_fleet(kind: str, dsn: str, opts: dict[str, Any]) -> tuple[KeyManager, Any]:

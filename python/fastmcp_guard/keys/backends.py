@@ -13,7 +13,10 @@ from __future__ import annotations
 import builtins
 from typing import Any, Protocol
 
-__all__ = ["KeyBackend", "Record"]
+__all__ = ["KeyBackend", "Record", "apply_lease"]
+
+#: The largest balance (2**53), as in the core.
+MAX_CREDITS = 2**53
 
 #: One key as stored: id, name, phc_hash, scopes, metadata (JSON text), status,
 #: created_at, expires_at, last_used_at, last_used_ip, grace_until, rotated_from,
@@ -50,11 +53,54 @@ class KeyBackend(Protocol):
         """Record uses ``(key_id, at_ms, client_ip)``; never moves ``last_used_at``
         backwards; no new revision."""
 
+    # Credits (optional; a store without these methods refuses keys with credits). A
+    # credits dict: balance, refill ("N/day" | "N/month" | None), shadow, base,
+    # refilled_at, refill_at (ms | None), epoch.
+
+    def lease_credits(self, key_id: str, want: int, bounds: dict[str, int]) -> dict[str, Any] | None:
+        """In one atomic step: apply a due top-up (:func:`apply_lease`), then take
+        ``min(want, balance)``. The lease dict, or ``None`` (no credits, or no such key).
+        No new revision."""
+
+    def return_credits(self, key_id: str, n: int, epoch: int) -> bool:
+        """Add ``n`` back (at most 2**53) if the stored epoch is still ``epoch``."""
+
+    def write_credits(self, key_id: str, expected: dict[str, Any] | None,
+                      new: dict[str, Any] | None) -> int | None:  # fmt: skip
+        """If the stored credits still have ``expected``'s balance and epoch (or both are
+        absent), store ``new`` with a new revision and announce the change; else ``None``."""
+
     def current_revision(self) -> int:
         """The highest revision stored."""
 
     def changed_since(self, revision: int) -> tuple[int, builtins.list[tuple[str, int]]]:
         """``(next revision to ask from, [(key_id, revision), ...])`` changed after it."""
+
+
+def apply_lease(state: dict[str, Any], want: int, bounds: dict[str, int]) -> tuple[dict[str, Any], bool]:
+    """The core's ``Credits::lease`` on a credits dict, for stores that lease in Python
+    inside a locked transaction: applies a top-up due at ``bounds["now_ms"]`` (the balance
+    becomes the refill amount, a new epoch, the next top-up from ``bounds``), then takes
+    ``min(want, balance)``. Changes ``state``; returns the lease dict and whether
+    ``state`` changed."""
+    changed = False
+    refill, refill_at = state["refill"], state["refill_at"]
+    if refill and refill_at is not None and bounds["now_ms"] >= refill_at:
+        amount, _, period = refill.partition("/")
+        state["balance"] = state["base"] = int(amount)
+        state["epoch"] += 1
+        kind = "day" if period == "day" else "month"
+        state["refilled_at"] = bounds[f"{kind}_start_ms"]
+        state["refill_at"] = bounds[f"{kind}_next_ms"]
+        changed = True
+    granted = min(max(want, 0), state["balance"])
+    if granted:
+        state["balance"] -= granted
+        changed = True
+    lease = {"granted": granted, "balance_after": state["balance"],
+             "refill_at": state["refill_at"], "epoch": state["epoch"], "base": state["base"],
+             "shadow": state["shadow"]}  # fmt: skip
+    return lease, changed
 
 
 class Housekeeper:

@@ -45,7 +45,7 @@ log = logging.getLogger("fastmcp_guard.keys")
 #: The NOTIFY channel every write announces its key id on.
 CHANNEL = "fmg_keys"
 #: Version of the tables below; newer versions migrate forward, never back.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _MIGRATIONS = {
     1: """
@@ -70,6 +70,16 @@ _MIGRATIONS = {
     );
     CREATE INDEX IF NOT EXISTS fmg_api_keys_revision ON fmg_api_keys (revision);
     """,
+    # Credits (NULL: none, as every key had before).
+    2: """
+    ALTER TABLE fmg_api_keys ADD COLUMN IF NOT EXISTS credits BIGINT;
+    ALTER TABLE fmg_api_keys ADD COLUMN IF NOT EXISTS refill TEXT;
+    ALTER TABLE fmg_api_keys ADD COLUMN IF NOT EXISTS credits_shadow BOOLEAN NOT NULL DEFAULT false;
+    ALTER TABLE fmg_api_keys ADD COLUMN IF NOT EXISTS credits_base BIGINT;
+    ALTER TABLE fmg_api_keys ADD COLUMN IF NOT EXISTS refilled_at TIMESTAMPTZ;
+    ALTER TABLE fmg_api_keys ADD COLUMN IF NOT EXISTS refill_at TIMESTAMPTZ;
+    ALTER TABLE fmg_api_keys ADD COLUMN IF NOT EXISTS credits_epoch BIGINT NOT NULL DEFAULT 0;
+    """,
 }
 
 _TIMES = ("created_at", "expires_at", "last_used_at", "grace_until", "revoked_at")
@@ -78,7 +88,11 @@ _COLUMNS = ("id", "name", "phc_hash", "scopes", "metadata", "status", *_TIMES[:2
             "revoked_at", "revision", "legacy_selector")  # fmt: skip
 _MANAGED = ("name", "scopes", "metadata", "status", "expires_at", "grace_until",
             "rotated_from", "rotated_to", "revoked_at")  # fmt: skip
-_SELECT = "SELECT " + ", ".join(_COLUMNS) + " FROM fmg_api_keys"
+#: The credit columns, after _COLUMNS in every read (a record's "credits" dict).
+_CREDIT_COLUMNS = ("credits", "refill", "credits_shadow", "credits_base", "refilled_at",
+                   "refill_at", "credits_epoch")  # fmt: skip
+_CREDIT_SETS = ", ".join(f"{c} = %s" for c in _CREDIT_COLUMNS)
+_SELECT = "SELECT " + ", ".join(_COLUMNS + _CREDIT_COLUMNS) + " FROM fmg_api_keys"
 
 
 def _psycopg() -> Any:
@@ -185,10 +199,12 @@ class PostgresKeyBackend:
     def _row(self, row: tuple[Any, ...] | None) -> dict[str, Any] | None:
         if row is None:
             return None
-        rec = dict(zip(_COLUMNS, row, strict=True))
+        n = len(_COLUMNS)
+        rec = dict(zip(_COLUMNS, row[:n], strict=True))
         for t in _TIMES:
             rec[t] = _to_ms(rec[t])
         rec["metadata"] = json.dumps(rec["metadata"])
+        rec["credits"] = _credits_from_row(row[n:])
         return rec
 
     def _values(self, rec: dict[str, Any], columns: tuple[str, ...]) -> list[Any]:
@@ -208,10 +224,11 @@ class PostgresKeyBackend:
 
     def _insert(self, cur: psycopg.Cursor[Any], rec: dict[str, Any]) -> int:
         cols = [c for c in _COLUMNS if c != "revision"]
+        names = cols + list(_CREDIT_COLUMNS)
         cur.execute(
-            f"INSERT INTO fmg_api_keys ({', '.join(cols)}, revision) VALUES "
-            f"({', '.join(['%s'] * len(cols))}, nextval('fmg_key_revision')) RETURNING revision",
-            self._values(rec, tuple(cols)),
+            f"INSERT INTO fmg_api_keys ({', '.join(names)}, revision) VALUES "
+            f"({', '.join(['%s'] * len(names))}, nextval('fmg_key_revision')) RETURNING revision",
+            self._values(rec, tuple(cols)) + _credit_values(rec.get("credits")),
         )
         row = cur.fetchone()
         # No NOTIFY: a new key is in no node's cache (only changes need announcing).
@@ -266,6 +283,66 @@ class PostgresKeyBackend:
                 [(_to_dt(at), ip, key_id) for key_id, at, ip in touches],
             )
 
+    # -- credits (see src/pystore.rs) ----------------------------------------------------
+
+    def lease_credits(self, key_id: str, want: int, bounds: dict[str, int]) -> dict[str, Any] | None:
+        """Take ``min(want, balance)`` after a due top-up: one transaction holding the
+        row lock (``SELECT ... FOR UPDATE``, then ``UPDATE``)."""
+        from fastmcp_guard.keys.backends import apply_lease
+
+        with self._cursor() as cur:
+            cur.execute(
+                "SELECT credits, refill, credits_shadow, credits_base, refilled_at, refill_at, "
+                "credits_epoch FROM fmg_api_keys WHERE id = %s FOR UPDATE",
+                (key_id,),
+            )
+            state = _credits_from_row(cur.fetchone())
+            if state is None:
+                return None
+            lease, changed = apply_lease(state, want, bounds)
+            if changed:
+                cur.execute(
+                    "UPDATE fmg_api_keys SET credits = %s, credits_base = %s, refilled_at = %s, "
+                    "refill_at = %s, credits_epoch = %s WHERE id = %s",
+                    (state["balance"], state["base"], _to_dt(state["refilled_at"]),
+                     _to_dt(state["refill_at"]), state["epoch"], key_id),
+                )  # fmt: skip
+            return lease
+
+    def return_credits(self, key_id: str, n: int, epoch: int) -> bool:
+        with self._cursor() as cur:
+            cur.execute(
+                "UPDATE fmg_api_keys SET credits = LEAST(credits + %s, %s) "
+                "WHERE id = %s AND credits IS NOT NULL AND credits_epoch = %s AND %s > 0 "
+                "RETURNING 1",
+                (n, 2**53, key_id, epoch, n),
+            )
+            return cur.fetchone() is not None
+
+    def write_credits(
+        self, key_id: str, expected: dict[str, Any] | None, new: dict[str, Any] | None
+    ) -> int | None:
+        with self._cursor() as cur:
+            cur.execute(
+                "SELECT credits, credits_epoch FROM fmg_api_keys WHERE id = %s FOR UPDATE",
+                (key_id,),
+            )
+            row = cur.fetchone()
+            if row is None:
+                return None
+            current = None if row[0] is None else (int(row[0]), int(row[1]))
+            wanted = None if expected is None else (expected["balance"], expected["epoch"])
+            if current != wanted:
+                return None
+            cur.execute(
+                f"UPDATE fmg_api_keys SET {_CREDIT_SETS}, revision = nextval('fmg_key_revision') "
+                "WHERE id = %s RETURNING revision",
+                [*_credit_values(new), key_id],
+            )
+            out = cur.fetchone()
+            cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, key_id))
+            return int(out[0]) if out else None
+
     def current_revision(self) -> int:
         with self._cursor() as cur:
             cur.execute("SELECT coalesce(max(revision), 0) FROM fmg_api_keys")
@@ -280,6 +357,30 @@ class PostgresKeyBackend:
             )
             rows = [(str(i), int(r)) for i, r in cur.fetchall()]
         return (rows[-1][1] if rows else revision), rows
+
+
+def _credits_from_row(row: tuple[Any, ...] | None) -> dict[str, Any] | None:
+    """The credit columns (in ``_CREDIT_COLUMNS`` order) as the core's credits dict."""
+    if row is None or row[0] is None:
+        return None
+    balance, refill, shadow, base, refilled_at, refill_at, epoch = row
+    return {
+        "balance": int(balance),
+        "refill": refill,
+        "shadow": bool(shadow),
+        "base": int(balance if base is None else base),
+        "refilled_at": _to_ms(refilled_at) or 0,
+        "refill_at": _to_ms(refill_at),
+        "epoch": int(epoch),
+    }
+
+
+def _credit_values(c: dict[str, Any] | None) -> list[Any]:
+    """The credit columns' values (in ``_CREDIT_COLUMNS`` order) for a credits dict."""
+    if c is None:
+        return [None, None, False, None, None, None, 0]
+    return [c["balance"], c["refill"], c["shadow"], c["base"], _to_dt(c["refilled_at"]),
+            _to_dt(c["refill_at"]), c["epoch"]]  # fmt: skip
 
 
 class PostgresListener:

@@ -11,7 +11,10 @@ so each write is one atomic script):
 - ``revs``: hash id -> revision; ``rev``: the store-wide revision counter;
 - ``used``: hash id -> ``"<ms>|<ip>"`` (last use, written in batches, never a revision);
 - ``created``: sorted set of ids by creation time (``list`` order);
-- ``changes``: sorted set of ids by revision (``changed_since``).
+- ``changes``: sorted set of ids by revision (``changed_since``);
+- ``cred:<id>``: a key's credits, a hash (balance, refill, shadow, base, refilled_at,
+  refill_at, epoch; absent: no credits). Leases are one Lua script each
+  (``_LEASE``); they change no revision. ``write_credits`` does.
 
 Fleet-wide revocation: every change publishes ``"<node id> <key id>"`` on the channel
 ``<prefix>events``; each node subscribes on its own connection and drops that key from
@@ -42,13 +45,16 @@ log = logging.getLogger("fastmcp_guard.keys")
 DEFAULT_PREFIX = "fmg:{keys}:"
 _USED = ("last_used_at", "last_used_ip")
 
-# KEYS: rev, revs, rec, created, changes; ARGV: id, record json, created_ms
+# KEYS: rev, revs, rec, created, changes, cred; ARGV: id, record json, created_ms,
+# then the credit hash's (field, value) pairs if the key has credits
 _INSERT = """
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
   return redis.error_reply('duplicate key id ' .. ARGV[1])
 end
 local rev = redis.call('INCR', KEYS[1])
 redis.call('SET', KEYS[3], ARGV[2])
+redis.call('DEL', KEYS[6])
+if #ARGV > 3 then redis.call('HSET', KEYS[6], unpack(ARGV, 4)) end
 redis.call('HSET', KEYS[2], ARGV[1], rev)
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[5], rev, ARGV[1])
@@ -107,6 +113,90 @@ return 0
 """
 
 
+# Numbers are written as the strings Python made, or with HINCRBY: never through Lua's
+# number formatting (which prints large values in exponent form).
+# KEYS: cred; ARGV: want, now_ms, day_start, day_next, month_start, month_next
+_LEASE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local c = redis.call('HMGET', KEYS[1], 'refill', 'refill_at')
+local refill, refill_at = c[1], c[2]
+if refill and refill ~= '' and refill_at and refill_at ~= ''
+   and tonumber(ARGV[2]) >= tonumber(refill_at) then
+  local slash = string.find(refill, '/', 1, true)
+  local amount = string.sub(refill, 1, slash - 1)
+  local start, nxt = ARGV[3], ARGV[4]
+  if string.sub(refill, slash + 1) ~= 'day' then start, nxt = ARGV[5], ARGV[6] end
+  redis.call('HSET', KEYS[1], 'balance', amount, 'base', amount, 'refilled_at', start,
+             'refill_at', nxt)
+  redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+end
+local balance = tonumber(redis.call('HGET', KEYS[1], 'balance'))
+local granted = math.min(tonumber(ARGV[1]), balance)
+if granted > 0 then
+  redis.call('HINCRBY', KEYS[1], 'balance', -granted)
+end
+local s = redis.call('HMGET', KEYS[1], 'balance', 'refill_at', 'epoch', 'base', 'shadow')
+return {granted, s[1], s[2] or '', s[3], s[4], s[5]}
+"""
+
+# KEYS: cred; ARGV: n, epoch, max. Adds n back if the epoch is still the lease's.
+_RETURN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[2] then return 0 end
+local b = redis.call('HINCRBY', KEYS[1], 'balance', ARGV[1])
+if b > tonumber(ARGV[3]) then redis.call('HSET', KEYS[1], 'balance', ARGV[3]) end
+return 1
+"""
+
+# KEYS: rev, revs, cred, changes
+# ARGV: id, expected present ('0'/'1'), expected balance, expected epoch, channel, message,
+# then the new credit hash's (field, value) pairs (none: remove the credits)
+_WRITE_CREDITS = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return false end
+local present = redis.call('EXISTS', KEYS[3])
+if present ~= tonumber(ARGV[2]) then return false end
+if present == 1 then
+  local c = redis.call('HMGET', KEYS[3], 'balance', 'epoch')
+  if c[1] ~= ARGV[3] or c[2] ~= ARGV[4] then return false end
+end
+redis.call('DEL', KEYS[3])
+if #ARGV > 6 then redis.call('HSET', KEYS[3], unpack(ARGV, 7)) end
+local rev = redis.call('INCR', KEYS[1])
+redis.call('HSET', KEYS[2], ARGV[1], rev)
+redis.call('ZADD', KEYS[4], rev, ARGV[1])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return rev
+"""
+
+
+def _credit_fields(c: dict[str, Any] | None) -> list[str]:
+    """A credits dict as the hash's (field, value) pairs, every value a decimal string."""
+    if c is None:
+        return []
+    out: list[str] = []
+    for name, value in (("balance", c["balance"]), ("refill", c["refill"] or ""),
+                        ("shadow", "1" if c["shadow"] else "0"), ("base", c["base"]),
+                        ("refilled_at", c["refilled_at"]),
+                        ("refill_at", "" if c["refill_at"] is None else c["refill_at"]),
+                        ("epoch", c["epoch"])):  # fmt: skip
+        out += [name, str(value)]
+    return out
+
+
+def _credits_from_hash(h: dict[str, str] | None) -> dict[str, Any] | None:
+    if not h:
+        return None
+    return {
+        "balance": int(h["balance"]),
+        "refill": h.get("refill") or None,
+        "shadow": h.get("shadow") == "1",
+        "base": int(h.get("base") or h["balance"]),
+        "refilled_at": int(h.get("refilled_at") or 0),
+        "refill_at": int(h["refill_at"]) if h.get("refill_at") else None,
+        "epoch": int(h.get("epoch") or 0),
+    }
+
+
 def _redis() -> Any:
     try:
         import redis
@@ -144,6 +234,9 @@ class RedisKeyBackend:
         self._update = self.client.register_script(_UPDATE)
         self._rotate = self.client.register_script(_ROTATE)
         self._touch = self.client.register_script(_TOUCH)
+        self._lease = self.client.register_script(_LEASE)
+        self._return = self.client.register_script(_RETURN)
+        self._write_credits = self.client.register_script(_WRITE_CREDITS)
 
     def k(self, name: str) -> str:
         return self.prefix + name
@@ -151,9 +244,13 @@ class RedisKeyBackend:
     def _rec(self, key_id: str) -> str:
         return self.prefix + "rec:" + key_id
 
+    def _cred(self, key_id: str) -> str:
+        return self.prefix + "cred:" + key_id
+
     @staticmethod
     def _body(record: dict[str, Any]) -> str:
-        return json.dumps({k: v for k, v in record.items() if k not in ("revision", *_USED)})
+        skip = ("revision", "credits", *_USED)
+        return json.dumps({k: v for k, v in record.items() if k not in skip})
 
     def _message(self, key_id: str) -> str:
         return f"{self.node_id} {key_id}"
@@ -165,8 +262,10 @@ class RedisKeyBackend:
 
     def insert(self, record: dict[str, Any]) -> int:
         keys = [self.k("rev"), self.k("revs"), self._rec(record["id"]), self.k("created"),
-                self.k("changes")]  # fmt: skip
-        return int(self._insert(keys, [record["id"], self._body(record), record["created_at"]]))
+                self.k("changes"), self._cred(record["id"])]  # fmt: skip
+        args = [record["id"], self._body(record), record["created_at"],
+                *_credit_fields(record.get("credits"))]  # fmt: skip
+        return int(self._insert(keys, args))
 
     def get(self, key_id: str) -> dict[str, Any] | None:
         return self._many([key_id])[0]
@@ -178,9 +277,11 @@ class RedisKeyBackend:
         pipe.mget([self._rec(i) for i in ids])
         pipe.hmget(self.k("revs"), ids)
         pipe.hmget(self.k("used"), ids)
-        bodies, revs, used = pipe.execute()
+        for i in ids:
+            pipe.hgetall(self._cred(i))
+        bodies, revs, used, *creds = pipe.execute()
         out: builtins.list[dict[str, Any] | None] = []
-        for body, rev, use in zip(bodies, revs, used, strict=True):
+        for body, rev, use, cred in zip(bodies, revs, used, creds, strict=True):
             if body is None or rev is None:
                 out.append(None)
                 continue
@@ -189,6 +290,7 @@ class RedisKeyBackend:
             at, _, ip = (use or "").partition("|")
             rec["last_used_at"] = int(at) if at else None
             rec["last_used_ip"] = ip or None
+            rec["credits"] = _credits_from_hash(cred)
             out.append(rec)
         return out
 
@@ -234,6 +336,37 @@ class RedisKeyBackend:
         for key_id, at, ip in touches:
             args += [key_id, at, ip or ""]
         self._touch([self.k("revs"), self.k("used")], args)
+
+    # -- credits (see keys/backends.py) --------------------------------------------------
+
+    def lease_credits(self, key_id: str, want: int, bounds: dict[str, int]) -> dict[str, Any] | None:
+        out = self._lease([self._cred(key_id)], [
+            want, bounds["now_ms"], bounds["day_start_ms"], bounds["day_next_ms"],
+            bounds["month_start_ms"], bounds["month_next_ms"],
+        ])  # fmt: skip
+        if out is None:
+            return None
+        granted, balance, refill_at, epoch, base, shadow = out
+        return {"granted": int(granted), "balance_after": int(balance),
+                "refill_at": int(refill_at) if refill_at else None, "epoch": int(epoch),
+                "base": int(base), "shadow": shadow == "1"}  # fmt: skip
+
+    def return_credits(self, key_id: str, n: int, epoch: int) -> bool:
+        if n <= 0:
+            return False
+        return bool(self._return([self._cred(key_id)], [n, epoch, 2**53]))
+
+    def write_credits(
+        self, key_id: str, expected: dict[str, Any] | None, new: dict[str, Any] | None
+    ) -> int | None:
+        keys = [self.k("rev"), self.k("revs"), self._cred(key_id), self.k("changes")]
+        if expected is None:
+            exp = ["0", "", ""]
+        else:
+            exp = ["1", str(expected["balance"]), str(expected["epoch"])]
+        rev = self._write_credits(keys, [key_id, *exp, self.channel, self._message(key_id),
+                                         *_credit_fields(new)])  # fmt: skip
+        return None if rev is None else int(rev)
 
     def current_revision(self) -> int:
         return int(self.client.get(self.k("rev")) or 0)

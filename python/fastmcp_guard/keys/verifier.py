@@ -37,10 +37,22 @@ _UNAVAILABLE = frozenset({"store", "busy"})
 
 
 def access_token_for(token: str, ident: Identity) -> AccessToken:
-    """The FastMCP ``AccessToken`` of a verified guard key (scopes feed ``require_scopes``)."""
+    """The FastMCP ``AccessToken`` of a verified guard key (scopes feed ``require_scopes``).
+
+    A key with credits carries ``claims["credits"] = {"shadow": bool}``; no other key has
+    a ``credits`` claim (a metadata entry of that name is left out, as ``key_id`` and
+    ``key_name`` override theirs).
+    """
     claims: dict[str, Any] = ident.metadata
     claims["key_id"] = ident.key_id
     claims["key_name"] = ident.key_name
+    shadow = ident.credits_shadow
+    if shadow is not None:
+        # The key has credits: the middleware spends them (no store read to know it).
+        claims["credits"] = {"shadow": shadow}
+    else:
+        # The claim is the guard's (like key_id): a metadata entry never poses as credits.
+        claims.pop("credits", None)
     exp = ident.expires_at
     return AccessToken(
         token=token,
