@@ -26,7 +26,7 @@ from fastmcp_guard.cli._output import error
 __all__ = ["GROUPS", "build_parser", "main", "run_main"]
 
 #: Command-group modules (``fastmcp_guard.cli.<name>``), each with ``register(subparsers)``.
-GROUPS: tuple[str, ...] = ("keys", "audit", "rate", "run", "config_cmd")
+GROUPS: tuple[str, ...] = ("keys", "audit", "rate", "usage", "run", "config_cmd")
 
 _EPILOG = """\
 examples:
