@@ -50,8 +50,8 @@ def build_parser() -> GuardArgumentParser:
         prog=PROG,
         description="The operations CLI of fastmcp-guard: manage the API keys (keys),\n"
         "follow, search, export and verify the audit log (audit), see and reset live\n"
-        "rate limits (rate), serve a FastMCP server under the guard (run), and show the\n"
-        "configuration (config).",
+        "rate limits (rate), read the usage per key, tool and day (usage), serve a\n"
+        "FastMCP server under the guard (run), and show the configuration (config).",
         epilog=_EPILOG,
         parents=[COMMON],
         formatter_class=argparse.RawDescriptionHelpFormatter,
