@@ -11,6 +11,7 @@ pub mod keystore;
 pub mod limiter;
 pub mod sqlite_wal;
 pub mod tokens;
+pub mod usage;
 
 #[cfg(feature = "python")]
 mod errors;

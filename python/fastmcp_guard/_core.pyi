@@ -8,7 +8,7 @@ lives in the plain-Rust modules beside it (``tokens``, ``hashing``, ``keystore``
 import builtins
 import os
 from collections.abc import Callable, Sequence
-from typing import IO, Any, Literal, final
+from typing import IO, Any, Literal, TypeAlias, final
 
 __version__: str
 
@@ -810,3 +810,44 @@ def audit_verify(
     restart record acknowledging it. Raises :class:`AuditFileNotFoundError` /
     :class:`AuditPermissionError` (:class:`AuditReadError`) for a file.
     """
+
+# --- usage ------------------------------------------------------------------------
+
+#: A usage row: ``(day, key_id, tool, calls, errors, cost, duration_ms, refusals)``;
+#: ``day`` in days since 1970-01-01 (UTC), ``refusals`` kind -> count.
+_UsageRow: TypeAlias = tuple[int, str, str, int, int, int, float, dict[str, int]]
+
+@final
+class UsageBook:
+    """Usage per key x tool x UTC day, aggregated in memory until drained (the hot path
+    of ``Usage``). At most ``max_rows`` rows are held; records needing a new row beyond
+    that are counted in the day's ``*other*`` / ``*other*`` row (see ``folded``). Key
+    ids and tool names are cut to 128 bytes."""
+
+    def __new__(cls, *, max_rows: int = 100000) -> UsageBook: ...
+    def record(self, key_id: str, tool: str, kind: str, cost: int, duration_ms: float) -> None:
+        """Record one call on the current UTC day: ``kind`` ``ok`` / ``error`` (counted in
+        calls, with its cost and duration) or a refusal kind (``rate_limited``,
+        ``would_refuse``...: 1-32 chars ``a-z0-9_``; counted in refusals, cost and duration
+        ignored). Raises ``InvalidArgumentError`` for a bad kind or a negative cost."""
+    def record_at(
+        self, key_id: str, tool: str, kind: str, cost: int, duration_ms: float, day: int
+    ) -> None:
+        """:meth:`record` on ``day`` (days since 1970-01-01)."""
+    def drain(self) -> list[_UsageRow]:
+        """Every held row, removed from the book, sorted by (day, key, tool)."""
+    def snapshot(self) -> list[_UsageRow]:
+        """A copy of every held row, sorted by (day, key, tool)."""
+    def restore(self, rows: Sequence[_UsageRow]) -> None:
+        """Put drained rows back (a failed flush), merged with newer records."""
+    def pending(self) -> int:
+        """Rows held."""
+    def today(self) -> int:
+        """The current UTC day (or the one fixed by :meth:`set_day`)."""
+    def set_day(self, day: int | None) -> None:
+        """Fix the day :meth:`record` uses (tests); ``None``: the clock again."""
+    @property
+    def folded(self) -> int:
+        """Records counted in an ``*other*`` row because the book was full."""
+    @property
+    def max_rows(self) -> int: ...

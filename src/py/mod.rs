@@ -8,6 +8,7 @@
 //! - `scan.rs`: reading written audit logs (the `audit` CLI, `AuditLog.query`, the HTTP
 //!   backend's spool);
 //! - `tokens.rs`: token-format helpers for the CLI and the admin routes;
+//! - `usage.rs`: the usage book, for `Usage` (`usage.py`);
 //! - `json.rs`: Python values <-> JSON, shared by the others.
 //!
 //! Where PyO3 is used: only in code compiled with the `python` feature, namely this
@@ -29,6 +30,7 @@ mod keys;
 mod limiter;
 mod scan;
 mod tokens;
+mod usage;
 
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
@@ -69,5 +71,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(scan::audit_verify, m)?)?;
     m.add_function(wrap_pyfunction!(scan::audit_log_files, m)?)?;
     m.add_function(wrap_pyfunction!(scan::audit_spool_read, m)?)?;
+    m.add_class::<usage::PyUsageBook>()?;
     Ok(())
 }

@@ -34,9 +34,10 @@ def test_the_help_names_every_command_group(capsys: pytest.CaptureFixture[str]) 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     description = out.split("\n\n")[1]
-    for group in ("keys", "audit", "rate", "run", "config"):
+    for group in ("keys", "audit", "rate", "usage", "run", "config"):
         assert f"({group})" in description, description
-    assert {g.removesuffix("_cmd") for g in GROUPS} == {"keys", "audit", "rate", "run", "config"}
+    assert {g.removesuffix("_cmd") for g in GROUPS} == {"keys", "audit", "rate", "usage", "run",
+                                                        "config"}  # fmt: skip
 
 
 @pytest.mark.parametrize("args", [("keys", "list"), ("audit", "verify"), ("--help",), ()])

@@ -26,7 +26,7 @@ from fastmcp_guard.cli._output import error
 __all__ = ["GROUPS", "build_parser", "main", "run_main"]
 
 #: Command-group modules (``fastmcp_guard.cli.<name>``), each with ``register(subparsers)``.
-GROUPS: tuple[str, ...] = ("keys", "audit", "rate", "run", "config_cmd")
+GROUPS: tuple[str, ...] = ("keys", "audit", "rate", "usage", "run", "config_cmd")
 
 _EPILOG = """\
 examples:
@@ -50,8 +50,8 @@ def build_parser() -> GuardArgumentParser:
         prog=PROG,
         description="The operations CLI of fastmcp-guard: manage the API keys (keys),\n"
         "follow, search, export and verify the audit log (audit), see and reset live\n"
-        "rate limits (rate), serve a FastMCP server under the guard (run), and show the\n"
-        "configuration (config).",
+        "rate limits (rate), read the usage per key, tool and day (usage), serve a\n"
+        "FastMCP server under the guard (run), and show the configuration (config).",
         epilog=_EPILOG,
         parents=[COMMON],
         formatter_class=argparse.RawDescriptionHelpFormatter,
