@@ -37,11 +37,19 @@ pub enum Status {
     Rotated,
     /// Key lifecycle: a key was revoked.
     Revoked,
+    /// Admitted, but a rule in shadow mode would have refused it (the event names the rule).
+    WouldRefuse,
+    /// Refused by the loop breaker: the same caller repeated the same call.
+    LoopDetected,
+    /// Refused: the key's credits ran out (also the budget event when they do).
+    CreditsExhausted,
+    /// Budget event: the key's credits fell below 10% of their base.
+    CreditsLow,
 }
 
 impl Status {
     /// Every status, in declaration order.
-    pub const ALL: [Status; 9] = [
+    pub const ALL: [Status; 13] = [
         Status::Ok,
         Status::Error,
         Status::RateLimited,
@@ -51,6 +59,10 @@ impl Status {
         Status::Created,
         Status::Rotated,
         Status::Revoked,
+        Status::WouldRefuse,
+        Status::LoopDetected,
+        Status::CreditsExhausted,
+        Status::CreditsLow,
     ];
 
     /// The wire name (`"ok"`, `"rate_limited"`, ...).
@@ -66,6 +78,10 @@ impl Status {
             Status::Created => "created",
             Status::Rotated => "rotated",
             Status::Revoked => "revoked",
+            Status::WouldRefuse => "would_refuse",
+            Status::LoopDetected => "loop_detected",
+            Status::CreditsExhausted => "credits_exhausted",
+            Status::CreditsLow => "credits_low",
         }
     }
 }
@@ -650,7 +666,11 @@ mod tests {
                 "ip_denied",
                 "created",
                 "rotated",
-                "revoked"
+                "revoked",
+                "would_refuse",
+                "loop_detected",
+                "credits_exhausted",
+                "credits_low"
             ]
         );
         for st in Status::ALL {

@@ -236,7 +236,7 @@ impl RefusalAggregator {
             let full = w.overflow.len() >= MAX_OVERFLOW_GROUPS;
             let reason = if full { "*" } else { reason };
             // Past the cap of overflow groups, a refusal joins its status's catch-all
-            // group (reason "*"), always let in: there are only 9 statuses.
+            // group (reason "*"), always let in: there are only 13 statuses.
             let okey = format!("{}\u{1f}{reason}", r.status.as_str());
             w.overflow.entry(okey).or_insert_with(|| Group {
                 status: r.status,

@@ -58,7 +58,9 @@ _TABLE_ROWS = 100
 #: The most ``--limit`` / ``--lines`` take (more than any log holds).
 _MAX_ROWS = 2**62
 _STATUS_COLOURS = {"ok": "green", "error": "red", "rate_limited": "yellow",
-                   "unauthorized": "red", "forbidden": "red", "ip_denied": "red"}  # fmt: skip
+                   "unauthorized": "red", "forbidden": "red", "ip_denied": "red",
+                   "would_refuse": "cyan", "loop_detected": "yellow",
+                   "credits_exhausted": "yellow", "credits_low": "cyan"}  # fmt: skip
 
 
 def register(subparsers: Any) -> None:
@@ -70,7 +72,8 @@ def register(subparsers: Any) -> None:
     group.add_argument("--key", help="key id, key name or token public part (fmg_sk_<id>)")
     group.add_argument("--tool", help="tool, resource or prompt name")
     group.add_argument("--status", help="ok, error, rate_limited, unauthorized, forbidden, "
-                       "ip_denied, created, rotated, revoked")  # fmt: skip
+                       "ip_denied, created, rotated, revoked, would_refuse, "
+                       "loop_detected, credits_exhausted, credits_low")  # fmt: skip
     group.add_argument("--since", help="from this time on: 1h, 7d, 30m ago, or ISO 8601")
     group.add_argument("--until", help="before this time: 1h, 7d ago, or ISO 8601")
 
