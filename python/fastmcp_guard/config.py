@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import SplitResult, urlsplit
 
-from fastmcp_guard._util import MASK, mask_url
+from fastmcp_guard._util import DEFAULT_LOOP_BREAKER, MASK, cost_problem, mask_url
 from fastmcp_guard.errors import ConfigError
 
 # Why not pydantic-settings (2.16, installed with FastMCP)? Tried as a BaseSettings with
@@ -565,6 +565,46 @@ def _parse_rate(item: _Raw, name: str) -> str | None:
     return text
 
 
+_COSTS_EXAMPLE = "expensive=5,search=2"
+
+
+def _parse_tool_costs(item: _Raw, name: str) -> tuple[tuple[str, int], ...]:
+    """``name=units`` pairs separated by commas, or a TOML table ``{expensive = 5}``."""
+    value = item.value
+    pairs: list[tuple[Any, Any]]
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, str):
+        pairs = []
+        for entry in (e.strip() for e in value.split(",")):
+            if not entry:
+                continue
+            tool, sep, units = entry.partition("=")
+            if not sep:
+                raise InvalidSettingError(
+                    name, item.source,
+                    f"{entry!r} is not a tool=units pair; write e.g. {_COSTS_EXAMPLE!r}",
+                )  # fmt: skip
+            number = _int_text(units)
+            pairs.append((tool.strip(), units.strip() if number is None else number))
+    else:
+        raise InvalidSettingError(
+            name, item.source,
+            f"expected tool=units pairs ({_COSTS_EXAMPLE!r}) or a TOML table, got {value!r}",
+        )  # fmt: skip
+    out: dict[str, int] = {}
+    for tool, units in pairs:
+        if not isinstance(tool, str) or not tool:
+            raise InvalidSettingError(name, item.source, f"{tool!r} is not a tool name")
+        if tool in out:
+            raise InvalidSettingError(name, item.source, f"tool {tool!r} is given twice")
+        problem = cost_problem(units, f"the cost of {tool!r}")
+        if problem is not None:
+            raise InvalidSettingError(name, item.source, problem)
+        out[tool] = units
+    return tuple(out.items())
+
+
 def _parse_rate_url(item: _Raw, name: str) -> str | None:
     text = _str(item, name)
     if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
@@ -644,6 +684,7 @@ class _Setting:
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
                "kib": 2**10, "mib": 2**20, "gib": 2**30}  # fmt: skip
 _ADDRESSES = _list("addresses / CIDRs", _check_addresses)
+_MODE = _choice("enforce", "shadow", expected="'enforce' (refuse) or 'shadow' (audit only)")
 
 #: Every setting, in the order ``fastmcp-guard config`` shows them and they are checked.
 #: The file key is the name; the environment variable ``FASTMCP_GUARD_`` + the name in
@@ -672,10 +713,31 @@ _SETTINGS: dict[str, _Setting] = {
     "rate_on_backend_error": _Setting(
         "when Redis is unreachable: allow, deny or local (in-process limits until it answers)",
         _choice("allow", "deny", "local"), "allow"),
+    "rate_mode": _Setting(
+        "rate and global_rate: enforce, or shadow (never refuse; audit would_refuse)",
+        _MODE, "enforce"),
+    "loop_breaker": _Setting(
+        "most identical calls (same caller, tool and arguments) in a window (off: none)",
+        _parse_rate, DEFAULT_LOOP_BREAKER),
+    "loop_breaker_mode": _Setting(
+        "the loop breaker: shadow (audit would_refuse only) or enforce (refuse loops)",
+        _MODE, "shadow"),
+    "tool_costs": _Setting(
+        f"units per call of named tools: {_COSTS_EXAMPLE} (a table in TOML; others cost 1)",
+        _parse_tool_costs, ""),
+    "credits_mode": _Setting(
+        "keys with credits: enforce, or shadow (run out: audit would_refuse, admit)",
+        _MODE, "enforce"),
+    "budget_meta": _Setting(
+        "put the caller's remaining budget in every result's _meta (fastmcp-guard/budget)",
+        _parse_bool, True),
     "allow": _Setting("client addresses / CIDRs admitted (empty: everyone not denied)",
                       _ADDRESSES, ()),
     "deny": _Setting("client addresses / CIDRs refused", _ADDRESSES, ()),
     "trusted_proxies": _Setting("proxies whose X-Forwarded-For is honoured", _ADDRESSES, ()),
+    "ip_mode": _Setting(
+        "the IP policy: enforce, or shadow (never refuse; audit would_refuse)", _MODE,
+        "enforce"),
     "log_inputs": _Setting("record tool arguments in the audit log", _parse_bool, True),
     "log_outputs": _Setting("record a preview of tool results in the audit log", _parse_bool,
                             True),
@@ -751,9 +813,17 @@ class GuardConfig:
     rate_backend: Literal["memory", "redis"]
     rate_url: str | None = field(repr=False)
     rate_on_backend_error: Literal["allow", "deny", "local"]
+    rate_mode: Literal["enforce", "shadow"]
+    loop_breaker: str | None
+    loop_breaker_mode: Literal["enforce", "shadow"]
+    #: ``(tool, units)`` pairs.
+    tool_costs: tuple[tuple[str, int], ...]
+    credits_mode: Literal["enforce", "shadow"]
+    budget_meta: bool
     allow: tuple[str, ...]
     deny: tuple[str, ...]
     trusted_proxies: tuple[str, ...]
+    ip_mode: Literal["enforce", "shadow"]
     log_inputs: bool
     log_outputs: bool
     audit_redact: tuple[str, ...]
@@ -917,6 +987,8 @@ class GuardConfig:
             return None if value is None else MASK
         if name == "audit_http_headers":
             return {header: MASK for header, _ in value}
+        if name == "tool_costs":
+            return dict(value)
         if isinstance(value, KeysTarget):
             return value.masked()
         if name == "audit":
@@ -1010,12 +1082,16 @@ class GuardConfig:
         ``rate_backend`` (``rate_url``, ``rate_on_backend_error`` for Redis)."""
         from fastmcp_guard.rate import RateLimit
 
+        budget: dict[str, Any] = {
+            "mode": self.rate_mode, "loop_breaker": self.loop_breaker,
+            "loop_breaker_mode": self.loop_breaker_mode, "tool_costs": dict(self.tool_costs),
+        }  # fmt: skip
         if self.rate_backend == "redis":
             return RateLimit(
                 per_key=self.rate, global_limit=self.global_rate, backend="redis",
-                url=self.rate_url, on_backend_error=self.rate_on_backend_error,
+                url=self.rate_url, on_backend_error=self.rate_on_backend_error, **budget,
             )  # fmt: skip
-        return RateLimit(per_key=self.rate, global_limit=self.global_rate)
+        return RateLimit(per_key=self.rate, global_limit=self.global_rate, **budget)
 
     def ip_policy(self) -> IPPolicy | None:
         """The :class:`~fastmcp_guard.ip.IPPolicy` from ``allow`` / ``deny`` /
@@ -1024,7 +1100,8 @@ class GuardConfig:
             return None
         from fastmcp_guard.ip import IPPolicy
 
-        return IPPolicy(allow=self.allow, deny=self.deny, trusted_proxies=self.trusted_proxies)
+        return IPPolicy(allow=self.allow, deny=self.deny, trusted_proxies=self.trusted_proxies,
+                        mode=self.ip_mode)  # fmt: skip
 
 
 def _check_audit_settings(parsed: dict[str, Any], sources: dict[str, str]) -> None:

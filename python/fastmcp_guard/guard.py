@@ -15,15 +15,18 @@ from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from fastmcp_guard._core import Identity, VerifyError
 from fastmcp_guard._util import os_user
 from fastmcp_guard.audit import AuditLog
+from fastmcp_guard.budget import install_usage_resource
 from fastmcp_guard.config import GuardConfig
 from fastmcp_guard.errors import ConfigError, GuardError
 from fastmcp_guard.http import mask_server_logs
 from fastmcp_guard.ip import IPPolicy
 from fastmcp_guard.keys import KeyStore
+from fastmcp_guard.keys.credits import CREDITS_CLAIM, CreditBook
 from fastmcp_guard.keys.verifier import GuardTokenVerifier, access_token_for
 from fastmcp_guard.metrics import GuardMetrics
 from fastmcp_guard.middleware import Caller, GuardMiddleware
 from fastmcp_guard.rate import RateLimit
+from fastmcp_guard.usage import Usage
 
 if TYPE_CHECKING:
     from fastmcp import FastMCP
@@ -82,6 +85,13 @@ class Guard:
         admin_routes: serve the admin routes ``/_guard/rate`` over HTTP (live
             limiter status and reset, for ``fastmcp-guard rate``); they require a key
             with the ``guard:admin`` scope. See :mod:`fastmcp_guard.admin`.
+        budget_meta: put the caller's remaining budget (tightest limit, credits) in every
+            tool result's ``_meta["fastmcp-guard/budget"]`` (default: the ``budget_meta``
+            setting when the configuration is read, else on). See
+            :mod:`fastmcp_guard.budget`.
+        usage: count calls, cost units, refusals and duration per key, tool and UTC day
+            in the key store's database (default on; ``guard.usage.query(...)``,
+            ``fastmcp-guard usage``), and serve the caller's own as ``guard://usage``.
 
     On stdio there are no headers: the key in ``FASTMCP_GUARD_KEY`` (if set) is
     verified here, at start-up, and every call is attributed to it (and limited
@@ -102,6 +112,8 @@ class Guard:
         config: GuardConfig | None = None,
         admin_routes: bool = True,
         metrics: bool | GuardMetrics = False,
+        budget_meta: bool | None = None,
+        usage: bool = True,
     ) -> None:
         for name, value, cls in (
             ("keys", keys, KeyStore),
@@ -150,6 +162,16 @@ class Guard:
                 audit.add_observer(self.metrics)
         self.ip = ip
         self.keys.audit = audit
+        #: Whether tool results carry the caller's budget in ``_meta``.
+        self.budget_meta: bool = (
+            budget_meta if budget_meta is not None else config is None or config.budget_meta
+        )
+        #: This process's credit leases (keys with credits spend from them).
+        self.credits: CreditBook | None = CreditBook(
+            self.keys, shadow=config is not None and config.credits_mode == "shadow"
+        )
+        #: Usage per key, tool and UTC day (``None`` with ``usage=False``).
+        self.usage: Usage | None = Usage.for_store(self.keys) if usage else None
         self.verifier: GuardTokenVerifier | None = None
         #: The path of the local admin socket ``fastmcp-guard run`` serves the admin routes
         #: on (``None``: none). Requests over it are admitted to ``/_guard/`` without a key:
@@ -197,6 +219,8 @@ class Guard:
             install_admin_routes(self)
         if self.metrics is not None:
             _install_metrics(self, self.metrics)
+        if self.usage is not None:
+            install_usage_resource(self)
         # First in the chain: limits and audit see every call, other middleware's
         # refusals included, and the stdio identity is in place before any check runs.
         mcp.middleware.insert(0, self.middleware)
@@ -205,8 +229,8 @@ class Guard:
         # users read the file right after), or an HTTP server stopping. FastMCP asks
         # every provider on each call (two more tasks: about 2% of a call's CPU over
         # HTTP, by callgrind), so only a log that writes somewhere gets one.
-        if self.audit is not None and self.audit.backends:
-            mcp.add_provider(_AuditFlush(self))
+        if (self.audit is not None and self.audit.backends) or self.keys.backend != "memory":
+            mcp.add_provider(_LifespanFlush(self))
 
     # -- used by the middleware, the HTTP layer and the guard's routes -----------------
 
@@ -238,8 +262,9 @@ class Guard:
         cached = self._local_cached
         if cached is not None and cached[0] is access:
             return cached[1]  # the same cache entry: same key state (callers never mutate it)
-        caller = Caller(ident.key_id, ident.key_id, ident.key_name, ident.scopes,
-                        ident.metadata, None, AuthenticatedUser(access))  # fmt: skip
+        meta = {k: v for k, v in ident.metadata.items() if k != CREDITS_CLAIM}
+        caller = Caller(ident.key_id, ident.key_id, ident.key_name, ident.scopes, meta, None,
+                        AuthenticatedUser(access), access.claims.get(CREDITS_CLAIM))  # fmt: skip
         self._local_cached = (access, caller)
         return caller
 
@@ -258,6 +283,7 @@ class Guard:
         key_id: str = "",
         error: str | None = None,
         path: str | None = None,
+        rule: str | None = None,
     ) -> None:
         """Record a refusal made before there is an identity (``unauthorized``,
         ``forbidden``, ``ip_denied``; a throttled token as ``rate_limited``, as its 429
@@ -265,15 +291,20 @@ class Guard:
         ``audit query --key <id>`` shows the attacks on it. Aggregated per address,
         status, reason and key id by the audit log: a flood costs counts, not disk.
         ``reason`` is the refusal's code (``bad_secret``, ``deny_listed``...), ``error``
-        its message, ``path`` the request path (the audit core cuts every string of a refusal to 256
+        its message, ``rule`` the rule of a ``would_refuse`` (``ip``), ``path`` the request path (the audit core cuts every string of a refusal to 256
         bytes as written, so a 100 KB path costs no more than a short one); nothing is
         recorded when the guard has no audit log."""
         if self.audit is None:
             return
         if reason in _NO_SUCH_KEY:
             key_id = ""  # an id nobody holds: attacker-chosen, it must not split groups
+        extra: dict[str, str] | None = None
+        if path is not None or rule is not None:
+            extra = {"path": path} if path is not None else {}
+            if rule is not None:
+                extra["rule"] = rule
         self.audit.log_refusal(status, client_ip=client_ip, reason=reason, key_id=key_id,
-                               error=error, extra=None if path is None else {"path": path})  # fmt: skip
+                               error=error, extra=extra)  # fmt: skip
 
     async def verify_key(self, token: str) -> AccessToken | None:
         """The access token of a valid guard key, verified by the guard's own verifier
@@ -296,8 +327,12 @@ class Guard:
     # -- lifecycle ---------------------------------------------------------------------
 
     def close(self) -> None:
-        """Flush the audit log and pending key updates; stop background threads; close
-        the rate limiter's Redis connections."""
+        """Return unspent credit leases, flush usage, the audit log and pending key
+        updates; stop background threads; close the rate limiter's Redis connections."""
+        if self.credits is not None:
+            self.credits.close()
+        if self.usage is not None:
+            self.usage.close()
         if self.audit is not None:
             self.audit.close()
         self.keys.close()
@@ -310,9 +345,11 @@ class Guard:
         )
 
 
-class _AuditFlush(Provider):
-    """A provider of no components whose lifespan flushes the guard's audit log when the
-    server's lifespan ends; the request path never waits on the writer."""
+class _LifespanFlush(Provider):
+    """A provider of no components whose lifespan, when the server's lifespan ends,
+    returns unspent credit leases, flushes usage and the audit log; the request path
+    never waits on them. Installed only when one of them writes somewhere (FastMCP asks
+    every provider on each call)."""
 
     def __init__(self, guard: Guard) -> None:
         super().__init__()
@@ -323,7 +360,15 @@ class _AuditFlush(Provider):
         try:
             yield
         finally:
-            audit = self._guard.audit
+            guard = self._guard
+            try:
+                if guard.credits is not None:
+                    await guard.credits.aclose()
+                if guard.usage is not None:
+                    await anyio.to_thread.run_sync(guard.usage.flush)
+            except GuardError as exc:
+                _log.warning("usage / credits flush at the end of the server's lifespan: %s", exc)
+            audit = guard.audit
             # An unhealthy log reports its failed writes to whoever flushes or closes it
             # next: leave that to its owner rather than turn it into a warning here.
             if audit is not None and audit.healthy():

@@ -262,6 +262,23 @@ def admit(ip: IPPolicy | None, client_ip: str | None) -> str | None:
     return ip.core.check(client_ip)
 
 
+def refuse_address(guard: Guard, client_ip: str | None, path: str | None) -> str | None:
+    """Apply the guard's IP policy to ``client_ip``: why it is refused (recorded as
+    ``ip_denied``), or ``None`` if it may proceed. A policy in shadow mode refuses nobody:
+    what it would refuse is recorded as ``would_refuse`` instead."""
+    refused = admit(guard.ip, client_ip)
+    if refused is None:
+        return None
+    if guard.ip is not None and guard.ip.mode == "shadow":
+        guard.record_refusal("would_refuse", client_ip, refused, path=path, rule="ip",
+                             error=f"the IP policy (shadow) would refuse this client "
+                                   f"address ({refused})")  # fmt: skip
+        return None
+    guard.record_refusal("ip_denied", client_ip, refused,
+                         error=f"client address refused ({refused})", path=path)  # fmt: skip
+    return refused
+
+
 async def verify_bearer(guard: Guard, scope: Scope) -> AccessToken | None:
     """The guard key in the request's ``Authorization: Bearer`` (or ``X-API-Key``), verified
     by the guard's own key verifier whatever ``mcp.auth`` is; ``None`` without a valid one.
@@ -348,10 +365,8 @@ class GuardASGIMiddleware:
         state[CLIENT_IP_STATE] = client_ip
         if not self._warned_proxy_headers:
             self._check_server_proxy_headers(scope, client_ip)
-        refused = admit(guard.ip, client_ip)
+        refused = refuse_address(guard, client_ip, path)
         if refused is not None:
-            guard.record_refusal("ip_denied", client_ip, refused,
-                                 error=f"client address refused ({refused})", path=path)  # fmt: skip
             await _send_json(send, 403, {"error": "forbidden",
                                          "error_description": "client address not allowed"})  # fmt: skip
             return

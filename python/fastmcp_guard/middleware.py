@@ -42,8 +42,12 @@ from mcp.server.auth.middleware.auth_context import auth_context_var
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp_types import INTERNAL_ERROR, INVALID_REQUEST, TextContent
 
-from fastmcp_guard.http import CLIENT_IP_STATE, admit, client_of
-from fastmcp_guard.rate import RateLimitExceeded, tool_rate_of
+from fastmcp_guard.budget import BUDGET_META_KEY, USAGE_URI, CreditsExhausted, budget_meta
+from fastmcp_guard.budget import iso as budget_iso
+from fastmcp_guard.errors import StoreError
+from fastmcp_guard.http import CLIENT_IP_STATE, client_of, refuse_address
+from fastmcp_guard.keys.credits import CREDITS_CLAIM, credits_refusal_text
+from fastmcp_guard.rate import RateLimitExceeded, loop_refusal_text, tool_rule_of
 
 if TYPE_CHECKING:
     from fastmcp.server.auth import AccessToken
@@ -51,7 +55,17 @@ if TYPE_CHECKING:
 
     from fastmcp_guard.guard import Guard
 
-__all__ = ["AUDIT_UNAVAILABLE", "Caller", "GuardMiddleware"]
+__all__ = ["ANONYMOUS", "AUDIT_UNAVAILABLE", "Caller", "GuardMiddleware"]
+
+#: The refusal of a call by a key with credits while the key store cannot be reached.
+CREDITS_UNAVAILABLE = "credits cannot be checked right now: the key store is unavailable"
+#: The usage key of callers without an identity (known by their address only).
+ANONYMOUS = "(anonymous)"
+#: Loop reports remembered before expired ones are dropped, and at most.
+_LOOPS_PRUNE_AT = 4096
+_LOOPS_MAX = 65536
+#: Claims of a guard key's access token that are not its metadata.
+_NOT_METADATA = frozenset({"key_id", "key_name", CREDITS_CLAIM})
 
 #: The refusal of ``AuditLog(on_failure="fail_closed")`` while the log cannot record.
 AUDIT_UNAVAILABLE = (
@@ -73,6 +87,17 @@ class Caller:
     #: stdio / in-process only: the FASTMCP_GUARD_KEY identity, exposed to tools
     #: through the SDK's auth context so ``get_access_token()`` sees it.
     sdk_user: AuthenticatedUser | None = None
+    #: The key's credits claim (``{"shadow": bool}``) when it has credits, else ``None``.
+    credits: dict[str, Any] | None = None
+
+    @property
+    def usage_key(self) -> str:
+        """Whom usage is counted for: the key id, the local user, or ``(anonymous)`` for
+        callers known by their address only (addresses are not usage keys: unbounded, and
+        personal)."""
+        if self.key_id:
+            return self.key_id
+        return ANONYMOUS if self.rate_key.startswith("ip:") else self.rate_key
 
 
 class GuardMiddleware(Middleware):
@@ -81,6 +106,8 @@ class GuardMiddleware(Middleware):
     def __init__(self, guard: Guard) -> None:
         self.guard = guard
         self._tools_seen: set[str] = set()
+        #: (caller, tool, argument hash) -> end of the window its loop was first reported in.
+        self._loops_seen: dict[tuple[str, str, str], float] = {}
 
     # -- the IP policy where the HTTP layer did not run ---------------------------------
 
@@ -113,15 +140,16 @@ class GuardMiddleware(Middleware):
             state = scope.get("state")
             if state is None or CLIENT_IP_STATE not in state:
                 client_ip = client_of(ip, scope)
-                refused = admit(ip, client_ip)
+                refused = refuse_address(guard, client_ip, scope.get("path"))
                 if refused is not None:
-                    guard.record_refusal("ip_denied", client_ip, refused,
-                                         error=f"client address refused ({refused})",
-                                         path=scope.get("path"))  # fmt: skip
                     raise MCPError(INVALID_REQUEST, f"client address not allowed ({refused})")
         return await call_next(context)
 
     # -- identity ----------------------------------------------------------------------
+
+    async def current_caller(self) -> Caller:
+        """The caller of the request being handled (for the guard's own resources)."""
+        return await self._caller()
 
     async def _caller(self) -> Caller:
         try:
@@ -137,8 +165,9 @@ class GuardMiddleware(Middleware):
         claims = getattr(token, "claims", None) or {}
         key_id = token.client_id
         if claims.get("key_id") == key_id:  # a guard key
-            meta = {k: v for k, v in claims.items() if k not in ("key_id", "key_name")}
-            return Caller(key_id, key_id, claims.get("key_name", ""), token.scopes, meta, client_ip)
+            meta = {k: v for k, v in claims.items() if k not in _NOT_METADATA}
+            return Caller(key_id, key_id, claims.get("key_name", ""), token.scopes, meta,
+                          client_ip, None, claims.get(CREDITS_CLAIM))  # fmt: skip
         # Another verifier's identity: limited and audited under its client id.
         return Caller(key_id, key_id, "", token.scopes, {"auth": "external"}, client_ip)
 
@@ -165,7 +194,7 @@ class GuardMiddleware(Middleware):
         return await self._guarded(context, call_next, "prompt", msg.name, msg.arguments)
 
     async def _register_tool(self, context: MiddlewareContext[Any], name: str) -> None:
-        """Read a tool's ``@rate_limit`` once and hand it to the limiter."""
+        """Read a tool's ``@rate_limit`` and ``@cost`` once and hand them to the limiter."""
         fctx = context.fastmcp_context
         if fctx is not None:
             try:
@@ -174,7 +203,7 @@ class GuardMiddleware(Middleware):
                 return
             if tool is None:
                 return  # not visible to this caller; try again on a later call
-            self.guard.rate_limit.set_tool_rate(name, tool_rate_of(tool))
+            self.guard.rate_limit.register_tool(name, tool_rule_of(tool))
         self._tools_seen.add(name)
 
     async def _guarded(
@@ -202,27 +231,79 @@ class GuardMiddleware(Middleware):
             )  # fmt: skip
             raise MCPError(INTERNAL_ERROR, AUDIT_UNAVAILABLE)
         rate = guard.rate_limit  # always set: Guard supplies RateLimit() when none is given
-        decision = rate.check(caller.rate_key, tool)
-        # In process: decided inline, no await; Redis: one round trip.
-        refusal = decision.refusal if decision.settled else await decision.settle()
+        cost = rate.costs.get(target, 1) if tool is not None and rate.costs else 1
+        usage = guard.usage
+        # Credits first: if a limit then refuses, the units go back to this process's
+        # lease (a refusal consumes nothing), which a rate bucket could not do.
+        book = guard.credits
+        paid = False
+        if book is not None and caller.credits is not None and target != USAGE_URI:
+            # (Reading one's own budget, guard://usage, costs no credits; limits apply.)
+            if book.spend(caller.key_id, cost) is None:
+                paid = True
+            else:
+                try:
+                    outcome = await book.acquire(caller.key_id, cost)
+                except StoreError as exc:
+                    # Fail closed: a call that cannot be paid for is not run.
+                    text = (f"{CREDITS_UNAVAILABLE} ({exc}); retry in a few seconds")
+                    if audit is not None:
+                        audit.log("error", key_id=caller.key_id, key_name=caller.key_name,
+                                  tool=target, scopes=caller.scopes, error=text,
+                                  input_args=arguments, client_ip=caller.client_ip,
+                                  metadata=caller.metadata)  # fmt: skip
+                    raise MCPError(INTERNAL_ERROR, text) from None
+                if outcome.paid:
+                    paid = True
+                    if outcome.event is not None:  # fell below 10 %
+                        self._budget_event(caller, target, outcome)
+                else:
+                    # The first refusal of a period carries the budget event's mark.
+                    marks: dict[str, Any] = {"credits": outcome.balance,
+                                             "refill_at": budget_iso(outcome.refill_at)}  # fmt: skip
+                    if outcome.event is not None:
+                        marks["budget_event"] = True
+                    text = credits_refusal_text(outcome)
+                    if outcome.shadow:
+                        self._would_refuse(caller, target, arguments, "credits", text, marks)
+                    else:
+                        spent = CreditsExhausted(text, outcome.balance or 0, outcome.refill_at)
+                        return self._refuse(caller, kind, target, arguments,
+                                            "credits_exhausted", spent, marks, cost)  # fmt: skip
+        if rate.is_local:
+            verdict = rate.call(caller.rate_key, tool, cost, arguments)
+        else:
+            verdict = await rate.call_async(caller.rate_key, tool, cost, arguments)
+        refusal = verdict.refusal
         if refusal is not None:
-            exc = RateLimitExceeded(refusal, tool)
-            if audit is not None:
-                audit.log(
-                    "rate_limited", key_id=caller.key_id, key_name=caller.key_name,
-                    tool=target, scopes=caller.scopes, error=str(exc), input_args=arguments,
-                    client_ip=caller.client_ip, metadata=caller.metadata,
-                    extra={"retry_after": exc.data["retry_after"], "limit": exc.limit},
-                )  # fmt: skip
-            if tool is not None and rate.refusal == "tool":
-                return ToolResult(
-                    content=[TextContent(type="text", text=str(exc))],
-                    structured_content=exc.data,
-                    is_error=True,
-                )
-            raise exc.as_mcp_error(rate.refusal_code)
-        if audit is None:
-            return await call_next(context)
+            if paid:
+                book.refund(caller.key_id, cost)  # type: ignore[union-attr] # paid: a book
+            limited = RateLimitExceeded(refusal, tool, cost)
+            status = "loop_detected" if refusal.scope == "loop" else "rate_limited"
+            extra: dict[str, Any] = {"retry_after": limited.data["retry_after"],
+                                     "limit": limited.limit}  # fmt: skip
+            if refusal.scope == "loop":
+                extra["args_hash"] = verdict.args_hash
+                if self._first_loop(caller, target, verdict.args_hash, refusal.window_seconds):
+                    extra["budget_event"] = True
+            return self._refuse(caller, kind, target, arguments, status, limited, extra, cost)
+        if verdict.shadow is not None:
+            shadow = verdict.shadow
+            shown: dict[str, Any]
+            if shadow.scope == "loop":
+                text = loop_refusal_text(shadow, tool)
+                shown = {"limit": shadow.limit, "args_hash": verdict.args_hash}
+                if self._first_loop(caller, target, verdict.args_hash, shadow.window_seconds):
+                    shown["budget_event"] = True
+            else:
+                text = str(RateLimitExceeded(shadow, tool, cost))
+                shown = {"limit": shadow.limit, "retry_after": round(shadow.retry_after, 3)}
+            self._would_refuse(caller, target, arguments, shadow.scope, text, shown)
+        if audit is None and usage is None:
+            answer = await call_next(context)
+            if guard.budget_meta and tool is not None and isinstance(answer, ToolResult):
+                _set_meta(answer, budget_meta(guard, caller, verdict))
+            return answer
 
         start = time.perf_counter()
         finished = 0.0
@@ -233,6 +314,8 @@ class GuardMiddleware(Middleware):
             result = await call_next(context)
             if getattr(result, "is_error", False):
                 status, error = "error", _preview(result, 1000)
+            elif guard.budget_meta and tool is not None and isinstance(result, ToolResult):
+                _set_meta(result, budget_meta(guard, caller, verdict))
             return result
         except AuthorizationError as exc:
             status, error = "forbidden", str(exc)
@@ -249,17 +332,115 @@ class GuardMiddleware(Middleware):
             raise
         finally:
             finished = time.perf_counter()
-            # Positional: AuditLog.log's order, the cheapest call into the core.
-            audit.log(
-                status, caller.key_id, caller.key_name, target, caller.scopes,
-                (finished - start) * 1000.0, error, arguments,
-                _preview(result, audit.output_preview_chars)
-                if audit.log_outputs and status == "ok" else None,
-                caller.client_ip, caller.metadata,
-            )  # fmt: skip
+            duration_ms = (finished - start) * 1000.0
+            if audit is not None:
+                # Positional: AuditLog.log's order, the cheapest call into the core.
+                audit.log(
+                    status, caller.key_id, caller.key_name, target, caller.scopes,
+                    duration_ms, error, arguments,
+                    _preview(result, audit.output_preview_chars)
+                    if audit.log_outputs and status == "ok" else None,
+                    caller.client_ip, caller.metadata,
+                )  # fmt: skip
+            if usage is not None:
+                usage.record(caller.usage_key, target, status, cost, duration_ms)
             if metrics is not None:
                 # Before the tool (identity, limits) plus after it (the audit enqueue).
                 metrics.observe_overhead((start - entered) + (time.perf_counter() - finished))
+
+    # -- refusals and budget events ----------------------------------------------------
+
+    def _refuse(
+        self,
+        caller: Caller,
+        kind: str,
+        target: str,
+        arguments: Any,
+        status: str,
+        exc: RateLimitExceeded | CreditsExhausted,
+        extra: dict[str, Any],
+        cost: int,
+    ) -> ToolResult:
+        """Record a refused call and answer it: a tool error result (``refusal="tool"``)
+        or a protocol error (raised)."""
+        guard = self.guard
+        audit = guard.audit
+        if audit is not None:
+            audit.log(
+                status, key_id=caller.key_id, key_name=caller.key_name, tool=target,
+                scopes=caller.scopes, error=str(exc), input_args=arguments,
+                client_ip=caller.client_ip, metadata=caller.metadata, extra=extra,
+            )  # fmt: skip
+        if guard.usage is not None:
+            guard.usage.record(caller.usage_key, target, status, cost, 0.0)
+        rate = guard.rate_limit
+        if kind == "tool" and rate.refusal == "tool":
+            return ToolResult(
+                content=[TextContent(type="text", text=str(exc))],
+                structured_content=exc.data,
+                is_error=True,
+            )
+        if isinstance(exc, CreditsExhausted):
+            raise exc.as_mcp_error()
+        raise exc.as_mcp_error(rate.refusal_code)
+
+    def _would_refuse(
+        self, caller: Caller, target: str, arguments: Any, rule: str, text: str,
+        extra: dict[str, Any],
+    ) -> None:  # fmt: skip
+        """Record what a rule in shadow mode would have refused (the call goes on)."""
+        guard = self.guard
+        if guard.audit is not None:
+            guard.audit.log(
+                "would_refuse", key_id=caller.key_id, key_name=caller.key_name, tool=target,
+                scopes=caller.scopes, error=text, input_args=arguments,
+                client_ip=caller.client_ip, metadata=caller.metadata,
+                extra={"rule": rule, **extra},
+            )  # fmt: skip
+        if guard.usage is not None:
+            guard.usage.record(caller.usage_key, target, "would_refuse", 1, 0.0)
+
+    def _budget_event(self, caller: Caller, target: str, outcome: Any) -> None:
+        """Record a key's budget event on a paid call (``credits_low``: its credits fell
+        below 10 % of their base): once per process and period, marked ``budget_event``,
+        delivered like every event (the HTTP backend signs it: the webhook). The first
+        refusal of a period, ``credits_exhausted``, carries the mark itself."""
+        audit = self.guard.audit
+        if audit is None:
+            return
+        audit.log(
+            outcome.event, key_id=caller.key_id, key_name=caller.key_name, tool=target,
+            scopes=caller.scopes, client_ip=caller.client_ip, metadata=caller.metadata,
+            extra={"credits": outcome.balance, "refill_at": budget_iso(outcome.refill_at),
+                   "budget_event": True},
+        )  # fmt: skip
+
+
+    def _first_loop(self, caller: Caller, target: str, args_hash: str | None,
+                    window: float) -> bool:  # fmt: skip
+        """True the first time in a window that ``caller`` trips the loop breaker on this
+        call (the event that carries the ``budget_event`` mark). Bounded: expired entries
+        go at 4,096; past 65,536 live ones (a flood of distinct loops) it starts afresh,
+        which can only mark a loop twice."""
+        seen = self._loops_seen
+        now = time.monotonic()
+        key = (caller.rate_key, target, args_hash or "")
+        until = seen.get(key)
+        if until is not None and until > now:
+            return False
+        if len(seen) >= _LOOPS_PRUNE_AT:
+            for old in [k for k, v in seen.items() if v <= now]:
+                del seen[old]
+            if len(seen) >= _LOOPS_MAX:
+                seen.clear()
+        seen[key] = now + window
+        return True
+
+
+def _set_meta(result: ToolResult, budget: dict[str, Any]) -> None:
+    """Put the caller's budget in a tool result's ``_meta`` (keeping the tool's own)."""
+    meta = result.meta
+    result.meta = {BUDGET_META_KEY: budget} if meta is None else {**meta, BUDGET_META_KEY: budget}
 
 
 async def _component(context: MiddlewareContext[Any], kind: str, target: str) -> Any:

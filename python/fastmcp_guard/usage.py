@@ -694,8 +694,7 @@ class Usage:
     def for_store(cls, keystore: KeyStore, *, flush_interval: float = 5.0,
                   max_rows: int = 100_000) -> Usage:  # fmt: skip
         """Usage kept in ``keystore``'s database (in process for a memory store)."""
-        dsn = getattr(keystore, "dsn", None) or getattr(keystore, "_dsn", None)
-        return cls.open(str(keystore.backend), path=keystore.path, dsn=dsn,
+        return cls.open(str(keystore.backend), path=keystore.path, dsn=keystore.dsn,
                         flush_interval=flush_interval, max_rows=max_rows)  # fmt: skip
 
     # -- state ----------------------------------------------------------------------------

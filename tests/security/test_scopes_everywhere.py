@@ -45,7 +45,8 @@ async def test_stdio_applies_the_components_scopes_to_the_env_key(tmp_path: Path
     transport = PythonStdioTransport(SERVER, env=env, python_cmd=sys.executable)
     async with Client(transport) as client:
         assert [t.name for t in await client.list_tools()] == ["read_data"]
-        assert await client.list_resources() == []
+        # Only the guard's own guard://usage (the caller's own budget) is listed.
+        assert [str(r.uri) for r in await client.list_resources()] == ["guard://usage"]
         assert await client.list_resource_templates() == []
         assert await client.list_prompts() == []
         assert (await client.call_tool("read_data", {})).data == "data"

@@ -13,13 +13,20 @@ else's ``X-Forwarded-For`` is believed.
 
 A CIDR with host bits set (``10.0.0.1/8``) is refused, naming the network that was
 probably meant: a list entry should say exactly what it admits.
+
+``mode="shadow"`` (setting ``ip_mode``) tries a policy without enforcing it: every
+address is admitted, and each one the policy would refuse is audited as
+``would_refuse`` (rule ``ip``, with the reason), aggregated per address like the
+refusals themselves.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 from fastmcp_guard._core import ArgumentTypeError, IPMatcher
+from fastmcp_guard.errors import ConfigError
 
 __all__ = ["IPPolicy"]
 
@@ -31,6 +38,8 @@ class IPPolicy:
         allow: addresses / CIDRs admitted (empty: everyone not denied).
         deny: addresses / CIDRs refused, even if also allowed.
         trusted_proxies: proxies whose ``X-Forwarded-For`` is honoured.
+        mode: ``"enforce"`` (default) or ``"shadow"``: admit everyone, audit as
+            ``would_refuse`` whom the policy would refuse.
 
     A bad entry raises :class:`~fastmcp_guard.errors.InvalidIPError` (a
     ``ValueError``) naming it.
@@ -47,7 +56,13 @@ class IPPolicy:
         allow: Sequence[str] | None = None,
         deny: Sequence[str] | None = None,
         trusted_proxies: Sequence[str] | None = None,
+        *,
+        mode: Literal["enforce", "shadow"] = "enforce",
     ) -> None:
+        if mode not in ("enforce", "shadow"):
+            raise ConfigError(f"IPPolicy(mode=...) must be 'enforce' or 'shadow', got {mode!r}")
+        #: ``"enforce"`` or ``"shadow"``.
+        self.mode = mode
         for name, value in (("allow", allow), ("deny", deny), ("trusted_proxies", trusted_proxies)):
             if isinstance(value, str):
                 raise ArgumentTypeError(
@@ -77,4 +92,5 @@ class IPPolicy:
         return self._core.client_ip(peer, x_forwarded_for)
 
     def __repr__(self) -> str:
-        return f"IPPolicy(allow={self.allow!r}, deny={self.deny!r})"
+        shown = f"IPPolicy(allow={self.allow!r}, deny={self.deny!r}"
+        return shown + (", mode='shadow')" if self.mode == "shadow" else ")")

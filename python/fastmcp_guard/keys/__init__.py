@@ -268,6 +268,11 @@ class KeyStore:
         self._lifecycle("created", info, actor)
         return ApiKey._from_info(info, token)
 
+    @property
+    def dsn(self) -> str | None:
+        """The connection string of a fleet backend (may hold a password), else ``None``."""
+        return self._dsn
+
     def get(self, key_id: str) -> ApiKey | None:
         """The key with this id (or token public id), without its token; ``None`` if unknown."""
         info = self._core.get(key_id)

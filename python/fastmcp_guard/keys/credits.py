@@ -47,7 +47,13 @@ if TYPE_CHECKING:
     from fastmcp_guard._core import CreditLease
     from fastmcp_guard.keys import KeyStore
 
-__all__ = ["DEFAULT_LEASE_MAX", "CreditBook", "CreditOutcome", "credits_refusal_text"]
+__all__ = [
+    "CREDITS_CLAIM", "DEFAULT_LEASE_MAX", "EXHAUSTED_RECHECK_S", "CreditBook", "CreditOutcome",
+    "credits_refusal_text",
+]  # fmt: skip
+
+#: The access-token claim of a key with credits: ``{"shadow": bool}``.
+CREDITS_CLAIM = "credits"
 
 log = logging.getLogger("fastmcp_guard.keys")
 
@@ -57,6 +63,11 @@ DEFAULT_LEASE_MAX = 256
 _LEASE_FRACTION = 16
 #: "Low" means below this fraction of the base.
 _LOW = 0.10
+#: After the store said a key's credits are spent, this process refuses that key's calls
+#: for this long without asking the store again (a flood of calls from an exhausted key
+#: costs no store write each). Credits added by an operator, or given back by another
+#: process, are therefore seen up to this late; a refill at its time.
+EXHAUSTED_RECHECK_S = 1.0
 
 
 class CreditOutcome(NamedTuple):
@@ -86,8 +97,8 @@ class CreditOutcome(NamedTuple):
 class _Account:
     """This process's view of one key's credits."""
 
-    __slots__ = ("base", "epoch", "exhausted_epoch", "lease", "low_epoch", "refill_at",
-                 "refill_ts", "shadow", "store_balance")  # fmt: skip
+    __slots__ = ("base", "epoch", "exhausted_epoch", "lease", "low_epoch", "recheck_ts",
+                 "refill_at", "refill_ts", "shadow", "store_balance")  # fmt: skip
 
     def __init__(self) -> None:
         self.lease = 0  # unspent units held here
@@ -99,6 +110,7 @@ class _Account:
         self.shadow = False
         self.low_epoch = -1  # the epoch "credits_low" was reported in
         self.exhausted_epoch = -1
+        self.recheck_ts = 0.0  # the store was empty: do not ask it again before this
 
 
 def _utc(ts: float | None) -> datetime | None:
@@ -172,6 +184,14 @@ class CreditBook:
             return None
         return cost - acct.lease
 
+    def refund(self, key_id: str, cost: int) -> None:
+        """Give back ``cost`` units :meth:`spend` or :meth:`acquire` paid for a call that was
+        then refused by something else (a refusal consumes nothing): they return to this
+        process's lease, no I/O. Nothing happens if the lease was voided since."""
+        acct = self._accounts.get(key_id)
+        if acct is not None and (acct.refill_ts is None or self._now_ts() < acct.refill_ts):
+            acct.lease += cost
+
     def balance(self, key_id: str) -> tuple[int, datetime | None] | None:
         """The local estimate ``(balance, refill_at)`` for the agent's ``_meta`` (no I/O);
         ``None`` if this process has not leased for the key yet."""
@@ -216,6 +236,10 @@ class CreditBook:
                 # Another task's lease (taken while this one waited) pays it.
                 acct.lease -= cost
                 return self._outcome(acct, True, cost)
+            if acct is not None and now_ts < acct.recheck_ts and (
+                acct.refill_ts is None or now_ts < acct.refill_ts
+            ):
+                return self._outcome(acct, False, cost)  # spent, as the store said just now
             local = acct.lease if acct is not None else 0
             need = cost - local
             if acct is None:
@@ -236,6 +260,7 @@ class CreditBook:
                 acct.epoch = lease.epoch
             acct.lease += lease.granted
             acct.store_balance = lease.balance_after
+            acct.recheck_ts = 0.0  # the store answered: its word is news again
             acct.refill_ts = lease.refill_at
             acct.refill_at = _utc(lease.refill_at)
             acct.base = lease.base
@@ -244,6 +269,7 @@ class CreditBook:
                 acct.lease -= cost
                 return self._outcome(acct, True, cost)
             if lease.balance_after == 0 and (acct.refill_ts is None or now_ts < acct.refill_ts):
+                acct.recheck_ts = now_ts + EXHAUSTED_RECHECK_S
                 break  # the store is empty for this period
         assert acct is not None
         return self._outcome(acct, False, cost)

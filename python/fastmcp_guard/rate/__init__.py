@@ -7,7 +7,16 @@ admits a burst of 100 calls, then refills at 100 per minute. Accepted spellings:
 serves :class:`RateLimit`, :func:`rate_limit` and the CLI.
 
 A call is admitted only if every bucket it touches admits it; a refused call
-consumes from none of them.
+consumes from none of them. A tool can cost more than one unit (``@cost(5)``, or the
+``tool_costs`` setting): its calls then take that many units from every bucket.
+
+Every rule can run in *shadow* (``mode="shadow"``): it decides as usual but never
+refuses; what it would have refused is audited as ``would_refuse`` naming the rule, and
+its bucket moves exactly as an enforcing one would. The *loop breaker* (on by default,
+in shadow) watches one caller calling one tool with the same arguments over and over:
+``RateLimit(loop_breaker="20/minute", loop_breaker_mode="enforce")`` refuses the 21st
+identical call in a minute, with a message telling the agent to change its arguments or
+wait.
 
 In-process limits are per process: with several workers they multiply. For
 multi-worker and multi-node deployments, ``backend="redis"`` shares the limits
@@ -18,14 +27,15 @@ same semantics and one round trip per call.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Generator
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from fastmcp.exceptions import ToolError
 from mcp import MCPError
 
-from fastmcp_guard._core import Limiter, Refusal, parse_rate
-from fastmcp_guard._util import mask_url
+from fastmcp_guard._core import Limiter, Refusal, Verdict, parse_rate
+from fastmcp_guard._util import DEFAULT_LOOP_BREAKER, MAX_COST, cost_problem, mask_url
 from fastmcp_guard.errors import ConfigError, GuardError
 
 if TYPE_CHECKING:
@@ -33,18 +43,44 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADMITTED",
+    "DEFAULT_LOOP_BREAKER",
+    "MAX_COST",
     "RATE_LIMITED_CODE",
     "RATE_LIMIT_ATTR",
     "Decision",
+    "Mode",
     "RateLimit",
     "RateLimitExceeded",
     "RefusalInfo",
+    "ToolRule",
+    "Verdict",
+    "cost",
     "parse_rate",
     "rate_limit",
 ]
 
-#: Attribute ``@rate_limit`` sets on the tool function (same name as fastmcp-guard 0.2).
+#: Attribute ``@rate_limit`` sets on the tool function (same name as fastmcp-guard 0.2):
+#: the tool's rate string.
 RATE_LIMIT_ATTR = "__fastmcp_guard_rate_limit__"
+#: Attribute ``@rate_limit`` and ``@cost`` set on the tool function: its :class:`ToolRule`.
+TOOL_RULE_ATTR = "__fastmcp_guard_tool_rule__"
+
+#: How a rule acts: ``"enforce"`` refuses, ``"shadow"`` only records ``would_refuse``.
+Mode = Literal["enforce", "shadow"]
+_MODES: Final = ("enforce", "shadow")
+
+
+
+class _Inherit:
+    """``@rate_limit(loop_breaker=...)`` not given: the RateLimit's own loop breaker."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "INHERIT"
+
+
+INHERIT: Final = _Inherit()
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,6 +96,22 @@ RefusalInfo = Refusal
 RATE_LIMITED_CODE = 429
 
 
+def loop_refusal_text(refusal: RefusalInfo, tool: str | None) -> str:
+    """The loop breaker's refusal, written for the agent that made the call."""
+    window = refusal.window_seconds
+    span = (
+        f"{window / 60:g} minutes" if window >= 120 else f"{window:g} seconds"
+    ) if window != 60 else "a minute"
+    what = f"tool {tool!r}" if tool else "this tool"
+    return (
+        f"Loop detected: this exact call ({what} with the same arguments) was already "
+        f"made {refusal.count} times within {span}, the most allowed. Repeating it will "
+        "not give a different result: change the arguments, or wait "
+        f"{refusal.retry_after:.2f} s before trying the same call again "
+        f"(retry_after={refusal.retry_after:.2f})."
+    )
+
+
 class RateLimitExceeded(GuardError, ToolError):
     """A call was refused by a rate limit.
 
@@ -69,7 +121,7 @@ class RateLimitExceeded(GuardError, ToolError):
     every error of fastmcp-guard it is a :class:`~fastmcp_guard.errors.GuardError`.
     """
 
-    def __init__(self, refusal: RefusalInfo, tool: str | None = None) -> None:
+    def __init__(self, refusal: RefusalInfo, tool: str | None = None, cost: int = 1) -> None:
         self.scope = refusal.scope
         self.limit: str | None = refusal.limit
         self.retry_after = refusal.retry_after
@@ -82,11 +134,23 @@ class RateLimitExceeded(GuardError, ToolError):
                 f"(on_backend_error='deny'); retry after {refusal.retry_after:.2f} s"
             )
             return
+        if refusal.scope == "loop":
+            super().__init__(loop_refusal_text(refusal, tool))
+            return
         what = {"per_key": "per-key", "global": "global", "tool": f"tool {tool!r}"}.get(
             refusal.scope, refusal.scope
         )
+        if cost > refusal.count:
+            # No wait helps: the call costs more than the bucket ever holds.
+            super().__init__(
+                f"Rate limit exceeded: this call costs {cost} units and the {what} limit "
+                f"{refusal.limit} never holds that many; the operator must raise the limit "
+                "or lower the tool's cost"
+            )
+            return
+        units = f" for a call costing {cost} units" if cost > 1 else ""
         super().__init__(
-            f"Rate limit exceeded ({what} limit {refusal.limit}); "
+            f"Rate limit exceeded ({what} limit {refusal.limit}){units}; "
             f"retry after {refusal.retry_after:.2f} s"
         )
 
@@ -98,8 +162,9 @@ class RateLimitExceeded(GuardError, ToolError):
     @property
     def data(self) -> dict[str, Any]:
         """Machine-readable refusal: ``retry_after``, ``limit``, ``remaining``, ``reset``."""
+        error = {"backend": "rate_limiter_unavailable", "loop": "loop_detected"}
         return {
-            "error": "rate_limiter_unavailable" if self.scope == "backend" else "rate_limited",
+            "error": error.get(self.scope, "rate_limited"),
             "scope": self.scope,
             "limit": self.limit,
             "remaining": 0,
@@ -184,6 +249,17 @@ class RateLimit:
             wait for an unresponsive Redis before the policy decides.
         max_connections: Redis connections per client (default 50); more concurrent
             calls wait for a free connection.
+        mode: ``"enforce"`` (default) or ``"shadow"`` for ``per_key`` and
+            ``global_limit``: in shadow they never refuse; what they would refuse is
+            audited as ``would_refuse`` and counted in the metrics.
+        loop_breaker: the most identical calls (same caller, tool and arguments) in a
+            window, e.g. ``"20/minute"`` (the default); ``None`` turns it off.
+            ``@rate_limit(..., loop_breaker=...)`` overrides it per tool.
+        loop_breaker_mode: ``"shadow"`` (default: loops are only audited, as
+            ``would_refuse``, so upgrading refuses nothing 0.2 admitted) or
+            ``"enforce"`` (the repeat is refused and audited as ``loop_detected``).
+        tool_costs: units per call of named tools (``{"expensive": 5}``; the
+            ``tool_costs`` setting); they override ``@cost``. Others cost 1.
 
     Bad rate strings raise :class:`~fastmcp_guard.errors.InvalidRateError` (a
     ``ValueError``) here, at construction; a bad backend option
@@ -204,7 +280,27 @@ class RateLimit:
         key_prefix: str | None = None,
         timeout: float | None = None,
         max_connections: int | None = None,
+        mode: Mode = "enforce",
+        loop_breaker: str | None = DEFAULT_LOOP_BREAKER,
+        loop_breaker_mode: Mode = "shadow",
+        tool_costs: Mapping[str, int] | None = None,
     ) -> None:
+        self.mode = _check_mode(mode, "RateLimit(mode=...)")
+        self.loop_breaker_mode = _check_mode(loop_breaker_mode, "RateLimit(loop_breaker_mode=...)")
+        if loop_breaker is not None and not isinstance(loop_breaker, str):
+            raise ConfigError(
+                f"RateLimit(loop_breaker=...) takes a rate string or None, got {loop_breaker!r}"
+            )
+        #: The loop breaker's rate (canonical), ``None`` when off.
+        self.loop_breaker = None if loop_breaker is None else str(parse_rate(loop_breaker))
+        #: Costs set by configuration (``tool_costs``); they override ``@cost``.
+        self.tool_costs: dict[str, int] = {}
+        for name, units in (tool_costs or {}).items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"tool_costs: {name!r} is not a tool name")
+            self.tool_costs[name] = check_cost(units, f"tool_costs[{name!r}]")
+        #: The cost of each tool seen so far (``@cost`` or ``tool_costs``); others cost 1.
+        self.costs: dict[str, int] = dict(self.tool_costs)
         if refusal not in ("tool", "protocol"):
             raise ConfigError(f"refusal must be 'tool' or 'protocol', got {refusal!r}")
         if isinstance(refusal_code, bool) or not isinstance(refusal_code, int):
@@ -236,7 +332,10 @@ class RateLimit:
         self.refusal = refusal
         #: JSON-RPC error code of a protocol refusal.
         self.refusal_code = refusal_code
-        self._core = Limiter(per_key=per_key, global_limit=global_limit)
+        shadow = self.mode == "shadow"
+        self._core = Limiter(per_key=per_key, global_limit=global_limit,
+                             per_key_shadow=shadow, global_shadow=shadow)  # fmt: skip
+        self._core.set_loop_breaker(self.loop_breaker, self.loop_breaker_mode == "shadow")
         #: True for the in-process backend (limits are per process).
         self.is_local = backend == "memory"
         self._remote: RedisLimiter | None = None
@@ -250,14 +349,19 @@ class RateLimit:
                 key_prefix=DEFAULT_KEY_PREFIX if key_prefix is None else key_prefix,
                 timeout=0.05 if timeout is None else timeout,
                 max_connections=50 if max_connections is None else max_connections,
+                per_key_shadow=shadow,
+                global_shadow=shadow,
             )  # fmt: skip
+            self._remote.set_loop_breaker(self.loop_breaker, self.loop_breaker_mode == "shadow")
         elif on_backend_error != "allow":
             raise ConfigError("on_backend_error applies to RateLimit(backend='redis') only")
         else:
             # In process, ``check`` is the core's own method: it answers with ADMITTED or a
             # Decision itself, so the request path pays no Python frame for the wrapper.
             self._core.set_decisions(ADMITTED, Decision)
-            self.check = self._core.decide  # type: ignore[method-assign]
+            self.check = self._core.decide  # type: ignore[method-assign,assignment]
+            # The middleware's decision, also the core's own method.
+            self.call = self._core.call  # type: ignore[method-assign,assignment]
 
     @property
     def core(self) -> Limiter:
@@ -275,12 +379,56 @@ class RateLimit:
         """The Redis URL (``backend="redis"``; may hold a password), else ``None``."""
         return None if self._remote is None else self._remote.url
 
-    def set_tool_rate(self, tool: str, rate: str | None) -> None:
-        """Set (a rate string) or clear (``None``) the per-(key, tool) limit of ``tool``;
-        the middleware does this from each tool's ``@rate_limit``."""
-        self._core.set_tool_rate(tool, rate)
+    def set_tool_rate(self, tool: str, rate: str | None, mode: Mode = "enforce") -> None:
+        """Set (a rate string) or clear (``None``) the per-(key, tool) limit of ``tool``,
+        enforced or in shadow; the middleware does this from each tool's ``@rate_limit``."""
+        shadow = _check_mode(mode, "mode") == "shadow"
+        if self._remote is None:
+            self._core.set_tool_rate(tool, rate, shadow)
+        else:  # it keeps its in-process twin (``core``) in step
+            self._remote.set_tool_rate(tool, rate, shadow)
+
+    def register_tool(self, tool: str, rule: ToolRule) -> None:
+        """Apply a tool's :class:`ToolRule` (its ``@rate_limit`` and ``@cost``): its rate
+        and mode, its own loop breaker if it has one, and its cost (``tool_costs`` wins)."""
+        self.set_tool_rate(tool, rule.rate, rule.mode)
+        # The Redis limiter keeps its in-process twin (``core``) in step itself.
+        target: Any = self._core if self._remote is None else self._remote
+        if rule.loop_breaker is INHERIT and rule.loop_breaker_mode is None:
+            target.clear_tool_loop_breaker(tool)
+        else:
+            rate = self.loop_breaker if rule.loop_breaker is INHERIT else rule.loop_breaker
+            mode = rule.loop_breaker_mode or self.loop_breaker_mode
+            target.set_tool_loop_breaker(tool, rate, mode == "shadow")
+        units = self.tool_costs.get(tool, rule.cost or 1)
+        if units == 1:
+            self.costs.pop(tool, None)
+        else:
+            self.costs[tool] = units
+
+    def cost_of(self, tool: str | None) -> int:
+        """The units one call of ``tool`` consumes (1 unless ``@cost`` / ``tool_costs``)."""
+        return 1 if tool is None else self.costs.get(tool, 1)
+
+    def call(
+        self, key_id: str, tool: str | None = None, cost: int = 1, args: Any = None
+    ) -> Verdict:
+        """Decide one call in process: the :class:`~fastmcp_guard._core.Verdict` (its
+        ``refusal``, a shadow rule's would-be refusal, and the tightest limit's
+        ``remaining`` / ``reset_after`` for the agent). ``args`` are the tool's arguments
+        (for the loop breaker). With Redis use :meth:`call_async`. In process, each
+        instance's ``call`` is the core limiter's own method."""
         if self._remote is not None:
-            self._remote.set_tool_rate(tool, rate)
+            raise GuardError("RateLimit(backend='redis').call() would block: use call_async()")
+        return self._core.call(key_id, tool, cost, args)
+
+    async def call_async(
+        self, key_id: str, tool: str | None = None, cost: int = 1, args: Any = None
+    ) -> Verdict:
+        """:meth:`call` for either backend (Redis: one round trip)."""
+        if self._remote is None:
+            return self._core.call(key_id, tool, cost, args)
+        return await self._remote.call(key_id, tool, cost, args)
 
     async def acquire(self, key_id: str, tool: str | None = None) -> RefusalInfo | None:
         """Admit one call (``None``) or say why not. In process: sub-microsecond;
@@ -361,6 +509,11 @@ class RateLimit:
 
     def __repr__(self) -> str:
         args = f"per_key={self.per_key!r}, global_limit={self.global_limit!r}"
+        if self.mode != "enforce":
+            args += f", mode={self.mode!r}"
+        if (self.loop_breaker, self.loop_breaker_mode) != (DEFAULT_LOOP_BREAKER, "shadow"):
+            args += f", loop_breaker={self.loop_breaker!r}, "
+            args += f"loop_breaker_mode={self.loop_breaker_mode!r}"
         if self._remote is None:
             return f"RateLimit({args})"
         return (
@@ -369,7 +522,57 @@ class RateLimit:
         )
 
 
-def rate_limit(limit: str) -> Callable[[F], F]:
+@dataclass(frozen=True, slots=True)
+class ToolRule:
+    """What ``@rate_limit`` and ``@cost`` say about one tool.
+
+    ``rate``: its per-(key, tool) limit (``None``: none) and ``mode``;
+    ``loop_breaker``: its own loop breaker rate (``None``: off for this tool;
+    :data:`INHERIT`: the RateLimit's) and ``loop_breaker_mode`` (``None``: the
+    RateLimit's); ``cost``: the units each call consumes (``None``: not set here)."""
+
+    rate: str | None = None
+    mode: Mode = "enforce"
+    loop_breaker: str | None | _Inherit = INHERIT
+    loop_breaker_mode: Mode | None = None
+    cost: int | None = None
+
+
+def _check_mode(mode: object, what: str) -> Mode:
+    if mode not in _MODES:
+        raise ConfigError(f"{what} must be 'enforce' or 'shadow', got {mode!r}")
+    return mode  # type: ignore[return-value]
+
+
+def check_cost(value: object, what: str = "cost") -> int:
+    """``value`` as a tool cost (a whole number from 1 to :data:`MAX_COST`), else a
+    :class:`~fastmcp_guard.errors.ConfigError` saying so."""
+    problem = cost_problem(value, what)
+    if problem is not None:
+        raise ConfigError(problem)
+    return value  # type: ignore[return-value] # checked: an int
+
+
+def _with_rule(fn: F, **changes: Any) -> F:
+    """Merge ``changes`` into the tool's :class:`ToolRule` (``@rate_limit`` and ``@cost``
+    stack in either order, on either side of ``@mcp.tool``)."""
+    # Below @mcp.tool we get the function; above it, FastMCP's Tool (its .fn).
+    target = fn if inspect.isroutine(fn) else getattr(fn, "fn", fn)
+    rule = getattr(target, TOOL_RULE_ATTR, None)
+    rule = replace(rule if isinstance(rule, ToolRule) else ToolRule(), **changes)
+    setattr(target, TOOL_RULE_ATTR, rule)
+    if rule.rate is not None:
+        setattr(target, RATE_LIMIT_ATTR, rule.rate)
+    return fn
+
+
+def rate_limit(
+    limit: str | None,
+    *,
+    mode: Mode = "enforce",
+    loop_breaker: str | None | _Inherit = INHERIT,
+    loop_breaker_mode: Mode | None = None,
+) -> Callable[[F], F]:
     """Limit one tool per caller, on top of the Guard-level limits.
 
     Works on sync and async tools and on either side of ``@mcp.tool``. The rate
@@ -380,19 +583,66 @@ def rate_limit(limit: str) -> Callable[[F], F]:
     @rate_limit("10/minute")
     def run_expensive_analysis(data: str) -> str: ...
     ```
+
+    Args:
+        limit: the per-(key, tool) rate, or ``None`` for none (to set only the loop
+            breaker).
+        mode: ``"enforce"`` (default) or ``"shadow"`` (never refuses; audits
+            ``would_refuse``).
+        loop_breaker: this tool's loop breaker rate (``None``: off for this tool);
+            default: the RateLimit's.
+        loop_breaker_mode: this tool's loop breaker mode; default: the RateLimit's.
     """
-    canonical = str(parse_rate(limit))
+    canonical = None if limit is None else str(parse_rate(limit))
+    _check_mode(mode, "rate_limit(mode=...)")
+    if loop_breaker_mode is not None:
+        _check_mode(loop_breaker_mode, "rate_limit(loop_breaker_mode=...)")
+    if isinstance(loop_breaker, str):
+        loop_breaker = str(parse_rate(loop_breaker))
+    elif loop_breaker is not None and loop_breaker is not INHERIT:
+        raise ConfigError(
+            f"rate_limit(loop_breaker=...) takes a rate string or None, got {loop_breaker!r}"
+        )
 
     def decorator(fn: F) -> F:
-        # Below @mcp.tool we get the function; above it, FastMCP's Tool (its .fn).
-        target = fn if inspect.isroutine(fn) else getattr(fn, "fn", fn)
-        setattr(target, RATE_LIMIT_ATTR, canonical)
-        return fn
+        return _with_rule(fn, rate=canonical, mode=mode, loop_breaker=loop_breaker,
+                          loop_breaker_mode=loop_breaker_mode)  # fmt: skip
 
     return decorator
 
 
+def cost(units: int) -> Callable[[F], F]:
+    """The units each call of a tool consumes from every bucket and budget it touches
+    (rate limits and credits); the default is 1. A refused call consumes nothing.
+
+    ```python
+    @mcp.tool
+    @cost(5)
+    @rate_limit("10/minute")
+    def expensive(query: str) -> str: ...
+    ```
+
+    The ``tool_costs`` setting (``FASTMCP_GUARD_TOOL_COSTS="expensive=5"``) overrides it,
+    so operators can retune a cost without a release. ``cost(0)``, a negative or a
+    non-integer cost raise :class:`~fastmcp_guard.errors.ConfigError` at once."""
+    checked = check_cost(units, "cost(...)")
+
+    def decorator(fn: F) -> F:
+        return _with_rule(fn, cost=checked)
+
+    return decorator
+
+
+def tool_rule_of(tool: Any) -> ToolRule:
+    """The :class:`ToolRule` of a FastMCP tool (a plain 0.2 ``@rate_limit`` string too)."""
+    fn = getattr(tool, "fn", None)
+    rule = getattr(fn, TOOL_RULE_ATTR, None)
+    if isinstance(rule, ToolRule):
+        return rule
+    marker = getattr(fn, RATE_LIMIT_ATTR, None)
+    return ToolRule(rate=marker) if isinstance(marker, str) else ToolRule()
+
+
 def tool_rate_of(tool: Any) -> str | None:
     """The ``@rate_limit`` string attached to a FastMCP tool, if any."""
-    marker = getattr(getattr(tool, "fn", None), RATE_LIMIT_ATTR, None)
-    return marker if isinstance(marker, str) else None
+    return tool_rule_of(tool).rate
