@@ -50,6 +50,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from importlib import import_module
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -236,7 +237,7 @@ COMPARED_OPS = ("empty", "verify", "verifier", "verify_token", "rate", "rate_mw"
 #: (a) the cache TTL of the KeyManager whose cached verify is timed.
 CACHE_TTL_S = 24 * 3600.0
 #: The (c) servers run by each worker.
-COMPARED_INPROC = ("bare", "guard", "guard+key")
+COMPARED_INPROC = ("bare", "guard", "guard+key", "guard+budgets")
 
 
 class GuardOps:
@@ -1404,13 +1405,32 @@ def _inproc_guard(kind: str, mcp: Any, tmp: Path) -> Any:
     def audit(name: str) -> Any:
         return AuditLog(backend=FileBackend(str(tmp / f"{name}.jsonl")))
 
-    def limits() -> dict[str, Any]:
-        return {"rate_limit": RateLimit(per_key=HIGH, global_limit=HIGH),
+    budgets = hasattr(import_module("fastmcp_guard.rate"), "cost")  # issue 12 on
+
+    def limits(**more: Any) -> dict[str, Any]:
+        # The benchmark repeats one call: a loop breaker (issue 12: on by default, in
+        # shadow) would audit every call past the 20th as would_refuse. A high one keeps
+        # the common path timed: the arguments are still hashed on every call.
+        if budgets:
+            more.setdefault("loop_breaker", HIGH)
+        return {"rate_limit": RateLimit(per_key=HIGH, global_limit=HIGH, **more),
                 "ip": IPPolicy(allow=IP_ALLOW, deny=IP_DENY)}  # fmt: skip
 
     if kind == "guard":
         return Guard(mcp, **limits(), audit=audit("inproc-audit"))
-    if kind == "guard+key":
+    if kind == "guard+budgets" and budgets:
+        # Issue 12 on: the tool costs 2 (configured), the key has credits (in-process
+        # store: leases from memory), the loop breaker enforces, results carry _meta.
+        ks = KeyStore(backend="memory")
+        key = ks.create(name="alice", scopes=["read:data"], credits=10**15)
+        os.environ["FASTMCP_GUARD_KEY"] = key.token or ""
+        try:
+            return Guard(mcp, keys=ks, **limits(loop_breaker_mode="enforce",
+                                                tool_costs={"echo": 2}),
+                         audit=audit("inproc-audit-budgets"), budget_meta=True)  # fmt: skip
+        finally:
+            del os.environ["FASTMCP_GUARD_KEY"]
+    if kind in ("guard+key", "guard+budgets"):  # a build before issue 12: guard+key
         ks = KeyStore(backend="memory")
         key = ks.create(name="alice", scopes=["read:data"])
         os.environ["FASTMCP_GUARD_KEY"] = key.token or ""
@@ -1432,7 +1452,7 @@ def bench_inprocess(args: argparse.Namespace, tmp: Path) -> None:
     n, rounds = args.inproc_calls, args.rounds_inproc
     kinds: tuple[str, ...] = ("bare", "fastmcp-own")
     if core is not None:
-        kinds += ("guard", "guard+key")
+        kinds += ("guard", "guard+key", "guard+budgets")
         if args.breakdown:
             kinds += ("empty-mw", "guard-noaudit", "guard-auditonly")
     servers, guard_of = inproc_servers(tmp, kinds)
@@ -1476,6 +1496,7 @@ def bench_inprocess(args: argparse.Namespace, tmp: Path) -> None:
         "empty-mw": "FastMCP + an empty Middleware (the 3 hooks the guard overrides)",
         "guard": "Guard: limits + IP + audit (local caller)",
         "guard+key": "Guard: same + FASTMCP_GUARD_KEY (cached verify per call)",
+        "guard+budgets": "Guard: same + cost 2, credits, loop breaker enforced, _meta",
         "fastmcp-own": "FastMCP RateLimiting + StructuredLogging (to file)",
         "guard-noaudit": "Guard: limits + IP, no audit",
         "guard-auditonly": "Guard: audit only (no limits, no IP)",
@@ -1485,6 +1506,7 @@ def bench_inprocess(args: argparse.Namespace, tmp: Path) -> None:
         "bare",
         "guard",
         "guard+key",
+        "guard+budgets",
         "fastmcp-own",
         "guard-noaudit",
         "guard-auditonly",
@@ -1546,7 +1568,9 @@ def compare_inproc(workers: list[Worker], figures: dict[str, list[tuple[float, f
     compare_header(f"(c) the same servers, {n:,} calls per round, {rounds} rounds", workers)
     labels = {"bare": "bare FastMCP (no guard: the workers' noise floor)",
               "guard": "Guard: limits + IP + audit (local caller)",
-              "guard+key": "Guard: same + FASTMCP_GUARD_KEY (cached verify per call)"}  # fmt: skip
+              "guard+key": "Guard: same + FASTMCP_GUARD_KEY (cached verify per call)",
+              "guard+budgets": "this: guard+key + cost, credits, loop breaker enforced, _meta; "
+                               "ref: guard+key"}  # fmt: skip
     rows = []
     for k in COMPARED_INPROC:
         a, b = wall[f"this:{k}"], wall[f"ref:{k}"]
@@ -1555,7 +1579,12 @@ def compare_inproc(workers: list[Worker], figures: dict[str, list[tuple[float, f
         cratio, _ = paired(ca, cb)
         rows.append([labels[k], f"{med(a):.1f}", f"{med(b):.1f}", f"{ratio:.3f}x",
                      f"{med(ca):.1f}", f"{med(cb):.1f}", f"{cratio:.3f}x", per_round])  # fmt: skip
-        if k != "bare":
+        if k == "guard+budgets":
+            # Issue 12: every budget on costs at most +3 us per call over the guard before it.
+            added = med([x - y for x, y in zip(a, b, strict=True)])
+            SUMMARY.append((f"(c) budgets on: this - {ref.label} guard+key (wall, paired)",
+                            "<= +3 us", f"{added:+.2f} us", verdict(added <= 3.0)))  # fmt: skip
+        elif k != "bare":
             SUMMARY.append((f"(c) {k}: this / {ref.label} (wall, paired)", "<= 1.05x",
                             f"{ratio:.3f}x", verdict(ratio <= 1.05)))  # fmt: skip
     table(["server", "this us/call", f"{ref.label} us/call", "this/ref",

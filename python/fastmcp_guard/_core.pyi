@@ -182,6 +182,9 @@ class Verdict:
     @property
     def settled(self) -> bool:
         """Always ``True``: the decision is final."""
+    def budget(self) -> dict[str, Any]:
+        """``{"remaining", "reset", "limit"}``: the agent's view of this decision (all
+        ``None`` when no enforced bucket applies)."""
 
 def args_hash(obj: object) -> str:
     """The loop breaker's hash of a call's arguments: 16 lowercase hex digits, the first 8

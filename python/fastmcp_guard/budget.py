@@ -36,8 +36,10 @@ if TYPE_CHECKING:
     from fastmcp_guard.guard import Guard
     from fastmcp_guard.middleware import Caller
 
-__all__ = ["BUDGET_META_KEY", "CREDITS_EXHAUSTED_CODE", "USAGE_URI", "CreditsExhausted"]
+__all__ = ["ANONYMOUS", "BUDGET_META_KEY", "CREDITS_EXHAUSTED_CODE", "USAGE_URI", "CreditsExhausted"]
 
+#: The usage key of callers without an identity (known by their address only).
+ANONYMOUS = "(anonymous)"
 #: The ``_meta`` key of the budget on every guarded result.
 BUDGET_META_KEY = "fastmcp-guard/budget"
 #: The caller's own budget and usage, as a resource.
@@ -85,11 +87,7 @@ class CreditsExhausted(GuardError, ToolError):
 
 def budget_meta(guard: Guard, caller: Caller, verdict: Verdict) -> dict[str, Any]:
     """The ``_meta["fastmcp-guard/budget"]`` of one admitted call."""
-    meta: dict[str, Any] = {
-        "remaining": verdict.remaining,
-        "reset": round(verdict.reset_after, 3) if verdict.remaining is not None else None,
-        "limit": verdict.limit,
-    }
+    meta = verdict.budget()
     book = guard.credits
     if book is not None and caller.credits is not None:
         known = book.balance(caller.key_id)
@@ -101,7 +99,8 @@ def budget_meta(guard: Guard, caller: Caller, verdict: Verdict) -> dict[str, Any
 
 async def usage_document(guard: Guard, caller: Caller) -> dict[str, Any]:
     """What ``guard://usage`` shows ``caller``: its limits now, its credits, and its usage
-    today (UTC), per tool. Only the caller's own data."""
+    today (UTC), per tool. Only the caller's own data: a caller without an identity gets
+    its address's limits and no usage."""
     rate = guard.rate_limit
     doc: dict[str, Any] = {
         "key_id": caller.key_id or None,
@@ -117,7 +116,9 @@ async def usage_document(guard: Guard, caller: Caller) -> dict[str, Any]:
         if known is not None:
             doc["credits"] = {"balance": known[0], "refill_at": iso(known[1])}
     usage = guard.usage
-    if usage is not None and caller.usage_key:
+    if usage is not None and caller.usage_key != ANONYMOUS:
+        # Callers known by their address only share one usage key: that is everybody's
+        # anonymous traffic, not the caller's own, so it is not shown.
         doc["usage_today"] = await usage.today_async(caller.usage_key)
     return doc
 

@@ -21,7 +21,7 @@ from fastmcp_guard.errors import ConfigError, GuardError
 from fastmcp_guard.http import mask_server_logs
 from fastmcp_guard.ip import IPPolicy
 from fastmcp_guard.keys import KeyStore
-from fastmcp_guard.keys.credits import CREDITS_CLAIM, CreditBook
+from fastmcp_guard.keys.credits import CREDITS_CLAIM, DEFAULT_LEASE_MAX, MAX_CREDITS, CreditBook
 from fastmcp_guard.keys.verifier import GuardTokenVerifier, access_token_for
 from fastmcp_guard.metrics import GuardMetrics
 from fastmcp_guard.middleware import Caller, GuardMiddleware
@@ -168,7 +168,10 @@ class Guard:
         )
         #: This process's credit leases (keys with credits spend from them).
         self.credits: CreditBook | None = CreditBook(
-            self.keys, shadow=config is not None and config.credits_mode == "shadow"
+            self.keys, shadow=config is not None and config.credits_mode == "shadow",
+            # A memory store lives and dies with this process: nothing to share, nothing a
+            # crash could strand, so a lease may take any part of the balance (1/16 at a time).
+            lease_max=MAX_CREDITS if self.keys.backend == "memory" else DEFAULT_LEASE_MAX,
         )
         #: Usage per key, tool and UTC day (``None`` with ``usage=False``).
         self.usage: Usage | None = Usage.for_store(self.keys) if usage else None

@@ -11,8 +11,10 @@ network). Anyone else gets 401 / 403: the figures describe the traffic of every 
 
 - ``fastmcp_guard_decisions_total{status,tool}``: every decision, one per audit event:
   ``ok``, ``error``, ``rate_limited``, ``unauthorized`` (auth failures), ``forbidden``,
-  ``ip_denied`` (a throttled token counts as ``rate_limited``), and the key
-  lifecycle's ``created`` / ``rotated`` / ``revoked``;
+  ``ip_denied`` (a throttled token counts as ``rate_limited``), the budgets'
+  ``would_refuse`` (a shadow rule's would-be refusal), ``loop_detected``,
+  ``credits_exhausted`` and ``credits_low``, and the key lifecycle's ``created`` /
+  ``rotated`` / ``revoked``;
 - ``fastmcp_guard_rate_limited_total{tool}`` and ``fastmcp_guard_auth_failures_total``:
   the refusals operators alert on, broken out;
 - ``fastmcp_guard_overhead_seconds``: a histogram of the time the guard adds to a call

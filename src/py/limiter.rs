@@ -306,6 +306,16 @@ impl PyVerdict {
     fn settled(&self) -> bool {
         true
     }
+    /// The agent's view of this decision, as `_meta["fastmcp-guard/budget"]` carries it:
+    /// `{"remaining": ..., "reset": ..., "limit": ...}` (all `None` when no enforced
+    /// bucket applies). One dict built here: the middleware adds it to every result.
+    fn budget<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("remaining", self.remaining)?;
+        d.set_item("reset", self.remaining.map(|_| self.reset_after))?;
+        d.set_item("limit", self.limit.map(|r| r.to_string()))?;
+        Ok(d)
+    }
     fn __repr__(&self, py: Python<'_>) -> String {
         let refusal = |r: &Option<Py<PyRefusal>>| {
             r.as_ref()

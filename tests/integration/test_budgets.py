@@ -263,3 +263,15 @@ async def test_configured_costs_override_the_decorator(serve):
         await client.call_tool("expensive", {"query": "a"})
         await client.call_tool("echo", {"text": "b"})
     assert guard.rate_limit.status(key.id)["per_key"]["used"] == 5
+
+
+async def test_guard_usage_shows_an_anonymous_caller_no_one_elses_usage():
+    from fastmcp_guard.budget import usage_document
+    from fastmcp_guard.middleware import Caller
+
+    mcp, guard = budget_server(rate_limit=RateLimit(per_key="10/minute"))
+    assert guard.usage is not None
+    guard.usage.record("(anonymous)", "echo", "ok", 1, 1.0)  # another address's call
+    doc = await usage_document(guard, Caller(rate_key="ip:192.0.2.7", client_ip="192.0.2.7"))
+    assert "usage_today" not in doc and doc["key_id"] is None
+    assert doc["limits"]["per_key"]["used"] == 0

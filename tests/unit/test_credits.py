@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastmcp_guard._core import parse_refill
@@ -276,3 +277,38 @@ def test_a_python_store_without_credit_methods_refuses_credits() -> None:
     with pytest.raises(InvalidKeyInputError, match="write_credits"):
         km.set_credits(info.id, 5)
     km.close()
+
+
+async def test_an_exhausted_key_does_not_ask_the_store_on_every_call(keys: KeyStore) -> None:
+    """A flood of calls from a key whose credits are spent costs the store one lease per
+    second (EXHAUSTED_RECHECK_S), not one write per call; a refill is seen at its time."""
+    from fastmcp_guard.keys.credits import EXHAUSTED_RECHECK_S
+
+    key = keys.create("agent", credits=2, refill="2/day")
+    assert key.refill_at is not None
+    clock = Clock(key.refill_at - timedelta(seconds=30))
+    leases: list[int] = []
+
+    class Counting:  # the real store, its lease calls counted
+        def __getattr__(self, name: str) -> Any:
+            return getattr(keys, name)
+
+        def lease_credits(self, *args: Any) -> Any:
+            leases.append(1)
+            return keys.lease_credits(*args)
+
+    book = CreditBook(Counting(), clock=clock)  # type: ignore[arg-type]
+    assert [paid(await pay(book, key.id)) for _ in range(2)] == [True, True]
+    before = len(leases)
+    assert not any([paid(await pay(book, key.id)) for _ in range(50)])
+    assert len(leases) - before == 1, "one store lease, then refusals from memory"
+    clock.now += timedelta(seconds=EXHAUSTED_RECHECK_S + 0.1)
+    assert not paid(await pay(book, key.id))
+    assert len(leases) - before == 2, "asked again once the recheck interval passed"
+    keys.add_credits(key.id, 5)
+    assert not paid(await pay(book, key.id)), "added credits are seen after the interval"
+    clock.now += timedelta(seconds=EXHAUSTED_RECHECK_S + 0.1)
+    assert paid(await pay(book, key.id))
+    clock.now = key.refill_at  # the refill is seen at once, whatever the interval
+    assert paid(await pay(book, key.id))
+    await book.aclose()

@@ -48,7 +48,8 @@ if TYPE_CHECKING:
     from fastmcp_guard.keys import KeyStore
 
 __all__ = [
-    "CREDITS_CLAIM", "DEFAULT_LEASE_MAX", "EXHAUSTED_RECHECK_S", "CreditBook", "CreditOutcome",
+    "CREDITS_CLAIM", "DEFAULT_LEASE_MAX", "EXHAUSTED_RECHECK_S", "MAX_CREDITS", "CreditBook",
+    "CreditOutcome",
     "credits_refusal_text",
 ]  # fmt: skip
 
@@ -59,6 +60,8 @@ log = logging.getLogger("fastmcp_guard.keys")
 
 #: The largest lease a process takes (also the most a crashed process can lose per key).
 DEFAULT_LEASE_MAX = 256
+#: The largest balance a key can hold (2**53: exact in every store, JSON and Lua).
+MAX_CREDITS = 2**53
 #: A lease is about this fraction of the store balance (so near exhaustion it is small).
 _LEASE_FRACTION = 16
 #: "Low" means below this fraction of the base.
