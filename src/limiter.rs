@@ -1425,12 +1425,18 @@ pub struct ArgsHasher {
 
 /// Bytes gathered before they are fed to blake3.
 const ARGS_CHUNK: usize = 16 * 1024;
+/// The buffer's first capacity: most calls' canonical arguments fit.
+const ARGS_INITIAL_BUF: usize = 512;
 
 impl ArgsHasher {
-    /// An empty text.
+    /// An empty text, with room for a typical call's arguments (one allocation, not a
+    /// growth step per doubling).
     #[must_use]
     pub fn new() -> ArgsHasher {
-        ArgsHasher::default()
+        ArgsHasher {
+            buf: Vec::with_capacity(ARGS_INITIAL_BUF),
+            ..ArgsHasher::default()
+        }
     }
 
     /// True once the byte budget is spent: callers stop walking.

@@ -438,6 +438,30 @@ fn walk(h: &mut ArgsHasher, obj: &Bound<'_, PyAny>, depth: usize) {
         // A snapshot of the items first (no Python code runs while iterating): `str()` of
         // a key may run code that changes the dict.
         let pairs: Vec<_> = d.iter().collect();
+        if pairs
+            .iter()
+            .all(|(k, _)| k.is_exact_instance_of::<PyString>())
+        {
+            // The common case, every key a str: one vector, sorted by the keys' text (no
+            // Python code runs to read it; the same order as `key_text`'s, whose rank is 0
+            // for every str).
+            let mut strs: Vec<_> = pairs.iter().map(|(k, v)| (key_text(k).0, v)).collect();
+            strs.sort_by(|a, b| a.0.cmp(&b.0));
+            h.raw(b"{");
+            for (i, (k, v)) in strs.iter().enumerate() {
+                if h.is_full() {
+                    return;
+                }
+                if i > 0 {
+                    h.raw(b",");
+                }
+                h.string(k);
+                h.raw(b":");
+                walk(h, v, depth + 1);
+            }
+            h.raw(b"}");
+            return;
+        }
         let mut items: Vec<_> = pairs.iter().map(|(k, v)| (key_text(k), v)).collect();
         items.sort_by(|a, b| a.0.cmp(&b.0));
         h.raw(b"{");
