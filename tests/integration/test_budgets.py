@@ -269,7 +269,7 @@ async def test_guard_usage_shows_an_anonymous_caller_no_one_elses_usage():
     from fastmcp_guard.budget import usage_document
     from fastmcp_guard.middleware import Caller
 
-    mcp, guard = budget_server(rate_limit=RateLimit(per_key="10/minute"))
+    _mcp, guard = budget_server(rate_limit=RateLimit(per_key="10/minute"))
     assert guard.usage is not None
     guard.usage.record("(anonymous)", "echo", "ok", 1, 1.0)  # another address's call
     doc = await usage_document(guard, Caller(rate_key="ip:192.0.2.7", client_ip="192.0.2.7"))

@@ -99,9 +99,14 @@ RATE_LIMITED_CODE = 429
 def loop_refusal_text(refusal: RefusalInfo, tool: str | None) -> str:
     """The loop breaker's refusal, written for the agent that made the call."""
     window = refusal.window_seconds
-    span = (
-        f"{window / 60:g} minutes" if window >= 120 else f"{window:g} seconds"
-    ) if window != 60 else "a minute"
+    if window == 60:
+        span = "a minute"
+    elif window == 1:
+        span = "a second"
+    elif window >= 120 and window % 60 == 0:
+        span = f"{window / 60:g} minutes"
+    else:
+        span = f"{window:g} seconds"
     what = f"tool {tool!r}" if tool else "this tool"
     return (
         f"Loop detected: this exact call ({what} with the same arguments) was already "
