@@ -2,7 +2,7 @@
 guarded result, and the ``guard://usage`` resource.
 
 Agents spend budgets in loops, and an agent that can read how much it has left can
-slow down before it is refused. Every guarded tool result carries, under
+slow down before it is refused. Every guarded result (tool, resource, prompt) carries, under
 ``_meta["fastmcp-guard/budget"]``::
 
     {"remaining": 7, "reset": 42.5, "limit": "10/minute",

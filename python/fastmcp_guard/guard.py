@@ -86,7 +86,7 @@ class Guard:
             limiter status and reset, for ``fastmcp-guard rate``); they require a key
             with the ``guard:admin`` scope. See :mod:`fastmcp_guard.admin`.
         budget_meta: put the caller's remaining budget (tightest limit, credits) in every
-            tool result's ``_meta["fastmcp-guard/budget"]`` (default: the ``budget_meta``
+            result's ``_meta["fastmcp-guard/budget"]`` (default: the ``budget_meta``
             setting when the configuration is read, else on). See
             :mod:`fastmcp_guard.budget`.
         usage: count calls, cost units, refusals and duration per key, tool and UTC day

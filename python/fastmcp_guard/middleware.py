@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from fastmcp import FastMCP
 from fastmcp.exceptions import AuthorizationError, NotFoundError
+from fastmcp.prompts.base import PromptResult
+from fastmcp.resources.base import ResourceResult
 from fastmcp.server.auth import AuthContext, run_auth_checks
 from fastmcp.server.context import _current_transport, reset_transport, set_transport
 from fastmcp.server.dependencies import get_access_token, get_http_request
@@ -305,7 +307,7 @@ class GuardMiddleware(Middleware):
             self._would_refuse(caller, target, arguments, shadow.scope, text, shown)
         if audit is None and usage is None:
             answer = await call_next(context)
-            if guard.budget_meta and tool is not None and isinstance(answer, ToolResult):
+            if guard.budget_meta and isinstance(answer, _WITH_META):
                 _set_meta(answer, budget_meta(guard, caller, verdict))
             return answer
 
@@ -318,7 +320,7 @@ class GuardMiddleware(Middleware):
             result = await call_next(context)
             if getattr(result, "is_error", False):
                 status, error = "error", _preview(result, 1000)
-            elif guard.budget_meta and tool is not None and isinstance(result, ToolResult):
+            elif guard.budget_meta and isinstance(result, _WITH_META):
                 _set_meta(result, budget_meta(guard, caller, verdict))
             return result
         except AuthorizationError as exc:
@@ -441,7 +443,11 @@ class GuardMiddleware(Middleware):
         return True
 
 
-def _set_meta(result: ToolResult, budget: dict[str, Any]) -> None:
+#: The results that carry ``_meta``: tools', resources' and prompts'.
+_WITH_META = (ToolResult, ResourceResult, PromptResult)
+
+
+def _set_meta(result: ToolResult | ResourceResult | PromptResult, budget: dict[str, Any]) -> None:
     """Put the caller's budget in a tool result's ``_meta`` (keeping the tool's own).
 
     Written to the model's ``__dict__`` (and its set fields) directly: pydantic's

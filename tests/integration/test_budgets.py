@@ -275,3 +275,40 @@ async def test_guard_usage_shows_an_anonymous_caller_no_one_elses_usage():
     doc = await usage_document(guard, Caller(rate_key="ip:192.0.2.7", client_ip="192.0.2.7"))
     assert "usage_today" not in doc and doc["key_id"] is None
     assert doc["limits"]["per_key"]["used"] == 0
+
+
+async def test_a_global_limit_in_shadow_refuses_nobody(serve, audit, audit_path):
+    mcp, guard = budget_server(
+        rate_limit=RateLimit(global_limit="2/minute", mode="shadow"), audit=audit
+    )
+    a, b = guard.keys.create(name="a"), guard.keys.create(name="b")
+    async with serve(mcp) as url:
+        for key in (a, b, a):
+            async with http_client(url, key.token) as client:
+                assert (await client.call_tool("echo", {"text": key.name})).data
+    audit.flush()
+    echo = events(audit_path, "echo")
+    assert [e["status"] for e in echo].count("ok") == 3
+    (shadow,) = [e for e in echo if e["status"] == "would_refuse"]
+    assert shadow["rule"] == "global" and shadow["key_name"] == "a"
+    assert guard.rate_limit.status(a.id)["global"]["used"] == 2
+
+
+async def test_resources_and_prompts_carry_the_budget_too(serve):
+    mcp, guard = budget_server(rate_limit=RateLimit(per_key="10/minute"))
+
+    @mcp.resource("data://note")
+    def note() -> str:
+        return "a note"
+
+    @mcp.prompt
+    def ask(topic: str) -> str:
+        return f"Tell me about {topic}"
+
+    key = guard.keys.create(name="agent")
+    async with serve(mcp) as url, http_client(url, key.token) as client:
+        read = await client.read_resource_mcp("data://note")
+        prompt = await client.get_prompt_mcp("ask", {"topic": "x"})
+    assert read.meta[BUDGET_META_KEY]["remaining"] == 9
+    assert prompt.meta[BUDGET_META_KEY]["remaining"] == 8
+    assert prompt.meta[BUDGET_META_KEY]["limit"] == "10/minute"
