@@ -497,9 +497,10 @@ pub enum Decision {
     /// The call was admitted and consumed its cost from every touched bucket (a shadow
     /// bucket that would have refused consumed nothing: see the module notes).
     Allowed {
-        /// Calls of cost 1 still admissible right now by the tightest enforced bucket (the
-        /// fewest remaining; on a tie the longest `reset_after`); `u64::MAX` when no
-        /// enforced bucket applies.
+        /// Calls of cost 1 still admissible right now by the caller's tightest enforced
+        /// bucket, per key or per tool (the fewest remaining; on a tie the longest
+        /// `reset_after`); never the global bucket, which would tell every caller the
+        /// others' traffic; `u64::MAX` when none applies.
         remaining: u64,
         /// Seconds until that bucket is full again (0 when no enforced bucket applies).
         reset_after: f64,
@@ -804,7 +805,10 @@ impl Tally {
     fn bucket(&mut self, scope: Scope, rule: Rule, tat: u64, now: u64, n: u64) -> Option<u64> {
         match rule.gcra.admit_n(tat, now, n) {
             Ok(new) => {
-                if !rule.shadow && scope != Scope::Loop {
+                // The agent's view (`remaining`): its own enforced buckets only. The
+                // global bucket counts every caller's calls, so showing it would tell
+                // each caller everybody's traffic.
+                if !rule.shadow && scope != Scope::Loop && scope != Scope::Global {
                     self.tighten(rule.gcra, new, now);
                 }
                 Some(new)
@@ -2737,7 +2741,7 @@ mod tests {
                 };
                 match outcome {
                     Ok(new) => {
-                        if !shadow && *scope != Scope::Loop {
+                        if !shadow && *scope != Scope::Loop && *scope != Scope::Global {
                             let ahead = new - now;
                             let remaining = if ahead > tau {
                                 0

@@ -8,9 +8,10 @@ slow down before it is refused. Every guarded result (tool, resource, prompt) ca
     {"remaining": 7, "reset": 42.5, "limit": "10/minute",
      "credits": 4180, "refill_at": "2027-01-01T00:00:00Z"}
 
-``remaining`` / ``reset`` / ``limit`` are the tightest enforced rate limit's (calls of
-cost 1 left, seconds until that bucket is full again, its rate; ``null`` when no limit
-applies); ``credits`` / ``refill_at`` appear when the key has credits (the best estimate of
+``remaining`` / ``reset`` / ``limit`` are those of the caller's tightest enforced rate
+limit, per key or per tool (calls of cost 1 left, seconds until that bucket is full
+again, its rate; ``null`` when no limit applies; never the global limit, which counts
+everybody's calls); ``credits`` / ``refill_at`` appear when the key has credits (the best estimate of
 this process: the store's balance plus what this process holds). ``Guard(budget_meta=False)``
 (setting ``budget_meta``) turns it off.
 
@@ -36,8 +37,10 @@ if TYPE_CHECKING:
     from fastmcp_guard.guard import Guard
     from fastmcp_guard.middleware import Caller
 
-__all__ = ["ANONYMOUS", "BUDGET_META_KEY", "CREDITS_EXHAUSTED_CODE", "USAGE_URI", "CreditsExhausted"]
+__all__ = ["ANONYMOUS", "BUDGET_META_KEY", "CREDITS_EXHAUSTED_CODE", "EXTERNAL_IDENTITY", "USAGE_URI", "CreditsExhausted"]
 
+#: The metadata of a caller another verifier identified (its client id is the identity).
+EXTERNAL_IDENTITY = {"auth": "external"}
 #: The usage key of callers without an identity (known by their address only).
 ANONYMOUS = "(anonymous)"
 #: The ``_meta`` key of the budget on every guarded result.
@@ -99,14 +102,17 @@ def budget_meta(guard: Guard, caller: Caller, verdict: Verdict) -> dict[str, Any
 
 async def usage_document(guard: Guard, caller: Caller) -> dict[str, Any]:
     """What ``guard://usage`` shows ``caller``: its limits now, its credits, and its usage
-    today (UTC), per tool. Only the caller's own data: a caller without an identity gets
-    its address's limits and no usage."""
+    today (UTC), per tool. Only the caller's own data: no global limit (everybody's
+    calls); a caller without an identity, or identified by another verifier, gets its
+    limits and no usage."""
     rate = guard.rate_limit
     doc: dict[str, Any] = {
         "key_id": caller.key_id or None,
         "key_name": caller.key_name or None,
         "limits": await rate.status_async(caller.rate_key),
     }
+    # The caller's own buckets only: the global one counts everybody's calls.
+    doc["limits"].pop("global", None)
     book = guard.credits
     if book is not None and caller.credits is not None:
         known: tuple[int | None, datetime | None] | None = book.balance(caller.key_id)
@@ -116,9 +122,11 @@ async def usage_document(guard: Guard, caller: Caller) -> dict[str, Any]:
         if known is not None:
             doc["credits"] = {"balance": known[0], "refill_at": iso(known[1])}
     usage = guard.usage
-    if usage is not None and caller.usage_key != ANONYMOUS:
+    external = caller.metadata == EXTERNAL_IDENTITY
+    if usage is not None and caller.usage_key != ANONYMOUS and not external:
         # Callers known by their address only share one usage key: that is everybody's
-        # anonymous traffic, not the caller's own, so it is not shown.
+        # anonymous traffic, not the caller's own, so it is not shown. Nor for another
+        # verifier's identity: its client id may name an application all its users share.
         doc["usage_today"] = await usage.today_async(caller.usage_key)
     return doc
 

@@ -47,6 +47,7 @@ from mcp_types import INTERNAL_ERROR, INVALID_REQUEST, TextContent
 from fastmcp_guard.budget import (
     ANONYMOUS,
     BUDGET_META_KEY,
+    EXTERNAL_IDENTITY,
     USAGE_URI,
     CreditsExhausted,
     budget_meta,
@@ -56,6 +57,7 @@ from fastmcp_guard.errors import StoreError
 from fastmcp_guard.http import CLIENT_IP_STATE, client_of, refuse_address
 from fastmcp_guard.keys.credits import CREDITS_CLAIM, credits_refusal_text
 from fastmcp_guard.rate import RateLimitExceeded, loop_refusal_text, tool_rule_of
+from fastmcp_guard.usage import OTHER as USAGE_OTHER
 
 if TYPE_CHECKING:
     from fastmcp.server.auth import AccessToken
@@ -175,7 +177,7 @@ class GuardMiddleware(Middleware):
             return Caller(key_id, key_id, claims.get("key_name", ""), token.scopes, meta,
                           client_ip, None, claims.get(CREDITS_CLAIM))  # fmt: skip
         # Another verifier's identity: limited and audited under its client id.
-        return Caller(key_id, key_id, "", token.scopes, {"auth": "external"}, client_ip)
+        return Caller(key_id, key_id, "", token.scopes, dict(EXTERNAL_IDENTITY), client_ip)
 
     # -- the three guarded calls -------------------------------------------------------
 
@@ -243,10 +245,11 @@ class GuardMiddleware(Middleware):
         # lease (a refusal consumes nothing), which a rate bucket could not do.
         book = guard.credits
         paid = False
+        epoch = 0  # the credits period the call was paid in (a refund must match it)
         if book is not None and caller.credits is not None and target != USAGE_URI:
             # (Reading one's own budget, guard://usage, costs no credits; limits apply.)
             if book.spend(caller.key_id, cost) is None:
-                paid = True
+                paid, epoch = True, book.epoch(caller.key_id)
             else:
                 try:
                     outcome = await book.acquire(caller.key_id, cost)
@@ -260,7 +263,7 @@ class GuardMiddleware(Middleware):
                                   metadata=caller.metadata)  # fmt: skip
                     raise MCPError(INTERNAL_ERROR, text) from None
                 if outcome.paid:
-                    paid = True
+                    paid, epoch = True, book.epoch(caller.key_id)
                     if outcome.event is not None:  # fell below 10 %
                         self._budget_event(caller, target, outcome)
                 else:
@@ -271,19 +274,25 @@ class GuardMiddleware(Middleware):
                         marks["budget_event"] = True
                     text = credits_refusal_text(outcome)
                     if outcome.shadow:
-                        self._would_refuse(caller, target, arguments, "credits", text, marks)
+                        self._would_refuse(caller, kind, target, arguments, "credits", text,
+                                           marks)  # fmt: skip
                     else:
                         spent = CreditsExhausted(text, outcome.balance or 0, outcome.refill_at)
                         return self._refuse(caller, kind, target, arguments,
                                             "credits_exhausted", spent, marks, cost)  # fmt: skip
-        if rate.is_local:
-            verdict = rate.call(caller.rate_key, tool, cost, arguments)
-        else:
-            verdict = await rate.call_async(caller.rate_key, tool, cost, arguments)
+        try:
+            if rate.is_local:
+                verdict = rate.call(caller.rate_key, tool, cost, arguments)
+            else:
+                verdict = await rate.call_async(caller.rate_key, tool, cost, arguments)
+        except BaseException:  # cancelled (the client left) or failed: nothing was spent
+            if paid:
+                book.refund(caller.key_id, cost, epoch)  # type: ignore[union-attr]
+            raise
         refusal = verdict.refusal
         if refusal is not None:
             if paid:
-                book.refund(caller.key_id, cost)  # type: ignore[union-attr] # paid: a book
+                book.refund(caller.key_id, cost, epoch)  # type: ignore[union-attr]
             limited = RateLimitExceeded(refusal, tool, cost)
             status = "loop_detected" if refusal.scope == "loop" else "rate_limited"
             extra: dict[str, Any] = {"retry_after": limited.data["retry_after"],
@@ -304,9 +313,14 @@ class GuardMiddleware(Middleware):
             else:
                 text = str(RateLimitExceeded(shadow, tool, cost))
                 shown = {"limit": shadow.limit, "retry_after": round(shadow.retry_after, 3)}
-            self._would_refuse(caller, target, arguments, shadow.scope, text, shown)
+            self._would_refuse(caller, kind, target, arguments, shadow.scope, text, shown)
         if audit is None and usage is None:
-            answer = await call_next(context)
+            try:
+                answer = await call_next(context)
+            except (AuthorizationError, NotFoundError):
+                if paid:  # refused further down the chain: the call never ran
+                    book.refund(caller.key_id, cost, epoch)  # type: ignore[union-attr]
+                raise
             if guard.budget_meta and isinstance(answer, _WITH_META):
                 _set_meta(answer, budget_meta(guard, caller, verdict))
             return answer
@@ -316,15 +330,18 @@ class GuardMiddleware(Middleware):
         status = "ok"
         error: str | None = None
         result: Any = None
+        counted = target  # the name usage counts the call under
         try:
             result = await call_next(context)
             if getattr(result, "is_error", False):
                 status, error = "error", _preview(result, 1000)
-            elif guard.budget_meta and isinstance(result, _WITH_META):
+            if guard.budget_meta and isinstance(result, _WITH_META):
                 _set_meta(result, budget_meta(guard, caller, verdict))
             return result
         except AuthorizationError as exc:
             status, error = "forbidden", str(exc)
+            if paid:  # refused further down the chain: the call never ran
+                book.refund(caller.key_id, cost, epoch)  # type: ignore[union-attr]
             raise
         except NotFoundError as exc:
             # FastMCP answers "Unknown tool / resource / prompt" for a component the
@@ -332,6 +349,10 @@ class GuardMiddleware(Middleware):
             # really happened.
             hidden = await _hidden_by_auth(context, kind, target)
             status, error = ("forbidden" if hidden else "error"), str(exc)
+            if paid:
+                book.refund(caller.key_id, cost, epoch)  # type: ignore[union-attr]
+            if not hidden:
+                counted = USAGE_OTHER  # a name the server does not serve: not a usage row
             raise
         except Exception as exc:
             status, error = "error", str(exc) or type(exc).__name__
@@ -349,7 +370,7 @@ class GuardMiddleware(Middleware):
                     caller.client_ip, caller.metadata,
                 )  # fmt: skip
             if usage is not None:
-                usage.record(caller.usage_key, target, status, cost, duration_ms)
+                usage.record(caller.usage_key, counted, status, cost, duration_ms)
             if metrics is not None:
                 # Before the tool (identity, limits) plus after it (the audit enqueue).
                 metrics.observe_overhead((start - entered) + (time.perf_counter() - finished))
@@ -378,7 +399,8 @@ class GuardMiddleware(Middleware):
                 client_ip=caller.client_ip, metadata=caller.metadata, extra=extra,
             )  # fmt: skip
         if guard.usage is not None:
-            guard.usage.record(caller.usage_key, target, status, cost, 0.0)
+            guard.usage.record(caller.usage_key, self._usage_name(kind, target), status, cost,
+                               0.0)  # fmt: skip
         rate = guard.rate_limit
         if kind == "tool" and rate.refusal == "tool":
             return ToolResult(
@@ -391,7 +413,7 @@ class GuardMiddleware(Middleware):
         raise exc.as_mcp_error(rate.refusal_code)
 
     def _would_refuse(
-        self, caller: Caller, target: str, arguments: Any, rule: str, text: str,
+        self, caller: Caller, kind: str, target: str, arguments: Any, rule: str, text: str,
         extra: dict[str, Any],
     ) -> None:  # fmt: skip
         """Record what a rule in shadow mode would have refused (the call goes on)."""
@@ -404,7 +426,8 @@ class GuardMiddleware(Middleware):
                 extra={"rule": rule, **extra},
             )  # fmt: skip
         if guard.usage is not None:
-            guard.usage.record(caller.usage_key, target, "would_refuse", 1, 0.0)
+            guard.usage.record(caller.usage_key, self._usage_name(kind, target),
+                               "would_refuse", 1, 0.0)  # fmt: skip
 
     def _budget_event(self, caller: Caller, target: str, outcome: Any) -> None:
         """Record a key's budget event on a paid call (``credits_low``: its credits fell
@@ -421,6 +444,14 @@ class GuardMiddleware(Middleware):
                    "budget_event": True},
         )  # fmt: skip
 
+
+    def _usage_name(self, kind: str, target: str) -> str:
+        """The name a refused call is counted under: a tool the server serves (seen by
+        ``_register_tool``), else ``*other*`` (a flood of made-up names must not become
+        usage rows). Resources and prompts keep their names (tools only are checked)."""
+        if kind != "tool" or target in self._tools_seen:
+            return target
+        return USAGE_OTHER
 
     def _first_loop(self, caller: Caller, target: str, args_hash: str | None,
                     window: float) -> bool:  # fmt: skip

@@ -323,7 +323,8 @@ def test_a_shadow_rule_counts_what_enforcement_would_refuse(make_calls: MakeCall
 def test_an_enforced_refusal_consumes_nothing_from_shadow_rules(make_calls: MakeCalls) -> None:
     c = make_calls("5/minute", "1/minute", per_key_shadow=True)
     c.target.set_tool_rate("t", "5/minute", shadow=True)
-    assert c.call("a", "t", 1, None, T0) == (None, None, 0, 60.0, "1/minute", None)
+    # Only the global bucket is enforced, and callers are never shown it: no remaining.
+    assert c.call("a", "t", 1, None, T0) == (None, None, None, 0.0, None, None)
     refused = c.call("b", "t", 1, None, T0)
     assert refused[0] == ("global", "1/minute", 60.0, 60.0) and refused[1] is None
     assert used(c, "b") == (0, 1, {"t": 0})

@@ -210,3 +210,42 @@ async def test_reading_guard_usage_spends_no_credits(serve, store):
     assert result.meta[BUDGET_META_KEY]["credits"] == 46  # 50 - 3 - 1: the reads were free
     assert [d["credits"]["balance"] for d in docs] == [47, 47, 47]
     assert docs[-1]["usage_today"]["tools"]["expensive"]["cost"] == 3
+
+
+async def test_calls_refused_down_the_chain_spend_no_credits_and_make_no_usage_rows(
+    serve, store, audit
+):
+    import json
+
+    mcp, guard = credit_server(store, audit=audit)
+    key = guard.keys.create(name="agent", credits=10)
+    async with serve(mcp) as url, http_client(url, key.token) as client:
+        await client.call_tool("echo", {"text": "paid"})
+        for i in range(3):  # unknown tools: FastMCP refuses them after the guard
+            refused = await client.call_tool(f"made-up-{i}", {}, raise_on_error=False)
+            assert refused.is_error
+        result = await client.call_tool("echo", {"text": "paid too"})
+        doc = json.loads((await client.read_resource("guard://usage"))[0].text)
+    assert result.meta[BUDGET_META_KEY]["credits"] == 8, "only the two echo calls were paid"
+    tools = doc["usage_today"]["tools"]
+    assert set(tools) == {"echo", "*other*"}, tools
+    assert tools["*other*"]["errors"] == 3
+
+
+async def test_the_global_limit_is_not_shown_to_callers(serve, store):
+    import json
+
+    mcp, guard = credit_server(store)
+    guard.rate_limit = RateLimit(per_key="100/minute", global_limit="50/minute",
+                                 loop_breaker=None)  # fmt: skip
+    victim, attacker = guard.keys.create(name="victim"), guard.keys.create(name="attacker")
+    async with serve(mcp) as url:
+        async with http_client(url, victim.token) as client:
+            for i in range(30):
+                await client.call_tool("echo", {"text": str(i)})
+        async with http_client(url, attacker.token) as client:
+            result = await client.call_tool("echo", {"text": "probe"})
+            doc = json.loads((await client.read_resource("guard://usage"))[0].text)
+    budget = result.meta[BUDGET_META_KEY]
+    assert budget["limit"] == "100/minute" and budget["remaining"] == 99
+    assert "global" not in doc["limits"] and doc["limits"]["per_key"]["used"] == 2

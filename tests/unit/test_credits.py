@@ -312,3 +312,19 @@ async def test_an_exhausted_key_does_not_ask_the_store_on_every_call(keys: KeySt
     clock.now = key.refill_at  # the refill is seen at once, whatever the interval
     assert paid(await pay(book, key.id))
     await book.aclose()
+
+
+async def test_a_refund_of_an_older_period_is_dropped(keys: KeyStore) -> None:
+    key = keys.create("agent", credits=5)
+    book = CreditBook(keys)
+    assert paid(await pay(book, key.id))
+    epoch = book.epoch(key.id)
+    keys.set_credits(key.id, 2)  # a new period: what this process holds is void
+    assert paid(await pay(book, key.id))
+    assert book.epoch(key.id) != epoch
+    held = book.balance(key.id)
+    book.refund(key.id, 1, epoch)  # paid in the old period: not spendable in this one
+    assert book.balance(key.id) == held
+    book.refund(key.id, 1, book.epoch(key.id))
+    assert book.balance(key.id) is not None and book.balance(key.id)[0] == held[0] + 1  # type: ignore[index]
+    await book.aclose()

@@ -64,6 +64,9 @@ DEFAULT_LEASE_MAX = 256
 MAX_CREDITS = 2**53
 #: A lease is about this fraction of the store balance (so near exhaustion it is small).
 _LEASE_FRACTION = 16
+#: Leases one payment may take before it gives up (each round pays or drains the store:
+#: more are needed only while concurrent calls keep spending what was leased).
+_MAX_LEASE_ROUNDS = 16
 #: "Low" means below this fraction of the base.
 _LOW = 0.10
 #: After the store said a key's credits are spent, this process refuses that key's calls
@@ -155,7 +158,8 @@ class CreditBook:
         self._accounts: dict[str, _Account] = {}
         # key id -> [lock, tasks using it]: created on demand, dropped when unused.
         self._locks: dict[str, list[object]] = {}
-        self._closed = False
+        #: Bumped by :meth:`close`: a lease that returns after it belongs to no account.
+        self._generation = 0
 
     # -- time ------------------------------------------------------------------------
 
@@ -187,12 +191,25 @@ class CreditBook:
             return None
         return cost - acct.lease
 
-    def refund(self, key_id: str, cost: int) -> None:
-        """Give back ``cost`` units :meth:`spend` or :meth:`acquire` paid for a call that was
-        then refused by something else (a refusal consumes nothing): they return to this
-        process's lease, no I/O. Nothing happens if the lease was voided since."""
+    def epoch(self, key_id: str) -> int:
+        """The period this process's lease for ``key_id`` belongs to (what a call paid in;
+        give it back to :meth:`refund`); -1 if it holds none."""
         acct = self._accounts.get(key_id)
-        if acct is not None and (acct.refill_ts is None or self._now_ts() < acct.refill_ts):
+        return -1 if acct is None else acct.epoch
+
+    def refund(self, key_id: str, cost: int, epoch: int) -> None:
+        """Give back ``cost`` units :meth:`spend` or :meth:`acquire` paid, in ``epoch``
+        (:meth:`epoch` right after paying), for a call that was then refused by something
+        else or never ran (a refusal consumes nothing): they return to this process's
+        lease, no I/O. Nothing happens if that lease was voided since (a refill, a
+        ``set_credits``: units of an old period are never spent in a new one) or the book
+        was closed."""
+        acct = self._accounts.get(key_id)
+        if (
+            acct is not None
+            and acct.epoch == epoch
+            and (acct.refill_ts is None or self._now_ts() < acct.refill_ts)
+        ):
             acct.lease += cost
 
     def balance(self, key_id: str) -> tuple[int, datetime | None] | None:
@@ -230,7 +247,11 @@ class CreditBook:
 
     async def _acquire_locked(self, key_id: str, cost: int) -> CreditOutcome:
         acct = self._accounts.get(key_id)
-        for _ in range(3):  # a new epoch mid-way voids the local units: ask again
+        empty = False
+        # Again while the store still has units: a new epoch mid-way voids the local ones,
+        # and calls paid from the lease while this one waited for the store may have
+        # spent what it counted on. Each round either pays or drains the store.
+        for _ in range(_MAX_LEASE_ROUNDS):
             now = self._now()
             now_ts = now.timestamp()
             if acct is not None and acct.refill_ts is not None and now_ts >= acct.refill_ts:
@@ -242,16 +263,28 @@ class CreditBook:
             if acct is not None and now_ts < acct.recheck_ts and (
                 acct.refill_ts is None or now_ts < acct.refill_ts
             ):
-                return self._outcome(acct, False, cost)  # spent, as the store said just now
+                # Spent, as the store said just now.
+                return self._outcome(acct, False, cost, exhausted=True)
             local = acct.lease if acct is not None else 0
             need = cost - local
             if acct is None:
                 want = need
             else:
                 want = min(max(acct.store_balance // _LEASE_FRACTION, need), max(self.lease_max, need))
+            generation = self._generation
             lease: CreditLease | None = await anyio.to_thread.run_sync(
                 self.store.lease_credits, key_id, want, now
             )
+            if self._generation != generation:
+                # Closed while the store answered (a server lifespan ended): the account
+                # these units were for is gone. Give them back, and ask again for this
+                # call's cost only (so nothing is left held by nobody).
+                if lease is not None and lease.granted:
+                    await anyio.to_thread.run_sync(
+                        self.store.return_credits, key_id, lease.granted, lease.epoch
+                    )
+                acct = self._accounts.get(key_id)
+                continue
             if lease is None:
                 # No credits in the store (removed, or never had them): unlimited.
                 self._accounts.pop(key_id, None)
@@ -273,14 +306,17 @@ class CreditBook:
                 return self._outcome(acct, True, cost)
             if lease.balance_after == 0 and (acct.refill_ts is None or now_ts < acct.refill_ts):
                 acct.recheck_ts = now_ts + EXHAUSTED_RECHECK_S
+                empty = True
                 break  # the store is empty for this period
         assert acct is not None
-        return self._outcome(acct, False, cost)
+        return self._outcome(acct, False, cost, exhausted=empty)
 
-    def _outcome(self, acct: _Account, paid: bool, cost: int) -> CreditOutcome:
+    def _outcome(
+        self, acct: _Account, paid: bool, cost: int, *, exhausted: bool = False
+    ) -> CreditOutcome:
         balance = acct.store_balance + acct.lease
         event = None
-        if not paid and acct.exhausted_epoch != acct.epoch:
+        if not paid and exhausted and acct.exhausted_epoch != acct.epoch:
             acct.exhausted_epoch = acct.low_epoch = acct.epoch
             event = "credits_exhausted"
         elif acct.base > 0 and balance < acct.base * _LOW and acct.low_epoch != acct.epoch:
@@ -293,7 +329,10 @@ class CreditBook:
 
     def close(self) -> None:
         """Give every unspent lease back to the store (blocking; errors are logged: those
-        units are then lost, as in a crash). Idempotent."""
+        units are then lost, as in a crash). Idempotent; the book stays usable (a server
+        lifespan ends with it, and an in-process server may start another): a lease still
+        on its way from the store is given back when it arrives."""
+        self._generation += 1
         accounts, self._accounts = self._accounts, {}
         for key_id, acct in accounts.items():
             if acct.lease <= 0:

@@ -477,14 +477,14 @@ class RedisLimiter:
             gcra = self._gcra(scope, tool)
             if gcra is not None:
                 shadow = gcra.refusal(scope, int(reply[2]), int(reply[3]))
-        # The tightest enforced bucket: fewest remaining, then the longest reset; in the
-        # order per key, tool, global (as the core).
+        # The tightest enforced bucket of the caller's own: fewest remaining, then the
+        # longest reset; in the order per key, tool (as the core). Not the global bucket:
+        # it counts every caller's calls.
         best: tuple[int, int, Gcra] | None = None
         tr = self._tools.get(tool) if tool is not None else None
         for lead, gcra, shadowed in (
             (int(reply[4]), self._per_key, self._per_key_shadow),
             (int(reply[5]), None if tr is None else tr[0], tr is not None and tr[1]),
-            (int(reply[6]), self._global, self._global_shadow),
         ):
             if lead < 0 or gcra is None or shadowed:
                 continue
