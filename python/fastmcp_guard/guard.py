@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio.to_thread
 from fastmcp.server.providers import Provider
@@ -89,6 +89,9 @@ class Guard:
             result's ``_meta["fastmcp-guard/budget"]`` (default: the ``budget_meta``
             setting when the configuration is read, else on). See
             :mod:`fastmcp_guard.budget`.
+        credits_mode: ``"enforce"`` or ``"shadow"`` (running out is audited
+            ``would_refuse``, never refused) for every key with credits (default: the
+            ``credits_mode`` setting when the configuration is read, else enforce).
         usage: count calls, cost units, refusals and duration per key, tool and UTC day
             in the key store's database (default on; ``guard.usage.query(...)``,
             ``fastmcp-guard usage``), and serve the caller's own as ``guard://usage``.
@@ -114,6 +117,7 @@ class Guard:
         metrics: bool | GuardMetrics = False,
         budget_meta: bool | None = None,
         usage: bool = True,
+        credits_mode: Literal["enforce", "shadow"] | None = None,
     ) -> None:
         for name, value, cls in (
             ("keys", keys, KeyStore),
@@ -167,8 +171,14 @@ class Guard:
             budget_meta if budget_meta is not None else config is None or config.budget_meta
         )
         #: This process's credit leases (keys with credits spend from them).
+        if credits_mode is None:
+            credits_mode = config.credits_mode if config is not None else "enforce"
+        elif credits_mode not in ("enforce", "shadow"):
+            raise ConfigError(
+                f"Guard(credits_mode=...) must be 'enforce' or 'shadow', got {credits_mode!r}"
+            )
         self.credits: CreditBook | None = CreditBook(
-            self.keys, shadow=config is not None and config.credits_mode == "shadow",
+            self.keys, shadow=credits_mode == "shadow",
             # A memory store lives and dies with this process: nothing to share, nothing a
             # crash could strand, so a lease may take any part of the balance (1/16 at a time).
             lease_max=MAX_CREDITS if self.keys.backend == "memory" else DEFAULT_LEASE_MAX,

@@ -249,3 +249,18 @@ async def test_the_global_limit_is_not_shown_to_callers(serve, store):
     budget = result.meta[BUDGET_META_KEY]
     assert budget["limit"] == "100/minute" and budget["remaining"] == 99
     assert "global" not in doc["limits"] and doc["limits"]["per_key"]["used"] == 2
+
+
+async def test_credits_mode_is_an_argument_too(serve, store, audit, audit_path):
+    from fastmcp_guard.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'enforce' or 'shadow'"):
+        credit_server(store, audit=audit, ip=None, credits_mode="off")
+    mcp, guard = credit_server(store, audit=audit, ip=None, credits_mode="shadow")
+    key = guard.keys.create(name="agent", credits=1)
+    async with serve(mcp) as url, http_client(url, key.token) as client:
+        for i in range(3):
+            assert (await client.call_tool("echo", {"text": str(i)})).data == f"echo: {i}"
+    audit.flush()
+    shadow = [e for e in read_audit(audit_path) if e["status"] == "would_refuse"]
+    assert [e["rule"] for e in shadow] == ["credits", "credits"]
