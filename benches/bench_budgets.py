@@ -24,6 +24,10 @@ This build only:
 - ``guard+budgets``: the same, plus the tool costing 2 (``tool_costs``), the key having
   credits (spent from a lease), the loop breaker enforced.
 
+A last table times each part alone on this build (``timeit``): the core's decision with
+and without the loop breaker's hashing, spending credits from a lease, counting usage,
+building the ``_meta``.
+
 Rounds interleave the four cases in rotating order; figures are medians of per-round paired differences.
 """
 
@@ -120,6 +124,58 @@ def worker(kinds: list[str], calls: int) -> int:
     return 0
 
 
+# -- the parts, this build only ---------------------------------------------------------------
+
+
+def parts(calls: int) -> None:
+    """What each budget adds on the request path, timed alone (``timeit``, best of 7):
+    the operation the middleware runs, against the operation it replaces or nothing."""
+    import timeit
+
+    from fastmcp.tools.base import ToolResult
+    from fastmcp_guard._core import Limiter
+    from fastmcp_guard.budget import budget_meta
+    from fastmcp_guard.middleware import Caller, _set_meta
+    from mcp.types import TextContent
+
+    tmp = Path(tempfile.mkdtemp(prefix="fmg-bench-budgets-"))
+    guard = build("guard+budgets", tmp)
+    key = guard.keys.list()[0].id
+    plain = Limiter(per_key=HIGH, global_limit=HIGH)
+    looped = Limiter(per_key=HIGH, global_limit=HIGH)
+    looped.set_loop_breaker(HIGH, True)
+    args = {"text": "hi", "n": 3, "flag": True}
+    verdict = guard.rate_limit.call(key, "echo", 2, args)
+    caller = Caller(key, key, "alice", [], {}, None, None, {"shadow": False})
+    result = ToolResult(content=[TextContent(type="text", text="hi")])
+    book, usage = guard.credits, guard.usage
+    assert book is not None and usage is not None
+    import asyncio
+
+    asyncio.run(book.acquire(key, 2))  # a lease to spend from
+
+    def ns(fn: Any) -> float:
+        return min(timeit.repeat(fn, number=calls, repeat=7)) / calls * 1e9
+
+    rows = [
+        ("empty call (the loop's floor)", ns(lambda: None)),
+        ("Limiter.check(key, tool): the 0.2-era decision", ns(lambda: plain.check(key, "echo"))),
+        ("Limiter.call(key, tool, 1, args), no loop breaker",
+         ns(lambda: plain.call(key, "echo", 1, args))),
+        ("Limiter.call(key, tool, 1, args), loop breaker: hashes 3 arguments",
+         ns(lambda: looped.call(key, "echo", 1, args))),
+        ("CreditBook.spend(key, 2), paid from the lease", ns(lambda: book.spend(key, 2))),
+        ("Usage.record(key, tool, 'ok', 2, ms)",
+         ns(lambda: usage.record(key, "echo", "ok", 2, 1.5))),
+        ("budget_meta() + _set_meta(): the _meta of one result",
+         ns(lambda: _set_meta(result, budget_meta(guard, caller, verdict)))),
+    ]  # fmt: skip
+    guard.close()
+    print(f"\nparts (this build, timeit best of 7 x {calls:,} calls, ns per call, the floor included)")
+    for name, value in rows:
+        print(f"  {name:70} {value:8.0f}")
+
+
 # -- the parent ------------------------------------------------------------------------------
 
 
@@ -155,6 +211,8 @@ def main() -> int:
     ap.add_argument("--against-path", help="the baseline build's directory")
     ap.add_argument("--calls", type=int, default=20_000, help="calls per case and round")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--parts-calls", type=int, default=100_000,
+                    help="calls per timeit round of the parts table")  # fmt: skip
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -192,6 +250,7 @@ def main() -> int:
     verdict = "met" if added["this:guard+budgets"] <= 3.0 else "NOT met"
     print(f"\nbudgets on, added per call: {added['this:guard+budgets']:+.2f} us "
           f"(target <= +3 us): {verdict}")  # fmt: skip
+    parts(args.parts_calls)
     return 0
 
 

@@ -186,6 +186,14 @@ class Verdict:
         """``{"remaining", "reset", "limit"}``: the agent's view of this decision (all
         ``None`` when no enforced bucket applies)."""
 
+#: The most a call may cost (units).
+MAX_COST: int
+
+def check_cost(cost: object) -> int:
+    """``cost`` as every limiter checks a call's cost (a whole number from 1 to
+    :data:`MAX_COST`): the int, or :class:`InvalidArgumentError` /
+    :class:`ArgumentTypeError` saying what a cost may be."""
+
 def args_hash(obj: object) -> str:
     """The loop breaker's hash of a call's arguments: 16 lowercase hex digits, the first 8
     bytes of blake3 over the canonical JSON of ``obj`` (keys sorted, no whitespace, UTF-8).

@@ -11,8 +11,7 @@ import os
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 __all__ = [
-    "DEFAULT_LOOP_BREAKER", "MASK", "MAX_COST", "ca_file_problem", "cost_problem", "mask_url",
-    "os_user",
+    "DEFAULT_LOOP_BREAKER", "MASK", "ca_file_problem", "mask_url", "os_user",
 ]  # fmt: skip
 
 #: What a secret is shown as (in URLs, ``fastmcp-guard config``, error messages).
@@ -26,25 +25,6 @@ _SECRET_QUERY_PARAMS = frozenset({"password", "pass", "pwd", "secret", "token", 
 #: The loop breaker's rate when none is given: more than 20 identical calls (same caller,
 #: tool and arguments) in a minute is a loop.
 DEFAULT_LOOP_BREAKER = "20/minute"
-#: The largest cost a tool may have (units per call).
-MAX_COST = 1_000_000
-
-
-def cost_problem(value: object, what: str = "cost") -> str | None:
-    """Why ``value`` is not a tool cost (a whole number of units from 1 to
-    :data:`MAX_COST`), or ``None`` if it is one."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        return f"{what} must be a whole number of units >= 1, got {value!r}"
-    if value < 1:
-        return (
-            f"{what} must be at least 1, got {value}: a call always costs at least 1 unit "
-            "(to make a tool free, leave it out of every limit instead)"
-        )
-    if value > MAX_COST:
-        return f"{what} must be at most {MAX_COST}, got {value}"
-    return None
-
-
 def os_user() -> str:
     """The OS user name (the default actor and local identity)."""
     try:

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import SplitResult, urlsplit
 
-from fastmcp_guard._util import DEFAULT_LOOP_BREAKER, MASK, cost_problem, mask_url
+from fastmcp_guard._util import DEFAULT_LOOP_BREAKER, MASK, mask_url
 from fastmcp_guard.errors import ConfigError
 
 # Why not pydantic-settings (2.16, installed with FastMCP)? Tried as a BaseSettings with
@@ -598,10 +598,12 @@ def _parse_tool_costs(item: _Raw, name: str) -> tuple[tuple[str, int], ...]:
             raise InvalidSettingError(name, item.source, f"{tool!r} is not a tool name")
         if tool in out:
             raise InvalidSettingError(name, item.source, f"tool {tool!r} is given twice")
-        problem = cost_problem(units, f"the cost of {tool!r}")
-        if problem is not None:
-            raise InvalidSettingError(name, item.source, problem)
-        out[tool] = units
+        from fastmcp_guard._core import ArgumentTypeError, InvalidArgumentError, check_cost
+
+        try:
+            out[tool] = check_cost(units)  # the limiters' own check
+        except (InvalidArgumentError, ArgumentTypeError) as exc:
+            raise InvalidSettingError(name, item.source, f"the cost of {tool!r}: {exc}") from None
     return tuple(out.items())
 
 

@@ -293,8 +293,8 @@ impl PyVerdict {
     }
     /// That bucket's rate, canonical (`"10/minute"`).
     #[getter]
-    fn limit(&self) -> Option<String> {
-        self.limit.map(|r| r.to_string())
+    fn limit(&self, py: Python<'_>) -> Option<Py<PyString>> {
+        self.limit.map(|r| rate_text(py, r))
     }
     /// The arguments' hash (16 hex digits) when a loop breaker applied.
     #[getter]
@@ -311,9 +311,10 @@ impl PyVerdict {
     /// bucket applies). One dict built here: the middleware adds it to every result.
     fn budget<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        d.set_item("remaining", self.remaining)?;
-        d.set_item("reset", self.remaining.map(|_| self.reset_after))?;
-        d.set_item("limit", self.limit.map(|r| r.to_string()))?;
+        d.set_item(pyo3::intern!(py, "remaining"), self.remaining)?;
+        let reset = self.remaining.map(|_| self.reset_after);
+        d.set_item(pyo3::intern!(py, "reset"), reset)?;
+        d.set_item(pyo3::intern!(py, "limit"), self.limit(py))?;
         Ok(d)
     }
     fn __repr__(&self, py: Python<'_>) -> String {
@@ -438,30 +439,6 @@ fn walk(h: &mut ArgsHasher, obj: &Bound<'_, PyAny>, depth: usize) {
         // A snapshot of the items first (no Python code runs while iterating): `str()` of
         // a key may run code that changes the dict.
         let pairs: Vec<_> = d.iter().collect();
-        if pairs
-            .iter()
-            .all(|(k, _)| k.is_exact_instance_of::<PyString>())
-        {
-            // The common case, every key a str: one vector, sorted by the keys' text (no
-            // Python code runs to read it; the same order as `key_text`'s, whose rank is 0
-            // for every str).
-            let mut strs: Vec<_> = pairs.iter().map(|(k, v)| (key_text(k).0, v)).collect();
-            strs.sort_by(|a, b| a.0.cmp(&b.0));
-            h.raw(b"{");
-            for (i, (k, v)) in strs.iter().enumerate() {
-                if h.is_full() {
-                    return;
-                }
-                if i > 0 {
-                    h.raw(b",");
-                }
-                h.string(k);
-                h.raw(b":");
-                walk(h, v, depth + 1);
-            }
-            h.raw(b"}");
-            return;
-        }
         let mut items: Vec<_> = pairs.iter().map(|(k, v)| (key_text(k), v)).collect();
         items.sort_by(|a, b| a.0.cmp(&b.0));
         h.raw(b"{");
@@ -520,13 +497,35 @@ pub(super) fn args_hash(obj: &Bound<'_, PyAny>) -> String {
     args_hash_hex(hash_args(obj))
 }
 
-/// The cost of a call: a whole number from 1 to 1,000,000 (`None`: 1).
+/// Canonical rate strings already made, so a verdict's `limit` is not formatted again on
+/// every call (the rates are the configuration's: a handful). At most this many kept.
+const RATE_TEXTS_MAX: usize = 256;
+type RateTexts = parking_lot::Mutex<std::collections::HashMap<Rate, Py<PyString>>>;
+static RATE_TEXTS: std::sync::LazyLock<RateTexts> = std::sync::LazyLock::new(Default::default);
+
+/// `rate`'s canonical spelling as a Python string, from [`RATE_TEXTS`] when made before.
+fn rate_text(py: Python<'_>, rate: Rate) -> Py<PyString> {
+    let mut texts = RATE_TEXTS.lock();
+    if let Some(t) = texts.get(&rate) {
+        return t.clone_ref(py);
+    }
+    let t = PyString::new(py, &rate.to_string()).unbind();
+    if texts.len() < RATE_TEXTS_MAX {
+        texts.insert(rate, t.clone_ref(py));
+    }
+    t
+}
+
+/// The most a call may cost (units).
+pub(super) const MAX_COST: i64 = 1_000_000;
+
+/// The cost of a call: a whole number from 1 to [`MAX_COST`] (`None`: 1). The one check of
+/// a cost: the limiters (in process and Redis) and the configuration (`check_cost`) use it.
 fn cost_of(cost: Option<&Bound<'_, PyAny>>) -> PyResult<u64> {
-    const MAX_COST: i64 = 1_000_000;
     let Some(c) = cost else { return Ok(1) };
     if c.is_exact_instance_of::<PyBool>() || c.cast::<PyInt>().is_err() {
         return Err(wrong_type(format!(
-            "cost must be an int from 1 to {MAX_COST}, got {}",
+            "cost must be an int (a whole number) from 1 to {MAX_COST}, got {}",
             c.get_type()
                 .name()
                 .map_or_else(|_| "object".to_owned(), |n| n.to_string())
@@ -534,11 +533,22 @@ fn cost_of(cost: Option<&Bound<'_, PyAny>>) -> PyResult<u64> {
     }
     match c.extract::<i64>() {
         Ok(n @ 1..=MAX_COST) => Ok(n.unsigned_abs()),
+        Ok(n) if n < 1 => Err(invalid_argument(format!(
+            "cost must be a whole number from 1 to {MAX_COST}, got {n}: a call always costs \
+             at least 1 unit (to make a tool free, leave it out of every limit instead)"
+        ))),
         _ => Err(invalid_argument(format!(
             "cost must be a whole number from 1 to {MAX_COST}, got {}",
             str_of(c)
         ))),
     }
+}
+
+/// `cost` checked as every limiter checks a call's cost: the int itself, or
+/// `InvalidArgumentError` / `ArgumentTypeError` saying what a cost may be.
+#[pyfunction]
+pub(super) fn check_cost(cost: &Bound<'_, PyAny>) -> PyResult<u64> {
+    cost_of(Some(cost))
 }
 
 /// GCRA token buckets: per key, global, per (key, tool), and the loop breaker's per (key,

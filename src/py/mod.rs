@@ -58,6 +58,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<limiter::PyLimiter>()?;
     m.add_class::<limiter::PyVerdict>()?;
     m.add_function(wrap_pyfunction!(limiter::args_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(limiter::check_cost, m)?)?;
+    m.add("MAX_COST", limiter::MAX_COST)?;
     m.add_class::<ip::PyIpMatcher>()?;
     m.add_class::<keys::PyIdentity>()?;
     m.add_class::<keys::PyKeyInfo>()?;

@@ -34,8 +34,17 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 from fastmcp.exceptions import ToolError
 from mcp import MCPError
 
-from fastmcp_guard._core import Limiter, Refusal, Verdict, parse_rate
-from fastmcp_guard._util import DEFAULT_LOOP_BREAKER, MAX_COST, cost_problem, mask_url
+from fastmcp_guard._core import (
+    MAX_COST,
+    ArgumentTypeError,
+    InvalidArgumentError,
+    Limiter,
+    Refusal,
+    Verdict,
+    parse_rate,
+)
+from fastmcp_guard._core import check_cost as core_check_cost
+from fastmcp_guard._util import DEFAULT_LOOP_BREAKER, mask_url
 from fastmcp_guard.errors import ConfigError, GuardError
 
 if TYPE_CHECKING:
@@ -552,10 +561,10 @@ def _check_mode(mode: object, what: str) -> Mode:
 def check_cost(value: object, what: str = "cost") -> int:
     """``value`` as a tool cost (a whole number from 1 to :data:`MAX_COST`), else a
     :class:`~fastmcp_guard.errors.ConfigError` saying so."""
-    problem = cost_problem(value, what)
-    if problem is not None:
-        raise ConfigError(problem)
-    return value  # type: ignore[return-value] # checked: an int
+    try:
+        return core_check_cost(value)  # the limiters' own check
+    except (InvalidArgumentError, ArgumentTypeError) as exc:
+        raise ConfigError(f"{what}: {exc}") from None
 
 
 def _with_rule(fn: F, **changes: Any) -> F:

@@ -72,12 +72,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
-from fastmcp_guard._core import Gcra, Limiter, Refusal, Verdict, args_hash
+from fastmcp_guard._core import Gcra, Limiter, Refusal, Verdict, args_hash, check_cost
 from fastmcp_guard._util import mask_url
 from fastmcp_guard.errors import (
-    ArgumentTypeError,
     ConfigError,
-    InvalidArgumentError,
     MissingExtraError,
     RateBackendError,
 )
@@ -103,7 +101,6 @@ DEFAULT_KEY_PREFIX = "fmg:rl:"
 _POLICIES = ("allow", "deny", "local")
 _NANOS = 1_000_000_000
 _SCOPES = {1: "per_key", 2: "global", 3: "tool", 4: "loop"}
-_MAX_COST = 1_000_000
 
 #: Checks and updates every bucket of one call. KEYS[1]: the caller's hash; then the
 #: global bucket (only with a global limit); then the loop bucket (only when a loop breaker
@@ -648,7 +645,7 @@ class RedisLimiter:
         :meth:`~fastmcp_guard._core.Limiter.call` given the same times; when Redis cannot
         be reached the ``on_backend_error`` policy decides (``local``: the core's ``call``).
         """
-        cost = _check_cost(cost)
+        cost = check_cost(cost)
         if self._down_until and self._skip_remote():
             return self._failed_call(None, key, tool, cost, args)
         call, hash_ = self._prepare(key, tool, cost, args, now_ns)
@@ -673,7 +670,7 @@ class RedisLimiter:
         now_ns: int | None = None,
     ) -> Verdict:
         """:meth:`call` with a blocking client (do not call it on an event loop)."""
-        cost = _check_cost(cost)
+        cost = check_cost(cost)
         if self._down_until and self._skip_remote():
             return self._failed_call(None, key, tool, cost, args)
         call, hash_ = self._prepare(key, tool, cost, args, now_ns)
@@ -827,17 +824,6 @@ def _rule_args(gcra: Gcra | None, shadow: bool) -> tuple[str, str, str, str]:
 def _glob_escape(text: str) -> str:
     """``text`` as a literal in a Redis ``SCAN MATCH`` pattern."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-def _check_cost(cost: object) -> int:
-    """A call's cost: a whole number from 1 to 1,000,000 (as the core's ``Limiter.call``)."""
-    if isinstance(cost, bool) or not isinstance(cost, int):
-        raise ArgumentTypeError(
-            f"cost must be an int from 1 to {_MAX_COST}, got {type(cost).__name__}"
-        )
-    if not 1 <= cost <= _MAX_COST:
-        raise InvalidArgumentError(f"cost must be a whole number from 1 to {_MAX_COST}, got {cost}")
-    return cost
 
 
 class _Pipeliner:
